@@ -1,0 +1,464 @@
+"""MSDNet: Multi-Scale Dense Networks for anytime prediction (Huang et al., ICLR 2018).
+
+Built exactly as the reference PyTorch implementation builds it (kalviny/MSDNet-PyTorch, also
+used by IMTA and L2W-DEN), so per-exit parameters and costs match to the unit and reference
+checkpoints load through :func:`checkpoint_filter_fn`:
+
+* a grid of S scales; every layer appends ``growth_rate * gr_factor[s]`` channels at each kept
+  scale, from a bottlenecked 3x3 on the same scale and (except on the finest kept scale) a
+  strided one from the next finer scale, concatenated as ``[identity, down, normal]``;
+* ``prune='max'`` drops the finest scale every ``ceil(L / S)`` layers, each drop followed by a
+  1x1 transition that halves the base width (floor);
+* after every block, an exit head reads the coarsest scale only.
+
+The variants are registered from the catalogue ``timm_exits/registry/msdnet.yaml``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from timm.layers import ConvNormAct, to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .multi_exit import MultiExitModel
+from ..registry import load_catalogue
+
+__all__ = ["MSDNet", "LayerPlan", "msdnet_plan", "checkpoint_filter_fn"]
+
+Factors = Union[str, Sequence[int]]
+
+
+def _parse_factors(factors: Factors, name: str) -> Tuple[int, ...]:
+    """Accept ``"1-2-4"`` (the reference's command-line form) or a sequence of ints."""
+    if isinstance(factors, str):
+        try:
+            values = tuple(int(f) for f in factors.split("-"))
+        except ValueError:
+            raise ValueError(f"{name} must look like '1-2-4', got {factors!r}") from None
+    else:
+        values = tuple(int(f) for f in factors)
+    if not values or min(values) < 1:
+        raise ValueError(f"{name} needs at least one positive factor per scale, got {factors!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One MSDN layer: the scales it reads and writes, its input base width, and the base
+    width after the transition that follows it (``None`` if there is none)."""
+
+    in_scales: int
+    out_scales: int
+    width: int
+    transition_width: Optional[int]
+
+
+def msdnet_plan(
+        num_blocks: int,
+        base: int,
+        step: int,
+        step_mode: str,
+        num_channels: int,
+        growth_rate: int,
+        num_scales: int,
+        prune: str = "max",
+        reduction: float = 0.5,
+) -> List[List[LayerPlan]]:
+    """The layer schedule of an MSDNet, block by block (reference §1.3 rules)."""
+    if step_mode not in ("even", "lin_grow"):
+        raise ValueError(f"step_mode must be 'even' or 'lin_grow', got {step_mode!r}")
+    if prune not in ("max", "min"):
+        raise ValueError(f"prune must be 'max' or 'min', got {prune!r}")
+    if num_blocks < 1 or base < 1 or step < 1:
+        raise ValueError(f"num_blocks, base and step must be >= 1, got {num_blocks}, {base}, {step}")
+    steps = [base] + [step if step_mode == "even" else step * k + 1 for k in range(1, num_blocks)]
+    total = sum(steps)
+    interval = math.ceil(total / num_scales)
+    width, layer, plan = num_channels, 0, []
+    for n in steps:
+        block = []
+        for _ in range(n):
+            layer += 1
+            if prune == "max":
+                in_scales = num_scales - max(0, layer - 2) // interval
+                out_scales = num_scales - (layer - 1) // interval
+                has_transition = in_scales > out_scales
+            else:
+                in_scales = min(num_scales, total - layer + 2)
+                out_scales = min(num_scales, total - layer + 1)
+                has_transition = layer in (total // 3, 2 * total // 3)
+            new_width = width + growth_rate
+            transition = math.floor(reduction * new_width) if has_transition and reduction > 0 else None
+            block.append(LayerPlan(in_scales, out_scales, width, transition))
+            width = transition if transition is not None else new_width
+        plan.append(block)
+    return plan
+
+
+class BottleneckConv(nn.Module):
+    """1x1 bottleneck (width ``min(in, bn_factor * out)``) then a 3x3 conv, each with BN-ReLU."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, bottleneck: bool, bn_factor: int):
+        super().__init__()
+        mid_chs = min(in_chs, bn_factor * out_chs) if bottleneck else in_chs
+        self.reduce = ConvNormAct(in_chs, mid_chs, 1) if bottleneck else nn.Identity()
+        self.conv = ConvNormAct(mid_chs, out_chs, 3, stride=stride, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.reduce(x))
+
+
+class ScaleUnit(nn.Module):
+    """One scale of an MSDN layer: ``concat(x, down(finer x), normal(x))``; no ``down`` on the
+    finest kept scale."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            fine_chs: Optional[int],
+            growth: int,
+            bottleneck: bool,
+            bn_factor: int,
+            fine_bn_factor: int,
+    ):
+        super().__init__()
+        if fine_chs is None:
+            self.down = None
+            self.normal = BottleneckConv(in_chs, growth, 1, bottleneck, bn_factor)
+        else:
+            self.down = BottleneckConv(fine_chs, growth // 2, 2, bottleneck, fine_bn_factor)
+            self.normal = BottleneckConv(in_chs, growth // 2, 1, bottleneck, bn_factor)
+
+    def forward(self, x: torch.Tensor, fine: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.down is None or fine is None:
+            return torch.cat([x, self.normal(x)], 1)
+        return torch.cat([x, self.down(fine), self.normal(x)], 1)
+
+
+class MsdLayer(nn.Module):
+    """A dense layer across the kept scales; drops the finest input scale if the plan says so."""
+
+    def __init__(self, plan: LayerPlan, growth_rate: int, gr: Tuple[int, ...], bn: Tuple[int, ...], bottleneck: bool):
+        super().__init__()
+        num_scales = len(gr)
+        offset = num_scales - plan.out_scales
+        self.discard = plan.in_scales - plan.out_scales
+        c = plan.width
+        units = []
+        for s in range(offset, num_scales):
+            has_fine = s > offset or self.discard > 0
+            units.append(ScaleUnit(
+                c * gr[s], c * gr[s - 1] if has_fine else None, growth_rate * gr[s],
+                bottleneck, bn[s], bn[s - 1] if has_fine else 1,
+            ))
+        self.units = nn.ModuleList(units)
+
+    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        out = []
+        for k, unit in enumerate(self.units):
+            fine = xs[k + self.discard - 1] if k + self.discard > 0 else None
+            out.append(unit(xs[k + self.discard], fine))
+        return out
+
+
+class Transition(nn.Module):
+    """1x1 conv-BN-ReLU on every kept scale, compressing the base width."""
+
+    def __init__(self, in_width: int, out_width: int, gr: Sequence[int]):
+        super().__init__()
+        self.convs = nn.ModuleList([ConvNormAct(in_width * g, out_width * g, 1) for g in gr])
+
+    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        return [conv(x) for conv, x in zip(self.convs, xs)]
+
+
+class MsdStem(nn.Module):
+    """One feature map per scale: a CIFAR 3x3 conv or the ImageNet 7x7/2 conv (with bias) and
+    3x3/2 max-pool, then a chain of 3x3/2 convs for the coarser scales."""
+
+    def __init__(self, in_chans: int, widths: Sequence[int], stem_type: str):
+        super().__init__()
+        if stem_type == "imagenet":
+            first = ConvNormAct(in_chans, widths[0], 7, stride=2, padding=3, bias=True)
+            self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        elif stem_type == "cifar":
+            first = ConvNormAct(in_chans, widths[0], 3, padding=1)
+            self.pool = nn.Identity()
+        else:
+            raise ValueError(f"stem_type must be 'cifar' or 'imagenet', got {stem_type!r}")
+        coarser = [ConvNormAct(widths[s - 1], widths[s], 3, stride=2, padding=1) for s in range(1, len(widths))]
+        self.convs = nn.ModuleList([first] + coarser)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        x = self.pool(self.convs[0](x))
+        out = [x]
+        for conv in self.convs[1:]:
+            x = conv(x)
+            out.append(x)
+        return out
+
+
+class MsdHead(nn.Module):
+    """Exit head on the coarsest scale: two 3x3/2 conv-BN-ReLU, 2x2 average pool, linear."""
+
+    def __init__(self, in_chs: int, width: int, num_classes: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.conv1 = ConvNormAct(in_chs, width, 3, stride=2, padding=1)
+        self.conv2 = ConvNormAct(width, width, 3, stride=2, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pool(self.conv2(self.conv1(x))).flatten(1)
+        return x if pre_logits else self.fc(self.drop(x))
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class MSDNet(MultiExitModel):
+    """Multi-Scale Dense Network with one exit per block.
+
+    Arguments mirror the reference command line (``--nBlocks`` is ``num_blocks``,
+    ``--nChannels`` is ``num_channels``, ``--grFactor 1-2-4`` is ``gr_factor="1-2-4"``, ...).
+    ``stem_type`` and ``head_channels`` replace the reference's ``--data`` switch: CIFAR uses the
+    3x3 stem and 128-wide heads, ImageNet the 7x7 stem and heads as wide as their input
+    (``head_channels=None``). ``weight_init='torch'`` is what the reference effectively trains
+    with (its He init never reaches a layer); ``'he'`` is the paper's and the Lua code's.
+    """
+
+    def __init__(
+            self,
+            num_blocks: int = 5,
+            base: int = 4,
+            step: int = 4,
+            step_mode: str = "even",
+            num_channels: int = 32,
+            growth_rate: int = 16,
+            gr_factor: Factors = (1, 2, 4, 4),
+            bn_factor: Factors = (1, 2, 4, 4),
+            prune: str = "max",
+            reduction: float = 0.5,
+            bottleneck: bool = True,
+            stem_type: str = "imagenet",
+            head_channels: Optional[int] = None,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            drop_rate: float = 0.0,
+            weight_init: str = "torch",
+    ):
+        super().__init__()
+        gr = _parse_factors(gr_factor, "gr_factor")
+        bn = _parse_factors(bn_factor, "bn_factor")
+        if len(gr) != len(bn):
+            raise ValueError(f"gr_factor and bn_factor need one entry per scale, got {len(gr)} and {len(bn)}")
+        if len(gr) > 1 and any(growth_rate * g % 2 for g in gr[1:]):
+            raise ValueError(
+                f"growth_rate * gr_factor must be even on every scale but the finest (the new channels are split "
+                f"between the down and normal paths), got growth_rate={growth_rate}, gr_factor={gr}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.img_size = to_2tuple(img_size)
+        self.drop_rate = drop_rate
+        self.plan = msdnet_plan(num_blocks, base, step, step_mode, num_channels, growth_rate, len(gr), prune, reduction)
+
+        self.stem = MsdStem(in_chans, [num_channels * g for g in gr], stem_type)
+        stages, exits, stage_widths, exit_widths = [], [], [], []
+        for block in self.plan:
+            layers: List[nn.Module] = []
+            for p in block:
+                layers.append(MsdLayer(p, growth_rate, gr, bn, bottleneck))
+                if p.transition_width is not None:
+                    kept = gr[len(gr) - p.out_scales:]
+                    layers.append(Transition(p.width + growth_rate, p.transition_width, kept))
+            stages.append(nn.Sequential(*layers))
+            last = block[-1]
+            width = last.transition_width if last.transition_width is not None else last.width + growth_rate
+            in_chs = width * gr[-1]
+            head_width = head_channels or in_chs
+            exits.append(MsdHead(in_chs, head_width, num_classes, drop_rate))
+            stage_widths.append(in_chs)
+            exit_widths.append(head_width)
+        self.stages = nn.ModuleList(stages)
+        self.exits = nn.ModuleList(exits)
+        self.num_exits = len(exits)
+        self.exit_index = self.num_exits - 1
+        self.stage_widths = stage_widths
+        self.exit_widths = exit_widths
+        self.num_features = self.head_hidden_size = exit_widths[-1]
+        self._check_img_size(stem_type, len(gr))
+        self.feature_info = [
+            dict(num_chs=w, reduction=self._coarse_reduction, module=f"stages.{i}") for i, w in enumerate(stage_widths)]
+        self.init_weights(weight_init)
+
+    def _check_img_size(self, stem_type: str, num_scales: int) -> None:
+        sizes = []
+        for size in self.img_size:
+            if stem_type == "imagenet":
+                size = _conv_out(_conv_out(size, 7, 2, 3), 3, 2, 1)
+            for _ in range(num_scales - 1):
+                size = _conv_out(size, 3, 2, 1)
+            coarse = size
+            size = _conv_out(_conv_out(size, 3, 2, 1), 3, 2, 1) // 2
+            sizes.append((coarse, size))
+        if any(s != 1 for _, s in sizes):
+            raise ValueError(
+                f"MSDNet exit heads (two stride-2 convs and a 2x2 average pool) must reduce the coarsest scale to "
+                f"1x1; img_size={self.img_size} gives a {sizes[0][0]}x{sizes[1][0]} coarsest scale and "
+                f"{sizes[0][1]}x{sizes[1][1]} head outputs. The reference uses 32x32 with 3 scales (CIFAR) and "
+                f"224x224 with 4 scales (ImageNet).")
+        self._coarse_reduction = self.img_size[0] // sizes[0][0]
+
+    @torch.no_grad()
+    def init_weights(self, scheme: str = "torch") -> None:
+        """``'torch'``: keep PyTorch's default init; ``'he'``: He fan-out normal convs, BN 1/0,
+        zero conv and linear biases (the MSDNet paper / Lua code)."""
+        if scheme == "torch":
+            return
+        if scheme != "he":
+            raise ValueError(f"weight_init must be 'torch' or 'he', got {scheme!r}")
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                m.weight.normal_(0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(1)
+                m.bias.zero_()
+            elif isinstance(m, nn.Linear):
+                m.bias.zero_()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans or tuple(x.shape[-2:]) != self.img_size:
+            h, w = self.img_size
+            raise ValueError(
+                f"MSDNet expects images of shape (batch, {self.in_chans}, {h}, {w}), got {tuple(x.shape)}; "
+                f"its heads are built for this resolution (set img_size / in_chans when creating the model)")
+
+    def forward_stem(self, x: torch.Tensor) -> List[torch.Tensor]:
+        self._check_input(x)
+        return self.stem(x)
+
+    def forward_stage(self, state: List[torch.Tensor], index: int) -> List[torch.Tensor]:
+        return self.stages[index](state)
+
+    def forward_exit(self, state: List[torch.Tensor], index: int, pre_logits: bool = False) -> torch.Tensor:
+        return self.exits[index](state[-1], pre_logits=pre_logits)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Coarsest-scale feature map after the stage of the active exit (what its head reads)."""
+        return self.forward_until(x, self.exit_index)[-1]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Active exit's head on :meth:`forward_features` output; pooled features if ``pre_logits``."""
+        return self.exits[self.exit_index](x, pre_logits=pre_logits)
+
+    def get_classifier(self) -> nn.Module:
+        return self.exits[self.exit_index].fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """New linear layers with ``num_classes`` outputs on every exit (0: pooled features)."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"MSDNet heads use a fixed 2x2 average pool, got global_pool={global_pool!r}")
+        self.num_classes = num_classes
+        for head, width in zip(self.exits, self.exit_widths):
+            head.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+
+
+_STEM = [(r"layers\.0\.0\.", "convs.0.conv."), (r"layers\.0\.1\.", "convs.0.bn."),
+         (r"layers\.(\d+)\.net\.0\.", r"convs.\1.conv."), (r"layers\.(\d+)\.net\.1\.", r"convs.\1.bn.")]
+_HEAD = [(r"m\.0\.net\.0\.", "conv1.conv."), (r"m\.0\.net\.1\.", "conv1.bn."),
+         (r"m\.1\.net\.0\.", "conv2.conv."), (r"m\.1\.net\.1\.", "conv2.bn."), (r"linear\.", "fc.")]
+_TRANSITION = [(r"m\.(\d+)\.net\.0\.", r"convs.\1.conv."), (r"m\.(\d+)\.net\.1\.", r"convs.\1.bn.")]
+# the reference's "ConvBN" is Sequential(conv1x1, bn, relu, conv3x3, bn, relu) with the bottleneck
+_BRANCH = {True: {"0": "reduce.conv", "1": "reduce.bn", "3": "conv.conv", "4": "conv.bn"},
+           False: {"0": "conv.conv", "1": "conv.bn"}}
+
+
+def _map_reference_key(key: str, bottleneck: bool) -> str:
+    def sub(rules, rest: str, prefix: str) -> str:
+        for pattern, repl in rules:
+            m = re.match(pattern, rest)
+            if m:
+                return prefix + m.expand(repl) + rest[m.end():]
+        raise KeyError(key)
+
+    m = re.match(r"blocks\.(\d+)\.(\d+)\.(.*)$", key)
+    if m:
+        block, index, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        if block == 0 and index == 0:
+            return sub(_STEM, rest, "stem.")
+        index -= block == 0  # the reference keeps its stem as element 0 of block 0
+        prefix = f"stages.{block}.{index}."
+        u = re.match(r"layers\.(\d+)\.conv_(down|normal)\.net\.(\d)\.(.*)$", rest)
+        if u and u.group(3) in _BRANCH[bottleneck]:
+            return f"{prefix}units.{u.group(1)}.{u.group(2)}.{_BRANCH[bottleneck][u.group(3)]}.{u.group(4)}"
+        return sub(_TRANSITION, rest, prefix)
+    m = re.match(r"classifier\.(\d+)\.(.*)$", key)
+    if m:
+        return sub(_HEAD, m.group(2), f"exits.{m.group(1)}.")
+    raise KeyError(key)
+
+
+def checkpoint_filter_fn(state_dict: dict, model: MSDNet) -> dict:
+    """Map a reference checkpoint (kalviny/MSDNet-PyTorch, IMTA phase I, L2W-DEN: ``blocks.*`` /
+    ``classifier.*`` keys, ``module.`` already stripped by timm) onto this model; a state dict in
+    this package's own layout passes through unchanged."""
+    if not any(k.startswith(("blocks.", "classifier.")) for k in state_dict):
+        return state_dict
+    bottleneck = any(isinstance(m, BottleneckConv) and isinstance(m.reduce, ConvNormAct) for m in model.modules())
+    out = {}
+    for key, value in state_dict.items():
+        try:
+            out[_map_reference_key(key, bottleneck)] = value
+        except KeyError:
+            raise ValueError(
+                f"{key!r} is not a key of a reference MSDNet checkpoint (expected blocks.<b>.<i>.… or "
+                f"classifier.<i>.…); is this file an MSDNet checkpoint?") from None
+    return out
+
+
+def _create_msdnet(variant: str, pretrained: bool = False, **kwargs) -> MSDNet:
+    file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+    if pretrained and file and not os.path.isfile(file):
+        raise FileNotFoundError(f"pretrained weights file not found: {file!r} (pretrained_cfg_overlay['file'])")
+    return build_model_with_cfg(
+        MSDNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+def _cfg(num_exits: int, **kwargs) -> dict:
+    return {
+        "url": "", "first_conv": "stem.convs.0.conv",
+        "classifier": tuple(f"exits.{i}.fc" for i in range(num_exits)),
+        "interpolation": "bilinear", "fixed_input_size": True, "license": "mit", **kwargs,
+    }
+
+
+_catalogue = load_catalogue("msdnet")
+
+default_cfgs = generate_default_cfgs({
+    name: _cfg(v["args"]["num_blocks"], **v["cfg"]) for name, v in _catalogue["variants"].items()})
+
+
+def _entrypoint(name: str, arch_args: dict, doc: str):
+    def create(pretrained: bool = False, **kwargs) -> MSDNet:
+        return _create_msdnet(name, pretrained=pretrained, **dict(arch_args, **kwargs))
+
+    create.__name__ = create.__qualname__ = name
+    create.__module__ = __name__
+    create.__doc__ = doc
+    return create
+
+
+for _name, _variant in _catalogue["variants"].items():
+    globals()[_name] = register_model(_entrypoint(_name, _variant["args"], _variant["description"]))

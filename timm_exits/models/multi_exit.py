@@ -1,0 +1,83 @@
+"""The multi-exit contract shared by every model of the package.
+
+A multi-exit model is a stem followed by N (stage, exit) pairs. Subclasses provide three
+primitives, and everything else (``forward``, ``forward_exits``, stopping at exit k, the
+early-exit executor, cost profiling) is built on them:
+
+* ``forward_stem(x) -> state``
+* ``forward_stage(state, index) -> state``
+* ``forward_exit(state, index, pre_logits=False) -> Tensor``
+
+A *state* is a tensor or a list of tensors (MSDNet keeps one tensor per scale) whose first
+dimension is the batch, so it can be sliced by sample with :func:`slice_state`.
+"""
+from __future__ import annotations
+
+import abc
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+State = Union[torch.Tensor, List[torch.Tensor]]
+
+__all__ = ["MultiExitModel", "State", "slice_state"]
+
+
+def slice_state(state: State, index: Union[torch.Tensor, slice, Sequence[int]]) -> State:
+    """Select samples (first dimension) of a state, keeping its structure."""
+    if isinstance(state, torch.Tensor):
+        return state[index]
+    return [s[index] for s in state]
+
+
+class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
+    """Base class: a stem, then ``num_exits`` (stage, exit) pairs.
+
+    ``model(x)`` returns the logits of one exit (the last by default, see :meth:`set_exit`)
+    and computes only the stages that exit needs; :meth:`forward_exits` returns all of them.
+    """
+
+    num_exits: int
+    exit_index: int  # 0-based exit used by forward(); set with set_exit()
+
+    @abc.abstractmethod
+    def forward_stem(self, x: torch.Tensor) -> State:
+        """Check the input and compute the state that stage 0 reads."""
+
+    @abc.abstractmethod
+    def forward_stage(self, state: State, index: int) -> State:
+        """Run stage ``index`` on a state."""
+
+    @abc.abstractmethod
+    def forward_exit(self, state: State, index: int, pre_logits: bool = False) -> torch.Tensor:
+        """Logits (or pooled features if ``pre_logits``) of exit ``index`` from the state after stage ``index``."""
+
+    def set_exit(self, index: Optional[int] = None) -> None:
+        """Make ``forward`` stop at exit ``index`` (0-based; negative counts from the end;
+        ``None`` means the last exit)."""
+        if index is None:
+            index = self.num_exits - 1
+        if not -self.num_exits <= index < self.num_exits:
+            raise ValueError(f"exit index must be in [{-self.num_exits}, {self.num_exits - 1}], got {index}")
+        self.exit_index = index % self.num_exits
+
+    def forward_exits(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Logits of every exit, in order."""
+        state = self.forward_stem(x)
+        logits = []
+        for i in range(self.num_exits):
+            state = self.forward_stage(state, i)
+            logits.append(self.forward_exit(state, i))
+        return logits
+
+    def forward_until(self, x: torch.Tensor, index: int) -> State:
+        """The state after stage ``index``, running no exit head."""
+        state = self.forward_stem(x)
+        for i in range(index + 1):
+            state = self.forward_stage(state, i)
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.exit_index
+        return self.forward_exit(self.forward_until(x, k), k)

@@ -1,0 +1,135 @@
+"""Per-exit cost of multi-exit models: cumulative MACs and parameters.
+
+Costs are **cumulative** and include every earlier exit head, as in the MSDNet / IMTA
+references: exit k's cost is what a sample pays when it is evaluated by heads 1..k and leaves
+at k. Counting uses ``torch.utils.flop_counter`` on a meta-device copy of the model (nothing is
+computed, and attention is counted through its math decomposition). Two conventions:
+
+``macs``    multiply-accumulates of convolutions, matmuls and attention (FLOPs / 2); the default.
+``msdnet``  the MSDNet reference op counter: conv MACs (bias ignored), linear ``in*out + out``,
+            one op per ReLU element and ``k*k`` per pooling output; batch norm is free.
+
+Parameters of exit k are those read by the operations run up to it (the reference counts the
+parameters of every executed layer, which is the same set).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from math import prod
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+__all__ = ["ExitCost", "CONVENTIONS", "profile_exits"]
+
+CONVENTIONS = ("macs", "msdnet")
+
+
+@dataclass(frozen=True)
+class ExitCost:
+    """Cumulative cost of leaving at ``exit`` (1-based)."""
+
+    exit: int
+    macs: int
+    params: int
+
+    def as_dict(self) -> Dict[str, int]:
+        return asdict(self)
+
+
+def _halved(formula: Callable) -> Callable:
+    def count(*args, **kwargs) -> int:
+        return formula(*args, **kwargs) // 2
+
+    count._get_raw = True  # the registry's formulas already take raw arguments
+    return count
+
+
+def _linear_with_bias(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return a_shape[0] * a_shape[1] * b_shape[1] + a_shape[0] * b_shape[1]
+
+
+def _elements(x_shape, *args, out_shape=None, **kwargs) -> int:
+    return prod(x_shape)
+
+
+def _pool(x_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    out = out_shape[0] if isinstance(out_shape[0], (tuple, list, torch.Size)) else out_shape
+    k = kernel_size if isinstance(kernel_size, int) else kernel_size[0]
+    return prod(out) * k * k  # the reference assumes square windows
+
+
+def _counter_mapping(convention: str) -> dict:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    mapping = {op: _halved(formula) for op, formula in flop_registry.items()}
+    if convention == "msdnet":
+        aten = torch.ops.aten
+        mapping.update({
+            aten.addmm: _linear_with_bias,
+            aten.relu: _elements, aten.relu_: _elements,
+            aten.max_pool2d: _pool, aten.max_pool2d_with_indices: _pool, aten.avg_pool2d: _pool,
+        })
+    return mapping
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the meta device, without copying its storage."""
+    memo = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+class _ParameterReads(TorchDispatchMode):
+    """Records which of ``params`` the dispatched operations read."""
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        super().__init__()
+        self.params = {id(p): p for p in params}
+        self.read: Dict[int, torch.Tensor] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for a in tree_flatten((args, kwargs))[0]:
+            if isinstance(a, torch.Tensor) and id(a) in self.params:
+                self.read[id(a)] = a
+        return func(*args, **kwargs)
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.read.values())
+
+
+def profile_exits(
+        model: nn.Module,
+        input_size: Optional[Sequence[int]] = None,
+        convention: str = "macs",
+) -> List[ExitCost]:
+    """Cumulative MACs (in ``convention``) and parameters of every exit, for one image of
+    ``input_size`` (C, H, W; default: the model's ``pretrained_cfg``)."""
+    mapping = _counter_mapping(convention)
+    if input_size is None:
+        input_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+        if input_size is None:
+            raise ValueError("the model has no pretrained_cfg['input_size']; pass input_size=(C, H, W)")
+    if not hasattr(model, "forward_stage") or not hasattr(model, "num_exits"):
+        raise TypeError(f"{type(model).__name__} is not a multi-exit model (needs forward_stem / forward_stage / "
+                        f"forward_exit and num_exits)")
+    meta = _meta_copy(model).eval()
+    x = torch.empty(1, *input_size, device="meta")
+    costs = []
+    reads = _ParameterReads(list(meta.parameters()))
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter, reads:
+        state = meta.forward_stem(x)
+        for i in range(meta.num_exits):
+            state = meta.forward_stage(state, i)
+            meta.forward_exit(state, i)
+            costs.append(ExitCost(i + 1, counter.get_total_flops(), reads.numel()))
+    return costs
