@@ -1,0 +1,104 @@
+"""timm_exits.profile and the ``timm-exits`` command, run as a user runs them."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import timm_exits  # noqa: F401
+from timm_exits import MSDNet
+from timm_exits.cli import models_table
+from timm_exits.profile import profile_exits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "timm_exits.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_profile_json_in_the_msdnet_convention():
+    run = _cli("profile", "msdnet_cifar_7exit", "--json", "--convention", "msdnet")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["model"] == "msdnet_cifar_7exit" and out["input_size"] == [3, 32, 32] and out["convention"] == "msdnet"
+    assert [e["exit"] for e in out["exits"]] == list(range(1, 8))
+    # IMTA Table 1 (spec §2.2)
+    assert round(out["exits"][0]["macs"] / 1e6, 4) == 6.8599 and round(out["exits"][-1]["macs"] / 1e6, 4) == 137.2810
+    assert round(out["exits"][-1]["params"] / 1e6, 4) == 3.9667
+
+
+def test_profile_table_defaults_to_macs():
+    run = _cli("profile", "msdnet_imagenet_5exit")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert "MACs" in lines[0] and len(lines) == 2 + 5
+    # conv + linear MACs are below the reference counter's 1360.53 M (which adds ReLU, pooling, biases)
+    last = float(lines[-1].split()[-1])
+    assert 1350 < last < 1360.53
+
+
+def test_profile_other_input_size_and_errors():
+    run = _cli("profile", "msdnet_imagenet_5exit", "--input-size", "3", "192", "192", "--json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["exits"][-1]["macs"] < 1355606016 * 0.75
+    bad = _cli("profile", "msdnet_cifar_7exit", "--input-size", "3", "64", "64")
+    assert bad.returncode == 2 and "must reduce the coarsest scale to 1x1" in bad.stderr
+    unknown = _cli("profile", "resnet_nope")
+    assert unknown.returncode != 0 and "unknown model 'resnet_nope'" in unknown.stderr
+
+
+def test_profile_leaves_a_real_model_untouched():
+    model = MSDNet(num_blocks=2, base=1, step=1, num_channels=8, growth_rate=4, gr_factor="1-2-4", bn_factor="1-2-4",
+                   stem_type="cifar", head_channels=16, num_classes=5, img_size=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    costs = profile_exits(model, input_size=(3, 32, 32))
+    assert all(not p.is_meta for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert costs[-1].params == sum(p.numel() for p in model.parameters())
+    assert costs[0].macs < costs[1].macs
+
+
+def test_attention_is_counted():
+    class TwoExitAttention(nn.Module):  # the smallest model with the contract and an attention op
+        num_exits = 2
+
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.heads = nn.ModuleList([nn.Linear(16, 3), nn.Linear(16, 3)])
+
+        def forward_stem(self, x):
+            return x
+
+        def forward_stage(self, x, i):
+            return self.attn(x, x, x, need_weights=False)[0] if i == 1 else x
+
+        def forward_exit(self, x, i, pre_logits=False):
+            return self.heads[i](x.mean(1))
+
+    tokens, dim = 10, 16
+    costs = profile_exits(TwoExitAttention(), input_size=(tokens, dim))
+    projections = 4 * tokens * dim * dim  # q, k, v and output projections
+    scores = 2 * tokens * tokens * dim  # q k^T and attn v
+    assert costs[0].macs == dim * 3
+    assert costs[1].macs - costs[0].macs == projections + scores + dim * 3
+
+
+def test_bad_profile_arguments():
+    with pytest.raises(ValueError, match="convention must be one of"):
+        profile_exits(MSDNet(), convention="flops")
+    with pytest.raises(TypeError, match="not a multi-exit model"):
+        profile_exits(nn.Linear(2, 2), input_size=(2,))
+
+
+def test_readme_models_table_is_the_catalogue():
+    assert models_table() in (ROOT / "README.md").read_text()
+
+
+def test_models_command_lists_every_variant():
+    run = _cli("models")
+    assert run.returncode == 0 and len(run.stdout.strip().splitlines()) == 7
