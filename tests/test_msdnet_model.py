@@ -134,6 +134,13 @@ def test_reset_classifier_changes_every_exit():
     assert [o.shape[1] for o in outs] == model.exit_widths
 
 
+def test_device_and_dtype_arguments_reach_every_layer():
+    model = timm.create_model("msdnet_cifar_5exit", device="meta", dtype=torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.bfloat16)}
+    model.reset_classifier(3)
+    assert model.exits[0].fc.weight.device.type == "meta" and model.exits[0].fc.weight.dtype == torch.bfloat16
+
+
 def test_trains_end_to_end_with_dropout_and_one_channel():
     model = tiny(in_chans=1, drop_rate=0.2).train()
     x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3])
@@ -205,3 +212,25 @@ def test_torch_jit_trace_gives_the_same_outputs():
     with torch.no_grad():
         traced = torch.jit.trace(model, x, check_trace=False)
         assert torch.allclose(traced(torch.flip(x, [0])), model(torch.flip(x, [0])), atol=1e-5)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    grads = []
+    for enable in (False, True):
+        model = tiny().train()
+        model.set_grad_checkpointing(enable)
+        sum(torch.nn.functional.cross_entropy(o, y) for o in model.forward_exits(x)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+
+
+def test_layer_decay_groups_go_from_stem_to_last_exit():
+    from timm.optim import create_optimizer_v2
+    model = tiny()
+    optimizer = create_optimizer_v2(model, "sgd", lr=1.0, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    stem = scale[id(model.stem.convs[0].conv.weight)]
+    stage0, exit0 = scale[id(model.stages[0][0].units[0].normal.conv.conv.weight)], scale[id(model.exits[0].fc.weight)]
+    last = scale[id(model.exits[-1].fc.weight)]
+    assert stem < stage0 <= exit0 < last == 1.0

@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import ConvNormAct, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
@@ -104,11 +105,12 @@ def msdnet_plan(
 class BottleneckConv(nn.Module):
     """1x1 bottleneck (width ``min(in, bn_factor * out)``) then a 3x3 conv, each with BN-ReLU."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int, bottleneck: bool, bn_factor: int):
+    def __init__(self, in_chs: int, out_chs: int, stride: int, bottleneck: bool, bn_factor: int, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         mid_chs = min(in_chs, bn_factor * out_chs) if bottleneck else in_chs
-        self.reduce = ConvNormAct(in_chs, mid_chs, 1) if bottleneck else nn.Identity()
-        self.conv = ConvNormAct(mid_chs, out_chs, 3, stride=stride, padding=1)
+        self.reduce = ConvNormAct(in_chs, mid_chs, 1, **dd) if bottleneck else nn.Identity()
+        self.conv = ConvNormAct(mid_chs, out_chs, 3, stride=stride, padding=1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.reduce(x))
@@ -126,14 +128,17 @@ class ScaleUnit(nn.Module):
             bottleneck: bool,
             bn_factor: int,
             fine_bn_factor: int,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if fine_chs is None:
             self.down = None
-            self.normal = BottleneckConv(in_chs, growth, 1, bottleneck, bn_factor)
+            self.normal = BottleneckConv(in_chs, growth, 1, bottleneck, bn_factor, **dd)
         else:
-            self.down = BottleneckConv(fine_chs, growth // 2, 2, bottleneck, fine_bn_factor)
-            self.normal = BottleneckConv(in_chs, growth // 2, 1, bottleneck, bn_factor)
+            self.down = BottleneckConv(fine_chs, growth // 2, 2, bottleneck, fine_bn_factor, **dd)
+            self.normal = BottleneckConv(in_chs, growth // 2, 1, bottleneck, bn_factor, **dd)
 
     def forward(self, x: torch.Tensor, fine: Optional[torch.Tensor]) -> torch.Tensor:
         if self.down is None or fine is None:
@@ -144,7 +149,16 @@ class ScaleUnit(nn.Module):
 class MsdLayer(nn.Module):
     """A dense layer across the kept scales; drops the finest input scale if the plan says so."""
 
-    def __init__(self, plan: LayerPlan, growth_rate: int, gr: Tuple[int, ...], bn: Tuple[int, ...], bottleneck: bool):
+    def __init__(
+            self,
+            plan: LayerPlan,
+            growth_rate: int,
+            gr: Tuple[int, ...],
+            bn: Tuple[int, ...],
+            bottleneck: bool,
+            device=None,
+            dtype=None,
+    ):
         super().__init__()
         num_scales = len(gr)
         offset = num_scales - plan.out_scales
@@ -155,7 +169,7 @@ class MsdLayer(nn.Module):
             has_fine = s > offset or self.discard > 0
             units.append(ScaleUnit(
                 c * gr[s], c * gr[s - 1] if has_fine else None, growth_rate * gr[s],
-                bottleneck, bn[s], bn[s - 1] if has_fine else 1,
+                bottleneck, bn[s], bn[s - 1] if has_fine else 1, device=device, dtype=dtype,
             ))
         self.units = nn.ModuleList(units)
 
@@ -170,9 +184,10 @@ class MsdLayer(nn.Module):
 class Transition(nn.Module):
     """1x1 conv-BN-ReLU on every kept scale, compressing the base width."""
 
-    def __init__(self, in_width: int, out_width: int, gr: Sequence[int]):
+    def __init__(self, in_width: int, out_width: int, gr: Sequence[int], device=None, dtype=None):
         super().__init__()
-        self.convs = nn.ModuleList([ConvNormAct(in_width * g, out_width * g, 1) for g in gr])
+        dd = dict(device=device, dtype=dtype)
+        self.convs = nn.ModuleList([ConvNormAct(in_width * g, out_width * g, 1, **dd) for g in gr])
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
         return [conv(x) for conv, x in zip(self.convs, xs)]
@@ -182,17 +197,18 @@ class MsdStem(nn.Module):
     """One feature map per scale: a CIFAR 3x3 conv or the ImageNet 7x7/2 conv (with bias) and
     3x3/2 max-pool, then a chain of 3x3/2 convs for the coarser scales."""
 
-    def __init__(self, in_chans: int, widths: Sequence[int], stem_type: str):
+    def __init__(self, in_chans: int, widths: Sequence[int], stem_type: str, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if stem_type == "imagenet":
-            first = ConvNormAct(in_chans, widths[0], 7, stride=2, padding=3, bias=True)
+            first = ConvNormAct(in_chans, widths[0], 7, stride=2, padding=3, bias=True, **dd)
             self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         elif stem_type == "cifar":
-            first = ConvNormAct(in_chans, widths[0], 3, padding=1)
+            first = ConvNormAct(in_chans, widths[0], 3, padding=1, **dd)
             self.pool = nn.Identity()
         else:
             raise ValueError(f"stem_type must be 'cifar' or 'imagenet', got {stem_type!r}")
-        coarser = [ConvNormAct(widths[s - 1], widths[s], 3, stride=2, padding=1) for s in range(1, len(widths))]
+        coarser = [ConvNormAct(widths[s - 1], widths[s], 3, stride=2, padding=1, **dd) for s in range(1, len(widths))]
         self.convs = nn.ModuleList([first] + coarser)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -207,13 +223,14 @@ class MsdStem(nn.Module):
 class MsdHead(nn.Module):
     """Exit head on the coarsest scale: two 3x3/2 conv-BN-ReLU, 2x2 average pool, linear."""
 
-    def __init__(self, in_chs: int, width: int, num_classes: int, drop_rate: float = 0.0):
+    def __init__(self, in_chs: int, width: int, num_classes: int, drop_rate: float = 0.0, device=None, dtype=None):
         super().__init__()
-        self.conv1 = ConvNormAct(in_chs, width, 3, stride=2, padding=1)
-        self.conv2 = ConvNormAct(width, width, 3, stride=2, padding=1)
+        dd = dict(device=device, dtype=dtype)
+        self.conv1 = ConvNormAct(in_chs, width, 3, stride=2, padding=1, **dd)
+        self.conv2 = ConvNormAct(width, width, 3, stride=2, padding=1, **dd)
         self.pool = nn.AvgPool2d(2)
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = nn.Linear(width, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(self.conv2(self.conv1(x))).flatten(1)
@@ -255,8 +272,11 @@ class MSDNet(MultiExitModel):
             img_size: Union[int, Tuple[int, int]] = 224,
             drop_rate: float = 0.0,
             weight_init: str = "torch",
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         gr = _parse_factors(gr_factor, "gr_factor")
         bn = _parse_factors(bn_factor, "bn_factor")
         if len(gr) != len(bn):
@@ -271,21 +291,21 @@ class MSDNet(MultiExitModel):
         self.drop_rate = drop_rate
         self.plan = msdnet_plan(num_blocks, base, step, step_mode, num_channels, growth_rate, len(gr), prune, reduction)
 
-        self.stem = MsdStem(in_chans, [num_channels * g for g in gr], stem_type)
+        self.stem = MsdStem(in_chans, [num_channels * g for g in gr], stem_type, **dd)
         stages, exits, stage_widths, exit_widths = [], [], [], []
         for block in self.plan:
             layers: List[nn.Module] = []
             for p in block:
-                layers.append(MsdLayer(p, growth_rate, gr, bn, bottleneck))
+                layers.append(MsdLayer(p, growth_rate, gr, bn, bottleneck, **dd))
                 if p.transition_width is not None:
                     kept = gr[len(gr) - p.out_scales:]
-                    layers.append(Transition(p.width + growth_rate, p.transition_width, kept))
+                    layers.append(Transition(p.width + growth_rate, p.transition_width, kept, **dd))
             stages.append(nn.Sequential(*layers))
             last = block[-1]
             width = last.transition_width if last.transition_width is not None else last.width + growth_rate
             in_chs = width * gr[-1]
             head_width = head_channels or in_chs
-            exits.append(MsdHead(in_chs, head_width, num_classes, drop_rate))
+            exits.append(MsdHead(in_chs, head_width, num_classes, drop_rate, **dd))
             stage_widths.append(in_chs)
             exit_widths.append(head_width)
         self.stages = nn.ModuleList(stages)
@@ -298,6 +318,7 @@ class MSDNet(MultiExitModel):
         self._check_img_size(stem_type, len(gr))
         self.feature_info = [
             dict(num_chs=w, reduction=self._coarse_reduction, module=f"stages.{i}") for i, w in enumerate(stage_widths)]
+        self.grad_checkpointing = False
         self.init_weights(weight_init)
 
     def _check_img_size(self, stem_type: str, num_scales: int) -> None:
@@ -350,6 +371,8 @@ class MSDNet(MultiExitModel):
         return self.stem(x)
 
     def forward_stage(self, state: List[torch.Tensor], index: int) -> List[torch.Tensor]:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(self.stages[index], state, use_reentrant=False)
         return self.stages[index](state)
 
     def forward_exit(self, state: List[torch.Tensor], index: int, pre_logits: bool = False) -> torch.Tensor:
@@ -363,6 +386,18 @@ class MSDNet(MultiExitModel):
         """Active exit's head on :meth:`forward_features` output; pooled features if ``pre_logits``."""
         return self.exits[self.exit_index](x, pre_logits=pre_logits)
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for timm's layer-wise lr decay: the stem, then stage i with exit i."""
+        return dict(stem=r"^stem", blocks=r"^(?:stages|exits)\.(\d+)" if coarse else [
+            (r"^(?:stages|exits)\.(\d+)\.(\d+)", None), (r"^exits\.(\d+)", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.exits[self.exit_index].fc
 
@@ -372,7 +407,8 @@ class MSDNet(MultiExitModel):
             raise ValueError(f"MSDNet heads use a fixed 2x2 average pool, got global_pool={global_pool!r}")
         self.num_classes = num_classes
         for head, width in zip(self.exits, self.exit_widths):
-            head.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+            ref = head.conv2.conv.weight
+            head.fc = nn.Linear(width, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else nn.Identity()
 
 
 _STEM = [(r"layers\.0\.0\.", "convs.0.conv."), (r"layers\.0\.1\.", "convs.0.bn."),
