@@ -1,6 +1,7 @@
 """The ``timm-exits`` command.
 
-    timm-exits profile MODEL [--json] [--convention macs|msdnet] [--num-classes N] [--input-size C H W]
+    timm-exits profile MODEL [--json] [--convention macs|msdnet|fvcore] [--depth TTFF] [--num-classes N]
+                       [--input-size C H W]
     timm-exits models [--markdown]
 """
 from __future__ import annotations
@@ -26,36 +27,69 @@ def _profile(args: argparse.Namespace) -> int:
         input_size = args.input_size or model.pretrained_cfg["input_size"]
         if model.pretrained_cfg.get("fixed_input_size") and tuple(input_size) != tuple(model.pretrained_cfg["input_size"]):
             model = timm.create_model(args.model, in_chans=input_size[0], img_size=tuple(input_size[1:]), **kwargs)
+    if args.depth is not None:
+        adaptive = model if hasattr(model, "set_depth") else getattr(model, "backbone", None)
+        if not hasattr(adaptive, "set_depth"):
+            raise ValueError(f"--depth needs an adaptive-depth model (e.g. resnet50_adn); {args.model} has no "
+                             f"skippable sub-paths")
+        adaptive.set_depth(args.depth)
     costs = profiling.profile_exits(model, input_size=input_size, convention=args.convention)
     if args.json:
-        print(json.dumps({"model": args.model, "input_size": list(input_size), "convention": args.convention,
-                          "exits": [c.as_dict() for c in costs]}))
+        out = {"model": args.model, "input_size": list(input_size), "convention": args.convention}
+        if args.depth is not None:
+            out["depth"] = args.depth.upper()
+        print(json.dumps({**out, "exits": [c.as_dict() for c in costs]}))
         return 0
-    unit = "MACs" if args.convention == "macs" else "ops (MSDNet counter)"
-    print(f"{args.model}, input {tuple(input_size)}, cumulative per exit ({unit})")
+    unit = {"macs": "MACs", "msdnet": "ops (MSDNet counter)", "fvcore": "FLOPs (fvcore)"}[args.convention]
+    depth = f", depth {args.depth.upper()}" if args.depth else ""
+    print(f"{args.model}{depth}, input {tuple(input_size)}, cumulative per exit ({unit})")
     print(f"{'exit':>4}  {'params (M)':>10}  {'M' + unit:>12}")
     for c in costs:
         print(f"{c.exit:>4}  {c.params / 1e6:>10.4f}  {c.macs / 1e6:>12.4f}")
     return 0
 
 
-def models_table() -> str:
-    """Markdown table of every catalogued variant (the README's model table)."""
-    lines = ["| model | exits | input | classes | params (M) | MMACs per exit (cumulative) |",
-             "|---|---|---|---|---|---|"]
-    for family in families():
-        for name, v in load_catalogue(family)["variants"].items():
-            e, cfg = v["expected"], v["cfg"]
-            macs = " / ".join(f"{m / 1e6:.1f}" for m in e["macs"])
-            size = "x".join(str(s) for s in cfg["input_size"][1:])
-            lines.append(f"| `{name}` | {len(e['macs'])} | {size} | {cfg['num_classes']} | "
-                         f"{e['params'][-1] / 1e6:.2f} | {macs} |")
-    return "\n".join(lines)
+def _msdnet_rows(variants: dict) -> List[str]:
+    rows = ["| model | exits | input | classes | params (M) | MMACs per exit (cumulative) |", "|---|---|---|---|---|---|"]
+    for name, v in variants.items():
+        e, cfg = v["expected"], v["cfg"]
+        size = "x".join(str(s) for s in cfg["input_size"][1:])
+        macs = " / ".join(f"{m / 1e6:.1f}" for m in e["macs"])
+        rows.append(f"| `{name}` | {len(e['macs'])} | {size} | {cfg['num_classes']} | {e['params'][-1] / 1e6:.2f} | {macs} |")
+    return rows
+
+
+def _exits_rows(variants: dict) -> List[str]:
+    rows = ["| model | backbone | exits after units | params (M) | GMACs per exit (cumulative) |", "|---|---|---|---|---|"]
+    for name, v in variants.items():
+        e = v["expected"]
+        macs = " / ".join(f"{m / 1e9:.3f}" for m in e["macs"])
+        rows.append(f"| `{name}` | `{v['backbone']}` | {v['args']['exits']} | {e['params'][-1] / 1e6:.2f} | {macs} |")
+    return rows
+
+
+def _adn_rows(variants: dict) -> List[str]:
+    rows = ["| model | backbone | params (M) | GMACs super-net / base-net | fvcore GFLOPs super-net / base-net |",
+            "|---|---|---|---|---|"]
+    for name, v in variants.items():
+        e = v["expected"]
+        first, last = list(e["macs"])[0], list(e["macs"])[-1]
+        rows.append(f"| `{name}` | `{v['backbone']}` | {e['params'] / 1e6:.2f} | {e['macs'][first] / 1e9:.2f} / "
+                    f"{e['macs'][last] / 1e9:.2f} | {e['fvcore'][first] / 1e9:.2f} / {e['fvcore'][last] / 1e9:.2f} |")
+    return rows
+
+
+_TABLES = {"msdnet": _msdnet_rows, "exits": _exits_rows, "adn": _adn_rows}
+
+
+def models_table(family: str) -> str:
+    """Markdown table of a catalogued family (the README's model tables)."""
+    return "\n".join(_TABLES[family](load_catalogue(family)["variants"]))
 
 
 def _models(args: argparse.Namespace) -> int:
     if args.markdown:
-        print(models_table())
+        print("\n\n".join(models_table(f) for f in families()))
     else:
         for family in families():
             for name, v in load_catalogue(family)["variants"].items():
@@ -70,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a timm model name, e.g. msdnet_cifar_7exit")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--convention", choices=profiling.CONVENTIONS, default="macs",
-                   help="macs: conv + linear MACs (default); msdnet: the MSDNet reference op counter")
+                   help="macs: conv + linear + attention MACs (default); msdnet: the MSDNet reference op "
+                        "counter; fvcore: MACs + norm elements, as fvcore / timm's tables / the ADN paper")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
+    p.add_argument("--depth", default=None, help="sub-network of an adaptive-depth model, e.g. TTFF")
     p.set_defaults(run=_profile)
     m = sub.add_parser("models", help="list the catalogued models")
     m.add_argument("--markdown", action="store_true", help="as the README's markdown table")

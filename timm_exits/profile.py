@@ -8,6 +8,10 @@ computed, and attention is counted through its math decomposition). Two conventi
 ``macs``    multiply-accumulates of convolutions, matmuls and attention (FLOPs / 2); the default.
 ``msdnet``  the MSDNet reference op counter: conv MACs (bias ignored), linear ``in*out + out``,
             one op per ReLU element and ``k*k`` per pooling output; batch norm is free.
+``fvcore``  what fvcore (timm's model tables, the ADN paper) reports as "GFLOPs": the MACs above
+            plus one per batch-norm element (foldable into the conv) and five per layer-norm element.
+
+A model without the multi-exit contract (a plain timm model, an ADN network) counts as one exit.
 
 Parameters of exit k are those read by the operations run up to it (the reference counts the
 parameters of every executed layer, which is the same set).
@@ -17,7 +21,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass
 from math import prod
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -25,9 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-__all__ = ["ExitCost", "CONVENTIONS", "profile_exits"]
+__all__ = ["ExitCost", "CONVENTIONS", "profile_exits", "meta_copy"]
 
-CONVENTIONS = ("macs", "msdnet")
+CONVENTIONS = ("macs", "msdnet", "fvcore")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,10 @@ def _elements(x_shape, *args, out_shape=None, **kwargs) -> int:
     return prod(x_shape)
 
 
+def _layer_norm(x_shape, normalized_shape, weight_shape=None, *args, out_shape=None, **kwargs) -> int:
+    return prod(x_shape) * (5 if weight_shape is not None else 4)
+
+
 def _pool(x_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
     out = out_shape[0] if isinstance(out_shape[0], (tuple, list, torch.Size)) else out_shape
     k = kernel_size if isinstance(kernel_size, int) else kernel_size[0]
@@ -75,10 +83,16 @@ def _counter_mapping(convention: str) -> dict:
             aten.relu: _elements, aten.relu_: _elements,
             aten.max_pool2d: _pool, aten.max_pool2d_with_indices: _pool, aten.avg_pool2d: _pool,
         })
+    elif convention == "fvcore":
+        aten = torch.ops.aten
+        mapping.update({
+            aten.native_batch_norm: _elements, aten._native_batch_norm_legit_no_training: _elements,
+            aten.native_layer_norm: _layer_norm,
+        })
     return mapping
 
 
-def _meta_copy(model: nn.Module) -> nn.Module:
+def meta_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` on the meta device, without copying its storage."""
     memo = {}
     for p in model.parameters():
@@ -119,17 +133,24 @@ def profile_exits(
         input_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
         if input_size is None:
             raise ValueError("the model has no pretrained_cfg['input_size']; pass input_size=(C, H, W)")
-    if not hasattr(model, "forward_stage") or not hasattr(model, "num_exits"):
-        raise TypeError(f"{type(model).__name__} is not a multi-exit model (needs forward_stem / forward_stage / "
-                        f"forward_exit and num_exits)")
-    meta = _meta_copy(model).eval()
+    meta = meta_copy(model).eval()
     x = torch.empty(1, *input_size, device="meta")
     costs = []
     reads = _ParameterReads(list(meta.parameters()))
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter, reads:
-        state = meta.forward_stem(x)
-        for i in range(meta.num_exits):
-            state = meta.forward_stage(state, i)
-            meta.forward_exit(state, i)
+        for i in _run_exits(meta, x):
             costs.append(ExitCost(i + 1, counter.get_total_flops(), reads.numel()))
     return costs
+
+
+def _run_exits(model: nn.Module, x: torch.Tensor) -> Iterator[int]:
+    """Run ``model`` exit by exit, yielding each exit's index once it is computed."""
+    if not all(hasattr(model, a) for a in ("forward_stem", "forward_stage", "forward_exit", "num_exits")):
+        model(x)
+        yield 0
+        return
+    state = model.forward_stem(x)
+    for i in range(model.num_exits):
+        state = model.forward_stage(state, i)
+        model.forward_exit(state, i)
+        yield i

@@ -1,0 +1,95 @@
+"""Exit heads for timm backbones.
+
+A head maps the backbone state after some stage (``NCHW`` maps for CNNs, ``NHWC`` maps for Swin,
+``NLC`` tokens for ViTs) to logits:
+
+* ``linear``: [norm], global pool, linear. The default; norm is a LayerNorm for transformers.
+* ``conv``: MSDNet-style, two 3x3 stride-2 conv-BN-ReLU, global average pool, linear (NCHW only).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from timm.layers import ConvNormAct
+
+__all__ = ["HEAD_TYPES", "LinearHead", "ConvHead", "create_head"]
+
+HEAD_TYPES = ("linear", "conv")
+
+
+class LinearHead(nn.Module):
+    """[LayerNorm], pool to one vector per sample, dropout, linear.
+
+    ``pool``: ``avg`` (spatial mean or mean of the patch tokens) or ``token`` (the class token).
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            num_classes: int,
+            layout: str = "nchw",
+            pool: str = "avg",
+            num_prefix_tokens: int = 0,
+            norm: bool = False,
+            drop_rate: float = 0.0,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        if layout not in ("nchw", "nhwc", "nlc"):
+            raise ValueError(f"layout must be 'nchw', 'nhwc' or 'nlc', got {layout!r}")
+        if pool not in ("avg", "token") or (pool == "token" and (layout != "nlc" or num_prefix_tokens < 1)):
+            raise ValueError(f"pool must be 'avg', or 'token' for token sequences with a class token; got {pool!r}")
+        self.layout, self.pool, self.num_prefix_tokens = layout, pool, num_prefix_tokens
+        self.norm = nn.LayerNorm(in_chs, **dd) if norm else nn.Identity()
+        self.drop = nn.Dropout(drop_rate)
+        self.num_features = in_chs
+        self.fc = nn.Linear(in_chs, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "nchw":
+            return x.mean((2, 3))
+        if self.layout == "nhwc":
+            return x.mean((1, 2))
+        return x[:, 0] if self.pool == "token" else x[:, self.num_prefix_tokens:].mean(1)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        # CNN maps: pool, then normalise the vector; token maps: normalise each token, then pool
+        x = self.norm(self._pool(x)) if self.layout == "nchw" else self._pool(self.norm(x))
+        return x if pre_logits else self.fc(self.drop(x))
+
+
+class ConvHead(nn.Module):
+    """Two 3x3 stride-2 conv-BN-ReLU, global average pool, dropout, linear (the MSDNet head, with
+    a global pool so that it fits any resolution)."""
+
+    def __init__(self, in_chs: int, num_classes: int, width: Optional[int] = None, drop_rate: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        width = width or in_chs
+        self.conv1 = ConvNormAct(in_chs, width, 3, stride=2, padding=1, **dd)
+        self.conv2 = ConvNormAct(width, width, 3, stride=2, padding=1, **dd)
+        self.drop = nn.Dropout(drop_rate)
+        self.num_features = width
+        self.fc = nn.Linear(width, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.conv2(self.conv1(x)).mean((2, 3))
+        return x if pre_logits else self.fc(self.drop(x))
+
+
+def create_head(kind: str, in_chs: int, num_classes: int, layout: str, width: Optional[int] = None,
+                drop_rate: float = 0.0, **kwargs) -> nn.Module:
+    """An exit head of type ``kind`` (see :data:`HEAD_TYPES`) for a state of ``in_chs`` channels."""
+    if kind == "linear":
+        return LinearHead(in_chs, num_classes, layout=layout, drop_rate=drop_rate, **kwargs)
+    if kind == "conv":
+        if layout != "nchw":
+            raise ValueError(f"the 'conv' head needs NCHW feature maps (a CNN backbone), this backbone gives {layout}")
+        return ConvHead(in_chs, num_classes, width=width, drop_rate=drop_rate,
+                        **{k: v for k, v in kwargs.items() if k in ("device", "dtype")})
+    raise ValueError(f"head must be one of {HEAD_TYPES}, got {kind!r}")
