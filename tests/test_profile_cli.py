@@ -91,14 +91,21 @@ def test_attention_is_counted():
 def test_bad_profile_arguments():
     with pytest.raises(ValueError, match="convention must be one of"):
         profile_exits(MSDNet(), convention="flops")
-    with pytest.raises(TypeError, match="not a multi-exit model"):
-        profile_exits(nn.Linear(2, 2), input_size=(2,))
+    with pytest.raises(ValueError, match="has no pretrained_cfg"):
+        profile_exits(nn.Linear(2, 2))
 
 
-def test_readme_models_table_is_the_catalogue():
-    assert models_table() in (ROOT / "README.md").read_text()
+def test_a_plain_model_counts_as_one_exit():
+    costs = profile_exits(nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)), input_size=(4,), convention="fvcore")
+    assert costs == [costs[0]] and costs[0].exit == 1
+    assert costs[0].macs == 4 * 3 + 5 * 3 and costs[0].params == 4 * 3 + 3 + 2 * 3
+
+
+@pytest.mark.parametrize("family", ["msdnet", "exits", "adn"])
+def test_readme_models_tables_are_the_catalogue(family):
+    assert models_table(family) in (ROOT / "README.md").read_text()
 
 
 def test_models_command_lists_every_variant():
     run = _cli("models")
-    assert run.returncode == 0 and len(run.stdout.strip().splitlines()) == 7
+    assert run.returncode == 0 and len(run.stdout.strip().splitlines()) == 7 + 10 + 6
