@@ -1,0 +1,185 @@
+"""Adaptive inference: the reference budgeted evaluation, policies, threshold search and files,
+the early-exit executor against the simulated evaluation, and export."""
+import json
+import math
+
+import pytest
+import timm
+import torch
+
+import timm_exits  # noqa: F401
+from timm_exits import MSDNet, add_exits
+from timm_exits.inference import (IMTA_Q, REFERENCE_Q, EarlyExitExecutor, ExitOutputs, ExportedModel, Thresholds,
+                                  anytime_accuracy, assign_exits, budgeted_curve, exit_scores, export_model,
+                                  fit_thresholds, geometric_fractions, thresholds_for_accuracy, thresholds_for_cost)
+
+# spec msdnet_imta.md §6.2.5: max confidence and correctness per sample, exits 0..2, costs 10/20/30
+CONF = [[.95, .90, .90, .85, .80, .70, .65, .60, .55, .52],
+        [.60, .99, .70, .97, .93, .55, .91, .88, .86, .75],
+        [.80, .85, .90, .95, .99, .70, .75, .65, .60, .97]]
+CORRECT = [[1, 1, 0, 1, 0, 1, 0, 1, 0, 0],
+           [1, 1, 1, 1, 0, 0, 1, 1, 0, 1],
+           [1, 1, 1, 1, 1, 0, 1, 1, 0, 1]]
+
+
+def worked_example() -> ExitOutputs:
+    """Two classes, label 0: a correct exit puts its confidence on class 0, a wrong one on class 1."""
+    conf = torch.tensor(CONF)
+    correct = torch.tensor(CORRECT).bool()
+    p0 = torch.where(correct, conf, 1 - conf)
+    return ExitOutputs(torch.stack([p0, 1 - p0], -1), torch.zeros(10, dtype=torch.long))
+
+
+def test_reference_worked_example():
+    out = worked_example()
+    (point,) = budgeted_curve(out, out, [10, 20, 30], q_grid=[1.0])
+    assert [math.floor(10 * f) for f in geometric_fractions(1.0, 3)[:2]] == [3, 3]
+    assert point.thresholds == pytest.approx([0.90, 0.91, -1e8])
+    assert point.accuracy == pytest.approx(60.0) and point.cost == pytest.approx(21.0)
+    assert point.exit_fractions == pytest.approx([0.3, 0.3, 0.4])
+
+
+def test_ties_zero_quotas_and_the_grids():
+    scores = exit_scores(worked_example().probs)
+    # quota 2 at exit 0: the 2nd most confident is a 0.90, and both 0.90 samples exit (>=)
+    thresholds = fit_thresholds(scores, [0.2, 0.0, 0.8])
+    assert thresholds[0].item() == pytest.approx(0.90)
+    assert (assign_exits(scores, thresholds) == 0).sum() == 3
+    assert thresholds[1].item() == 1e8 and thresholds[2].item() == -1e8  # quota 0: nobody exits at 1
+    assert len(REFERENCE_Q) == 39 and REFERENCE_Q[0] == 0.05 and REFERENCE_Q[-1] == 1.95
+    assert len(IMTA_Q) == 40 and IMTA_Q[-1] == 2.0
+    assert sum(geometric_fractions(0.5, 5)) == pytest.approx(1.0)
+
+
+def test_anytime_accuracy_and_ensemble():
+    out = worked_example()
+    top = anytime_accuracy(out, topk=(1, 2))
+    assert top["top1"] == pytest.approx([50.0, 70.0, 80.0]) and top["top2"] == [100.0] * 3
+    ens = anytime_accuracy(out, topk=(1,), ensemble=True)["top1"]
+    averaged = out.probs.cumsum(0)[1].argmax(-1)
+    assert ens[1] == pytest.approx(100 * (averaged == 0).float().mean().item())
+
+
+def test_policies():
+    probs = torch.tensor([[[0.5, 0.5], [1.0, 0.0]], [[0.2, 0.8], [0.9, 0.1]], [[0.3, 0.7], [0.1, 0.9]]])
+    entropy = exit_scores(probs, "entropy")
+    assert entropy[0].tolist() == pytest.approx([0.0, 1.0])
+    patience = exit_scores(probs, "patience")
+    # sample 0 predicts 0 (tie -> first), 1, 1; sample 1 predicts 0, 0, 1
+    assert patience.tolist() == [[1, 1], [1, 2], [2, 1]]
+    with pytest.raises(ValueError, match="policy must be one of"):
+        exit_scores(probs, "margin")
+
+
+def _random_outputs(n=400, exits=4, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    logits = torch.randn(exits, n, classes, generator=g)
+    logits[:, torch.arange(n), labels] += torch.linspace(0.5, 3.0, exits).view(-1, 1)  # later exits better
+    return ExitOutputs(logits.softmax(-1), labels)
+
+
+def test_threshold_search_for_a_cost_and_an_accuracy():
+    val = _random_outputs()
+    costs = [10.0, 20.0, 30.0, 40.0]
+    point = thresholds_for_cost(val, costs, 25.0)
+    assert point.val_cost <= 25.0
+    # no geometric-grid point with cost <= 25 is more accurate
+    grid = budgeted_curve(val, val, costs, [0.01 * k for k in range(1, 400)])
+    assert all(p.val_accuracy <= point.val_accuracy + 1e-9 for p in grid if p.val_cost <= 25.0)
+    acc = thresholds_for_accuracy(val, costs, point.val_accuracy)
+    assert acc.val_accuracy >= point.val_accuracy and acc.val_cost <= point.val_cost + 1e-9
+    with pytest.raises(ValueError, match="no thresholds reach an average cost of 5"):
+        thresholds_for_cost(val, costs, 5.0)
+    with pytest.raises(ValueError, match="no thresholds reach 99.5% on the validation split"):
+        thresholds_for_accuracy(val, costs, 99.5)
+
+
+def test_thresholds_file_round_trip_and_mismatches(tmp_path):
+    path = tmp_path / "thresholds.json"
+    Thresholds("msdnet_cifar_7exit", 3, "maxprob", [0.9, 0.8, -1e8], [1.0, 2.0, 3.0]).save(str(path))
+    assert not list(tmp_path.glob("*.tmp"))
+    loaded = Thresholds.load(str(path), model="msdnet_cifar_7exit", num_exits=3)
+    assert loaded.thresholds == [0.9, 0.8, -1e8] and loaded.policy == "maxprob"
+    with pytest.raises(ValueError, match="holds thresholds for 'msdnet_cifar_7exit', not for 'resnet18_exits'"):
+        Thresholds.load(str(path), model="resnet18_exits")
+    with pytest.raises(ValueError, match="holds 3 thresholds, the model has 5 exits"):
+        Thresholds.load(str(path), num_exits=5)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="is not a thresholds file"):
+        Thresholds.load(str(path))
+    with pytest.raises(ValueError, match="2 thresholds for 3 exits"):
+        Thresholds("m", 3, "maxprob", [0.5, -1e8])
+
+
+def _tiny_msdnet():
+    torch.manual_seed(0)
+    return MSDNet(num_blocks=3, base=1, step=1, step_mode="lin_grow", num_channels=8, growth_rate=4, gr_factor="1-2-4",
+                  bn_factor="1-2-4", stem_type="cifar", head_channels=16, num_classes=5, img_size=32).eval()
+
+
+def _tiny_resnet():
+    torch.manual_seed(0)
+    return add_exits(timm.create_model("resnet18", num_classes=5)).eval()
+
+
+@pytest.mark.parametrize("make", [_tiny_msdnet, _tiny_resnet])
+@pytest.mark.parametrize("policy", ["maxprob", "entropy", "patience"])
+def test_executor_equals_the_simulated_evaluation(make, policy):
+    model = make()
+    x = torch.randn(48, 3, 32, 32)
+    with torch.no_grad():
+        logits = torch.stack(model.forward_exits(x))
+    out = ExitOutputs(logits.softmax(-1), torch.zeros(48, dtype=torch.long))
+    scores = exit_scores(out.probs, policy)
+    if policy == "patience":  # integer scores: exit once two consecutive exits agree
+        thresholds = torch.tensor([2.0] * (model.num_exits - 1) + [-1e8], dtype=torch.float64)
+    else:
+        thresholds = fit_thresholds(scores, geometric_fractions(0.7, model.num_exits))
+    simulated = assign_exits(scores, thresholds)
+    if policy != "patience":
+        assert len(simulated.unique()) > 1  # samples really leave at different exits
+    batch_sizes = []
+    stage = model.forward_stage
+    model.forward_stage = lambda s, i: (batch_sizes.append((s if torch.is_tensor(s) else s[0]).shape[0]), stage(s, i))[1]
+    costs = [1.0, 2.0, 3.0, 4.0][:model.num_exits]
+    result = EarlyExitExecutor(model, thresholds.tolist(), policy, costs)(x)
+    assert torch.equal(result.exits, simulated)
+    assert torch.allclose(result.logits, logits[simulated, torch.arange(48)], atol=1e-5)
+    assert torch.equal(result.preds, out.probs.argmax(-1)[simulated, torch.arange(48)])
+    assert result.costs.tolist() == [costs[k] for k in simulated.tolist()]
+    # batch compaction: each stage sees only the samples that have not exited
+    expected = [48] + [int((simulated >= k).sum()) for k in range(1, model.num_exits)]
+    assert batch_sizes == expected[:len(batch_sizes)]
+    if policy != "patience":
+        assert batch_sizes[-1] < 48
+
+
+def test_executor_rejects_mismatched_thresholds():
+    with pytest.raises(ValueError, match="2 thresholds for a model with 3 exits"):
+        EarlyExitExecutor(_tiny_msdnet(), [0.5, -1e8])
+    with pytest.raises(ValueError, match="policy must be one of"):
+        EarlyExitExecutor(_tiny_msdnet(), [0.5, 0.5, -1e8], policy="margin")
+
+
+@pytest.mark.parametrize("make", [_tiny_msdnet, _tiny_resnet])
+def test_export_round_trip_and_early_exit_without_model_code(tmp_path, make):
+    model = make()
+    folder = tmp_path / "exported"
+    files = export_model(model, torch.randn(1, 3, 32, 32), str(folder), name="tiny")
+    assert files[0] == "stem.pt2" and len(files) == 1 + 2 * model.num_exits
+    exported = ExportedModel(str(folder))
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(exported.forward_exits(x), model.forward_exits(x)):
+            assert torch.allclose(a, b, atol=1e-5)
+        thresholds = [0.3] * (model.num_exits - 1) + [-1e8]
+        ours = EarlyExitExecutor(model, thresholds)(x)
+        theirs = exported.early_exit(x, thresholds)
+    assert torch.equal(ours.exits, theirs.exits) and torch.allclose(ours.logits, theirs.logits, atol=1e-5)
+    with torch.no_grad():
+        assert exported.forward_exits(x[:1])[0].shape == (1, 5)  # dynamic batch size, down to 1
+    with pytest.raises(ValueError, match=r"expected inputs of shape \(batch, 3, 32, 32\)"):
+        exported.forward_stem(torch.randn(2, 3, 16, 16))
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        ExportedModel(str(tmp_path))

@@ -1,0 +1,91 @@
+"""A real early-exit executor: confident samples stop computing.
+
+The model runs stage by stage on the batch; after each exit the samples whose score reaches that
+exit's threshold are answered and removed from the state (batch compaction), and only the others
+go on to the next stage. Works with any model of the multi-exit contract: MSDNet, timm backbones
+with exits, IMTA phase-II models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..models.multi_exit import slice_state
+from .budgeted import Thresholds
+from .policies import POLICIES, score_step
+
+__all__ = ["ExitResult", "EarlyExitExecutor"]
+
+
+@dataclass
+class ExitResult:
+    """Per sample: the logits of the exit that answered, its prediction, the exit (0-based) and,
+    if the executor knows the per-exit costs, the cumulative cost paid."""
+
+    logits: torch.Tensor
+    preds: torch.Tensor
+    exits: torch.Tensor
+    costs: Optional[torch.Tensor] = None
+
+
+class EarlyExitExecutor:
+    """Run a multi-exit model with early exits.
+
+    Args:
+        model: a model with ``forward_stem`` / ``forward_stage`` / ``forward_exit`` and ``num_exits``.
+        thresholds: one per exit (the last is ignored: everything left exits there), or a
+            :class:`Thresholds` (its policy is used).
+        policy: ``maxprob``, ``entropy`` or ``patience`` (see :mod:`.policies`).
+        costs: cumulative cost of each exit, to report the cost paid per sample.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            thresholds: Union[Sequence[float], Thresholds],
+            policy: str = "maxprob",
+            costs: Optional[Sequence[float]] = None,
+    ):
+        if isinstance(thresholds, Thresholds):
+            policy, costs = thresholds.policy, costs or thresholds.costs or None
+            thresholds = thresholds.thresholds
+        if len(thresholds) != model.num_exits:
+            raise ValueError(f"{len(thresholds)} thresholds for a model with {model.num_exits} exits")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.model = model
+        self.thresholds = [float(t) for t in thresholds]
+        self.policy = policy
+        self.costs = None if costs is None else torch.tensor(costs, dtype=torch.float64)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> ExitResult:
+        model, n = self.model, x.shape[0]
+        state = model.forward_stem(x)
+        index = torch.arange(n, device=x.device)  # original positions of the samples still running
+        logits_out: Optional[torch.Tensor] = None
+        exits = torch.full((n,), model.num_exits - 1, dtype=torch.long, device=x.device)
+        history = None
+        for k in range(model.num_exits):
+            state = model.forward_stage(state, k)
+            logits = model.forward_exit(state, k)
+            if logits_out is None:
+                logits_out = logits.new_empty(n, logits.shape[-1])
+            if k == model.num_exits - 1:
+                logits_out[index] = logits
+                break
+            score, history = score_step(self.policy, logits.float().softmax(-1), history)
+            done = score >= self.thresholds[k]
+            if done.any():
+                logits_out[index[done]] = logits[done]
+                exits[index[done]] = k
+                if done.all():
+                    break
+                keep = ~done
+                state, index = slice_state(state, keep), index[keep]
+                history = None if history is None else (history[0][keep], history[1][keep])
+        costs = None if self.costs is None else self.costs[exits.cpu()]
+        return ExitResult(logits_out, logits_out.argmax(-1), exits, costs)

@@ -1,0 +1,83 @@
+"""Every exit's predictions over a dataset, and anytime accuracy.
+
+Budgeted evaluation and threshold search work on these cached outputs, as the references do; the
+:class:`~timm_exits.inference.executor.EarlyExitExecutor` then applies the thresholds for real.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+__all__ = ["ExitOutputs", "collect_outputs", "anytime_accuracy"]
+
+
+@dataclass
+class ExitOutputs:
+    """Softmax probabilities of every exit (``exits x samples x classes``, float32) and labels."""
+
+    probs: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self):
+        if self.probs.dim() != 3 or self.labels.shape != self.probs.shape[1:2]:
+            raise ValueError(f"expected probs of shape (exits, samples, classes) and labels of shape (samples,), "
+                             f"got {tuple(self.probs.shape)} and {tuple(self.labels.shape)}")
+
+    @property
+    def num_exits(self) -> int:
+        return self.probs.shape[0]
+
+    @property
+    def num_samples(self) -> int:
+        return self.probs.shape[1]
+
+    def subset(self, index: torch.Tensor) -> "ExitOutputs":
+        return ExitOutputs(self.probs[:, index], self.labels[index])
+
+
+@torch.no_grad()
+def collect_outputs(
+        model: nn.Module,
+        loader: Iterable,
+        device: Optional[torch.device] = None,
+        gather: Optional[Callable] = None,
+        progress: bool = True,
+) -> ExitOutputs:
+    """Run ``model.forward_exits`` in eval mode over ``loader`` (batches of ``(images, labels)``).
+
+    ``gather`` (e.g. ``accelerator.gather_for_metrics``) collects the batches of every process.
+    """
+    model.eval()
+    device = device or next(model.parameters()).device
+    probs: List[torch.Tensor] = []
+    labels: List[torch.Tensor] = []
+    for images, target in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
+        p = torch.stack([logits.float().softmax(-1) for logits in model.forward_exits(images.to(device))])
+        target = target.to(device)
+        if gather is not None:
+            p, target = gather((p.transpose(0, 1).contiguous(), target))
+            p = p.transpose(0, 1)
+        probs.append(p.cpu())
+        labels.append(target.cpu())
+    if not probs:
+        raise ValueError("the loader gave no batches: is the dataset empty?")
+    return ExitOutputs(torch.cat(probs, 1), torch.cat(labels))
+
+
+def anytime_accuracy(outputs: ExitOutputs, topk: Sequence[int] = (1, 5), ensemble: bool = False) -> Dict[str, List[float]]:
+    """Top-k accuracy (%) of every exit: ``{"top1": [...], "top5": [...]}``. With ``ensemble``, exit
+    k's prediction is the running average of the softmaxes of exits 1..k (the Lua MSDNet's)."""
+    probs = outputs.probs
+    if ensemble:
+        probs = probs.cumsum(0) / torch.arange(1, probs.shape[0] + 1, dtype=probs.dtype).view(-1, 1, 1)
+    result = {}
+    for k in topk:
+        k_eff = min(k, probs.shape[-1])
+        top = probs.topk(k_eff, dim=-1).indices
+        hit = (top == outputs.labels.view(1, -1, 1)).any(-1).float()
+        result[f"top{k}"] = (100 * hit.mean(1)).tolist()
+    return result
