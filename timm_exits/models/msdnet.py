@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import ConvNormAct, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .multi_exit import MultiExitModel
+from .multi_exit import MultiExitModel, scale_grad
 from ..registry import load_catalogue
 
 __all__ = ["MSDNet", "LayerPlan", "msdnet_plan", "checkpoint_filter_fn"]
@@ -365,6 +365,11 @@ class MSDNet(MultiExitModel):
             raise ValueError(
                 f"MSDNet expects images of shape (batch, {self.in_chans}, {h}, {w}), got {tuple(x.shape)}; "
                 f"its heads are built for this resolution (set img_size / in_chans when creating the model)")
+
+    def scale_state_grad(self, state: List[torch.Tensor], factor: float) -> List[torch.Tensor]:
+        """Gradient Equilibrium acts on the coarsest scale only, as in the IMTA reference; gradients
+        crossing blocks through finer scales are not rescaled."""
+        return state[:-1] + [scale_grad(state[-1], factor)]
 
     def forward_stem(self, x: torch.Tensor) -> List[torch.Tensor]:
         self._check_input(x)

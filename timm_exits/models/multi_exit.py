@@ -21,14 +21,32 @@ from torch import nn
 
 State = Union[torch.Tensor, List[torch.Tensor]]
 
-__all__ = ["MultiExitModel", "State", "slice_state"]
+__all__ = ["MultiExitModel", "State", "slice_state", "scale_grad"]
 
 
 def slice_state(state: State, index: Union[torch.Tensor, slice, Sequence[int]]) -> State:
-    """Select samples (first dimension) of a state, keeping its structure."""
+    """Select samples (first dimension) of a state (a tensor or nested lists of tensors)."""
     if isinstance(state, torch.Tensor):
         return state[index]
-    return [s[index] for s in state]
+    return [slice_state(s, index) for s in state]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` unchanged, with its gradient multiplied by ``factor`` in the backward pass."""
+    return _ScaleGrad.apply(x, factor)
 
 
 class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
@@ -40,6 +58,7 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
 
     num_exits: int
     exit_index: int  # 0-based exit used by forward(); set with set_exit()
+    gradient_equilibrium: bool = False  # see forward_exits
 
     @abc.abstractmethod
     def forward_stem(self, x: torch.Tensor) -> State:
@@ -62,13 +81,31 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
             raise ValueError(f"exit index must be in [{-self.num_exits}, {self.num_exits - 1}], got {index}")
         self.exit_index = index % self.num_exits
 
+    def scale_state_grad(self, state: State, factor: float) -> State:
+        """The state with its gradient scaled by ``factor`` where Gradient Equilibrium acts (here:
+        every tensor; MSDNet: the coarsest scale only, as the IMTA reference)."""
+        if isinstance(state, torch.Tensor):
+            return scale_grad(state, factor)
+        return [self.scale_state_grad(s, factor) for s in state]
+
     def forward_exits(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Logits of every exit, in order."""
+        """Logits of every exit, in order.
+
+        With ``gradient_equilibrium`` on (IMTA, ICCV 2019), the state after stage i (0-based, N exits)
+        reaches exit i with its gradient scaled by 1/(N-i) and the next stage with (N-i-1)/(N-i): the
+        forward is unchanged, and every stage receives the mean instead of the sum of the gradients of
+        the exits that depend on it.
+        """
         state = self.forward_stem(x)
         logits = []
-        for i in range(self.num_exits):
+        n = self.num_exits
+        for i in range(n):
             state = self.forward_stage(state, i)
-            logits.append(self.forward_exit(state, i))
+            head_in = state
+            if self.gradient_equilibrium and i < n - 1 and torch.is_grad_enabled():
+                head_in = self.scale_state_grad(state, 1.0 / (n - i))
+                state = self.scale_state_grad(state, (n - i - 1) / (n - i))
+            logits.append(self.forward_exit(head_in, i))
         return logits
 
     def forward_until(self, x: torch.Tensor, index: int) -> State:

@@ -1,0 +1,89 @@
+"""IMTA phase II (Li et al., ICCV 2019): new linear heads with Inline Subnetwork Collaboration on a
+frozen phase-I multi-exit network, trained with One-for-all distillation.
+
+Head 1 reads the pooled feature f_1 of the frozen exit 1; head i > 1 reads
+``concat(f_i, ReLU(BN1d(Linear_{K->D_i}(z_{i-1}))))`` where z_{i-1} is head i-1's raw logits. The
+reference does not detach z_{i-1} (later exits' losses train earlier heads too); the paper's form
+detaches it (``isc="detach"``). The frozen network keeps training-mode batch norm as in the
+reference (its running statistics still move); ``freeze_bn_stats=True`` keeps it in eval mode.
+
+The phase-II model is itself a multi-exit model: stage i runs the frozen stage i and head i, and
+carries z_i in its state, so ``forward_exits``, the early-exit executor, profiling and export work.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..models.multi_exit import MultiExitModel
+
+__all__ = ["IMTAModel"]
+
+
+class IMTAModel(MultiExitModel):
+    """Phase-II model around a trained multi-exit ``backbone`` (frozen here).
+
+    Args:
+        backbone: the phase-I multi-exit model (its exits' pooled features are read).
+        isc: ``"reference"`` (no detach), ``"detach"`` (the paper), or ``None`` (plain new heads).
+        freeze_bn_stats: keep the frozen network in eval mode while training.
+    """
+
+    def __init__(self, backbone: MultiExitModel, isc: Optional[str] = "reference", freeze_bn_stats: bool = False):
+        super().__init__()
+        if isc not in ("reference", "detach", None):
+            raise ValueError(f"isc must be 'reference', 'detach' or None, got {isc!r}")
+        self.backbone = backbone.requires_grad_(False)
+        self.isc_mode, self.freeze_bn_stats = isc, freeze_bn_stats
+        self.num_exits = backbone.num_exits
+        self.exit_index = self.num_exits - 1
+        self.num_classes = backbone.num_classes
+        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
+        widths = list(backbone.exit_widths)
+        ref = next(backbone.parameters())
+        dd = dict(device=ref.device, dtype=ref.dtype)
+        k = self.num_classes
+        self.heads = nn.ModuleList(
+            [nn.Linear(widths[0], k, **dd)] + [nn.Linear((2 if isc else 1) * d, k, **dd) for d in widths[1:]])
+        self.isc = nn.ModuleList([
+            nn.Sequential(nn.Linear(k, d, **dd), nn.BatchNorm1d(d, **dd), nn.ReLU(inplace=True)) for d in widths[1:]
+        ]) if isc else nn.ModuleList()
+        self.exit_widths = [h.in_features for h in self.heads]
+
+    def train(self, mode: bool = True) -> "IMTAModel":
+        super().train(mode)
+        if self.freeze_bn_stats:
+            self.backbone.eval()
+        return self
+
+    def forward_stem(self, x: torch.Tensor) -> list:
+        return [self.backbone.forward_stem(x), x.new_zeros(x.shape[0], 0)]
+
+    def _head(self, feature: torch.Tensor, previous: torch.Tensor, index: int) -> torch.Tensor:
+        if index > 0 and self.isc_mode:
+            previous = previous.detach() if self.isc_mode == "detach" else previous
+            feature = torch.cat([feature, self.isc[index - 1](previous)], 1)
+        return self.heads[index](feature)
+
+    def forward_stage(self, state: list, index: int) -> list:
+        inner = self.backbone.forward_stage(state[0], index)
+        feature = self.backbone.forward_exit(inner, index, pre_logits=True)
+        return [inner, self._head(feature, state[1], index)]
+
+    def forward_exit(self, state: list, index: int, pre_logits: bool = False) -> torch.Tensor:
+        if pre_logits:
+            raise ValueError("IMTA heads are single linear layers: use the frozen exits' features")
+        return state[1]
+
+    def forward_train(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """New heads' logits for every exit, and the teacher: the frozen final exit's logits."""
+        state = self.forward_stem(x)
+        logits = []
+        for i in range(self.num_exits):
+            state = self.forward_stage(state, i)
+            logits.append(state[1])
+        with torch.no_grad():
+            teacher = self.backbone.forward_exit(state[0], self.num_exits - 1)
+        return logits, teacher
