@@ -59,6 +59,7 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
     num_exits: int
     exit_index: int  # 0-based exit used by forward(); set with set_exit()
     gradient_equilibrium: bool = False  # see forward_exits
+    gradient_deconfliction: Optional[str] = None  # None, "symmetric" or "protect_deeper"; see forward_exits
 
     @abc.abstractmethod
     def forward_stem(self, x: torch.Tensor) -> State:
@@ -91,10 +92,15 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
     def forward_exits(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Logits of every exit, in order.
 
-        With ``gradient_equilibrium`` on (IMTA, ICCV 2019), the state after stage i (0-based, N exits)
-        reaches exit i with its gradient scaled by 1/(N-i) and the next stage with (N-i-1)/(N-i): the
-        forward is unchanged, and every stage receives the mean instead of the sum of the gradients of
-        the exits that depend on it.
+        Both switches change only the backward pass, at the branch points (the state after stage i,
+        0-based, of N exits, read by exit i and by stage i+1):
+
+        * ``gradient_equilibrium`` (IMTA, ICCV 2019): exit i's gradient is scaled by 1/(N-i), the deeper
+          network's by (N-i-1)/(N-i), so every stage receives the mean instead of the sum of the
+          gradients of the exits that depend on it.
+        * ``gradient_deconfliction`` (ICIP 2020, branch level): where exit i's gradient and the deeper
+          network's conflict, each is projected onto the normal plane of the other (``"protect_deeper"``:
+          only exit i's) before they are added; see :mod:`timm_exits.train.deconfliction`.
         """
         state = self.forward_stem(x)
         logits = []
@@ -102,11 +108,26 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
         for i in range(n):
             state = self.forward_stage(state, i)
             head_in = state
-            if self.gradient_equilibrium and i < n - 1 and torch.is_grad_enabled():
-                head_in = self.scale_state_grad(state, 1.0 / (n - i))
-                state = self.scale_state_grad(state, (n - i - 1) / (n - i))
+            if i < n - 1 and torch.is_grad_enabled():
+                if self.gradient_deconfliction:
+                    head_in, state = self._deconflict(state)
+                if self.gradient_equilibrium:
+                    head_in = self.scale_state_grad(head_in, 1.0 / (n - i))
+                    state = self.scale_state_grad(state, (n - i - 1) / (n - i))
             logits.append(self.forward_exit(head_in, i))
         return logits
+
+    def _deconflict(self, state: State):
+        from ..train.deconfliction import deconflict_branch  # train/ builds on models/
+
+        if self.gradient_deconfliction not in ("symmetric", "protect_deeper"):
+            raise ValueError(f"gradient_deconfliction must be None, 'symmetric' or 'protect_deeper', "
+                             f"got {self.gradient_deconfliction!r}")
+        protect = self.gradient_deconfliction == "protect_deeper"
+        if isinstance(state, torch.Tensor):
+            return deconflict_branch(state, protect)
+        pairs = [deconflict_branch(s, protect) for s in state]
+        return [h for h, _ in pairs], [t for _, t in pairs]
 
     def forward_until(self, x: torch.Tensor, index: int) -> State:
         """The state after stage ``index``, running no exit head."""

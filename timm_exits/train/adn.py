@@ -1,0 +1,64 @@
+"""ADN self-distillation (Kang & Lee, NeurIPS 2024): each step trains the super-net on the labels
+and the base-net to imitate the super-net, with two passes and one optimizer step.
+
+    loss = alpha * CE(super, y) + (1 - alpha) * T^2 * KL(softmax(super / T) || softmax(base / T))
+
+The teacher is detached, so the base-net gets no label loss; the mandatory sub-paths learn from
+both passes (through their two norm sets), the skippable ones from the super-net only. With exits,
+every exit of the base-net distils from the same exit of the super-net.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["adn_distillation", "adn_step"]
+
+
+def adn_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+                     topk: Optional[int] = None) -> torch.Tensor:
+    """T^2 KL(teacher || student) averaged over the batch, with both distributions restricted to
+    the teacher's ``topk`` classes if given (the official ImageNet code uses 500)."""
+    teacher = teacher.detach()
+    if topk is not None:
+        index = teacher.topk(topk, dim=-1).indices
+        teacher, student = teacher.gather(-1, index), student.gather(-1, index)
+    log_p = F.log_softmax(student / temperature, -1)
+    return temperature ** 2 * F.kl_div(log_p, F.softmax(teacher / temperature, -1), reduction="batchmean")
+
+
+def _exits(model: nn.Module, x: torch.Tensor):
+    return model.forward_exits(x) if hasattr(model, "forward_exits") else [model(x)]
+
+
+def adn_step(
+        model: nn.Module,
+        images: torch.Tensor,
+        target: torch.Tensor,
+        alpha: float = 0.5,
+        temperature: float = 1.0,
+        topk: Optional[int] = None,
+        criterion: Callable = F.cross_entropy,
+        backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+) -> Dict[str, torch.Tensor]:
+    """One ADN training step's two forward / backward passes (the optimizer step is the caller's).
+
+    ``model`` is an ADN network or a multi-exit model around one; ``backward`` may be
+    ``accelerator.backward``. Returns the detached super-net and base-net losses.
+    """
+    adaptive = model if hasattr(model, "set_depth") else getattr(model, "backbone", None)
+    if not hasattr(adaptive, "set_depth"):
+        raise TypeError(f"{type(model).__name__} has no skippable sub-paths (see make_adaptive_depth)")
+    with adaptive.depth(None):  # super-net
+        super_logits = _exits(model, images)
+        super_loss = alpha * sum(criterion(z, target) for z in super_logits)
+    backward(super_loss)
+    with adaptive.depth([True] * adaptive.num_depth_stages):  # base-net
+        base_logits = _exits(model, images)
+        base_loss = (1 - alpha) * sum(adn_distillation(b, s, temperature, topk)
+                                      for b, s in zip(base_logits, super_logits))
+    backward(base_loss)
+    return {"super": super_loss.detach(), "base": base_loss.detach()}

@@ -1,0 +1,141 @@
+"""Gradient deconfliction between exits (Wang & Li, ICIP 2020): a gradient that conflicts with
+another exit's (negative dot product) is projected onto the normal plane of it (the PCGrad
+operator: g_i <- g_i - (g_i . g_j / |g_j|^2) g_j, always against the unmodified g_j).
+
+Only the paper's abstract is public, so both places the operator can act are offered:
+
+* :func:`pcgrad_backward` (parameter level, PCGrad proper): one gradient per exit on the shared
+  parameters, projected pairwise, summed. Options: ``scope`` (``global``: one vector of all shared
+  parameters; ``segment``: per parameter group, e.g. per stage; ``tensor``: per parameter),
+  ``order`` (``random`` or ``deep_first``), ``protect_deeper`` (only shallower exits' gradients are
+  projected). Needs one backward per exit. Under DDP the per-exit gradients are averaged over the
+  processes before the projection, so every process takes the same step.
+* ``model.gradient_deconfliction = True`` (branch level, one backward): at every branch point of the
+  multi-exit contract, the gradient coming from the exit head and the one coming from the deeper
+  network are deconflicted the same way before they are added. Its cost is a few dot products; it
+  composes with Gradient Equilibrium, which acts at the same points.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["project_conflicts", "pcgrad_backward", "deconflict_branch"]
+
+_EPS = 1e-12
+
+
+def project_conflicts(grads: List[torch.Tensor], order: Sequence[Sequence[int]],
+                      protected: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+    """Sum of the PCGrad-projected gradients (each a flat tensor). ``order[i]`` lists the other
+    gradients g_i is projected against, in turn; ``protected[i]``: those g_i is never projected
+    against even on a conflict."""
+    total = torch.zeros_like(grads[0])
+    for i, g in enumerate(grads):
+        g = g.clone()
+        for j in order[i]:
+            if protected is not None and j in protected[i]:
+                continue
+            dot = torch.dot(g, grads[j])
+            if dot < 0:
+                g -= dot / (grads[j].pow(2).sum() + _EPS) * grads[j]
+        total += g
+    return total
+
+
+def _orders(n: int, order: str, generator: Optional[torch.Generator]) -> List[List[int]]:
+    if order == "deep_first":
+        return [[j for j in reversed(range(n)) if j != i] for i in range(n)]
+    if order == "random":
+        return [[j for j in torch.randperm(n, generator=generator).tolist() if j != i] for i in range(n)]
+    raise ValueError(f"order must be 'random' or 'deep_first', got {order!r}")
+
+
+def pcgrad_backward(
+        losses: Sequence[torch.Tensor],
+        params: Sequence[torch.nn.Parameter],
+        scope: str = "global",
+        groups: Optional[Sequence[Sequence[torch.nn.Parameter]]] = None,
+        order: str = "random",
+        protect_deeper: bool = False,
+        generator: Optional[torch.Generator] = None,
+) -> Dict[str, int]:
+    """Accumulate into ``.grad`` the deconflicted sum of the exits' gradients (``losses`` in exit
+    order). Parameters that at most one exit reaches (its head) get their plain gradient.
+
+    ``groups`` (for ``scope='segment'``) partitions the parameters, e.g. one group per stage. Use the
+    same ``generator`` seed on every process. Returns the number of projections made.
+    """
+    if scope not in ("global", "segment", "tensor"):
+        raise ValueError(f"scope must be 'global', 'segment' or 'tensor', got {scope!r}")
+    if scope == "segment" and not groups:
+        raise ValueError("scope='segment' needs the parameter groups (e.g. one per stage)")
+    params = [p for p in params if p.requires_grad]
+    per_exit = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for grads in per_exit:
+            for g in grads:
+                if g is not None:
+                    dist.all_reduce(g)
+                    g.div_(dist.get_world_size())
+    index = {id(p): k for k, p in enumerate(params)}
+    shared = [k for k in range(len(params)) if sum(g[k] is not None for g in per_exit) > 1]
+    if scope == "global":
+        blocks = [shared]
+    elif scope == "tensor":
+        blocks = [[k] for k in shared]
+    else:
+        blocks = [[index[id(p)] for p in group if id(p) in index and index[id(p)] in shared] for group in groups]
+        covered = {k for block in blocks for k in block}
+        blocks += [[k] for k in shared if k not in covered]
+    own = [k for k in range(len(params)) if k not in set(shared)]  # a head's parameters: no surgery
+    blocks += [[k] for k in own]
+    projections = 0
+    for block in filter(None, blocks):
+        exits = [i for i in range(len(losses)) if any(per_exit[i][k] is not None for k in block)]
+        flat = [torch.cat([(per_exit[i][k] if per_exit[i][k] is not None else torch.zeros_like(params[k])).reshape(-1)
+                           for k in block]) for i in exits]
+        if len(exits) > 1:
+            orders = _orders(len(exits), order, generator)
+            # a deeper exit's gradient is never projected against a shallower one's
+            protected = [[j for j in range(len(exits)) if exits[j] < exits[i]] for i in range(len(exits))] \
+                if protect_deeper else None
+            projections += sum(int(torch.dot(flat[i], flat[j]) < 0) for i in range(len(exits)) for j in orders[i]
+                               if protected is None or j not in protected[i])
+            combined = project_conflicts(flat, orders, protected)
+        else:
+            combined = flat[0] if flat else None
+        if combined is None:
+            continue
+        offset = 0
+        for k in block:
+            p = params[k]
+            g = combined[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            p.grad = g.clone() if p.grad is None else p.grad + g
+    return {"projections": projections}
+
+
+class _Branch(torch.autograd.Function):
+    """Two identical outputs; the backward deconflicts the two incoming gradients, then adds them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, protect_trunk: bool):
+        ctx.protect_trunk = protect_trunk
+        return x.view_as(x), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g_head: torch.Tensor, g_trunk: torch.Tensor):
+        if g_head is None or g_trunk is None:
+            return (g_trunk if g_head is None else g_head), None
+        h, t = g_head.reshape(-1), g_trunk.reshape(-1)
+        combined = project_conflicts([h, t], [[1], [0]], [[], [0]] if ctx.protect_trunk else None)
+        return combined.view_as(g_head), None
+
+
+def deconflict_branch(x: torch.Tensor, protect_deeper: bool = False):
+    """``(x_head, x_trunk)``: both ``x``; in the backward their gradients are deconflicted (with
+    ``protect_deeper``, only the head's gradient is projected)."""
+    return _Branch.apply(x, protect_deeper)
