@@ -26,13 +26,13 @@ from timm_exits.profile import profile_exits
 
 SETTINGS = [  # (model, batch size, images timed at batch 1)
     ("msdnet_cifar_7exit", 256, None),
-    ("msdnet_cifar_7exit", 1, 64),
+    ("msdnet_cifar_7exit", 1, 256),
     ("msdnet_imagenet_5exit", 256, None),
     ("msdnet_imagenet_5exit", 1, 16),
     ("resnet50_exits", 64, None),
     ("resnet50_exits", 1, 16),
     ("vit_tiny_patch16_224_exits", 256, None),
-    ("vit_tiny_patch16_224_exits", 1, 64),
+    ("vit_tiny_patch16_224_exits", 1, 256),
 ]
 
 
@@ -128,11 +128,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", default=None, help="write a PNG of time ratio against MACs ratio")
+    parser.add_argument("--only", default=None, help="run only the settings of this model")
+    parser.add_argument("--images", type=int, default=None, help="images timed at batch 1 (default: per setting)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = []
     for name, batch, images in SETTINGS:
-        r = measure(name, batch, images, args.repeats)
+        if args.only and name != args.only:
+            continue
+        r = measure(name, batch, args.images if images and args.images else images, args.repeats)
         results.append(r)
         print(json.dumps(r) if args.json else
               f"{r['model']:28s} batch {r['batch_size']:>3}: MACs ratio {r['macs_ratio']:.3f}, time ratio "

@@ -1,7 +1,4 @@
 """Gradient deconfliction: the PCGrad operator, parameter-level and branch-level, and DDP."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,6 +9,8 @@ from torch import nn
 import timm_exits  # noqa: F401
 from timm_exits import MSDNet
 from timm_exits.train import deconflict_branch, pcgrad_backward, project_conflicts
+
+from launch import launch_two_processes
 
 
 def _pc(g, others):
@@ -159,10 +158,6 @@ DDP_SCRIPT = textwrap.dedent('''
 def test_pcgrad_keeps_processes_identical_under_two_process_ddp(tmp_path):
     script = tmp_path / "ddp_pcgrad.py"
     script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "--main_process_port", "0", str(script)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = launch_two_processes(str(script))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "RESULT processes=2 identical=True" in run.stdout

@@ -1,6 +1,5 @@
 """Adaptive inference: the reference budgeted evaluation, policies, threshold search and files,
 the early-exit executor against the simulated evaluation, and export."""
-import json
 import math
 
 import pytest

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import timm_exits  # noqa: F401
 from timm_exits import MSDNet, add_exits
-from timm_exits.inference import EarlyExitExecutor, ExitOutputs, assign_exits, exit_scores, fit_thresholds, geometric_fractions
+from timm_exits.inference import EarlyExitExecutor, assign_exits, exit_scores, fit_thresholds, geometric_fractions
 from timm_exits.profile import profile_exits
 from timm_exits.train import IMTAModel, multi_exit_cross_entropy, one_for_all_distillation
 
@@ -166,3 +166,47 @@ def test_phase_two_costs_match_the_spec_for_cifar100():
     heads = sum(p.numel() for p in model.heads.parameters())
     isc = sum(p.numel() for p in model.isc.parameters())
     assert (round(heads / 1e6, 4), round(isc / 1e6, 4)) == (0.1671, 0.0791)
+
+
+def test_adn_step_equals_one_backward_on_the_summed_loss():
+    from timm_exits.train import adn_distillation, adn_step
+
+    from test_exits import _randomise_norms
+
+    def fresh():  # non-trivial norms: a fresh ResNet's zero-initialised last BNs make base = super
+        torch.manual_seed(0)
+        return _randomise_norms(timm.create_model("resnet18_adn", num_classes=6)).train()
+
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    model = fresh()
+    losses = adn_step(model, x, y, alpha=0.5, temperature=2.0, topk=4)
+    assert model.depth_config == "FFFF" and set(losses) == {"super", "base"}
+    reference = fresh()
+    with reference.depth("FFFF"):
+        teacher = reference(x)
+    with reference.depth("TTTT"):
+        student = reference(x)
+    (0.5 * F.cross_entropy(teacher, y) + 0.5 * adn_distillation(student, teacher, 2.0, topk=4)).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+    # skippable blocks learn from the super-net only, the twin norms from the base-net only
+    assert model.layer1[1].block.bn2.weight.grad.abs().sum() > 0  # (zero-initialised last BN of the block)
+    assert model.layer1[0].bn1.skip.weight.grad.abs().sum() > 0 and model.layer1[0].bn1.main.weight.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match="no skippable sub-paths"):
+        adn_step(timm.create_model("resnet18"), x, y)
+
+
+def test_adn_distillation_top_k_and_exits():
+    from timm_exits.train import adn_distillation, adn_step
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 10), torch.randn(3, 10)
+    idx = t.topk(4, -1).indices
+    manual = F.kl_div(F.log_softmax(s.gather(1, idx), -1), F.softmax(t.gather(1, idx), -1), reduction="batchmean")
+    assert torch.allclose(adn_distillation(s, t, 1.0, topk=4), manual)
+    from test_exits import _randomise_norms
+    model = add_exits(_randomise_norms(timm.create_model("resnet18_adn", num_classes=6))).train()
+    losses = adn_step(model, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert torch.isfinite(losses["base"]) and losses["base"] > 0
+    assert model.exits[0].fc.weight.grad.abs().sum() > 0

@@ -12,7 +12,21 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["multi_exit_cross_entropy", "distillation_kl", "one_for_all_distillation"]
+__all__ = ["exit_cross_entropies", "multi_exit_cross_entropy", "distillation_kl", "one_for_all_distillation"]
+
+
+def exit_cross_entropies(
+        logits: Sequence[torch.Tensor],
+        target: torch.Tensor,
+        weights: Optional[Sequence[float]] = None,
+        label_smoothing: float = 0.0,
+) -> List[torch.Tensor]:
+    """[w_k CE(logits_k, target)] per exit (w_k = 1 by default). ``target`` holds class indices (B,)
+    or class probabilities (B, K) as mixup / cutmix produce."""
+    weights = [1.0] * len(logits) if weights is None else list(weights)
+    if len(weights) != len(logits):
+        raise ValueError(f"{len(weights)} exit weights for {len(logits)} exits")
+    return [w * F.cross_entropy(z, target, label_smoothing=label_smoothing) for w, z in zip(weights, logits)]
 
 
 def multi_exit_cross_entropy(
@@ -21,12 +35,8 @@ def multi_exit_cross_entropy(
         weights: Optional[Sequence[float]] = None,
         label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """sum_k w_k CE(logits_k, target) (w_k = 1 by default). ``target`` holds class indices (B,) or
-    class probabilities (B, K) as mixup / cutmix produce."""
-    weights = [1.0] * len(logits) if weights is None else list(weights)
-    if len(weights) != len(logits):
-        raise ValueError(f"{len(weights)} exit weights for {len(logits)} exits")
-    return sum(w * F.cross_entropy(z, target, label_smoothing=label_smoothing) for w, z in zip(weights, logits))
+    """sum_k w_k CE(logits_k, target): the MSDNet baseline loss (see :func:`exit_cross_entropies`)."""
+    return sum(exit_cross_entropies(logits, target, weights, label_smoothing))
 
 
 def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,

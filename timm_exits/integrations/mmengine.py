@@ -1,0 +1,256 @@
+"""mmengine adapters: thin callers of the plain-PyTorch techniques in :mod:`timm_exits.train`.
+
+Registered in mmengine's registries on import (``custom_imports=dict(imports=['timm_exits.integrations.mmengine'])``):
+
+* ``MultiExitClassifier`` (MODELS): any multi-exit timm model as an mmengine ``BaseModel``; losses
+  ``ce`` (weighted multi-exit cross-entropy), ``ofa`` (IMTA phase II around a phase-I checkpoint,
+  One-for-all KD), ``hdkd`` (dense KD with harmonized weights) and ``adn`` (ADN self-distillation);
+* ``MultiExitAccuracy`` (METRICS): top-1 of every exit;
+* ``GradientEquilibriumHook``, ``GradientDeconflictionHook``, ``HarmonizedWeightsHook`` (HOOKS);
+* ``PCGradOptimWrapper`` (OPTIM_WRAPPERS): parameter-level gradient deconfliction.
+
+mmengine 0.10.7 with torch >= 2.6 needs ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` to resume (its
+checkpoints hold non-tensor objects); :func:`enable_resume` sets it.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import timm
+import torch
+import torch.nn.functional as F
+from mmengine.evaluator import BaseMetric
+from mmengine.hooks import Hook
+from mmengine.model import BaseModel, is_model_wrapper
+from mmengine.optim import OptimWrapper
+from mmengine.registry import HOOKS, METRICS, MODELS, OPTIM_WRAPPERS
+
+import timm_exits  # noqa: F401  (registers the models with timm)
+from ..train import IMTAModel, one_for_all_distillation, pcgrad_backward
+from ..train.losses import exit_cross_entropies
+from ..train.adn import adn_distillation
+from ..train.hdkd import BalancedValidationLoss, HarmonizedWeights, harmonized_loss, hdkd_weight_step, loss_terms
+
+__all__ = ["MultiExitClassifier", "MultiExitAccuracy", "GradientEquilibriumHook", "GradientDeconflictionHook",
+           "HarmonizedWeightsHook", "PCGradOptimWrapper", "enable_resume"]
+
+LOSSES = ("ce", "ofa", "hdkd", "adn")
+
+
+def enable_resume() -> None:
+    """Let mmengine 0.10.7 load its own checkpoints under torch >= 2.6 (see the module docstring)."""
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+
+def _unwrap(model):
+    return model.module if is_model_wrapper(model) else model
+
+
+@MODELS.register_module()
+class MultiExitClassifier(BaseModel):
+    """A multi-exit timm model as an mmengine model.
+
+    Args:
+        model: timm model name (e.g. ``msdnet_cifar_7exit``, ``resnet18_exits``, ``resnet18_adn``).
+        model_kwargs: ``timm.create_model`` arguments (``num_classes``, ``pretrained``, ...).
+        loss: ``ce`` | ``ofa`` | ``hdkd`` | ``adn``.
+        loss_kwargs: ``ce``: ``weights``, ``label_smoothing``; ``ofa``: ``temperature``, ``gamma``,
+            ``reduction``; ``hdkd``: ``alpha``, ``temperature``; ``adn``: ``alpha``, ``temperature``, ``topk``.
+        phase_one_checkpoint: with ``loss='ofa'``, the phase-I weights; the model becomes an
+            :class:`~timm_exits.train.IMTAModel` (frozen network + ISC heads).
+        isc: ISC form for phase II (``reference``, ``detach`` or None); ``freeze_bn_stats`` likewise.
+    """
+
+    def __init__(
+            self,
+            model: str,
+            model_kwargs: Optional[dict] = None,
+            loss: str = "ce",
+            loss_kwargs: Optional[dict] = None,
+            phase_one_checkpoint: Optional[str] = None,
+            isc: Optional[str] = "reference",
+            freeze_bn_stats: bool = False,
+            data_preprocessor: Optional[dict] = None,
+            init_cfg: Optional[dict] = None,
+    ):
+        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.loss_type, self.loss_kwargs = loss, dict(loss_kwargs or {})
+        kwargs = dict(model_kwargs or {})
+        if loss == "ofa":
+            if phase_one_checkpoint is None:
+                raise ValueError("loss='ofa' (IMTA phase II) needs phase_one_checkpoint, the phase-I weights")
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=phase_one_checkpoint))
+            self.model = IMTAModel(timm.create_model(model, **kwargs), isc=isc, freeze_bn_stats=freeze_bn_stats)
+        else:
+            self.model = timm.create_model(model, **kwargs)
+        if not hasattr(self.model, "forward_exits") and loss != "adn":
+            raise ValueError(f"{model} is not a multi-exit model")
+        self.hdkd_weights = None  # set by HarmonizedWeightsHook for loss='hdkd'
+
+    def _exit_logits(self, inputs: torch.Tensor) -> List[torch.Tensor]:
+        return self.model.forward_exits(inputs) if hasattr(self.model, "forward_exits") else [self.model(inputs)]
+
+    def forward(self, inputs: torch.Tensor, data_samples: Optional[torch.Tensor] = None, mode: str = "tensor"):
+        if mode == "loss":
+            return self.loss(inputs, data_samples)
+        if mode == "predict":
+            return self._predict(inputs, data_samples)
+        return self.model(inputs)
+
+    def _predict(self, inputs, labels) -> List[Dict[str, torch.Tensor]]:
+        logits = torch.stack(self._exit_logits(inputs), 1)  # batch x exits x classes
+        return [{"logits": z, "label": y} for z, y in zip(logits, labels)]
+
+    def loss(self, inputs: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Per-exit losses (``loss_exit<k>``), which ``parse_losses`` sums."""
+        kw = self.loss_kwargs
+        if self.loss_type == "ofa":
+            logits, teacher = self.model.forward_train(inputs)
+            total = one_for_all_distillation(logits, teacher, target, **kw)
+            return {"loss_ofa": total}
+        if self.loss_type == "adn":
+            return self._adn_losses(inputs, target)
+        logits = self.model.forward_exits(inputs)
+        if self.loss_type == "hdkd":
+            ce, kd = loss_terms(logits, target, kw.get("temperature", 4.0))
+            weights = self.hdkd_weights or HarmonizedWeights(len(logits)).to(ce.device)()
+            return {"loss_hdkd": harmonized_loss(ce, kd, tuple(w.detach() for w in weights), kw.get("alpha", 0.5))}
+        losses = exit_cross_entropies(logits, target, kw.get("weights"), kw.get("label_smoothing", 0.0))
+        return {f"loss_exit{k + 1}": loss for k, loss in enumerate(losses)}
+
+    def _adn_losses(self, inputs, target) -> Dict[str, torch.Tensor]:
+        adaptive = self.model if hasattr(self.model, "set_depth") else getattr(self.model, "backbone", None)
+        if not hasattr(adaptive, "set_depth"):
+            raise ValueError("loss='adn' needs an adaptive-depth model (e.g. resnet18_adn)")
+        alpha, temp, topk = self.loss_kwargs.get("alpha", 0.5), self.loss_kwargs.get("temperature", 1.0), \
+            self.loss_kwargs.get("topk")
+        with adaptive.depth(None):
+            teacher = self._exit_logits(inputs)
+        with adaptive.depth([True] * adaptive.num_depth_stages):
+            student = self._exit_logits(inputs)
+        # one backward on the sum equals the reference's two (the teacher is detached)
+        return {"loss_super": alpha * sum(F.cross_entropy(z, target) for z in teacher),
+                "loss_base": (1 - alpha) * sum(adn_distillation(s, t, temp, topk) for s, t in zip(student, teacher))}
+
+    def parse_losses(self, losses: Dict[str, torch.Tensor]):
+        total, log_vars = super().parse_losses(losses)
+        total.exit_losses = [v for k, v in losses.items() if k.startswith("loss_exit")]  # for PCGradOptimWrapper
+        return total, log_vars
+
+
+@METRICS.register_module()
+class MultiExitAccuracy(BaseMetric):
+    """Top-1 accuracy (%) of every exit: ``exit1_top1``, ``exit2_top1``, ..."""
+
+    default_prefix = "multi_exit"
+
+    def process(self, data_batch: Any, data_samples: Sequence[dict]) -> None:
+        for sample in data_samples:
+            self.results.append((sample["logits"].argmax(-1) == sample["label"]).cpu())
+
+    def compute_metrics(self, results: list) -> Dict[str, float]:
+        correct = torch.stack(results).float().mean(0)
+        return {f"exit{k + 1}_top1": 100 * float(c) for k, c in enumerate(correct)}
+
+
+@HOOKS.register_module()
+class GradientEquilibriumHook(Hook):
+    """Train with Gradient Equilibrium (IMTA): switches it on in the model's forward graph."""
+
+    priority = "NORMAL"
+
+    def before_train(self, runner) -> None:
+        _unwrap(runner.model).model.gradient_equilibrium = True
+
+
+@HOOKS.register_module()
+class GradientDeconflictionHook(Hook):
+    """Branch-level gradient deconfliction (one backward): ``mode`` is ``symmetric`` or ``protect_deeper``."""
+
+    def __init__(self, mode: str = "symmetric"):
+        self.mode = mode
+
+    def before_train(self, runner) -> None:
+        _unwrap(runner.model).model.gradient_deconfliction = self.mode
+
+
+@HOOKS.register_module()
+class HarmonizedWeightsHook(Hook):
+    """HDKD: before every training iteration, update the harmonized loss weights on a batch of the
+    validation split (a held-out part of the training data, never the test set)."""
+
+    def __init__(self, val_dataloader: Union[dict, Any], lr: float = 3e-4, xi: Optional[float] = None,
+                 init: str = "uniform", ratio_reg: bool = True, interval: int = 1):
+        self.val_dataloader_cfg, self.lr, self.xi, self.init = val_dataloader, lr, xi, init
+        self.ratio_reg, self.interval = ratio_reg, interval
+
+    def before_train(self, runner) -> None:
+        model = _unwrap(runner.model)
+        loader = self.val_dataloader_cfg
+        self._loader = runner.build_dataloader(loader) if isinstance(loader, dict) else loader
+        self._iter = iter(self._loader)
+        device = next(model.parameters()).device
+        self.weights = HarmonizedWeights(model.model.num_exits, self.init).to(device)
+        self.optimizer = torch.optim.Adam(self.weights.parameters(), lr=self.lr, betas=(0.5, 0.999), weight_decay=1e-3)
+        self.val_loss = BalancedValidationLoss(model.model.num_exits, ratio_reg=self.ratio_reg)
+        model.hdkd_weights = self.weights()
+
+    def _val_batch(self, model):
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self._iter = iter(self._loader)
+            batch = next(self._iter)
+        data = model.data_preprocessor(batch, True)
+        return data["inputs"], data["data_samples"]
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
+        if batch_idx % self.interval:
+            return
+        model = _unwrap(runner.model)
+        train = model.data_preprocessor(data_batch, True)
+        xi = self.xi if self.xi is not None else runner.optim_wrapper.get_lr()["lr"][0]
+        kw = model.loss_kwargs
+        hdkd_weight_step(model.model, self.weights, self.optimizer, (train["inputs"], train["data_samples"]),
+                         self._val_batch(model), self.val_loss, xi, kw.get("alpha", 0.5), kw.get("temperature", 4.0))
+        model.hdkd_weights = self.weights()
+
+
+@OPTIM_WRAPPERS.register_module()
+class PCGradOptimWrapper(OptimWrapper):
+    """Parameter-level gradient deconfliction (PCGrad between the exits' gradients); see
+    :func:`timm_exits.train.pcgrad_backward` for ``scope``, ``order`` and ``protect_deeper``
+    (``scope='segment'``: one segment per optimizer param group, e.g. from ``paramwise_cfg``).
+    Under DDP the per-exit gradients are averaged explicitly, so DDP's own sync is switched off."""
+
+    def __init__(self, optimizer, scope: str = "global", order: str = "random", protect_deeper: bool = False,
+                 seed: int = 0, **kwargs):
+        super().__init__(optimizer, **kwargs)
+        self.scope, self.order, self.protect_deeper = scope, order, protect_deeper
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @contextmanager
+    def optim_context(self, model):
+        if hasattr(model, "no_sync"):
+            with model.no_sync():
+                yield
+        else:
+            yield
+
+    def update_params(self, loss: torch.Tensor, step_kwargs: Optional[Dict] = None,
+                      zero_kwargs: Optional[Dict] = None) -> None:
+        exit_losses = getattr(loss, "exit_losses", None)
+        if not exit_losses:
+            raise ValueError("PCGradOptimWrapper needs per-exit losses: use MultiExitClassifier with loss='ce'")
+        groups = [group["params"] for group in self.optimizer.param_groups]  # segments: the param groups
+        scale = 1.0 / self._accumulative_counts
+        pcgrad_backward([l * scale for l in exit_losses], [p for g in groups for p in g], self.scope, groups=groups,
+                        order=self.order, protect_deeper=self.protect_deeper, generator=self.generator)
+        self._inner_count += 1
+        if self.should_update():
+            self.step(**(step_kwargs or {}))
+            self.zero_grad(**(zero_kwargs or {}))
