@@ -27,10 +27,13 @@ def _check_folder(root: str) -> None:
                              f"<root>/<class>/<image> with one of {', '.join(_IMAGE_EXTENSIONS)}")
 
 
-def image_dataset(root: str, model: Optional[nn.Module] = None, train: bool = False, **transform_kwargs) -> Dataset:
-    """An ImageFolder (or tar) dataset with the model's preprocessing (timm's ``resolve_data_config``)."""
+def image_dataset(root: str, model: Optional[nn.Module] = None, train: bool = False, config: Optional[dict] = None,
+                  **transform_kwargs) -> Dataset:
+    """An ImageFolder (or tar) dataset with the model's preprocessing (timm's ``resolve_data_config``)
+    or the given data ``config`` (``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``)."""
     _check_folder(root)
-    config = resolve_data_config({}, model=model) if model is not None else {}
+    if config is None:
+        config = resolve_data_config({}, model=model) if model is not None else {}
     transform = create_transform(**config, is_training=train, **transform_kwargs)
     return create_dataset("", root=root, is_training=train, transform=transform)
 

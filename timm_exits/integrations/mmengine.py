@@ -6,6 +6,7 @@ Registered in mmengine's registries on import (``custom_imports=dict(imports=['t
   ``ce`` (weighted multi-exit cross-entropy), ``ofa`` (IMTA phase II around a phase-I checkpoint,
   One-for-all KD), ``hdkd`` (dense KD with harmonized weights) and ``adn`` (ADN self-distillation);
 * ``MultiExitAccuracy`` (METRICS): top-1 of every exit;
+* ``ImageFolderDataset`` (DATASETS): an image folder through timm's reader and transforms;
 * ``GradientEquilibriumHook``, ``GradientDeconflictionHook``, ``HarmonizedWeightsHook`` (HOOKS);
 * ``PCGradOptimWrapper`` (OPTIM_WRAPPERS): parameter-level gradient deconfliction.
 
@@ -25,15 +26,16 @@ from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel, is_model_wrapper
 from mmengine.optim import OptimWrapper
-from mmengine.registry import HOOKS, METRICS, MODELS, OPTIM_WRAPPERS
+from mmengine.registry import DATASETS, HOOKS, METRICS, MODELS, OPTIM_WRAPPERS
 
 import timm_exits  # noqa: F401  (registers the models with timm)
+from ..data import image_dataset
 from ..train import IMTAModel, one_for_all_distillation, pcgrad_backward
 from ..train.losses import exit_cross_entropies
 from ..train.adn import adn_distillation
 from ..train.hdkd import BalancedValidationLoss, HarmonizedWeights, harmonized_loss, hdkd_weight_step, loss_terms
 
-__all__ = ["MultiExitClassifier", "MultiExitAccuracy", "GradientEquilibriumHook", "GradientDeconflictionHook",
+__all__ = ["MultiExitClassifier", "MultiExitAccuracy", "ImageFolderDataset", "GradientEquilibriumHook", "GradientDeconflictionHook",
            "HarmonizedWeightsHook", "PCGradOptimWrapper", "enable_resume"]
 
 LOSSES = ("ce", "ofa", "hdkd", "adn")
@@ -140,6 +142,23 @@ class MultiExitClassifier(BaseModel):
         total, log_vars = super().parse_losses(losses)
         total.exit_losses = [v for k, v in losses.items() if k.startswith("loss_exit")]  # for PCGradOptimWrapper
         return total, log_vars
+
+
+@DATASETS.register_module()
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """An ImageFolder (or tar) through timm's reader and transforms, as mmengine samples
+    ``dict(inputs=image, data_samples=label)``. ``data_config``: timm's ``input_size``, ``mean``,
+    ``std``, ``crop_pct``, ``interpolation``; ``train`` selects timm's training augmentation."""
+
+    def __init__(self, root: str, data_config: Optional[dict] = None, train: bool = False, **transform_kwargs):
+        self.dataset = image_dataset(root, train=train, config=dict(data_config or {}), **transform_kwargs)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        image, label = self.dataset[index]
+        return {"inputs": image, "data_samples": label}
 
 
 @METRICS.register_module()
