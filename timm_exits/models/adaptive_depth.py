@@ -28,12 +28,12 @@ from typing import Iterator, List, Optional, Sequence, Union
 import timm
 import torch
 from torch import nn
-from timm.models import generate_default_cfgs, load_pretrained, register_model
+from timm.models import generate_default_cfgs, load_pretrained
 from timm.models.resnet import ResNet
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-from ..registry import load_catalogue
+from ..registry import load_catalogue, register_entrypoints
 
 __all__ = ["SkipAware", "Skippable", "make_adaptive_depth", "checkpoint_filter_fn", "ResNetADN",
            "VisionTransformerADN", "SwinTransformerADN"]
@@ -243,15 +243,5 @@ default_cfgs = generate_default_cfgs({
     for name, v in _catalogue["variants"].items()})
 
 
-def _entrypoint(name: str, variant: dict):
-    def create(pretrained: bool = False, **kwargs) -> nn.Module:
-        return _create_adn(name, variant["backbone"], pretrained=pretrained, **kwargs)
-
-    create.__name__ = create.__qualname__ = name
-    create.__module__ = __name__
-    create.__doc__ = variant["description"]
-    return create
-
-
-for _name, _variant in _catalogue["variants"].items():
-    globals()[_name] = register_model(_entrypoint(_name, _variant))
+globals().update(register_entrypoints(
+    "adn", __name__, lambda name, v, pretrained, **kw: _create_adn(name, v["backbone"], pretrained, **kw)))

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import timm
 import torch
 from torch import nn
-from timm.models import generate_default_cfgs, load_state_dict, register_model
+from timm.models import generate_default_cfgs, load_state_dict
 from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
@@ -31,7 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 from .heads import create_head
 from ..profile import meta_copy
 from .multi_exit import MultiExitModel
-from ..registry import load_catalogue
+from ..registry import load_catalogue, register_entrypoints
 
 __all__ = ["BackboneWithExits", "add_exits", "SUPPORTED_BACKBONES"]
 
@@ -258,20 +258,13 @@ def _cfg(variant: dict) -> dict:
 default_cfgs = generate_default_cfgs({name: _cfg(v) for name, v in _catalogue["variants"].items()})
 
 
-def _entrypoint(name: str, variant: dict):
-    def create(pretrained: bool = False, **kwargs) -> BackboneWithExits:
-        arch = dict(variant.get("args", {}))
-        arch.update({k: kwargs.pop(k) for k in ("exits", "head", "head_width", "exit_drop_rate") if k in kwargs})
-        model = add_exits(variant["backbone"], pretrained=pretrained, **arch, **kwargs)
-        cfg = timm.models.get_pretrained_cfg(name).to_dict()
-        model.pretrained_cfg = model.default_cfg = {**cfg, **(kwargs.get("pretrained_cfg_overlay") or {})}
-        return model
-
-    create.__name__ = create.__qualname__ = name
-    create.__module__ = __name__
-    create.__doc__ = variant["description"]
-    return create
+def _create_variant(name: str, variant: dict, pretrained: bool = False, **kwargs) -> BackboneWithExits:
+    arch = dict(variant.get("args", {}))
+    arch.update({k: kwargs.pop(k) for k in ("exits", "head", "head_width", "exit_drop_rate") if k in kwargs})
+    model = add_exits(variant["backbone"], pretrained=pretrained, **arch, **kwargs)
+    cfg = timm.models.get_pretrained_cfg(name).to_dict()
+    model.pretrained_cfg = model.default_cfg = {**cfg, **(kwargs.get("pretrained_cfg_overlay") or {})}
+    return model
 
 
-for _name, _variant in _catalogue["variants"].items():
-    globals()[_name] = register_model(_entrypoint(_name, _variant))
+globals().update(register_entrypoints("exits", __name__, _create_variant))

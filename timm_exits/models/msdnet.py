@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import ConvNormAct, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 
 from .multi_exit import MultiExitModel, scale_grad
-from ..registry import load_catalogue
+from ..registry import load_catalogue, register_entrypoints
 
 __all__ = ["MSDNet", "LayerPlan", "msdnet_plan", "checkpoint_filter_fn"]
 
@@ -491,15 +491,5 @@ default_cfgs = generate_default_cfgs({
     name: _cfg(v["args"]["num_blocks"], **v["cfg"]) for name, v in _catalogue["variants"].items()})
 
 
-def _entrypoint(name: str, arch_args: dict, doc: str):
-    def create(pretrained: bool = False, **kwargs) -> MSDNet:
-        return _create_msdnet(name, pretrained=pretrained, **dict(arch_args, **kwargs))
-
-    create.__name__ = create.__qualname__ = name
-    create.__module__ = __name__
-    create.__doc__ = doc
-    return create
-
-
-for _name, _variant in _catalogue["variants"].items():
-    globals()[_name] = register_model(_entrypoint(_name, _variant["args"], _variant["description"]))
+globals().update(register_entrypoints(
+    "msdnet", __name__, lambda name, v, pretrained, **kw: _create_msdnet(name, pretrained, **dict(v["args"], **kw))))
