@@ -21,7 +21,6 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import timm
 import torch
-import torch.nn.functional as F
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel, is_model_wrapper
@@ -32,7 +31,7 @@ import timm_exits  # noqa: F401  (registers the models with timm)
 from ..data import image_dataset
 from ..train import IMTAModel, one_for_all_distillation, pcgrad_backward
 from ..train.losses import exit_cross_entropies
-from ..train.adn import adn_distillation
+from ..train.adn import adn_losses
 from ..train.hdkd import BalancedValidationLoss, HarmonizedWeights, harmonized_loss, hdkd_weight_step, loss_terms
 
 __all__ = ["MultiExitClassifier", "MultiExitAccuracy", "ImageFolderDataset", "GradientEquilibriumHook", "GradientDeconflictionHook",
@@ -119,24 +118,20 @@ class MultiExitClassifier(BaseModel):
         logits = self.model.forward_exits(inputs)
         if self.loss_type == "hdkd":
             ce, kd = loss_terms(logits, target, kw.get("temperature", 4.0))
+            # without HarmonizedWeightsHook: the initial (uniform) weights, i.e. NaiveDKD
             weights = self.hdkd_weights or HarmonizedWeights(len(logits)).to(ce.device)()
             return {"loss_hdkd": harmonized_loss(ce, kd, tuple(w.detach() for w in weights), kw.get("alpha", 0.5))}
         losses = exit_cross_entropies(logits, target, kw.get("weights"), kw.get("label_smoothing", 0.0))
         return {f"loss_exit{k + 1}": loss for k, loss in enumerate(losses)}
 
     def _adn_losses(self, inputs, target) -> Dict[str, torch.Tensor]:
-        adaptive = self.model if hasattr(self.model, "set_depth") else getattr(self.model, "backbone", None)
-        if not hasattr(adaptive, "set_depth"):
-            raise ValueError("loss='adn' needs an adaptive-depth model (e.g. resnet18_adn)")
-        alpha, temp, topk = self.loss_kwargs.get("alpha", 0.5), self.loss_kwargs.get("temperature", 1.0), \
-            self.loss_kwargs.get("topk")
-        with adaptive.depth(None):
-            teacher = self._exit_logits(inputs)
-        with adaptive.depth([True] * adaptive.num_depth_stages):
-            student = self._exit_logits(inputs)
-        # one backward on the sum equals the reference's two (the teacher is detached)
-        return {"loss_super": alpha * sum(F.cross_entropy(z, target) for z in teacher),
-                "loss_base": (1 - alpha) * sum(adn_distillation(s, t, temp, topk) for s, t in zip(student, teacher))}
+        kw = self.loss_kwargs
+        try:  # one backward on the sum (mmengine's) equals the reference's two: the teacher is detached
+            losses = adn_losses(self.model, inputs, target, kw.get("alpha", 0.5), kw.get("temperature", 1.0),
+                                kw.get("topk"))
+        except TypeError as e:
+            raise ValueError(f"loss='adn' needs an adaptive-depth model (e.g. resnet18_adn): {e}") from None
+        return {f"loss_{name}": loss for name, loss in losses.items()}
 
     def parse_losses(self, losses: Dict[str, torch.Tensor]):
         total, log_vars = super().parse_losses(losses)

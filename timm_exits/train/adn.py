@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["adn_distillation", "adn_step"]
+__all__ = ["adn_distillation", "adn_losses", "adn_step"]
 
 
 def adn_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
@@ -34,6 +34,37 @@ def _exits(model: nn.Module, x: torch.Tensor):
     return model.forward_exits(x) if hasattr(model, "forward_exits") else [model(x)]
 
 
+def adn_losses(
+        model: nn.Module,
+        images: torch.Tensor,
+        target: torch.Tensor,
+        alpha: float = 0.5,
+        temperature: float = 1.0,
+        topk: Optional[int] = None,
+        criterion: Callable = F.cross_entropy,
+        backward: Optional[Callable[[torch.Tensor], None]] = None,
+) -> Dict[str, torch.Tensor]:
+    """The super-net loss (``alpha`` x CE) and the base-net loss ((1 - alpha) x KD) of one batch.
+
+    ``model`` is an ADN network or a multi-exit model around one. With ``backward``, the super-net
+    loss is back-propagated before the base-net pass (the reference's two backward passes, which free
+    the first graph early); without, one backward on the sum gives the same gradients.
+    """
+    adaptive = model if hasattr(model, "set_depth") else getattr(model, "backbone", None)
+    if not hasattr(adaptive, "set_depth"):
+        raise TypeError(f"{type(model).__name__} has no skippable sub-paths (see make_adaptive_depth)")
+    with adaptive.depth(None):  # super-net
+        super_logits = _exits(model, images)
+        super_loss = alpha * sum(criterion(z, target) for z in super_logits)
+    if backward is not None:
+        backward(super_loss)
+    with adaptive.depth([True] * adaptive.num_depth_stages):  # base-net
+        base_logits = _exits(model, images)
+        base_loss = (1 - alpha) * sum(adn_distillation(b, s, temperature, topk)
+                                      for b, s in zip(base_logits, super_logits))
+    return {"super": super_loss, "base": base_loss}
+
+
 def adn_step(
         model: nn.Module,
         images: torch.Tensor,
@@ -44,21 +75,8 @@ def adn_step(
         criterion: Callable = F.cross_entropy,
         backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> Dict[str, torch.Tensor]:
-    """One ADN training step's two forward / backward passes (the optimizer step is the caller's).
-
-    ``model`` is an ADN network or a multi-exit model around one; ``backward`` may be
-    ``accelerator.backward``. Returns the detached super-net and base-net losses.
-    """
-    adaptive = model if hasattr(model, "set_depth") else getattr(model, "backbone", None)
-    if not hasattr(adaptive, "set_depth"):
-        raise TypeError(f"{type(model).__name__} has no skippable sub-paths (see make_adaptive_depth)")
-    with adaptive.depth(None):  # super-net
-        super_logits = _exits(model, images)
-        super_loss = alpha * sum(criterion(z, target) for z in super_logits)
-    backward(super_loss)
-    with adaptive.depth([True] * adaptive.num_depth_stages):  # base-net
-        base_logits = _exits(model, images)
-        base_loss = (1 - alpha) * sum(adn_distillation(b, s, temperature, topk)
-                                      for b, s in zip(base_logits, super_logits))
-    backward(base_loss)
-    return {"super": super_loss.detach(), "base": base_loss.detach()}
+    """One ADN training step's two forward / backward passes (the optimizer step is the caller's);
+    ``backward`` may be ``accelerator.backward``. Returns the detached losses."""
+    losses = adn_losses(model, images, target, alpha, temperature, topk, criterion, backward)
+    backward(losses["base"])
+    return {name: loss.detach() for name, loss in losses.items()}
