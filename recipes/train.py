@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import timm_exits  # noqa: F401  (registers the models)
+from timm_exits.train import multi_exit_cross_entropy
 
 
 def digits_splits(seed: int, img_size: int = 32):
@@ -69,7 +70,7 @@ def main() -> None:
         model.train()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process)
         for x, y in bar:
-            loss = sum(F.cross_entropy(logits, y) for logits in unwrapped.forward_exits(x))
+            loss = multi_exit_cross_entropy(unwrapped.forward_exits(x), y)
             optimizer.zero_grad()
             accelerator.backward(loss)
             optimizer.step()
