@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import timm_exits  # noqa: F401  (registers the models)
+from timm_exits.checkpoint import save_checkpoint
 from timm_exits.train import multi_exit_cross_entropy
 
 
@@ -94,16 +94,14 @@ def main() -> None:
         accelerator.print("exit  top-1 (%)")
         for i, acc in enumerate(accuracy):
             accelerator.print(f"{i + 1:>4}  {acc:9.2f}")
-        os.makedirs(args.output, exist_ok=True)
-        weights = os.path.join(args.output, "model.safetensors")
-        save_file({k: v.contiguous() for k, v in unwrapped.state_dict().items()}, weights + ".tmp")
-        os.replace(weights + ".tmp", weights)
+        checkpoint = save_checkpoint(os.path.join(args.output, "checkpoint"), unwrapped, optimizer, scheduler,
+                                     model_name=args.model, epochs=args.epochs, top1_per_exit=accuracy)
         results = os.path.join(args.output, "results.json")
         with open(results + ".tmp", "w") as f:
             json.dump({"model": args.model, "dataset": "sklearn-digits", "test_images": total,
                        "top1_per_exit": accuracy}, f, indent=2)
         os.replace(results + ".tmp", results)
-        accelerator.print(f"saved {weights} and {results}")
+        accelerator.print(f"saved {checkpoint}/ and {results}")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
 
 import timm
 
 import timm_exits  # noqa: F401
+from timm_exits.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,5 +27,6 @@ def test_main_job_trains_every_exit_and_saves_results(tmp_path):
     assert len(results["top1_per_exit"]) == 5
     assert min(results["top1_per_exit"]) > 50  # ten classes: chance is 10%
     model = timm.create_model("msdnet_cifar_5exit", num_classes=10, in_chans=1)
-    model.load_state_dict(load_file(tmp_path / "model.safetensors"))
-    assert not list(tmp_path.glob("*.tmp"))
+    state = load_checkpoint(str(tmp_path / "checkpoint"), model, model_name="msdnet_cifar_5exit")
+    assert state["top1_per_exit"] == results["top1_per_exit"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "results.json"]  # nothing half-written

@@ -1,0 +1,113 @@
+"""Checkpoints that load without unpickling code, written completely or not at all.
+
+A checkpoint is a folder:
+
+* ``model.safetensors``: the model's weights;
+* ``training.pt``: optimizer, scheduler and RNG states (tensors and plain Python data only, loaded
+  with ``torch.load(weights_only=True)``), if given;
+* ``state.json``: the model name and whatever the caller records (epoch, step, metrics).
+
+The folder is written under a temporary name and renamed into place, so a crash never leaves a
+half-written checkpoint where a complete one is expected.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from typing import Any, Dict, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+
+
+def rng_state() -> Dict[str, Any]:
+    """The RNG states of Python and torch (CPU, and CUDA if present)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+        folder: str,
+        model: nn.Module,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        scheduler: Optional[Any] = None,
+        model_name: str = "",
+        **state: Any,
+) -> str:
+    """Write ``model`` (and the training state, if an optimizer is given) to ``folder``; extra keyword
+    arguments (JSON-serialisable) go to ``state.json``. Replaces an existing checkpoint atomically."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=parent)
+    try:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, os.path.join(tmp, "model.safetensors"))
+        if optimizer is not None:
+            training = {"optimizer": optimizer.state_dict(), "rng": rng_state()}
+            if scheduler is not None:
+                training["scheduler"] = scheduler.state_dict()
+            torch.save(training, os.path.join(tmp, "training.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"model": model_name, **state}, f, indent=2)
+        old = None
+        if os.path.exists(folder):
+            old = tempfile.mkdtemp(prefix=".previous-", dir=parent)
+            os.rmdir(old)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_checkpoint(
+        folder: str,
+        model: nn.Module,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        scheduler: Optional[Any] = None,
+        model_name: Optional[str] = None,
+        restore_rng: bool = True,
+) -> Dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and the optimizer,
+    scheduler and RNG states); returns ``state.json``. A checkpoint of another model is refused."""
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        raise FileNotFoundError(f"{folder!r} is not a checkpoint: expected model.safetensors and state.json in it")
+    with open(os.path.join(folder, "state.json")) as f:
+        state = json.load(f)
+    if model_name is not None and state.get("model") not in ("", model_name):
+        raise ValueError(f"{folder!r} is a checkpoint of {state['model']!r}, not of {model_name!r}")
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{folder!r} does not fit this model: {e}") from None
+    if optimizer is not None:
+        path = os.path.join(folder, "training.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder!r} holds weights only; resuming needs its training.pt")
+        training = torch.load(path, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(training["optimizer"])
+        if scheduler is not None and "scheduler" in training:
+            scheduler.load_state_dict(training["scheduler"])
+        if restore_rng:
+            set_rng_state(training["rng"])
+    return state
