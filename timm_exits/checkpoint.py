@@ -23,7 +23,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "pretrained_file"]
+
+
+def pretrained_file(pretrained: bool, pretrained_cfg_overlay: Optional[dict]) -> Optional[str]:
+    """The weights file a ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...))``
+    call will load, checked to exist (timm's own error does not name it); None if no file is asked for."""
+    file = (pretrained_cfg_overlay or {}).get("file") if pretrained else None
+    if file and not os.path.isfile(file):
+        raise FileNotFoundError(f"pretrained weights file not found: {file!r} (pretrained_cfg_overlay['file'])")
+    return file
 
 
 def rng_state() -> Dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from timm.models.resnet import ResNet
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
+from ..checkpoint import pretrained_file
 from ..registry import load_catalogue, register_entrypoints
 
 __all__ = ["SkipAware", "Skippable", "make_adaptive_depth", "checkpoint_filter_fn", "ResNetADN",
@@ -222,9 +222,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
 
 def _create_adn(variant: str, base: str, pretrained: bool = False, **kwargs) -> nn.Module:
     overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
-    file = overlay.get("file")
-    if pretrained and file and not os.path.isfile(file):
-        raise FileNotFoundError(f"pretrained weights file not found: {file!r} (pretrained_cfg_overlay['file'])")
+    pretrained_file(pretrained, overlay)
     num_stages = kwargs.pop("num_stages", None)
     model = make_adaptive_depth(timm.create_model(base, **kwargs), num_stages=num_stages)
     cfg = {**timm.models.get_pretrained_cfg(variant).to_dict(), **overlay}

@@ -13,7 +13,6 @@ catalogue ``timm_exits/registry/exits.yaml``.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -28,9 +27,10 @@ from timm.models.resnet import ResNet
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-from .heads import create_head
+from .heads import create_head, reset_head_classifier
 from ..profile import meta_copy
 from .multi_exit import MultiExitModel
+from ..checkpoint import pretrained_file
 from ..registry import load_catalogue, register_entrypoints
 
 __all__ = ["BackboneWithExits", "add_exits", "SUPPORTED_BACKBONES"]
@@ -198,10 +198,7 @@ class BackboneWithExits(MultiExitModel):
         self.backbone.reset_classifier(num_classes, *(() if global_pool is None else (global_pool,)))
         self.num_classes = num_classes
         for head in self.exits:
-            ref = head.num_features
-            w = next(head.parameters(), None)
-            kw = dict(device=w.device, dtype=w.dtype) if w is not None else {}
-            head.fc = nn.Linear(ref, num_classes, **kw) if num_classes > 0 else nn.Identity()
+            reset_head_classifier(head, head.num_features, num_classes)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -230,10 +227,8 @@ def add_exits(
         if create_kwargs:
             raise ValueError(f"timm.create_model arguments {sorted(create_kwargs)} need a model name, not a model")
         return BackboneWithExits(model, exits, head, head_width, exit_drop_rate)
-    file = (create_kwargs.get("pretrained_cfg_overlay") or {}).get("file")
-    if create_kwargs.get("pretrained") and file and not os.path.isfile(file):
-        raise FileNotFoundError(f"pretrained weights file not found: {file!r} (pretrained_cfg_overlay['file'])")
-    whole = bool(create_kwargs.get("pretrained") and file and _is_multi_exit_checkpoint(file))
+    file = pretrained_file(create_kwargs.get("pretrained", False), create_kwargs.get("pretrained_cfg_overlay"))
+    whole = bool(file and _is_multi_exit_checkpoint(file))
     if whole:
         create_kwargs = {k: v for k, v in create_kwargs.items() if k not in ("pretrained", "pretrained_cfg_overlay")}
     wrapped = BackboneWithExits(timm.create_model(model, **create_kwargs), exits, head, head_width, exit_drop_rate)

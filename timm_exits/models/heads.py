@@ -14,9 +14,20 @@ import torch
 from torch import nn
 from timm.layers import ConvNormAct
 
-__all__ = ["HEAD_TYPES", "LinearHead", "ConvHead", "create_head"]
+__all__ = ["HEAD_TYPES", "LinearHead", "ConvHead", "create_head", "classifier", "reset_head_classifier"]
 
 HEAD_TYPES = ("linear", "conv")
+
+
+def classifier(width: int, num_classes: int, device=None, dtype=None) -> nn.Module:
+    """The linear layer of a head; an identity for ``num_classes=0`` (the head then gives features)."""
+    return nn.Linear(width, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+
+
+def reset_head_classifier(head: nn.Module, width: int, num_classes: int) -> None:
+    """Give ``head`` a fresh ``fc`` for ``num_classes``, on the device and dtype of its parameters."""
+    ref = next(head.parameters(), None)
+    head.fc = classifier(width, num_classes, **({} if ref is None else dict(device=ref.device, dtype=ref.dtype)))
 
 
 class LinearHead(nn.Module):
@@ -47,7 +58,7 @@ class LinearHead(nn.Module):
         self.norm = nn.LayerNorm(in_chs, **dd) if norm else nn.Identity()
         self.drop = nn.Dropout(drop_rate)
         self.num_features = in_chs
-        self.fc = nn.Linear(in_chs, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.fc = classifier(in_chs, num_classes, **dd)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "nchw":
@@ -75,7 +86,7 @@ class ConvHead(nn.Module):
         self.conv2 = ConvNormAct(width, width, 3, stride=2, padding=1, **dd)
         self.drop = nn.Dropout(drop_rate)
         self.num_features = width
-        self.fc = nn.Linear(width, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.fc = classifier(width, num_classes, **dd)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.conv2(self.conv1(x)).mean((2, 3))

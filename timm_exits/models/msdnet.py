@@ -16,7 +16,6 @@ The variants are registered from the catalogue ``timm_exits/registry/msdnet.yaml
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -27,7 +26,9 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import ConvNormAct, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs
 
+from .heads import classifier, reset_head_classifier
 from .multi_exit import MultiExitModel, scale_grad
+from ..checkpoint import pretrained_file
 from ..registry import load_catalogue, register_entrypoints
 
 __all__ = ["MSDNet", "LayerPlan", "msdnet_plan", "checkpoint_filter_fn"]
@@ -230,7 +231,7 @@ class MsdHead(nn.Module):
         self.conv2 = ConvNormAct(width, width, 3, stride=2, padding=1, **dd)
         self.pool = nn.AvgPool2d(2)
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(width, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.fc = classifier(width, num_classes, **dd)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(self.conv2(self.conv1(x))).flatten(1)
@@ -412,8 +413,7 @@ class MSDNet(MultiExitModel):
             raise ValueError(f"MSDNet heads use a fixed 2x2 average pool, got global_pool={global_pool!r}")
         self.num_classes = num_classes
         for head, width in zip(self.exits, self.exit_widths):
-            ref = head.conv2.conv.weight
-            head.fc = nn.Linear(width, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else nn.Identity()
+            reset_head_classifier(head, width, num_classes)
 
 
 _STEM = [(r"layers\.0\.0\.", "convs.0.conv."), (r"layers\.0\.1\.", "convs.0.bn."),
@@ -470,9 +470,7 @@ def checkpoint_filter_fn(state_dict: dict, model: MSDNet) -> dict:
 
 
 def _create_msdnet(variant: str, pretrained: bool = False, **kwargs) -> MSDNet:
-    file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
-    if pretrained and file and not os.path.isfile(file):
-        raise FileNotFoundError(f"pretrained weights file not found: {file!r} (pretrained_cfg_overlay['file'])")
+    pretrained_file(pretrained, kwargs.get("pretrained_cfg_overlay"))
     return build_model_with_cfg(
         MSDNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
