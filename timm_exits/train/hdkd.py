@@ -95,17 +95,20 @@ class BalancedValidationLoss:
         self.expected = state["expected"]
 
 
+class _ForwardExits(nn.Module):
+    """``forward`` is the wrapped model's ``forward_exits`` (functional_call runs ``forward``)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.inner.forward_exits(x)
+
+
 def _call_forward_exits(model: nn.Module, tensors: Dict[str, torch.Tensor], images: torch.Tensor) -> List[torch.Tensor]:
     """``model.forward_exits(images)`` with parameters and buffers replaced by ``tensors``."""
-    class _Exits(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner.forward_exits(x)
-
-    return functional_call(_Exits(model), {f"inner.{k}": v for k, v in tensors.items()}, (images,))
+    return functional_call(_ForwardExits(model), {f"inner.{k}": v for k, v in tensors.items()}, (images,))
 
 
 def hdkd_weight_step(
