@@ -102,6 +102,8 @@ def main() -> None:
                        "top1_per_exit": accuracy}, f, indent=2)
         os.replace(results + ".tmp", results)
         accelerator.print(f"saved {checkpoint}/ and {results}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # also destroys the process group of a multi-process run
 
 
 if __name__ == "__main__":

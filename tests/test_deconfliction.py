@@ -150,8 +150,9 @@ DDP_SCRIPT = textwrap.dedent('''
     gathered = accelerator.gather(flat.unsqueeze(0))
     if accelerator.is_main_process:
         same = torch.equal(gathered[0], gathered[1])
-        moved = accelerator.num_processes == 2
         print(f"RESULT processes={accelerator.num_processes} identical={same}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: exiting with it alive can abort gloo
 ''')
 
 

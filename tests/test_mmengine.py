@@ -147,6 +147,8 @@ DDP_SCRIPT = textwrap.dedent('''
     torch.distributed.all_gather(gathered, flat)
     if state.is_main_process:
         print(f"RESULT world={state.num_processes} identical={torch.equal(gathered[0], gathered[1])}")
+    state.wait_for_everyone()
+    state.destroy_process_group()  # exiting with the group alive can abort gloo
 ''')
 
 
