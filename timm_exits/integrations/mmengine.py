@@ -19,7 +19,6 @@ import os
 from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-import timm
 import torch
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
@@ -29,15 +28,13 @@ from mmengine.registry import DATASETS, HOOKS, METRICS, MODELS, OPTIM_WRAPPERS
 
 import timm_exits  # noqa: F401  (registers the models with timm)
 from ..data import image_dataset
-from ..train import IMTAModel, one_for_all_distillation, pcgrad_backward
-from ..train.losses import exit_cross_entropies
-from ..train.adn import adn_losses
-from ..train.hdkd import BalancedValidationLoss, HarmonizedWeights, harmonized_loss, hdkd_weight_step, loss_terms
+from ..models.multi_exit import exit_logits
+from ..train import adn_losses, pcgrad_backward
+from ..train.hdkd import BalancedValidationLoss, HarmonizedWeights, hdkd_weight_step
+from ..train.objective import TrainingForward, create_training_model, training_losses
 
 __all__ = ["MultiExitClassifier", "MultiExitAccuracy", "ImageFolderDataset", "GradientEquilibriumHook", "GradientDeconflictionHook",
            "HarmonizedWeightsHook", "PCGradOptimWrapper", "enable_resume"]
-
-LOSSES = ("ce", "ofa", "hdkd", "adn")
 
 
 def enable_resume() -> None:
@@ -77,23 +74,9 @@ class MultiExitClassifier(BaseModel):
             init_cfg: Optional[dict] = None,
     ):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.loss_type, self.loss_kwargs = loss, dict(loss_kwargs or {})
-        kwargs = dict(model_kwargs or {})
-        if loss == "ofa":
-            if phase_one_checkpoint is None:
-                raise ValueError("loss='ofa' (IMTA phase II) needs phase_one_checkpoint, the phase-I weights")
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=phase_one_checkpoint))
-            self.model = IMTAModel(timm.create_model(model, **kwargs), isc=isc, freeze_bn_stats=freeze_bn_stats)
-        else:
-            self.model = timm.create_model(model, **kwargs)
-        if not hasattr(self.model, "forward_exits") and loss != "adn":
-            raise ValueError(f"{model} is not a multi-exit model")
+        self.model = create_training_model(model, model_kwargs, loss, phase_one_checkpoint, isc, freeze_bn_stats)
         self.hdkd_weights = None  # set by HarmonizedWeightsHook for loss='hdkd'
-
-    def _exit_logits(self, inputs: torch.Tensor) -> List[torch.Tensor]:
-        return self.model.forward_exits(inputs) if hasattr(self.model, "forward_exits") else [self.model(inputs)]
 
     def forward(self, inputs: torch.Tensor, data_samples: Optional[torch.Tensor] = None, mode: str = "tensor"):
         if mode == "loss":
@@ -103,34 +86,17 @@ class MultiExitClassifier(BaseModel):
         return self.model(inputs)
 
     def _predict(self, inputs, labels) -> List[Dict[str, torch.Tensor]]:
-        logits = torch.stack(self._exit_logits(inputs), 1)  # batch x exits x classes
+        logits = torch.stack(exit_logits(self.model, inputs), 1)  # batch x exits x classes
         return [{"logits": z, "label": y} for z, y in zip(logits, labels)]
 
     def loss(self, inputs: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Per-exit losses (``loss_exit<k>``), which ``parse_losses`` sums."""
-        kw = self.loss_kwargs
-        if self.loss_type == "ofa":
-            logits, teacher = self.model.forward_train(inputs)
-            total = one_for_all_distillation(logits, teacher, target, **kw)
-            return {"loss_ofa": total}
         if self.loss_type == "adn":
-            return self._adn_losses(inputs, target)
-        logits = self.model.forward_exits(inputs)
-        if self.loss_type == "hdkd":
-            ce, kd = loss_terms(logits, target, kw.get("temperature", 4.0))
-            # without HarmonizedWeightsHook: the initial (uniform) weights, i.e. NaiveDKD
-            weights = self.hdkd_weights or HarmonizedWeights(len(logits)).to(ce.device)()
-            return {"loss_hdkd": harmonized_loss(ce, kd, tuple(w.detach() for w in weights), kw.get("alpha", 0.5))}
-        losses = exit_cross_entropies(logits, target, kw.get("weights"), kw.get("label_smoothing", 0.0))
-        return {f"loss_exit{k + 1}": loss for k, loss in enumerate(losses)}
-
-    def _adn_losses(self, inputs, target) -> Dict[str, torch.Tensor]:
-        kw = self.loss_kwargs
-        try:  # one backward on the sum (mmengine's) equals the reference's two: the teacher is detached
-            losses = adn_losses(self.model, inputs, target, kw.get("alpha", 0.5), kw.get("temperature", 1.0),
-                                kw.get("topk"))
-        except TypeError as e:
-            raise ValueError(f"loss='adn' needs an adaptive-depth model (e.g. resnet18_adn): {e}") from None
+            # one backward on the sum (mmengine's) equals the reference's two: the teacher is detached
+            losses = adn_losses(self.model, inputs, target, **self.loss_kwargs)
+        else:
+            losses = training_losses(TrainingForward(self.model)(inputs), target, self.loss_type, self.hdkd_weights,
+                                     **self.loss_kwargs)
         return {f"loss_{name}": loss for name, loss in losses.items()}
 
     def parse_losses(self, losses: Dict[str, torch.Tensor]):

@@ -21,7 +21,7 @@ from torch import nn
 
 State = Union[torch.Tensor, List[torch.Tensor]]
 
-__all__ = ["MultiExitModel", "State", "slice_state", "scale_grad"]
+__all__ = ["MultiExitModel", "State", "slice_state", "scale_grad", "exit_logits"]
 
 
 def slice_state(state: State, index: Union[torch.Tensor, slice, Sequence[int]]) -> State:
@@ -29,6 +29,11 @@ def slice_state(state: State, index: Union[torch.Tensor, slice, Sequence[int]]) 
     if isinstance(state, torch.Tensor):
         return state[index]
     return [slice_state(s, index) for s in state]
+
+
+def exit_logits(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+    """Every exit's logits of a multi-exit model; a plain model's one output, as a list."""
+    return model.forward_exits(x) if hasattr(model, "forward_exits") else [model(x)]
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -9,11 +9,13 @@ every exit of the base-net distils from the same exit of the super-net.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..models.multi_exit import exit_logits
 
 __all__ = ["adn_distillation", "adn_losses", "adn_step"]
 
@@ -30,10 +32,6 @@ def adn_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: 
     return temperature ** 2 * F.kl_div(log_p, F.softmax(teacher / temperature, -1), reduction="batchmean")
 
 
-def _exits(model: nn.Module, x: torch.Tensor):
-    return model.forward_exits(x) if hasattr(model, "forward_exits") else [model(x)]
-
-
 def adn_losses(
         model: nn.Module,
         images: torch.Tensor,
@@ -43,23 +41,26 @@ def adn_losses(
         topk: Optional[int] = None,
         criterion: Callable = F.cross_entropy,
         backward: Optional[Callable[[torch.Tensor], None]] = None,
+        forward: Optional[Callable[[torch.Tensor], List[torch.Tensor]]] = None,
 ) -> Dict[str, torch.Tensor]:
     """The super-net loss (``alpha`` x CE) and the base-net loss ((1 - alpha) x KD) of one batch.
 
     ``model`` is an ADN network or a multi-exit model around one. With ``backward``, the super-net
     loss is back-propagated before the base-net pass (the reference's two backward passes, which free
-    the first graph early); without, one backward on the sum gives the same gradients.
+    the first graph early); without, one backward on the sum gives the same gradients. ``forward``
+    (default: every exit's logits of ``model``) runs a pass, e.g. through a DDP wrapper.
     """
+    forward = forward or (lambda x: exit_logits(model, x))
     adaptive = model if hasattr(model, "set_depth") else getattr(model, "backbone", None)
     if not hasattr(adaptive, "set_depth"):
         raise TypeError(f"{type(model).__name__} has no skippable sub-paths (see make_adaptive_depth)")
     with adaptive.depth(None):  # super-net
-        super_logits = _exits(model, images)
+        super_logits = forward(images)
         super_loss = alpha * sum(criterion(z, target) for z in super_logits)
     if backward is not None:
         backward(super_loss)
     with adaptive.depth([True] * adaptive.num_depth_stages):  # base-net
-        base_logits = _exits(model, images)
+        base_logits = forward(images)
         base_loss = (1 - alpha) * sum(adn_distillation(b, s, temperature, topk)
                                       for b, s in zip(base_logits, super_logits))
     return {"super": super_loss, "base": base_loss}
