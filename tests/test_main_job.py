@@ -1,10 +1,10 @@
-"""The README's main job, launched as a user launches it: ``accelerate launch recipes/train.py``."""
+"""The README's main job, launched as a user launches it: ``accelerate launch recipes/train.py``
+(here with one epoch per phase and its folders in a temporary directory)."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
 
 import timm
 
@@ -14,19 +14,29 @@ from timm_exits.checkpoint import load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_main_job_trains_every_exit_and_saves_results(tmp_path):
+def test_main_job_trains_imta_on_the_embedded_digits(tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="1")
     run = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-         "recipes/train.py", "--epochs", "1", "--output", str(tmp_path)],
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "recipes/train.py", "--output-dir", str(tmp_path / "out"),
+         "--cfg-options", "train.epochs=1", f"data.dir={tmp_path / 'digits'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "exit  top-1 (%)" in run.stdout
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["model"] == "msdnet_cifar_5exit" and results["test_images"] == 359
-    assert len(results["top1_per_exit"]) == 5
-    assert min(results["top1_per_exit"]) > 50  # ten classes: chance is 10%
+    # the embedded dataset became real image files: 1,797 PNGs in 10 class folders, split 80 / 20
+    pngs = list((tmp_path / "digits").rglob("*.png"))
+    assert len(pngs) == 1797 and len(list((tmp_path / "digits" / "test").glob("*/*.png"))) == 359
+    assert sorted(p.name for p in (tmp_path / "digits" / "train").iterdir()) == [str(d) for d in range(10)]
+    assert "[phase2_isc_ofa] msdnet_cifar_5exit: 359 test images" in run.stdout and "budgeted (maxprob)" in run.stdout
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    ge, imta = results["phases"]
+    assert (ge["phase"], imta["phase"]) == ("phase1_ge", "phase2_isc_ofa")
+    assert ge["technique"]["gradient_equilibrium"] and imta["technique"]["loss"] == "ofa"
+    assert imta["test_samples"] == 359 and imta["val_samples"] == 288
+    assert min(e["top1"] for e in imta["exits"]) > 50  # ten classes: chance is 10 %
+    for phase in ("phase1_ge", "phase2_isc_ofa"):
+        assert sorted(p.name for p in (out / phase).iterdir()) == [
+            "checkpoint", "evaluation.json", "evaluation.png", "model.safetensors"]  # nothing half-written
     model = timm.create_model("msdnet_cifar_5exit", num_classes=10, in_chans=1)
-    state = load_checkpoint(str(tmp_path / "checkpoint"), model, model_name="msdnet_cifar_5exit")
-    assert state["top1_per_exit"] == results["top1_per_exit"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "results.json"]  # nothing half-written
+    state = load_checkpoint(str(out / "phase1_ge" / "checkpoint"), model, model_name="msdnet_cifar_5exit")
+    assert state["finished"] and state["epoch"] == 1

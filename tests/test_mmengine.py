@@ -126,7 +126,7 @@ def test_bad_configs_are_explained(tmp_path):
 
 
 DDP_SCRIPT = textwrap.dedent('''
-    import os, sys, torch
+    import gc, os, sys, torch
     from accelerate import PartialState
     from mmengine.runner import Runner
     import timm_exits.integrations.mmengine
@@ -148,7 +148,11 @@ DDP_SCRIPT = textwrap.dedent('''
     if state.is_main_process:
         print(f"RESULT world={state.num_processes} identical={torch.equal(gathered[0], gathered[1])}")
     state.wait_for_everyone()
-    state.destroy_process_group()  # exiting with the group alive can abort gloo
+    # free the DDP wrapper (it holds the process group) before destroying the group: a group
+    # destroyed at interpreter exit can abort gloo ("terminate called without an active exception")
+    del runner
+    gc.collect()
+    state.destroy_process_group()
 ''')
 
 

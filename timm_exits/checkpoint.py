@@ -3,8 +3,8 @@
 A checkpoint is a folder:
 
 * ``model.safetensors``: the model's weights;
-* ``training.pt``: optimizer, scheduler and RNG states (tensors and plain Python data only, loaded
-  with ``torch.load(weights_only=True)``), if given;
+* ``training.pt``: optimizer, scheduler and RNG states and whatever else the trainer keeps (tensors
+  and plain Python data only, loaded with ``torch.load(weights_only=True)``), if given;
 * ``state.json``: the model name and whatever the caller records (epoch, step, metrics).
 
 The folder is written under a temporary name and renamed into place, so a crash never leaves a
@@ -19,11 +19,12 @@ import shutil
 import tempfile
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "pretrained_file"]
+__all__ = ["save_checkpoint", "load_checkpoint", "training_state", "rng_state", "set_rng_state", "pretrained_file"]
 
 
 def pretrained_file(pretrained: bool, pretrained_cfg_overlay: Optional[dict]) -> Optional[str]:
@@ -36,8 +37,11 @@ def pretrained_file(pretrained: bool, pretrained_cfg_overlay: Optional[dict]) ->
 
 
 def rng_state() -> Dict[str, Any]:
-    """The RNG states of Python and torch (CPU, and CUDA if present)."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """The RNG states of Python, NumPy and torch (CPU, and CUDA if present), as tensors and plain data."""
+    _, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -47,6 +51,9 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -57,10 +64,13 @@ def save_checkpoint(
         optimizer: Optional[torch.optim.Optimizer] = None,
         scheduler: Optional[Any] = None,
         model_name: str = "",
+        training: Optional[Dict[str, Any]] = None,
         **state: Any,
 ) -> str:
-    """Write ``model`` (and the training state, if an optimizer is given) to ``folder``; extra keyword
-    arguments (JSON-serialisable) go to ``state.json``. Replaces an existing checkpoint atomically."""
+    """Write ``model`` (and the training state, if an optimizer is given: its state, the scheduler's,
+    this process's RNG states, and ``training``, e.g. per-process RNG states or an EMA model's
+    weights) to ``folder``; extra keyword arguments (JSON-serialisable) go to ``state.json``.
+    Replaces an existing checkpoint atomically."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=parent)
@@ -68,10 +78,10 @@ def save_checkpoint(
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, os.path.join(tmp, "model.safetensors"))
         if optimizer is not None:
-            training = {"optimizer": optimizer.state_dict(), "rng": rng_state()}
+            everything = {"optimizer": optimizer.state_dict(), "rng": rng_state(), **(training or {})}
             if scheduler is not None:
-                training["scheduler"] = scheduler.state_dict()
-            torch.save(training, os.path.join(tmp, "training.pt"))
+                everything["scheduler"] = scheduler.state_dict()
+            torch.save(everything, os.path.join(tmp, "training.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"model": model_name, **state}, f, indent=2)
         old = None
@@ -110,13 +120,18 @@ def load_checkpoint(
     except RuntimeError as e:
         raise ValueError(f"{folder!r} does not fit this model: {e}") from None
     if optimizer is not None:
-        path = os.path.join(folder, "training.pt")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{folder!r} holds weights only; resuming needs its training.pt")
-        training = torch.load(path, map_location="cpu", weights_only=True)
+        training = training_state(folder)
         optimizer.load_state_dict(training["optimizer"])
         if scheduler is not None and "scheduler" in training:
             scheduler.load_state_dict(training["scheduler"])
         if restore_rng:
             set_rng_state(training["rng"])
     return state
+
+
+def training_state(folder: str) -> Dict[str, Any]:
+    """The training state of a checkpoint (``training.pt``), loaded without unpickling code."""
+    path = os.path.join(folder, "training.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder!r} holds weights only; resuming needs its training.pt")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -4,6 +4,8 @@
                        [--input-size C H W]
     timm-exits evaluate MODEL --data-dir DIR [--checkpoint F] [--val-dir DIR | --val-fraction F] [--output DIR]
     timm-exits models [--markdown]
+    timm-exits train CONFIG [--data-dir DIR] [--output-dir DIR] [--resume] [--cfg-options k=v ...]
+        (``accelerate launch -m timm_exits.cli train CONFIG ...`` for several processes)
 """
 from __future__ import annotations
 
@@ -198,12 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the catalogued models")
     m.add_argument("--markdown", action="store_true", help="as the README's markdown table")
     m.set_defaults(run=_models)
+    sub.add_parser("train", help="train from a config with the accelerate engine (timm-exits train --help)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     import timm_exits  # noqa: F401  (registers the models)
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # the engine's own command line
+        from .integrations.accelerate import main as train
+
+        return train(argv=argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..models.multi_exit import exit_logits
+
 __all__ = ["ExitOutputs", "collect_outputs", "anytime_accuracy"]
 
 
@@ -47,7 +49,8 @@ def collect_outputs(
         gather: Optional[Callable] = None,
         progress: bool = True,
 ) -> ExitOutputs:
-    """Run ``model.forward_exits`` in eval mode over ``loader`` (batches of ``(images, labels)``).
+    """Run ``model.forward_exits`` in eval mode over ``loader`` (batches of ``(images, labels)``); a
+    plain model counts as one exit.
 
     ``gather`` (e.g. ``accelerator.gather_for_metrics``) collects the batches of every process.
     """
@@ -56,7 +59,7 @@ def collect_outputs(
     probs: List[torch.Tensor] = []
     labels: List[torch.Tensor] = []
     for images, target in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
-        p = torch.stack([logits.float().softmax(-1) for logits in model.forward_exits(images.to(device))])
+        p = torch.stack([logits.float().softmax(-1) for logits in exit_logits(model, images.to(device))])
         target = target.to(device)
         if gather is not None:
             p, target = gather((p.transpose(0, 1).contiguous(), target))

@@ -1,0 +1,239 @@
+"""The accelerate engine end to end, on real PNG files: the recipes' configs, one and two processes,
+gradient accumulation, exact resume after SIGKILL, and the error paths."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from timm_exits.config import ConfigError, load_config, phase_configs, resolve_config
+from timm_exits.integrations.accelerate import run
+
+from launch import launch_two_processes
+from test_evaluate_cli import make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "recipes" / "train.py")
+
+TINY_MSDNET = "dict(name='msdnet_cifar_5exit', kwargs=dict(num_channels=4, growth_rate=2))"
+TINY_VIT = ("dict(name='vit_tiny_patch16_224_exits', kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=4, "
+            "num_heads=2, exits=[0, 2]))")
+
+
+def tiny_data(root: Path) -> Path:
+    """train/: 3 classes x 16 PNGs (32 after holding out 16 with val_fraction 1/3), val/: 3 x 7 (an odd count)."""
+    make_image_folder(root / "train", per_class=16, seed=0)
+    make_image_folder(root / "val", per_class=7, seed=1)
+    return root
+
+
+def write_config(path: Path, data: Path, model: str = TINY_MSDNET, extra: str = "") -> Path:
+    path.write_text(f"""
+model = {model}
+data = dict(dir={str(data)!r}, val_fraction=1 / 3, input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+            crop_pct=1.0, augment=dict(scale=(0.7, 1.0), hflip=0.5, color_jitter=None), batch_size=8, eval_batch_size=8,
+            workers=0)
+optimizer = dict(opt='momentum', lr=0.05, momentum=0.9, weight_decay=1e-4)
+scheduler = dict(sched='cosine', warmup_epochs=0)
+train = dict(epochs=2, log_every=1)
+{extra}
+""")
+    return path
+
+
+def launch_one(*args, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN, *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=dict(os.environ, **env))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_data(tmp_path_factory.mktemp("engine") / "data")
+
+
+def test_recipes_inherit_and_take_overrides(tmp_path):
+    imagenet = load_config(str(ROOT / "recipes" / "imagenet.py"), data_dir="/data/imagenet",
+                           cfg_options={"phases.1.technique.gamma": 0.3, "train.epochs": 5})
+    (ge, ge_cfg), (imta, imta_cfg) = phase_configs(imagenet)
+    assert (ge, imta) == ("phase1_ge", "phase2_isc_ofa")
+    assert ge_cfg["technique"]["gradient_equilibrium"] and ge_cfg["technique"]["loss"] == "ce"
+    assert imta_cfg["technique"]["loss"] == "ofa" and imta_cfg["technique"]["temperature"] == 1.0
+    assert imta_cfg["technique"]["gamma"] == 0.3 and imta_cfg["train"]["epochs"] == 5
+    assert imagenet["model"]["name"] == "msdnet_imagenet_5exit" and imagenet["data"]["dir"] == "/data/imagenet"
+    assert imagenet["scheduler"] == dict(sched="step", decay_epochs=30, decay_rate=0.1, warmup_epochs=0)
+    assert imagenet["optimizer"]["filter_bias_and_bn"] is False  # the reference decays norms and biases too
+    cifar = load_config(str(ROOT / "recipes" / "cifar.py"))
+    assert cifar["scheduler"]["decay_milestones"] == [150, 225] and cifar["data"]["transform"] == "pad_crop"
+    assert cifar["model"]["name"] == "msdnet_cifar_7exit" and cifar["data"]["mean"] == (0.5071, 0.4867, 0.4408)
+    # a user's own config inherits a recipe and changes what it needs
+    mine = tmp_path / "mine.py"
+    mine.write_text(f"_base_ = [{str(ROOT / 'recipes' / 'resnet50_adn.py')!r}]\ntrain = dict(epochs=3)\n"
+                    "technique = dict(topk=None)\n")
+    config = load_config(str(mine))
+    assert config["model"]["name"] == "resnet50_adn" and config["train"]["epochs"] == 3
+    assert config["technique"]["loss"] == "adn" and config["technique"]["topk"] is None
+    assert config["scheduler"]["decay_milestones"] == [60, 100, 140]
+
+
+def test_config_mistakes_are_explained(tmp_path):
+    recipe = str(ROOT / "recipes" / "cifar.py")
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'.*did you mean 'train.epochs'"):
+        load_config(recipe, cfg_options={"train.epoch": 3})
+    with pytest.raises(ConfigError, match="unknown config key 'phases\\[0\\].techniqe'"):
+        resolve_config(dict(model=dict(name="x"), phases=[dict(name="a", techniqe=dict())]))
+    with pytest.raises(ValueError, match="overrides 'train.mixed_precision', which is one value for the whole run"):
+        resolve_config(dict(model=dict(name="x"), phases=[dict(name="a", train=dict(mixed_precision="bf16"))]))
+    with pytest.raises(ValueError, match="names no model"):
+        resolve_config(dict())
+    with pytest.raises(ConfigError, match="'data' must be a dict"):
+        resolve_config(dict(model=dict(name="x"), data="folder"))
+
+
+def test_two_phase_imta_run_on_image_files(data, tmp_path):
+    config = write_config(tmp_path / "imta.py", data, extra=(
+        "phases = [dict(name='ge', technique=dict(gradient_equilibrium=True)),\n"
+        "          dict(name='isc_ofa', technique=dict(loss='ofa', temperature=3.0, gamma=0.9))]"))
+    run_ = launch_one(str(config), "--output-dir", str(tmp_path / "out"))
+    assert run_.returncode == 0, run_.stderr[-3000:]
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert [p["phase"] for p in results["phases"]] == ["ge", "isc_ofa"]
+    for phase in results["phases"]:
+        assert phase["test_samples"] == 21 and phase["val_samples"] == 16  # every image once, none twice
+        assert len(phase["exits"]) == 5 and len(phase["budgeted"]) == 39
+        assert max(e["top1"] for e in phase["exits"]) > 50  # the colours are learnable (chance: 33 %)
+        assert (out / phase["phase"] / "evaluation.png").read_bytes()[:4] == b"\x89PNG"
+        state = json.loads((out / phase["phase"] / "checkpoint" / "state.json").read_text())
+        assert state["finished"] and state["epoch"] == 2 and state["updates"] == 8
+        torch.load(out / phase["phase"] / "checkpoint" / "training.pt", weights_only=True)  # no pickled code
+    # phase II trains new heads on phase I's network, frozen: its weights are phase I's final ones
+    first, second = load_file(out / "ge" / "model.safetensors"), load_file(out / "isc_ofa" / "model.safetensors")
+    assert all(torch.equal(second[f"backbone.{k}"], v) for k, v in first.items() if "running" not in k and "batches_tracked" not in k)
+    assert any(k.startswith("isc.") for k in second)
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert "budgeted (maxprob)" in run_.stdout and "top-1" in run_.stdout
+
+
+def _final_weights(folder: Path):
+    return load_file(folder / "model.safetensors")
+
+
+def test_two_processes_and_accumulation_equal_one_process(data, tmp_path):
+    """Same global batch of 8: 1 process x 8, 2 processes x 4 (gloo), 1 process x 4 x 2 accumulated.
+    A ViT (no batch norm) computes the same function of the global batch in all three."""
+    config = str(write_config(tmp_path / "vit.py", data, TINY_VIT, "tracker = None"))
+    one = launch_one(config, "--output-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch_two_processes(TRAIN, args=[config, "--output-dir", str(tmp_path / "two"), "--cfg-options",
+                                            "data.batch_size=4"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    accumulated = launch_one(config, "--output-dir", str(tmp_path / "acc"), "--cfg-options", "data.batch_size=4",
+                             "train.grad_accum_steps=2")
+    assert accumulated.returncode == 0, accumulated.stderr[-3000:]
+    reference = _final_weights(tmp_path / "one")
+    start = torch.load(tmp_path / "one" / "checkpoint" / "training.pt", weights_only=True)
+    assert start["optimizer"]["state"], "the optimizer took steps"
+    for other in ("two", "acc"):
+        weights = _final_weights(tmp_path / other)
+        for k, v in reference.items():
+            assert torch.allclose(weights[k], v, atol=2e-5, rtol=1e-4), (other, k)
+        a = json.loads((tmp_path / "one" / "results.json").read_text())["phases"][0]
+        b = json.loads((tmp_path / other / "results.json").read_text())["phases"][0]
+        assert b["test_samples"] == a["test_samples"] == 21 and b["val_samples"] == 16
+        assert [e["top1"] for e in b["exits"]] == [e["top1"] for e in a["exits"]]
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(data, tmp_path):
+    extra = ("train = dict(epochs=2, checkpoint_every=1, log_every=1)\nmixup = dict(mixup_alpha=0.4)\n"
+             "technique = dict(label_smoothing=0.1)\ntracker = None")
+    model = "dict(name='msdnet_cifar_5exit', kwargs=dict(num_channels=4, growth_rate=2, drop_rate=0.3))"
+    config = str(write_config(tmp_path / "resume.py", data, model, extra))
+    whole = subprocess.run([sys.executable, TRAIN, config, "--output-dir", str(tmp_path / "whole")],
+                           capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    # the same run, killed right after its checkpoint at epoch 1, batch 2 (of 4), then resumed, with
+    # loader workers this time: augmentation is seeded per sample, so that must not matter either
+    out = tmp_path / "killed"
+    killed = subprocess.Popen([sys.executable, TRAIN, config, "--output-dir", str(out), "--cfg-options",
+                               "data.workers=2"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    for line in killed.stdout:
+        if "checkpoint: epoch 2, batch 2" in line:
+            killed.send_signal(signal.SIGKILL)
+            break
+    assert killed.wait(timeout=300) == -signal.SIGKILL
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert not state["finished"] and 0 < state["batch"] < 4 and state["epoch"] == 1  # killed mid-epoch
+    resumed = subprocess.run([sys.executable, TRAIN, config, "--output-dir", str(out), "--resume", "--cfg-options",
+                              "data.workers=2"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint'}: epoch 2, batch {state['batch']}" in resumed.stdout
+    a, b = _final_weights(tmp_path / "whole"), _final_weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _config(data: Path, tmp_path: Path, **changes) -> dict:
+    config = load_config(str(write_config(tmp_path / "c.py", data, extra="tracker = None")),
+                         output_dir=str(tmp_path / "out"))
+    for key, value in changes.items():
+        section, _, leaf = key.partition("__")
+        config[section][leaf] = value
+    return config
+
+
+def test_data_errors_are_explained(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist; expected an ImageFolder layout"):
+        run(_config(data, tmp_path, data__dir=str(tmp_path / "nowhere")))
+    (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no images in class folders"):
+        run(_config(data, tmp_path, data__dir=str(tmp_path / "empty")))
+    corrupt = tiny_data(tmp_path / "corrupt")
+    (corrupt / "train" / "class1" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ValueError, match="cannot read image .*class1/3.png.*replace or remove the file"):
+        run(_config(corrupt, tmp_path, data__dir=str(corrupt)))
+
+
+def test_checkpoint_of_another_model_and_existing_output_are_refused(data, tmp_path):
+    config = _config(data, tmp_path, train__epochs=1)
+    run(config)
+    with pytest.raises(FileExistsError, match="pass --resume to continue that run"):
+        run(config)
+    other = _config(data, tmp_path, train__epochs=1)
+    other["model"] = dict(name="msdnet_cifar_7exit", kwargs=dict(num_channels=4, growth_rate=2))
+    with pytest.raises(ValueError, match="is a checkpoint of 'msdnet_cifar_5exit', not of 'msdnet_cifar_7exit'"):
+        run(other, resume=True)
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    config = _config(data, tmp_path, optimizer__lr=1e12, train__checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match="the loss is not finite.*the last checkpoint is the last good state"):
+        run(config)
+    folder = tmp_path / "out" / "checkpoint"
+    state = json.loads((folder / "state.json").read_text())
+    assert not state["finished"] and state["updates"] >= 1
+    weights = load_file(folder / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_bf16_and_the_other_techniques_train(data, tmp_path):
+    """bf16 autocast on CPU with PCGrad; HDKD (its weights learn); ADN on a small ResNet."""
+    msdnet = write_config(tmp_path / "t.py", data, extra="tracker = None")
+    resnet = write_config(tmp_path / "r.py", data, "dict(name='resnet18_adn', kwargs=dict())", "tracker = None")
+    runs = {
+        "pcgrad": (msdnet, ["technique.deconfliction=pcgrad", "train.mixed_precision=bf16"]),
+        "hdkd": (msdnet, ["technique.loss=hdkd"]),
+        "adn": (resnet, ["technique.loss=adn", "technique.topk=2", "train.epochs=1"]),
+    }
+    for name, (config, options) in runs.items():
+        result = launch_one(str(config), "--output-dir", str(tmp_path / name), "--cfg-options", *options)
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+        report = json.loads((tmp_path / name / "results.json").read_text())["phases"][0]
+        assert report["technique"]["loss"] == ("ce" if name == "pcgrad" else name) and report["test_samples"] == 21
+    hdkd = torch.load(tmp_path / "hdkd" / "checkpoint" / "training.pt", weights_only=True)["hdkd_weights"]
+    assert hdkd["ce_logits"].abs().sum() > 0  # moved from the uniform start

@@ -1,0 +1,153 @@
+"""Training configs: mmengine config files (``_base_`` inheritance, ``--cfg-options key=value``)
+checked against the engine's schema, so that a misspelt key is an error, not a silent default.
+
+A config has the sections of :data:`DEFAULTS`. ``model.kwargs``, ``data.augment``, ``optimizer``
+and ``scheduler`` are free-form (timm's ``create_model``, ``create_transform``,
+``create_optimizer_v2`` and ``create_scheduler_v2`` arguments, which check them). ``phases`` is an
+optional list of runs done one after the other, each a ``name`` plus overrides of the sections
+above (IMTA: phase I with Gradient Equilibrium, then phase II on its weights).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from mmengine.config import Config
+
+__all__ = ["DEFAULTS", "ConfigError", "load_config", "resolve_config", "phase_configs"]
+
+DEFAULTS: Dict[str, Any] = dict(
+    model=dict(name=None, kwargs={}),
+    data=dict(
+        dir=None,             # ImageFolder root with the splits below, or a .tar per split
+        embedded=None,        # 'digits': write scikit-learn's digits into `dir` first (no download)
+        train_split="train",
+        test_split="val",
+        val_fraction=0.0,     # held out of the training split for the budgeted thresholds (and HDKD)
+        split_seed=0,
+        img_mode="RGB",
+        input_size=None, mean=None, std=None, crop_pct=None, interpolation=None,  # default: the model's cfg
+        transform="timm",     # or 'pad_crop' (MSDNet's CIFAR augmentation)
+        augment={},           # timm create_transform training options (scale, hflip, auto_augment, re_prob, ...)
+        batch_size=64,        # per process
+        eval_batch_size=256,
+        workers=2,
+    ),
+    mixup=dict(mixup_alpha=0.0, cutmix_alpha=0.0, cutmix_minmax=None, prob=1.0, switch_prob=0.5, mode="batch"),
+    optimizer=dict(opt="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),
+    scheduler=dict(sched="cosine"),
+    train=dict(
+        epochs=1,
+        seed=0,
+        mixed_precision="no",       # 'bf16' (CPU too) or 'fp16' (GPU); one value for every phase
+        grad_accum_steps=1,         # one value for every phase
+        clip_grad=None,
+        ema_decay=None,             # timm ModelEmaV3; the EMA weights are the ones evaluated
+        checkpoint_every=0,         # also save every N optimizer steps (0: at the end of each epoch only)
+        log_every=10,
+    ),
+    technique=dict(
+        loss="ce",                  # 'ce', 'ofa' (IMTA phase II), 'hdkd', 'adn'
+        exit_weights=None,
+        label_smoothing=0.0,
+        gradient_equilibrium=False,
+        deconfliction=None,         # None, 'symmetric' / 'protect_deeper' (branch level), 'pcgrad'
+        pcgrad=dict(scope="global", order="random", protect_deeper=False),
+        temperature=None,           # KD temperature (ofa: 3, hdkd: 4, adn: 1 if None)
+        gamma=0.9,                  # ofa
+        reduction="batchmean",      # ofa: 'mean' is the reference code's KL scaling
+        isc="reference",            # ofa: 'reference', 'detach' or None
+        freeze_bn_stats=False,      # ofa
+        alpha=0.5,                  # hdkd, adn
+        topk=None,                  # adn
+        hdkd=dict(lr=3e-4, xi=None, init="uniform", ratio_reg=True, interval=1),
+    ),
+    evaluation=dict(policy="maxprob", q_grid="reference", convention="macs"),
+    tracker="tensorboard",          # accelerate tracker name, or None
+    output_dir="output/train",
+    phases=None,
+)
+
+FREE_FORM = ("model.kwargs", "data.augment", "optimizer", "scheduler")
+PROCESS_WIDE = ("train.mixed_precision", "train.grad_accum_steps", "tracker", "output_dir")
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist, or a section of the wrong type."""
+
+
+def _check_keys(config: Dict[str, Any], schema: Dict[str, Any], prefix: str = "") -> None:
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key {path!r}{hint}; the keys of {prefix.rstrip('.') or 'a config'} "
+                           f"are: {', '.join(schema)}")
+        if isinstance(schema[key], dict) and path not in FREE_FORM:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path!r} must be a dict of {', '.join(schema[key])}, got {value!r}")
+            _check_keys(value, schema[key], path + ".")
+
+
+def _merge(base: Dict[str, Any], override: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and path not in FREE_FORM:
+            out[key] = _merge(out[key], value, path + ".")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """``config`` checked against :data:`DEFAULTS` and completed with its defaults."""
+    config = {k: v for k, v in config.items() if k not in ("custom_imports",)}
+    _check_keys(config, DEFAULTS)
+    for i, phase in enumerate(config.get("phases") or []):
+        if not isinstance(phase, dict) or "name" not in phase:
+            raise ConfigError(f"phases[{i}] must be a dict with a 'name' and overrides, got {phase!r}")
+        overrides = {k: v for k, v in phase.items() if k != "name"}
+        _check_keys(overrides, {k: v for k, v in DEFAULTS.items() if k != "phases"}, f"phases[{i}].")
+        for key in PROCESS_WIDE:
+            section, _, leaf = key.partition(".")
+            if section in overrides and (not leaf or leaf in overrides[section]):
+                raise ValueError(f"phases[{i}] overrides {key!r}, which is one value for the whole run")
+    resolved = _merge(DEFAULTS, config)
+    if resolved["model"]["name"] is None:
+        raise ValueError("the config names no model: set model.name (e.g. msdnet_cifar_7exit)")
+    return resolved
+
+
+def load_config(path: str, data_dir: Optional[str] = None, output_dir: Optional[str] = None,
+                cfg_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Read an mmengine config file (with its ``_base_`` files), apply ``--cfg-options`` style
+    overrides (``{'train.epochs': 3}``), ``data_dir`` and ``output_dir``, then check and complete it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found (see recipes/ for examples)")
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(dict(cfg_options), allow_list_keys=True)
+    config = cfg.to_dict()
+    if data_dir is not None:
+        config.setdefault("data", {})["dir"] = data_dir
+    if output_dir is not None:
+        config["output_dir"] = output_dir
+    return resolve_config(config)
+
+
+def phase_configs(config: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
+    """The runs of a config, in order: ``[(name, config of that run)]`` (one run named ``train``
+    without ``phases``)."""
+    phases: Sequence[dict] = config.get("phases") or [dict(name="train")]
+    runs = []
+    for phase in phases:
+        overrides = {k: v for k, v in phase.items() if k != "name"}
+        runs.append((phase["name"], {**_merge(config, overrides), "phases": None}))
+    names = [name for name, _ in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"phase names must differ, got {names}")
+    return runs

@@ -1,0 +1,396 @@
+"""The accelerate training engine that runs every recipe.
+
+``accelerate launch recipes/cifar.py --data-dir data/cifar10`` (or ``timm-exits train CONFIG``)
+reads an mmengine config (:mod:`timm_exits.config`) and, for each of its phases:
+
+1. builds the data with timm (ImageFolder or tar splits, timm transforms, mixup / cutmix), the
+   model with ``timm.create_model``, the optimizer, scheduler and EMA with timm's factories;
+2. trains under an :class:`accelerate.Accelerator` (one process, DDP or FSDP on one or many
+   machines, as ``accelerate config`` / ``accelerate launch`` say; mixed precision, bf16 on CPU too;
+   gradient accumulation) with the technique of the config, through the same pieces as the mmengine
+   adapters (:mod:`timm_exits.train`);
+3. checkpoints (safetensors + weights-only training state, atomic) every epoch and every
+   ``train.checkpoint_every`` steps; ``--resume`` continues exactly where a killed run stopped;
+4. evaluates: anytime accuracy per exit and the budgeted curve (thresholds on the held-out split),
+   printed, written as ``evaluation.json`` and ``evaluation.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from mmengine.config import DictAction
+from safetensors.torch import save_file
+from timm.data import Mixup, resolve_data_config
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import timm_exits  # noqa: F401  (registers the models)
+from .. import profile as profiling
+from ..checkpoint import load_checkpoint, save_checkpoint, set_rng_state, rng_state, training_state
+from ..config import load_config, phase_configs
+from ..data import EpochSampler, ImageFiles, image_transform, num_classes_of, split_dataset, write_digits
+from ..inference.budgeted import IMTA_Q, REFERENCE_Q
+from ..inference.outputs import collect_outputs
+from ..inference.report import evaluation_report, format_report, write_report
+from ..train import adn_losses, pcgrad_backward
+from ..train.hdkd import BalancedValidationLoss, HarmonizedWeights, hdkd_weight_step
+from ..train.objective import TrainingForward, create_training_model, training_losses
+
+__all__ = ["main", "run", "train_phase"]
+
+EMBEDDED = {"digits": write_digits}
+
+
+class _Data:
+    """The splits of one run: training (augmented), held-out validation and test (both not)."""
+
+    def __init__(self, config: Dict[str, Any], accelerator: Accelerator):
+        data = config["data"]
+        if data["dir"] is None:
+            raise ValueError("no data: pass --data-dir (an ImageFolder root with train/ and val/ folders, or tars)")
+        if data["embedded"] is not None:
+            if data["embedded"] not in EMBEDDED:
+                raise ValueError(f"data.embedded must be one of {list(EMBEDDED)} or None, got {data['embedded']!r}")
+            with accelerator.main_process_first():
+                EMBEDDED[data["embedded"]](data["dir"])
+        seed = config["train"]["seed"]
+        self.train_files = ImageFiles(self._split(data["dir"], data["train_split"]), img_mode=data["img_mode"], seed=seed)
+        self.test_files = ImageFiles(self._split(data["dir"], data["test_split"]), img_mode=data["img_mode"], seed=seed)
+        self.held_out_files = ImageFiles(self.train_files.root, img_mode=data["img_mode"], seed=seed)
+        if self.test_files.reader.class_to_idx != self.train_files.reader.class_to_idx:
+            raise ValueError(f"the class folders of {self.test_files.root!r} differ from those of {self.train_files.root!r}")
+        self.num_classes = num_classes_of(self.train_files)
+        self.train, self.val = self.train_files, None
+        if data["val_fraction"]:
+            val, train = split_dataset(self.train_files, data["val_fraction"], data["split_seed"])
+            self.train, self.val = train, Subset(self.held_out_files, val.indices)
+
+    @staticmethod
+    def _split(root: str, split: str) -> str:
+        path = os.path.join(root, split)
+        return path + ".tar" if not os.path.exists(path) and os.path.isfile(path + ".tar") else path
+
+    def set_transforms(self, config: Dict[str, Any], model: nn.Module) -> dict:
+        data = config["data"]
+        given = {k: data[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation") if data[k] is not None}
+        data_config = resolve_data_config(given, model=model)
+        self.train_files.transform = image_transform(data_config, True, data["transform"], **data["augment"])
+        self.test_files.transform = self.held_out_files.transform = image_transform(data_config, False, data["transform"])
+        return data_config
+
+
+def _model_kwargs(config: Dict[str, Any], num_classes: int) -> dict:
+    kwargs = dict(config["model"]["kwargs"])
+    kwargs.setdefault("num_classes", num_classes)
+    if config["data"]["img_mode"] == "L":
+        kwargs.setdefault("in_chans", 1)
+    if kwargs["num_classes"] != num_classes:
+        raise ValueError(f"model.kwargs.num_classes is {kwargs['num_classes']} but the data has {num_classes} classes")
+    return kwargs
+
+
+def _apply_switches(model: nn.Module, technique: Dict[str, Any]) -> None:
+    """Gradient Equilibrium and branch-level deconfliction are switches of the model's forward graph."""
+    if technique["gradient_equilibrium"]:
+        if not hasattr(model, "gradient_equilibrium"):
+            raise ValueError(f"{type(model).__name__} has no Gradient Equilibrium (IMTA phase II trains heads only)")
+        model.gradient_equilibrium = True
+    if technique["deconfliction"] in ("symmetric", "protect_deeper"):
+        if not hasattr(model, "gradient_deconfliction"):
+            raise ValueError(f"{type(model).__name__} has no branch points to deconflict")
+        model.gradient_deconfliction = technique["deconfliction"]
+    elif technique["deconfliction"] not in (None, "pcgrad"):
+        raise ValueError(f"technique.deconfliction must be None, 'symmetric', 'protect_deeper' or 'pcgrad', "
+                         f"got {technique['deconfliction']!r}")
+
+
+def _process_rng(accelerator: Accelerator) -> List[dict]:
+    return gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+
+
+def train_phase(
+        accelerator: Accelerator,
+        config: Dict[str, Any],
+        output_dir: str,
+        name: str = "train",
+        previous: Optional[str] = None,
+        resume: bool = False,
+) -> Dict[str, Any]:
+    """Train one phase of a config and evaluate it; returns the evaluation report. ``previous`` is
+    the weights file of the phase before (IMTA phase II starts from it)."""
+    train_cfg, technique = config["train"], config["technique"]
+    checkpoint_dir = os.path.join(output_dir, "checkpoint")
+    state: Dict[str, Any] = {"epoch": 0, "batch": 0, "updates": 0, "finished": False}
+    if os.path.isdir(checkpoint_dir) and not resume:
+        raise FileExistsError(f"{checkpoint_dir!r} exists: pass --resume to continue that run, or choose another "
+                              f"--output-dir")
+
+    data = _Data(config, accelerator)
+    set_seed(train_cfg["seed"])  # the same initial weights on every process
+    model = create_training_model(config["model"]["name"], _model_kwargs(config, data.num_classes), technique["loss"],
+                                  previous, technique["isc"], technique["freeze_bn_stats"])
+    _apply_switches(model, technique)
+    data_config = data.set_transforms(config, model)
+    model.to(accelerator.device)
+    optimizer = create_optimizer_v2(model, **config["optimizer"])
+    sampler = EpochSampler(len(data.train), train_cfg["seed"])
+    dc = config["data"]
+    # the loader's own generator: creating an iterator must not draw from the global RNG (dropout's)
+    train_loader = DataLoader(data.train, batch_size=dc["batch_size"], sampler=sampler, drop_last=True,
+                              num_workers=dc["workers"], generator=torch.Generator().manual_seed(train_cfg["seed"]))
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(data.train)} training images make no batch of {dc['batch_size']}")
+    forward = TrainingForward(model)
+    forward, optimizer, train_loader = accelerator.prepare(forward, optimizer, train_loader)
+    updates_per_epoch = math.ceil(len(train_loader) / accelerator.gradient_accumulation_steps)
+    scheduler, epochs = create_scheduler_v2(optimizer, num_epochs=train_cfg["epochs"],
+                                            updates_per_epoch=updates_per_epoch, **config["scheduler"])
+    ema = ModelEmaV3(model, decay=train_cfg["ema_decay"]) if train_cfg["ema_decay"] else None
+    mixup = Mixup(**config["mixup"], label_smoothing=technique["label_smoothing"], num_classes=data.num_classes) \
+        if config["mixup"]["mixup_alpha"] > 0 or config["mixup"]["cutmix_alpha"] > 0 else None
+    step = _TrainingStep(accelerator, model, forward, optimizer, technique, data, train_cfg, config["optimizer"])
+
+    def save(**extra) -> None:
+        training = {"rng_per_process": _process_rng(accelerator), **step.state_dict()}
+        if ema is not None:
+            training["ema"] = ema.state_dict()
+        if accelerator.is_main_process:
+            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, config["model"]["name"], training,
+                            phase=name, **state, **extra)
+        accelerator.wait_for_everyone()
+
+    if resume and os.path.isdir(checkpoint_dir):
+        saved = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, config["model"]["name"], restore_rng=False)
+        state = {k: saved[k] for k in state}
+        training = training_state(checkpoint_dir)
+        rngs = training["rng_per_process"]
+        set_rng_state(rngs[accelerator.process_index] if len(rngs) == accelerator.num_processes else rngs[0])
+        step.load_state_dict(training)
+        if ema is not None:
+            ema.load_state_dict(training["ema"])
+        accelerator.print(f"[{name}] resumed from {checkpoint_dir}: epoch {state['epoch'] + 1}, batch {state['batch']}")
+    else:
+        set_seed(train_cfg["seed"], device_specific=True)  # dropout and mixup differ between processes
+
+    started = time.time()
+    for epoch in range(state["epoch"], epochs):
+        scheduler.step(epoch)
+        scheduler.step_update(state["updates"])  # a no-op unless the schedule steps per update
+        train_loader.set_epoch(epoch)
+        data.train_files.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_loader, state["batch"]) if state["batch"] else train_loader
+        loader.set_epoch(epoch)
+        bar = tqdm(loader, desc=f"[{name}] epoch {epoch + 1}/{epochs}", initial=state["batch"], total=len(train_loader),
+                   disable=not accelerator.is_local_main_process)
+        for images, target in bar:
+            if mixup is not None:
+                images, target = mixup(images, target)
+            losses = step(images, target, state["updates"])
+            state["batch"] += 1
+            if accelerator.sync_gradients:
+                state["updates"] += 1
+                scheduler.step_update(state["updates"])
+                if ema is not None:
+                    ema.update(model, step=state["updates"])
+                if train_cfg["log_every"] and state["updates"] % train_cfg["log_every"] == 0:
+                    accelerator.log({f"{name}/{k}": v for k, v in losses.items()}
+                                    | {f"{name}/lr": optimizer.param_groups[0]["lr"]}, step=state["updates"])
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+                every = train_cfg["checkpoint_every"]
+                if every and state["updates"] % every == 0 and state["batch"] < len(train_loader):
+                    save()
+                    accelerator.print(f"[{name}] checkpoint: epoch {epoch + 1}, batch {state['batch']}, "
+                                      f"{state['updates']} updates", flush=True)
+        state.update(epoch=epoch + 1, batch=0)
+        save()
+    state["finished"] = True
+    save(seconds=round(time.time() - started, 1))
+
+    evaluated = ema.module if ema is not None else model
+    weights = os.path.join(output_dir, "model.safetensors")
+    if accelerator.is_main_process:
+        save_file({k: v.detach().contiguous().cpu() for k, v in evaluated.state_dict().items()}, weights + ".tmp")
+        os.replace(weights + ".tmp", weights)
+    report = _evaluate(accelerator, evaluated, data, data_config, config, name, output_dir)
+    accelerator.log({f"{name}/exit{e['exit']}_top1": e["top1"] for e in report["exits"]}, step=state["updates"])
+    accelerator.wait_for_everyone()
+    return report
+
+
+class _TrainingStep:
+    """One batch of the configured technique: forward, losses, backward and (on update steps) the
+    optimizer step; returns the losses averaged over processes, and stops on a non-finite loss."""
+
+    def __init__(self, accelerator, model, forward, optimizer, technique, data: _Data, train_cfg, optimizer_cfg):
+        self.accelerator, self.model, self.forward, self.optimizer = accelerator, model, forward, optimizer
+        self.technique, self.train_cfg, self.data = technique, train_cfg, data
+        self.kind = "pcgrad" if technique["deconfliction"] == "pcgrad" else technique["loss"]
+        if self.kind == "pcgrad" and technique["loss"] != "ce":
+            raise ValueError("deconfliction='pcgrad' projects the exits' cross-entropies: it needs loss='ce'")
+        self.generator = torch.Generator().manual_seed(train_cfg["seed"])
+        self.hdkd = None
+        if technique["loss"] == "hdkd":
+            if data.val is None:
+                raise ValueError("loss='hdkd' learns its weights on a held-out split: set data.val_fraction > 0")
+            cfg = technique["hdkd"]
+            weights = HarmonizedWeights(model.num_exits, cfg["init"]).to(accelerator.device)
+            self.hdkd = dict(weights=weights, cfg=cfg, val_loss=BalancedValidationLoss(model.num_exits, ratio_reg=cfg["ratio_reg"]),
+                             optimizer=torch.optim.Adam(weights.parameters(), lr=cfg["lr"], betas=(0.5, 0.999),
+                                                        weight_decay=1e-3))
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = {"pcgrad_generator": self.generator.get_state()}
+        if self.hdkd is not None:
+            state.update(hdkd_weights=self.hdkd["weights"].state_dict(), hdkd_optimizer=self.hdkd["optimizer"].state_dict(),
+                         hdkd_val_loss=self.hdkd["val_loss"].state_dict())
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.generator.set_state(state["pcgrad_generator"])
+        if self.hdkd is not None:
+            self.hdkd["weights"].load_state_dict(state["hdkd_weights"])
+            self.hdkd["optimizer"].load_state_dict(state["hdkd_optimizer"])
+            self.hdkd["val_loss"].load_state_dict(state["hdkd_val_loss"])
+
+    def _val_batch(self, updates: int, size: int):
+        """A batch of the held-out split drawn from (seed, update, process): the same after a resume."""
+        seed = (self.train_cfg["seed"] * 1_000_003 + updates) * 101 + self.accelerator.process_index
+        index = torch.randperm(len(self.data.val), generator=torch.Generator().manual_seed(seed))[:size]
+        images, target = zip(*(self.data.val[i] for i in index.tolist()))
+        device = self.accelerator.device
+        return torch.stack(images).to(device), torch.tensor(target, device=device)
+
+    def __call__(self, images: torch.Tensor, target: torch.Tensor, updates: int) -> Dict[str, float]:
+        acc, t = self.accelerator, self.technique
+        kd = dict(temperature=t["temperature"], gamma=t["gamma"], reduction=t["reduction"], alpha=t["alpha"])
+        with acc.accumulate(self.forward):
+            if self.hdkd is not None and acc.sync_gradients and updates % self.hdkd["cfg"]["interval"] == 0:
+                cfg = self.hdkd["cfg"]
+                xi = cfg["xi"] if cfg["xi"] is not None else self.optimizer.param_groups[0]["lr"]
+                hdkd_weight_step(self.model, self.hdkd["weights"], self.hdkd["optimizer"], (images, target),
+                                 self._val_batch(updates, len(images)), self.hdkd["val_loss"], xi, t["alpha"],
+                                 t["temperature"] or 4.0)
+            if self.kind == "adn":
+                terms = adn_losses(self.model, images, target, t["alpha"], t["temperature"] or 1.0, t["topk"],
+                                   backward=acc.backward, forward=self.forward)
+                acc.backward(terms["base"])
+            elif self.kind == "pcgrad":
+                with acc.no_sync(self.forward), acc.autocast():  # pcgrad_backward averages the processes' gradients
+                    terms = training_losses(self.forward(images), target, "ce", weights=t["exit_weights"],
+                                            label_smoothing=self._smoothing(target))
+                scale = 1.0 / acc.gradient_accumulation_steps
+                p = t["pcgrad"]
+                pcgrad_backward([v * scale for v in terms.values()], [q for q in self.model.parameters()], p["scope"],
+                                order=p["order"], protect_deeper=p["protect_deeper"], generator=self.generator)
+            else:
+                weights = self.hdkd["weights"]() if self.hdkd is not None else None
+                terms = training_losses(self.forward(images), target, t["loss"], weights, t["exit_weights"],
+                                        self._smoothing(target), **kd)
+                acc.backward(sum(terms.values()))
+            values = acc.reduce(torch.stack([v.detach().float() for v in terms.values()]), "mean")
+            if not torch.isfinite(values).all():
+                raise FloatingPointError(f"the loss is not finite ({dict(zip(terms, values.tolist()))}); training "
+                                         f"stopped before the optimizer step, the last checkpoint is the last good "
+                                         f"state: lower optimizer.lr or set train.clip_grad")
+            if acc.sync_gradients and self.train_cfg["clip_grad"]:
+                acc.clip_grad_norm_(self.model.parameters(), self.train_cfg["clip_grad"])
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        losses = dict(zip(terms, values.tolist()))
+        return {"loss": sum(losses.values()), **losses}
+
+    def _smoothing(self, target: torch.Tensor) -> float:
+        return 0.0 if target.dim() > 1 else self.technique["label_smoothing"]  # mixup's targets are smoothed
+
+
+def _evaluate(accelerator: Accelerator, model: nn.Module, data: _Data, data_config: dict, config: Dict[str, Any],
+              name: str, output_dir: str) -> Dict[str, Any]:
+    ev, dc = config["evaluation"], config["data"]
+
+    def outputs(dataset):
+        if dataset is None:
+            return None
+        loader = accelerator.prepare(DataLoader(dataset, batch_size=dc["eval_batch_size"], num_workers=dc["workers"],
+                                                generator=torch.Generator()))
+        return collect_outputs(model, loader, accelerator.device, accelerator.gather_for_metrics,
+                               progress=accelerator.is_local_main_process)
+
+    val, test = outputs(data.val), outputs(data.test_files)
+    costs = [c.macs for c in profiling.profile_exits(model, data_config["input_size"], ev["convention"])]
+    q_grid = IMTA_Q if ev["q_grid"] == "imta" else REFERENCE_Q
+    report = evaluation_report(val, test, costs, ev["policy"], q_grid, model=config["model"]["name"], phase=name,
+                               data_dir=dc["dir"], test_split=dc["test_split"], convention=ev["convention"],
+                               epochs=config["train"]["epochs"], technique=config["technique"])
+    if accelerator.is_main_process:
+        accelerator.print(f"\n[{name}] {config['model']['name']}: {test.num_samples} test images\n{format_report(report)}")
+        paths = write_report(report, output_dir, label=f"{config['model']['name']} ({name})",
+                             cost_label=f"M{ev['convention']} per image")
+        accelerator.print(f"[{name}] wrote {paths['json']}, {paths['png']} and {os.path.join(output_dir, 'model.safetensors')}")
+    return report
+
+
+def run(config: Dict[str, Any], resume: bool = False) -> List[Dict[str, Any]]:
+    """Every phase of a resolved config (see :func:`timm_exits.config.load_config`), in order;
+    returns their evaluation reports."""
+    runs = phase_configs(config)
+    train_cfg = config["train"]
+    find_unused = any(c["technique"]["loss"] == "adn" for _, c in runs)  # the base-net skips blocks
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=train_cfg["mixed_precision"],
+                              gradient_accumulation_steps=train_cfg["grad_accum_steps"],
+                              log_with=config["tracker"], project_dir=config["output_dir"],
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
+    try:
+        if config["tracker"]:
+            accelerator.init_trackers("tensorboard", config={"model": config["model"]["name"]})
+        reports, previous = [], None
+        for name, phase in runs:
+            folder = config["output_dir"] if len(runs) == 1 else os.path.join(config["output_dir"], name)
+            reports.append(train_phase(accelerator, phase, folder, name, previous, resume))
+            previous = os.path.join(folder, "model.safetensors")
+        if accelerator.is_main_process:
+            path = os.path.join(config["output_dir"], "results.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump({"config": config, "phases": reports}, f, indent=2, default=str)
+            os.replace(path + ".tmp", path)
+            accelerator.print(f"results of every phase: {path}")
+        return reports
+    finally:
+        accelerator.end_training()  # also destroys the process group of a multi-process run
+
+
+def main(default_config: Optional[str] = None, argv: Optional[List[str]] = None) -> int:
+    """Command line of the recipes: ``CONFIG [--data-dir] [--output-dir] [--resume] [--cfg-options k=v ...]``."""
+    parser = argparse.ArgumentParser(description="Train a multi-exit model from an mmengine config with accelerate.")
+    parser.add_argument("config", nargs="?" if default_config else None, default=default_config,
+                        help="an mmengine config file (recipes/*.py or one inheriting them)")
+    parser.add_argument("--data-dir", default=None, help="the data root (overrides data.dir)")
+    parser.add_argument("--output-dir", default=None, help="where checkpoints and results go (overrides output_dir)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir where it stopped")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
+                        help="override config keys: train.epochs=3 optimizer.lr=0.05")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.data_dir, args.output_dir, args.cfg_options)
+        if args.print_config:
+            print(json.dumps(config, indent=2, default=str))
+            return 0
+        run(config, args.resume)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+        # bad input: its message, not a traceback (in a multi-process run the launcher stops the others)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
