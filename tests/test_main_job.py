@@ -1,5 +1,5 @@
 """The README's main job, launched as a user launches it: ``accelerate launch recipes/train.py``
-(here with one epoch per phase and its folders in a temporary directory)."""
+(here with one epoch per phase, a narrower MSDNet and its folders in a temporary directory)."""
 import json
 import os
 import subprocess
@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import timm
+import torch
+from safetensors.torch import load_file
 
-import timm_exits  # noqa: F401
+import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +21,8 @@ def test_main_job_trains_imta_on_the_embedded_digits(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--mixed_precision", "no",
          "--dynamo_backend", "no", "recipes/train.py", "--output-dir", str(tmp_path / "out"),
-         "--cfg-options", "train.epochs=1", f"data.dir={tmp_path / 'digits'}"],
+         "--cfg-options", "train.epochs=1", "model.kwargs.num_channels=8", "model.kwargs.growth_rate=4",
+         f"data.dir={tmp_path / 'digits'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     # the embedded dataset became real image files: 1,797 PNGs in 10 class folders, split 80 / 20
@@ -37,6 +40,14 @@ def test_main_job_trains_imta_on_the_embedded_digits(tmp_path):
     for phase in ("phase1_ge", "phase2_isc_ofa"):
         assert sorted(p.name for p in (out / phase).iterdir()) == [
             "checkpoint", "evaluation.json", "evaluation.png", "model.safetensors"]  # nothing half-written
-    model = timm.create_model("msdnet_cifar_5exit", num_classes=10, in_chans=1)
+    model = timm.create_model("msdnet_cifar_5exit", num_classes=10, in_chans=1, num_channels=8, growth_rate=4)
     state = load_checkpoint(str(out / "phase1_ge" / "checkpoint"), model, model_name="msdnet_cifar_5exit")
-    assert state["finished"] and state["epoch"] == 1
+    assert state["finished"] and state["epoch"] == 1 and state["updates"] == 1149 // 64
+    torch.load(out / "phase2_isc_ofa" / "checkpoint" / "training.pt", weights_only=True)  # no pickled code
+    # phase II trains new heads on phase I's network, frozen: its weights are phase I's final ones
+    first = load_file(out / "phase1_ge" / "model.safetensors")
+    second = load_file(out / "phase2_isc_ofa" / "model.safetensors")
+    assert all(torch.equal(second[f"backbone.{k}"], v) for k, v in first.items()
+               if "running" not in k and "batches_tracked" not in k)  # BN statistics still move, as in IMTA
+    assert any(k.startswith("isc.") for k in second)
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
