@@ -174,6 +174,10 @@ class MsdLayer(nn.Module):
             ))
         self.units = nn.ModuleList(units)
 
+    def fuse(self) -> nn.Module:
+        """The inference form (``timm.utils.reparameterize_model`` calls this)."""
+        return FusedMsdLayer(self)
+
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
         out = []
         for k, unit in enumerate(self.units):
@@ -189,6 +193,9 @@ class Transition(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.convs = nn.ModuleList([ConvNormAct(in_width * g, out_width * g, 1, **dd) for g in gr])
+
+    def fuse(self) -> nn.Module:
+        return FusedTransition(self)
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
         return [conv(x) for conv, x in zip(self.convs, xs)]
@@ -212,6 +219,12 @@ class MsdStem(nn.Module):
         coarser = [ConvNormAct(widths[s - 1], widths[s], 3, stride=2, padding=1, **dd) for s in range(1, len(widths))]
         self.convs = nn.ModuleList([first] + coarser)
 
+    def fuse(self) -> nn.Module:
+        """Batch norms folded (in place), for inference."""
+        for i, conv in enumerate(self.convs):
+            self.convs[i] = FoldedConvAct([conv])
+        return self
+
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         x = self.pool(self.convs[0](x))
         out = [x]
@@ -233,9 +246,102 @@ class MsdHead(nn.Module):
         self.drop = nn.Dropout(drop_rate)
         self.fc = classifier(width, num_classes, **dd)
 
+    def fuse(self) -> nn.Module:
+        """Batch norms folded (in place), for inference."""
+        self.conv1, self.conv2 = FoldedConvAct([self.conv1]), FoldedConvAct([self.conv2])
+        return self
+
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(self.conv2(self.conv1(x))).flatten(1)
         return x if pre_logits else self.fc(self.drop(x))
+
+
+def _folded(unit: ConvNormAct) -> nn.Conv2d:
+    """``unit``'s convolution with its (eval-mode) batch norm folded into weights and bias."""
+    conv, bn = unit.conv, unit.bn
+    if not isinstance(getattr(bn, "act", None), nn.ReLU):
+        raise ValueError("MSDNet's fused inference path expects conv-BN-ReLU units")
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                       bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        folded.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return folded.to(memory_format=torch.channels_last)
+
+
+class FoldedConvAct(nn.Module):
+    """Inference form of a conv-BN-ReLU unit (or of several that read the same input, their output
+    channels side by side): one convolution with the batch norms folded in, then ReLU."""
+
+    def __init__(self, units: Sequence[ConvNormAct]):
+        super().__init__()
+        convs = [_folded(u) for u in units]
+        self.conv = convs[0]
+        if len(convs) > 1:
+            first = convs[0]
+            self.conv = nn.Conv2d(first.in_channels, sum(c.out_channels for c in convs), first.kernel_size,
+                                  first.stride, first.padding, bias=True, device=first.weight.device,
+                                  dtype=first.weight.dtype).to(memory_format=torch.channels_last)
+            with torch.no_grad():
+                self.conv.weight.copy_(torch.cat([c.weight for c in convs]))
+                self.conv.bias.copy_(torch.cat([c.bias for c in convs]))
+        self.widths = [c.out_channels for c in convs]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu_(self.conv(x))
+
+
+class FusedMsdLayer(nn.Module):
+    """Inference form of :class:`MsdLayer`: batch norms folded, and the 1x1 bottlenecks that read
+    the same scale (this scale's normal path, the next scale's down path) run as one convolution."""
+
+    def __init__(self, layer: "MsdLayer"):
+        super().__init__()
+        self.discard = layer.discard
+        consumers = {}  # input scale index -> [(unit, path)]
+        for k, unit in enumerate(layer.units):
+            if unit.down is not None:
+                consumers.setdefault(k + self.discard - 1, []).append((k, "down"))
+            consumers.setdefault(k + self.discard, []).append((k, "normal"))
+        self.bottleneck = all(isinstance(getattr(u, p).reduce, ConvNormAct) for u in layer.units
+                              for p in ("down", "normal") if getattr(u, p) is not None)
+        self.reads = {j: users for j, users in sorted(consumers.items())}
+        if self.bottleneck:
+            self.reduce = nn.ModuleDict({str(j): FoldedConvAct([getattr(layer.units[k], p).reduce for k, p in users])
+                                         for j, users in self.reads.items()})
+        self.down = nn.ModuleDict({str(k): FoldedConvAct([u.down.conv]) for k, u in enumerate(layer.units)
+                                   if u.down is not None})
+        self.normal = nn.ModuleList([FoldedConvAct([u.normal.conv]) for u in layer.units])
+
+    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        mids = {}
+        for j, users in self.reads.items():
+            if self.bottleneck:
+                reduce = self.reduce[str(j)]
+                mids.update(zip(users, reduce(xs[j]).split(reduce.widths, 1)))
+            else:
+                mids.update((user, xs[j]) for user in users)
+        out = []
+        for k, normal in enumerate(self.normal):
+            pieces = [xs[k + self.discard]]
+            if str(k) in self.down:
+                pieces.append(self.down[str(k)](mids[(k, "down")]))
+            pieces.append(normal(mids[(k, "normal")]))
+            out.append(torch.cat(pieces, 1))
+        return out
+
+
+class FusedTransition(nn.Module):
+    """Inference form of :class:`Transition` (batch norms folded)."""
+
+    def __init__(self, transition: "Transition"):
+        super().__init__()
+        self.convs = nn.ModuleList([FoldedConvAct([c]) for c in transition.convs])
+
+    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        return [conv(x) for conv, x in zip(self.convs, xs)]
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:

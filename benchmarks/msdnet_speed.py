@@ -1,0 +1,140 @@
+"""MSDNet training and inference throughput on this machine: the plain model against the fused
+inference path (``timm.utils.reparameterize_model``: batch norms folded, shared-input 1x1
+bottlenecks merged, channels-last) and bf16 autocast, measured side by side in one process,
+alternating, with the same weights and inputs.
+
+    python benchmarks/msdnet_speed.py [--rounds 5] [--json]
+
+Training step: forward of every exit, the sum of their cross-entropies, backward, SGD step.
+bf16 error: the relative L2 error of every exit's logits against fp32, and the share of images
+whose top-1 class changes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Callable, Dict, List
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.utils import reparameterize_model
+from torch import nn
+
+import timm_exits  # noqa: F401  (registers the models)
+
+SETTINGS = [  # (model, training batch, inference batch)
+    ("msdnet_cifar_7exit", 64, 256),
+    ("msdnet_imagenet_5exit", 8, 8),
+]
+
+
+def _randomise_statistics(model: nn.Module, seed: int = 0) -> None:
+    """Trained-looking batch-norm statistics, so that folding them is not a no-op."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+def _bf16(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def _rate(fn: Callable[[], None], images: int, repeats: int) -> float:
+    fn()  # warm-up (oneDNN primitives, allocator)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return images * repeats / (time.perf_counter() - start)
+
+
+def measure(name: str, train_batch: int, infer_batch: int, rounds: int) -> List[Dict]:
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    size = model.pretrained_cfg["input_size"]
+    x_train, y = torch.randn(train_batch, *size), torch.randint(0, model.num_classes, (train_batch,))
+    x_infer = torch.randn(infer_batch, *size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def train_step(bf16: bool) -> Callable[[], None]:
+        def step():
+            model.train()
+            with _bf16(bf16):
+                loss = sum(F.cross_entropy(z.float(), y) for z in model.forward_exits(x_train))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return step
+
+    def infer(net: nn.Module, bf16: bool) -> Callable[[], None]:
+        def run():
+            net.eval()
+            with torch.no_grad(), _bf16(bf16):
+                net.forward_exits(x_infer)
+        return run
+
+    _randomise_statistics(model)
+    model.eval()
+    fused = reparameterize_model(model)
+    with torch.no_grad():
+        reference = model.forward_exits(x_infer)
+        errors = {}
+        for path, net in (("plain", model), ("fused", fused)):
+            for precision in ("fp32", "bf16"):
+                with _bf16(precision == "bf16"):
+                    out = net.forward_exits(x_infer)
+                errors[(path, precision)] = (
+                    max(float((o.float() - r).norm() / r.norm()) for o, r in zip(out, reference)),
+                    max(float((o.argmax(1) != r.argmax(1)).float().mean()) for o, r in zip(out, reference)))
+    cases = {
+        ("train", "plain", "fp32"): (train_step(False), train_batch),
+        ("train", "plain", "bf16"): (train_step(True), train_batch),
+        ("infer", "plain", "fp32"): (infer(model, False), infer_batch),
+        ("infer", "fused", "fp32"): (infer(fused, False), infer_batch),
+        ("infer", "plain", "bf16"): (infer(model, True), infer_batch),
+        ("infer", "fused", "bf16"): (infer(fused, True), infer_batch),
+    }
+    repeats = 2 if train_batch <= 8 else 1
+    rates = {key: [] for key in cases}
+    for _ in range(rounds):  # alternate, so that drift of the machine hits every case alike
+        for key, (fn, images) in cases.items():
+            rates[key].append(_rate(fn, images, repeats))
+
+    rows = []
+    for (task, path, precision), values in rates.items():
+        base = statistics.median(rates[(task, "plain", "fp32")])
+        rate = statistics.median(values)
+        row = {"model": name, "task": task, "path": path, "precision": precision,
+               "batch_size": train_batch if task == "train" else infer_batch,
+               "images_per_s": round(rate, 1), "speedup": round(rate / base, 2)}
+        if task == "infer":
+            row["rel_error"], row["top1_changed"] = (round(v, 6) for v in errors[(path, precision)])
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--models", nargs="*", default=[s[0] for s in SETTINGS])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows = [r for name, tb, ib in SETTINGS if name in args.models for r in measure(name, tb, ib, args.rounds)]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{'model':<24}{'task':<7}{'path':<7}{'prec':<6}{'batch':>6}{'img/s':>9}{'speedup':>9}{'rel err':>10}{'top1 chg':>10}")
+    for r in rows:
+        err = f"{r['rel_error']:>10.2e}{r['top1_changed']:>10.4f}" if "rel_error" in r else ""
+        print(f"{r['model']:<24}{r['task']:<7}{r['path']:<7}{r['precision']:<6}{r['batch_size']:>6}"
+              f"{r['images_per_s']:>9.1f}{r['speedup']:>9.2f}{err}")
+
+
+if __name__ == "__main__":
+    main()
