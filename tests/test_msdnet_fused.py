@@ -80,3 +80,19 @@ def test_fusing_needs_conv_bn_relu_units():
     model.stem.convs[0].bn.act = nn.GELU()
     with pytest.raises(ValueError, match="expects conv-BN-ReLU units"):
         reparameterize_model(model)
+
+
+def test_stages_append_in_place_only_to_states_no_one_extended():
+    """A fused stage appends to the buffer its input is the filled part of; continuing twice from
+    the same state must not overwrite what the first continuation returned."""
+    model = _randomise(timm.create_model("msdnet_cifar_7exit", num_classes=10))
+    fused = reparameterize_model(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        state = fused.forward_stage(fused.forward_stem(x), 0)
+        first = fused.forward_stage(state, 1)
+        kept = [t.clone() for t in first]
+        second = fused.forward_stage(state, 1)
+        expected = model.forward_stage(model.forward_stage(model.forward_stem(x), 0), 1)
+    for a, b, c, e in zip(first, kept, second, expected):
+        assert torch.equal(a, b) and torch.allclose(c, e, rtol=1e-4, atol=1e-5)

@@ -31,7 +31,7 @@ from .multi_exit import MultiExitModel, scale_grad
 from ..checkpoint import pretrained_file
 from ..registry import load_catalogue, register_entrypoints
 
-__all__ = ["MSDNet", "LayerPlan", "msdnet_plan", "checkpoint_filter_fn"]
+__all__ = ["MSDNet", "MsdStage", "LayerPlan", "msdnet_plan", "checkpoint_filter_fn"]
 
 Factors = Union[str, Sequence[int]]
 
@@ -174,6 +174,10 @@ class MsdLayer(nn.Module):
             ))
         self.units = nn.ModuleList(units)
 
+    @property
+    def has_bottleneck(self) -> bool:
+        return isinstance(self.units[0].normal.reduce, ConvNormAct)
+
     def fuse(self) -> nn.Module:
         """The inference form (``timm.utils.reparameterize_model`` calls this)."""
         return FusedMsdLayer(self)
@@ -305,8 +309,7 @@ class FusedMsdLayer(nn.Module):
             if unit.down is not None:
                 consumers.setdefault(k + self.discard - 1, []).append((k, "down"))
             consumers.setdefault(k + self.discard, []).append((k, "normal"))
-        self.bottleneck = all(isinstance(getattr(u, p).reduce, ConvNormAct) for u in layer.units
-                              for p in ("down", "normal") if getattr(u, p) is not None)
+        self.bottleneck = layer.has_bottleneck
         self.reads = {j: users for j, users in sorted(consumers.items())}
         if self.bottleneck:
             self.reduce = nn.ModuleDict({str(j): FoldedConvAct([getattr(layer.units[k], p).reduce for k, p in users])
@@ -314,6 +317,37 @@ class FusedMsdLayer(nn.Module):
         self.down = nn.ModuleDict({str(k): FoldedConvAct([u.down.conv]) for k, u in enumerate(layer.units)
                                    if u.down is not None})
         self.normal = nn.ModuleList([FoldedConvAct([u.normal.conv]) for u in layer.units])
+        self.growth = [n.widths[0] + (self.down[str(k)].widths[0] if str(k) in self.down else 0)
+                       for k, n in enumerate(self.normal)]  # channels appended per output scale
+
+    def pad_inputs(self, widths: List[int]) -> None:
+        """Let the merged 1x1 bottlenecks read whole buffers of ``widths`` channels (one per input
+        scale), the channels beyond their own inputs weighted by zero."""
+        for j, reduce in self.reduce.items():
+            conv = reduce.conv
+            padded = torch.zeros(conv.out_channels, widths[int(j)], 1, 1, device=conv.weight.device,
+                                 dtype=conv.weight.dtype)
+            padded[:, :conv.in_channels] = conv.weight
+            conv.weight = nn.Parameter(padded.contiguous(memory_format=torch.channels_last), requires_grad=False)
+            conv.in_channels = widths[int(j)]
+
+    def forward_into(self, buffers: List[torch.Tensor], filled: List[int]) -> None:
+        """Append this layer's new channels to per-scale ``buffers`` (filled up to ``filled``), in
+        place; drops the buffers of discarded scales from both lists."""
+        mids = {}
+        for j, users in self.reads.items():
+            reduce = self.reduce[str(j)]
+            mids.update(zip(users, reduce(buffers[j]).split(reduce.widths, 1)))
+        for k, normal in enumerate(self.normal):
+            a, start = k + self.discard, filled[k + self.discard]
+            if str(k) in self.down:
+                new = self.down[str(k)](mids[(k, "down")])
+                buffers[a][:, start:start + new.shape[1]] = new
+                start += new.shape[1]
+            new = normal(mids[(k, "normal")])
+            buffers[a][:, start:start + new.shape[1]] = new
+            filled[a] = start + new.shape[1]
+        del buffers[:self.discard], filled[:self.discard]
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
         mids = {}
@@ -331,6 +365,112 @@ class FusedMsdLayer(nn.Module):
             pieces.append(normal(mids[(k, "normal")]))
             out.append(torch.cat(pieces, 1))
         return out
+
+
+class MsdStage(nn.Sequential):
+    """The layers (and transitions) between two exits. ``reserve`` (set by :class:`MSDNet`): per
+    scale, the channels that the next stages append before the next transition (what a fused
+    stage leaves room for in its buffers, so the next stage can append in place)."""
+
+    reserve: Tuple[int, ...] = ()
+
+    def fuse(self) -> nn.Module:
+        """The inference form (``timm.utils.reparameterize_model`` calls this)."""
+        if all(m.has_bottleneck for m in self if isinstance(m, MsdLayer)):
+            return FusedStage(self)
+        return nn.Sequential(*[m.fuse() for m in self])  # no 1x1 bottlenecks to read whole buffers
+
+
+class FusedStage(nn.Module):
+    """Inference form of an :class:`MsdStage` that writes each layer's new channels into
+    preallocated per-scale buffers instead of concatenating (a dense layer's concatenation
+    copies every earlier channel again): each run of layers up to a transition gets buffers of its
+    final widths, zero beyond what is written, and the merged 1x1 bottlenecks read the whole
+    buffers with zero weights on the channels not yet written."""
+
+    def __init__(self, stage: MsdStage):
+        super().__init__()
+        self.steps = nn.ModuleList([m.fuse() for m in stage])
+        self.segments: List[Tuple[List[int], Optional[int]]] = []  # (layer indices, transition index)
+        run: List[int] = []
+        for i, step in enumerate(self.steps):
+            if isinstance(step, FusedTransition):
+                self.segments.append((run, i))
+                run = []
+            else:
+                run.append(i)
+        if run:
+            self.segments.append((run, None))
+        self.reserve = tuple(stage.reserve)
+        self._padded_for: Optional[Tuple[int, ...]] = None
+
+    def _final_widths(self, layers: List[int], widths: List[int]) -> List[int]:
+        """Per input scale: its width after the run of ``layers``."""
+        widths, final = list(widths), list(widths)
+        scales = list(range(len(widths)))  # input scale index of each current entry
+        for i in layers:
+            layer = self.steps[i]
+            for k, g in enumerate(layer.growth):
+                widths[k + layer.discard] += g
+                final[scales[k + layer.discard]] = widths[k + layer.discard]
+            del widths[:layer.discard], scales[:layer.discard]
+        return final
+
+    def _buffer_widths(self, layers: List[int], transition: Optional[int], widths: List[int]) -> List[int]:
+        """Per input scale: the buffer width for the run of ``layers`` (room for the next stages'
+        channels too if the run ends the stage)."""
+        final = self._final_widths(layers, widths)
+        if transition is None and self.reserve:
+            kept = len(widths) - sum(self.steps[i].discard for i in layers)
+            first = len(self.reserve) - len(widths)  # absolute index of the finest input scale
+            for i in range(len(widths) - kept, len(widths)):
+                final[i] += self.reserve[first + i]
+        return final
+
+    def _pad(self, widths: List[int]) -> None:
+        """Pad the bottlenecks to the buffers that input ``widths`` lead to (done on the first call)."""
+        key = tuple(widths)
+        if self._padded_for == key:
+            return
+        if self._padded_for is not None:
+            raise ValueError(f"this fused MSDNet stage was built for inputs of {self._padded_for} channels, got {key}")
+        for layers, transition in self.segments:
+            buffer_widths = self._buffer_widths(layers, transition, widths)
+            for i in layers:
+                self.steps[i].pad_inputs(buffer_widths)
+                del buffer_widths[:self.steps[i].discard]
+            if transition is not None:
+                widths = [c.conv.out_channels for c in self.steps[transition].convs]
+        self._padded_for = key
+
+    @staticmethod
+    def _buffer(x: torch.Tensor, width: int) -> torch.Tensor:
+        """A channels-last buffer of ``width`` channels that starts with ``x``: the buffer ``x`` is
+        the filled part of, if the previous stage left room and nothing has appended to it since;
+        otherwise a new one (``x``, then zeros)."""
+        base, cl = x._base, torch.channels_last
+        if (base is not None and base.shape[1] == width and getattr(base, "_msd_filled", None) == x.shape[1]
+                and base.data_ptr() == x.data_ptr() and base.shape[0] == x.shape[0] and base.is_contiguous(memory_format=cl)):
+            return base
+        zeros = torch.empty((x.shape[0], width - x.shape[1], *x.shape[2:]), dtype=x.dtype, device=x.device,
+                            memory_format=cl).zero_()
+        return torch.cat([x.contiguous(memory_format=cl), zeros], 1)
+
+    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        self._pad([x.shape[1] for x in xs])
+        for layers, transition in self.segments:
+            filled = [x.shape[1] for x in xs]
+            buffers = [self._buffer(x, w) for x, w in zip(xs, self._buffer_widths(layers, transition, filled))]
+            for i in layers:
+                self.steps[i].forward_into(buffers, filled)
+            if transition is not None:
+                xs = self.steps[transition](buffers)
+            else:  # the filled part of each buffer; the next stage appends after it
+                xs = []
+                for buffer, width in zip(buffers, filled):
+                    buffer._msd_filled = width
+                    xs.append(buffer[:, :width])
+        return xs
 
 
 class FusedTransition(nn.Module):
@@ -407,7 +547,7 @@ class MSDNet(MultiExitModel):
                 if p.transition_width is not None:
                     kept = gr[len(gr) - p.out_scales:]
                     layers.append(Transition(p.width + growth_rate, p.transition_width, kept, **dd))
-            stages.append(nn.Sequential(*layers))
+            stages.append(MsdStage(*layers))
             last = block[-1]
             width = last.transition_width if last.transition_width is not None else last.width + growth_rate
             in_chs = width * gr[-1]
@@ -415,6 +555,8 @@ class MSDNet(MultiExitModel):
             exits.append(MsdHead(in_chs, head_width, num_classes, drop_rate, **dd))
             stage_widths.append(in_chs)
             exit_widths.append(head_width)
+        for b, stage in enumerate(stages):
+            stage.reserve = self._reserve(b, growth_rate, gr)
         self.stages = nn.ModuleList(stages)
         self.exits = nn.ModuleList(exits)
         self.num_exits = len(exits)
@@ -427,6 +569,19 @@ class MSDNet(MultiExitModel):
             dict(num_chs=w, reduction=self._coarse_reduction, module=f"stages.{i}") for i, w in enumerate(stage_widths)]
         self.grad_checkpointing = False
         self.init_weights(weight_init)
+
+    def _reserve(self, block: int, growth_rate: int, gr: Tuple[int, ...]) -> Tuple[int, ...]:
+        """Per scale: the channels appended after ``block`` up to and including the layer with the
+        next transition (see :class:`MsdStage`)."""
+        reserve = [0] * len(gr)
+        if self.plan[block][-1].transition_width is not None:
+            return tuple(reserve)
+        for p in (p for later in self.plan[block + 1:] for p in later):
+            for s in range(len(gr) - p.out_scales, len(gr)):
+                reserve[s] += growth_rate * gr[s]
+            if p.transition_width is not None:
+                break
+        return tuple(reserve)
 
     def _check_img_size(self, stem_type: str, num_scales: int) -> None:
         sizes = []
