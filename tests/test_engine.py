@@ -157,7 +157,10 @@ def _config(data: Path, tmp_path: Path, **changes) -> dict:
                          output_dir=str(tmp_path / "out"))
     for key, value in changes.items():
         section, _, leaf = key.partition("__")
-        config[section][leaf] = value
+        if leaf:
+            config[section][leaf] = value
+        else:
+            config[section] = value
     return config
 
 
@@ -212,3 +215,19 @@ def test_bf16_and_the_other_techniques_train(data, tmp_path):
         assert report["technique"]["loss"] == ("ce" if name == "pcgrad" else name) and report["test_samples"] == 21
     hdkd = torch.load(tmp_path / "hdkd" / "checkpoint" / "training.pt", weights_only=True)["hdkd_weights"]
     assert hdkd["ce_logits"].abs().sum() > 0  # moved from the uniform start
+
+
+def test_a_test_set_held_out_of_the_training_folder_and_a_finished_run_resumed(data, tmp_path):
+    """CIFAR-10 as one folder of training images (the accuracy study): test, validation and training
+    parts from one seeded order; resuming a finished run evaluates it again without training."""
+    config = _config(data, tmp_path, data__test_split=None, data__test_fraction=0.25, train__epochs=1)
+    report = run(config)[0]
+    assert (report["test_samples"], report["val_samples"]) == (12, 16)  # of 48: 12 test, 16 validation, 20 train
+    folder = tmp_path / "out" / "checkpoint"
+    before, state = load_file(folder / "model.safetensors"), json.loads((folder / "state.json").read_text())
+    again = run(config, resume=True)[0]
+    assert json.loads((folder / "state.json").read_text()) == state
+    assert all(torch.equal(v, load_file(folder / "model.safetensors")[k]) for k, v in before.items())
+    assert again["exits"] == report["exits"]
+    with pytest.raises(ValueError, match="set data.test_fraction > 0"):
+        run(_config(data, tmp_path, data__test_split=None, output_dir=str(tmp_path / "other")))

@@ -41,7 +41,7 @@ import timm_exits  # noqa: F401  (registers the models)
 from .. import profile as profiling
 from ..checkpoint import load_checkpoint, save_checkpoint, set_rng_state, rng_state, training_state
 from ..config import load_config, phase_configs
-from ..data import EpochSampler, ImageFiles, image_transform, num_classes_of, split_dataset, write_digits
+from ..data import EpochSampler, ImageFiles, image_transform, num_classes_of, write_digits
 from ..inference.budgeted import IMTA_Q, REFERENCE_Q
 from ..inference.outputs import collect_outputs
 from ..inference.report import evaluation_report, format_report, write_report
@@ -66,17 +66,27 @@ class _Data:
                 raise ValueError(f"data.embedded must be one of {list(EMBEDDED)} or None, got {data['embedded']!r}")
             with accelerator.main_process_first():
                 EMBEDDED[data["embedded"]](data["dir"])
-        seed = config["train"]["seed"]
-        self.train_files = ImageFiles(self._split(data["dir"], data["train_split"]), img_mode=data["img_mode"], seed=seed)
-        self.test_files = ImageFiles(self._split(data["dir"], data["test_split"]), img_mode=data["img_mode"], seed=seed)
-        self.held_out_files = ImageFiles(self.train_files.root, img_mode=data["img_mode"], seed=seed)
-        if self.test_files.reader.class_to_idx != self.train_files.reader.class_to_idx:
-            raise ValueError(f"the class folders of {self.test_files.root!r} differ from those of {self.train_files.root!r}")
+        seed, mode = config["train"]["seed"], data["img_mode"]
+        self.train_files = ImageFiles(self._split(data["dir"], data["train_split"]), img_mode=mode, seed=seed)
+        self.held_out_files = ImageFiles(self.train_files.root, img_mode=mode, seed=seed)  # not augmented
         self.num_classes = num_classes_of(self.train_files)
-        self.train, self.val = self.train_files, None
-        if data["val_fraction"]:
-            val, train = split_dataset(self.train_files, data["val_fraction"], data["split_seed"])
-            self.train, self.val = train, Subset(self.held_out_files, val.indices)
+        # one seeded order of the training split: [test (if held out)] [validation] [training]
+        n = len(self.train_files)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(data["split_seed"])).tolist()
+        n_test = round(n * data["test_fraction"]) if data["test_split"] is None else 0
+        n_val = round(n * data["val_fraction"])
+        if data["test_split"] is None and n_test == 0:
+            raise ValueError("data.test_split is None: set data.test_fraction > 0 to hold out a test set")
+        if n_test + n_val >= n:
+            raise ValueError(f"{n} training images cannot give {n_test} test and {n_val} validation images and a rest")
+        self.train = Subset(self.train_files, order[n_test + n_val:])
+        self.val = Subset(self.held_out_files, order[n_test:n_test + n_val]) if n_val else None
+        if data["test_split"] is None:
+            self.test = Subset(self.held_out_files, order[:n_test])
+        else:
+            self.test = ImageFiles(self._split(data["dir"], data["test_split"]), img_mode=mode, seed=seed)
+            if self.test.reader.class_to_idx != self.train_files.reader.class_to_idx:
+                raise ValueError(f"the class folders of {self.test.root!r} differ from those of {self.train_files.root!r}")
 
     @staticmethod
     def _split(root: str, split: str) -> str:
@@ -88,7 +98,10 @@ class _Data:
         given = {k: data[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation") if data[k] is not None}
         data_config = resolve_data_config(given, model=model)
         self.train_files.transform = image_transform(data_config, True, data["transform"], **data["augment"])
-        self.test_files.transform = self.held_out_files.transform = image_transform(data_config, False, data["transform"])
+        evaluation = image_transform(data_config, False, data["transform"])
+        self.held_out_files.transform = evaluation
+        if isinstance(self.test, ImageFiles):
+            self.test.transform = evaluation
         return data_config
 
 
@@ -186,7 +199,7 @@ def train_phase(
         set_seed(train_cfg["seed"], device_specific=True)  # dropout and mixup differ between processes
 
     started = time.time()
-    for epoch in range(state["epoch"], epochs):
+    for epoch in range(state["epoch"] if not state["finished"] else epochs, epochs):
         scheduler.step(epoch)
         scheduler.step_update(state["updates"])  # a no-op unless the schedule steps per update
         train_loader.set_epoch(epoch)
@@ -216,8 +229,9 @@ def train_phase(
                                       f"{state['updates']} updates", flush=True)
         state.update(epoch=epoch + 1, batch=0)
         save()
-    state["finished"] = True
-    save(seconds=round(time.time() - started, 1))
+    if not state["finished"]:
+        state["finished"] = True
+        save(seconds=round(time.time() - started, 1))
 
     evaluated = ema.module if ema is not None else model
     weights = os.path.join(output_dir, "model.safetensors")
@@ -328,7 +342,7 @@ def _evaluate(accelerator: Accelerator, model: nn.Module, data: _Data, data_conf
         return collect_outputs(model, loader, accelerator.device, accelerator.gather_for_metrics,
                                progress=accelerator.is_local_main_process)
 
-    val, test = outputs(data.val), outputs(data.test_files)
+    val, test = outputs(data.val), outputs(data.test)
     costs = [c.macs for c in profiling.profile_exits(model, data_config["input_size"], ev["convention"])]
     q_grid = IMTA_Q if ev["q_grid"] == "imta" else REFERENCE_Q
     report = evaluation_report(val, test, costs, ev["policy"], q_grid, model=config["model"]["name"], phase=name,
