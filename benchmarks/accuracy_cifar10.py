@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -76,7 +75,8 @@ def main() -> None:
             seconds = train(name, args.data_dir, output, args.epochs)
             print(f"{name}: {seconds / 60:.1f} min", flush=True)
     table = report(output)
-    (output / "accuracy_cifar10.md").write_text(table + "\n") if output.is_dir() else None
+    if output.is_dir():
+        (output / "accuracy_cifar10.md").write_text(table + "\n")
     print(table)
 
 
