@@ -174,7 +174,7 @@ def train_phase(
     ema = ModelEmaV3(model, decay=train_cfg["ema_decay"]) if train_cfg["ema_decay"] else None
     mixup = Mixup(**config["mixup"], label_smoothing=technique["label_smoothing"], num_classes=data.num_classes) \
         if config["mixup"]["mixup_alpha"] > 0 or config["mixup"]["cutmix_alpha"] > 0 else None
-    step = _TrainingStep(accelerator, model, forward, optimizer, technique, data, train_cfg, config["optimizer"])
+    step = _TrainingStep(accelerator, model, forward, optimizer, technique, data, train_cfg)
 
     def save(**extra) -> None:
         training = {"rng_per_process": _process_rng(accelerator), **step.state_dict()}
@@ -248,7 +248,8 @@ class _TrainingStep:
     """One batch of the configured technique: forward, losses, backward and (on update steps) the
     optimizer step; returns the losses averaged over processes, and stops on a non-finite loss."""
 
-    def __init__(self, accelerator, model, forward, optimizer, technique, data: _Data, train_cfg, optimizer_cfg):
+    def __init__(self, accelerator: Accelerator, model: nn.Module, forward: nn.Module, optimizer, technique: dict,
+                 data: _Data, train_cfg: dict):
         self.accelerator, self.model, self.forward, self.optimizer = accelerator, model, forward, optimizer
         self.technique, self.train_cfg, self.data = technique, train_cfg, data
         self.kind = "pcgrad" if technique["deconfliction"] == "pcgrad" else technique["loss"]
@@ -307,7 +308,7 @@ class _TrainingStep:
                                             label_smoothing=self._smoothing(target))
                 scale = 1.0 / acc.gradient_accumulation_steps
                 p = t["pcgrad"]
-                pcgrad_backward([v * scale for v in terms.values()], [q for q in self.model.parameters()], p["scope"],
+                pcgrad_backward([v * scale for v in terms.values()], list(self.model.parameters()), p["scope"],
                                 order=p["order"], protect_deeper=p["protect_deeper"], generator=self.generator)
             else:
                 weights = self.hdkd["weights"]() if self.hdkd is not None else None
