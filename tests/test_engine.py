@@ -125,7 +125,7 @@ def test_two_processes_and_accumulation_equal_one_process(data, tmp_path):
 
 
 def test_resume_after_sigkill_ends_with_the_same_weights(data, tmp_path):
-    extra = ("train = dict(epochs=2, checkpoint_every=1, log_every=1)\nmixup = dict(mixup_alpha=0.4)\n"
+    extra = ("train = dict(epochs=2, checkpoint_every=1, log_every=1, ema_decay=0.9)\nmixup = dict(mixup_alpha=0.4)\n"
              "technique = dict(label_smoothing=0.1)\ntracker = None")
     model = "dict(name='msdnet_cifar_5exit', kwargs=dict(num_channels=4, growth_rate=2, drop_rate=0.3))"
     config = str(write_config(tmp_path / "resume.py", data, model, extra))
@@ -174,6 +174,19 @@ def test_data_errors_are_explained(data, tmp_path):
     (corrupt / "train" / "class1" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(ValueError, match="cannot read image .*class1/3.png.*replace or remove the file"):
         run(_config(corrupt, tmp_path, data__dir=str(corrupt)))
+
+
+def test_splits_in_tar_files(data, tmp_path):
+    """timm's tar reader: train.tar and val.tar instead of folders give the same run."""
+    import tarfile
+
+    for split in ("train", "val"):
+        with tarfile.open(tmp_path / f"{split}.tar", "w") as tar:
+            tar.add(data / split, arcname=".")
+    folders = run(_config(data, tmp_path, train__epochs=1))[0]
+    tars = run(_config(data, tmp_path, train__epochs=1, data__dir=str(tmp_path), output_dir=str(tmp_path / "tars")))[0]
+    assert tars["test_samples"] == folders["test_samples"] == 21
+    assert [e["top1"] for e in tars["exits"]] == [e["top1"] for e in folders["exits"]]
 
 
 def test_checkpoint_of_another_model_and_existing_output_are_refused(data, tmp_path):

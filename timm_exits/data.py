@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler, Subset
 from torchvision import transforms
 
-__all__ = ["ImageFiles", "EpochSampler", "image_dataset", "image_transform", "split_dataset", "num_classes_of",
+__all__ = ["ImageFiles", "EpochSampler", "image_dataset", "image_transform", "split_dataset", "class_map", "num_classes_of",
            "write_digits"]
 
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -131,12 +131,17 @@ def image_dataset(root: str, model: Optional[nn.Module] = None, train: bool = Fa
     return ImageFiles(root, image_transform(config, train, **transform_kwargs))
 
 
-def num_classes_of(dataset: Dataset) -> int:
+def class_map(dataset: Dataset) -> dict:
+    """Class name -> index of a dataset read by timm (folder or tar reader)."""
     reader = getattr(dataset, "reader", None)
-    mapping = getattr(reader, "class_to_idx", None)
-    if mapping:
-        return len(mapping)
-    raise ValueError("cannot tell the number of classes of this dataset")
+    mapping = getattr(reader, "class_to_idx", None) or getattr(reader, "class_name_to_idx", None)
+    if not mapping:
+        raise ValueError("cannot tell the classes of this dataset")
+    return dict(mapping)
+
+
+def num_classes_of(dataset: Dataset) -> int:
+    return len(class_map(dataset))
 
 
 def split_dataset(dataset: Dataset, fraction: float, seed: int = 0) -> Tuple[Subset, Subset]:

@@ -41,7 +41,7 @@ import timm_exits  # noqa: F401  (registers the models)
 from .. import profile as profiling
 from ..checkpoint import load_checkpoint, save_checkpoint, set_rng_state, rng_state, training_state
 from ..config import load_config, phase_configs
-from ..data import EpochSampler, ImageFiles, image_transform, num_classes_of, write_digits
+from ..data import EpochSampler, ImageFiles, class_map, image_transform, num_classes_of, write_digits
 from ..inference.budgeted import IMTA_Q, REFERENCE_Q
 from ..inference.outputs import collect_outputs
 from ..inference.report import evaluation_report, format_report, write_report
@@ -85,7 +85,7 @@ class _Data:
             self.test = Subset(self.held_out_files, order[:n_test])
         else:
             self.test = ImageFiles(self._split(data["dir"], data["test_split"]), img_mode=mode, seed=seed)
-            if self.test.reader.class_to_idx != self.train_files.reader.class_to_idx:
+            if class_map(self.test) != class_map(self.train_files):
                 raise ValueError(f"the class folders of {self.test.root!r} differ from those of {self.train_files.root!r}")
 
     @staticmethod
