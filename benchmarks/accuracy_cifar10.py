@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "benchmarks" / "cifar10_study"
 CONFIGS = ["baseline", "ge", "imta", "deconfliction", "hdkd", "resnet18_exits", "resnet18_exits_imta"]
+# IMTA's phase I is the GE configuration run for run (same seed and settings): a finished GE run is
+# taken as it (a finished phase is not trained again on --resume)
+SAME_RUN = {("imta", "phase1_ge"): "ge"}
+
+
+def reuse_finished_runs(name: str, output: Path) -> None:
+    for (config, phase), source in SAME_RUN.items():
+        done = output / source / "checkpoint" / "state.json"
+        target = output / config / phase
+        if config == name and done.is_file() and json.loads(done.read_text())["finished"] and not target.exists():
+            shutil.copytree(output / source, target, ignore=shutil.ignore_patterns("results.json", "tensorboard"))
+            print(f"{name}: phase {phase} is the finished {source} run", flush=True)
 
 
 def train(name: str, data_dir: str, output: Path, epochs: int | None) -> float:
@@ -31,6 +44,7 @@ def train(name: str, data_dir: str, output: Path, epochs: int | None) -> float:
                "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "train.py"),
                str(STUDY / f"{name}.py"), "--data-dir", data_dir, "--output-dir", str(output / name), "--resume",
                *options]
+    reuse_finished_runs(name, output)
     start = time.time()
     subprocess.run(command, check=True, cwd=ROOT)
     return time.time() - start
