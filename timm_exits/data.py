@@ -6,6 +6,7 @@ where a resumed run starts: a run killed mid-epoch and resumed sees the same ima
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
 import shutil
@@ -67,6 +68,12 @@ class ImageFiles(Dataset):
         self.root, self.transform, self.img_mode, self.seed = root, transform, img_mode, seed
         self.reader = create_dataset("", root=root).reader
         self.epoch = 0
+
+    def with_transform(self, transform: Optional[Callable]) -> "ImageFiles":
+        """The same files (the reader is shared, not read again) under another transform."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

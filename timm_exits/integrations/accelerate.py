@@ -45,7 +45,7 @@ from ..data import EpochSampler, ImageFiles, class_map, image_transform, num_cla
 from ..inference.budgeted import IMTA_Q, REFERENCE_Q
 from ..inference.outputs import collect_outputs
 from ..inference.report import evaluation_report, format_report, write_report
-from ..train import adn_losses, pcgrad_backward
+from ..train import adn_step, pcgrad_backward
 from ..train.hdkd import BalancedValidationLoss, HarmonizedWeights, hdkd_weight_step
 from ..train.objective import TrainingForward, create_training_model, training_losses
 
@@ -68,7 +68,7 @@ class _Data:
                 EMBEDDED[data["embedded"]](data["dir"])
         seed, mode = config["train"]["seed"], data["img_mode"]
         self.train_files = ImageFiles(self._split(data["dir"], data["train_split"]), img_mode=mode, seed=seed)
-        self.held_out_files = ImageFiles(self.train_files.root, img_mode=mode, seed=seed)  # not augmented
+        self.held_out_files = self.train_files.with_transform(None)  # the same files, not augmented
         self.num_classes = num_classes_of(self.train_files)
         # one seeded order of the training split: [test (if held out)] [validation] [training]
         n = len(self.train_files)
@@ -130,10 +130,6 @@ def _apply_switches(model: nn.Module, technique: Dict[str, Any]) -> None:
                          f"got {technique['deconfliction']!r}")
 
 
-def _process_rng(accelerator: Accelerator) -> List[dict]:
-    return gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
-
-
 def train_phase(
         accelerator: Accelerator,
         config: Dict[str, Any],
@@ -177,7 +173,7 @@ def train_phase(
     step = _TrainingStep(accelerator, model, forward, optimizer, technique, data, train_cfg)
 
     def save(**extra) -> None:
-        training = {"rng_per_process": _process_rng(accelerator), **step.state_dict()}
+        training = {"rng_per_process": gather_object([rng_state()]), **step.state_dict()}
         if ema is not None:
             training["ema"] = ema.state_dict()
         if accelerator.is_main_process:
@@ -202,7 +198,6 @@ def train_phase(
     for epoch in range(state["epoch"] if not state["finished"] else epochs, epochs):
         scheduler.step(epoch)
         scheduler.step_update(state["updates"])  # a no-op unless the schedule steps per update
-        train_loader.set_epoch(epoch)
         data.train_files.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_loader, state["batch"]) if state["batch"] else train_loader
         loader.set_epoch(epoch)
@@ -299,11 +294,10 @@ class _TrainingStep:
                                  self._val_batch(updates, len(images)), self.hdkd["val_loss"], xi, t["alpha"],
                                  t["temperature"] or 4.0)
             if self.kind == "adn":
-                terms = adn_losses(self.model, images, target, t["alpha"], t["temperature"] or 1.0, t["topk"],
-                                   backward=acc.backward, forward=self.forward)
-                acc.backward(terms["base"])
+                terms = adn_step(self.model, images, target, t["alpha"], t["temperature"] or 1.0, t["topk"],
+                                 backward=acc.backward, forward=self.forward)
             elif self.kind == "pcgrad":
-                with acc.no_sync(self.forward), acc.autocast():  # pcgrad_backward averages the processes' gradients
+                with acc.no_sync(self.forward):  # pcgrad_backward averages the processes' gradients
                     terms = training_losses(self.forward(images), target, "ce", weights=t["exit_weights"],
                                             label_smoothing=self._smoothing(target))
                 scale = 1.0 / acc.gradient_accumulation_steps

@@ -75,9 +75,11 @@ def adn_step(
         topk: Optional[int] = None,
         criterion: Callable = F.cross_entropy,
         backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+        forward: Optional[Callable[[torch.Tensor], List[torch.Tensor]]] = None,
 ) -> Dict[str, torch.Tensor]:
     """One ADN training step's two forward / backward passes (the optimizer step is the caller's);
-    ``backward`` may be ``accelerator.backward``. Returns the detached losses."""
-    losses = adn_losses(model, images, target, alpha, temperature, topk, criterion, backward)
+    ``backward`` may be ``accelerator.backward``, ``forward`` a DDP wrapper's. Returns the detached
+    losses."""
+    losses = adn_losses(model, images, target, alpha, temperature, topk, criterion, backward, forward)
     backward(losses["base"])
     return {name: loss.detach() for name, loss in losses.items()}

@@ -27,6 +27,16 @@ __all__ = ["project_conflicts", "pcgrad_backward", "deconflict_branch"]
 _EPS = 1e-12
 
 
+def average_over_processes(tensors: List[Optional[torch.Tensor]]) -> None:
+    """In place: the mean over the processes of a distributed run (gradients from
+    ``torch.autograd.grad`` are not all-reduced by DDP); a no-op in a single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            if t is not None:
+                dist.all_reduce(t)
+                t.div_(dist.get_world_size())
+
+
 def project_conflicts(grads: List[torch.Tensor], order: Sequence[Sequence[int]],
                       protected: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
     """Sum of the PCGrad-projected gradients (each a flat tensor). ``order[i]`` lists the other
@@ -74,12 +84,8 @@ def pcgrad_backward(
         raise ValueError("scope='segment' needs the parameter groups (e.g. one per stage)")
     params = [p for p in params if p.requires_grad]
     per_exit = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for grads in per_exit:
-            for g in grads:
-                if g is not None:
-                    dist.all_reduce(g)
-                    g.div_(dist.get_world_size())
+    for grads in per_exit:
+        average_over_processes(list(grads))
     index = {id(p): k for k, p in enumerate(params)}
     shared = [k for k in range(len(params)) if sum(g[k] is not None for g in per_exit) > 1]
     if scope == "global":

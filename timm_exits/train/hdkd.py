@@ -22,10 +22,11 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from .deconfliction import average_over_processes
 
 __all__ = ["HarmonizedWeights", "loss_terms", "harmonized_loss", "BalancedValidationLoss", "hdkd_weight_step"]
 
@@ -96,15 +97,6 @@ class BalancedValidationLoss:
         self.expected = state["expected"]
 
 
-def _average_over_processes(tensors: List[Optional[torch.Tensor]]) -> None:
-    """In place: the mean over the processes of a distributed run (every process holds its own batch)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in tensors:
-            if t is not None:
-                dist.all_reduce(t)
-                t.div_(dist.get_world_size())
-
-
 class _ForwardExits(nn.Module):
     """``forward`` is the wrapped model's ``forward_exits`` (functional_call runs ``forward``)."""
 
@@ -148,14 +140,14 @@ def hdkd_weight_step(
     logits = _call_forward_exits(model, {**params, **buffers()}, images)
     ce, kd = loss_terms(logits, target, temperature)
     grads = list(torch.autograd.grad(harmonized_loss(ce, kd, gamma, alpha), list(params.values()), allow_unused=True))
-    _average_over_processes(grads)  # every process takes the same virtual step
+    average_over_processes(grads)  # every process takes the same virtual step
     teachers = [z.detach() for z in logits]  # the KD terms' gradients treat their teachers as constants
     virtual = {n: (p - xi * ((g if g is not None else 0) + weight_decay * p)).detach().requires_grad_(True)
                for (n, p), g in zip(params.items(), grads)}
     objective = val_loss(_call_forward_exits(model, {**virtual, **buffers()}, val_batch[0]), val_batch[1])
     v = torch.autograd.grad(objective, list(virtual.values()), allow_unused=True)
     v = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), v)]
-    _average_over_processes(v)
+    average_over_processes(v)
     norm = torch.sqrt(sum((g ** 2).sum() for g in v))
     eps = 0.01 / (norm + 1e-12)
     with torch.no_grad():
@@ -166,7 +158,7 @@ def hdkd_weight_step(
                                     teachers))
         dot_ce = (terms[0][0] - terms[1][0]) / (2 * eps)  # <grad_theta CE_k, v>
         dot_kd = (terms[0][1] - terms[1][1]) / (2 * eps)
-        _average_over_processes([dot_ce, dot_kd])  # so the weights stay the same on every process
+        average_over_processes([dot_ce, dot_kd])  # so the weights stay the same on every process
     # d L_val / d weight_m = -xi c_m <grad L_m, v>, then through the softmaxes to the logits
     g, h = weights()
     weight_optimizer.zero_grad()
