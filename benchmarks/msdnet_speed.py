@@ -1,12 +1,18 @@
-"""MSDNet training and inference throughput on this machine: the plain model against the fused
-inference path (``timm.utils.reparameterize_model``: batch norms folded, shared-input 1x1
-bottlenecks merged, channels-last) and bf16 autocast, measured side by side in one process,
-alternating, with the same weights and inputs.
+"""MSDNet training and inference throughput on this machine, measured side by side in one
+process, alternating, with the same weights and inputs:
+
+* training: the straightforward channels-first step (``channels_last_training=False``) against the
+  default fast path (channels-last convolutions, batch norms computed channels-first, shared-input
+  1x1 bottlenecks merged: :mod:`timm_exits.models.channels_last_norm`);
+* inference: the plain model against the fused path (``timm.utils.reparameterize_model``: batch
+  norms folded, shared-input 1x1 bottlenecks merged, channels-last, preallocated buffers);
+* each also under bf16 autocast.
 
     python benchmarks/msdnet_speed.py [--rounds 5] [--json]
 
 Training step: forward of every exit, the sum of their cross-entropies, backward, SGD step.
-Output error: the largest relative L2 error of an exit's logits against the plain fp32 model.
+Error column: inference, the largest relative L2 error of an exit's logits against the plain fp32
+model; training, the relative L2 error of the whole gradient against the plain fp32 step.
 """
 from __future__ import annotations
 
@@ -61,9 +67,10 @@ def measure(name: str, train_batch: int, infer_batch: int, rounds: int) -> List[
     x_infer = torch.randn(infer_batch, *size)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
-    def train_step(bf16: bool) -> Callable[[], None]:
+    def train_step(fast: bool, bf16: bool) -> Callable[[], None]:
         def step():
             model.train()
+            model.channels_last_training = fast
             with _bf16(bf16):
                 loss = sum(F.cross_entropy(z.float(), y) for z in model.forward_exits(x_train))
             optimizer.zero_grad()
@@ -88,10 +95,26 @@ def measure(name: str, train_batch: int, infer_batch: int, rounds: int) -> List[
             for precision in ("fp32", "bf16"):
                 with _bf16(precision == "bf16"):
                     out = net.forward_exits(x_infer)
-                errors[(path, precision)] = max(float((o.float() - r).norm() / r.norm()) for o, r in zip(out, reference))
+                errors[("infer", path, precision)] = max(float((o.float() - r).norm() / r.norm()) for o, r in zip(out, reference))
+    def gradient(fast: bool, bf16: bool) -> torch.Tensor:
+        model.train()
+        model.channels_last_training = fast
+        with _bf16(bf16):
+            loss = sum(F.cross_entropy(z.float(), y) for z in model.forward_exits(x_train))
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = gradient(False, False)
+    for path, precision in (("fast", "fp32"), ("plain", "bf16"), ("fast", "bf16")):
+        model.load_state_dict(state)  # the same batch-norm statistics for every gradient
+        errors[("train", path, precision)] = float((gradient(path == "fast", precision == "bf16") - reference).norm()
+                                                   / reference.norm())
+    model.load_state_dict(state)
     cases = {
-        ("train", "plain", "fp32"): (train_step(False), train_batch),
-        ("train", "plain", "bf16"): (train_step(True), train_batch),
+        ("train", "plain", "fp32"): (train_step(False, False), train_batch),
+        ("train", "fast", "fp32"): (train_step(True, False), train_batch),
+        ("train", "plain", "bf16"): (train_step(False, True), train_batch),
+        ("train", "fast", "bf16"): (train_step(True, True), train_batch),
         ("infer", "plain", "fp32"): (infer(model, False), infer_batch),
         ("infer", "fused", "fp32"): (infer(fused, False), infer_batch),
         ("infer", "plain", "bf16"): (infer(model, True), infer_batch),
@@ -110,8 +133,8 @@ def measure(name: str, train_batch: int, infer_batch: int, rounds: int) -> List[
         row = {"model": name, "task": task, "path": path, "precision": precision,
                "batch_size": train_batch if task == "train" else infer_batch,
                "images_per_s": round(rate, 1), "speedup": round(rate / base, 2)}
-        if task == "infer":
-            row["rel_error"] = float(f"{errors[(path, precision)]:.3g}")
+        if (task, path, precision) in errors:
+            row["rel_error"] = float(f"{errors[(task, path, precision)]:.3g}")
         rows.append(row)
     return rows
 

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import ConvNormAct, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs
 
+from .channels_last_norm import batch_norm_relu_2d, shared_input_conv_bn_relu
 from .heads import classifier, reset_head_classifier
 from .multi_exit import MultiExitModel, scale_grad
 from ..checkpoint import pretrained_file
@@ -103,6 +104,12 @@ def msdnet_plan(
     return plan
 
 
+def _conv_bn_relu(in_chs: int, out_chs: int, kernel_size: int, **kwargs) -> ConvNormAct:
+    """conv-BN-ReLU whose batch norm trains channels-last inputs on the fast exact path
+    (:mod:`timm_exits.models.channels_last_norm`)."""
+    return ConvNormAct(in_chs, out_chs, kernel_size, norm_layer=batch_norm_relu_2d, **kwargs)
+
+
 class BottleneckConv(nn.Module):
     """1x1 bottleneck (width ``min(in, bn_factor * out)``) then a 3x3 conv, each with BN-ReLU."""
 
@@ -110,8 +117,8 @@ class BottleneckConv(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         mid_chs = min(in_chs, bn_factor * out_chs) if bottleneck else in_chs
-        self.reduce = ConvNormAct(in_chs, mid_chs, 1, **dd) if bottleneck else nn.Identity()
-        self.conv = ConvNormAct(mid_chs, out_chs, 3, stride=stride, padding=1, **dd)
+        self.reduce = _conv_bn_relu(in_chs, mid_chs, 1, **dd) if bottleneck else nn.Identity()
+        self.conv = _conv_bn_relu(mid_chs, out_chs, 3, stride=stride, padding=1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.reduce(x))
@@ -173,6 +180,12 @@ class MsdLayer(nn.Module):
                 bottleneck, bn[s], bn[s - 1] if has_fine else 1, device=device, dtype=dtype,
             ))
         self.units = nn.ModuleList(units)
+        reads = {}  # input scale index -> [(unit index, path)] reading it
+        for k, unit in enumerate(self.units):
+            if unit.down is not None:
+                reads.setdefault(k + self.discard - 1, []).append((k, "down"))
+            reads.setdefault(k + self.discard, []).append((k, "normal"))
+        self.reads = dict(sorted(reads.items()))
 
     @property
     def has_bottleneck(self) -> bool:
@@ -183,10 +196,28 @@ class MsdLayer(nn.Module):
         return FusedMsdLayer(self)
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        if self.training and self.has_bottleneck and xs[0].is_contiguous(memory_format=torch.channels_last):
+            return self._forward_shared_bottlenecks(xs)
         out = []
         for k, unit in enumerate(self.units):
             fine = xs[k + self.discard - 1] if k + self.discard > 0 else None
             out.append(unit(xs[k + self.discard], fine))
+        return out
+
+    def _forward_shared_bottlenecks(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Channels-last training: the 1x1 bottlenecks that read the same scale (this scale's
+        normal path, the next scale's down path) run as one convolution and one batch norm."""
+        mids = {}
+        for j, users in self.reads.items():
+            reduces = [getattr(self.units[k], path).reduce for k, path in users]
+            mids.update(zip(users, shared_input_conv_bn_relu(xs[j], reduces)))
+        out = []
+        for k, unit in enumerate(self.units):
+            pieces = [xs[k + self.discard]]
+            if unit.down is not None:
+                pieces.append(unit.down.conv(mids[(k, "down")]))
+            pieces.append(unit.normal.conv(mids[(k, "normal")]))
+            out.append(torch.cat(pieces, 1))
         return out
 
 
@@ -196,7 +227,7 @@ class Transition(nn.Module):
     def __init__(self, in_width: int, out_width: int, gr: Sequence[int], device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.convs = nn.ModuleList([ConvNormAct(in_width * g, out_width * g, 1, **dd) for g in gr])
+        self.convs = nn.ModuleList([_conv_bn_relu(in_width * g, out_width * g, 1, **dd) for g in gr])
 
     def fuse(self) -> nn.Module:
         return FusedTransition(self)
@@ -213,14 +244,14 @@ class MsdStem(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         if stem_type == "imagenet":
-            first = ConvNormAct(in_chans, widths[0], 7, stride=2, padding=3, bias=True, **dd)
+            first = _conv_bn_relu(in_chans, widths[0], 7, stride=2, padding=3, bias=True, **dd)
             self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         elif stem_type == "cifar":
-            first = ConvNormAct(in_chans, widths[0], 3, padding=1, **dd)
+            first = _conv_bn_relu(in_chans, widths[0], 3, padding=1, **dd)
             self.pool = nn.Identity()
         else:
             raise ValueError(f"stem_type must be 'cifar' or 'imagenet', got {stem_type!r}")
-        coarser = [ConvNormAct(widths[s - 1], widths[s], 3, stride=2, padding=1, **dd) for s in range(1, len(widths))]
+        coarser = [_conv_bn_relu(widths[s - 1], widths[s], 3, stride=2, padding=1, **dd) for s in range(1, len(widths))]
         self.convs = nn.ModuleList([first] + coarser)
 
     def fuse(self) -> nn.Module:
@@ -244,8 +275,8 @@ class MsdHead(nn.Module):
     def __init__(self, in_chs: int, width: int, num_classes: int, drop_rate: float = 0.0, device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.conv1 = ConvNormAct(in_chs, width, 3, stride=2, padding=1, **dd)
-        self.conv2 = ConvNormAct(width, width, 3, stride=2, padding=1, **dd)
+        self.conv1 = _conv_bn_relu(in_chs, width, 3, stride=2, padding=1, **dd)
+        self.conv2 = _conv_bn_relu(width, width, 3, stride=2, padding=1, **dd)
         self.pool = nn.AvgPool2d(2)
         self.drop = nn.Dropout(drop_rate)
         self.fc = classifier(width, num_classes, **dd)
@@ -304,13 +335,8 @@ class FusedMsdLayer(nn.Module):
     def __init__(self, layer: "MsdLayer"):
         super().__init__()
         self.discard = layer.discard
-        consumers = {}  # input scale index -> [(unit, path)]
-        for k, unit in enumerate(layer.units):
-            if unit.down is not None:
-                consumers.setdefault(k + self.discard - 1, []).append((k, "down"))
-            consumers.setdefault(k + self.discard, []).append((k, "normal"))
         self.bottleneck = layer.has_bottleneck
-        self.reads = {j: users for j, users in sorted(consumers.items())}
+        self.reads = layer.reads
         if self.bottleneck:
             self.reduce = nn.ModuleDict({str(j): FoldedConvAct([getattr(layer.units[k], p).reduce for k, p in users])
                                          for j, users in self.reads.items()})
@@ -497,6 +523,9 @@ class MSDNet(MultiExitModel):
     3x3 stem and 128-wide heads, ImageNet the 7x7 stem and heads as wide as their input
     (``head_channels=None``). ``weight_init='torch'`` is what the reference effectively trains
     with (its He init never reaches a layer); ``'he'`` is the paper's and the Lua code's.
+    ``channels_last_training``: in training on CPU, run channels-last with batch norms computed
+    channels-first and shared-input 1x1 bottlenecks merged (the same function, faster in fp32;
+    :mod:`timm_exits.models.channels_last_norm`); ``False`` trains the straightforward way.
     """
 
     def __init__(
@@ -519,6 +548,7 @@ class MSDNet(MultiExitModel):
             img_size: Union[int, Tuple[int, int]] = 224,
             drop_rate: float = 0.0,
             weight_init: str = "torch",
+            channels_last_training: bool = True,
             device=None,
             dtype=None,
     ):
@@ -536,6 +566,7 @@ class MSDNet(MultiExitModel):
         self.in_chans = in_chans
         self.img_size = to_2tuple(img_size)
         self.drop_rate = drop_rate
+        self.channels_last_training = channels_last_training
         self.plan = msdnet_plan(num_blocks, base, step, step_mode, num_channels, growth_rate, len(gr), prune, reduction)
 
         self.stem = MsdStem(in_chans, [num_channels * g for g in gr], stem_type, **dd)
@@ -635,6 +666,9 @@ class MSDNet(MultiExitModel):
 
     def forward_stem(self, x: torch.Tensor) -> List[torch.Tensor]:
         self._check_input(x)
+        if (self.channels_last_training and self.training and x.device.type == "cpu"
+                and not torch.is_autocast_enabled("cpu")):  # under bf16 autocast channels-first is faster
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.stem(x)
 
     def forward_stage(self, state: List[torch.Tensor], index: int) -> List[torch.Tensor]:
