@@ -4,12 +4,10 @@ statistics and the weights after optimizer steps, in float64 so that only real d
 import copy
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, ConvNormAct
 
-import timm_exits  # noqa: F401  (registers the models)
 from timm_exits import MSDNet
 from timm_exits.models.channels_last_norm import BatchNormReLU2d, shared_input_conv_bn_relu
 
@@ -70,7 +68,7 @@ def test_channels_last_training_equals_the_straightforward_step(kwargs):
 
 
 def test_bf16_autocast_keeps_the_channels_first_layout():
-    model = timm.create_model("msdnet_cifar_5exit", num_classes=3).train()
+    model = MSDNet(**{**SMALL, **CASES[0]}).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         state = model.forward_stem(torch.randn(2, 3, 32, 32))
     assert state[0].is_contiguous()

@@ -115,7 +115,9 @@ def _parse_kwargs(items: Optional[List[str]]) -> dict:
 def _evaluate(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
-    from .data import image_dataset, num_classes_of, split_dataset
+    from timm.data import resolve_data_config
+
+    from .data import image_dataset, image_transform, num_classes_of, split_dataset
     from .inference import IMTA_Q, REFERENCE_Q, Thresholds, collect_outputs, thresholds_for_accuracy, thresholds_for_cost
     from .inference.report import evaluation_report, format_report, write_report
 
@@ -135,7 +137,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                          f"folders of --data-dir): {e}") from None
     if not hasattr(model, "forward_exits"):
         raise ValueError(f"{args.model} is not a multi-exit model")
-    test_set = image_dataset(args.data_dir, model)
+    test_set = test_set.with_transform(image_transform(resolve_data_config({}, model=model), train=False))
     if args.val_dir:
         val_set = image_dataset(args.val_dir, model)
     elif args.val_fraction:

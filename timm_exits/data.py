@@ -12,7 +12,7 @@ import random
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -151,11 +151,16 @@ def num_classes_of(dataset: Dataset) -> int:
     return len(class_map(dataset))
 
 
+def seeded_order(n: int, seed: int) -> List[int]:
+    """A seeded random permutation of ``range(n)`` (the same on every machine and process)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def split_dataset(dataset: Dataset, fraction: float, seed: int = 0) -> Tuple[Subset, Subset]:
     """A seeded random split into (held-out ``fraction``, rest)."""
     if not 0 < fraction < 1:
         raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = seeded_order(len(dataset), seed)
     n = round(len(dataset) * fraction)
     if n == 0 or n == len(dataset):
         raise ValueError(f"{len(dataset)} images cannot be split with fraction {fraction}")

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
 
+from ..files import write_json
 from .outputs import ExitOutputs
 from .policies import exit_scores
 
@@ -146,10 +146,7 @@ class Thresholds:
 
     def save(self, path: str) -> None:
         """Write atomically (a temporary file, then a rename)."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-        os.replace(tmp, path)
+        write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str, model: Optional[str] = None, num_exits: Optional[int] = None) -> "Thresholds":

@@ -2,11 +2,11 @@
 accuracy per exit, the budgeted curve, printed tables, a JSON file and a PNG plot."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from typing import Any, Dict, Optional, Sequence
 
+from ..files import write_json
 from .budgeted import REFERENCE_Q, budgeted_curve
 from .outputs import ExitOutputs, anytime_accuracy
 from .plot import plot_accuracy_vs_cost
@@ -56,10 +56,7 @@ def write_report(report: Dict[str, Any], folder: str, name: str = "evaluation", 
     """Write ``<name>.json`` and ``<name>.png`` into ``folder`` (atomically); returns their paths."""
     os.makedirs(folder, exist_ok=True)
     paths = {"json": os.path.join(folder, f"{name}.json"), "png": os.path.join(folder, f"{name}.png")}
-    tmp = paths["json"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, paths["json"])
+    write_json(paths["json"], report)
     anytime = {label: [(e["cost"] * cost_scale, e["top1"]) for e in report["exits"]]}
     budgeted = {label: [(p["cost"] * cost_scale, p["accuracy"]) for p in report["budgeted"]]} if "budgeted" in report else {}
     plot_accuracy_vs_cost(paths["png"], anytime, budgeted, cost_label=cost_label, title=str(report.get("model", "")))

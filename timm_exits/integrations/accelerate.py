@@ -41,7 +41,9 @@ import timm_exits  # noqa: F401  (registers the models)
 from .. import profile as profiling
 from ..checkpoint import load_checkpoint, save_checkpoint, set_rng_state, rng_state, training_state
 from ..config import load_config, phase_configs
-from ..data import EpochSampler, ImageFiles, class_map, image_transform, num_classes_of, write_digits
+from ..files import write_json
+from ..data import (EpochSampler, ImageFiles, class_map, image_transform, num_classes_of, seeded_order,
+                    write_digits)
 from ..inference.budgeted import IMTA_Q, REFERENCE_Q
 from ..inference.outputs import collect_outputs
 from ..inference.report import evaluation_report, format_report, write_report
@@ -72,7 +74,7 @@ class _Data:
         self.num_classes = num_classes_of(self.train_files)
         # one seeded order of the training split: [test (if held out)] [validation] [training]
         n = len(self.train_files)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(data["split_seed"])).tolist()
+        order = seeded_order(n, data["split_seed"])
         n_test = round(n * data["test_fraction"]) if data["test_split"] is None else 0
         n_val = round(n * data["val_fraction"])
         if data["test_split"] is None and n_test == 0:
@@ -371,9 +373,7 @@ def run(config: Dict[str, Any], resume: bool = False) -> List[Dict[str, Any]]:
             previous = os.path.join(folder, "model.safetensors")
         if accelerator.is_main_process:
             path = os.path.join(config["output_dir"], "results.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump({"config": config, "phases": reports}, f, indent=2, default=str)
-            os.replace(path + ".tmp", path)
+            write_json(path, {"config": config, "phases": reports}, default=str)
             accelerator.print(f"results of every phase: {path}")
         return reports
     finally:

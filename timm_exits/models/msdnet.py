@@ -429,6 +429,7 @@ class FusedStage(nn.Module):
             self.segments.append((run, None))
         self.reserve = tuple(stage.reserve)
         self._padded_for: Optional[Tuple[int, ...]] = None
+        self._segment_widths: List[List[int]] = []  # per segment: its buffers' widths (set by _pad)
 
     def _final_widths(self, layers: List[int], widths: List[int]) -> List[int]:
         """Per input scale: its width after the run of ``layers``."""
@@ -462,6 +463,7 @@ class FusedStage(nn.Module):
             raise ValueError(f"this fused MSDNet stage was built for inputs of {self._padded_for} channels, got {key}")
         for layers, transition in self.segments:
             buffer_widths = self._buffer_widths(layers, transition, widths)
+            self._segment_widths.append(list(buffer_widths))
             for i in layers:
                 self.steps[i].pad_inputs(buffer_widths)
                 del buffer_widths[:self.steps[i].discard]
@@ -484,9 +486,9 @@ class FusedStage(nn.Module):
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
         self._pad([x.shape[1] for x in xs])
-        for layers, transition in self.segments:
+        for (layers, transition), widths in zip(self.segments, self._segment_widths):
             filled = [x.shape[1] for x in xs]
-            buffers = [self._buffer(x, w) for x, w in zip(xs, self._buffer_widths(layers, transition, filled))]
+            buffers = [self._buffer(x, w) for x, w in zip(xs, widths)]
             for i in layers:
                 self.steps[i].forward_into(buffers, filled)
             if transition is not None:
