@@ -59,7 +59,7 @@ def _rate(fn: Callable[[], None], images: int, repeats: int) -> float:
     return images * repeats / (time.perf_counter() - start)
 
 
-def measure(name: str, train_batch: int, infer_batch: int, rounds: int) -> List[Dict]:
+def measure(name: str, train_batch: int, infer_batch: int, rounds: int, compile: bool = False) -> List[Dict]:
     torch.manual_seed(0)
     model = timm.create_model(name)
     size = model.pretrained_cfg["input_size"]
@@ -67,12 +67,17 @@ def measure(name: str, train_batch: int, infer_batch: int, rounds: int) -> List[
     x_infer = torch.randn(infer_batch, *size)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
-    def train_step(fast: bool, bf16: bool) -> Callable[[], None]:
+    def exits_loss(x: torch.Tensor) -> torch.Tensor:
+        return sum(F.cross_entropy(z.float(), y) for z in model.forward_exits(x))
+
+    compiled_loss = torch.compile(exits_loss) if compile else None
+
+    def train_step(fast: bool, bf16: bool, compiled: bool = False) -> Callable[[], None]:
         def step():
             model.train()
             model.channels_last_training = fast
             with _bf16(bf16):
-                loss = sum(F.cross_entropy(z.float(), y) for z in model.forward_exits(x_train))
+                loss = (compiled_loss if compiled else exits_loss)(x_train)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -96,11 +101,11 @@ def measure(name: str, train_batch: int, infer_batch: int, rounds: int) -> List[
                 with _bf16(precision == "bf16"):
                     out = net.forward_exits(x_infer)
                 errors[("infer", path, precision)] = max(float((o.float() - r).norm() / r.norm()) for o, r in zip(out, reference))
-    def gradient(fast: bool, bf16: bool) -> torch.Tensor:
+    def gradient(fast: bool, bf16: bool, compiled: bool = False) -> torch.Tensor:
         model.train()
         model.channels_last_training = fast
         with _bf16(bf16):
-            loss = sum(F.cross_entropy(z.float(), y) for z in model.forward_exits(x_train))
+            loss = (compiled_loss if compiled else exits_loss)(x_train)
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -109,11 +114,18 @@ def measure(name: str, train_batch: int, infer_batch: int, rounds: int) -> List[
         model.load_state_dict(state)  # the same batch-norm statistics for every gradient
         errors[("train", path, precision)] = float((gradient(path == "fast", precision == "bf16") - reference).norm()
                                                    / reference.norm())
+    compile_seconds = None
+    if compile:  # the first call compiles (forward and backward): its time is reported apart
+        model.load_state_dict(state)
+        start = time.perf_counter()
+        errors[("train", "compiled", "fp32")] = float((gradient(True, False, True) - reference).norm() / reference.norm())
+        compile_seconds = time.perf_counter() - start
     model.load_state_dict(state)
     cases = {
         ("train", "plain", "fp32"): (train_step(False, False), train_batch),
         ("train", "fast", "fp32"): (train_step(True, False), train_batch),
         ("train", "plain", "bf16"): (train_step(False, True), train_batch),  # the fast path steps aside
+        **({("train", "compiled", "fp32"): (train_step(True, False, True), train_batch)} if compile else {}),
         ("infer", "plain", "fp32"): (infer(model, False), infer_batch),
         ("infer", "fused", "fp32"): (infer(fused, False), infer_batch),
         ("infer", "plain", "bf16"): (infer(model, True), infer_batch),
@@ -134,6 +146,8 @@ def measure(name: str, train_batch: int, infer_batch: int, rounds: int) -> List[
                "images_per_s": round(rate, 1), "speedup": round(rate / base, 2)}
         if (task, path, precision) in errors:
             row["rel_error"] = float(f"{errors[(task, path, precision)]:.3g}")
+        if path == "compiled":
+            row["compile_s"] = round(compile_seconds, 1)
         rows.append(row)
     return rows
 
@@ -143,16 +157,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", nargs="*", default=[s[0] for s in SETTINGS])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the fast training step under torch.compile (inductor; minutes of compilation)")
     args = parser.parse_args()
-    rows = [r for name, tb, ib in SETTINGS if name in args.models for r in measure(name, tb, ib, args.rounds)]
+    rows = [r for name, tb, ib in SETTINGS if name in args.models for r in measure(name, tb, ib, args.rounds, args.compile)]
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'model':<24}{'task':<7}{'path':<7}{'prec':<6}{'batch':>6}{'img/s':>9}{'speedup':>9}{'rel err':>10}")
+    print(f"{'model':<24}{'task':<7}{'path':<9}{'prec':<6}{'batch':>6}{'img/s':>9}{'speedup':>9}{'rel err':>10}")
     for r in rows:
         err = f"{r['rel_error']:>10.2e}" if "rel_error" in r else ""
-        print(f"{r['model']:<24}{r['task']:<7}{r['path']:<7}{r['precision']:<6}{r['batch_size']:>6}"
-              f"{r['images_per_s']:>9.1f}{r['speedup']:>9.2f}{err}")
+        compiled = f"  (compiled in {r['compile_s']:.0f} s)" if "compile_s" in r else ""
+        print(f"{r['model']:<24}{r['task']:<7}{r['path']:<9}{r['precision']:<6}{r['batch_size']:>6}"
+              f"{r['images_per_s']:>9.1f}{r['speedup']:>9.2f}{err}{compiled}")
 
 
 if __name__ == "__main__":

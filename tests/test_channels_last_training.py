@@ -120,3 +120,25 @@ def test_shared_input_units_equal_separate_units():
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
         for a, b in zip(t.state_dict().values(), u.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_compile_of_the_fast_step_computes_the_same_function():
+    """The fast path under torch.compile (inductor): its custom autograd function is traced, not
+    broken around, and the outputs and gradients stay those of the straightforward eager step."""
+    torch.manual_seed(0)
+    plain = MSDNet(**{**SMALL, **CASES[0], "num_blocks": 2}, channels_last_training=False).double().train()
+    fast = copy.deepcopy(plain)
+    fast.channels_last_training = True
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda images: fast.forward_exits(images), fullgraph=True)
+    for model, forward in ((plain, plain.forward_exits), (fast, compiled)):
+        outputs = forward(x)
+        sum(F.cross_entropy(z, y) for z in outputs).backward()
+        model.outputs = [o.detach() for o in outputs]
+    for a, b in zip(fast.outputs, plain.outputs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    _assert_grads_close({n: p.grad for n, p in fast.named_parameters() if p.grad is not None},
+                        {n: p.grad for n, p in plain.named_parameters() if p.grad is not None})
+    for a, b in zip(fast.buffers(), plain.buffers()):  # running statistics updated alike
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
