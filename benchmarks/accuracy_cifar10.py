@@ -51,7 +51,8 @@ def train(name: str, data_dir: str, output: Path, epochs: int | None) -> float:
 
 
 def report(output: Path) -> str:
-    """A markdown table of every finished configuration (the last phase of each), and the plot."""
+    """A markdown table of every finished configuration (the last phase of each; training minutes
+    of all its phases, evaluation excluded), and the plot."""
     from timm_exits.inference.plot import plot_accuracy_vs_cost
 
     rows, anytime, budgeted = [], {}, {}
@@ -64,15 +65,16 @@ def report(output: Path) -> str:
         costs = [e["cost"] * 1e-6 for e in phase["exits"]]
         anytime[name] = list(zip(costs, top1))
         budgeted[name] = [(p["cost"] * 1e-6, p["accuracy"]) for p in phase["budgeted"]]
+        minutes = sum(json.loads(f.read_text()).get("seconds", 0) for f in (output / name).glob("**/checkpoint/state.json")) / 60
         at = lambda share: max((a for c, a in budgeted[name] if c <= share * costs[-1]), default=float("nan"))  # noqa: E731
         rows.append(f"| {name} | " + " / ".join(f"{t:.2f}" for t in top1) +
-                    f" | {at(0.25):.2f} | {at(0.5):.2f} | {', '.join(f'{c:.1f}' for c in costs)} |")
+                    f" | {at(0.25):.2f} | {at(0.5):.2f} | {', '.join(f'{c:.1f}' for c in costs)} | {minutes:.0f} |")
     if not rows:
         return "no finished configuration yet"
     plot_accuracy_vs_cost(str(output / "accuracy_cifar10.png"), anytime, budgeted, cost_label="MMACs per image",
                           title="CIFAR-10 (5,000 test images)")
     return "\n".join(["| configuration | anytime top-1 per exit (%) | budgeted top-1 at <= 25 % of the full cost | "
-                      "at <= 50 % | MMACs per exit |", "|---|---|---|---|---|", *rows])
+                      "at <= 50 % | MMACs per exit | training minutes |", "|---|---|---|---|---|---|", *rows])
 
 
 def main() -> None:
