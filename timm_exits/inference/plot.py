@@ -11,19 +11,25 @@ Curve = Sequence[Tuple[float, float]]  # (cost, accuracy) points
 
 def plot_accuracy_vs_cost(path: str, anytime: Dict[str, Curve], budgeted: Dict[str, Curve],
                           cost_label: str = "MACs per image", title: str = "") -> None:
-    """Write a PNG (atomically) with one marker series per anytime set and one line per budgeted curve."""
+    """Write a PNG (atomically): per name, its budgeted curve as a line and its exits as markers,
+    in one colour per name."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for label, points in budgeted.items():
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, "-", label=f"{label} (budgeted)")
-    for label, points in anytime.items():
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, "o--", label=f"{label} (each exit)")
+    fig, ax = plt.subplots(figsize=(7.2, 5.0), dpi=120)
+    names = list(dict.fromkeys([*budgeted, *anytime]))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    for name in names:
+        if name in budgeted:
+            xs, ys = zip(*sorted(budgeted[name]))
+            ax.plot(xs, ys, "-", color=colours[name], label=name)
+        if name in anytime:
+            xs, ys = zip(*anytime[name])
+            ax.plot(xs, ys, "o:", color=colours[name], label=None if name in budgeted else name)
+    ax.plot([], [], "k-", label="line: budgeted")
+    ax.plot([], [], "ko:", label="markers: each exit")
     ax.set_xlabel(cost_label)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
