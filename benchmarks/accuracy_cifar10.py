@@ -50,6 +50,12 @@ def train(name: str, data_dir: str, output: Path, epochs: int | None) -> float:
     return time.time() - start
 
 
+def _best_within(curve: list, budget: float) -> str:
+    """The best accuracy of a budgeted curve at an average cost within ``budget`` ("-" if none)."""
+    inside = [accuracy for cost, accuracy in curve if cost <= budget]
+    return f"{max(inside):.2f}" if inside else "-"
+
+
 def report(output: Path) -> str:
     """A markdown table of every finished configuration (the last phase of each; training minutes
     of all its phases, evaluation excluded), and the plot."""
@@ -66,9 +72,9 @@ def report(output: Path) -> str:
         anytime[name] = list(zip(costs, top1))
         budgeted[name] = [(p["cost"] * 1e-6, p["accuracy"]) for p in phase["budgeted"]]
         minutes = sum(json.loads(f.read_text()).get("seconds", 0) for f in (output / name).glob("**/checkpoint/state.json")) / 60
-        at = lambda share: max((a for c, a in budgeted[name] if c <= share * costs[-1]), default=float("nan"))  # noqa: E731
+        at = lambda share: _best_within(budgeted[name], share * costs[-1])  # noqa: E731
         rows.append(f"| {name} | " + " / ".join(f"{t:.2f}" for t in top1) +
-                    f" | {at(0.25):.2f} | {at(0.5):.2f} | {', '.join(f'{c:.1f}' for c in costs)} | {minutes:.0f} |")
+                    f" | {at(0.25)} | {at(0.5)} | {', '.join(f'{c:.1f}' for c in costs)} | {minutes:.0f} |")
     if not rows:
         return "no finished configuration yet"
     plot_accuracy_vs_cost(str(output / "accuracy_cifar10.png"), anytime, budgeted, cost_label="MMACs per image",
