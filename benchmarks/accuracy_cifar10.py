@@ -71,10 +71,11 @@ def report(output: Path) -> str:
         costs = [e["cost"] * 1e-6 for e in phase["exits"]]
         anytime[name] = list(zip(costs, top1))
         budgeted[name] = [(p["cost"] * 1e-6, p["accuracy"]) for p in phase["budgeted"]]
-        minutes = sum(json.loads(f.read_text()).get("seconds", 0) for f in (output / name).glob("**/checkpoint/state.json")) / 60
-        at = lambda share: _best_within(budgeted[name], share * costs[-1])  # noqa: E731
+        states = (output / name).glob("**/checkpoint/state.json")  # every phase's
+        minutes = sum(json.loads(f.read_text()).get("seconds", 0) for f in states) / 60
+        quarter, half = (_best_within(budgeted[name], share * costs[-1]) for share in (0.25, 0.5))
         rows.append(f"| {name} | " + " / ".join(f"{t:.2f}" for t in top1) +
-                    f" | {at(0.25)} | {at(0.5)} | {', '.join(f'{c:.1f}' for c in costs)} | {minutes:.0f} |")
+                    f" | {quarter} | {half} | {', '.join(f'{c:.1f}' for c in costs)} | {minutes:.0f} |")
     if not rows:
         return "no finished configuration yet"
     plot_accuracy_vs_cost(str(output / "accuracy_cifar10.png"), anytime, budgeted, cost_label="MMACs per image",

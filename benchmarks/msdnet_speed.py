@@ -72,12 +72,15 @@ def measure(name: str, train_batch: int, infer_batch: int, rounds: int, compile:
 
     compiled_loss = torch.compile(exits_loss) if compile else None
 
+    def training_loss(fast: bool, bf16: bool, compiled: bool = False) -> torch.Tensor:
+        model.train()
+        model.channels_last_training = fast
+        with _bf16(bf16):
+            return (compiled_loss if compiled else exits_loss)(x_train)
+
     def train_step(fast: bool, bf16: bool, compiled: bool = False) -> Callable[[], None]:
         def step():
-            model.train()
-            model.channels_last_training = fast
-            with _bf16(bf16):
-                loss = (compiled_loss if compiled else exits_loss)(x_train)
+            loss = training_loss(fast, bf16, compiled)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -102,10 +105,7 @@ def measure(name: str, train_batch: int, infer_batch: int, rounds: int, compile:
                     out = net.forward_exits(x_infer)
                 errors[("infer", path, precision)] = max(float((o.float() - r).norm() / r.norm()) for o, r in zip(out, reference))
     def gradient(fast: bool, bf16: bool, compiled: bool = False) -> torch.Tensor:
-        model.train()
-        model.channels_last_training = fast
-        with _bf16(bf16):
-            loss = (compiled_loss if compiled else exits_loss)(x_train)
+        loss = training_loss(fast, bf16, compiled)
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
 
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -19,15 +19,14 @@ def plot_accuracy_vs_cost(path: str, anytime: Dict[str, Curve], budgeted: Dict[s
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.2, 5.0), dpi=120)
-    names = list(dict.fromkeys([*budgeted, *anytime]))
-    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
-    for name in names:
+    for i, name in enumerate(dict.fromkeys([*budgeted, *anytime])):
+        colour = f"C{i % 10}"
         if name in budgeted:
             xs, ys = zip(*sorted(budgeted[name]))
-            ax.plot(xs, ys, "-", color=colours[name], label=name)
+            ax.plot(xs, ys, "-", color=colour, label=name)
         if name in anytime:
             xs, ys = zip(*anytime[name])
-            ax.plot(xs, ys, "o:", color=colours[name], label=None if name in budgeted else name)
+            ax.plot(xs, ys, "o:", color=colour, label=None if name in budgeted else name)
     ax.plot([], [], "k-", label="line: budgeted")
     ax.plot([], [], "ko:", label="markers: each exit")
     ax.set_xlabel(cost_label)
