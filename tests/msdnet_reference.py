@@ -6,6 +6,7 @@ rules. It shares no code with ``timm_exits``.
 from __future__ import annotations
 
 import math
+import re
 from typing import Dict, List, Tuple
 
 import torch
@@ -170,9 +171,13 @@ class ReferenceMSDNet:
         return logits, costs
 
 
-def reference_for(args: dict) -> ReferenceMSDNet:
-    """The reference network for a catalogue variant's ``args``."""
+def reference_for(command: str) -> ReferenceMSDNet:
+    """The reference network built by the reference implementation's command line, e.g.
+    ``--data cifar100 --nBlocks 7 --stepmode lin_grow --step 1 --base 1 --nChannels 16 ...``."""
+    flags = dict(re.findall(r"--(\w+) (\S+)", command))
+    factors = lambda key: [int(f) for f in flags[key].split("-")]  # noqa: E731
+    data = "imagenet" if flags["data"] == "ImageNet" else "cifar"
     return ReferenceMSDNet(
-        args["num_blocks"], args["base"], args["step"], args["step_mode"], args["num_channels"],
-        args["growth_rate"], list(args["gr_factor"]), list(args["bn_factor"]),
-        data=args["stem_type"], num_classes=args["num_classes"])
+        int(flags["nBlocks"]), int(flags["base"]), int(flags["step"]), flags["stepmode"], int(flags["nChannels"]),
+        int(flags["growthRate"]), factors("grFactor"), factors("bnFactor"), data=data,
+        num_classes={"ImageNet": 1000, "cifar100": 100, "cifar10": 10}[flags["data"]])

@@ -7,7 +7,9 @@ from safetensors.torch import save_file
 import timm_exits  # noqa: F401
 from timm_exits import BackboneWithExits, add_exits, slice_state
 from timm_exits.profile import profile_exits
-from timm_exits.registry import load_catalogue
+from timm_exits.catalogue import load_catalogue
+
+from helpers import randomise_norms
 
 # tiny members of every supported family, at 64x64
 FAMILIES = {
@@ -24,23 +26,9 @@ FAMILIES = {
 SUPPORTED = list(FAMILIES)
 
 
-def _randomise_norms(model):
-    """Non-trivial norm statistics and affine parameters (fresh timm inits are identities)."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)) and m.weight is not None:
-                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
-
-
 def _backbone(name, **kwargs):
     torch.manual_seed(0)
-    return _randomise_norms(timm.create_model(name, **{"num_classes": 5, **FAMILIES[name], **kwargs})).eval()
+    return randomise_norms(timm.create_model(name, **{"num_classes": 5, **FAMILIES[name], **kwargs})).eval()
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
@@ -97,7 +85,7 @@ def test_exit_costs_add_the_heads_to_the_backbone(name):
 
 
 def test_stop_at_exit_runs_only_the_needed_units():
-    model = add_exits(_backbone("resnet18"))
+    model = add_exits(_backbone("resnet18")).eval()
     ran = []
     for name in ("layer1", "layer2", "layer3", "layer4"):
         model.backbone.get_submodule(name).register_forward_hook(lambda *a, n=name: ran.append(n))
@@ -153,8 +141,8 @@ def test_registered_variants_and_their_catalogue_costs():
     for name, v in catalogue.items():
         with torch.device("meta"):
             model = timm.create_model(name)
-            plain = timm.create_model(v["backbone"])
-        assert isinstance(model, BackboneWithExits) and model.exit_after == v["args"]["exits"]
+            plain = timm.create_model(model.backbone.pretrained_cfg["architecture"])
+        assert isinstance(model, BackboneWithExits) and model.num_exits == len(v["expected"]["macs"])
         costs = profile_exits(model)
         assert [c.macs for c in costs] == v["expected"]["macs"]
         assert [c.params for c in costs] == v["expected"]["params"]

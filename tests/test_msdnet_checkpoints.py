@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 import timm_exits  # noqa: F401
-from timm_exits.registry import load_catalogue
+from timm_exits.catalogue import load_catalogue
 
 from msdnet_reference import reference_for
 
@@ -61,13 +61,13 @@ def test_other_class_count_keeps_the_backbone_and_renews_every_head(tmp_path):
 @pytest.mark.parametrize("name", ["msdnet_cifar_7exit", "msdnet_imagenet_5exit"])
 def test_reference_checkpoint_gives_the_reference_outputs_at_every_exit(tmp_path, name):
     v = CATALOGUE[name]
-    reference = reference_for(v["args"])
+    reference = reference_for(v["reference_command"])
     state = reference.random_state_dict(seed=0)
     path = tmp_path / "model_best.pth.tar"  # as saved by the reference training scripts
     torch.save({"epoch": 90, "arch": "msdnet", "best_prec1": 75.0,
                 "state_dict": {f"module.{k}": t for k, t in state.items()}}, path)
     model = _load(name, path)
-    size = v["cfg"]["input_size"]
+    size = timm.models.get_pretrained_cfg(name).input_size
     x = torch.randn(2, *size)
     with torch.no_grad():
         ours = model.forward_exits(x)

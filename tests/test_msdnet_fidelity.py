@@ -13,7 +13,7 @@ import torch
 import timm_exits  # noqa: F401
 from timm_exits.models.msdnet import MSDNet, msdnet_plan
 from timm_exits.profile import profile_exits
-from timm_exits.registry import load_catalogue
+from timm_exits.catalogue import load_catalogue
 
 from msdnet_reference import reference_for
 
@@ -29,8 +29,8 @@ IMAGENET4_PARAMS = [4.239, 8.772, 13.073, 16.748, 23.958]
 
 def _reference_costs(name):
     v = CATALOGUE[name]
-    ref = reference_for(v["args"])
-    size = v["cfg"]["input_size"]
+    ref = reference_for(v["reference_command"])
+    size = timm.models.get_pretrained_cfg(name).input_size
     _, costs = ref.run(ref.meta_state_dict(), torch.empty(1, *size, device="meta"))
     return costs
 
@@ -60,7 +60,7 @@ def test_every_variant_matches_the_reference_counter_and_catalogue(name):
     assert [c.macs for c in macs] == [r["macs"] for r in reference] == expected["macs"]
     assert [c.params for c in ops] == [r["params"] for r in reference] == expected["params"]
     assert [c.params for c in macs] == expected["params"]
-    assert model.num_exits == len(expected["params"]) == CATALOGUE[name]["args"]["num_blocks"]
+    assert model.num_exits == len(expected["params"]) == len(reference)
 
 
 def test_published_numbers_of_the_profiled_models():

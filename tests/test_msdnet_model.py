@@ -33,12 +33,12 @@ def test_every_variant_is_listed():
 def test_cifar_variants_run_every_exit(name):
     exits, size, classes = VARIANTS[name]
     model = timm.create_model(name).eval()
-    assert model.pretrained_cfg["input_size"] == [3, size, size] and model.pretrained_cfg["num_classes"] == classes
+    assert tuple(model.pretrained_cfg["input_size"]) == (3, size, size) and model.pretrained_cfg["num_classes"] == classes
     with torch.no_grad():
         outs = model.forward_exits(torch.randn(2, 3, size, size))
     assert len(outs) == model.num_exits == exits
     assert all(o.shape == (2, classes) for o in outs)
-    cifar10 = timm.create_model(name, num_classes=10)
+    cifar10 = timm.create_model(name, num_classes=10).eval()
     assert cifar10(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
@@ -50,7 +50,8 @@ def test_imagenet_variants_shapes(name):
         outs = model.forward_exits(torch.empty(2, 3, size, size))
     assert len(outs) == exits and all(o.shape == (2, classes) for o in outs)
     cfg = model.pretrained_cfg
-    assert cfg["input_size"] == [3, 224, 224] and cfg["crop_pct"] == 0.875 and cfg["mean"] == [0.485, 0.456, 0.406]
+    assert tuple(cfg["input_size"]) == (3, 224, 224) and cfg["crop_pct"] == 0.875
+    assert tuple(cfg["mean"]) == (0.485, 0.456, 0.406)
 
 
 def test_imagenet_step4_runs_on_real_images():
@@ -99,7 +100,11 @@ def test_forward_features_and_head():
     with torch.no_grad():
         model.set_exit(1)
         feats = model.forward_features(x)
-        assert feats.shape == (2, model.stage_widths[1], 8, 8)  # coarsest scale, what the head reads
+        # the exit head's convolutions (two 3x3/2) on the coarsest scale (8x8) after stage 1, unpooled
+        coarse = model.forward_until(x, 1)[-1]
+        assert coarse.shape == (2, model.stage_widths[1], 8, 8)
+        assert torch.allclose(feats, model.exits[1].conv2(model.exits[1].conv1(coarse)))
+        assert feats.shape == (2, model.exit_widths[1], 2, 2)
         assert torch.allclose(model.forward_head(feats), model(x), atol=1e-6)
         pooled = model.forward_head(feats, pre_logits=True)
         assert pooled.shape == (2, model.exit_widths[1])
@@ -180,7 +185,7 @@ def test_bad_exit_index_and_pool_are_explained():
     model = tiny()
     with pytest.raises(ValueError, match=r"exit index must be in \[-3, 2\], got 3"):
         model.set_exit(3)
-    with pytest.raises(ValueError, match="fixed 2x2 average pool"):
+    with pytest.raises(ValueError, match="fixed 2x2 average"):
         model.reset_classifier(10, global_pool="max")
 
 

@@ -11,6 +11,8 @@ from timm_exits.inference import EarlyExitExecutor, assign_exits, exit_scores, f
 from timm_exits.profile import profile_exits
 from timm_exits.train import IMTAModel, multi_exit_cross_entropy, one_for_all_distillation
 
+from helpers import randomise_norms
+
 
 def _single_scale_msdnet():
     torch.manual_seed(0)
@@ -171,17 +173,17 @@ def test_phase_two_costs_match_the_spec_for_cifar100():
 def test_adn_step_equals_one_backward_on_the_summed_loss():
     from timm_exits.train import adn_distillation, adn_step
 
-    from test_exits import _randomise_norms
 
     def fresh():  # non-trivial norms: a fresh ResNet's zero-initialised last BNs make base = super
         torch.manual_seed(0)
-        return _randomise_norms(timm.create_model("resnet18_adn", num_classes=6)).train()
+        return randomise_norms(timm.create_model("resnet18_adn", num_classes=6)).train()
 
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     model = fresh()
     losses = adn_step(model, x, y, alpha=0.5, temperature=2.0, topk=4)
     assert model.depth_config == "FFFF" and set(losses) == {"super", "base"}
     reference = fresh()
+    reference.set_multi_exit_training(False)  # one pass at the selected depth, each in training mode
     with reference.depth("FFFF"):
         teacher = reference(x)
     with reference.depth("TTTT"):
@@ -205,8 +207,7 @@ def test_adn_distillation_top_k_and_exits():
     idx = t.topk(4, -1).indices
     manual = F.kl_div(F.log_softmax(s.gather(1, idx), -1), F.softmax(t.gather(1, idx), -1), reduction="batchmean")
     assert torch.allclose(adn_distillation(s, t, 1.0, topk=4), manual)
-    from test_exits import _randomise_norms
-    model = add_exits(_randomise_norms(timm.create_model("resnet18_adn", num_classes=6))).train()
+    model = add_exits(randomise_norms(timm.create_model("resnet18_adn", num_classes=6))).train()
     losses = adn_step(model, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
     assert torch.isfinite(losses["base"]) and losses["base"] > 0
     assert model.exits[0].fc.weight.grad.abs().sum() > 0

@@ -18,7 +18,7 @@ import timm
 import torch
 
 from . import profile as profiling
-from .registry import families, load_catalogue
+from .catalogue import families, load_catalogue
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -55,10 +55,10 @@ def _profile(args: argparse.Namespace) -> int:
 def _msdnet_rows(variants: dict) -> List[str]:
     rows = ["| model | exits | input | classes | params (M) | MMACs per exit (cumulative) |", "|---|---|---|---|---|---|"]
     for name, v in variants.items():
-        e, cfg = v["expected"], v["cfg"]
-        size = "x".join(str(s) for s in cfg["input_size"][1:])
+        e, cfg = v["expected"], timm.models.get_pretrained_cfg(name)
+        size = "x".join(str(s) for s in cfg.input_size[1:])
         macs = " / ".join(f"{m / 1e6:.1f}" for m in e["macs"])
-        rows.append(f"| `{name}` | {len(e['macs'])} | {size} | {cfg['num_classes']} | {e['params'][-1] / 1e6:.2f} | {macs} |")
+        rows.append(f"| `{name}` | {len(e['macs'])} | {size} | {cfg.num_classes} | {e['params'][-1] / 1e6:.2f} | {macs} |")
     return rows
 
 
@@ -67,7 +67,9 @@ def _exits_rows(variants: dict) -> List[str]:
     for name, v in variants.items():
         e = v["expected"]
         macs = " / ".join(f"{m / 1e9:.3f}" for m in e["macs"])
-        rows.append(f"| `{name}` | `{v['backbone']}` | {v['args']['exits']} | {e['params'][-1] / 1e6:.2f} | {macs} |")
+        with torch.device("meta"):
+            exits = timm.create_model(name).exit_after
+        rows.append(f"| `{name}` | `{v['backbone']}` | {exits} | {e['params'][-1] / 1e6:.2f} | {macs} |")
     return rows
 
 

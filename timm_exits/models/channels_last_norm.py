@@ -15,6 +15,7 @@ gradient instead of none.
 """
 from __future__ import annotations
 
+import copy
 from typing import List, Sequence
 
 import torch
@@ -57,6 +58,8 @@ def channels_first_path_applies(x: torch.Tensor, norms: Sequence[BatchNormAct2d]
     """Whether ``norms`` (applied side by side to ``x``'s channels) can take the channels-first
     training path: training, CPU, channels-last input of their own dtype, ReLU, tracked running
     statistics with one momentum and eps."""
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # no control flow on traced values
+        return False
     first = norms[0]
     return (x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=_CHANNELS_LAST)
             and not torch.jit.is_scripting() and torch.is_grad_enabled()
@@ -97,6 +100,13 @@ class BatchNormReLU2d(BatchNormAct2d):
         if channels_first_path_applies(x, [self]):
             return batch_norm_relu(x, [self])[0]
         return super().forward(x)
+
+    def __prepare_scriptable__(self) -> BatchNormAct2d:
+        """TorchScript compiles the plain timm layer (same parameters and buffers): the fast path
+        is a training-time optimisation of eager mode."""
+        plain = copy.copy(self)
+        plain.__class__ = BatchNormAct2d
+        return plain
 
 
 def batch_norm_relu_2d(num_features: int, **kwargs) -> BatchNormReLU2d:

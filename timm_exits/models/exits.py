@@ -8,18 +8,24 @@ its final logits are unchanged by adding exits::
     model = add_exits("resnet50", pretrained=True)           # exits after layer1..layer3 + fc
     model = add_exits(vit, exits=[3, 7], head="linear")      # after blocks 3 and 7 + the ViT head
 
-Registered variants (``resnet18_exits``, ``vit_tiny_patch16_224_exits``, ...) come from the
-catalogue ``timm_exits/registry/exits.yaml``.
+Each supported family has a small subclass of :class:`BackboneWithExits` (``ResNetWithExits``, ...)
+whose stem / units / tail are plain typed code over the backbone's own modules, so the wrapper
+scripts (``torch.jit.script``) and traces (``torch.fx``) like timm's models; ``BackboneWithExits(backbone)``
+and :func:`add_exits` pick the subclass from the backbone's class.
+
+The registered variants (``resnet18_exits``, ``vit_tiny_patch16_224_exits``, ...) are declared at the end
+of this file, timm's way: ``default_cfgs`` and one ``@register_model`` function each.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import timm
 import torch
 from torch import nn
-from timm.models import generate_default_cfgs, load_state_dict
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, group_parameters, \
+    load_state_dict, register_model
 from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
@@ -31,65 +37,11 @@ from .heads import create_head, reset_head_classifier
 from ..profile import meta_copy
 from .multi_exit import MultiExitModel
 from ..checkpoint import pretrained_file
-from ..registry import load_catalogue, register_entrypoints
 
-__all__ = ["BackboneWithExits", "add_exits", "SUPPORTED_BACKBONES"]
-
-
-@dataclass(frozen=True)
-class BackboneLayout:
-    """How to run one family of timm models piece by piece."""
-
-    stem: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-    units: Callable[[nn.Module], List[str]]  # names of the modules exits can follow, in order
-    tail: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # rest of forward_features after the units
-    layout: str  # state layout: nchw, nhwc or nlc
-
-
-def _resnet_stem(m: ResNet, x: torch.Tensor) -> torch.Tensor:
-    return m.maxpool(m.act1(m.bn1(m.conv1(x))))
-
-
-def _vit_stem(m: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-
-
-def _identity(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _children(container: str) -> Callable[[nn.Module], List[str]]:
-    return lambda m: [f"{container}.{name}" for name, _ in m.get_submodule(container).named_children()]
-
-
-LAYOUTS: Dict[type, BackboneLayout] = {
-    ResNet: BackboneLayout(_resnet_stem, lambda m: ["layer1", "layer2", "layer3", "layer4"], _identity, "nchw"),
-    ConvNeXt: BackboneLayout(lambda m, x: m.stem(x), _children("stages"), lambda m, x: m.norm_pre(x), "nchw"),
-    EfficientNet: BackboneLayout(
-        lambda m, x: m.bn1(m.conv_stem(x)), _children("blocks"), lambda m, x: m.bn2(m.conv_head(x)), "nchw"),
-    MobileNetV3: BackboneLayout(lambda m, x: m.bn1(m.conv_stem(x)), _children("blocks"), _identity, "nchw"),
-    VisionTransformer: BackboneLayout(_vit_stem, _children("blocks"), lambda m, x: m.norm(x), "nlc"),
-    SwinTransformer: BackboneLayout(lambda m, x: m.patch_embed(x), _children("layers"), lambda m, x: m.norm(x), "nhwc"),
-}
-SUPPORTED_BACKBONES = tuple(cls.__name__ for cls in LAYOUTS)
-
-
-def layout_of(backbone: nn.Module) -> BackboneLayout:
-    for cls, layout in LAYOUTS.items():
-        if isinstance(backbone, cls):
-            return layout
-    raise TypeError(f"{type(backbone).__name__} is not a supported backbone; supported timm families: "
-                    f"{', '.join(SUPPORTED_BACKBONES)}")
-
-
-def default_exits(backbone: nn.Module) -> List[int]:
-    """Exits after every unit where the backbone's ``feature_info`` reports a feature map (stride >= 4),
-    or, for isotropic models (ViT), after each quarter of the blocks; never after the last unit."""
-    units = layout_of(backbone).units(backbone)
-    if len({f["reduction"] for f in backbone.feature_info}) == 1:
-        return [len(units) * k // 4 - 1 for k in (1, 2, 3)]
-    return [units.index(f["module"]) for f in backbone.feature_info
-            if f["reduction"] >= 4 and f["module"] in units[:-1]]
+__all__ = [
+    "BackboneWithExits", "ResNetWithExits", "ConvNeXtWithExits", "EfficientNetWithExits", "MobileNetV3WithExits",
+    "VisionTransformerWithExits", "SwinTransformerWithExits", "add_exits", "default_exits", "SUPPORTED_BACKBONES",
+]  # model_registry adds each entrypoint fn to this
 
 
 def _input_size(backbone: nn.Module) -> tuple:
@@ -101,16 +53,51 @@ def _input_size(backbone: nn.Module) -> tuple:
     return (chans, *img_size) if img_size else (chans, *size[1:])
 
 
+def _pool_type(backbone: nn.Module) -> str:
+    """The backbone classifier's global pooling ('avg', 'token', '' for none, ...)."""
+    pool = getattr(backbone, "global_pool", None)
+    if pool is None:
+        pool = getattr(getattr(backbone, "head", None), "global_pool", None)
+    return pool if isinstance(pool, str) else getattr(pool, "pool_type", "avg")
+
+
+def _exit_pool(global_pool: str, layout: str, num_prefix_tokens: int) -> str:
+    """An exit head's pooling for the backbone's ``global_pool``: none stays none, the class token where the
+    backbone pools its class token, else the average."""
+    if global_pool == "":
+        return ""
+    return "token" if global_pool == "token" and layout == "nlc" and num_prefix_tokens else "avg"
+
+
 class BackboneWithExits(MultiExitModel):
     """A timm backbone with exit heads after chosen units; the backbone's head is the last exit.
 
+    ``BackboneWithExits(backbone, ...)`` returns the subclass of the backbone's family (see
+    ``SUPPORTED_BACKBONES``). A subclass defines ``forward_stem``, ``forward_units(x, start, end)`` (units
+    ``start..end-1``, plain typed code over the backbone's own modules, so the model scripts and traces),
+    ``forward_tail`` (what follows the last unit in ``backbone.forward_features``) and ``backbone_units``
+    (the units' module names, by default the children of ``unit_container``). Stage i runs units
+    ``stage_bounds[i]..stage_bounds[i+1]-1``; no module is registered twice, so the state dict keeps the
+    keys ``backbone.*`` and ``exits.*``.
+
     Args:
-        backbone: a timm model of a supported family (see ``SUPPORTED_BACKBONES``).
+        backbone: a timm model of a supported family.
         exits: 0-based indices of the units to put an exit after (default: :func:`default_exits`).
         head: ``linear`` (default) or ``conv`` (MSDNet-style, CNNs only); see :mod:`.heads`.
         head_width: width of the ``conv`` head (default: its input width).
         drop_rate: dropout before the exit heads' linear layers.
     """
+
+    family: Type[nn.Module] = nn.Module  # the timm model class a subclass wraps
+    layout: str = "nchw"  # state layout: nchw, nhwc or nlc
+    unit_container: str = ""  # the backbone's Sequential of units (ResNet: none, its units are layer1..layer4)
+    checkpoint_units: bool = True  # backbone.forward_features checkpoints its units (else its stages do)
+    __jit_unused_properties__ = ["_units", "_stage_units"]
+
+    def __new__(cls, backbone: Optional[nn.Module] = None, *args, **kwargs):
+        if cls is BackboneWithExits and backbone is not None:
+            cls = _wrapper_class(backbone)
+        return super().__new__(cls)
 
     def __init__(
             self,
@@ -121,64 +108,126 @@ class BackboneWithExits(MultiExitModel):
             drop_rate: float = 0.0,
     ):
         super().__init__()
-        self.layout = layout_of(backbone)
+        if not isinstance(backbone, self.family):
+            raise TypeError(f"{type(self).__name__} wraps a {self.family.__name__}, got {type(backbone).__name__}")
         self.backbone = backbone
-        self._units = [backbone.get_submodule(name) for name in self.layout.units(backbone)]
-        num_units = len(self._units)
+        num_units = len(self.unit_names())
         exits = sorted(default_exits(backbone) if exits is None else [int(e) for e in exits])
         if len(set(exits)) != len(exits) or any(not 0 <= e < num_units - 1 for e in exits):
             raise ValueError(f"exits must be distinct unit indices in [0, {num_units - 2}] (the last unit, "
                              f"{num_units - 1}, feeds the backbone's own head), got {exits}")
-        self.exit_after = exits
+        self.exit_after: List[int] = exits
         self.num_exits = len(exits) + 1
         self.exit_index = self.num_exits - 1
+        self.stage_bounds: List[int] = [0] + [e + 1 for e in exits] + [num_units]  # stage i: units [b_i, b_i+1)
+        self.grad_checkpointing = False
+        self.multi_exit_training = self.multi_exit_training  # the class default, as an attribute TorchScript sees
         self.num_classes = backbone.num_classes
         self.in_chans = getattr(backbone, "in_chans", 3)
+        self.num_features = backbone.num_features
+        self.head_hidden_size = getattr(backbone, "head_hidden_size", backbone.num_features)
+        self.output_fmt = getattr(backbone, "output_fmt", "NLC" if self.layout == "nlc" else "NCHW")
+        self.feature_info = [dict(f, module=f"backbone.{f['module']}") for f in backbone.feature_info]
         self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
         self.pretrained_cfg["input_size"] = _input_size(backbone)
+        self.default_cfg = self.pretrained_cfg
         widths = self._unit_widths()
-        kwargs = {}
-        if self.layout.layout == "nlc":
-            prefix = getattr(backbone, "num_prefix_tokens", 0)
-            pool = "token" if getattr(backbone, "global_pool", "avg") == "token" and prefix else "avg"
-            kwargs = dict(pool=pool, num_prefix_tokens=prefix, norm=True)
-        elif self.layout.layout == "nhwc":
-            kwargs = dict(norm=True)
+        self.num_prefix_tokens = getattr(backbone, "num_prefix_tokens", 0) if self.layout == "nlc" else 0
+        pool = _exit_pool(_pool_type(backbone), self.layout, self.num_prefix_tokens)
+        kwargs = dict(pool=pool, num_prefix_tokens=self.num_prefix_tokens, norm=self.layout != "nchw")
         ref = next(backbone.parameters())
         self.exits = nn.ModuleList([
-            create_head(head, widths[e], self.num_classes, self.layout.layout, width=head_width,
+            create_head(head, widths[e], self.num_classes, self.layout, width=head_width,
                         drop_rate=drop_rate, device=ref.device, dtype=ref.dtype, **kwargs) for e in exits])
         self.stage_widths = [widths[e] for e in exits] + [widths[-1]]
         self.exit_widths = [h.num_features for h in self.exits] + [backbone.num_features]
-        self.num_features = backbone.num_features
-        self.head_hidden_size = getattr(backbone, "head_hidden_size", backbone.num_features)
-        bounds = [0] + [e + 1 for e in exits] + [num_units]
-        self._stage_units = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.train(backbone.training)  # one mode for the whole model: the backbone's
+
+    # ---- what a family defines
+    @classmethod
+    def backbone_units(cls, backbone: nn.Module) -> List[str]:
+        """Names of the modules of ``backbone`` an exit can follow, in order."""
+        return [f"{cls.unit_container}.{n}" for n, _ in backbone.get_submodule(cls.unit_container).named_children()]
+
+    @torch.jit.ignore
+    def unit_names(self) -> List[str]:
+        """Names (under ``backbone``) of the modules an exit can follow, in order."""
+        return self.backbone_units(self.backbone)
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_units(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    # ---- the multi-exit contract
+    @property
+    def _units(self) -> List[nn.Module]:
+        """The backbone's unit modules, in order."""
+        return [self.backbone.get_submodule(n) for n in self.unit_names()]
+
+    @property
+    def _stage_units(self) -> List[range]:
+        """The unit indices each stage runs."""
+        return [range(a, b) for a, b in zip(self.stage_bounds[:-1], self.stage_bounds[1:])]
 
     @torch.no_grad()
     def _unit_widths(self) -> List[int]:
-        meta = meta_copy(self.backbone).eval()
-        x = self.layout.stem(meta, torch.empty(1, *self.pretrained_cfg["input_size"], device="meta"))
+        meta = meta_copy(self).eval()
+        x = meta.forward_stem(torch.empty(1, *self.pretrained_cfg["input_size"], device="meta"))
         widths = []
-        for name in self.layout.units(meta):
-            x = meta.get_submodule(name)(x)
-            widths.append(x.shape[1] if self.layout.layout == "nchw" else x.shape[-1])
+        for i in range(len(self.unit_names())):
+            x = meta.forward_units(x, i, i + 1)
+            widths.append(x.shape[1] if self.layout == "nchw" else x.shape[-1])
         return widths
 
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layout.stem(self.backbone, x)
+    @torch.jit.ignore
+    def _forward_units_checkpointed(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Units ``start..end-1`` recomputed in the backward pass (where the backbone checkpoints its units;
+        Swin / ConvNeXt stages checkpoint their own blocks)."""
+        if self.checkpoint_units:
+            return checkpoint_seq(self._units[start:end], x)
+        return self.forward_units(x, start, end)
 
     def forward_stage(self, state: torch.Tensor, index: int) -> torch.Tensor:
-        for i in self._stage_units[index]:
-            state = self._units[i](state)
+        start, end = self.stage_bounds[index], self.stage_bounds[index + 1]
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            state = self._forward_units_checkpointed(state, start, end)
+        else:
+            state = self.forward_units(state, start, end)
         if index == self.num_exits - 1:
-            state = self.layout.tail(self.backbone, state)
+            state = self.forward_tail(state)
         return state
 
     def forward_exit(self, state: torch.Tensor, index: int, pre_logits: bool = False) -> torch.Tensor:
         if index == self.num_exits - 1:
             return self.backbone.forward_head(state, pre_logits=pre_logits)
-        return self.exits[index](state, pre_logits=pre_logits)
+        out = state
+        for i, head in enumerate(self.exits):
+            if i == index:
+                out = head(state, pre_logits=pre_logits)
+        return out
+
+    def forward_until(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """The state after stage ``index``, running no exit head."""
+        state = self.forward_stem(x)
+        for i in range(index + 1):
+            state = self.forward_stage(state, i)
+        return state
+
+    def forward_train_outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The logits of exits 1..k (k the active exit), computing each stage once: every stage first,
+        then the heads, so that a traced graph (torch.fx) ends with the exits' outputs, after every constant
+        the backbone creates (timm's FX tools locate output nodes by their position from the end)."""
+        state = self.forward_stem(x)
+        states = []
+        for i in range(self.exit_index + 1):
+            state = self.forward_stage(state, i)
+            states.append(state)
+        return tuple(self.forward_exit(s, i) for i, s in enumerate(states))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The state after the active exit's stage (for the last exit: ``backbone.forward_features``)."""
@@ -187,6 +236,7 @@ class BackboneWithExits(MultiExitModel):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.forward_exit(x, self.exit_index, pre_logits=pre_logits)
 
+    # ---- timm's model API
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         if self.exit_index == self.num_exits - 1:
@@ -194,15 +244,233 @@ class BackboneWithExits(MultiExitModel):
         return self.exits[self.exit_index].fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """New linear layers with ``num_classes`` outputs on every exit, the backbone's included."""
+        """New linear layers with ``num_classes`` outputs on every exit, the backbone's included;
+        ``global_pool`` (e.g. ``''``: unpooled features) goes to the backbone and the exit heads."""
+        pool = None if global_pool is None else _exit_pool(global_pool, self.layout, self.num_prefix_tokens)
+        ref = next(self.backbone.parameters())
+        for head in self.exits:
+            reset_head_classifier(head, head.num_features, num_classes, pool=pool, device=ref.device, dtype=ref.dtype)
         self.backbone.reset_classifier(num_classes, *(() if global_pool is None else (global_pool,)))
         self.num_classes = num_classes
-        for head in self.exits:
-            reset_head_classifier(head, head.num_features, num_classes)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """The backbone's ``no_weight_decay()`` names, under ``backbone.``."""
+        names = self.backbone.no_weight_decay() if hasattr(self.backbone, "no_weight_decay") else set()
+        return {f"backbone.{n}" for n in names}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """Layer groups for layer-wise lr decay (``create_optimizer_v2(..., layer_decay=...)``): the backbone's
+        own groups, each exit head in the group of the unit it follows. A callable (name -> group), which
+        timm's ``group_parameters`` accepts like a dict of regexes."""
+        groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=coarse))
+        layer: Dict[str, int] = {f"backbone.{n}": g for g, names in groups.items() for n in names}
+        units = self.unit_names()
+        for i, head in enumerate(self.exits):
+            unit = units[self.exit_after[i]]
+            group = max(layer[f"backbone.{unit}.{n}"] for n, _ in self.backbone.get_submodule(unit).named_parameters())
+            layer.update({f"exits.{i}.{n}": group for n, _ in head.named_parameters()})
+        last = max(layer.values(), default=0) + 1
+        return lambda name: layer.get(name, last)
+
+    # ---- timm's feature API: the backbone's own feature maps
+    def _check_feature_indices(self, indices: Optional[Union[int, Sequence[int]]]) -> None:
+        n = len(self.feature_info)
+        if indices is None:
+            return
+        if isinstance(indices, int):
+            bad = not 0 < indices <= n
+        else:
+            bad = any(not -n <= int(i) < n for i in indices)
+        if bad:
+            raise ValueError(f"feature indices {indices!r} out of range: this {type(self.backbone).__name__} has {n} "
+                             f"feature maps (model.feature_info), so give indices in [{-n}, {n - 1}] or a count in "
+                             f"[1, {n}] (the last n)")
+
+    @torch.jit.ignore
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+            **kwargs: Any,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The backbone's ``forward_intermediates`` (its feature maps, ``feature_info`` indices); the final
+        output is ``backbone.forward_features(x)``, the last exit's ``forward_features``."""
+        self._check_feature_indices(indices)
+        return self.backbone.forward_intermediates(
+            x, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+            intermediates_only=intermediates_only, **kwargs)
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+            self,
+            indices: Optional[Union[int, List[int]]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """The backbone's ``prune_intermediate_layers``; ``prune_head`` also removes every exit head, leaving
+        one exit: the pruned backbone's features."""
+        self._check_feature_indices(indices)
+        take_indices = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        if prune_head:
+            self.exits = nn.ModuleList()
+            self.exit_after = []
+            self.stage_bounds = [0, self.stage_bounds[-1]]
+            self.num_exits, self.exit_index = 1, 0
+            self.stage_widths, self.exit_widths = self.stage_widths[-1:], self.exit_widths[-1:]
+            self.num_classes = self.backbone.num_classes
+            self.num_features = self.backbone.num_features
+            self.head_hidden_size = getattr(self.backbone, "head_hidden_size", self.num_features)
+        return take_indices
+
+
+class _BlocksWithExits(BackboneWithExits):
+    """Families whose units are ``backbone.blocks``."""
+
+    unit_container = "blocks"
+
+    def forward_units(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        for i, block in enumerate(self.backbone.blocks):
+            if start <= i < end:
+                x = block(x)
+        return x
+
+
+class ResNetWithExits(BackboneWithExits):
+    """ResNet / ResNeXt: units ``layer1..layer4``."""
+
+    family = ResNet
+
+    @classmethod
+    def backbone_units(cls, backbone: nn.Module) -> List[str]:
+        return ["layer1", "layer2", "layer3", "layer4"]
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        return b.maxpool(b.act1(b.bn1(b.conv1(x))))
+
+    def forward_units(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        b = self.backbone
+        if start <= 0 < end:
+            x = b.layer1(x)
+        if start <= 1 < end:
+            x = b.layer2(x)
+        if start <= 2 < end:
+            x = b.layer3(x)
+        if start <= 3 < end:
+            x = b.layer4(x)
+        return x
+
+
+class ConvNeXtWithExits(BackboneWithExits):
+    """ConvNeXt: units ``stages.i``."""
+
+    family = ConvNeXt
+    unit_container = "stages"
+    checkpoint_units = False
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.stem(x)
+
+    def forward_units(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        for i, stage in enumerate(self.backbone.stages):
+            if start <= i < end:
+                x = stage(x)
+        return x
+
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.norm_pre(x)
+
+
+class EfficientNetWithExits(_BlocksWithExits):
+    """EfficientNet: units ``blocks.i``; the head convolution follows the last."""
+
+    family = EfficientNet
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.bn1(self.backbone.conv_stem(x))
+
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.bn2(self.backbone.conv_head(x))
+
+
+class MobileNetV3WithExits(_BlocksWithExits):
+    """MobileNetV3: units ``blocks.i``."""
+
+    family = MobileNetV3
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.bn1(self.backbone.conv_stem(x))
+
+
+class VisionTransformerWithExits(_BlocksWithExits):
+    """ViT / DeiT: units ``blocks.i``, tokens (NLC); the final norm follows the last."""
+
+    family = VisionTransformer
+    layout = "nlc"
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        return b.norm_pre(b.patch_drop(b._pos_embed(b.patch_embed(x))))
+
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.norm(x)
+
+
+class SwinTransformerWithExits(BackboneWithExits):
+    """Swin: units ``layers.i``, NHWC maps; the final norm follows the last."""
+
+    family = SwinTransformer
+    layout = "nhwc"
+    unit_container = "layers"
+    checkpoint_units = False
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.patch_embed(x)
+
+    def forward_units(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        for i, layer in enumerate(self.backbone.layers):
+            if start <= i < end:
+                x = layer(x)
+        return x
+
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.norm(x)
+
+
+_WRAPPERS: Tuple[Type[BackboneWithExits], ...] = (
+    ResNetWithExits, ConvNeXtWithExits, EfficientNetWithExits, MobileNetV3WithExits, VisionTransformerWithExits,
+    SwinTransformerWithExits,
+)
+SUPPORTED_BACKBONES = tuple(w.family.__name__ for w in _WRAPPERS)
+
+
+def _wrapper_class(backbone: nn.Module) -> Type[BackboneWithExits]:
+    for wrapper in _WRAPPERS:
+        if isinstance(backbone, wrapper.family):
+            return wrapper
+    raise TypeError(f"{type(backbone).__name__} is not a supported backbone; supported timm families: "
+                    f"{', '.join(SUPPORTED_BACKBONES)}")
+
+
+def default_exits(backbone: nn.Module) -> List[int]:
+    """Exits after every unit where the backbone's ``feature_info`` reports a feature map (stride >= 4),
+    or, for isotropic models (ViT), after each quarter of the blocks; never after the last unit."""
+    units = _wrapper_class(backbone).backbone_units(backbone)
+    if len({f["reduction"] for f in backbone.feature_info}) == 1:
+        return [len(units) * k // 4 - 1 for k in (1, 2, 3)]
+    return [units.index(f["module"]) for f in backbone.feature_info
+            if f["reduction"] >= 4 and f["module"] in units[:-1]]
 
 
 def _is_multi_exit_checkpoint(path: str) -> bool:
@@ -237,29 +505,115 @@ def add_exits(
     return wrapped
 
 
-_catalogue = load_catalogue("exits")
+def _create_exits(variant: str, pretrained: bool = False, **kwargs) -> BackboneWithExits:
+    """Build a registered variant: ``kwargs['backbone']`` (a timm model name) with exits, through timm's
+    ``build_model_with_cfg`` (cfg, ``features_only`` with timm's FeatureGetterNet). Weights are loaded by
+    :func:`add_exits` (the backbone's own through timm, or a whole multi-exit checkpoint)."""
+    backbone = kwargs.pop("backbone")
+    load = dict(pretrained=pretrained, pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+                cache_dir=kwargs.get("cache_dir"))
+    return build_model_with_cfg(
+        partial(add_exits, backbone, **load),
+        variant,
+        pretrained=False,
+        feature_cfg=dict(feature_cls="getter", out_indices=None),  # None: every feature map of the backbone
+        **kwargs,
+    )
 
 
-def _cfg(variant: dict) -> dict:
-    cfg = timm.models.get_pretrained_cfg(variant["backbone"]).to_dict()
-    num_exits = len(variant["args"]["exits"]) + 1
+def _cfg(backbone: str, num_exits: int = 4, **kwargs) -> Dict[str, Any]:
+    """The backbone's default pretrained cfg (input size, mean / std, crop, pool size) with the wrapper's
+    layer names: classifiers ``exits.i.fc`` and ``backbone.<classifier>``, first conv ``backbone.<first_conv>``.
+    No weight source of its own: ``pretrained=True`` loads the backbone's."""
+    cfg = timm.models.get_pretrained_cfg(backbone).to_dict()
     classifier = cfg.get("classifier") or "head"
     classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    cfg["classifier"] = tuple(f"exits.{i}.fc" for i in range(num_exits - 1)) + tuple(f"backbone.{c}" for c in classifier)
+    cfg["classifier"] = tuple(f"exits.{i}.fc" for i in range(num_exits - 1)) + \
+        tuple(f"backbone.{c}" for c in classifier)
     cfg["first_conv"] = f"backbone.{cfg['first_conv']}" if cfg.get("first_conv") else None
-    return {k: v for k, v in cfg.items() if k not in ("architecture", "tag", "hf_hub_id", "url", "hf_hub_filename")}
+    cfg = {k: v for k, v in cfg.items() if k not in ("architecture", "tag", "hf_hub_id", "url", "hf_hub_filename")}
+    return {**cfg, **kwargs}
 
 
-default_cfgs = generate_default_cfgs({name: _cfg(v) for name, v in _catalogue["variants"].items()})
+default_cfgs = generate_default_cfgs({
+    'resnet18_exits': _cfg('resnet18'),
+    'resnet50_exits': _cfg('resnet50'),
+    'resnext50_32x4d_exits': _cfg('resnext50_32x4d'),
+    'convnext_tiny_exits': _cfg('convnext_tiny'),
+    'efficientnet_b0_exits': _cfg('efficientnet_b0'),
+    'mobilenetv3_large_100_exits': _cfg('mobilenetv3_large_100'),
+    'vit_tiny_patch16_224_exits': _cfg('vit_tiny_patch16_224'),
+    'vit_base_patch16_224_exits': _cfg('vit_base_patch16_224'),
+    'deit_small_patch16_224_exits': _cfg('deit_small_patch16_224'),
+    'swin_tiny_patch4_window7_224_exits': _cfg('swin_tiny_patch4_window7_224'),
+})
 
 
-def _create_variant(name: str, variant: dict, pretrained: bool = False, **kwargs) -> BackboneWithExits:
-    arch = dict(variant.get("args", {}))
-    arch.update({k: kwargs.pop(k) for k in ("exits", "head", "head_width", "exit_drop_rate") if k in kwargs})
-    model = add_exits(variant["backbone"], pretrained=pretrained, **arch, **kwargs)
-    cfg = timm.models.get_pretrained_cfg(name).to_dict()
-    model.pretrained_cfg = model.default_cfg = {**cfg, **(kwargs.get("pretrained_cfg_overlay") or {})}
-    return model
+@register_model
+def resnet18_exits(pretrained: bool = False, **kwargs) -> BackboneWithExits:
+    """ResNet-18 with exits after layer1, layer2 and layer3."""
+    model_args = dict(backbone='resnet18', exits=[0, 1, 2], head='linear')
+    return _create_exits('resnet18_exits', pretrained, **dict(model_args, **kwargs))
 
 
-globals().update(register_entrypoints("exits", __name__, _create_variant))
+@register_model
+def resnet50_exits(pretrained: bool = False, **kwargs) -> BackboneWithExits:
+    """ResNet-50 with exits after layer1, layer2 and layer3."""
+    model_args = dict(backbone='resnet50', exits=[0, 1, 2], head='linear')
+    return _create_exits('resnet50_exits', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def resnext50_32x4d_exits(pretrained: bool = False, **kwargs) -> BackboneWithExits:
+    """ResNeXt-50 32x4d with exits after layer1, layer2 and layer3."""
+    model_args = dict(backbone='resnext50_32x4d', exits=[0, 1, 2], head='linear')
+    return _create_exits('resnext50_32x4d_exits', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_tiny_exits(pretrained: bool = False, **kwargs) -> BackboneWithExits:
+    """ConvNeXt-T with exits after stages 0, 1 and 2."""
+    model_args = dict(backbone='convnext_tiny', exits=[0, 1, 2], head='linear')
+    return _create_exits('convnext_tiny_exits', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def efficientnet_b0_exits(pretrained: bool = False, **kwargs) -> BackboneWithExits:
+    """EfficientNet-B0 with exits after blocks 1, 2 and 4 (strides 4, 8, 16)."""
+    model_args = dict(backbone='efficientnet_b0', exits=[1, 2, 4], head='linear')
+    return _create_exits('efficientnet_b0_exits', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def mobilenetv3_large_100_exits(pretrained: bool = False, **kwargs) -> BackboneWithExits:
+    """MobileNetV3-Large 1.0 with exits after blocks 1, 2 and 4 (strides 4, 8, 16)."""
+    model_args = dict(backbone='mobilenetv3_large_100', exits=[1, 2, 4], head='linear')
+    return _create_exits('mobilenetv3_large_100_exits', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_tiny_patch16_224_exits(pretrained: bool = False, **kwargs) -> BackboneWithExits:
+    """ViT-Ti/16 with exits after blocks 2, 5 and 8 (each quarter of the depth)."""
+    model_args = dict(backbone='vit_tiny_patch16_224', exits=[2, 5, 8], head='linear')
+    return _create_exits('vit_tiny_patch16_224_exits', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_base_patch16_224_exits(pretrained: bool = False, **kwargs) -> BackboneWithExits:
+    """ViT-B/16 with exits after blocks 2, 5 and 8 (each quarter of the depth)."""
+    model_args = dict(backbone='vit_base_patch16_224', exits=[2, 5, 8], head='linear')
+    return _create_exits('vit_base_patch16_224_exits', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_small_patch16_224_exits(pretrained: bool = False, **kwargs) -> BackboneWithExits:
+    """DeiT-S/16 with exits after blocks 2, 5 and 8 (each quarter of the depth)."""
+    model_args = dict(backbone='deit_small_patch16_224', exits=[2, 5, 8], head='linear')
+    return _create_exits('deit_small_patch16_224_exits', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def swin_tiny_patch4_window7_224_exits(pretrained: bool = False, **kwargs) -> BackboneWithExits:
+    """Swin-T with exits after stages 0, 1 and 2."""
+    model_args = dict(backbone='swin_tiny_patch4_window7_224', exits=[0, 1, 2], head='linear')
+    return _create_exits('swin_tiny_patch4_window7_224_exits', pretrained, **dict(model_args, **kwargs))

@@ -5,6 +5,9 @@ A head maps the backbone state after some stage (``NCHW`` maps for CNNs, ``NHWC`
 
 * ``linear``: [norm], global pool, linear. The default; norm is a LayerNorm for transformers.
 * ``conv``: MSDNet-style, two 3x3 stride-2 conv-BN-ReLU, global average pool, linear (NCHW only).
+
+``pool=''`` (timm's ``global_pool=''``) leaves the features unpooled, meant for ``num_classes=0`` like
+``forward_head`` of a timm model reset with ``reset_classifier(0, '')``.
 """
 from __future__ import annotations
 
@@ -24,16 +27,23 @@ def classifier(width: int, num_classes: int, device=None, dtype=None) -> nn.Modu
     return nn.Linear(width, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
 
 
-def reset_head_classifier(head: nn.Module, width: int, num_classes: int) -> None:
-    """Give ``head`` a fresh ``fc`` for ``num_classes``, on the device and dtype of its parameters."""
+def reset_head_classifier(head: nn.Module, width: int, num_classes: int, pool: Optional[str] = None,
+                          device=None, dtype=None) -> None:
+    """Give ``head`` a fresh ``fc`` for ``num_classes`` (and pooling ``pool`` if given, for heads that have one),
+    on ``device`` / ``dtype`` (default: those of the head's parameters), in the head's training mode."""
+    if pool is not None and hasattr(head, "pool"):
+        head.pool = pool
     ref = next(head.parameters(), None)
-    head.fc = classifier(width, num_classes, **({} if ref is None else dict(device=ref.device, dtype=ref.dtype)))
+    dd = {} if ref is None else dict(device=ref.device, dtype=ref.dtype)
+    dd.update({k: v for k, v in dict(device=device, dtype=dtype).items() if v is not None})
+    head.fc = classifier(width, num_classes, **dd).train(head.training)
 
 
 class LinearHead(nn.Module):
     """[LayerNorm], pool to one vector per sample, dropout, linear.
 
-    ``pool``: ``avg`` (spatial mean or mean of the patch tokens) or ``token`` (the class token).
+    ``pool``: ``avg`` (spatial mean or mean of the patch tokens), ``token`` (the class token) or ``''``
+    (no pooling: the [normalised] features; meant for ``num_classes=0``).
     """
 
     def __init__(
@@ -52,8 +62,9 @@ class LinearHead(nn.Module):
         dd = dict(device=device, dtype=dtype)
         if layout not in ("nchw", "nhwc", "nlc"):
             raise ValueError(f"layout must be 'nchw', 'nhwc' or 'nlc', got {layout!r}")
-        if pool not in ("avg", "token") or (pool == "token" and (layout != "nlc" or num_prefix_tokens < 1)):
-            raise ValueError(f"pool must be 'avg', or 'token' for token sequences with a class token; got {pool!r}")
+        if pool not in ("avg", "token", "") or (pool == "token" and (layout != "nlc" or num_prefix_tokens < 1)):
+            raise ValueError(f"pool must be 'avg', '' (none), or 'token' for token sequences with a class token; "
+                             f"got {pool!r}")
         self.layout, self.pool, self.num_prefix_tokens = layout, pool, num_prefix_tokens
         self.norm = nn.LayerNorm(in_chs, **dd) if norm else nn.Identity()
         self.drop = nn.Dropout(drop_rate)
@@ -61,6 +72,8 @@ class LinearHead(nn.Module):
         self.fc = classifier(in_chs, num_classes, **dd)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool == "":
+            return x
         if self.layout == "nchw":
             return x.mean((2, 3))
         if self.layout == "nhwc":
@@ -69,18 +82,26 @@ class LinearHead(nn.Module):
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         # CNN maps: pool, then normalise the vector; token maps: normalise each token, then pool
-        x = self.norm(self._pool(x)) if self.layout == "nchw" else self._pool(self.norm(x))
+        if self.layout != "nchw":
+            x = self._pool(self.norm(x))
+        elif self.pool == "":
+            x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        else:
+            x = self.norm(self._pool(x))
         return x if pre_logits else self.fc(self.drop(x))
 
 
 class ConvHead(nn.Module):
-    """Two 3x3 stride-2 conv-BN-ReLU, global average pool, dropout, linear (the MSDNet head, with
-    a global pool so that it fits any resolution)."""
+    """Two 3x3 stride-2 conv-BN-ReLU, global average pool (``pool='avg'``; ``''``: none), dropout, linear
+    (the MSDNet head, with a global pool so that it fits any resolution)."""
 
     def __init__(self, in_chs: int, num_classes: int, width: Optional[int] = None, drop_rate: float = 0.0,
-                 device=None, dtype=None):
+                 pool: str = "avg", device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
+        if pool not in ("avg", ""):
+            raise ValueError(f"pool must be 'avg' or '' (none) for a conv head, got {pool!r}")
+        self.pool = pool
         width = width or in_chs
         self.conv1 = ConvNormAct(in_chs, width, 3, stride=2, padding=1, **dd)
         self.conv2 = ConvNormAct(width, width, 3, stride=2, padding=1, **dd)
@@ -89,7 +110,9 @@ class ConvHead(nn.Module):
         self.fc = classifier(width, num_classes, **dd)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.conv2(self.conv1(x)).mean((2, 3))
+        x = self.conv2(self.conv1(x))
+        if self.pool == "avg":
+            x = x.mean((2, 3))
         return x if pre_logits else self.fc(self.drop(x))
 
 
@@ -101,6 +124,6 @@ def create_head(kind: str, in_chs: int, num_classes: int, layout: str, width: Op
     if kind == "conv":
         if layout != "nchw":
             raise ValueError(f"the 'conv' head needs NCHW feature maps (a CNN backbone), this backbone gives {layout}")
-        return ConvHead(in_chs, num_classes, width=width, drop_rate=drop_rate,
+        return ConvHead(in_chs, num_classes, width=width, drop_rate=drop_rate, pool=kwargs.get("pool", "avg"),
                         **{k: v for k, v in kwargs.items() if k in ("device", "dtype")})
     raise ValueError(f"head must be one of {HEAD_TYPES}, got {kind!r}")

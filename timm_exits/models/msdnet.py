@@ -11,9 +11,9 @@ checkpoints load through :func:`checkpoint_filter_fn`:
   1x1 transition that halves the base width (floor);
 * after every block, an exit head reads the coarsest scale only.
 
-The variants are registered from the catalogue ``timm_exits/registry/msdnet.yaml``.
+The variants are registered below; ``registry/msdnet.yaml`` records where each comes from and its
+expected per-exit cost.
 """
-from __future__ import annotations
 
 import math
 import re
@@ -23,14 +23,15 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ConvNormAct, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from .channels_last_norm import batch_norm_relu_2d, shared_input_conv_bn_relu
 from .heads import classifier, reset_head_classifier
 from .multi_exit import MultiExitModel, scale_grad
 from ..checkpoint import pretrained_file
-from ..registry import load_catalogue, register_entrypoints
 
 __all__ = ["MSDNet", "MsdStage", "LayerPlan", "msdnet_plan", "checkpoint_filter_fn"]
 
@@ -102,6 +103,11 @@ def msdnet_plan(
             width = transition if transition is not None else new_width
         plan.append(block)
     return plan
+
+
+def _channels_last_training(x: torch.Tensor) -> bool:
+    """Whether ``x`` runs the channels-last training path (never while torch.fx traces)."""
+    return not torch.fx._symbolic_trace.is_fx_symbolic_tracing() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _conv_bn_relu(in_chs: int, out_chs: int, kernel_size: int, **kwargs) -> ConvNormAct:
@@ -189,19 +195,28 @@ class MsdLayer(nn.Module):
 
     @property
     def has_bottleneck(self) -> bool:
-        return isinstance(self.units[0].normal.reduce, ConvNormAct)
+        return self.complete and isinstance(self.units[0].normal.reduce, ConvNormAct)
+
+    @property
+    def complete(self) -> bool:
+        """False once feature-extractor pruning replaced unread units (see :class:`UnreadPath`)."""
+        return all(isinstance(u, ScaleUnit) for u in self.units)
 
     def fuse(self) -> nn.Module:
         """The inference form (``timm.utils.reparameterize_model`` calls this)."""
-        return FusedMsdLayer(self)
+        return FusedMsdLayer(self) if self.complete else self
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-        if self.training and self.has_bottleneck and xs[0].is_contiguous(memory_format=torch.channels_last):
-            return self._forward_shared_bottlenecks(xs)
+        if not torch.jit.is_scripting():
+            if self.training and self.has_bottleneck and _channels_last_training(xs[0]):
+                return self._forward_shared_bottlenecks(xs)
         out = []
         for k, unit in enumerate(self.units):
-            fine = xs[k + self.discard - 1] if k + self.discard > 0 else None
-            out.append(unit(xs[k + self.discard], fine))
+            a = k + self.discard
+            fine: Optional[torch.Tensor] = None
+            if a > 0:
+                fine = xs[a - 1]
+            out.append(unit(xs[a], fine))
         return out
 
     def _forward_shared_bottlenecks(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -221,6 +236,28 @@ class MsdLayer(nn.Module):
         return out
 
 
+class UnreadPath(nn.Module):
+    """Stands in for a scale unit or transition conv whose output nothing reads (after
+    :meth:`MSDNet.prune_intermediate_layers`): returns its input, computes nothing."""
+
+    def forward(self, x: torch.Tensor, fine: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return x
+
+
+def _drop_unread_paths(stage: nn.Module, needed: set) -> set:
+    """Replace the units of ``stage`` whose output scales (indices into its output list) are not in
+    ``needed`` by :class:`UnreadPath`; returns the input scales the rest read."""
+    for module in reversed(list(stage)):
+        paths = module.convs if isinstance(module, Transition) else module.units
+        for k in range(len(paths)):
+            if k not in needed:
+                paths[k] = UnreadPath()
+        if isinstance(module, MsdLayer):
+            needed = {k + module.discard for k in needed} | {
+                k + module.discard - 1 for k in needed if module.units[k].down is not None}
+    return needed
+
+
 class Transition(nn.Module):
     """1x1 conv-BN-ReLU on every kept scale, compressing the base width."""
 
@@ -233,7 +270,7 @@ class Transition(nn.Module):
         return FusedTransition(self)
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-        return [conv(x) for conv, x in zip(self.convs, xs)]
+        return [conv(xs[i]) for i, conv in enumerate(self.convs)]
 
 
 class MsdStem(nn.Module):
@@ -261,23 +298,34 @@ class MsdStem(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        x = self.pool(self.convs[0](x))
-        out = [x]
-        for conv in self.convs[1:]:
-            x = conv(x)
+        out: List[torch.Tensor] = []
+        for s, conv in enumerate(self.convs):
+            x = self.pool(conv(x)) if s == 0 else conv(x)
             out.append(x)
         return out
 
 
-class MsdHead(nn.Module):
-    """Exit head on the coarsest scale: two 3x3/2 conv-BN-ReLU, 2x2 average pool, linear."""
+def _head_pool(global_pool: str, num_classes: int) -> nn.Module:
+    """The exit heads' 2x2 average pool (``'avg'``), or none (``''``: unpooled maps, no classifier)."""
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"MSDNet heads pool with a fixed 2x2 average ('avg') or not at all (''), got {global_pool!r}")
+    if not global_pool and num_classes:
+        raise ValueError("global_pool='' (unpooled head output) needs num_classes=0: a classifier reads pooled features")
+    return nn.AvgPool2d(2) if global_pool else nn.Identity()
 
-    def __init__(self, in_chs: int, width: int, num_classes: int, drop_rate: float = 0.0, device=None, dtype=None):
+
+class MsdHead(nn.Module):
+    """Exit head on the coarsest scale: two 3x3/2 conv-BN-ReLU (its unpooled features), 2x2 average
+    pool, linear."""
+
+    def __init__(self, in_chs: int, width: int, num_classes: int, drop_rate: float = 0.0, global_pool: str = "avg",
+                 device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.conv1 = _conv_bn_relu(in_chs, width, 3, stride=2, padding=1, **dd)
         self.conv2 = _conv_bn_relu(width, width, 3, stride=2, padding=1, **dd)
-        self.pool = nn.AvgPool2d(2)
+        self.global_pool = global_pool
+        self.pool = _head_pool(global_pool, num_classes)
         self.drop = nn.Dropout(drop_rate)
         self.fc = classifier(width, num_classes, **dd)
 
@@ -286,9 +334,17 @@ class MsdHead(nn.Module):
         self.conv1, self.conv2 = FoldedConvAct([self.conv1]), FoldedConvAct([self.conv2])
         return self
 
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.pool(self.conv2(self.conv1(x))).flatten(1)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pool(x)
+        if self.global_pool:
+            x = x.flatten(1)
         return x if pre_logits else self.fc(self.drop(x))
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x), pre_logits)
 
 
 def _folded(unit: ConvNormAct) -> nn.Conv2d:
@@ -399,6 +455,12 @@ class MsdStage(nn.Sequential):
     stage leaves room for in its buffers, so the next stage can append in place)."""
 
     reserve: Tuple[int, ...] = ()
+    __jit_ignored_attributes__ = ["reserve"]  # used when fusing, not in forward
+
+    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        for layer in self:
+            xs = layer(xs)
+        return xs
 
     def fuse(self) -> nn.Module:
         """The inference form (``timm.utils.reparameterize_model`` calls this)."""
@@ -516,6 +578,25 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def _check_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
+    """MSDNet's heads are built for one resolution: refuse any other input shape."""
+    if x.dim() != 4 or x.shape[1] != in_chans or x.shape[2] != img_size[0] or x.shape[3] != img_size[1]:
+        raise ValueError(
+            f"MSDNet expects images of shape (batch, {in_chans}, {img_size[0]}, {img_size[1]}), got "
+            f"({', '.join([str(d) for d in x.shape])}); "
+            f"its heads are built for this resolution (set img_size / in_chans when creating the model)")
+
+
+torch.fx.wrap("_check_input")  # a call in traced graphs, not control flow on traced shapes
+
+
+def _fast_training_input(x: torch.Tensor) -> bool:
+    """Whether a training input takes the channels-last path: fp32 on CPU (under bf16 autocast
+    channels-first is faster), and never while torch.fx traces."""
+    return (not torch.fx._symbolic_trace.is_fx_symbolic_tracing() and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu"))
+
+
 class MSDNet(MultiExitModel):
     """Multi-Scale Dense Network with one exit per block.
 
@@ -548,6 +629,7 @@ class MSDNet(MultiExitModel):
             num_classes: int = 1000,
             in_chans: int = 3,
             img_size: Union[int, Tuple[int, int]] = 224,
+            global_pool: str = "avg",
             drop_rate: float = 0.0,
             weight_init: str = "torch",
             channels_last_training: bool = True,
@@ -585,7 +667,7 @@ class MSDNet(MultiExitModel):
             width = last.transition_width if last.transition_width is not None else last.width + growth_rate
             in_chs = width * gr[-1]
             head_width = head_channels or in_chs
-            exits.append(MsdHead(in_chs, head_width, num_classes, drop_rate, **dd))
+            exits.append(MsdHead(in_chs, head_width, num_classes, drop_rate, global_pool, **dd))
             stage_widths.append(in_chs)
             exit_widths.append(head_width)
         for b, stage in enumerate(stages):
@@ -654,40 +736,112 @@ class MSDNet(MultiExitModel):
             elif isinstance(m, nn.Linear):
                 m.bias.zero_()
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans or tuple(x.shape[-2:]) != self.img_size:
-            h, w = self.img_size
-            raise ValueError(
-                f"MSDNet expects images of shape (batch, {self.in_chans}, {h}, {w}), got {tuple(x.shape)}; "
-                f"its heads are built for this resolution (set img_size / in_chans when creating the model)")
-
     def scale_state_grad(self, state: List[torch.Tensor], factor: float) -> List[torch.Tensor]:
         """Gradient Equilibrium acts on the coarsest scale only, as in the IMTA reference; gradients
         crossing blocks through finer scales are not rescaled."""
         return state[:-1] + [scale_grad(state[-1], factor)]
 
     def forward_stem(self, x: torch.Tensor) -> List[torch.Tensor]:
-        self._check_input(x)
-        if (self.channels_last_training and self.training and x.device.type == "cpu"
-                and not torch.is_autocast_enabled("cpu")):  # under bf16 autocast channels-first is faster
-            x = x.contiguous(memory_format=torch.channels_last)
+        _check_input(x, self.in_chans, self.img_size)
+        if not torch.jit.is_scripting():
+            if self.channels_last_training and self.training and _fast_training_input(x):
+                x = x.contiguous(memory_format=torch.channels_last)
         return self.stem(x)
 
+    # The loops over ModuleLists below (instead of indexing them) keep the model scriptable.
     def forward_stage(self, state: List[torch.Tensor], index: int) -> List[torch.Tensor]:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(self.stages[index], state, use_reentrant=False)
-        return self.stages[index](state)
+        for i, stage in enumerate(self.stages):
+            if i == index:
+                if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                    return checkpoint(stage, state, use_reentrant=False)
+                return stage(state)
+        raise IndexError(f"stage index {index} out of range for {len(self.stages)} stages")
+
+    def forward_until(self, x: torch.Tensor, index: int) -> List[torch.Tensor]:
+        state = self.forward_stem(x)
+        for i in range(index + 1):
+            state = self.forward_stage(state, i)
+        return state
+
+    def _exit_features(self, state: List[torch.Tensor], index: int) -> torch.Tensor:
+        for i, head in enumerate(self.exits):
+            if i == index:
+                return head.forward_features(state[-1])
+        raise IndexError(f"exit index {index} out of range for {len(self.exits)} exit heads")
+
+    def _exit_head(self, x: torch.Tensor, index: int, pre_logits: bool = False) -> torch.Tensor:
+        for i, head in enumerate(self.exits):
+            if i == index:
+                return head.forward_head(x, pre_logits)
+        raise IndexError(f"exit index {index} out of range for {len(self.exits)} exit heads")
 
     def forward_exit(self, state: List[torch.Tensor], index: int, pre_logits: bool = False) -> torch.Tensor:
-        return self.exits[index](state[-1], pre_logits=pre_logits)
+        for i, head in enumerate(self.exits):
+            if i == index:
+                return head(state[-1], pre_logits)
+        raise IndexError(f"exit index {index} out of range for {len(self.exits)} exit heads")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Coarsest-scale feature map after the stage of the active exit (what its head reads)."""
-        return self.forward_until(x, self.exit_index)[-1]
+        """The active exit's unpooled features: its head's convolutions on the coarsest scale after its
+        stage (``pretrained_cfg['pool_size']`` maps of ``num_features`` channels for the last exit)."""
+        return self._exit_features(self.forward_until(x, self.exit_index), self.exit_index)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Active exit's head on :meth:`forward_features` output; pooled features if ``pre_logits``."""
-        return self.exits[self.exit_index](x, pre_logits=pre_logits)
+        """The active exit's pool and classifier on :meth:`forward_features` output (pooled features
+        if ``pre_logits``)."""
+        return self._exit_head(x, self.exit_index, pre_logits)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's feature API: the coarsest-scale map after each selected stage (``feature_info``;
+        ``indices``: None for all, n for the last n, or a list), and with ``intermediates_only=False``
+        also :meth:`forward_features` (with ``stop_early``, that of the deepest selected stage's exit).
+        MSDNet has no final norm: ``norm`` changes nothing."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"MSDNet's feature maps are NCHW, got output_fmt={output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        final_index = min(self.exit_index, max_index) if stop_early else self.exit_index
+        last = max_index if intermediates_only else max(max_index, final_index)
+        intermediates, features = [], None
+        state = self.forward_stem(x)
+        for i in range(last + 1):
+            state = self.forward_stage(state, i)
+            if i in take_indices:
+                intermediates.append(state[-1])
+            if i == final_index and not intermediates_only:
+                features = self._exit_features(state, i)
+        if intermediates_only:
+            return intermediates
+        return features, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and exits) after the deepest of ``indices``, and the finer-scale paths
+        whose output no kept stage or exit reads; with ``prune_head`` the exit heads go too (what
+        timm's ``features_only`` wrapper does), leaving a feature extractor whose
+        ``forward_intermediates(..., intermediates_only=True)`` uses every parameter."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
+        needed: set = set()  # scales of a stage's output read by the next stage
+        for i in reversed(range(max_index + 1)):
+            num_scales = self.plan[i][-1].out_scales
+            needed = _drop_unread_paths(self.stages[i], needed | {num_scales - 1})  # + the coarsest
+        self.exits = nn.ModuleList() if prune_head else self.exits[:max_index + 1]
+        self.num_exits = len(self.stages)
+        self.exit_index = min(self.exit_index, self.num_exits - 1)
+        return take_indices
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -705,12 +859,17 @@ class MSDNet(MultiExitModel):
         return self.exits[self.exit_index].fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """New linear layers with ``num_classes`` outputs on every exit (0: pooled features)."""
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"MSDNet heads use a fixed 2x2 average pool, got global_pool={global_pool!r}")
-        self.num_classes = num_classes
+        """New linear layers with ``num_classes`` outputs on every exit (0: pooled features);
+        ``global_pool=''`` (with ``num_classes=0``) makes ``model(x)`` return the unpooled head maps."""
         for head, width in zip(self.exits, self.exit_widths):
+            pool = head.global_pool if global_pool is None else global_pool
+            if global_pool is None and not pool and num_classes:
+                pool = "avg"  # a classifier reads pooled features
+            head.pool = _head_pool(pool, num_classes)
+            head.global_pool = pool
             reset_head_classifier(head, width, num_classes)
+            head.train(head.training)  # the new modules follow the head's mode
+        self.num_classes = num_classes
 
 
 _STEM = [(r"layers\.0\.0\.", "convs.0.conv."), (r"layers\.0\.1\.", "convs.0.bn."),
@@ -768,23 +927,95 @@ def checkpoint_filter_fn(state_dict: dict, model: MSDNet) -> dict:
 
 def _create_msdnet(variant: str, pretrained: bool = False, **kwargs) -> MSDNet:
     pretrained_file(pretrained, kwargs.get("pretrained_cfg_overlay"))
+    out_indices = kwargs.pop("out_indices", tuple(range(kwargs.get("num_blocks", 5))))
     return build_model_with_cfg(
-        MSDNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+        MSDNet, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
 
 
 def _cfg(num_exits: int, **kwargs) -> dict:
     return {
-        "url": "", "first_conv": "stem.convs.0.conv",
-        "classifier": tuple(f"exits.{i}.fc" for i in range(num_exits)),
-        "interpolation": "bilinear", "fixed_input_size": True, "license": "mit", **kwargs,
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (2, 2), "crop_pct": 0.875,
+        "interpolation": "bilinear", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD, "first_conv": "stem.convs.0.conv",
+        "classifier": tuple(f"exits.{i}.fc" for i in range(num_exits)), "license": "mit", **kwargs,
     }
 
 
-_catalogue = load_catalogue("msdnet")
+def _cifar_cfg(num_exits: int, **kwargs) -> dict:
+    return _cfg(num_exits, num_classes=100, input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR100_MEAN,
+                std=CIFAR100_STD, **kwargs)
+
+
+# CIFAR-100 training-set statistics, as the reference code normalises
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
 default_cfgs = generate_default_cfgs({
-    name: _cfg(v["args"]["num_blocks"], **v["cfg"]) for name, v in _catalogue["variants"].items()})
+    "msdnet_imagenet_5exit": _cfg(5),
+    "msdnet_imagenet_5exit_step6": _cfg(5),
+    "msdnet_imagenet_5exit_step7": _cfg(5),
+    "msdnet_cifar_7exit": _cifar_cfg(7),
+    "msdnet_cifar_5exit": _cifar_cfg(5),
+    "msdnet_cifar_anytime_7exit": _cifar_cfg(7),
+    "msdnet_cifar_anytime_10exit": _cifar_cfg(10),
+})
+
+_IMAGENET_ARGS = dict(
+    step_mode="even", num_channels=32, growth_rate=16, gr_factor=(1, 2, 4, 4), bn_factor=(1, 2, 4, 4),
+    stem_type="imagenet", head_channels=None, num_classes=1000, img_size=224)
+_CIFAR_ARGS = dict(
+    num_channels=16, growth_rate=6, gr_factor=(1, 2, 4), bn_factor=(1, 2, 4), stem_type="cifar",
+    head_channels=128, num_classes=100, img_size=32)
 
 
-globals().update(register_entrypoints(
-    "msdnet", __name__, lambda name, v, pretrained, **kw: _create_msdnet(name, pretrained, **dict(v["args"], **kw))))
+@register_model
+def msdnet_imagenet_5exit(pretrained: bool = False, **kwargs) -> MSDNet:
+    """MSDNet for ImageNet, 5 exits, 4 layers per block (the MSDNet-PyTorch and IMTA ImageNet network)."""
+    model_args = dict(_IMAGENET_ARGS, num_blocks=5, base=4, step=4)
+    return _create_msdnet("msdnet_imagenet_5exit", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def msdnet_imagenet_5exit_step6(pretrained: bool = False, **kwargs) -> MSDNet:
+    """MSDNet for ImageNet, 5 exits, 6 layers per block (base = step, as IMTA's head widths require)."""
+    model_args = dict(_IMAGENET_ARGS, num_blocks=5, base=6, step=6)
+    return _create_msdnet("msdnet_imagenet_5exit_step6", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def msdnet_imagenet_5exit_step7(pretrained: bool = False, **kwargs) -> MSDNet:
+    """MSDNet for ImageNet, 5 exits, 7 layers per block (base = step, as IMTA's head widths require)."""
+    model_args = dict(_IMAGENET_ARGS, num_blocks=5, base=7, step=7)
+    return _create_msdnet("msdnet_imagenet_5exit_step7", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def msdnet_cifar_7exit(pretrained: bool = False, **kwargs) -> MSDNet:
+    """MSDNet for CIFAR, 7 exits, linearly growing blocks (IMTA Table 1 network)."""
+    model_args = dict(_CIFAR_ARGS, num_blocks=7, base=1, step=1, step_mode="lin_grow")
+    return _create_msdnet("msdnet_cifar_7exit", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def msdnet_cifar_5exit(pretrained: bool = False, **kwargs) -> MSDNet:
+    """MSDNet for CIFAR, 5 exits, linearly growing blocks (MSDNet-PyTorch budgeted-setting network)."""
+    model_args = dict(_CIFAR_ARGS, num_blocks=5, base=1, step=1, step_mode="lin_grow")
+    return _create_msdnet("msdnet_cifar_5exit", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def msdnet_cifar_anytime_7exit(pretrained: bool = False, **kwargs) -> MSDNet:
+    """MSDNet for CIFAR, 7 exits, 4 layers then 2 per block (MSDNet-PyTorch anytime network)."""
+    model_args = dict(_CIFAR_ARGS, num_blocks=7, base=4, step=2, step_mode="even")
+    return _create_msdnet("msdnet_cifar_anytime_7exit", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def msdnet_cifar_anytime_10exit(pretrained: bool = False, **kwargs) -> MSDNet:
+    """MSDNet for CIFAR, 10 exits, 4 layers then 2 per block (the Lua anytime network)."""
+    model_args = dict(_CIFAR_ARGS, num_blocks=10, base=4, step=2, step_mode="even")
+    return _create_msdnet("msdnet_cifar_anytime_10exit", pretrained, **dict(model_args, **kwargs))

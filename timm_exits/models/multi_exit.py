@@ -11,10 +11,9 @@ early-exit executor, cost profiling) is built on them:
 A *state* is a tensor or a list of tensors (MSDNet keeps one tensor per scale) whose first
 dimension is the batch, so it can be sliced by sample with :func:`slice_state`.
 """
-from __future__ import annotations
 
 import abc
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -32,8 +31,11 @@ def slice_state(state: State, index: Union[torch.Tensor, slice, Sequence[int]]) 
 
 
 def exit_logits(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
-    """Every exit's logits of a multi-exit model; a plain model's one output, as a list."""
-    return model.forward_exits(x) if hasattr(model, "forward_exits") else [model(x)]
+    """Every exit's logits of a multi-exit model; a plain model's one output (at an ADN network's
+    selected depth, whatever the training mode), as a list."""
+    if hasattr(model, "forward_exits"):
+        return model.forward_exits(x)
+    return [model.forward_head(model.forward_features(x))]
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -59,12 +61,15 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
 
     ``model(x)`` returns the logits of one exit (the last by default, see :meth:`set_exit`)
     and computes only the stages that exit needs; :meth:`forward_exits` returns all of them.
+    In training mode ``model(x)`` returns the tuple of every exit up to the active one (see
+    :meth:`set_multi_exit_training`), so that a training forward uses every parameter.
     """
 
     num_exits: int
     exit_index: int  # 0-based exit used by forward(); set with set_exit()
     gradient_equilibrium: bool = False  # see forward_exits
     gradient_deconfliction: Optional[str] = None  # None, "symmetric" or "protect_deeper"; see forward_exits
+    multi_exit_training: bool = True  # see set_multi_exit_training
 
     @abc.abstractmethod
     def forward_stem(self, x: torch.Tensor) -> State:
@@ -141,6 +146,29 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
             state = self.forward_stage(state, i)
         return state
 
+    def set_multi_exit_training(self, enable: bool = True) -> None:
+        """In training mode, ``model(x)`` returns the tuple of the logits of exits 1..k (k the active
+        exit) when enabled (the default), one tensor (exit k) when not.
+
+        The tuple is what training a multi-exit network needs: every parameter gets a gradient (timm's
+        premise, and DDP's without ``find_unused_parameters``), and a loss written for one tensor
+        fails loudly instead of silently training the last exit alone. Evaluation mode always
+        returns one tensor. (The same switch as DeiT's ``set_distilled_training``.)
+        """
+        self.multi_exit_training = enable
+
+    def forward_train_outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The logits of exits 1..k (k the active exit), computing each stage once."""
+        state = self.forward_stem(x)
+        logits = []
+        for i in range(self.exit_index + 1):
+            state = self.forward_stage(state, i)
+            logits.append(self.forward_exit(state, i))
+        return tuple(logits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # a scripted model returns one tensor
+            if self.training and self.multi_exit_training:
+                return self.forward_train_outputs(x)
         k = self.exit_index
         return self.forward_exit(self.forward_until(x, k), k)
