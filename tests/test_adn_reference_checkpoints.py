@@ -7,6 +7,7 @@ weights and twins, computes the reference forward for every depth configuration 
 own skip rules (written out below from its models/*.py), and compares with the timm model loaded
 through ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...))``.
 """
+import argparse
 import itertools
 
 import pytest
@@ -107,6 +108,22 @@ def test_resnet50_reference_checkpoint(tmp_path, resnet_reference):
     assert sum(k.endswith("bn1_skip.weight") for k in state_dict) == 9  # mandatory [2, 2, 3, 2]
     model = _load("resnet50_adn", _save(tmp_path, state_dict, prefix="module."), base_width=16)  # as under DDP
     _assert_all_configs(model, reference, torch.randn(2, 3, 32, 32), net)
+
+
+class _NotWeights:
+    """Stands for any pickled object other than tensors, plain data and the command line."""
+
+
+def test_reference_training_file_loads_and_pickled_code_is_still_refused(tmp_path, resnet_reference):
+    state_dict, reference, net = resnet_reference
+    path = tmp_path / "checkpoint.pth"  # as train_adn.py saves it: weights, optimizer, epoch, command line
+    torch.save({"model": state_dict, "optimizer": {}, "epoch": 89,
+                "args": argparse.Namespace(model="resnet50", lr=0.5, skip_cfg=None)}, path)
+    model = _load("resnet50_adn", str(path), base_width=16)
+    _assert_all_configs(model, reference, torch.randn(2, 3, 32, 32), net)
+    torch.save({"model": state_dict, "args": _NotWeights()}, path)  # any other object: refused
+    with pytest.raises(RuntimeError, match="weights_only=True blocked loading this checkpoint"):
+        _load("resnet50_adn", str(path), base_width=16)
 
 
 def test_unknown_key_is_named(tmp_path, resnet_reference):

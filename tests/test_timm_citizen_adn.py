@@ -184,7 +184,7 @@ def _wrap_like(feats, ref):
 @pytest.mark.parametrize("name, bad, levels", [("resnet18_adn", (1, 5), 5), ("swin_tiny_patch4_window7_224_adn", (0, 4), 4),
                                                ("vit_tiny_patch16_224_adn", 13, 12), ("resnet18_adn", (), 5)])
 def test_out_of_range_out_indices_are_explained(name, bad, levels):
-    with pytest.raises(ValueError, match=rf"out_indices must be feature levels in \[-{levels}, {levels - 1}\] .* got "):
+    with pytest.raises(ValueError, match=rf"has {levels} feature maps .* in \[-{levels}, {levels - 1}\] or a count in \[1, {levels}\]"):
         timm.create_model(name, features_only=True, out_indices=bad, **TINY[name][1])
 
 

@@ -103,9 +103,9 @@ def test_pruned_feature_extractor_uses_every_parameter():
 
 
 def test_out_of_range_feature_indices_are_refused():
-    with pytest.raises(AssertionError, match="out of range"):
+    with pytest.raises(ValueError, match=r"out of range: this MSDNet has 5 feature maps .* \[-5, 4\]"):
         timm.create_model("msdnet_cifar_5exit", features_only=True, out_indices=(0, 5), **TINY)
-    with pytest.raises(AssertionError, match="out of range"):
+    with pytest.raises(ValueError, match=r"a count in \[1, 5\]"):
         _tiny().forward_intermediates(torch.randn(1, 3, 32, 32), indices=6)
     with pytest.raises(ValueError, match="NCHW"):
         _tiny().forward_intermediates(torch.randn(1, 3, 32, 32), output_fmt="NHWC")

@@ -26,6 +26,7 @@ makes it one tensor at the selected depth, as in evaluation mode.
 (declared at the end of this file) build one and load timm weights into it, twins initialised from
 the originals.
 """
+import argparse
 import copy
 import inspect
 import itertools
@@ -43,6 +44,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 from ..checkpoint import pretrained_file
+from .features import check_feature_indices
 
 __all__ = ["SkipAware", "Skippable", "SkippableAttnBlock", "make_adaptive_depth", "set_depth", "checkpoint_filter_fn",
            "ResNetADN", "VisionTransformerADN", "SwinTransformerADN"]
@@ -511,13 +513,7 @@ def _feature_cfg(kwargs: Dict[str, Any], num_levels: int, default: Union[int, Tu
     ``num_levels`` feature levels (an int n: the last n levels)."""
     out_indices = kwargs.pop("out_indices", default)
     if kwargs.get("features_only"):
-        if isinstance(out_indices, int):
-            bad = not 1 <= out_indices <= num_levels
-        else:
-            bad = not out_indices or any(not -num_levels <= i < num_levels for i in out_indices)
-        if bad:
-            raise ValueError(f"out_indices must be feature levels in [{-num_levels}, {num_levels - 1}] (or an int n in "
-                             f"[1, {num_levels}]: the last n levels) for this model, got {out_indices!r}")
+        check_feature_indices(out_indices, num_levels, "ADN network")
     return dict(cfg, out_indices=out_indices)
 
 
@@ -525,7 +521,10 @@ def _create_adn(cls: Callable[..., nn.Module], variant: str, pretrained: bool, *
     """Build through timm's ``build_model_with_cfg``: pretrained weights (a plain timm, an ADN or the
     reference implementation's checkpoint, mapped by :func:`checkpoint_filter_fn`) and ``features_only``."""
     pretrained_file(pretrained, kwargs.get("pretrained_cfg_overlay"))
-    return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    # the reference's training files keep their command line (an argparse.Namespace) beside the
+    # weights: allowed through timm's weights-only load, which still refuses any other object
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _create_resnet_adn(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNetADN:

@@ -35,6 +35,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .heads import create_head, reset_head_classifier
 from ..profile import meta_copy
+from .features import check_feature_indices
 from .multi_exit import MultiExitModel
 from ..checkpoint import pretrained_file
 
@@ -281,17 +282,7 @@ class BackboneWithExits(MultiExitModel):
 
     # ---- timm's feature API: the backbone's own feature maps
     def _check_feature_indices(self, indices: Optional[Union[int, Sequence[int]]]) -> None:
-        n = len(self.feature_info)
-        if indices is None:
-            return
-        if isinstance(indices, int):
-            bad = not 0 < indices <= n
-        else:
-            bad = any(not -n <= int(i) < n for i in indices)
-        if bad:
-            raise ValueError(f"feature indices {indices!r} out of range: this {type(self.backbone).__name__} has {n} "
-                             f"feature maps (model.feature_info), so give indices in [{-n}, {n - 1}] or a count in "
-                             f"[1, {n}] (the last n)")
+        check_feature_indices(indices, len(self.feature_info), type(self.backbone).__name__)
 
     @torch.jit.ignore
     def forward_intermediates(

@@ -29,6 +29,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from .channels_last_norm import batch_norm_relu_2d, shared_input_conv_bn_relu
+from .features import check_feature_indices
 from .heads import classifier, reset_head_classifier
 from .multi_exit import MultiExitModel, scale_grad
 from ..checkpoint import pretrained_file
@@ -806,6 +807,7 @@ class MSDNet(MultiExitModel):
         MSDNet has no final norm: ``norm`` changes nothing."""
         if output_fmt != "NCHW":
             raise ValueError(f"MSDNet's feature maps are NCHW, got output_fmt={output_fmt!r}")
+        check_feature_indices(indices, len(self.stages), "MSDNet")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         final_index = min(self.exit_index, max_index) if stop_early else self.exit_index
         last = max_index if intermediates_only else max(max_index, final_index)
@@ -831,6 +833,7 @@ class MSDNet(MultiExitModel):
         whose output no kept stage or exit reads; with ``prune_head`` the exit heads go too (what
         timm's ``features_only`` wrapper does), leaving a feature extractor whose
         ``forward_intermediates(..., intermediates_only=True)`` uses every parameter."""
+        check_feature_indices(indices, len(self.stages), "MSDNet")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[:max_index + 1]
         self.feature_info = self.feature_info[:max_index + 1]
