@@ -211,3 +211,22 @@ def test_adn_distillation_top_k_and_exits():
     losses = adn_step(model, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
     assert torch.isfinite(losses["base"]) and losses["base"] > 0
     assert model.exits[0].fc.weight.grad.abs().sum() > 0
+
+
+def test_switches_are_refused_where_no_branch_point_trains():
+    from timm_exits.integrations.mmengine import GradientDeconflictionHook
+    from timm_exits.train.objective import apply_switches
+
+    model = _single_scale_msdnet()
+    apply_switches(model, gradient_equilibrium=True, deconfliction="protect_deeper")
+    assert model.gradient_equilibrium and model.gradient_deconfliction == "protect_deeper"
+    apply_switches(model, deconfliction="pcgrad")  # acts on gradients, not on the forward graph
+    assert model.gradient_deconfliction == "protect_deeper"
+    with pytest.raises(ValueError, match="has none that train"):  # IMTA phase II trains its new heads only
+        apply_switches(_phase_two(), gradient_equilibrium=True)
+    with pytest.raises(ValueError, match="has none that train"):
+        apply_switches(timm.create_model("resnet18_adn"), deconfliction="symmetric")
+    with pytest.raises(ValueError, match="deconfliction must be one of"):
+        apply_switches(model, deconfliction="sym")
+    with pytest.raises(ValueError, match="parameter-level PCGrad is PCGradOptimWrapper"):
+        GradientDeconflictionHook("pcgrad")

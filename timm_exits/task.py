@@ -27,7 +27,7 @@ from timm.utils import unwrap_model
 from .train import adn_losses, pcgrad_backward
 from .train.hdkd import BalancedValidationLoss, HarmonizedWeights, hdkd_weight_step
 from .train.imta import IMTAModel
-from .train.objective import LOSSES, TrainingForward, create_training_model, training_losses
+from .train.objective import DECONFLICTION, LOSSES, TrainingForward, apply_switches, create_training_model, training_losses
 
 __all__ = ["MultiExitTask", "MultiExitTrainable"]
 
@@ -146,9 +146,8 @@ class MultiExitTask(TrainingTask):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if deconfliction not in (None, "symmetric", "protect_deeper", "pcgrad"):
-            raise ValueError(f"deconfliction must be None, 'symmetric', 'protect_deeper' or 'pcgrad', "
-                             f"got {deconfliction!r}")
+        if deconfliction not in DECONFLICTION:
+            raise ValueError(f"deconfliction must be one of {DECONFLICTION}, got {deconfliction!r}")
         if deconfliction == "pcgrad" and loss != "ce":
             raise ValueError("deconfliction='pcgrad' projects the exits' cross-entropies: it needs loss='ce'")
         if loss != "ce" and (label_smoothing or exit_weights is not None):
@@ -165,7 +164,7 @@ class MultiExitTask(TrainingTask):
                              "(load phase-I weights into it, e.g. timm's --initial-checkpoint)")
         else:
             model = self._check_model(model, loss, isc, freeze_bn_stats)
-        self._apply_switches(model, loss, gradient_equilibrium, deconfliction)
+        apply_switches(model, gradient_equilibrium, deconfliction)
         self.trainable_module = MultiExitTrainable(model)
         self.loss = loss
         self.ce_options = dict(weights=exit_weights, label_smoothing=label_smoothing)
@@ -213,17 +212,6 @@ class MultiExitTask(TrainingTask):
             raise ValueError(f"loss={loss!r} needs a multi-exit model (see timm_exits.add_exits), "
                              f"got {type(model).__name__}")
         return model
-
-    @staticmethod
-    def _apply_switches(model: nn.Module, loss: str, gradient_equilibrium: bool, deconfliction: Optional[str]) -> None:
-        branch = deconfliction in ("symmetric", "protect_deeper")
-        if (gradient_equilibrium or branch) and (isinstance(model, IMTAModel) or not hasattr(model, "forward_exits")):
-            raise ValueError(f"Gradient Equilibrium and branch-level deconfliction act at the branch points of a "
-                             f"multi-exit network; {type(model).__name__} (loss={loss!r}) has none that train")
-        if gradient_equilibrium:
-            model.gradient_equilibrium = True
-        if branch:
-            model.gradient_deconfliction = deconfliction
 
     @property
     def model(self) -> nn.Module:

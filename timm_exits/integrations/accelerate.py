@@ -49,7 +49,7 @@ from ..inference.outputs import collect_outputs
 from ..inference.report import evaluation_report, format_report, write_report
 from ..train import adn_step, pcgrad_backward
 from ..train.hdkd import BalancedValidationLoss, HarmonizedWeights, hdkd_weight_step
-from ..train.objective import TrainingForward, create_training_model, training_losses
+from ..train.objective import TrainingForward, apply_switches, create_training_model, training_losses
 
 __all__ = ["main", "run", "train_phase"]
 
@@ -117,21 +117,6 @@ def _model_kwargs(config: Dict[str, Any], num_classes: int) -> dict:
     return kwargs
 
 
-def _apply_switches(model: nn.Module, technique: Dict[str, Any]) -> None:
-    """Gradient Equilibrium and branch-level deconfliction are switches of the model's forward graph."""
-    if technique["gradient_equilibrium"]:
-        if not hasattr(model, "gradient_equilibrium"):
-            raise ValueError(f"{type(model).__name__} has no Gradient Equilibrium (IMTA phase II trains heads only)")
-        model.gradient_equilibrium = True
-    if technique["deconfliction"] in ("symmetric", "protect_deeper"):
-        if not hasattr(model, "gradient_deconfliction"):
-            raise ValueError(f"{type(model).__name__} has no branch points to deconflict")
-        model.gradient_deconfliction = technique["deconfliction"]
-    elif technique["deconfliction"] not in (None, "pcgrad"):
-        raise ValueError(f"technique.deconfliction must be None, 'symmetric', 'protect_deeper' or 'pcgrad', "
-                         f"got {technique['deconfliction']!r}")
-
-
 def train_phase(
         accelerator: Accelerator,
         config: Dict[str, Any],
@@ -153,7 +138,7 @@ def train_phase(
     set_seed(train_cfg["seed"])  # the same initial weights on every process
     model = create_training_model(config["model"]["name"], _model_kwargs(config, data.num_classes), technique["loss"],
                                   previous, technique["isc"], technique["freeze_bn_stats"])
-    _apply_switches(model, technique)
+    apply_switches(model, technique["gradient_equilibrium"], technique["deconfliction"])
     data_config = data.set_transforms(config, model)
     model.to(accelerator.device)
     optimizer = create_optimizer_v2(model, **config["optimizer"])

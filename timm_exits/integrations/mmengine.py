@@ -31,7 +31,7 @@ from ..data import image_dataset
 from ..models.multi_exit import exit_logits
 from ..train import adn_losses, pcgrad_backward
 from ..train.hdkd import BalancedValidationLoss, HarmonizedWeights, hdkd_weight_step
-from ..train.objective import TrainingForward, create_training_model, training_losses
+from ..train.objective import TrainingForward, apply_switches, create_training_model, training_losses
 
 __all__ = ["MultiExitClassifier", "MultiExitAccuracy", "ImageFolderDataset", "GradientEquilibriumHook", "GradientDeconflictionHook",
            "HarmonizedWeightsHook", "PCGradOptimWrapper", "enable_resume"]
@@ -144,7 +144,7 @@ class GradientEquilibriumHook(Hook):
     priority = "NORMAL"
 
     def before_train(self, runner) -> None:
-        _unwrap(runner.model).model.gradient_equilibrium = True
+        apply_switches(_unwrap(runner.model).model, gradient_equilibrium=True)
 
 
 @HOOKS.register_module()
@@ -152,10 +152,13 @@ class GradientDeconflictionHook(Hook):
     """Branch-level gradient deconfliction (one backward): ``mode`` is ``symmetric`` or ``protect_deeper``."""
 
     def __init__(self, mode: str = "symmetric"):
+        if mode not in ("symmetric", "protect_deeper"):
+            raise ValueError(f"GradientDeconflictionHook mode must be 'symmetric' or 'protect_deeper' (parameter-level "
+                             f"PCGrad is PCGradOptimWrapper), got {mode!r}")
         self.mode = mode
 
     def before_train(self, runner) -> None:
-        _unwrap(runner.model).model.gradient_deconfliction = self.mode
+        apply_switches(_unwrap(runner.model).model, deconfliction=self.mode)
 
 
 @HOOKS.register_module()

@@ -20,9 +20,10 @@ from .hdkd import HarmonizedWeights, harmonized_loss, loss_terms
 from .imta import IMTAModel
 from .losses import exit_cross_entropies, one_for_all_distillation
 
-__all__ = ["LOSSES", "create_training_model", "TrainingForward", "training_losses"]
+__all__ = ["LOSSES", "DECONFLICTION", "create_training_model", "apply_switches", "TrainingForward", "training_losses"]
 
 LOSSES = ("ce", "ofa", "hdkd", "adn")
+DECONFLICTION = (None, "symmetric", "protect_deeper", "pcgrad")
 
 Outputs = Union[List[torch.Tensor], Tuple[List[torch.Tensor], torch.Tensor]]
 
@@ -54,6 +55,23 @@ def create_training_model(
     if loss != "adn" and not hasattr(model, "forward_exits"):
         raise ValueError(f"{name} is not a multi-exit model (see timm_exits.add_exits)")
     return model
+
+
+def apply_switches(model: nn.Module, gradient_equilibrium: bool = False, deconfliction: Optional[str] = None) -> None:
+    """Switch Gradient Equilibrium and branch-level deconfliction (``'symmetric'``,
+    ``'protect_deeper'``) on in the forward graph of the model a technique trains; ``'pcgrad'`` acts on
+    the gradients instead and changes nothing here. Both switches need trainable branch points: a
+    multi-exit network, not IMTA's phase-II heads on a frozen one nor a plain ADN network."""
+    if deconfliction not in DECONFLICTION:
+        raise ValueError(f"deconfliction must be one of {DECONFLICTION}, got {deconfliction!r}")
+    branch = deconfliction in ("symmetric", "protect_deeper")
+    if (gradient_equilibrium or branch) and (isinstance(model, IMTAModel) or not hasattr(model, "forward_exits")):
+        raise ValueError(f"Gradient Equilibrium and branch-level deconfliction act at the branch points of a "
+                         f"multi-exit network; {type(model).__name__} has none that train")
+    if gradient_equilibrium:
+        model.gradient_equilibrium = True
+    if branch:
+        model.gradient_deconfliction = deconfliction
 
 
 class TrainingForward(nn.Module):
