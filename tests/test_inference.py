@@ -182,3 +182,28 @@ def test_export_round_trip_and_early_exit_without_model_code(tmp_path, make):
         exported.forward_stem(torch.randn(2, 3, 16, 16))
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         ExportedModel(str(tmp_path))
+
+
+def _reference_quotas(n: int, q: float, num_exits: int):
+    """MSDNet-PyTorch's arithmetic, restated: probs = exp(log(q) * [1..N]) in float32, normalised,
+    and the quota of exit k is floor(n * probs[k]) with a float32 product."""
+    probs = torch.exp(torch.log(torch.tensor([q])) * torch.arange(1, num_exits + 1, dtype=torch.float32))
+    probs /= probs.sum()
+    return [math.floor(n * probs[k]) for k in range(num_exits)]
+
+
+def test_exit_quotas_use_the_references_float32_arithmetic():
+    from timm_exits.inference.budgeted import exit_quotas
+
+    for num_exits in (3, 5, 7):
+        for q in REFERENCE_Q:
+            fractions = geometric_fractions(q, num_exits)
+            for n in range(1, 301):
+                assert exit_quotas(n, fractions) == _reference_quotas(n, q, num_exits), (num_exits, q, n)
+    # a case where float64 arithmetic gives another quota (53), hence another threshold
+    assert _reference_quotas(211, 1.5, 5)[3] == 54
+    scores = torch.zeros(5, 211, dtype=torch.float64)
+    scores[3] = torch.linspace(1.0, 0.0, 211, dtype=torch.float64)  # exit 4: sample i is the (i+1)-th most confident
+    fractions = geometric_fractions(1.5, 5)
+    thresholds = fit_thresholds(scores, [0.0, 0.0, 0.0, fractions[3], fractions[4]])  # exits 1-3: quota 0
+    assert thresholds[3] == scores[3, 53]  # the 54th most confident sample sets exit 4's threshold

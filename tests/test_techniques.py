@@ -1,5 +1,7 @@
 """Training techniques as plain PyTorch: Gradient Equilibrium, multi-exit CE, One-for-all KD and the
 IMTA phase-II model (ISC). Gradients are compared with autograd on reference computations."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -137,6 +139,20 @@ def test_frozen_backbone_batch_norm_statistics(freeze):
     optimizer.step()
     moved = not torch.equal(before, bn.running_mean)
     assert moved is not freeze  # the reference keeps train-mode BN: its statistics move
+
+
+def test_phase_two_step_runs_every_frozen_batch_norm_once():
+    model = _phase_two().train()
+    frozen = copy.deepcopy(model.backbone)  # the phase-I network, run once as the reference does
+    x = torch.randn(8, 3, 32, 32)
+    _, teacher = model.forward_train(x)
+    with torch.no_grad():
+        expected = frozen.train().forward_exits(x)[-1]
+    assert torch.allclose(teacher, expected, atol=1e-5)  # the final exit's logits, batch statistics
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(int(m.num_batches_tracked) == 1 for m in norms)  # one statistics update per step
+    for m, r in zip(norms, [m for m in frozen.modules() if isinstance(m, torch.nn.BatchNorm2d)]):
+        assert torch.allclose(m.running_mean, r.running_mean, atol=1e-6) and torch.allclose(m.running_var, r.running_var, atol=1e-6)
 
 
 def test_phase_two_is_a_multi_exit_model_for_the_executor_and_profiler():

@@ -22,7 +22,7 @@ from ..files import write_json
 from .outputs import ExitOutputs
 from .policies import exit_scores
 
-__all__ = ["REFERENCE_Q", "IMTA_Q", "geometric_fractions", "fit_thresholds", "assign_exits", "BudgetPoint",
+__all__ = ["REFERENCE_Q", "IMTA_Q", "geometric_fractions", "exit_quotas", "fit_thresholds", "assign_exits", "BudgetPoint",
            "budgeted_curve", "thresholds_for_cost", "thresholds_for_accuracy", "Thresholds"]
 
 REFERENCE_Q = [p / 20 for p in range(1, 40)]  # MSDNet-PyTorch: 0.05 .. 1.95
@@ -31,9 +31,16 @@ NEVER, ALWAYS = 1e8, -1e8  # the reference's sentinel thresholds
 
 
 def geometric_fractions(q: float, num_exits: int) -> List[float]:
-    """Target fraction of samples per exit, P_k = q^k / sum_j q^j (k = 1..N)."""
-    weights = [q ** k for k in range(1, num_exits + 1)]
-    return [w / sum(weights) for w in weights]
+    """Target fraction of samples per exit, P_k = q^k / sum_j q^j (k = 1..N), computed as the reference
+    computes it: exp(k log q), normalised, in float32 (the quotas floor(n P_k) depend on the rounding)."""
+    weights = torch.exp(torch.log(torch.tensor(q, dtype=torch.float32)) *
+                        torch.arange(1, num_exits + 1, dtype=torch.float32))
+    return (weights / weights.sum()).tolist()
+
+
+def exit_quotas(n: int, fractions: Sequence[float]) -> List[int]:
+    """floor(n P_k) per exit, with the product in float32 as in the reference."""
+    return [math.floor(n * torch.tensor(p, dtype=torch.float32)) for p in fractions]
 
 
 def fit_thresholds(scores: torch.Tensor, fractions: Sequence[float]) -> torch.Tensor:
@@ -41,8 +48,9 @@ def fit_thresholds(scores: torch.Tensor, fractions: Sequence[float]) -> torch.Te
     num_exits, n = scores.shape
     thresholds = torch.full((num_exits,), NEVER, dtype=torch.float64)
     exited = torch.zeros(n, dtype=torch.bool)
+    quotas = exit_quotas(n, fractions)
     for k in range(num_exits - 1):
-        quota = math.floor(n * fractions[k])
+        quota = quotas[k]
         order = scores[k].argsort(descending=True, stable=True)
         remaining = order[~exited[order]]
         if 0 < quota <= len(remaining):

@@ -36,6 +36,7 @@ class IMTAModel(MultiExitModel):
         if isc not in ("reference", "detach", None):
             raise ValueError(f"isc must be 'reference', 'detach' or None, got {isc!r}")
         self.backbone = backbone.requires_grad_(False)
+        backbone.set_exit(None)  # its get_classifier() is the final exit's: the teacher's
         self.isc_mode, self.freeze_bn_stats = isc, freeze_bn_stats
         self.num_exits = backbone.num_exits
         self.exit_index = self.num_exits - 1
@@ -78,12 +79,16 @@ class IMTAModel(MultiExitModel):
         return state[1]
 
     def forward_train(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        """New heads' logits for every exit, and the teacher: the frozen final exit's logits."""
-        state = self.forward_stem(x)
+        """New heads' logits for every exit, and the teacher: the frozen final exit's logits, from the
+        pooled feature already computed (the frozen head runs once per step, as in the reference, so
+        its batch norms take one running-statistics update)."""
+        inner, previous = self.forward_stem(x)
         logits = []
         for i in range(self.num_exits):
-            state = self.forward_stage(state, i)
-            logits.append(state[1])
+            inner = self.backbone.forward_stage(inner, i)
+            feature = self.backbone.forward_exit(inner, i, pre_logits=True)
+            previous = self._head(feature, previous, i)
+            logits.append(previous)
         with torch.no_grad():
-            teacher = self.backbone.forward_exit(state[0], self.num_exits - 1)
+            teacher = self.backbone.get_classifier()(feature)
         return logits, teacher
