@@ -149,11 +149,11 @@ def test_no_drop_path_in_mandatory_blocks_of_a_skipped_stage():
 
 def test_resnet50_costs_reproduce_the_published_gflops():
     adn = _meta("resnet50_adn")
-    published = CATALOGUE["resnet50_adn"]["reference"]["fvcore_gflops"]
+    published = CATALOGUE["resnet50_adn"]["reference"]["macs_norm_gflops"]
     macs_ffff = None
     for config, gflops in published.items():
         adn.set_depth(config)
-        assert abs(profile_exits(adn, convention="fvcore")[0].macs / 1e9 - gflops) <= 0.02, config
+        assert abs(profile_exits(adn, convention="macs_norm")[0].macs / 1e9 - gflops) <= 0.02, config
     # in plain MACs, every skipped bottleneck removes 17 p^2 HW = 17 * 64^2 * 56^2 (the same in each stage)
     skipped_per_stage = [1, 2, 3, 1]
     for config in adn.depth_configs():
@@ -168,9 +168,9 @@ def test_resnet50_costs_reproduce_the_published_gflops():
 def test_vit_and_swin_costs_reproduce_the_published_gflops():
     vit = _meta("vit_base_patch16_224_adn")
     n, d = 197, 768
-    for config, gflops in CATALOGUE["vit_base_patch16_224_adn"]["reference"]["fvcore_gflops"].items():
+    for config, gflops in CATALOGUE["vit_base_patch16_224_adn"]["reference"]["macs_norm_gflops"].items():
         vit.set_depth(config)
-        assert abs(profile_exits(vit, convention="fvcore")[0].macs / 1e9 - gflops) <= 0.02, config
+        assert abs(profile_exits(vit, convention="macs_norm")[0].macs / 1e9 - gflops) <= 0.02, config
     vit.set_depth("FFFF")
     full = profile_exits(vit)[0].macs
     vit.set_depth("TTFF")
@@ -189,7 +189,7 @@ def test_catalogue_costs_are_the_models(name):
     for config in ("FFFF", "TFTF", "TTTT"):
         adn.set_depth(config)
         assert profile_exits(adn)[0].macs == expected["macs"][config]
-        assert profile_exits(adn, convention="fvcore")[0].macs == expected["fvcore"][config]
+        assert profile_exits(adn, convention="macs_norm")[0].macs == expected["macs_norm"][config]
 
 
 def test_plain_timm_weights_load_with_twins_copied(tmp_path):
@@ -233,7 +233,7 @@ def test_profile_command_takes_a_depth():
     import subprocess
     import sys
     run = subprocess.run([sys.executable, "-m", "timm_exits.cli", "profile", "resnet50_adn", "--depth", "TTFF",
-                          "--json", "--convention", "fvcore"], capture_output=True, text=True)
+                          "--json", "--convention", "macs_norm"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert out["depth"] == "TTFF" and abs(out["exits"][0]["macs"] / 1e9 - 3.46) <= 0.02

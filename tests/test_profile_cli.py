@@ -96,7 +96,7 @@ def test_bad_profile_arguments():
 
 
 def test_a_plain_model_counts_as_one_exit():
-    costs = profile_exits(nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)), input_size=(4,), convention="fvcore")
+    costs = profile_exits(nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)), input_size=(4,), convention="macs_norm")
     assert costs == [costs[0]] and costs[0].exit == 1
     assert costs[0].macs == 4 * 3 + 5 * 3 and costs[0].params == 4 * 3 + 3 + 2 * 3
 
@@ -109,3 +109,8 @@ def test_readme_models_tables_are_the_catalogue(family):
 def test_models_command_lists_every_variant():
     run = _cli("models")
     assert run.returncode == 0 and len(run.stdout.strip().splitlines()) == 7 + 10 + 6
+
+
+def test_the_fvcore_name_is_refused_with_what_the_convention_counts():
+    with pytest.raises(ValueError, match="'fvcore' is now 'macs_norm'.*not what fvcore itself counts"):
+        profile_exits(nn.Linear(4, 3), input_size=(4,), convention="fvcore")
