@@ -1,5 +1,6 @@
 """Adaptive inference: the reference budgeted evaluation, policies, threshold search and files,
 the early-exit executor against the simulated evaluation, and export."""
+import json
 import math
 
 import pytest
@@ -105,7 +106,7 @@ def test_thresholds_file_round_trip_and_mismatches(tmp_path):
     with pytest.raises(ValueError, match="holds 3 thresholds, the model has 5 exits"):
         Thresholds.load(str(path), num_exits=5)
     path.write_text("{not json")
-    with pytest.raises(ValueError, match="is not a thresholds file"):
+    with pytest.raises(ValueError, match="is not a valid thresholds file"):
         Thresholds.load(str(path))
     with pytest.raises(ValueError, match="2 thresholds for 3 exits"):
         Thresholds("m", 3, "maxprob", [0.5, -1e8])
@@ -155,10 +156,41 @@ def test_executor_equals_the_simulated_evaluation(make, policy):
 
 
 def test_executor_rejects_mismatched_thresholds():
-    with pytest.raises(ValueError, match="2 thresholds for a model with 3 exits"):
+    with pytest.raises(ValueError, match="2 thresholds for 3 exits"):
         EarlyExitExecutor(_tiny_msdnet(), [0.5, -1e8])
     with pytest.raises(ValueError, match="policy must be one of"):
         EarlyExitExecutor(_tiny_msdnet(), [0.5, 0.5, -1e8], policy="margin")
+    with pytest.raises(ValueError, match="thresholds must be finite"):
+        EarlyExitExecutor(_tiny_msdnet(), [float("nan"), 0.5, -1e8])
+
+
+def test_executor_refuses_a_model_in_training_mode():
+    model = _tiny_msdnet()
+    executor = EarlyExitExecutor(model, [0.5, 0.5, -1e8])
+    x = torch.randn(4, 3, 32, 32)
+    assert executor(x).preds.shape == (4,)
+    model.train()
+    before = model.stem.convs[0].bn.running_mean.clone()
+    with pytest.raises(ValueError, match=r"evaluation mode \(call model.eval\(\)\)"):
+        executor(x)
+    assert torch.equal(before, model.stem.convs[0].bn.running_mean)  # nothing ran: statistics untouched
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(thresholds=[0.5, float("inf"), -1e8]), "thresholds must be finite"),
+    (dict(costs=[1.0, 2.0]), "2 costs for 3 exits"),
+    (dict(costs=[1.0, float("nan"), 3.0]), "costs must be finite"),
+    (dict(costs=[1.0, 3.0, 2.0]), "cumulative"),
+    (dict(policy="margin"), "policy must be one of"),
+])
+def test_thresholds_files_refuse_what_cannot_be_right(tmp_path, fields, message):
+    valid = dict(model="m", num_exits=3, policy="maxprob", thresholds=[0.5, 0.4, -1e8], costs=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=message):
+        Thresholds(**{**valid, **fields})
+    path = tmp_path / "thresholds.json"  # a hand-edited file: the same check on load, naming the file
+    path.write_text(json.dumps({**valid, **fields}))
+    with pytest.raises(ValueError, match=f"{path} is not a valid thresholds file.*{message}"):
+        Thresholds.load(str(path))
 
 
 @pytest.mark.parametrize("make", [_tiny_msdnet, _tiny_resnet])

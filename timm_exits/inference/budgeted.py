@@ -20,10 +20,10 @@ import torch
 
 from ..files import write_json
 from .outputs import ExitOutputs
-from .policies import exit_scores
+from .policies import POLICIES, exit_scores
 
 __all__ = ["REFERENCE_Q", "IMTA_Q", "geometric_fractions", "exit_quotas", "fit_thresholds", "assign_exits", "BudgetPoint",
-           "budgeted_curve", "thresholds_for_cost", "thresholds_for_accuracy", "Thresholds"]
+           "budgeted_curve", "thresholds_for_cost", "thresholds_for_accuracy", "Thresholds", "check_thresholds"]
 
 REFERENCE_Q = [p / 20 for p in range(1, 40)]  # MSDNet-PyTorch: 0.05 .. 1.95
 IMTA_Q = [p / 20 for p in range(1, 41)]  # IMTA: 0.05 .. 2.0
@@ -137,6 +137,15 @@ def thresholds_for_accuracy(val: ExitOutputs, costs: Sequence[float], target: fl
     return min(points, key=lambda p: (p.val_cost, -p.val_accuracy))
 
 
+def check_thresholds(thresholds: Sequence[float], num_exits: int) -> None:
+    """One finite threshold per exit (the reference's never / always sentinels are +-1e8, finite)."""
+    if len(thresholds) != num_exits:
+        raise ValueError(f"{len(thresholds)} thresholds for {num_exits} exits")
+    if any(not math.isfinite(float(t)) for t in thresholds):
+        raise ValueError(f"thresholds must be finite numbers (use {NEVER:g} for an exit nobody takes), got "
+                         f"{list(thresholds)}")
+
+
 @dataclass
 class Thresholds:
     """Exit thresholds with what they belong to, stored as JSON."""
@@ -149,8 +158,15 @@ class Thresholds:
     note: str = ""
 
     def __post_init__(self):
-        if len(self.thresholds) != self.num_exits:
-            raise ValueError(f"{len(self.thresholds)} thresholds for {self.num_exits} exits")
+        check_thresholds(self.thresholds, self.num_exits)
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.costs:
+            if len(self.costs) != self.num_exits:
+                raise ValueError(f"{len(self.costs)} costs for {self.num_exits} exits (one cumulative cost per exit)")
+            if any(not math.isfinite(c) or c < 0 for c in self.costs) or any(
+                    b < a for a, b in zip(self.costs, self.costs[1:])):
+                raise ValueError(f"costs must be finite, non-negative and cumulative (non-decreasing), got {self.costs}")
 
     def save(self, path: str) -> None:
         """Write atomically (a temporary file, then a rename)."""
@@ -163,8 +179,8 @@ class Thresholds:
             with open(path) as f:
                 data = json.load(f)
             loaded = cls(**data)
-        except (OSError, json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{path} is not a thresholds file written by timm_exits ({e})") from None
+        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a valid thresholds file written by timm_exits ({e})") from None
         if model is not None and loaded.model != model:
             raise ValueError(f"{path} holds thresholds for {loaded.model!r}, not for {model!r}")
         if num_exits is not None and loaded.num_exits != num_exits:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..models.multi_exit import slice_state
-from .budgeted import Thresholds
+from .budgeted import Thresholds, check_thresholds
 from .policies import POLICIES, score_step
 
 __all__ = ["ExitResult", "EarlyExitExecutor"]
@@ -52,8 +52,7 @@ class EarlyExitExecutor:
         if isinstance(thresholds, Thresholds):
             policy, costs = thresholds.policy, costs or thresholds.costs or None
             thresholds = thresholds.thresholds
-        if len(thresholds) != model.num_exits:
-            raise ValueError(f"{len(thresholds)} thresholds for a model with {model.num_exits} exits")
+        check_thresholds(thresholds, model.num_exits)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.model = model
@@ -64,6 +63,10 @@ class EarlyExitExecutor:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> ExitResult:
         model, n = self.model, x.shape[0]
+        if getattr(model, "training", False):  # an nn.Module in training mode
+            raise ValueError("the early-exit executor needs the model in evaluation mode (call model.eval()): in "
+                             "training mode batch norms use and update batch statistics, so each sample's answer "
+                             "would depend on the others in its batch")
         state = model.forward_stem(x)
         index = torch.arange(n, device=x.device)  # original positions of the samples still running
         logits_out: Optional[torch.Tensor] = None
