@@ -96,3 +96,24 @@ def test_unknown_layout_is_explained(tmp_path):
     torch.save({"blocks.0.0.weird.weight": torch.zeros(1), "classifier.0.linear.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="not a key of a reference MSDNet checkpoint"):
         _load("msdnet_cifar_5exit", path)
+
+
+@pytest.mark.parametrize("name, kwargs", [("msdnet_cifar_5exit", dict(num_channels=8, growth_rate=4, head_channels=16)),
+                                          ("resnet18_adn", {})])
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_a_run_with_another_class_count_keeps_its_classifiers(tmp_path, name, kwargs, fmt):
+    torch.manual_seed(0)
+    trained = timm.create_model(name, num_classes=10, **kwargs).eval()  # e.g. the main job's 10 digits
+    path = tmp_path / f"model.{fmt}"
+    state = {k: v.contiguous() for k, v in trained.state_dict().items()}
+    save_file(state, str(path)) if fmt == "safetensors" else torch.save(state, path)
+    loaded = _load(name, path, num_classes=10, **kwargs)  # the README's loading recipe
+    x = torch.randn(2, 3, *timm.models.get_pretrained_cfg(name).input_size[1:])
+    with torch.no_grad():
+        assert torch.equal(loaded(x), trained(x))
+    # another class count than the file's: timm's behaviour, the classifiers are new, the rest loads
+    other = _load(name, path, num_classes=7, **kwargs)
+    classifier = other.get_classifier()
+    assert classifier.out_features == 7
+    first_conv = timm.models.get_pretrained_cfg(name).first_conv
+    assert torch.equal(other.state_dict()[f"{first_conv}.weight"], state[f"{first_conv}.weight"])

@@ -43,7 +43,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-from ..checkpoint import pretrained_file
+from ..checkpoint import keep_file_classifiers
 from .features import check_feature_indices
 
 __all__ = ["SkipAware", "Skippable", "SkippableAttnBlock", "make_adaptive_depth", "set_depth", "checkpoint_filter_fn",
@@ -520,7 +520,7 @@ def _feature_cfg(kwargs: Dict[str, Any], num_levels: int, default: Union[int, Tu
 def _create_adn(cls: Callable[..., nn.Module], variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     """Build through timm's ``build_model_with_cfg``: pretrained weights (a plain timm, an ADN or the
     reference implementation's checkpoint, mapped by :func:`checkpoint_filter_fn`) and ``features_only``."""
-    pretrained_file(pretrained, kwargs.get("pretrained_cfg_overlay"))
+    kwargs = keep_file_classifiers(variant, pretrained, kwargs)
     # the reference's training files keep their command line (an argparse.Namespace) beside the
     # weights: allowed through timm's weights-only load, which still refuses any other object
     with torch.serialization.safe_globals([argparse.Namespace]):

@@ -32,7 +32,7 @@ from .channels_last_norm import batch_norm_relu_2d, shared_input_conv_bn_relu
 from .features import check_feature_indices
 from .heads import classifier, reset_head_classifier
 from .multi_exit import MultiExitModel, scale_grad
-from ..checkpoint import pretrained_file
+from ..checkpoint import keep_file_classifiers
 
 __all__ = ["MSDNet", "MsdStage", "LayerPlan", "msdnet_plan", "checkpoint_filter_fn"]
 
@@ -929,7 +929,7 @@ def checkpoint_filter_fn(state_dict: dict, model: MSDNet) -> dict:
 
 
 def _create_msdnet(variant: str, pretrained: bool = False, **kwargs) -> MSDNet:
-    pretrained_file(pretrained, kwargs.get("pretrained_cfg_overlay"))
+    kwargs = keep_file_classifiers(variant, pretrained, kwargs)
     out_indices = kwargs.pop("out_indices", tuple(range(kwargs.get("num_blocks", 5))))
     return build_model_with_cfg(
         MSDNet, variant, pretrained,

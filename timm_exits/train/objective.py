@@ -44,10 +44,7 @@ def create_training_model(
     if loss == "ofa":
         if phase_one_checkpoint is None:
             raise ValueError("loss='ofa' (IMTA phase II) needs phase_one_checkpoint, the phase-I weights")
-        overlay = dict(file=phase_one_checkpoint)
-        if "num_classes" in kwargs:  # timm would drop the heads' weights if it differed from the cfg's
-            overlay["num_classes"] = kwargs["num_classes"]
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=phase_one_checkpoint))
         return IMTAModel(timm.create_model(name, **kwargs), isc=isc, freeze_bn_stats=freeze_bn_stats)
     model = timm.create_model(name, **kwargs)
     if loss == "adn" and not hasattr(model, "set_depth") and not hasattr(getattr(model, "backbone", None), "set_depth"):
