@@ -95,6 +95,30 @@ def test_config_mistakes_are_explained(tmp_path):
         resolve_config(dict(model=dict(name="x"), data="folder"))
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("train.epochs", "ten", "train.epochs must be an integer >= 1, got 'ten'"),
+    ("train.epochs", 0, "train.epochs must be an integer >= 1, got 0"),
+    ("train.epochs", -2, "got -2"),
+    ("train.grad_accum_steps", 0, "train.grad_accum_steps must be an integer >= 1"),
+    ("data.val_fraction", -0.5, r"data.val_fraction must be a number >= 0.0 and < 1.0, got -0.5"),
+    ("data.test_fraction", 1.0, "data.test_fraction must be a number >= 0.0 and < 1.0"),
+    ("data.batch_size", 2.5, "data.batch_size must be an integer"),
+])
+def test_config_values_out_of_range_are_refused_before_anything_runs(option, value, message):
+    recipe = str(ROOT / "recipes" / "cifar.py")
+    with pytest.raises(ConfigError, match=message):
+        load_config(recipe, cfg_options={option: value})
+
+
+def test_phases_are_checked_and_named_as_folders():
+    base = dict(model=dict(name="x"))
+    with pytest.raises(ConfigError, match=r"phase 'b': train.epochs must be an integer >= 1, got 0"):
+        phase_configs(resolve_config(dict(base, phases=[dict(name="a"), dict(name="b", train=dict(epochs=0))])))
+    for name in ("../x", ".hidden", "a/b", ""):
+        with pytest.raises(ConfigError, match="a phase name is a folder name"):
+            phase_configs(resolve_config(dict(base, phases=[dict(name=name)])))
+
+
 def _final_weights(folder: Path):
     return load_file(folder / "model.safetensors")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mmengine.config import Config
@@ -93,6 +94,30 @@ def _check_keys(config: Dict[str, Any], schema: Dict[str, Any], prefix: str = ""
             _check_keys(value, schema[key], path + ".")
 
 
+# numeric keys and the values they take: (type, lowest, highest, highest included)
+_RANGES = {
+    "train.epochs": (int, 1, None, True), "train.grad_accum_steps": (int, 1, None, True),
+    "train.checkpoint_every": (int, 0, None, True), "train.log_every": (int, 1, None, True),
+    "data.batch_size": (int, 1, None, True), "data.eval_batch_size": (int, 1, None, True),
+    "data.workers": (int, 0, None, True), "data.val_fraction": (float, 0.0, 1.0, False),
+    "data.test_fraction": (float, 0.0, 1.0, False), "technique.label_smoothing": (float, 0.0, 1.0, False),
+}
+_PHASE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def _check_values(config: Dict[str, Any], where: str = "") -> None:
+    """Numbers of the right type and range (a negative fraction would silently invert a split)."""
+    for key, (kind, low, high, high_included) in _RANGES.items():
+        section, leaf = key.split(".")
+        value = config[section][leaf]
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        ok = ok and value >= low and (high is None or value < high or (high_included and value == high))
+        if not ok:
+            bound = "" if high is None else f" and {'<=' if high_included else '<'} {high}"
+            raise ConfigError(f"{where}{key} must be {'an integer' if kind is int else 'a number'} >= {low}{bound}, "
+                              f"got {value!r}")
+
+
 def _merge(base: Dict[str, Any], override: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in override.items():
@@ -120,6 +145,7 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     resolved = _merge(DEFAULTS, config)
     if resolved["model"]["name"] is None:
         raise ValueError("the config names no model: set model.name (e.g. msdnet_cifar_7exit)")
+    _check_values(resolved)
     return resolved
 
 
@@ -146,8 +172,13 @@ def phase_configs(config: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
     phases: Sequence[dict] = config.get("phases") or [dict(name="train")]
     runs = []
     for phase in phases:
+        if not isinstance(phase["name"], str) or not _PHASE_NAME.match(phase["name"]):
+            raise ConfigError(f"a phase name is a folder name under the output folder (letters, digits, '_', '.', "
+                              f"'-', not starting with '.' or '-'), got {phase['name']!r}")
         overrides = {k: v for k, v in phase.items() if k != "name"}
-        runs.append((phase["name"], {**_merge(config, overrides), "phases": None}))
+        run = {**_merge(config, overrides), "phases": None}
+        _check_values(run, f"phase {phase['name']!r}: ")
+        runs.append((phase["name"], run))
     names = [name for name, _ in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"phase names must differ, got {names}")
