@@ -9,7 +9,8 @@ from torch import nn
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits import MSDNet
 from timm_exits.inference import EarlyExitExecutor
-from timm_exits.models.msdnet import FoldedConvAct, FusedMsdLayer
+from timm_exits.models.msdnet_fused import BufferedScales, FoldedConvAct, FusedMsdLayer, FusedStage
+from timm_exits.models.multi_exit import slice_state
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -33,19 +34,93 @@ CASES = [
 ]
 
 
+GRAD_MODES = [torch.no_grad, torch.inference_mode]
+
+
+def _close(expected: torch.Tensor, got: torch.Tensor) -> None:
+    assert expected.shape == got.shape
+    assert float((got - expected).norm() / expected.norm()) < 1e-5, (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=["no_grad", "inference_mode"])
 @pytest.mark.parametrize("name,kwargs,size", CASES)
-def test_fused_model_gives_the_plain_models_outputs(name, kwargs, size):
+def test_fused_model_gives_the_plain_models_outputs(name, kwargs, size, grad_mode):
     torch.manual_seed(0)
     model = _randomise(timm.create_model(name, num_classes=10, **kwargs))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     fused = reparameterize_model(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is untouched
     x = torch.randn(3, 3, size, size)
-    with torch.no_grad():
+    with grad_mode():
         expected, got = model.forward_exits(x), fused.forward_exits(x)
     assert len(got) == model.num_exits
     for a, b in zip(expected, got):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
+        _close(a, b)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_fuse_returns_new_modules_and_pads_at_fuse_time():
+    model = _randomise(timm.create_model("msdnet_cifar_7exit", num_classes=10))
+    for module in [model.stem, model.exits[0], *model.stages]:
+        assert module.fuse() is not module
+    fused = reparameterize_model(model)
+    weights = {name: p.clone() for name, p in fused.named_parameters()}
+    with torch.no_grad():
+        fused.forward_exits(torch.randn(2, 3, 32, 32))
+    assert all(torch.equal(p, weights[name]) for name, p in fused.named_parameters())  # nothing changes at run time
+    stage = fused.stages[1]
+    assert isinstance(stage, FusedStage)
+    first = stage.steps[0]  # the merged bottlenecks read whole buffers: room for the whole run
+    assert [first.reduce[str(j)].conv.in_channels for j in sorted(first.reads)] == stage.segment_widths[0]
+    assert stage.segment_widths[0][0] > model.stages[1].in_widths[0]
+
+
+@pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=["no_grad", "inference_mode"])
+@pytest.mark.parametrize("name,kwargs,size", [CASES[0], CASES[3]])
+def test_stage_by_stage_with_compaction(name, kwargs, size, grad_mode):
+    """Dropping samples between stages (what the executor does) keeps appending in place and gives
+    the plain model's outputs on the kept samples."""
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model(name, num_classes=10, **kwargs))
+    fused = reparameterize_model(model)
+    x = torch.randn(8, 3, size, size)
+    with grad_mode():
+        expected = model.forward_exits(x)
+        state, index, in_place = fused.forward_stem(x), torch.arange(len(x)), 0
+        for k in range(model.num_exits):
+            before = state.buffers[-1].data_ptr() if isinstance(state, BufferedScales) else None
+            state = fused.forward_stage(state, k)
+            assert isinstance(state, BufferedScales)
+            in_place += state.buffers[-1].data_ptr() == before
+            _close(expected[k][index], fused.forward_exit(state, k))
+            if len(index) > 2:
+                keep = torch.ones(len(index), dtype=torch.bool)
+                keep[k % len(index)] = False
+                buffers = [b.data_ptr() for b in state.buffers]
+                state, index = slice_state(state, keep), index[keep]
+                assert isinstance(state, BufferedScales) and len(state.buffers[0]) == len(index)
+                assert all(b.data_ptr() != p for b, p in zip(state.buffers, buffers))
+                assert all(b.is_contiguous(memory_format=torch.channels_last) for b in state.buffers)
+    assert in_place >= 1  # a stage after a compaction appended to the compacted buffers
+
+
+def test_compaction_refuses_a_single_index():
+    fused = reparameterize_model(_randomise(timm.create_model("msdnet_cifar_5exit", num_classes=3)))
+    with torch.no_grad():
+        state = fused.forward_stage(fused.forward_stem(torch.randn(2, 3, 32, 32)), 0)
+    with pytest.raises(TypeError, match="batch dimension"):
+        slice_state(state, 0)
+    assert slice_state(state, slice(0, 1)).buffers[0].shape[0] == 1
+
+
+def test_a_fused_stage_refuses_inputs_of_other_widths():
+    fused = reparameterize_model(_randomise(timm.create_model("msdnet_cifar_5exit", num_classes=3)))
+    with torch.no_grad():
+        state = fused.forward_stage(fused.forward_stem(torch.randn(2, 3, 32, 32)), 0)
+        with pytest.raises(ValueError, match="reads scales of"):
+            fused.forward_stage(state, 0)
 
 
 def test_shared_input_bottlenecks_are_merged():
@@ -61,18 +136,26 @@ def test_shared_input_bottlenecks_are_merged():
                if isinstance(m, FoldedConvAct))
 
 
-def test_the_executor_runs_the_fused_model_with_the_same_predictions():
+@pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=["no_grad", "inference_mode"])
+@pytest.mark.parametrize("batch", [16, 1])
+def test_the_executor_runs_the_fused_model_with_the_same_predictions(grad_mode, batch):
     torch.manual_seed(1)
     model = _randomise(MSDNet(num_blocks=3, base=1, step=1, num_channels=4, growth_rate=2, gr_factor=[1, 2],
                               bn_factor=[1, 2], stem_type="cifar", head_channels=8, num_classes=3, img_size=16))
     fused = reparameterize_model(model)
     x = torch.randn(16, 3, 16, 16)
     with torch.no_grad():
-        confidence = [z.softmax(1).amax(1).median().item() for z in model.forward_exits(x)]
-    thresholds = [confidence[0], confidence[1], -1e8]  # about half leave at each exit
-    plain, fast = EarlyExitExecutor(model, thresholds)(x), EarlyExitExecutor(fused, thresholds)(x)
-    assert torch.equal(plain.exits, fast.exits) and torch.equal(plain.preds, fast.preds)
-    assert 0 < (plain.exits == 0).sum() < len(x)  # some samples left early, some did not
+        confidence = [z.softmax(1).amax(1).sort().values for z in model.forward_exits(x)]
+    # about half leave at each exit; thresholds halfway between two scores, so that rounding cannot move a sample
+    thresholds = [float(c[7:9].mean()) for c in confidence[:2]] + [-1e8]
+    with grad_mode():
+        plain = [EarlyExitExecutor(model, thresholds)(x[i:i + batch]) for i in range(0, len(x), batch)]
+        fast = [EarlyExitExecutor(fused, thresholds)(x[i:i + batch]) for i in range(0, len(x), batch)]
+    for p, f in zip(plain, fast):
+        assert torch.equal(p.exits, f.exits) and torch.equal(p.preds, f.preds)
+        _close(p.logits, f.logits)
+    exits = torch.cat([p.exits for p in plain])
+    assert 0 < (exits == 0).sum() < len(x) and (exits == 2).any()  # some samples left early, some did not
 
 
 def test_fusing_needs_conv_bn_relu_units():
@@ -82,17 +165,38 @@ def test_fusing_needs_conv_bn_relu_units():
         reparameterize_model(model)
 
 
-def test_stages_append_in_place_only_to_states_no_one_extended():
-    """A fused stage appends to the buffer its input is the filled part of; continuing twice from
-    the same state must not overwrite what the first continuation returned."""
+@pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=["no_grad", "inference_mode"])
+def test_stages_append_in_place_only_to_states_no_one_extended(grad_mode):
+    """A fused stage appends to the buffers of the state it continues; continuing the same state
+    again must not overwrite what the first continuation returned."""
     model = _randomise(timm.create_model("msdnet_cifar_7exit", num_classes=10))
     fused = reparameterize_model(model)
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
+    with grad_mode():
         state = fused.forward_stage(fused.forward_stem(x), 0)
         first = fused.forward_stage(state, 1)
+        assert first.buffers[0].data_ptr() == state.buffers[0].data_ptr()  # appended in place
         kept = [t.clone() for t in first]
         second = fused.forward_stage(state, 1)
+        assert second.buffers[0].data_ptr() != first.buffers[0].data_ptr()
+        third = fused.forward_stage(second, 2)
         expected = model.forward_stage(model.forward_stage(model.forward_stem(x), 0), 1)
+        expected_third = model.forward_stage(expected, 2)
     for a, b, c, e in zip(first, kept, second, expected):
-        assert torch.equal(a, b) and torch.allclose(c, e, rtol=1e-4, atol=1e-5)
+        assert torch.equal(a, b)
+        _close(e, c)
+    for t, e in zip(third, expected_third):
+        _close(e, t)
+
+
+def test_a_state_made_under_inference_mode_continues_outside_it():
+    """Inference tensors cannot be written outside inference mode: the stage copies them instead."""
+    model = _randomise(timm.create_model("msdnet_cifar_5exit", num_classes=3))
+    fused = reparameterize_model(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        state = fused.forward_stage(fused.forward_stem(x), 0)
+    with torch.no_grad():
+        got = fused.forward_exit(fused.forward_stage(state, 1), 1)
+        expected = model.forward_exit(model.forward_until(x, 1), 1)
+    _close(expected, got)

@@ -31,6 +31,7 @@ from timm.models._features import feature_take_indices
 from .channels_last_norm import batch_norm_relu_2d, shared_input_conv_bn_relu
 from .features import check_feature_indices
 from .heads import classifier, reset_head_classifier
+from .msdnet_fused import FusedMsdLayer, FusedTransition, fuse_head, fuse_stage, fuse_stem
 from .multi_exit import MultiExitModel, scale_grad
 from ..checkpoint import keep_file_classifiers
 
@@ -293,10 +294,8 @@ class MsdStem(nn.Module):
         self.convs = nn.ModuleList([first] + coarser)
 
     def fuse(self) -> nn.Module:
-        """Batch norms folded (in place), for inference."""
-        for i, conv in enumerate(self.convs):
-            self.convs[i] = FoldedConvAct([conv])
-        return self
+        """A copy with the batch norms folded, for inference."""
+        return fuse_stem(self)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         out: List[torch.Tensor] = []
@@ -331,9 +330,8 @@ class MsdHead(nn.Module):
         self.fc = classifier(width, num_classes, **dd)
 
     def fuse(self) -> nn.Module:
-        """Batch norms folded (in place), for inference."""
-        self.conv1, self.conv2 = FoldedConvAct([self.conv1]), FoldedConvAct([self.conv2])
-        return self
+        """A copy with the batch norms folded, for inference."""
+        return fuse_head(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.conv1(x))
@@ -348,115 +346,15 @@ class MsdHead(nn.Module):
         return self.forward_head(self.forward_features(x), pre_logits)
 
 
-def _folded(unit: ConvNormAct) -> nn.Conv2d:
-    """``unit``'s convolution with its (eval-mode) batch norm folded into weights and bias."""
-    conv, bn = unit.conv, unit.bn
-    if not isinstance(getattr(bn, "act", None), nn.ReLU):
-        raise ValueError("MSDNet's fused inference path expects conv-BN-ReLU units")
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                       bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-        folded.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
-    return folded.to(memory_format=torch.channels_last)
-
-
-class FoldedConvAct(nn.Module):
-    """Inference form of a conv-BN-ReLU unit (or of several that read the same input, their output
-    channels side by side): one convolution with the batch norms folded in, then ReLU."""
-
-    def __init__(self, units: Sequence[ConvNormAct]):
-        super().__init__()
-        convs = [_folded(u) for u in units]
-        self.conv = convs[0]
-        if len(convs) > 1:
-            first = convs[0]
-            self.conv = nn.Conv2d(first.in_channels, sum(c.out_channels for c in convs), first.kernel_size,
-                                  first.stride, first.padding, bias=True, device=first.weight.device,
-                                  dtype=first.weight.dtype).to(memory_format=torch.channels_last)
-            with torch.no_grad():
-                self.conv.weight.copy_(torch.cat([c.weight for c in convs]))
-                self.conv.bias.copy_(torch.cat([c.bias for c in convs]))
-        self.widths = [c.out_channels for c in convs]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu_(self.conv(x))
-
-
-class FusedMsdLayer(nn.Module):
-    """Inference form of :class:`MsdLayer`: batch norms folded, and the 1x1 bottlenecks that read
-    the same scale (this scale's normal path, the next scale's down path) run as one convolution."""
-
-    def __init__(self, layer: "MsdLayer"):
-        super().__init__()
-        self.discard = layer.discard
-        self.bottleneck = layer.has_bottleneck
-        self.reads = layer.reads
-        if self.bottleneck:
-            self.reduce = nn.ModuleDict({str(j): FoldedConvAct([getattr(layer.units[k], p).reduce for k, p in users])
-                                         for j, users in self.reads.items()})
-        self.down = nn.ModuleDict({str(k): FoldedConvAct([u.down.conv]) for k, u in enumerate(layer.units)
-                                   if u.down is not None})
-        self.normal = nn.ModuleList([FoldedConvAct([u.normal.conv]) for u in layer.units])
-        self.growth = [n.widths[0] + (self.down[str(k)].widths[0] if str(k) in self.down else 0)
-                       for k, n in enumerate(self.normal)]  # channels appended per output scale
-
-    def pad_inputs(self, widths: List[int]) -> None:
-        """Let the merged 1x1 bottlenecks read whole buffers of ``widths`` channels (one per input
-        scale), the channels beyond their own inputs weighted by zero."""
-        for j, reduce in self.reduce.items():
-            conv = reduce.conv
-            padded = torch.zeros(conv.out_channels, widths[int(j)], 1, 1, device=conv.weight.device,
-                                 dtype=conv.weight.dtype)
-            padded[:, :conv.in_channels] = conv.weight
-            conv.weight = nn.Parameter(padded.contiguous(memory_format=torch.channels_last), requires_grad=False)
-            conv.in_channels = widths[int(j)]
-
-    def forward_into(self, buffers: List[torch.Tensor], filled: List[int]) -> None:
-        """Append this layer's new channels to per-scale ``buffers`` (filled up to ``filled``), in
-        place; drops the buffers of discarded scales from both lists."""
-        mids = {}
-        for j, users in self.reads.items():
-            reduce = self.reduce[str(j)]
-            mids.update(zip(users, reduce(buffers[j]).split(reduce.widths, 1)))
-        for k, normal in enumerate(self.normal):
-            a, start = k + self.discard, filled[k + self.discard]
-            if str(k) in self.down:
-                new = self.down[str(k)](mids[(k, "down")])
-                buffers[a][:, start:start + new.shape[1]] = new
-                start += new.shape[1]
-            new = normal(mids[(k, "normal")])
-            buffers[a][:, start:start + new.shape[1]] = new
-            filled[a] = start + new.shape[1]
-        del buffers[:self.discard], filled[:self.discard]
-
-    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-        mids = {}
-        for j, users in self.reads.items():
-            if self.bottleneck:
-                reduce = self.reduce[str(j)]
-                mids.update(zip(users, reduce(xs[j]).split(reduce.widths, 1)))
-            else:
-                mids.update((user, xs[j]) for user in users)
-        out = []
-        for k, normal in enumerate(self.normal):
-            pieces = [xs[k + self.discard]]
-            if str(k) in self.down:
-                pieces.append(self.down[str(k)](mids[(k, "down")]))
-            pieces.append(normal(mids[(k, "normal")]))
-            out.append(torch.cat(pieces, 1))
-        return out
-
-
 class MsdStage(nn.Sequential):
-    """The layers (and transitions) between two exits. ``reserve`` (set by :class:`MSDNet`): per
-    scale, the channels that the next stages append before the next transition (what a fused
-    stage leaves room for in its buffers, so the next stage can append in place)."""
+    """The layers (and transitions) between two exits. Set by :class:`MSDNet`, for the fused
+    inference path (:mod:`.msdnet_fused`): ``in_widths``, the channels of each input scale, and
+    ``reserve``, per scale the channels that the next stages append before the next transition
+    (what a fused stage leaves room for in its buffers, so the next stage can append in place)."""
 
+    in_widths: Tuple[int, ...] = ()
     reserve: Tuple[int, ...] = ()
-    __jit_ignored_attributes__ = ["reserve"]  # used when fusing, not in forward
+    __jit_ignored_attributes__ = ["in_widths", "reserve"]  # used when fusing, not in forward
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
         for layer in self:
@@ -465,114 +363,7 @@ class MsdStage(nn.Sequential):
 
     def fuse(self) -> nn.Module:
         """The inference form (``timm.utils.reparameterize_model`` calls this)."""
-        if all(m.has_bottleneck for m in self if isinstance(m, MsdLayer)):
-            return FusedStage(self)
-        return nn.Sequential(*[m.fuse() for m in self])  # no 1x1 bottlenecks to read whole buffers
-
-
-class FusedStage(nn.Module):
-    """Inference form of an :class:`MsdStage` that writes each layer's new channels into
-    preallocated per-scale buffers instead of concatenating (a dense layer's concatenation
-    copies every earlier channel again): each run of layers up to a transition gets buffers of its
-    final widths, zero beyond what is written, and the merged 1x1 bottlenecks read the whole
-    buffers with zero weights on the channels not yet written."""
-
-    def __init__(self, stage: MsdStage):
-        super().__init__()
-        self.steps = nn.ModuleList([m.fuse() for m in stage])
-        self.segments: List[Tuple[List[int], Optional[int]]] = []  # (layer indices, transition index)
-        run: List[int] = []
-        for i, step in enumerate(self.steps):
-            if isinstance(step, FusedTransition):
-                self.segments.append((run, i))
-                run = []
-            else:
-                run.append(i)
-        if run:
-            self.segments.append((run, None))
-        self.reserve = tuple(stage.reserve)
-        self._padded_for: Optional[Tuple[int, ...]] = None
-        self._segment_widths: List[List[int]] = []  # per segment: its buffers' widths (set by _pad)
-
-    def _final_widths(self, layers: List[int], widths: List[int]) -> List[int]:
-        """Per input scale: its width after the run of ``layers``."""
-        widths, final = list(widths), list(widths)
-        scales = list(range(len(widths)))  # input scale index of each current entry
-        for i in layers:
-            layer = self.steps[i]
-            for k, g in enumerate(layer.growth):
-                widths[k + layer.discard] += g
-                final[scales[k + layer.discard]] = widths[k + layer.discard]
-            del widths[:layer.discard], scales[:layer.discard]
-        return final
-
-    def _buffer_widths(self, layers: List[int], transition: Optional[int], widths: List[int]) -> List[int]:
-        """Per input scale: the buffer width for the run of ``layers`` (room for the next stages'
-        channels too if the run ends the stage)."""
-        final = self._final_widths(layers, widths)
-        if transition is None and self.reserve:
-            kept = len(widths) - sum(self.steps[i].discard for i in layers)
-            first = len(self.reserve) - len(widths)  # absolute index of the finest input scale
-            for i in range(len(widths) - kept, len(widths)):
-                final[i] += self.reserve[first + i]
-        return final
-
-    def _pad(self, widths: List[int]) -> None:
-        """Pad the bottlenecks to the buffers that input ``widths`` lead to (done on the first call)."""
-        key = tuple(widths)
-        if self._padded_for == key:
-            return
-        if self._padded_for is not None:
-            raise ValueError(f"this fused MSDNet stage was built for inputs of {self._padded_for} channels, got {key}")
-        for layers, transition in self.segments:
-            buffer_widths = self._buffer_widths(layers, transition, widths)
-            self._segment_widths.append(list(buffer_widths))
-            for i in layers:
-                self.steps[i].pad_inputs(buffer_widths)
-                del buffer_widths[:self.steps[i].discard]
-            if transition is not None:
-                widths = [c.conv.out_channels for c in self.steps[transition].convs]
-        self._padded_for = key
-
-    @staticmethod
-    def _buffer(x: torch.Tensor, width: int) -> torch.Tensor:
-        """A channels-last buffer of ``width`` channels that starts with ``x``: the buffer ``x`` is
-        the filled part of, if the previous stage left room and nothing has appended to it since;
-        otherwise a new one (``x``, then zeros)."""
-        base, cl = x._base, torch.channels_last
-        if (base is not None and base.shape[1] == width and getattr(base, "_msd_filled", None) == x.shape[1]
-                and base.data_ptr() == x.data_ptr() and base.shape[0] == x.shape[0] and base.is_contiguous(memory_format=cl)):
-            return base
-        zeros = torch.empty((x.shape[0], width - x.shape[1], *x.shape[2:]), dtype=x.dtype, device=x.device,
-                            memory_format=cl).zero_()
-        return torch.cat([x.contiguous(memory_format=cl), zeros], 1)
-
-    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-        self._pad([x.shape[1] for x in xs])
-        for (layers, transition), widths in zip(self.segments, self._segment_widths):
-            filled = [x.shape[1] for x in xs]
-            buffers = [self._buffer(x, w) for x, w in zip(xs, widths)]
-            for i in layers:
-                self.steps[i].forward_into(buffers, filled)
-            if transition is not None:
-                xs = self.steps[transition](buffers)
-            else:  # the filled part of each buffer; the next stage appends after it
-                xs = []
-                for buffer, width in zip(buffers, filled):
-                    buffer._msd_filled = width
-                    xs.append(buffer[:, :width])
-        return xs
-
-
-class FusedTransition(nn.Module):
-    """Inference form of :class:`Transition` (batch norms folded)."""
-
-    def __init__(self, transition: "Transition"):
-        super().__init__()
-        self.convs = nn.ModuleList([FoldedConvAct([c]) for c in transition.convs])
-
-    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-        return [conv(x) for conv, x in zip(self.convs, xs)]
+        return fuse_stage(self)
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -672,6 +463,8 @@ class MSDNet(MultiExitModel):
             stage_widths.append(in_chs)
             exit_widths.append(head_width)
         for b, stage in enumerate(stages):
+            first = self.plan[b][0]
+            stage.in_widths = tuple(first.width * g for g in gr[len(gr) - first.in_scales:])
             stage.reserve = self._reserve(b, growth_rate, gr)
         self.stages = nn.ModuleList(stages)
         self.exits = nn.ModuleList(exits)
