@@ -26,6 +26,7 @@ makes it one tensor at the selected depth, as in evaluation mode.
 (declared at the end of this file) build one and load timm weights into it, twins initialised from
 the originals.
 """
+import abc
 import argparse
 import copy
 import inspect
@@ -52,7 +53,7 @@ __all__ = ["SkipAware", "Skippable", "SkippableAttnBlock", "make_adaptive_depth"
 DepthConfig = Union[str, Sequence[bool], None]
 
 
-class DepthSwitch(nn.Module):
+class DepthSwitch(nn.Module, metaclass=abc.ABCMeta):
     """Base of the depth switches: a wrapper that knows its depth stage (of ``num_stages``).
 
     Public attributes it does not have are the wrapped module's, because timm code reads them
@@ -66,9 +67,9 @@ class DepthSwitch(nn.Module):
         self.stage = stage
         self.num_stages = num_stages
 
+    @abc.abstractmethod
     def set_skip(self, skip: bool) -> None:
         """Switch to the skipped-stage behaviour (``True``) or the full one."""
-        raise NotImplementedError
 
     def __getattr__(self, name: str) -> Any:
         try:

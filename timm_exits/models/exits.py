@@ -18,6 +18,7 @@ of this file, timm's way: ``default_cfgs`` and one ``@register_model`` function 
 """
 from __future__ import annotations
 
+import abc
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
@@ -155,11 +156,9 @@ class BackboneWithExits(MultiExitModel):
         """Names (under ``backbone``) of the modules an exit can follow, in order."""
         return self.backbone_units(self.backbone)
 
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def forward_units(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Run the backbone's units ``start`` .. ``end - 1`` (``forward_stem`` is the family's too)."""
 
     def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
         return x
