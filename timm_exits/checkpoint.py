@@ -7,16 +7,15 @@ A checkpoint is a folder:
   and plain Python data only, loaded with ``torch.load(weights_only=True)``), if given;
 * ``state.json``: the model name and whatever the caller records (epoch, step, metrics).
 
-The folder is written under a temporary name and renamed into place, so a crash never leaves a
-half-written checkpoint where a complete one is expected.
+The folder is written whole or not at all (:func:`timm_exits.files.atomic_folder`): a crash never
+leaves a half-written checkpoint where a complete one is expected, and the previous checkpoint
+survives until the new one is complete.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-import shutil
-import tempfile
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -26,6 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.models import load_state_dict as timm_load_state_dict
 from torch import nn
+
+from .files import atomic_folder
 
 __all__ = ["save_checkpoint", "load_checkpoint", "training_state", "rng_state", "set_rng_state", "pretrained_file",
            "keep_file_classifiers"]
@@ -99,10 +100,7 @@ def save_checkpoint(
     this process's RNG states, and ``training``, e.g. per-process RNG states or an EMA model's
     weights) to ``folder``; extra keyword arguments (JSON-serialisable) go to ``state.json``.
     Replaces an existing checkpoint atomically."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=parent)
-    try:
+    with atomic_folder(folder) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, os.path.join(tmp, "model.safetensors"))
         if optimizer is not None:
@@ -112,17 +110,6 @@ def save_checkpoint(
             torch.save(everything, os.path.join(tmp, "training.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"model": model_name, **state}, f, indent=2)
-        old = None
-        if os.path.exists(folder):
-            old = tempfile.mkdtemp(prefix=".previous-", dir=parent)
-            os.rmdir(old)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import os
 import random
-import shutil
-import tempfile
 from contextlib import contextmanager
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -21,6 +19,8 @@ from timm.data import create_dataset, create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import Dataset, Sampler, Subset
 from torchvision import transforms
+
+from .files import atomic_folder
 
 __all__ = ["ImageFiles", "EpochSampler", "image_dataset", "image_transform", "split_dataset", "class_map", "num_classes_of",
            "write_digits"]
@@ -179,17 +179,10 @@ def write_digits(root: str, size: int = 32, test_fraction: float = 0.2, seed: in
     images = (digits.images * (255 / 16)).round().astype(np.uint8)
     order = np.random.default_rng(seed).permutation(len(images))
     n_test = round(len(images) * test_fraction)
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".digits-", dir=parent)
-    try:
+    with atomic_folder(root) as tmp:
         for rank, index in enumerate(order):
             folder = os.path.join(tmp, "test" if rank < n_test else "train", str(digits.target[index]))
             os.makedirs(folder, exist_ok=True)
             image = Image.fromarray(images[index]).resize((size, size), Image.BILINEAR)
             image.save(os.path.join(folder, f"{index:04d}.png"))
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root

@@ -1,14 +1,134 @@
-"""Writing result files whole or not at all."""
+"""Writing files and folders whole or not at all, and one writer per output folder.
+
+A reader (or a resumed run) always finds a complete version: the new one once it is complete,
+the previous one until then. Files are written under a temporary name and renamed into place
+(:func:`atomic_file`). Folders (checkpoints, exports) are written under a temporary name, marked
+complete, then swapped in while the previous version waits aside (:func:`atomic_folder`); a kill
+at any moment of the swap leaves a complete version that :func:`recover_folder` puts back.
+"""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
-from typing import Any
+import shutil
+import tempfile
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+__all__ = ["atomic_file", "atomic_folder", "recover_folder", "write_json", "output_lock", "check_writable"]
+
+
+@contextmanager
+def atomic_file(path: str) -> Iterator[str]:
+    """Yield a temporary path beside ``path`` to write to; when the block ends without error it
+    replaces ``path`` in one rename, otherwise it is removed and ``path`` is untouched."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_json(path: str, obj: Any, **dump_kwargs: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically (a temporary file, then a rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, **dump_kwargs)
-    os.replace(tmp, path)
+
+
+def _aside(folder: str, kind: str) -> str:
+    parent, name = os.path.split(os.path.abspath(folder))
+    return os.path.join(parent, f".{name}.{kind}")
+
+
+@contextmanager
+def atomic_folder(folder: str) -> Iterator[str]:
+    """Yield a new temporary folder beside ``folder`` to fill; when the block ends without error it
+    takes ``folder``'s place. Order: the new folder is renamed ``.<name>.next`` (complete), the
+    current one ``.<name>.previous``, then ``.next`` becomes ``folder`` and ``.previous`` is deleted."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    recover_folder(folder)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.new-", dir=parent)
+    try:
+        yield tmp
+        complete, previous = _aside(folder, "next"), _aside(folder, "previous")
+        os.replace(tmp, complete)
+        if os.path.exists(folder):
+            os.replace(folder, previous)
+        os.replace(complete, folder)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def recover_folder(folder: str) -> Optional[str]:
+    """Put ``folder`` back in order after a writer was killed: if it is missing, the complete
+    ``.next`` (else the ``.previous``) version takes its place; unfinished or superseded versions
+    are deleted. Returns what was restored (a sentence), or None if nothing needed restoring."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    if not os.path.isdir(parent):
+        return None
+    restored = None
+    if not os.path.exists(folder):
+        for kind, what in (("next", "the new version, complete when the writer stopped"),
+                           ("previous", "the previous version; the new one was not complete")):
+            if os.path.isdir(_aside(folder, kind)):
+                os.replace(_aside(folder, kind), folder)
+                restored = f"restored {folder} from {what}"
+                break
+    for entry in os.listdir(parent):
+        if entry in (f".{name}.next", f".{name}.previous") or entry.startswith(f".{name}.new-"):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    return restored
+
+
+@contextmanager
+def output_lock(folder: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (created if needed) while the block runs: a second run
+    on the same folder is refused instead of overwriting this one's files. The operating system
+    releases the lock when the process ends, however it ends."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ".lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise FileExistsError(f"{folder!r} is in use by another run ({owner}); wait for it to end or choose "
+                                  f"another output folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_writable(folder: str, need_bytes: int = 0) -> None:
+    """Refuse an output folder that cannot be written (read-only, not a folder) or whose file
+    system has less than ``need_bytes`` free, before any work is done."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise FileExistsError(f"output folder {folder!r} is a file; expected a folder (or a path to create)")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"cannot write to output folder {folder!r} ({e.strerror}); choose a writable "
+                              f"--output-dir") from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise OSError(errno.ENOSPC, f"output folder {folder!r} has {free / 2 ** 20:.0f} MiB free, the run needs "
+                                    f"about {need_bytes / 2 ** 20:.0f} MiB; free some space or choose another "
+                                    f"--output-dir")

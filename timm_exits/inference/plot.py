@@ -1,8 +1,9 @@
 """Accuracy against cost: anytime points per exit and budgeted curves, as a PNG."""
 from __future__ import annotations
 
-import os
 from typing import Dict, Sequence, Tuple
+
+from ..files import atomic_file
 
 __all__ = ["plot_accuracy_vs_cost"]
 
@@ -36,7 +37,6 @@ def plot_accuracy_vs_cost(path: str, anytime: Dict[str, Curve], budgeted: Dict[s
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    tmp = f"{path}.tmp"
-    fig.savefig(tmp, format="png")
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
