@@ -1,5 +1,44 @@
 """Helpers shared by the test modules."""
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image
+
+TINY_MSDNET = "dict(name='msdnet_cifar_5exit', kwargs=dict(num_channels=4, growth_rate=2))"
+
+
+def make_image_folder(root: Path, classes=3, per_class=10, size=32, seed=0) -> Path:
+    """Real PNG files in ImageFolder layout; each class has its own mean colour, so it is learnable."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.normal(60 + 60 * c, 40, (size, size, 3)).clip(0, 255).astype("uint8")
+            Image.fromarray(img).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def tiny_data(root: Path) -> Path:
+    """train/: 3 classes x 16 PNGs (32 after holding out 16 with val_fraction 1/3), val/: 3 x 7 (an odd count)."""
+    make_image_folder(root / "train", per_class=16, seed=0)
+    make_image_folder(root / "val", per_class=7, seed=1)
+    return root
+
+
+def write_config(path: Path, data: Path, model: str = TINY_MSDNET, extra: str = "") -> Path:
+    """An engine config for the tiny data: 2 epochs of 4 batches of 8, evaluation at 32 px."""
+    path.write_text(f"""
+model = {model}
+data = dict(dir={str(data)!r}, val_fraction=1 / 3, input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+            crop_pct=1.0, augment=dict(scale=(0.7, 1.0), hflip=0.5, color_jitter=None), batch_size=8, eval_batch_size=8,
+            workers=0)
+optimizer = dict(opt='momentum', lr=0.05, momentum=0.9, weight_decay=1e-4)
+scheduler = dict(sched='cosine', warmup_epochs=0)
+train = dict(epochs=2, log_every=1)
+{extra}
+""")
+    return path
 
 
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

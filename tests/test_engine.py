@@ -15,35 +15,13 @@ from timm_exits.config import ConfigError, load_config, phase_configs, resolve_c
 from timm_exits.integrations.accelerate import run
 
 from launch import launch_two_processes
-from test_evaluate_cli import make_image_folder
+from helpers import TINY_MSDNET, tiny_data, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "recipes" / "train.py")
 
-TINY_MSDNET = "dict(name='msdnet_cifar_5exit', kwargs=dict(num_channels=4, growth_rate=2))"
 TINY_VIT = ("dict(name='vit_tiny_patch16_224_exits', kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=4, "
             "num_heads=2, exits=[0, 2]))")
-
-
-def tiny_data(root: Path) -> Path:
-    """train/: 3 classes x 16 PNGs (32 after holding out 16 with val_fraction 1/3), val/: 3 x 7 (an odd count)."""
-    make_image_folder(root / "train", per_class=16, seed=0)
-    make_image_folder(root / "val", per_class=7, seed=1)
-    return root
-
-
-def write_config(path: Path, data: Path, model: str = TINY_MSDNET, extra: str = "") -> Path:
-    path.write_text(f"""
-model = {model}
-data = dict(dir={str(data)!r}, val_fraction=1 / 3, input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-            crop_pct=1.0, augment=dict(scale=(0.7, 1.0), hflip=0.5, color_jitter=None), batch_size=8, eval_batch_size=8,
-            workers=0)
-optimizer = dict(opt='momentum', lr=0.05, momentum=0.9, weight_decay=1e-4)
-scheduler = dict(sched='cosine', warmup_epochs=0)
-train = dict(epochs=2, log_every=1)
-{extra}
-""")
-    return path
 
 
 def launch_one(*args, **env) -> subprocess.CompletedProcess:
@@ -213,13 +191,14 @@ def test_splits_in_tar_files(data, tmp_path):
     assert [e["top1"] for e in tars["exits"]] == [e["top1"] for e in folders["exits"]]
 
 
-def test_checkpoint_of_another_model_and_existing_output_are_refused(data, tmp_path):
+def test_a_checkpoint_of_another_model_is_refused(data, tmp_path):
     config = _config(data, tmp_path, train__epochs=1)
     run(config)
-    with pytest.raises(FileExistsError, match="pass --resume to continue that run"):
-        run(config)
     other = _config(data, tmp_path, train__epochs=1)
     other["model"] = dict(name="msdnet_cifar_7exit", kwargs=dict(num_channels=4, growth_rate=2))
+    with pytest.raises(ValueError, match="model.name: 'msdnet_cifar_5exit' -> 'msdnet_cifar_7exit'"):
+        run(other, resume=True)  # the run's config says so
+    (tmp_path / "out" / "run.json").unlink()  # a run without it (an older version): the checkpoint says so
     with pytest.raises(ValueError, match="is a checkpoint of 'msdnet_cifar_5exit', not of 'msdnet_cifar_7exit'"):
         run(other, resume=True)
 

@@ -17,7 +17,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
-__all__ = ["atomic_file", "atomic_folder", "recover_folder", "write_json", "output_lock", "check_writable"]
+__all__ = ["atomic_file", "atomic_folder", "recover_folder", "write_json", "OutputLock", "check_writable"]
 
 
 @contextmanager
@@ -88,31 +88,40 @@ def recover_folder(folder: str) -> Optional[str]:
     return restored
 
 
-@contextmanager
-def output_lock(folder: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` (created if needed) while the block runs: a second run
+class OutputLock:
+    """An exclusive lock on an output folder (created if needed), taken on creation: a second run
     on the same folder is refused instead of overwriting this one's files. The operating system
-    releases the lock when the process ends, however it ends."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, ".lock")
-    with open(path, "a+") as f:
+    releases it when the process ends, however it ends; :meth:`release` (or leaving a ``with``
+    block) releases it before."""
+
+    def __init__(self, folder: str):
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.file = folder, open(os.path.join(folder, ".lock"), "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            f.seek(0)
-            owner = f.read().strip() or "another process"
             raise FileExistsError(f"{folder!r} is in use by another run ({owner}); wait for it to end or choose "
                                   f"another output folder") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"process {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"process {os.getpid()}")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def check_writable(folder: str, need_bytes: int = 0) -> None:

@@ -17,6 +17,9 @@ reads an mmengine config (:mod:`timm_exits.config`) and, for each of its phases:
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
+import itertools
 import json
 import math
 import os
@@ -24,9 +27,11 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+import timm
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import (DistributedDataParallelKwargs, broadcast_object_list, gather_object,
+                               set_seed)
 from mmengine.config import DictAction
 from safetensors.torch import save_file
 from timm.data import Mixup, resolve_data_config
@@ -40,8 +45,8 @@ from tqdm import tqdm
 import timm_exits  # noqa: F401  (registers the models)
 from .. import profile as profiling
 from ..checkpoint import load_checkpoint, save_checkpoint, set_rng_state, rng_state, training_state
-from ..config import load_config, phase_configs
-from ..files import write_json
+from ..config import ConfigError, load_config, phase_configs
+from ..files import OutputLock, check_writable, recover_folder, write_json
 from ..data import (EpochSampler, ImageFiles, class_map, image_transform, num_classes_of, seeded_order,
                     write_digits)
 from ..inference.budgeted import IMTA_Q, REFERENCE_Q
@@ -124,12 +129,17 @@ def train_phase(
         name: str = "train",
         previous: Optional[str] = None,
         resume: bool = False,
+        extend: bool = False,
 ) -> Dict[str, Any]:
     """Train one phase of a config and evaluate it; returns the evaluation report. ``previous`` is
-    the weights file of the phase before (IMTA phase II starts from it)."""
+    the weights file of the phase before (IMTA phase II starts from it); ``extend``: the checkpoint
+    was made with fewer epochs, the run goes on with the schedule of the longer run."""
     train_cfg, technique = config["train"], config["technique"]
     checkpoint_dir = os.path.join(output_dir, "checkpoint")
     state: Dict[str, Any] = {"epoch": 0, "batch": 0, "updates": 0, "finished": False}
+    if accelerator.is_main_process and (restored := recover_folder(checkpoint_dir)):
+        accelerator.print(f"[{name}] {restored}")
+    accelerator.wait_for_everyone()
     if os.path.isdir(checkpoint_dir) and not resume:
         raise FileExistsError(f"{checkpoint_dir!r} exists: pass --resume to continue that run, or choose another "
                               f"--output-dir")
@@ -141,6 +151,8 @@ def train_phase(
     apply_switches(model, technique["gradient_equilibrium"], technique["deconfliction"])
     data_config = data.set_transforms(config, model)
     model.to(accelerator.device)
+    if accelerator.is_main_process:  # a checkpoint (weights, optimizer state, the previous one aside) and the weights
+        check_writable(output_dir, 8 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2 ** 26)
     optimizer = create_optimizer_v2(model, **config["optimizer"])
     sampler = EpochSampler(len(data.train), train_cfg["seed"])
     dc = config["data"]
@@ -169,15 +181,21 @@ def train_phase(
         accelerator.wait_for_everyone()
 
     if resume and os.path.isdir(checkpoint_dir):
-        saved = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, config["model"]["name"], restore_rng=False)
+        # a longer run has its own schedule: timm's schedulers are functions of the epoch and step,
+        # their saved state is their length (an extended run must not restore it)
+        saved = load_checkpoint(checkpoint_dir, model, optimizer, None if extend else scheduler, config["model"]["name"],
+                                restore_rng=False)
         state = {k: saved[k] for k in state}
+        if extend and state["epoch"] < epochs:
+            state["finished"] = False
         training = training_state(checkpoint_dir)
         rngs = training["rng_per_process"]
         set_rng_state(rngs[accelerator.process_index] if len(rngs) == accelerator.num_processes else rngs[0])
         step.load_state_dict(training)
         if ema is not None:
             ema.load_state_dict(training["ema"])
-        accelerator.print(f"[{name}] resumed from {checkpoint_dir}: epoch {state['epoch'] + 1}, batch {state['batch']}")
+        accelerator.print(f"[{name}] resumed from {checkpoint_dir}: epoch {state['epoch'] + 1}, batch {state['batch']}"
+                          + (f" (extended to {epochs} epochs)" if extend else ""))
     else:
         set_seed(train_cfg["seed"], device_specific=True)  # dropout and mixup differ between processes
 
@@ -338,52 +356,199 @@ def _evaluate(accelerator: Accelerator, model: nn.Module, data: _Data, data_conf
     return report
 
 
-def run(config: Dict[str, Any], resume: bool = False) -> List[Dict[str, Any]]:
+def run(config: Dict[str, Any], resume: bool = False, extend_epochs: bool = False) -> List[Dict[str, Any]]:
     """Every phase of a resolved config (see :func:`timm_exits.config.load_config`), in order;
-    returns their evaluation reports."""
+    returns their evaluation reports. ``resume`` continues the run in ``config['output_dir']``
+    (refusing a changed config, see :func:`resume_changes`; ``extend_epochs`` allows more epochs);
+    without it, a folder that holds a run is kept and this run writes to ``<output_dir>-1`` (-2, ...)."""
     runs = phase_configs(config)
+    for _, phase in runs:
+        check_factories(phase)
     train_cfg = config["train"]
     find_unused = any(c["technique"]["loss"] == "adn" for _, c in runs)  # the base-net skips blocks
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=train_cfg["mixed_precision"],
                               gradient_accumulation_steps=train_cfg["grad_accum_steps"],
                               log_with=config["tracker"], project_dir=config["output_dir"],
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
+    lock = None
     try:
+        if accelerator.is_main_process:
+            lock, extended = _claim_output_dir(accelerator, config, resume, extend_epochs)
+            folder = [lock.folder, extended]
+        else:
+            folder = [None, None]
+        output_dir, extended = broadcast_object_list(folder)
+        config = {**config, "output_dir": output_dir}
         if config["tracker"]:
+            accelerator.project_configuration.set_directories(output_dir)
             accelerator.init_trackers("tensorboard", config={"model": config["model"]["name"]})
         reports, previous = [], None
-        for name, phase in runs:
-            folder = config["output_dir"] if len(runs) == 1 else os.path.join(config["output_dir"], name)
-            reports.append(train_phase(accelerator, phase, folder, name, previous, resume))
+        for name, phase in phase_configs(config):
+            folder = output_dir if len(runs) == 1 else os.path.join(output_dir, name)
+            reports.append(train_phase(accelerator, phase, folder, name, previous, resume, name in extended))
             previous = os.path.join(folder, "model.safetensors")
         if accelerator.is_main_process:
-            path = os.path.join(config["output_dir"], "results.json")
+            path = os.path.join(output_dir, "results.json")
             write_json(path, {"config": config, "phases": reports}, default=str)
             accelerator.print(f"results of every phase: {path}")
         return reports
     finally:
         accelerator.end_training()  # also destroys the process group of a multi-process run
+        if lock is not None:
+            lock.release()
 
 
-def main(default_config: Optional[str] = None, argv: Optional[List[str]] = None) -> int:
-    """Command line of the recipes: ``CONFIG [--data-dir] [--output-dir] [--resume] [--cfg-options k=v ...]``."""
-    parser = argparse.ArgumentParser(description="Train a multi-exit model from an mmengine config with accelerate.")
+RUN_FILE = "run.json"  # the resolved config and the process count of the run in a folder
+SAFE_TO_CHANGE = ("data.dir", "data.workers", "data.eval_batch_size", "train.log_every", "train.checkpoint_every",
+                  "tracker", "output_dir", "evaluation.policy", "evaluation.q_grid", "evaluation.convention")
+
+
+def check_factories(config: Dict[str, Any]) -> None:
+    """Build the model (on the meta device: no memory, no weights), optimizer and scheduler of a
+    phase before any data is read, so a misspelt name or argument is an error at once."""
+    name = config["model"]["name"]
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise ConfigError(f"model.name {name!r} is not a timm model" +
+                          (f" (did you mean {' or '.join(map(repr, close))}?)" if close else
+                           "; see `timm-exits models` or timm.list_models()"))
+    steps = (("model.kwargs", lambda _: timm.create_model(name, **config["model"]["kwargs"])),
+             ("optimizer", lambda model: create_optimizer_v2(model, **config["optimizer"])),
+             ("scheduler", lambda optimizer: create_scheduler_v2(optimizer, num_epochs=config["train"]["epochs"],
+                                                                 updates_per_epoch=1, **config["scheduler"])))
+    built = None
+    with torch.device("meta"):
+        for section, build in steps:
+            try:
+                built = build(built)
+            except (TypeError, ValueError, KeyError, AssertionError) as e:
+                raise ConfigError(f"{section} {config[section] if section != 'model.kwargs' else config['model']['kwargs']!r} "
+                                  f"does not work for {name}: {e}") from None
+
+
+def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def resume_changes(saved: Dict[str, Any], config: Dict[str, Any]) -> Dict[str, List[str]]:
+    """What differs between a run's saved config and the config it is resumed with, per phase
+    (``{phase: ["key: old -> new", ...]}``), leaving out :data:`SAFE_TO_CHANGE`."""
+    normal = lambda c: json.loads(json.dumps(c, default=str))  # noqa: E731  (tuples as lists, as saved)
+    old, new = dict(phase_configs(normal(saved))), dict(phase_configs(normal(config)))
+    if list(old) != list(new):
+        return {"phases": [f"names: {list(old)} -> {list(new)}"]}
+    changes = {}
+    for name in old:
+        a, b = _flat(old[name]), _flat(new[name])
+        differ = [k for k in sorted(a.keys() | b.keys()) if a.get(k, "<unset>") != b.get(k, "<unset>")
+                  and k not in SAFE_TO_CHANGE]
+        if differ:
+            changes[name] = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in differ]
+    return changes
+
+
+def _holds_run(folder: str) -> bool:
+    return os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, f)) for f in (RUN_FILE, "results.json",
+                                                                                             "checkpoint"))
+
+
+def _claim_output_dir(accelerator: Accelerator, config: Dict[str, Any], resume: bool, extend_epochs: bool):
+    """Lock the run's output folder (the main process, for the whole run) and check a resumed run's
+    config; returns the lock and the phases whose epochs are extended."""
+    wanted = config["output_dir"]
+    for candidate in (wanted if i == 0 else f"{wanted}-{i}" for i in itertools.count()):
+        check_writable(candidate)
+        try:
+            lock = OutputLock(candidate)
+        except FileExistsError:
+            if resume:
+                raise
+            continue
+        if resume or not _holds_run(candidate):
+            break
+        lock.release()
+    if candidate != wanted:
+        accelerator.print(f"{wanted} holds another run (--resume continues it); this run writes to {candidate}")
+    run_file, extended = os.path.join(candidate, RUN_FILE), []
+    record = {"config": config, "processes": accelerator.num_processes}
+    if resume and os.path.isfile(run_file):
+        with open(run_file) as f:
+            saved = json.load(f)
+        if saved["processes"] != accelerator.num_processes:
+            raise ValueError(f"the run in {candidate} used {saved['processes']} processes, this one has "
+                             f"{accelerator.num_processes}: resume it with the same number (accelerate launch "
+                             f"--num_processes {saved['processes']}), or start a new run")
+        changes = resume_changes(saved["config"], config)
+        extended = _extensions(changes, saved["config"], config, candidate) if extend_epochs else []
+        changes = {phase: c for phase, c in changes.items() if phase not in extended}
+        if changes:
+            listed = "; ".join(f"phase {phase!r}: {', '.join(c)}" for phase, c in changes.items())
+            raise ValueError(f"--resume: the config differs from the one the run in {candidate} was started with "
+                             f"({listed}). Resume with the same config (only {', '.join(SAFE_TO_CHANGE)} may "
+                             f"change; more train.epochs with --extend-epochs), or start a new run")
+    elif resume and _holds_run(candidate):
+        accelerator.print(f"--resume: {candidate} has no {RUN_FILE} (a run of an older version): its config cannot "
+                          f"be checked; resuming with this one")
+    elif resume:
+        accelerator.print(f"--resume: {candidate} holds no run to continue; starting a fresh run")
+    write_json(run_file, record, default=str)
+    return lock, extended
+
+
+def _extensions(changes: Dict[str, List[str]], saved: Dict[str, Any], config: Dict[str, Any], folder: str) -> List[str]:
+    """The phases whose only change is more ``train.epochs`` (checked: no later phase has started
+    from their weights yet)."""
+    old, new = dict(phase_configs(saved)), dict(phase_configs(config))
+    names, extended = list(new), []
+    for name, change in changes.items():
+        if any(not c.startswith("train.epochs:") for c in change) or new[name]["train"]["epochs"] < old[name]["train"]["epochs"]:
+            continue
+        later = [n for n in names[names.index(name) + 1:] if os.path.isdir(os.path.join(folder, n, "checkpoint"))]
+        if later:
+            raise ValueError(f"--extend-epochs: phase {name!r} cannot train longer, phase {later[0]!r} already started "
+                             f"from its weights; extend the last phase only, or start a new run")
+        extended.append(name)
+    return extended
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, PermissionError)
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def main(default_config: Optional[str] = None, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
+    """Command line of the recipes: ``CONFIG [--data-dir] [--output-dir] [--resume [--extend-epochs]]
+    [--cfg-options k=v ...]``. A user mistake prints ``error: ...`` and returns 2."""
+    parser = argparse.ArgumentParser(prog=prog, description="Train a multi-exit model from an mmengine config with "
+                                                            "accelerate.")
     parser.add_argument("config", nargs="?" if default_config else None, default=default_config,
                         help="an mmengine config file (recipes/*.py or one inheriting them)")
     parser.add_argument("--data-dir", default=None, help="the data root (overrides data.dir)")
-    parser.add_argument("--output-dir", default=None, help="where checkpoints and results go (overrides output_dir)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir where it stopped")
+    parser.add_argument("--output-dir", default=None,
+                        help="where checkpoints and results go (overrides output_dir); if it holds another run, "
+                             "this one writes to <output-dir>-1 (-2, ...) unless --resume")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output-dir where it stopped (same config; "
+                             f"{', '.join(SAFE_TO_CHANGE)} may change)")
+    parser.add_argument("--extend-epochs", action="store_true",
+                        help="with --resume: allow more train.epochs than the run was started with (the run goes "
+                             "on with the learning-rate schedule of the longer run)")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
                         help="override config keys: train.epochs=3 optimizer.lr=0.05")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
+    if args.extend_epochs and not args.resume:
+        parser.error("--extend-epochs extends a run: use it with --resume")
     try:
         config = load_config(args.config, args.data_dir, args.output_dir, args.cfg_options)
         if args.print_config:
             print(json.dumps(config, indent=2, default=str))
             return 0
-        run(config, args.resume)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+        run(config, args.resume, args.extend_epochs)
+    except (*USER_ERRORS, OSError) as e:
+        if isinstance(e, OSError) and not isinstance(e, USER_ERRORS) and e.errno not in DISK_ERRORS:
+            raise
         # bad input: its message, not a traceback (in a multi-process run the launcher stops the others)
         print(f"error: {e}", file=sys.stderr)
         return 2

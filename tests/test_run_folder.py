@@ -1,0 +1,162 @@
+"""A run's output folder: one writer at a time, a re-run never overwrites an earlier run, a resumed
+run is the same run (a changed config is refused, more epochs only when asked, with the longer
+run's schedule), a checkpoint swap killed half-way is recovered, and mistakes fail before training."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from timm_exits.config import ConfigError, load_config
+from timm_exits.files import OutputLock, atomic_folder, recover_folder
+from timm_exits.integrations.accelerate import check_factories, main, run
+
+from helpers import tiny_data, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_data(tmp_path_factory.mktemp("runs") / "data")
+
+
+def _config(data: Path, tmp_path: Path, epochs: int = 1, **options) -> dict:
+    path = write_config(tmp_path / "c.py", data, extra=f"tracker = None\ntrain = dict(epochs={epochs}, log_every=1)")
+    return load_config(str(path), output_dir=str(tmp_path / "out"), cfg_options=options)
+
+
+def _state(folder: Path) -> dict:
+    return json.loads((folder / "checkpoint" / "state.json").read_text())
+
+
+def test_a_second_run_writes_beside_the_first_and_a_locked_folder_is_refused(data, tmp_path):
+    config = _config(data, tmp_path)
+    run(config)
+    first = (tmp_path / "out" / "model.safetensors").read_bytes()
+    run(config)  # the README's command run twice: the first run's files stay
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == first
+    assert (tmp_path / "out-1" / "results.json").is_file()
+    with OutputLock(str(tmp_path / "busy")):  # another run is writing there
+        with pytest.raises(FileExistsError, match="is in use by another run"):
+            run({**config, "output_dir": str(tmp_path / "busy")}, resume=True)
+        run({**config, "output_dir": str(tmp_path / "busy")})
+    assert (tmp_path / "busy-1" / "results.json").is_file() and not (tmp_path / "busy" / "results.json").exists()
+
+
+def test_resume_refuses_a_changed_config_and_lists_the_changes(data, tmp_path, capsys):
+    run(_config(data, tmp_path))
+    changed = _config(data, tmp_path, **{"optimizer.lr": 0.2, "data.batch_size": 4})
+    with pytest.raises(ValueError, match=r"optimizer.lr: 0.05 -> 0.2.*data.batch_size: 8 -> 4|data.batch_size: 8 -> 4"
+                                         r".*optimizer.lr: 0.05 -> 0.2"):
+        run(changed, resume=True)
+    with pytest.raises(ValueError, match=r"train.epochs: 1 -> 2.*more train.epochs with --extend-epochs"):
+        run(_config(data, tmp_path, epochs=2), resume=True)
+    before = _state(tmp_path / "out")
+    run(_config(data, tmp_path, **{"data.workers": 1, "train.log_every": 5}), resume=True)  # safe to change
+    assert _state(tmp_path / "out") == before  # a finished run: evaluated again, not trained
+    capsys.readouterr()
+    (tmp_path / "fresh").mkdir()
+    run(_config(data, tmp_path / "fresh"), resume=True)
+    assert "holds no run to continue; starting a fresh run" in capsys.readouterr().out
+
+
+def test_extending_epochs_continues_with_the_longer_schedule(data, tmp_path):
+    run(_config(data, tmp_path, epochs=2))
+    assert _state(tmp_path / "out")["epoch"] == 2
+    run(_config(data, tmp_path, epochs=3), resume=True, extend_epochs=True)
+    state = _state(tmp_path / "out")
+    assert state["epoch"] == 3 and state["finished"] and state["updates"] == 3 * 4
+    training = torch.load(tmp_path / "out" / "checkpoint" / "training.pt", weights_only=True)
+    # timm's cosine schedule over 3 epochs at epoch index 2: lr * (1 + cos(pi * 2 / 3)) / 2 (the
+    # restored 2-epoch schedule would give its minimum, 0, and train nothing)
+    lr = training["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(0.05 * (1 + math.cos(math.pi * 2 / 3)) / 2)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["train"]["epochs"] == 3
+
+
+_KILL_BETWEEN_RENAMES = """
+import os, signal, sys
+from timm_exits.config import load_config
+from timm_exits.integrations.accelerate import run
+replace = os.replace
+def replace_then_die(src, dst):
+    replace(src, dst)
+    if str(src).endswith(os.sep + "checkpoint") and ".checkpoint.previous" in str(dst):
+        os.kill(os.getpid(), signal.SIGKILL)  # the current checkpoint is aside, the new one not yet in place
+os.replace = replace_then_die
+run(load_config(sys.argv[1], output_dir=sys.argv[2]))
+"""
+
+
+def test_a_kill_between_the_checkpoint_renames_is_recovered(data, tmp_path, capsys):
+    config = write_config(tmp_path / "c.py", data, extra="tracker = None\ntrain = dict(epochs=2, checkpoint_every=1)")
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", _KILL_BETWEEN_RENAMES, str(config), str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "checkpoint").exists() and (out / ".checkpoint.next").is_dir()  # the state a kill leaves
+    run(load_config(str(config), output_dir=str(out)), resume=True)
+    printed = capsys.readouterr().out
+    assert "restored" in printed and "resumed from" in printed and "epoch 1, batch 2" in printed
+    assert _state(out)["finished"] and _state(out)["updates"] == 8
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".checkpoint")) == []
+
+
+def test_recover_folder_keeps_a_complete_version_whatever_the_moment_of_the_kill(tmp_path):
+    folder = tmp_path / "ckpt"
+    with atomic_folder(str(folder)) as tmp:
+        Path(tmp, "v").write_text("1")
+    # killed while writing the new version: the current one stays, the unfinished one goes
+    (tmp_path / ".ckpt.new-abc").mkdir()
+    assert recover_folder(str(folder)) is None and Path(folder, "v").read_text() == "1"
+    assert not (tmp_path / ".ckpt.new-abc").exists()
+    # killed after the current version went aside: the complete new one takes its place
+    os.rename(folder, tmp_path / ".ckpt.previous")
+    (tmp_path / ".ckpt.next").mkdir()
+    Path(tmp_path, ".ckpt.next", "v").write_text("2")
+    assert "new version" in recover_folder(str(folder)) and Path(folder, "v").read_text() == "2"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    # only the previous version survived: it comes back
+    os.rename(folder, tmp_path / ".ckpt.previous")
+    assert "previous version" in recover_folder(str(folder)) and Path(folder, "v").read_text() == "2"
+    # an error while writing leaves the current version and no temporary folder
+    with pytest.raises(RuntimeError):
+        with atomic_folder(str(folder)) as tmp:
+            Path(tmp, "v").write_text("3")
+            raise RuntimeError("disk full")
+    assert Path(folder, "v").read_text() == "2" and sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+@pytest.mark.parametrize("section, value, message", [
+    ("model", dict(name="msdnet_cifar_5exitt", kwargs={}), r"not a timm model \(did you mean 'msdnet_cifar_5exit'"),
+    ("model", dict(name="msdnet_cifar_5exit", kwargs=dict(growth=3)), r"model.kwargs.*unexpected keyword argument 'growth'"),
+    ("optimizer", dict(opt="sgd", lr=0.1, momentun=0.9), r"optimizer .*unexpected keyword argument 'momentun'"),
+    ("optimizer", dict(opt="sgdd", lr=0.1), r"optimizer .*sgdd not found"),
+    ("scheduler", dict(sched="cosin"), r"scheduler .*Unknown scheduler 'cosin'"),
+])
+def test_a_misspelt_model_optimizer_or_scheduler_is_refused_before_any_data_is_read(data, tmp_path, section, value,
+                                                                                      message):
+    config = {**_config(data, tmp_path), section: value}
+    with pytest.raises(ConfigError, match=message):
+        check_factories(config)
+    with pytest.raises(ConfigError, match=message):
+        run({**config, "data": {**config["data"], "dir": str(tmp_path / "no-data-here")}})  # the data is not read
+
+
+def test_unusable_output_folders_end_with_error_and_exit_code_2(data, tmp_path, capsys):
+    config = write_config(tmp_path / "c.py", data, extra="tracker = None")
+    (tmp_path / "a-file").write_text("")
+    assert main(argv=[str(config), "--output-dir", str(tmp_path / "a-file")]) == 2
+    assert "is a file; expected a folder" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "ro").mkdir(mode=0o500)
+        assert main(argv=[str(config), "--output-dir", str(tmp_path / "ro" / "out")]) == 2
+        assert "cannot write to output folder" in capsys.readouterr().err
+    assert main(argv=[str(config), "--output-dir", str(tmp_path / "x"), "--cfg-options", "train.epochs=ten"]) == 2
+    assert "train.epochs must be an integer >= 1, got 'ten'" in capsys.readouterr().err
