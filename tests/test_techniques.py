@@ -34,22 +34,28 @@ def _stage_params(model, i):
     return [p for u in units for p in u.parameters()]
 
 
+@pytest.mark.parametrize("training_tuple", [False, True], ids=["forward_exits", "training_mode_model_call"])
 @pytest.mark.parametrize("make", [_single_scale_msdnet, _resnet_with_exits])
-def test_gradient_equilibrium_averages_the_gradients_of_dependent_exits(make):
+def test_gradient_equilibrium_averages_the_gradients_of_dependent_exits(make, training_tuple):
+    """Over every exit (``forward_exits``), and over exits 1..k of a training-mode ``model(x)`` (timm's
+    training loop) with exit k active: there the k exits computed are the ones averaged."""
     model = make()
     x, y = torch.randn(4, 3, 8 if isinstance(model, MSDNet) else 32, 8 if isinstance(model, MSDNet) else 32,
                        dtype=torch.float64), torch.tensor([0, 1, 2, 0])
-    n = model.num_exits
+    if training_tuple:
+        model.train().set_exit(model.num_exits - 2)
+    n = model.num_exits - 1 if training_tuple else model.num_exits
     params = list(model.parameters())
     per_exit = []  # reference: gradient of each exit's loss alone, plain model
     for j in range(n):
         loss = F.cross_entropy(model.forward_exits(x)[j], y)
         per_exit.append(torch.autograd.grad(loss, params, allow_unused=True))
     model.gradient_equilibrium = True
-    outs = model.forward_exits(x)
+    outs = model(x) if training_tuple else model.forward_exits(x)
+    assert len(outs) == n
     with torch.no_grad():
         model.gradient_equilibrium = False
-        assert all(torch.equal(a, b) for a, b in zip(outs, model.forward_exits(x)))  # forward unchanged
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(outs, model.forward_exits(x)))  # forward unchanged
     ge = torch.autograd.grad(sum(F.cross_entropy(o, y) for o in outs), params, allow_unused=True)
     index = {id(p): k for k, p in enumerate(params)}
     for stage in range(n):
@@ -57,8 +63,7 @@ def test_gradient_equilibrium_averages_the_gradients_of_dependent_exits(make):
             k = index[id(p)]
             expected = sum(per_exit[j][k] for j in range(stage, n) if per_exit[j][k] is not None) / (n - stage)
             assert torch.allclose(ge[k], expected, atol=1e-12), (stage, p.shape)
-    head_params = model.exits if isinstance(model, MSDNet) else model.exits
-    for j, head in enumerate(head_params):
+    for j, head in enumerate(list(model.exits)[:n]):  # the heads of the exits computed
         for p in head.parameters():
             assert torch.allclose(ge[index[id(p)]], per_exit[j][index[id(p)]], atol=1e-12)
 

@@ -218,17 +218,6 @@ class BackboneWithExits(MultiExitModel):
             state = self.forward_stage(state, i)
         return state
 
-    def forward_train_outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """The logits of exits 1..k (k the active exit), computing each stage once: every stage first,
-        then the heads, so that a traced graph (torch.fx) ends with the exits' outputs, after every constant
-        the backbone creates (timm's FX tools locate output nodes by their position from the end)."""
-        state = self.forward_stem(x)
-        states = []
-        for i in range(self.exit_index + 1):
-            state = self.forward_stage(state, i)
-            states.append(state)
-        return tuple(self.forward_exit(s, i) for i, s in enumerate(states))
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The state after the active exit's stage (for the last exit: ``backbone.forward_features``)."""
         return self.forward_until(x, self.exit_index)

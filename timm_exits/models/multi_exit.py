@@ -113,11 +113,12 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
             return scale_grad(state, factor)
         return [self.scale_state_grad(s, factor) for s in state]
 
-    def forward_exits(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Logits of every exit, in order.
+    def forward_exits(self, x: torch.Tensor, last: Optional[int] = None) -> List[torch.Tensor]:
+        """Logits of every exit (or of exits 0..``last``), in order: every stage first, then the
+        heads, so that a traced graph (torch.fx) ends with the exits' outputs.
 
         Both switches change only the backward pass, at the branch points (the state after stage i,
-        0-based, of N exits, read by exit i and by stage i+1):
+        0-based, of the N exits computed, read by exit i and by stage i+1):
 
         * ``gradient_equilibrium`` (IMTA, ICCV 2019): exit i's gradient is scaled by 1/(N-i), the deeper
           network's by (N-i-1)/(N-i), so every stage receives the mean instead of the sum of the
@@ -126,9 +127,9 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
           network's conflict, each is projected onto the normal plane of the other (``"protect_deeper"``:
           only exit i's) before they are added; see :mod:`timm_exits.train.deconfliction`.
         """
+        n = self.num_exits if last is None else last + 1
         state = self.forward_stem(x)
-        logits = []
-        n = self.num_exits
+        head_inputs = []
         for i in range(n):
             state = self.forward_stage(state, i)
             head_in = state
@@ -138,8 +139,8 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
                 if self.gradient_equilibrium:
                     head_in = self.scale_state_grad(head_in, 1.0 / (n - i))
                     state = self.scale_state_grad(state, (n - i - 1) / (n - i))
-            logits.append(self.forward_exit(head_in, i))
-        return logits
+            head_inputs.append(head_in)
+        return [self.forward_exit(h, i) for i, h in enumerate(head_inputs)]
 
     def _deconflict(self, state: State):
         from ..train.deconfliction import deconflict_branch  # train/ builds on models/
@@ -171,14 +172,11 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
         """
         self.multi_exit_training = enable
 
+    @torch.jit.unused
     def forward_train_outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """The logits of exits 1..k (k the active exit), computing each stage once."""
-        state = self.forward_stem(x)
-        logits = []
-        for i in range(self.exit_index + 1):
-            state = self.forward_stage(state, i)
-            logits.append(self.forward_exit(state, i))
-        return tuple(logits)
+        """The logits of exits 1..k (k the active exit), computing each stage once, with the training
+        switches of :meth:`forward_exits` (over those k exits)."""
+        return tuple(self.forward_exits(x, self.exit_index))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # a scripted model returns one tensor
