@@ -60,7 +60,8 @@ class IMTAModel(MultiExitModel):
         return self
 
     def forward_stem(self, x: torch.Tensor) -> list:
-        return [self.backbone.forward_stem(x), x.new_zeros(x.shape[0], 0)]
+        """The state: [frozen network's state, previous head's logits, frozen exit's pooled feature]."""
+        return [self.backbone.forward_stem(x), x.new_zeros(x.shape[0], 0), x.new_zeros(x.shape[0], 0)]
 
     def _head(self, feature: torch.Tensor, previous: torch.Tensor, index: int) -> torch.Tensor:
         if index > 0 and self.isc_mode:
@@ -71,7 +72,7 @@ class IMTAModel(MultiExitModel):
     def forward_stage(self, state: list, index: int) -> list:
         inner = self.backbone.forward_stage(state[0], index)
         feature = self.backbone.forward_exit(inner, index, pre_logits=True)
-        return [inner, self._head(feature, state[1], index)]
+        return [inner, self._head(feature, state[1], index), feature]
 
     def forward_exit(self, state: list, index: int, pre_logits: bool = False) -> torch.Tensor:
         if pre_logits:
@@ -82,13 +83,10 @@ class IMTAModel(MultiExitModel):
         """New heads' logits for every exit, and the teacher: the frozen final exit's logits, from the
         pooled feature already computed (the frozen head runs once per step, as in the reference, so
         its batch norms take one running-statistics update)."""
-        inner, previous = self.forward_stem(x)
-        logits = []
+        state, logits = self.forward_stem(x), []
         for i in range(self.num_exits):
-            inner = self.backbone.forward_stage(inner, i)
-            feature = self.backbone.forward_exit(inner, i, pre_logits=True)
-            previous = self._head(feature, previous, i)
-            logits.append(previous)
+            state = self.forward_stage(state, i)
+            logits.append(state[1])
         with torch.no_grad():
-            teacher = self.backbone.get_classifier()(feature)
+            teacher = self.backbone.get_classifier()(state[2])
         return logits, teacher
