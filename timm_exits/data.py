@@ -1,5 +1,9 @@
 """Image datasets through timm's readers (ImageFolder layout or a tar of it), with clear errors.
 
+A dataset is checked when it is built, so a data mistake ends a run before its first step: the
+layout (``<root>/<class>/<image>``, at least two classes) and every file's header, all offending
+files named in one error. 16-bit grayscale PNGs are scaled to 8 bits, not clipped.
+
 Every sample is transformed under its own seed (the dataset's seed, the epoch and the sample
 index), so augmentation does not depend on the number of processes or loader workers, nor on
 where a resumed run starts: a run killed mid-epoch and resumed sees the same images.
