@@ -1,5 +1,9 @@
 """Image datasets through timm's readers (ImageFolder layout or a tar of it), with clear errors.
 
+A dataset is checked when it is built, so a data mistake ends a run before its first step: the
+layout (``<root>/<class>/<image>``, at least two classes) and every file's header, all offending
+files named in one error. 16-bit grayscale PNGs are scaled to 8 bits, not clipped.
+
 Every sample is transformed under its own seed (the dataset's seed, the epoch and the sample
 index), so augmentation does not depend on the number of processes or loader workers, nor on
 where a resumed run starts: a run killed mid-epoch and resumed sees the same images.
@@ -9,36 +13,200 @@ from __future__ import annotations
 import copy
 import os
 import random
+import tarfile
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
-from timm.data import create_dataset, create_transform, resolve_data_config
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform, resolve_data_config
+from timm.data.readers import create_reader
+from timm.data.readers.img_extensions import get_img_extensions
+from timm.data.readers.reader import Reader
 from torch import nn
 from torch.utils.data import Dataset, Sampler, Subset
 from torchvision import transforms
 
 from .files import atomic_folder
 
-__all__ = ["ImageFiles", "EpochSampler", "image_dataset", "image_transform", "split_dataset", "class_map", "num_classes_of",
-           "write_digits"]
+__all__ = ["ImageFiles", "EpochSampler", "open_image", "image_dataset", "image_transform", "split_dataset", "class_map",
+           "num_classes_of", "write_digits"]
 
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+_EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_LAYOUT = "<root>/<class>/<image>"
+_SHOWN = 5  # offending files or folders named in an error message, then a count
 
 
-def _check_folder(root: str) -> None:
+def _listing(items: List[str]) -> str:
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return ", ".join(items[:_SHOWN]) + more
+
+
+def _files(items: List[str]) -> str:
+    return "files" if len(items) > 1 else "file"
+
+
+def _is_sixteen_bit(image: Image.Image) -> bool:
+    # 16-bit grayscale PNGs open as 'I;16' (or 'I' in older Pillow; a PNG holds no 32-bit integers)
+    return image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG")
+
+
+def open_image(file, mode: str = "RGB") -> Image.Image:
+    """A decoded image in ``mode``; 16-bit grayscale is scaled to 8 bits (value / 257, rounded)
+    first, where PIL's ``convert`` would saturate every value above 255."""
+    image = Image.open(file)
+    if _is_sixteen_bit(image):
+        values = np.asarray(image).astype(np.float64) / 257
+        image = Image.fromarray(np.rint(values).clip(0, 255).astype(np.uint8), "L")
+    return image.convert(mode)
+
+
+def _check_root(root: str) -> None:
+    """``root`` is a folder or a .tar file."""
     if not os.path.exists(root):
-        raise FileNotFoundError(f"data folder {root!r} does not exist; expected an ImageFolder layout "
-                                f"(<root>/<class>/<image>) or a .tar of one")
+        parent = os.path.dirname(os.path.abspath(root))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        why = f": {parent!r} is a file" if os.path.isfile(parent) else ""
+        raise FileNotFoundError(f"data folder {root!r} does not exist{why}; expected an ImageFolder layout "
+                                f"({_LAYOUT}) or a .tar of one")
+    if os.path.isfile(root) and os.path.splitext(root)[1] != ".tar":  # timm reads only .tar files
+        raise ValueError(f"{root!r} is a file; expected a folder in ImageFolder layout ({_LAYOUT}) or a .tar of one")
+
+
+def _scan(path: str) -> List[os.DirEntry]:
+    try:
+        with os.scandir(path) as entries:
+            return sorted(entries, key=lambda e: e.name)
+    except OSError as e:
+        raise ValueError(f"cannot list the data folder {path!r}: {e.strerror}") from None
+
+
+def _check_folder_layout(root: str) -> None:
+    """Images only in ``<root>/<class>/``: none loose in ``root``, none in folders inside a class
+    folder (timm names a class by the innermost folder), no symlink loops (timm's reader follows
+    links), and at least one class folder of images."""
+    loose, nested, loops, classes = [], [], [], 0
+    extensions = get_img_extensions()
+
+    def walk(folder: str, depth: int, above: Tuple[str, ...]) -> bool:
+        nonlocal classes
+        entries = _scan(folder)
+        images = [e.name for e in entries if e.name.lower().endswith(extensions) and e.is_file()]
+        found = bool(images)
+        for entry in (e for e in entries if e.is_dir()):
+            name, real = os.path.relpath(entry.path, root), os.path.realpath(entry.path)
+            if real in above:
+                loops.append(f"{name} -> {os.readlink(entry.path)}")
+            elif walk(entry.path, depth + 1, above + (real,)):
+                found = True
+                nested.extend([name] if depth == 1 else [])
+        if depth == 0:
+            loose.extend(images)
+        elif depth == 1:
+            classes += bool(images)
+        return found
+
+    walk(root, 0, (os.path.realpath(root),))
+    splits = f" ({root!r} looks like a folder of splits: pass one of them, such as {nested[0].split(os.sep)[0]!r})" \
+        if nested and not classes else ""
+    _raise_layout_problems(root, loose, nested, loops, splits)
+    if not classes:
+        raise ValueError(f"data folder {root!r} holds no images in class folders; expected {_LAYOUT} with "
+                         f"one of {', '.join(extensions)}")
+
+
+def _check_tar_layout(root: str, reader) -> None:
+    """The folders of a tar's images: ``<class>/<image>``, under one common folder if any (such as
+    ``train/``); a tar of tars counts each inner tar as a folder."""
+    paths = [os.path.normpath(os.path.join(os.path.splitext(inner.name)[0] if inner is not None else "", member.path))
+             for member, _, inner in reader.samples]
+    folders = sorted({os.path.dirname(p) for p in paths})
+    top = min((os.path.dirname(f) for f in folders), key=lambda f: (f.count("/"), f))
+    loose = [p for p in paths if os.path.dirname(p) == top]
+    nested = [f for f in folders if f != top and os.path.dirname(f) != top]
+    _raise_layout_problems(root, loose, nested, [])
+
+
+def _raise_layout_problems(root: str, loose: List[str], nested: List[str], loops: List[str], hint: str = "") -> None:
+    problems = []
+    if loops:
+        problems.append(f"symbolic links to a folder holding them (a loop): {_listing(loops)}; remove them")
+    if nested:
+        problems.append(f"images in folders inside a class folder: {_listing(nested)} (timm would read each as a "
+                        f"class of its own name); move the images up into their class folder")
+    if loose:
+        problems.append(f"images outside a class folder: {_listing(loose)}; move them into their class folder")
+    if problems:
+        raise ValueError(f"{root!r} is not in the layout {_LAYOUT}: " + "; ".join(problems) + hint)
+
+
+def _read_layout(root: str) -> Reader:
+    """timm's reader of ``root`` (an ImageFolder or a .tar of one), after checking the layout:
+    class folders of images, at least two."""
+    _check_root(root)
     if os.path.isdir(root):
-        classes = [d for d in os.scandir(root) if d.is_dir()]
-        has_images = any(f.name.lower().endswith(_IMAGE_EXTENSIONS)
-                         for d in classes for f in os.scandir(d.path) if f.is_file())
-        if not classes or not has_images:
-            raise ValueError(f"data folder {root!r} holds no images in class folders; expected "
-                             f"<root>/<class>/<image> with one of {', '.join(_IMAGE_EXTENSIONS)}")
+        _check_folder_layout(root)
+        reader = create_reader("", root=root)
+    else:
+        try:
+            reader = create_reader("", root=root)
+        except (tarfile.TarError, ValueError) as e:  # timm's reader fails on a tar without images with a ValueError
+            raise ValueError(f"cannot read {root!r} as a tar of {_LAYOUT} with {', '.join(get_img_extensions())} "
+                             f"images ({e})") from None
+        _check_tar_layout(root, reader)
+    classes = list(getattr(reader, "class_to_idx", None) or reader.class_name_to_idx)
+    if len(classes) < 2:
+        raise ValueError(f"{root!r} holds images of one class ({classes[0]!r}); a classifier needs at least 2: "
+                         f"expected {_LAYOUT} with a folder per class")
+    return reader
+
+
+def _file_problem(file, decode: bool) -> Optional[Tuple[str, str]]:
+    """What is wrong with one image file, as (kind, reason), or None: its header (and PNG
+    checksums) or, with ``decode``, the whole image."""
+    try:
+        with file, Image.open(file) as image:
+            if image.mode not in _EIGHT_BIT_MODES and not _is_sixteen_bit(image):
+                return "mode", f"mode {image.mode!r}"
+            if decode:
+                image.load()
+            else:
+                image.verify()
+    except Image.DecompressionBombError as e:
+        return "too large", str(e)
+    except UnidentifiedImageError:
+        return "unreadable", "not an image PIL can identify"
+    except Exception as e:  # noqa: BLE001  (whatever a broken file makes PIL raise: OSError, SyntaxError, ...)
+        return "unreadable", str(e)
+    return None
+
+
+def _check_files(reader: Reader, root: str, decode: bool = False) -> None:
+    """Every file of ``reader`` is readable, within PIL's size limit and in a mode
+    :func:`open_image` converts; all offending files in one error."""
+    found = {"unreadable": [], "too large": [], "mode": []}
+    for index in range(len(reader)):
+        problem = _file_problem(reader[index][0], decode)
+        if problem is not None:
+            found[problem[0]].append(f"{reader.filename(index)} ({problem[1]})")
+    unreadable, too_large, modes = found.values()
+    problems = []
+    if unreadable:
+        problems.append(f"cannot read image {_files(unreadable)} of {root!r}: {_listing(unreadable)}; replace or "
+                        f"remove the {_files(unreadable)}")
+    if too_large:
+        problems.append(f"image {_files(too_large)} of {root!r} above PIL's size limit (a guard against "
+                        f"decompression bombs): {_listing(too_large)}; if intended, raise PIL.Image.MAX_IMAGE_PIXELS "
+                        f"(None lifts the limit) before the dataset is built, otherwise downscale the "
+                        f"{_files(too_large)}")
+    if modes:
+        problems.append(f"image {_files(modes)} of {root!r} in a mode that cannot be converted: {_listing(modes)}; "
+                        f"save the {_files(modes)} as 8-bit (L, RGB, RGBA, P) or 16-bit grayscale PNG")
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 @contextmanager
@@ -57,16 +225,25 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 class ImageFiles(Dataset):
-    """Images and class indices from timm's reader (a folder or a tar), decoded with PIL in
-    ``img_mode`` and transformed under a per-sample seed (see the module docstring).
+    """Images and class indices from timm's reader (a folder or a tar), decoded with
+    :func:`open_image` in ``img_mode`` and transformed under a per-sample seed (see the module
+    docstring).
 
-    A file that cannot be decoded is an error naming it (timm's own dataset skips it silently).
+    The layout is checked when the dataset is built (class folders of images, at least two), and
+    with ``check_files`` every file's header too (readable, within PIL's size limit, a mode we
+    convert), or with ``check_files='decode'`` every image decoded: all offending files in one
+    error, before any training. A file that fails later is an error naming it (timm's own dataset
+    skips it silently).
     """
 
-    def __init__(self, root: str, transform: Optional[Callable] = None, img_mode: str = "RGB", seed: int = 0):
-        _check_folder(root)
+    def __init__(self, root: str, transform: Optional[Callable] = None, img_mode: str = "RGB", seed: int = 0,
+                 check_files: Union[bool, str] = True):
+        if check_files not in (True, False, "decode"):
+            raise ValueError(f"check_files must be True (headers), 'decode' or False, got {check_files!r}")
         self.root, self.transform, self.img_mode, self.seed = root, transform, img_mode, seed
-        self.reader = create_dataset("", root=root).reader
+        self.reader = _read_layout(root)
+        if check_files:
+            _check_files(self.reader, root, decode=check_files == "decode")
         self.epoch = 0
 
     def with_transform(self, transform: Optional[Callable]) -> "ImageFiles":
@@ -84,8 +261,9 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         file, target = self.reader[index]
         try:
-            image = Image.open(file).convert(self.img_mode)
-        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            with file:
+                image = open_image(file, self.img_mode)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # OSError: unidentified or truncated files
             name = self.reader.filename(index, absolute=True)
             raise ValueError(f"cannot read image {name!r} of {self.root!r} ({e}); replace or remove the file") from None
         if self.transform is None:
@@ -129,13 +307,13 @@ def image_transform(config: dict, train: bool = False, kind: str = "timm", **aug
 
 
 def image_dataset(root: str, model: Optional[nn.Module] = None, train: bool = False, config: Optional[dict] = None,
-                  **transform_kwargs) -> ImageFiles:
+                  check_files: Union[bool, str] = True, **transform_kwargs) -> ImageFiles:
     """An ImageFolder (or tar) dataset with the model's preprocessing (timm's ``resolve_data_config``)
-    or the given data ``config`` (``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``)."""
-    _check_folder(root)
+    or the given data ``config`` (``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``);
+    ``check_files`` as in :class:`ImageFiles`."""
     if config is None:
         config = resolve_data_config({}, model=model) if model is not None else {}
-    return ImageFiles(root, image_transform(config, train, **transform_kwargs))
+    return ImageFiles(root, image_transform(config, train, **transform_kwargs), check_files=check_files)
 
 
 def class_map(dataset: Dataset) -> dict:
