@@ -176,6 +176,13 @@ def test_data_errors_are_explained(data, tmp_path):
     (corrupt / "train" / "class1" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(ValueError, match="cannot read image .*class1/3.png.*replace or remove the file"):
         run(_config(corrupt, tmp_path, data__dir=str(corrupt)))
+    held_out = tiny_data(tmp_path / "held-out")  # a corrupt file in the test split: refused before training
+    (held_out / "val" / "class2" / "5.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ValueError, match="class2/5.png"):
+        run(_config(held_out, tmp_path, data__dir=str(held_out), output_dir=str(tmp_path / "held-out-run")))
+    assert not (tmp_path / "held-out-run" / "checkpoint").exists()
+    with pytest.raises(ConfigError, match="data.check_files must be True, False or 'decode'"):
+        run(_config(data, tmp_path, data__check_files="yes"))
 
 
 def test_splits_in_tar_files(data, tmp_path):

@@ -36,6 +36,7 @@ DEFAULTS: Dict[str, Any] = dict(
         batch_size=64,        # per process
         eval_batch_size=256,
         workers=2,
+        check_files=True,     # before training, open every file's header (True), decode every image ('decode'), or not (False)
     ),
     mixup=dict(mixup_alpha=0.0, cutmix_alpha=0.0, cutmix_minmax=None, prob=1.0, switch_prob=0.5, mode="batch"),
     optimizer=dict(opt="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4),
@@ -107,6 +108,8 @@ _PHASE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 def _check_values(config: Dict[str, Any], where: str = "") -> None:
     """Numbers of the right type and range (a negative fraction would silently invert a split)."""
+    if config["data"]["check_files"] not in (True, False, "decode"):
+        raise ConfigError(f"{where}data.check_files must be True, False or 'decode', got {config['data']['check_files']!r}")
     for key, (kind, low, high, high_included) in _RANGES.items():
         section, leaf = key.split(".")
         value = config[section][leaf]

@@ -73,8 +73,9 @@ class _Data:
                 raise ValueError(f"data.embedded must be one of {list(EMBEDDED)} or None, got {data['embedded']!r}")
             with accelerator.main_process_first():
                 EMBEDDED[data["embedded"]](data["dir"])
-        seed, mode = config["train"]["seed"], data["img_mode"]
-        self.train_files = ImageFiles(self._split(data["dir"], data["train_split"]), img_mode=mode, seed=seed)
+        seed, mode, check = config["train"]["seed"], data["img_mode"], data["check_files"]
+        self.train_files = ImageFiles(self._split(data["dir"], data["train_split"]), img_mode=mode, seed=seed,
+                                      check_files=check)
         self.held_out_files = self.train_files.with_transform(None)  # the same files, not augmented
         self.num_classes = num_classes_of(self.train_files)
         # one seeded order of the training split: [test (if held out)] [validation] [training]
@@ -91,7 +92,8 @@ class _Data:
         if data["test_split"] is None:
             self.test = Subset(self.held_out_files, order[:n_test])
         else:
-            self.test = ImageFiles(self._split(data["dir"], data["test_split"]), img_mode=mode, seed=seed)
+            self.test = ImageFiles(self._split(data["dir"], data["test_split"]), img_mode=mode, seed=seed,
+                                   check_files=check)
             if class_map(self.test) != class_map(self.train_files):
                 raise ValueError(f"the class folders of {self.test.root!r} differ from those of {self.train_files.root!r}")
 
