@@ -265,3 +265,21 @@ def test_cli_imports_nothing_heavy_for_help_and_every_option_is_explained():
     for sub in parser._subparsers._group_actions[0].choices.values():
         for action in sub._actions:
             assert action.help, f"{sub.prog} {action.dest} has no help text"
+
+
+def test_a_stored_config_is_parsed_never_executed(tmp_path):
+    """meta['cfg'] is Python text: only literal values are read; code in it does not run."""
+    from timm_exits.integrations.mmengine import load_checkpoint_model
+
+    marker = tmp_path / "ran"
+    model = timm.create_model("msdnet_cifar_5exit", num_classes=3, num_channels=4, growth_rate=2)
+    cfg = (f"model = dict(type='MultiExitClassifier', model=__import__('pathlib').Path({str(marker)!r}).touch())\n"
+           "val_dataloader = dict(dataset=dict(data_config=dict(input_size=(3, 32, 32), mean=(0.1, 0.2, 0.3))))\n")
+    torch.save({"meta": {"cfg": cfg}, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
+               tmp_path / "epoch_1.pth")
+    with pytest.raises(ValueError, match="stores no config naming its model"):
+        load_checkpoint_model(str(tmp_path / "epoch_1.pth"))
+    assert not marker.exists()
+    loaded, data_config, _ = load_checkpoint_model(str(tmp_path / "epoch_1.pth"), "msdnet_cifar_5exit",
+                                                   dict(num_classes=3, num_channels=4, growth_rate=2))
+    assert data_config == {"input_size": (3, 32, 32), "mean": (0.1, 0.2, 0.3)} and not loaded.training

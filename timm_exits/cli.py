@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -168,8 +169,6 @@ def _named_model(args: argparse.Namespace, num_classes: int, given: dict):
 def _saved_model(args: argparse.Namespace, given: dict):
     """A model folder, a weights file with config.json beside it, or an mmengine checkpoint of
     MultiExitClassifier: architecture, classes and preprocessing come from the file(s)."""
-    import os
-
     from timm.data import resolve_data_config
 
     from .model_folder import CONFIG_FILE, load_model_folder, read_model_config
@@ -189,8 +188,6 @@ def _saved_model(args: argparse.Namespace, given: dict):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import os
-
     from torch.utils.data import DataLoader
 
     from . import profile as profiling
