@@ -66,6 +66,7 @@ def test_evaluate_writes_tables_json_plot_and_thresholds(setup):
     assert [e["top1"] for e in report["exits"]] == pytest.approx(anytime_accuracy(test)["top1"])
     thresholds = Thresholds.load(str(out / "thresholds.json"), model="msdnet_cifar_5exit", num_exits=5)
     assert thresholds.costs == costs and "validation" in thresholds.note
+    assert thresholds.input_size == [3, 32, 32]  # the size the costs are for
 
 
 def test_evaluate_errors_are_explained(setup, tmp_path):

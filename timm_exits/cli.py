@@ -2,26 +2,32 @@
 
     timm-exits profile MODEL [--json] [--convention macs|msdnet|macs_norm] [--depth TTFF] [--num-classes N]
                        [--input-size C H W]
-    timm-exits evaluate MODEL --data-dir DIR [--checkpoint F] [--val-dir DIR | --val-fraction F] [--output DIR]
+    timm-exits evaluate MODEL|FOLDER|WEIGHTS|CHECKPOINT --data-dir DIR [--checkpoint F] [--val-dir DIR | --val-fraction F]
+                        [--input-size C H W] [--mean ..] [--std ..] [--crop-pct F] [--interpolation I] [--output DIR]
+    timm-exits convert CHECKPOINT OUTPUT_FOLDER [--model NAME] [--model-kwargs K=V ..] [--input-size C H W] ...
     timm-exits models [--markdown]
     timm-exits train CONFIG [--data-dir DIR] [--output-dir DIR] [--resume] [--cfg-options k=v ...]
         (``accelerate launch -m timm_exits.cli train CONFIG ...`` for several processes)
+
+torch, timm and the models are imported by the commands that use them, not by ``--help``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
-import timm
-import torch
-
-from . import profile as profiling
-from .catalogue import families, load_catalogue
+CONVENTIONS = ("macs", "msdnet", "macs_norm")  # timm_exits.profile.CONVENTIONS, named here without importing torch
 
 
 def _profile(args: argparse.Namespace) -> int:
+    import timm
+    import torch
+
+    from . import profile as profiling
+
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     if args.model not in timm.list_models():
         raise SystemExit(f"unknown model {args.model!r}; see `timm-exits models` or timm.list_models()")
@@ -53,6 +59,8 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _msdnet_rows(variants: dict) -> List[str]:
+    import timm
+
     rows = ["| model | exits | input | classes | params (M) | MMACs per exit (cumulative) |", "|---|---|---|---|---|---|"]
     for name, v in variants.items():
         e, cfg = v["expected"], timm.models.get_pretrained_cfg(name)
@@ -63,6 +71,9 @@ def _msdnet_rows(variants: dict) -> List[str]:
 
 
 def _exits_rows(variants: dict) -> List[str]:
+    import timm
+    import torch
+
     rows = ["| model | backbone | exits after units | params (M) | GMACs per exit (cumulative) |", "|---|---|---|---|---|"]
     for name, v in variants.items():
         e = v["expected"]
@@ -89,10 +100,14 @@ _TABLES = {"msdnet": _msdnet_rows, "exits": _exits_rows, "adn": _adn_rows}
 
 def models_table(family: str) -> str:
     """Markdown table of a catalogued family (the README's model tables)."""
+    from .catalogue import load_catalogue
+
     return "\n".join(_TABLES[family](load_catalogue(family)["variants"]))
 
 
 def _models(args: argparse.Namespace) -> int:
+    from .catalogue import families, load_catalogue
+
     if args.markdown:
         print("\n\n".join(models_table(f) for f in families()))
     else:
@@ -114,34 +129,93 @@ def _parse_kwargs(items: Optional[List[str]]) -> dict:
     return out
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
+_DATA_FLAGS = ("input_size", "mean", "std", "crop_pct", "interpolation")
+_IMAGE_MODES = {1: "L", 3: "RGB"}
 
+
+def _data_overrides(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in _DATA_FLAGS if getattr(args, k) is not None}
+
+
+def _named_model(args: argparse.Namespace, num_classes: int, given: dict):
+    """A registered model name (with ``--checkpoint``): timm loads the file, as ``create_model`` does."""
+    import timm
     from timm.data import resolve_data_config
 
-    from .data import image_dataset, image_transform, num_classes_of, split_dataset
-    from .inference import IMTA_Q, REFERENCE_Q, Thresholds, collect_outputs, thresholds_for_accuracy, thresholds_for_cost
-    from .inference.report import evaluation_report, format_report, write_report
-
     if args.model not in timm.list_models():
-        raise ValueError(f"unknown model {args.model!r}; see `timm-exits models` or timm.list_models()")
-    test_set = image_dataset(args.data_dir)
-    num_classes = num_classes_of(test_set)
+        raise ValueError(f"unknown model {args.model!r}: expected a timm model name (see `timm-exits models`), a model "
+                         f"folder, or a weights file with config.json beside it")
     kwargs = {"num_classes": num_classes, **_parse_kwargs(args.model_kwargs)}
-    if args.checkpoint:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint, num_classes=num_classes))
+    cfg = timm.models.get_pretrained_cfg(args.model)
+    if "input_size" in given:
+        kwargs["in_chans"] = given["input_size"][0]
+        if cfg.fixed_input_size:
+            kwargs["img_size"] = tuple(given["input_size"][1:])
+    if kwargs.get("in_chans") not in (None, cfg.input_size[0]):
+        given.setdefault("input_size", (kwargs["in_chans"], *cfg.input_size[1:]))
+    if args.checkpoint:  # the file's classes and channels are the model's, not the default cfg's
+        overlay = dict(file=args.checkpoint, num_classes=kwargs["num_classes"],
+                       input_size=(kwargs.get("in_chans", cfg.input_size[0]), *cfg.input_size[1:]))
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
     else:
         print("warning: no --checkpoint, evaluating randomly initialised weights", file=sys.stderr)
     try:
-        model = timm.create_model(args.model, **kwargs).eval()
+        model = timm.create_model(args.model, **kwargs)
     except RuntimeError as e:  # torch's load_state_dict: missing / unexpected keys, size mismatches
-        raise ValueError(f"{args.checkpoint} does not fit {args.model} with {num_classes} classes (the class "
-                         f"folders of --data-dir): {e}") from None
+        raise ValueError(f"{args.checkpoint} does not fit {args.model} with {kwargs['num_classes']} classes: {e}") from None
+    return model, resolve_data_config(given, model=model), args.model
+
+
+def _saved_model(args: argparse.Namespace, given: dict):
+    """A model folder, a weights file with config.json beside it, or an mmengine checkpoint of
+    MultiExitClassifier: architecture, classes and preprocessing come from the file(s)."""
+    from timm.data import resolve_data_config
+
+    from .model_folder import CONFIG_FILE, load_model_folder, read_model_config
+
+    if args.checkpoint:
+        raise ValueError(f"--checkpoint goes with a model name; {args.model!r} is a path, its own weights are evaluated")
+    kwargs = _parse_kwargs(args.model_kwargs)
+    beside = os.path.dirname(args.model) or "."
+    if os.path.isfile(args.model) and not os.path.isfile(os.path.join(beside, CONFIG_FILE)) and \
+            args.model.endswith(".pth"):
+        from .integrations.mmengine import load_checkpoint_model
+
+        model, recorded, info = load_checkpoint_model(args.model, model_kwargs=kwargs)
+        return model, resolve_data_config({**recorded, **given}, model=model), info["mmengine_model"]["model"]
+    model, data_config = load_model_folder(args.model, given, **kwargs)
+    return model, data_config, read_model_config(args.model)["architecture"]
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from . import profile as profiling
+    from .data import ImageFiles, image_transform, num_classes_of, split_dataset
+    from .inference import IMTA_Q, REFERENCE_Q, Thresholds, collect_outputs, thresholds_for_accuracy, thresholds_for_cost
+    from .inference.report import evaluation_report, format_report, write_report
+
+    test_set = ImageFiles(args.data_dir)
+    num_classes = num_classes_of(test_set)
+    given = _data_overrides(args)
+    model, data_config, label = (_saved_model(args, given) if os.path.exists(args.model)
+                                 else _named_model(args, num_classes, given))
+    model.eval()
     if not hasattr(model, "forward_exits"):
-        raise ValueError(f"{args.model} is not a multi-exit model")
-    test_set = test_set.with_transform(image_transform(resolve_data_config({}, model=model), train=False))
+        raise ValueError(f"{label} is not a multi-exit model")
+    if model.num_classes != num_classes:
+        raise ValueError(f"the model has {model.num_classes} classes but --data-dir {args.data_dir!r} has {num_classes} "
+                         f"class folders")
+    channels = data_config["input_size"][0]
+    if channels not in _IMAGE_MODES:
+        raise ValueError(f"input channels must be 1 (grey) or 3 (RGB), got input size {tuple(data_config['input_size'])}")
+    if len(data_config["mean"]) != channels or len(data_config["std"]) != channels:
+        raise ValueError(f"{channels}-channel input needs {channels} --mean and --std values, got mean "
+                         f"{tuple(data_config['mean'])} and std {tuple(data_config['std'])}")
+    transform, mode = image_transform(data_config, train=False), _IMAGE_MODES[channels]
+    test_set = ImageFiles(args.data_dir, transform, img_mode=mode)
     if args.val_dir:
-        val_set = image_dataset(args.val_dir, model)
+        val_set = ImageFiles(args.val_dir, transform, img_mode=mode)
     elif args.val_fraction:
         val_set, test_set = split_dataset(test_set, args.val_fraction, args.seed)
     else:
@@ -149,13 +223,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     loader = lambda ds: DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)  # noqa: E731
     val = collect_outputs(model, loader(val_set)) if val_set is not None else None
     test = collect_outputs(model, loader(test_set))
-    costs = [c.macs for c in profiling.profile_exits(model, convention=args.convention)]
+    input_size = [int(s) for s in data_config["input_size"]]
+    costs = [c.macs for c in profiling.profile_exits(model, input_size=input_size, convention=args.convention)]
     q_grid = IMTA_Q if args.q_grid == "imta" else REFERENCE_Q
-    report = evaluation_report(val, test, costs, args.policy, q_grid, model=args.model, checkpoint=args.checkpoint,
-                               data_dir=args.data_dir, val_dir=args.val_dir, val_fraction=args.val_fraction,
-                               seed=args.seed, convention=args.convention)
+    report = evaluation_report(val, test, costs, args.policy, q_grid, model=label, source=args.model,
+                               checkpoint=args.checkpoint, data_dir=args.data_dir, val_dir=args.val_dir,
+                               val_fraction=args.val_fraction, seed=args.seed, convention=args.convention,
+                               data_config={k: data_config[k] for k in (*_DATA_FLAGS, "crop_mode") if k in data_config})
     print(format_report(report))
-    paths = write_report(report, args.output, label=args.model, cost_label=f"M{args.convention} per image")
+    paths = write_report(report, args.output, label=label, cost_label=f"M{args.convention} per image")
     print(f"\nwrote {paths['json']} and {paths['png']}")
     if args.target_macs is not None or args.target_accuracy is not None:
         if val is None:
@@ -163,44 +239,93 @@ def _evaluate(args: argparse.Namespace) -> int:
         point = (thresholds_for_cost(val, costs, args.target_macs, args.policy) if args.target_macs is not None
                  else thresholds_for_accuracy(val, costs, args.target_accuracy, args.policy))
         path = f"{args.output}/thresholds.json"
-        Thresholds(args.model, model.num_exits, args.policy, point.thresholds, costs,
-                   note=f"validation: top-1 {point.val_accuracy:.2f}%, {point.val_cost:.4g} per image").save(path)
+        Thresholds(label, model.num_exits, args.policy, point.thresholds, costs,
+                   note=f"validation: top-1 {point.val_accuracy:.2f}%, {point.val_cost:.4g} per image",
+                   input_size=input_size).save(path)
         print(f"wrote {path}: validation top-1 {point.val_accuracy:.2f}% at {point.val_cost * 1e-6:.2f} M per image")
     return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .integrations.mmengine import convert_checkpoint
+
+    folder = convert_checkpoint(args.checkpoint, args.output, args.model, _parse_kwargs(args.model_kwargs),
+                                _data_overrides(args))
+    print(f"wrote {folder}: model.safetensors and config.json (timm.create_model('local-dir:{folder}', "
+          f"pretrained=True), or timm-exits evaluate {folder} --data-dir ...)")
+    return 0
+
+
+def _add_data_flags(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None,
+                        help=f"input channels (1: grey images, 3: RGB), height and width (default: {default})")
+    parser.add_argument("--mean", type=float, nargs="+", default=None, help=f"normalisation mean per channel (default: {default})")
+    parser.add_argument("--std", type=float, nargs="+", default=None, help=f"normalisation std per channel (default: {default})")
+    parser.add_argument("--crop-pct", type=float, default=None,
+                        help=f"centre-crop fraction: images are resized to size / crop-pct, then cropped (default: {default})")
+    parser.add_argument("--interpolation", default=None, choices=("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"),
+                        help=f"resize interpolation (default: {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="timm-exits", description="Multi-exit models for timm.")
     sub = parser.add_subparsers(dest="command", required=True)
+    conventions = ("macs: conv + linear + attention MACs (default); msdnet: the MSDNet reference op counter; macs_norm: "
+                   "MACs + 1 per batch-norm and 5 per layer-norm element, the ADN paper's convention")
     p = sub.add_parser("profile", help="per-exit cumulative MACs and parameters of a model")
     p.add_argument("model", help="a timm model name, e.g. msdnet_cifar_7exit")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--convention", choices=profiling.CONVENTIONS, default="macs",
-                   help="macs: conv + linear + attention MACs (default); msdnet: the MSDNet reference op "
-                        "counter; macs_norm: MACs + 1 per batch-norm and 5 per layer-norm element, the ADN paper's convention")
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
+    p.add_argument("--convention", choices=CONVENTIONS, default="macs", help=conventions)
+    p.add_argument("--num-classes", type=int, default=None, help="classes of the model (default: its cfg's)")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None,
+                   help="input channels, height and width (default: the model's cfg)")
     p.add_argument("--depth", default=None, help="sub-network of an adaptive-depth model, e.g. TTFF")
     p.set_defaults(run=_profile)
-    e = sub.add_parser("evaluate", help="anytime and budgeted evaluation on an image folder; JSON and PNG")
-    e.add_argument("model", help="a timm model name, e.g. msdnet_cifar_7exit")
-    e.add_argument("--checkpoint", default=None, help=".safetensors / .pth weights (ours or a reference checkpoint)")
+
+    e = sub.add_parser("evaluate", help="anytime and budgeted evaluation on an image folder; JSON and PNG",
+                       description="Evaluate a multi-exit model on an image folder. MODEL is a timm model name (weights "
+                                   "from --checkpoint), a model folder (model.safetensors + config.json, e.g. a run's "
+                                   "output folder), a weights file with config.json beside it, or an mmengine "
+                                   "checkpoint of MultiExitClassifier. From a folder, the architecture, classes, "
+                                   "channels and preprocessing come from config.json; the flags below override them.")
+    e.add_argument("model", help="a timm model name, a model folder, a weights file with config.json beside it, or an "
+                                 "mmengine checkpoint (epoch_N.pth)")
+    e.add_argument("--checkpoint", default=None,
+                   help="with a model name: .safetensors / .pth weights (ours or a reference checkpoint)")
     e.add_argument("--data-dir", required=True, help="test images, ImageFolder layout (<class>/<image>) or a .tar")
     e.add_argument("--val-dir", default=None, help="validation images for the thresholds")
     e.add_argument("--val-fraction", type=float, default=None,
                    help="or hold out this fraction of --data-dir (seeded) for the thresholds")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE", help="extra timm.create_model arguments")
-    e.add_argument("--policy", choices=("maxprob", "entropy", "patience"), default="maxprob")
+    e.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction split")
+    e.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
+                   help="timm.create_model arguments (override a folder's saved ones), e.g. in_chans=1")
+    _add_data_flags(e, "the model folder's config.json, else the model's pretrained cfg")
+    e.add_argument("--policy", choices=("maxprob", "entropy", "patience"), default="maxprob",
+                   help="exit confidence score for the budgeted evaluation")
     e.add_argument("--q-grid", choices=("reference", "imta"), default="reference",
                    help="MSDNet-PyTorch's 39 q values (0.05..1.95) or IMTA's 40 (..2.0)")
-    e.add_argument("--convention", choices=profiling.CONVENTIONS, default="macs")
+    e.add_argument("--convention", choices=CONVENTIONS, default="macs", help=conventions)
     e.add_argument("--target-macs", type=float, default=None, help="also write thresholds.json for this average cost")
     e.add_argument("--target-accuracy", type=float, default=None, help="or for this validation top-1 (%%)")
-    e.add_argument("--batch-size", type=int, default=128)
-    e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--output", default="output/evaluate")
+    e.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    e.add_argument("--workers", type=int, default=2, help="data loader processes")
+    e.add_argument("--output", default="output/evaluate", help="folder for evaluation.json, .png and thresholds.json")
     e.set_defaults(run=_evaluate)
+
+    c = sub.add_parser("convert", help="an mmengine checkpoint (epoch_N.pth) into a timm model folder",
+                       description="Turn a checkpoint of timm_exits' mmengine MultiExitClassifier (epoch_N.pth / "
+                                   "iter_N.pth of mmengine's CheckpointHook) into a model folder: model.safetensors "
+                                   "and timm's config.json. The file is read without unpickling code. The model and "
+                                   "preprocessing come from the run's config stored in the checkpoint; the flags "
+                                   "override them, and --model is needed when no config is stored.")
+    c.add_argument("checkpoint", help="the mmengine checkpoint (.pth)")
+    c.add_argument("output", help="the model folder to write")
+    c.add_argument("--model", default=None, help="timm model name (default: the stored config's model.model)")
+    c.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
+                   help="timm.create_model arguments (default: the stored config's model.model_kwargs)")
+    _add_data_flags(c, "the stored config's dataset data_config, else the model's pretrained cfg")
+    c.set_defaults(run=_convert)
+
     m = sub.add_parser("models", help="list the catalogued models")
     m.add_argument("--markdown", action="store_true", help="as the README's markdown table")
     m.set_defaults(run=_models)
@@ -209,8 +334,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    import timm_exits  # noqa: F401  (registers the models)
-
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # the engine's own command line
         from .integrations.accelerate import main as train

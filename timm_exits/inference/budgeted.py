@@ -148,7 +148,9 @@ def check_thresholds(thresholds: Sequence[float], num_exits: int) -> None:
 
 @dataclass
 class Thresholds:
-    """Exit thresholds with what they belong to, stored as JSON."""
+    """Exit thresholds with what they belong to, stored as JSON: the model, its number of exits, the
+    policy, the cumulative cost of each exit and the input size (C, H, W) the costs were measured at
+    (files written before it was recorded load with ``input_size=None``)."""
 
     model: str
     num_exits: int
@@ -156,9 +158,14 @@ class Thresholds:
     thresholds: List[float]
     costs: List[float] = field(default_factory=list)
     note: str = ""
+    input_size: Optional[List[int]] = None
 
     def __post_init__(self):
         check_thresholds(self.thresholds, self.num_exits)
+        if self.input_size is not None:
+            if len(self.input_size) != 3 or any(not isinstance(s, int) or s < 1 for s in self.input_size):
+                raise ValueError(f"input_size must be (C, H, W), three positive integers, got {self.input_size}")
+            self.input_size = list(self.input_size)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.costs:

@@ -40,6 +40,10 @@ class EarlyExitExecutor:
             :class:`Thresholds` (its policy is used).
         policy: ``maxprob``, ``entropy`` or ``patience`` (see :mod:`.policies`).
         costs: cumulative cost of each exit, to report the cost paid per sample.
+
+    Thresholds (and costs) from a :class:`Thresholds` that records its input size are for images of
+    that size only: a batch of another size is refused, since its costs would be reported wrongly
+    and the confidence levels were fitted at that size.
     """
 
     def __init__(
@@ -49,8 +53,10 @@ class EarlyExitExecutor:
             policy: str = "maxprob",
             costs: Optional[Sequence[float]] = None,
     ):
+        self.input_size: Optional[tuple] = None
         if isinstance(thresholds, Thresholds):
             policy, costs = thresholds.policy, costs or thresholds.costs or None
+            self.input_size = tuple(thresholds.input_size) if thresholds.input_size else None
             thresholds = thresholds.thresholds
         check_thresholds(thresholds, model.num_exits)
         if policy not in POLICIES:
@@ -67,6 +73,10 @@ class EarlyExitExecutor:
             raise ValueError("the early-exit executor needs the model in evaluation mode (call model.eval()): in "
                              "training mode batch norms use and update batch statistics, so each sample's answer "
                              "would depend on the others in its batch")
+        if self.input_size is not None and tuple(x.shape[1:]) != self.input_size:
+            raise ValueError(f"these thresholds and costs were measured on {self.input_size} (C, H, W) images, got a "
+                             f"batch of {tuple(x.shape[1:])}: resize the images to that size, or fit thresholds at this "
+                             f"size (timm-exits evaluate ... --input-size C H W --target-macs ...)")
         state = model.forward_stem(x)
         index = torch.arange(n, device=x.device)  # original positions of the samples still running
         logits_out: Optional[torch.Tensor] = None

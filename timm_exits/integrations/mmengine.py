@@ -10,16 +10,24 @@ Registered in mmengine's registries on import (``custom_imports=dict(imports=['t
 * ``GradientEquilibriumHook``, ``GradientDeconflictionHook``, ``HarmonizedWeightsHook`` (HOOKS);
 * ``PCGradOptimWrapper`` (OPTIM_WRAPPERS): parameter-level gradient deconfliction.
 
+A checkpoint of a ``MultiExitClassifier`` run (``epoch_N.pth`` / ``iter_N.pth`` of mmengine's
+``CheckpointHook``) becomes a timm model folder with :func:`convert_checkpoint` (``timm-exits convert``),
+read without unpickling code.
+
 mmengine 0.10.7 with torch >= 2.6 needs ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` to resume (its
 checkpoints hold non-tensor objects); :func:`enable_resume` sets it.
 """
 from __future__ import annotations
 
+import ast
 import os
+import pickle
 from contextlib import contextmanager
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import timm
 import torch
+from timm.data import resolve_data_config
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel, is_model_wrapper
@@ -28,13 +36,15 @@ from mmengine.registry import DATASETS, HOOKS, METRICS, MODELS, OPTIM_WRAPPERS
 
 import timm_exits  # noqa: F401  (registers the models with timm)
 from ..data import image_dataset
+from ..model_folder import save_model_folder
 from ..models.multi_exit import exit_logits
 from ..train import adn_losses, pcgrad_backward
 from ..train.hdkd import BalancedValidationLoss, HarmonizedWeights, hdkd_weight_step
+from ..train.imta import IMTAModel
 from ..train.objective import TrainingForward, apply_switches, create_training_model, training_losses
 
 __all__ = ["MultiExitClassifier", "MultiExitAccuracy", "ImageFolderDataset", "GradientEquilibriumHook", "GradientDeconflictionHook",
-           "HarmonizedWeightsHook", "PCGradOptimWrapper", "enable_resume"]
+           "HarmonizedWeightsHook", "PCGradOptimWrapper", "enable_resume", "load_checkpoint_model", "convert_checkpoint"]
 
 
 def enable_resume() -> None:
@@ -237,3 +247,135 @@ class PCGradOptimWrapper(OptimWrapper):
         if self.should_update():
             self.step(**(step_kwargs or {}))
             self.zero_grad(**(zero_kwargs or {}))
+
+
+class _Discarded:
+    """Stands in for what an mmengine checkpoint holds besides weights and settings (the message hub's
+    log history): built from anything, keeps nothing, runs nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# the globals of mmengine's message hub: HistoryBuffer, its statistics methods (pickled through getattr), numpy values
+_LOG_GLOBALS = ("mmengine.logging.history_buffer.HistoryBuffer", "builtins.getattr", "numpy.ndarray", "numpy.dtype",
+                "numpy._core.multiarray._reconstruct", "numpy._core.multiarray.scalar",
+                "numpy.core.multiarray._reconstruct", "numpy.core.multiarray.scalar")
+
+
+def _read_checkpoint(path: str) -> Dict[str, Any]:
+    """An mmengine checkpoint loaded with ``weights_only=True``; the log history's objects are read
+    as inert :class:`_Discarded` stand-ins, so nothing in the file is called."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+    try:
+        with torch.serialization.safe_globals([(_Discarded, name) for name in _LOG_GLOBALS]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path!r} is not an mmengine checkpoint that loads without unpickling code: "
+                         f"{str(e).splitlines()[-1] if str(e) else type(e).__name__}") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{path!r} is not an mmengine checkpoint: expected a dict with 'state_dict' and 'meta'")
+    return checkpoint
+
+
+def _literal(node: ast.AST) -> Any:
+    """The value of a config expression made of literals and ``dict(...)`` calls (what mmengine's
+    ``Config.pretty_text`` writes); anything else is refused, never evaluated."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        return {k.arg: _literal(k.value) for k in node.keywords if k.arg is not None}
+    if isinstance(node, ast.List):
+        return [_literal(e) for e in node.elts]
+    if isinstance(node, ast.Tuple):
+        return tuple(_literal(e) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    return ast.literal_eval(node)
+
+
+def _config_values(text: str) -> Dict[str, Any]:
+    """Top-level ``name = value`` assignments of a stored mmengine config whose values are literal
+    (others are skipped): parsed, not executed."""
+    values = {}
+    try:
+        tree = ast.parse(text or "")
+    except SyntaxError:
+        return values
+    for statement in tree.body:
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(statement.targets[0], ast.Name):
+            try:
+                values[statement.targets[0].id] = _literal(statement.value)
+            except (ValueError, TypeError, SyntaxError):
+                pass
+    return values
+
+
+def _data_config(values: Dict[str, Any]) -> Dict[str, Any]:
+    """The evaluation preprocessing of a stored config: the ``data_config`` of its validation (else
+    test, else training) ``ImageFolderDataset``."""
+    for loader in ("val_dataloader", "test_dataloader", "train_dataloader"):
+        dataset = (values.get(loader) or {}).get("dataset") or {}
+        if isinstance(dataset, dict) and isinstance(dataset.get("data_config"), dict):
+            return dict(dataset["data_config"])
+    return {}
+
+
+def load_checkpoint_model(
+        checkpoint: str,
+        model: Optional[str] = None,
+        model_kwargs: Optional[dict] = None,
+) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[str, Any]]:
+    """The multi-exit model of a ``MultiExitClassifier`` checkpoint, in eval mode, the data config of
+    the run's stored config, and what the checkpoint is (its ``model`` settings, epoch and iteration,
+    for the folder's ``timm_exits`` section). The model name and ``timm.create_model``
+    arguments come from that config (mmengine stores it in ``meta['cfg']``; it is parsed, not
+    executed), ``model`` / ``model_kwargs`` override them and are needed when the config is absent."""
+    ckpt = _read_checkpoint(checkpoint)
+    values = _config_values((ckpt.get("meta") or {}).get("cfg", ""))
+    settings = values.get("model") if isinstance(values.get("model"), dict) else {}
+    if settings and not str(settings.get("type", "MultiExitClassifier")).endswith("MultiExitClassifier"):
+        raise ValueError(f"{checkpoint!r} is a checkpoint of a {settings.get('type')!r} model, not of "
+                         f"timm_exits' MultiExitClassifier")
+    name = model or settings.get("model")
+    if not name:
+        raise ValueError(f"{checkpoint!r} stores no config naming its model: give the timm model name (--model NAME) "
+                         f"and its arguments (--model-kwargs num_classes=...)")
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}; see `timm-exits models` or timm.list_models()")
+    kwargs = {k: v for k, v in {**(settings.get("model_kwargs") or {}), **(model_kwargs or {})}.items()
+              if k not in ("pretrained", "pretrained_cfg_overlay", "checkpoint_path")}  # the weights are the checkpoint's
+    weights = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if not weights:
+        raise ValueError(f"{checkpoint!r} holds no MultiExitClassifier weights (no 'model.' keys in its state_dict)")
+    net = timm.create_model(name, **kwargs)
+    if settings.get("loss") == "ofa":  # IMTA phase II: the frozen network with its ISC heads
+        net = IMTAModel(net, isc=settings.get("isc", "reference"), freeze_bn_stats=settings.get("freeze_bn_stats", False))
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{checkpoint!r} does not fit {name} built with {kwargs}: {e}") from None
+    meta = ckpt.get("meta") or {}
+    info = dict(source=os.path.abspath(checkpoint), epoch=meta.get("epoch"), iter=meta.get("iter"),
+                mmengine_model={**settings, "model": name, "model_kwargs": kwargs})
+    return net.eval(), _data_config(values), info
+
+
+def convert_checkpoint(
+        checkpoint: str,
+        folder: str,
+        model: Optional[str] = None,
+        model_kwargs: Optional[dict] = None,
+        data_config: Optional[dict] = None,
+) -> str:
+    """Write the model of a ``MultiExitClassifier`` checkpoint as a timm model folder
+    (:func:`timm_exits.model_folder.save_model_folder`); preprocessing from the run's config,
+    overridden by ``data_config``, else the model's defaults. See :func:`load_checkpoint_model`."""
+    net, recorded, info = load_checkpoint_model(checkpoint, model, model_kwargs)
+    given = {k: v for k, v in {**recorded, **(data_config or {})}.items() if v is not None}
+    return save_model_folder(net, folder, resolve_data_config(given, model=net), **info)

@@ -487,14 +487,17 @@ def add_exits(
 def _create_exits(variant: str, pretrained: bool = False, **kwargs) -> BackboneWithExits:
     """Build a registered variant: ``kwargs['backbone']`` (a timm model name) with exits, through timm's
     ``build_model_with_cfg`` (cfg, ``features_only`` with timm's FeatureGetterNet). Weights are loaded by
-    :func:`add_exits` (the backbone's own through timm, or a whole multi-exit checkpoint)."""
+    :func:`add_exits` (the backbone's own through timm, or a whole multi-exit checkpoint), or, from a model
+    folder (``timm.create_model("local-dir:FOLDER", pretrained=True)``) or the Hub, by timm into the whole model."""
     backbone = kwargs.pop("backbone")
-    load = dict(pretrained=pretrained, pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
-                cache_dir=kwargs.get("cache_dir"))
+    # a model folder (``local-dir:``) or Hub repo holds the whole multi-exit model: timm loads it into the wrapper
+    whole = pretrained and (kwargs.get("pretrained_cfg") or {}).get("source") in ("local-dir", "hf-hub")
+    load = {} if whole else dict(pretrained=pretrained, pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+                                 cache_dir=kwargs.get("cache_dir"))
     return build_model_with_cfg(
         partial(add_exits, backbone, **load),
         variant,
-        pretrained=False,
+        pretrained=whole,
         feature_cfg=dict(feature_cls="getter", out_indices=None),  # None: every feature map of the backbone
         **kwargs,
     )

@@ -1,0 +1,125 @@
+"""A trained model as a timm model folder: ``model.safetensors`` beside timm's ``config.json``.
+
+The folder says what it holds: the architecture and the arguments it was built with
+(``num_classes``, ``in_chans``, ``img_size``, ...), the preprocessing the weights expect (input
+size, mean, std, crop, interpolation) and, in a ``timm_exits`` section, how it was made (technique,
+phase, the run config). timm itself rebuilds it::
+
+    model = timm.create_model("local-dir:FOLDER", pretrained=True)
+    data_config = timm.data.resolve_data_config({}, model=model)
+
+:func:`load_model_folder` does the same from a folder or from a weights file with ``config.json``
+beside it, takes overrides, and refuses what does not fit with a message that says why.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import timm
+from safetensors.torch import save_file
+from timm.data import resolve_data_config
+from timm.models import load_state_dict, resolve_model_input_args
+from timm.models._hub import save_config_for_hf
+from torch import nn
+
+from .files import atomic_file
+from .train.imta import IMTAModel
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "DATA_KEYS", "save_model_folder", "load_model_folder", "model_folder_files",
+           "read_model_config"]
+
+CONFIG_FILE, WEIGHTS_FILE, SECTION = "config.json", "model.safetensors", "timm_exits"
+DATA_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
+
+
+def save_model_folder(model: nn.Module, folder: str, data_config: Optional[Dict[str, Any]] = None, **info: Any) -> str:
+    """Write ``model`` to ``folder`` as ``model.safetensors`` and timm's ``config.json`` (each file
+    atomically). ``data_config``: the preprocessing the model expects (timm's ``resolve_data_config``
+    keys); ``info`` (JSON, e.g. ``technique``, ``phase``, ``config``) goes to its ``timm_exits``
+    section. An IMTA phase-II model is stored with its frozen network's config and its ISC form
+    (it loads through :func:`load_model_folder`, not ``local-dir:``)."""
+    if isinstance(model, IMTAModel):
+        info = {**info, "imta": {"isc": model.isc_mode, "freeze_bn_stats": model.freeze_bn_stats}}
+    described = model.backbone if isinstance(model, IMTAModel) else model
+    if not hasattr(described, "pretrained_cfg"):
+        raise ValueError(f"{type(described).__name__} was not made by timm.create_model: a model folder needs its "
+                         f"architecture name and pretrained cfg")
+    data = {k: v for k, v in (data_config or {}).items() if k in DATA_KEYS and v is not None}
+    os.makedirs(folder, exist_ok=True)
+    with atomic_file(os.path.join(folder, WEIGHTS_FILE)) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp,
+                  metadata={"format": "pt"})
+    with atomic_file(os.path.join(folder, CONFIG_FILE)) as tmp:
+        save_config_for_hf(described, tmp, data_config=data)
+        with open(tmp) as f:
+            config = json.load(f)
+        config[SECTION] = json.loads(json.dumps(info, default=str))
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2)
+    return folder
+
+
+def model_folder_files(path: str) -> Tuple[str, str]:
+    """``(config.json, weights file)`` of a model folder, or of a weights file with ``config.json``
+    beside it."""
+    if os.path.isdir(path):
+        folder, weights, where = path, os.path.join(path, WEIGHTS_FILE), "in it"
+    elif os.path.isfile(path):
+        folder, weights, where = os.path.dirname(path) or ".", path, "beside it"
+    else:
+        raise FileNotFoundError(f"model folder or weights file not found: {path!r}")
+    config = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(config):
+        raise ValueError(f"{path!r} is not a model folder: no {CONFIG_FILE} {where} (a folder written by "
+                         f"timm_exits.model_folder.save_model_folder or timm's save_for_hf)")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"model folder {path!r} has no {WEIGHTS_FILE}")
+    return config, weights
+
+
+def read_model_config(path: str) -> Dict[str, Any]:
+    """The ``config.json`` of a model folder (or beside a weights file), checked to name a registered
+    timm architecture."""
+    config_file, _ = model_folder_files(path)
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_file} is not a readable timm config ({e})") from None
+    arch = config.get("architecture") if isinstance(config, dict) else None
+    if not arch:
+        raise ValueError(f"{config_file} names no 'architecture'; expected timm's config.json of a model folder")
+    if not timm.is_model(arch):
+        raise ValueError(f"{config_file} is for architecture {arch!r}, which is not a registered timm model (import "
+                         f"the package that registers it)")
+    return config
+
+
+def load_model_folder(
+        path: str,
+        data_config: Optional[Dict[str, Any]] = None,
+        **model_kwargs: Any,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model of a model folder (or of a weights file with ``config.json`` beside it), in eval
+    mode, and its data config. ``data_config`` overrides the saved preprocessing (``input_size``'s
+    channels and, for fixed-size models, its height and width also rebuild the model);
+    ``model_kwargs`` override the saved ``timm.create_model`` arguments. Weights that do not fit the
+    model so built are refused."""
+    config = read_model_config(path)
+    config_file, weights = model_folder_files(path)
+    given = {k: v for k, v in (data_config or {}).items() if k in DATA_KEYS and v is not None}
+    folder = os.path.dirname(config_file)
+    kwargs = resolve_model_input_args(f"local-dir:{os.path.abspath(folder)}", {"input_size": given.get("input_size")},
+                                      **model_kwargs)
+    model = timm.create_model(kwargs.pop("model_name"), **kwargs)
+    imta = config.get(SECTION, {}).get("imta")
+    if imta:
+        model = IMTAModel(model, **imta)
+    try:
+        model.load_state_dict(load_state_dict(weights))
+    except RuntimeError as e:  # missing / unexpected keys, size mismatches
+        raise ValueError(f"{weights} does not fit {config['architecture']} built with "
+                         f"{ {**config.get('model_args', {}), **model_kwargs} }: {e}") from None
+    return model.eval(), resolve_data_config(given, model=model)
