@@ -338,7 +338,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["train"]:  # the engine's own command line
         from .integrations.accelerate import main as train
 
-        return train(argv=argv[1:])
+        return train(argv=argv[1:], prog="timm-exits train")
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -33,7 +33,6 @@ from accelerate import Accelerator
 from accelerate.utils import (DistributedDataParallelKwargs, broadcast_object_list, gather_object,
                                set_seed)
 from mmengine.config import DictAction
-from safetensors.torch import save_file
 from timm.data import Mixup, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -50,6 +49,7 @@ from ..files import OutputLock, check_writable, recover_folder, write_json
 from ..data import (EpochSampler, ImageFiles, class_map, image_transform, num_classes_of, seeded_order,
                     write_digits)
 from ..inference.budgeted import IMTA_Q, REFERENCE_Q
+from ..model_folder import save_model_folder
 from ..inference.outputs import collect_outputs
 from ..inference.report import evaluation_report, format_report, write_report
 from ..train import adn_step, pcgrad_backward
@@ -236,10 +236,8 @@ def train_phase(
         save(seconds=round(time.time() - started, 1))
 
     evaluated = ema.module if ema is not None else model
-    weights = os.path.join(output_dir, "model.safetensors")
-    if accelerator.is_main_process:
-        save_file({k: v.detach().contiguous().cpu() for k, v in evaluated.state_dict().items()}, weights + ".tmp")
-        os.replace(weights + ".tmp", weights)
+    if accelerator.is_main_process:  # a timm model folder: model.safetensors and config.json
+        save_model_folder(evaluated, output_dir, data_config, technique=config["technique"], phase=name, config=config)
     report = _evaluate(accelerator, evaluated, data, data_config, config, name, output_dir)
     accelerator.log({f"{name}/exit{e['exit']}_top1": e["top1"] for e in report["exits"]}, step=state["updates"])
     accelerator.wait_for_everyone()
