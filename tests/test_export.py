@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 
 import pytest
@@ -235,13 +236,41 @@ def _target_payload(folder, marker):  # a call target resolved by torch's reader
 
 
 PROGRAM_PAYLOADS = {  # name: (plant, refusal, whether torch's reader runs it without our check)
-    "sympy expression": (_sympy_payload, "stem.json: .* holds a symbolic expression that is not arithmetic on sizes",
-                         True),
-    "parameter name": (_name_payload, "stem.json: .*parameter_name holds a string that is not a plain name", True),
-    "guard": (_guard_payload, r"stem.json: .guards_code\[0\] holds a guard \(Python source; exports have none\)",
-              False),
-    "call target": (_target_payload, "stem.json: .* holds a call that is not an aten operator: 'torch.save'", False),
+    "sympy expression": (_sympy_payload, r"stem.json: .*\.expr_str is .*, expected arithmetic on size symbols", True),
+    "parameter name": (_name_payload, r"stem.json: .*\.parameter_name is .*, expected a plain name", True),
+    "guard": (_guard_payload, r"stem.json: .guards_code\[0\] is .*, expected no guard at all", False),
+    "call target": (_target_payload, r"stem.json: .*\.target is 'torch.save', expected an aten operator", False),
 }
+
+
+def _set_first(key, value):
+    def edit(doc):
+        next(_each(doc, key))[key] = value
+    return edit
+
+
+CHECK_CASES = {  # edit of a real program: what the refusal says
+    "power": (_set_first("expr_str", "9**9**9**9"), "expected arithmetic on size symbols"),
+    "sympy name": (_set_first("expr_str", "exec"), "expected arithmetic on size symbols"),
+    "argument name": (_set_first("forward_arg_names", ["x:__import__"]), "expected a plain name"),
+    "spec": (_set_first("in_spec", "[1, {"), "expected a pytree spec in JSON"),
+    "spec content": (_set_first("in_spec", json.dumps([1, {"type": "builtins.dict", "context": json.dumps(['a"'])}])),
+                     "expected a plain name"),
+    "key": (lambda doc: doc["graph_module"].update({"x'": 1}), "a key in .graph_module is \"x'\", expected a plain"),
+    "extension operator": (_set_first("target", "#my_op"), "expected an aten operator"),
+    "dunder operator": (_set_first("target", "torch.ops.aten.__class__.__call__"), "expected an aten operator"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECK_CASES))
+def test_the_program_check_refuses_strings_torch_would_evaluate(exports, case):
+    doc = json.loads(open(os.path.join(exports("resnet")[1], "stage_1.json")).read())
+    export_module._check_program(doc, "stage_1.json")  # an export passes
+    assert doc["guards_code"] == [] and all(node["metadata"] == {} for node in _each(doc, "target"))
+    edit, message = CHECK_CASES[case]
+    edit(doc)
+    with pytest.raises(ValueError, match=re.escape("stage_1.json: ") + ".*" + message):
+        export_module._check_program(doc, "stage_1.json")
 
 
 @pytest.mark.parametrize("payload", sorted(PROGRAM_PAYLOADS))
@@ -262,6 +291,24 @@ def test_code_in_a_program_is_refused_and_never_runs(copy, tmp_path, monkeypatch
     except Exception:
         pass  # the payload may break the program after it ran
     assert marker.exists(), "the payload did not run through torch's reader: this test no longer proves anything"
+
+
+def _drop_a_weight(folder):
+    weights = load_file(folder / "weights.safetensors")
+    weights.pop("model.backbone.conv1.weight")
+    save_file(weights, folder / "weights.safetensors")
+    _rewrite(folder, "weights.safetensors", (folder / "weights.safetensors").read_bytes())
+
+
+def test_a_program_torch_cannot_read_or_without_its_weights_is_refused(copy):
+    major = json.loads((copy / "stem.json").read_text())["schema_version"]["major"]
+    _edit_program(copy, "stem.json", lambda doc: doc["schema_version"].update(major=99))
+    with pytest.raises(ValueError, match=r"torch .* cannot read stem.json \(exported with torch .*\): SerializeError"):
+        ExportedModel(str(copy))
+    _edit_program(copy, "stem.json", lambda doc: doc["schema_version"].update(major=major))
+    _drop_a_weight(copy)
+    with pytest.raises(ValueError, match="stem.json needs 'model.backbone.conv1.weight', which weights.safetensors"):
+        ExportedModel(str(copy))
 
 
 @pytest.mark.parametrize("file", ["weights.safetensors", "stem.json"])

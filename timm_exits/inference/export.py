@@ -99,55 +99,58 @@ def _digest(data: bytes) -> Dict[str, Any]:
 
 # -- what a program may contain ------------------------------------------------------------------
 
-_NAME = re.compile(r"[A-Za-z0-9_.:+\-]*")  # names, targets, dtypes, devices, versions: no quotes, no code
+_NAME = re.compile(r"[A-Za-z0-9_.]*")
 _TARGET = re.compile(r"torch\.ops\.aten\.[a-z][a-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*"
                      r"|_operator\.(getitem|add|sub|mul|floordiv|truediv|mod|neg|eq|ne|ge|gt|le|lt)")
 _SYMBOL = r"Symbol\('[a-z]+\d+'(?:, [a-z]+=(?:True|False))*\)"  # how torch writes a size symbol
 _EXPR_TOKEN = re.compile(rf"{_SYMBOL}|\d+|FloorDiv|CeilDiv|Mod|PythonMod|Max|Min|[-+*/(), ]")
-_JSON_STRINGS = ("in_spec", "out_spec", "context")  # pytree specs: JSON inside a string
 
 
-def _check_expr(expr: str) -> bool:
-    """True if ``expr`` is arithmetic on size symbols (no powers: 9**9**9 would never end), what
-    torch's reader may give to sympy."""
+def _is_size_arithmetic(expr: str) -> bool:
+    """What torch's reader gives to sympy (``eval``): size symbols, integers, + - * / and a few
+    integer functions; no powers (9**9**9 would never end)."""
     return "".join(_EXPR_TOKEN.findall(expr)) == expr and "**" not in expr
+
+
+_STRINGS = {  # key -> (what its strings must be, check); any other key: a plain name
+    "target": ("an aten operator (or getitem / arithmetic)", _TARGET.fullmatch),
+    "expr_str": ("arithmetic on size symbols", _is_size_arithmetic),
+    "guards_code": ("no guard at all (guards are Python source; exports have none)", lambda s: False),
+    "torch_version": ("a version", re.compile(r"[A-Za-z0-9_.+]*").fullmatch),
+    "as_string": ("an operator's string argument", lambda s: True),  # passed on as a value, never as code
+    "as_strings": ("an operator's string argument", lambda s: True),
+}
+_JSON_STRINGS = ("in_spec", "out_spec", "context")  # pytree specs: JSON inside a string, checked in turn
 
 
 def _check_program(doc: Any, where: str = "program") -> None:
     """Refuse (ValueError) a program in torch.export's JSON form unless everything torch's reader
     would evaluate is plain: strings are names, calls are aten operators (or getitem / arithmetic),
     symbolic expressions are arithmetic on size symbols, and there are no guards (Python source)."""
-    def fail(path: str, what: str, value: Any):
-        raise ValueError(f"{where}: {path} holds {what} {str(value)[:120]!r}")
+    def fail(path: str, value: Any, expected: str):
+        raise ValueError(f"{where}: {path} is {str(value)[:120]!r}, expected {expected}")
 
     def walk(obj: Any, path: str, key: str = "") -> None:
         if isinstance(obj, dict):
             for k, v in obj.items():
                 if not isinstance(k, str) or not _NAME.fullmatch(k):
-                    fail(path, "a key that is not a plain name:", k)
+                    fail(f"a key in {path or 'the program'}", k, "a plain name")
                 walk(v, f"{path}.{k}", k)
         elif isinstance(obj, list):
             for i, v in enumerate(obj):
                 walk(v, f"{path}[{i}]", key)
+        elif isinstance(obj, str) and key in _JSON_STRINGS:
+            try:
+                inner = json.loads(obj)
+            except ValueError:
+                fail(path, obj, "a pytree spec in JSON")
+            walk(inner, path)
         elif isinstance(obj, str):
-            if key == "target" and not _TARGET.fullmatch(obj):
-                fail(path, "a call that is not an aten operator:", obj)
-            elif key == "expr_str" and not _check_expr(obj):
-                fail(path, "a symbolic expression that is not arithmetic on sizes:", obj)
-            elif key == "guards_code":
-                fail(path, "a guard (Python source; exports have none):", obj)
-            elif key in ("as_string", "as_strings"):
-                pass  # an operator's string argument: torch passes it on as a value, never as code
-            elif key in _JSON_STRINGS:
-                try:
-                    inner = json.loads(obj)
-                except ValueError:
-                    fail(path, "a spec that is not JSON:", obj)
-                walk(inner, path)
-            elif key != "expr_str" and not _NAME.fullmatch(obj):
-                fail(path, "a string that is not a plain name:", obj)
+            expected, check = _STRINGS.get(key, ("a plain name (letters, digits, _ and .)", _NAME.fullmatch))
+            if not check(obj):
+                fail(path, obj, expected)
         elif obj is not None and not isinstance(obj, (bool, int, float)):
-            fail(path, "a value of type", type(obj).__name__)
+            fail(path, type(obj).__name__, "JSON")
 
     walk(doc, "")
 
