@@ -80,6 +80,46 @@ def test_the_executor_runs_the_export_like_the_eager_model(exports, name):
     assert torch.equal(exported.early_exit(x, thresholds).exits, theirs.exits)
 
 
+class Toy(torch.nn.Module):
+    """Two exits with what the families above lack: a non-persistent buffer, a tensor constant made in
+    forward, and a reshape over the batch (a symbolic size: Mul(Integer(16), batch))."""
+
+    num_exits = 2
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(3, 3, 3, padding=1) for _ in range(2))
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(3, 4) for _ in range(2))
+        self.register_buffer("mean", torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1), persistent=False)
+
+    def forward_stem(self, x):
+        return x - self.mean
+
+    def forward_stage(self, x, index):
+        return self.convs[index](x).relu()
+
+    def forward_exit(self, x, index):
+        tokens = x.permute(0, 2, 3, 1).reshape(-1, 3) * torch.tensor([1.0, 2.0, 3.0])
+        return self.heads[index](tokens).view(x.shape[0], -1, 4).mean(1)
+
+
+def test_buffers_outside_the_state_dict_and_constants_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = Toy().eval()
+    export_model(model, torch.randn(1, 3, 4, 4), str(tmp_path / "toy"))
+    weights = load_file(tmp_path / "toy" / "weights.safetensors")
+    assert "stem/model.mean" in weights and "model.mean" not in weights and "exit_1/lifted_tensor_0" in weights
+    program = (tmp_path / "toy" / "exit_0.json").read_text()
+    assert "Mul(Integer(16), Symbol(" in program
+    exported = ExportedModel(str(tmp_path / "toy"))
+    x = torch.randn(3, 3, 4, 4)
+    with torch.inference_mode():
+        ours, state = exported.forward_exits(x), model.forward_stem(x)
+        for k in range(2):
+            state = model.forward_stage(state, k)
+            assert torch.equal(ours[k], model.forward_exit(state, k))
+
+
 def test_the_folder_holds_programs_weights_and_a_manifest_of_digests(exports):
     model, folder, files, _ = exports("resnet")
     pieces = ["stem"] + [f"{kind}_{k}" for k in range(4) for kind in ("stage", "exit")]

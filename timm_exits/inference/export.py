@@ -103,13 +103,16 @@ _NAME = re.compile(r"[A-Za-z0-9_.]*")
 _TARGET = re.compile(r"torch\.ops\.aten\.[a-z][a-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*"
                      r"|_operator\.(getitem|add|sub|mul|floordiv|truediv|mod|neg|eq|ne|ge|gt|le|lt)")
 _SYMBOL = r"Symbol\('[a-z]+\d+'(?:, [a-z]+=(?:True|False))*\)"  # how torch writes a size symbol
-_EXPR_TOKEN = re.compile(rf"{_SYMBOL}|\d+|FloorDiv|CeilDiv|Mod|PythonMod|Max|Min|[-+*/(), ]")
+_INTEGER_FUNCTIONS = ("Integer", "Add", "Mul", "FloorDiv", "CeilDiv", "CleanDiv", "Mod", "PythonMod", "Max", "Min")
+_EXPR_TOKEN = re.compile(rf"{_SYMBOL}|\d+|[A-Za-z]+|[-+*/(), ]")
 
 
 def _is_size_arithmetic(expr: str) -> bool:
-    """What torch's reader gives to sympy (``eval``): size symbols, integers, + - * / and a few
-    integer functions; no powers (9**9**9 would never end)."""
-    return "".join(_EXPR_TOKEN.findall(expr)) == expr and "**" not in expr
+    """What torch's reader gives to sympy (``eval``): size symbols, integers, + - * / and integer
+    functions; no powers (9**9**9 would never end), no other names."""
+    tokens = _EXPR_TOKEN.findall(expr)
+    names = [t for t in tokens if t.isalpha()]
+    return "".join(tokens) == expr and "**" not in expr and all(n in _INTEGER_FUNCTIONS for n in names)
 
 
 _STRINGS = {  # key -> (what its strings must be, check); any other key: a plain name
