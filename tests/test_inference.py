@@ -1,5 +1,5 @@
 """Adaptive inference: the reference budgeted evaluation, policies, threshold search and files,
-the early-exit executor against the simulated evaluation, and export."""
+the early-exit executor against the simulated evaluation (export: test_export.py)."""
 import json
 import math
 
@@ -9,8 +9,8 @@ import torch
 
 import timm_exits  # noqa: F401
 from timm_exits import MSDNet, add_exits
-from timm_exits.inference import (IMTA_Q, REFERENCE_Q, EarlyExitExecutor, ExitOutputs, ExportedModel, Thresholds,
-                                  anytime_accuracy, assign_exits, budgeted_curve, exit_scores, export_model,
+from timm_exits.inference import (IMTA_Q, REFERENCE_Q, EarlyExitExecutor, ExitOutputs, Thresholds,
+                                  anytime_accuracy, assign_exits, budgeted_curve, exit_scores,
                                   fit_thresholds, geometric_fractions, thresholds_for_accuracy, thresholds_for_cost)
 
 # spec msdnet_imta.md §6.2.5: max confidence and correctness per sample, exits 0..2, costs 10/20/30
@@ -191,29 +191,6 @@ def test_thresholds_files_refuse_what_cannot_be_right(tmp_path, fields, message)
     path.write_text(json.dumps({**valid, **fields}))
     with pytest.raises(ValueError, match=f"{path} is not a valid thresholds file.*{message}"):
         Thresholds.load(str(path))
-
-
-@pytest.mark.parametrize("make", [_tiny_msdnet, _tiny_resnet])
-def test_export_round_trip_and_early_exit_without_model_code(tmp_path, make):
-    model = make()
-    folder = tmp_path / "exported"
-    files = export_model(model, torch.randn(1, 3, 32, 32), str(folder), name="tiny")
-    assert files[0] == "stem.pt2" and len(files) == 1 + 2 * model.num_exits
-    exported = ExportedModel(str(folder))
-    x = torch.randn(5, 3, 32, 32)
-    with torch.no_grad():
-        for a, b in zip(exported.forward_exits(x), model.forward_exits(x)):
-            assert torch.allclose(a, b, atol=1e-5)
-        thresholds = [0.3] * (model.num_exits - 1) + [-1e8]
-        ours = EarlyExitExecutor(model, thresholds)(x)
-        theirs = exported.early_exit(x, thresholds)
-    assert torch.equal(ours.exits, theirs.exits) and torch.allclose(ours.logits, theirs.logits, atol=1e-5)
-    with torch.no_grad():
-        assert exported.forward_exits(x[:1])[0].shape == (1, 5)  # dynamic batch size, down to 1
-    with pytest.raises(ValueError, match=r"expected inputs of shape \(batch, 3, 32, 32\)"):
-        exported.forward_stem(torch.randn(2, 3, 16, 16))
-    with pytest.raises(FileNotFoundError, match="no manifest.json"):
-        ExportedModel(str(tmp_path))
 
 
 def _reference_quotas(n: int, q: float, num_exits: int):

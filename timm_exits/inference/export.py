@@ -1,26 +1,49 @@
-"""Export a multi-exit model for deployment: one ``torch.export`` program per stem, stage and exit.
+"""Export a multi-exit model for deployment: one ``torch.export`` program per stem, stage and exit,
+loaded without running anything from the files.
 
-The folder holds ``stem.pt2``, ``stage_<k>.pt2``, ``exit_<k>.pt2`` (dynamic batch size) and
-``manifest.json``; :class:`ExportedModel` runs them, with or without early exit, without the
-Python model code. It has the same ``forward_stem`` / ``forward_stage`` / ``forward_exit``
-interface, so :class:`~timm_exits.inference.executor.EarlyExitExecutor` runs it too.
+The folder holds:
+
+* ``stem.json``, ``stage_<k>.json``, ``exit_<k>.json``: the programs in torch.export's JSON
+  serialization (dynamic batch size), without debug metadata and guards;
+* ``weights.safetensors``: the model's parameters and buffers (each program takes those it uses)
+  and each program's tensor constants (``<piece>/<name>``);
+* ``manifest.json``: format version, model name, number of exits, input shape, and the SHA-256
+  digest and size of every file.
+
+:class:`ExportedModel` runs them, with or without early exit, without the Python model code. It has
+the same ``forward_stem`` / ``forward_stage`` / ``forward_exit`` interface, so
+:class:`~timm_exits.inference.executor.EarlyExitExecutor` runs it too.
+
+Why not ``.pt2`` archives: ``torch.export.load`` unpickles (sample inputs fall back to
+``weights_only=False``, weights and constants can be marked as pickled). And torch's JSON reader
+evaluates some strings: symbolic expressions go to ``sympy.sympify`` (``eval``), guards and parameter
+names are compiled into the module's code. So :class:`ExportedModel` checks a program before torch
+reads it: every string a plain name, every call an ``aten`` operator, every symbolic expression
+arithmetic on size symbols, no guards (:func:`_check_program`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
-import tempfile
-from typing import List, Sequence
+import re
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors, save_file
 from torch import nn
-from torch.export import Dim, export, load, save
+from torch._export.serde.serialize import SerializedArtifact, deserialize, serialize
+from torch.export import Dim, ExportedProgram, ExportGraphSignature, export
+from torch.export.graph_signature import InputKind
 
+from ..files import atomic_folder
 from .executor import EarlyExitExecutor
 
 __all__ = ["export_model", "ExportedModel"]
 
+FORMAT_VERSION = 2  # 1: one .pt2 archive per piece (loaded with torch.export.load, which unpickles)
+WEIGHTS = "weights.safetensors"
 _BATCH = Dim("batch", min=1, max=1 << 20)
 
 
@@ -43,53 +66,271 @@ def _batch_dims(state):
     return {0: _BATCH} if isinstance(state, torch.Tensor) else [{0: _BATCH} for _ in state]
 
 
+def _used_only(program: ExportedProgram) -> ExportedProgram:
+    """``program`` without the weights it does not use: a piece is exported from the whole model, so
+    every parameter and buffer is an input of every piece."""
+    signature, graph = program.graph_signature, program.graph_module.graph
+    unused = {n.name for n in graph.nodes if n.op == "placeholder" and not n.users}
+    unused -= {s.arg.name for s in signature.input_specs if s.kind == InputKind.USER_INPUT}
+    for node in [n for n in graph.nodes if n.name in unused]:
+        graph.erase_node(node)
+    program.graph_module.recompile()
+    specs = [s for s in signature.input_specs if s.arg.name not in unused]
+    kept = {s.target for s in specs}
+    return ExportedProgram(
+        root=program.graph_module, graph=graph, graph_signature=ExportGraphSignature(specs, signature.output_specs),
+        state_dict={k: v for k, v in program.state_dict.items() if k in kept},
+        range_constraints=program.range_constraints, module_call_graph=program.module_call_graph,
+        constants={k: v for k, v in program.constants.items() if k in kept}, verifiers=program.verifiers)
+
+
+def _pieces(num_exits: int) -> List[str]:
+    return ["stem"] + [f"{kind}_{k}" for k in range(num_exits) for kind in ("stage", "exit")]
+
+
+def _files(num_exits: int) -> List[str]:
+    """The files of an export with ``num_exits`` exits, besides the manifest."""
+    return [f"{piece}.json" for piece in _pieces(num_exits)] + [WEIGHTS]
+
+
+def _digest(data: bytes) -> Dict[str, Any]:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+# -- what a program may contain ------------------------------------------------------------------
+
+_NAME = re.compile(r"[A-Za-z0-9_.]*")
+_TARGET = re.compile(r"torch\.ops\.aten\.[a-z][a-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*"
+                     r"|_operator\.(getitem|add|sub|mul|floordiv|truediv|mod|neg|eq|ne|ge|gt|le|lt)")
+_SYMBOL = r"Symbol\('[a-z]+\d+'(?:, [a-z]+=(?:True|False))*\)"  # how torch writes a size symbol
+_INTEGER_FUNCTIONS = ("Integer", "Add", "Mul", "FloorDiv", "CeilDiv", "CleanDiv", "Mod", "PythonMod", "Max", "Min")
+_EXPR_TOKEN = re.compile(rf"{_SYMBOL}|\d+|[A-Za-z]+|[-+*/(), ]")
+
+
+def _is_size_arithmetic(expr: str) -> bool:
+    """What torch's reader gives to sympy (``eval``): size symbols, integers, + - * / and integer
+    functions; no powers (9**9**9 would never end), no other names."""
+    tokens = _EXPR_TOKEN.findall(expr)
+    names = [t for t in tokens if t.isalpha()]
+    return "".join(tokens) == expr and "**" not in expr and all(n in _INTEGER_FUNCTIONS for n in names)
+
+
+_STRINGS = {  # key -> (what its strings must be, check); any other key: a plain name
+    "target": ("an aten operator (or getitem / arithmetic)", _TARGET.fullmatch),
+    "expr_str": ("arithmetic on size symbols", _is_size_arithmetic),
+    "guards_code": ("no guard at all (guards are Python source; exports have none)", lambda s: False),
+    "torch_version": ("a version", re.compile(r"[A-Za-z0-9_.+]*").fullmatch),
+    "as_string": ("an operator's string argument", lambda s: True),  # passed on as a value, never as code
+    "as_strings": ("an operator's string argument", lambda s: True),
+}
+_JSON_STRINGS = ("in_spec", "out_spec", "context")  # pytree specs: JSON inside a string, checked in turn
+
+
+def _check_program(doc: Any, where: str = "program") -> None:
+    """Refuse (ValueError) a program in torch.export's JSON form unless everything torch's reader
+    would evaluate is plain: strings are names, calls are aten operators (or getitem / arithmetic),
+    symbolic expressions are arithmetic on size symbols, and there are no guards (Python source)."""
+    def fail(path: str, value: Any, expected: str):
+        raise ValueError(f"{where}: {path} is {str(value)[:120]!r}, expected {expected}")
+
+    def walk(obj: Any, path: str, key: str = "") -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if not isinstance(k, str) or not _NAME.fullmatch(k):
+                    fail(f"a key in {path or 'the program'}", k, "a plain name")
+                walk(v, f"{path}.{k}", k)
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}[{i}]", key)
+        elif isinstance(obj, str) and key in _JSON_STRINGS:
+            try:
+                inner = json.loads(obj)
+            except ValueError:
+                fail(path, obj, "a pytree spec in JSON")
+            walk(inner, path)
+        elif isinstance(obj, str):
+            expected, check = _STRINGS.get(key, ("a plain name (letters, digits, _ and .)", _NAME.fullmatch))
+            if not check(obj):
+                fail(path, obj, expected)
+        elif obj is not None and not isinstance(obj, (bool, int, float)):
+            fail(path, type(obj).__name__, "JSON")
+
+    walk(doc, "")
+
+
+def _strip(obj: Any) -> Any:
+    """The program without debug metadata (stack traces with the exporter's paths, module stacks) and
+    without guards: torch compiles guards (Python source) only for a program with example inputs,
+    which an export does not keep (:meth:`ExportedModel.forward_stem` checks the input shape)."""
+    if isinstance(obj, dict):
+        return {k: {} if k == "metadata" else [] if k == "guards_code" else _strip(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+# -- writing -------------------------------------------------------------------------------------
+
 @torch.no_grad()
 def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str = "") -> List[str]:
     """Export every piece of ``model`` (in eval mode) for inputs shaped like ``example``; the batch
-    size stays dynamic. The folder is written completely or not at all. Returns the file names."""
+    size stays dynamic. The folder is replaced whole or not at all (the previous export survives
+    until the new one is complete). Returns the file names, besides the manifest."""
     model.eval()
     if example.shape[0] < 2:
         example = example.expand(2, *example.shape[1:]).contiguous()  # batch 1 would be specialised
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(folder)) or ".")
-    try:
-        def write(file: str, piece: _Piece, arg) -> None:
-            save(export(piece, (arg,), dynamic_shapes=(_batch_dims(arg),)), os.path.join(tmp, file))
-            files.append(file)
+    weights: Dict[str, torch.Tensor] = {}
+    programs: Dict[str, bytes] = {}
 
-        files: List[str] = []
-        write("stem.pt2", _Piece(model, "stem"), example)
-        state = model.forward_stem(example)
-        for k in range(model.num_exits):
-            write(f"stage_{k}.pt2", _Piece(model, "stage", k), state)
-            state = model.forward_stage(state, k)
-            write(f"exit_{k}.pt2", _Piece(model, "exit", k), state)
-        manifest = {"model": name, "num_exits": model.num_exits, "input_shape": list(example.shape[1:]), "files": files}
+    def add(piece: str, module: _Piece, arg) -> None:
+        program = _used_only(export(module, (arg,), dynamic_shapes=(_batch_dims(arg),)))
+        weights.update({k: v.detach().contiguous() for k, v in program.state_dict.items()})
+        for key, value in program.constants.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{piece} holds a {type(value).__name__} constant ({key}); only tensors can be "
+                                 f"exported (other objects would need pickling)")
+            weights[f"{piece}/{key}"] = value.detach().contiguous()
+        doc = _strip(json.loads(serialize(program, serialize_state_dict=False, serialize_constants=False,
+                                          serialize_example_inputs=False).exported_program))
+        _check_program(doc, f"{piece} of {name or type(model).__name__}")  # never write what the loader refuses
+        programs[f"{piece}.json"] = json.dumps(doc).encode()
+
+    add("stem", _Piece(model, "stem"), example)
+    state = model.forward_stem(example)
+    for k in range(model.num_exits):
+        add(f"stage_{k}", _Piece(model, "stage", k), state)
+        state = model.forward_stage(state, k)
+        add(f"exit_{k}", _Piece(model, "exit", k), state)
+    files = _files(model.num_exits)
+    with atomic_folder(folder) as tmp:
+        digests = {}
+        for file, data in programs.items():
+            with open(os.path.join(tmp, file), "wb") as f:
+                f.write(data)
+            digests[file] = _digest(data)
+        save_file(weights, os.path.join(tmp, WEIGHTS))
+        with open(os.path.join(tmp, WEIGHTS), "rb") as f:
+            digests[WEIGHTS] = _digest(f.read())
+        manifest = {"format_version": FORMAT_VERSION, "model": name, "num_exits": model.num_exits,
+                    "input_shape": list(example.shape[1:]), "torch_version": torch.__version__,
+                    "files": {file: digests[file] for file in files}}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return files
 
 
+# -- reading -------------------------------------------------------------------------------------
+
+def _inputs(doc: Dict[str, Any], piece: str, weights: Dict[str, torch.Tensor]) -> Tuple[dict, dict]:
+    """The weights a program takes, as torch's reader wants them: parameters (as ``nn.Parameter``)
+    and persistent buffers by name, tensor constants and non-persistent buffers as the program's own."""
+    state, constants = {}, {}
+    for spec in doc["graph_module"]["signature"]["input_specs"]:
+        (kind, value), = spec.items()
+        if kind == "parameter":
+            state[value["parameter_name"]] = nn.Parameter(weights[value["parameter_name"]], requires_grad=False)
+        elif kind == "buffer" and value["persistent"]:
+            state[value["buffer_name"]] = weights[value["buffer_name"]]
+        elif kind in ("buffer", "tensor_constant"):
+            name = value["buffer_name" if kind == "buffer" else "tensor_constant_name"]
+            constants[name] = weights[f"{piece}/{name}"]
+        elif kind != "user_input":
+            raise ValueError(f"a {kind!r} input, which exports never have")
+    return state, constants
+
+
 class ExportedModel:
-    """An exported multi-exit model loaded from its folder."""
+    """An exported multi-exit model loaded from its folder: the manifest is checked (version, files,
+    digests), then each program (:func:`_check_program`); nothing is unpickled. A folder that fails a
+    check is refused with a ValueError that says what is wrong."""
 
     def __init__(self, folder: str):
-        path = os.path.join(folder, "manifest.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{folder} has no manifest.json: not a folder written by export_model")
-        with open(path) as f:
-            manifest = json.load(f)
+        self.folder = folder
+        manifest = self._manifest()
         self.name, self.num_exits = manifest["model"], manifest["num_exits"]
         self.input_shape = tuple(manifest["input_shape"])
-        program = lambda file: load(os.path.join(folder, file)).module()  # noqa: E731
-        self.stem = program("stem.pt2")
-        self.stages = [program(f"stage_{k}.pt2") for k in range(self.num_exits)]
-        self.exits = [program(f"exit_{k}.pt2") for k in range(self.num_exits)]
+        self.torch_version = manifest.get("torch_version", "?")
+        data = {file: self._read(file, entry) for file, entry in manifest["files"].items()}
+        try:
+            weights = load_safetensors(data[WEIGHTS])
+        except SafetensorError as e:
+            raise self._refuse(f"{WEIGHTS} is not a safetensors file ({e})") from None
+        self.stem, *pieces = [self._program(piece, data[f"{piece}.json"], weights) for piece in _pieces(self.num_exits)]
+        self.stages, self.exits = pieces[0::2], pieces[1::2]
+
+    def _refuse(self, what: str) -> ValueError:
+        return ValueError(f"{self.folder} is not a usable export: {what}; re-export the model with "
+                          f"timm_exits.inference.export_model")
+
+    def _manifest(self) -> Dict[str, Any]:
+        path = os.path.join(self.folder, "manifest.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{self.folder} has no manifest.json: not a folder written by export_model")
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+        except ValueError as e:
+            raise self._refuse(f"manifest.json is not valid JSON ({e}), e.g. truncated") from None
+        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+            version = manifest.get("format_version") if isinstance(manifest, dict) else None
+            raise self._refuse(f"manifest.json has format version {version!r}, this timm-exits reads version "
+                               f"{FORMAT_VERSION}")
+        num_exits, files = manifest.get("num_exits"), manifest.get("files")
+        shape = manifest.get("input_shape")
+        if not isinstance(num_exits, int) or isinstance(num_exits, bool) or num_exits < 1:
+            raise self._refuse(f"manifest.json has num_exits {num_exits!r}, expected a positive integer")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s > 0 for s in shape)):
+            raise self._refuse(f"manifest.json has input_shape {shape!r}, expected a list of positive integers")
+        if not isinstance(manifest.get("model"), str):
+            raise self._refuse("manifest.json has no model name")
+        expected, listed = _files(num_exits), sorted(files) if isinstance(files, dict) else []
+        if listed != sorted(expected):
+            missing, extra = sorted(set(expected) - set(listed)), sorted(set(listed) - set(expected))
+            last = num_exits - 1
+            raise self._refuse(f"manifest.json has num_exits {num_exits}, which needs the stem, stage_0..{last}"
+                               f" and exit_0..{last} programs and {WEIGHTS}, but lists other files (missing "
+                               f"{missing}, unexpected {extra})")
+        return manifest
+
+    def _read(self, file: str, entry: Any) -> bytes:
+        """The bytes of ``file``, checked against its size and digest in the manifest."""
+        path = os.path.join(self.folder, file)
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("bytes"), int)):
+            raise self._refuse(f"manifest.json has no sha256 digest and size for {file}")
+        if not os.path.isfile(path):
+            raise self._refuse(f"{file} is missing")
+        if os.path.getsize(path) != entry["bytes"]:
+            raise self._refuse(f"{file} has {os.path.getsize(path)} bytes, the manifest says {entry['bytes']}")
+        with open(path, "rb") as f:
+            data = f.read()
+        if _digest(data)["sha256"] != entry["sha256"]:
+            raise self._refuse(f"{file} does not match its SHA-256 digest in the manifest (changed since export)")
+        return data
+
+    def _program(self, piece: str, data: bytes, weights: Dict[str, torch.Tensor]) -> nn.Module:
+        """The runnable module of one piece: its program checked, then read by torch with its weights."""
+        try:
+            doc = json.loads(data)
+        except (ValueError, RecursionError) as e:
+            raise self._refuse(f"{piece}.json is not valid JSON ({e})") from None
+        try:
+            _check_program(doc, f"{piece}.json")
+        except ValueError as e:
+            raise self._refuse(str(e)) from None
+        except RecursionError:
+            raise self._refuse(f"{piece}.json is nested too deeply for a program") from None
+        try:
+            state, constants = _inputs(doc, piece, weights)
+        except KeyError as e:
+            raise self._refuse(f"{piece}.json needs {e}, which {WEIGHTS} (or the program) does not have") from None
+        except (TypeError, AttributeError, ValueError) as e:
+            raise self._refuse(f"{piece}.json is not a program of an export ({e})") from None
+        try:
+            return deserialize(SerializedArtifact(data, state, constants, None)).module()
+        except Exception as e:  # a program torch cannot read: another torch version, or edited
+            raise self._refuse(f"torch {torch.__version__} cannot read {piece}.json (exported with torch "
+                               f"{self.torch_version}): {type(e).__name__}: {str(e)[:200]}") from None
 
     def forward_stem(self, x: torch.Tensor):
         if tuple(x.shape[1:]) != self.input_shape:

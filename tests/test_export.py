@@ -1,0 +1,395 @@
+"""Export: the folder round-trips (outputs equal to the eager model's at any batch size, in both grad
+modes, and through the early-exit executor), it is replaced atomically, and loading never runs code
+from the files: crafted payloads and every manifest tampering are refused with a clear error."""
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+import timm_exits  # noqa: F401  (registers the models)
+from timm_exits.inference import EarlyExitExecutor, ExportedModel, export_model
+from timm_exits.inference import export as export_module
+
+from helpers import randomise_norms
+
+MODELS = {  # the 5-exit MSDNet shrunk to 3 blocks: its export takes a minute on a shared 2-core machine
+    "msdnet": lambda: timm.create_model("msdnet_cifar_5exit", num_classes=10, num_channels=4, growth_rate=2,
+                                        num_blocks=3),
+    "resnet": lambda: timm.create_model("resnet18_exits", num_classes=10),
+}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """name -> (eager model, export folder, files, loaded ExportedModel); each exported once per module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            torch.manual_seed(0)
+            model = randomise_norms(MODELS[name]()).eval()
+            folder = str(tmp_path_factory.mktemp(name) / "export")
+            files = export_model(model, torch.randn(1, 3, 32, 32), folder, name=name)
+            cache[name] = model, folder, files, ExportedModel(folder)
+        return cache[name]
+    return get
+
+
+@pytest.fixture
+def copy(exports, tmp_path):
+    """A fresh copy of the resnet export, to tamper with."""
+    folder = tmp_path / "export"
+    shutil.copytree(exports("resnet")[1], folder)
+    return folder
+
+
+# -- the good path -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_outputs_equal_the_eager_model_at_any_batch_size(exports, name, grad_mode):
+    model, _, _, exported = exports(name)
+    assert exported.num_exits == model.num_exits and exported.name == name
+    for batch in (1, 3):  # the export saw batch 2
+        x = torch.randn(batch, 3, 32, 32)
+        with grad_mode():
+            ours, theirs = exported.forward_exits(x), model.forward_exits(x)
+        assert len(ours) == model.num_exits
+        for a, b in zip(ours, theirs):
+            assert a.shape == (batch, 10) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_executor_runs_the_export_like_the_eager_model(exports, name):
+    model, _, _, exported = exports(name)
+    x = torch.randn(12, 3, 32, 32)
+    with torch.no_grad():  # thresholds at each exit's median confidence: about half the samples leave there
+        scores = [logits.softmax(-1).amax(-1) for logits in model.forward_exits(x)]
+    thresholds = [s.median().item() for s in scores[:-1]] + [-1e8]
+    ours, theirs = EarlyExitExecutor(exported, thresholds)(x), EarlyExitExecutor(model, thresholds)(x)
+    assert len(set(theirs.exits.tolist())) > 1  # samples really leave at different exits
+    assert torch.equal(ours.exits, theirs.exits) and torch.equal(ours.preds, theirs.preds)
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=0, atol=1e-6)
+    assert torch.equal(exported.early_exit(x, thresholds).exits, theirs.exits)
+
+
+class Toy(torch.nn.Module):
+    """Two exits with what the families above lack: a non-persistent buffer, a tensor constant made in
+    forward, and a reshape over the batch (a symbolic size: Mul(Integer(16), batch))."""
+
+    num_exits = 2
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(3, 3, 3, padding=1) for _ in range(2))
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(3, 4) for _ in range(2))
+        self.register_buffer("mean", torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1), persistent=False)
+
+    def forward_stem(self, x):
+        return x - self.mean
+
+    def forward_stage(self, x, index):
+        return self.convs[index](x).relu()
+
+    def forward_exit(self, x, index):
+        tokens = x.permute(0, 2, 3, 1).reshape(-1, 3) * torch.tensor([1.0, 2.0, 3.0])
+        return self.heads[index](tokens).view(x.shape[0], -1, 4).mean(1)
+
+
+def test_buffers_outside_the_state_dict_and_constants_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = Toy().eval()
+    export_model(model, torch.randn(1, 3, 4, 4), str(tmp_path / "toy"))
+    weights = load_file(tmp_path / "toy" / "weights.safetensors")
+    assert "stem/model.mean" in weights and "model.mean" not in weights and "exit_1/lifted_tensor_0" in weights
+    program = (tmp_path / "toy" / "exit_0.json").read_text()
+    assert "Mul(Integer(16), Symbol(" in program
+    exported = ExportedModel(str(tmp_path / "toy"))
+    x = torch.randn(3, 3, 4, 4)
+    with torch.inference_mode():
+        ours, state = exported.forward_exits(x), model.forward_stem(x)
+        for k in range(2):
+            state = model.forward_stage(state, k)
+            assert torch.equal(ours[k], model.forward_exit(state, k))
+
+
+def test_the_folder_holds_programs_weights_and_a_manifest_of_digests(exports):
+    model, folder, files, _ = exports("resnet")
+    pieces = ["stem"] + [f"{kind}_{k}" for k in range(4) for kind in ("stage", "exit")]
+    assert files == [f"{p}.json" for p in pieces] + ["weights.safetensors"]
+    assert sorted(os.listdir(folder)) == sorted(files + ["manifest.json"])
+    manifest = json.loads((open(os.path.join(folder, "manifest.json")).read()))
+    assert manifest["format_version"] == 2 and manifest["num_exits"] == 4 and manifest["input_shape"] == [3, 32, 32]
+    for file in files:
+        data = open(os.path.join(folder, file), "rb").read()
+        assert manifest["files"][file] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        assert not data.startswith((b"\x80", b"PK"))  # neither a pickle nor a zip archive
+    weights = load_file(os.path.join(folder, "weights.safetensors"))
+    assert torch.equal(weights["model.backbone.bn1.running_var"], model.backbone.bn1.running_var)
+    used = {f"model.{k}" for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    assert sorted(weights) == sorted(used)  # one copy of each weight the programs use, not one per program
+
+
+def test_a_failed_export_leaves_the_previous_one_and_a_new_one_replaces_it(exports, copy):
+    model = exports("resnet")[0]
+    before = (copy / "manifest.json").read_text()
+    with pytest.raises(RuntimeError):  # 4 channels instead of 3: the stem cannot be exported
+        export_model(model, torch.randn(1, 4, 32, 32), str(copy))
+    assert (copy / "manifest.json").read_text() == before and ExportedModel(str(copy)).num_exits == 4
+    (copy / "stale.txt").write_text("from before")
+    export_model(model, torch.randn(1, 3, 24, 24), str(copy))
+    assert not (copy / "stale.txt").exists() and ExportedModel(str(copy)).input_shape == (3, 24, 24)
+    assert sorted(os.listdir(copy.parent)) == ["export"]  # no temporary or previous version left beside it
+
+
+def test_inputs_of_another_shape_and_a_folder_without_manifest_are_refused(exports, tmp_path):
+    exported = exports("resnet")[3]
+    with pytest.raises(ValueError, match=r"expected inputs of shape \(batch, 3, 32, 32\)"):
+        exported.forward_stem(torch.randn(2, 3, 16, 16))
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        ExportedModel(str(tmp_path))
+
+
+# -- tampering: the manifest ---------------------------------------------------------------------
+
+def _edit_manifest(folder, edit):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _truncate(folder):
+    text = (folder / "manifest.json").read_text()
+    (folder / "manifest.json").write_text(text[:len(text) // 2])
+
+
+def _flip_a_byte(folder):
+    data = bytearray((folder / "stage_1.json").read_bytes())
+    data[len(data) // 2] ^= 1
+    (folder / "stage_1.json").write_bytes(bytes(data))
+
+
+TAMPERING = {
+    "truncated": (_truncate, "manifest.json is not valid JSON"),
+    "fewer exits": (lambda f: _edit_manifest(f, lambda m: m.update(num_exits=3)),
+                    r"num_exits 3, which needs .* \(missing \[\], unexpected \['exit_3.json', 'stage_3.json'\]\)"),
+    "more exits": (lambda f: _edit_manifest(f, lambda m: m.update(num_exits=5)),
+                   r"num_exits 5, which needs .* \(missing \['exit_4.json', 'stage_4.json'\], unexpected \[\]\)"),
+    "no exits": (lambda f: _edit_manifest(f, lambda m: m.update(num_exits=0)), "num_exits 0, expected a positive"),
+    "file unlisted": (lambda f: _edit_manifest(f, lambda m: m["files"].pop("exit_2.json")),
+                      r"missing \['exit_2.json'\]"),
+    "file deleted": (lambda f: os.remove(f / "exit_2.json"), "exit_2.json is missing"),
+    "digest": (_flip_a_byte, "stage_1.json does not match its SHA-256 digest"),
+    "no digest": (lambda f: _edit_manifest(f, lambda m: m["files"]["stem.json"].pop("sha256")),
+                  "no sha256 digest and size for stem.json"),
+    "size": (lambda f: open(f / "weights.safetensors", "ab").write(b"\0"), "weights.safetensors has .* bytes, the "
+                                                                          "manifest says"),
+    "unknown version": (lambda f: _edit_manifest(f, lambda m: m.update(format_version=3)), "format version 3"),
+    "first format": (lambda f: _edit_manifest(f, lambda m: m.pop("format_version")), "format version None"),
+    "input shape": (lambda f: _edit_manifest(f, lambda m: m.update(input_shape="3x32x32")), "input_shape '3x32x32'"),
+}
+
+
+@pytest.mark.parametrize("tampering", sorted(TAMPERING))
+def test_a_tampered_manifest_or_file_is_refused(copy, tampering):
+    tamper, message = TAMPERING[tampering]
+    tamper(copy)
+    with pytest.raises(ValueError, match=f"{copy} is not a usable export: .*{message}.*; re-export the model"):
+        ExportedModel(str(copy))
+
+
+# -- tampering: payloads that would run code -----------------------------------------------------
+
+class Payload:
+    """Unpickling it creates ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _rewrite(folder, file, data: bytes):
+    """Replace ``file`` and its digest in the manifest: only the loader's own checks remain."""
+    (folder / file).write_bytes(data)
+    _edit_manifest(folder, lambda m: m["files"].update({file: {"sha256": hashlib.sha256(data).hexdigest(),
+                                                               "bytes": len(data)}}))
+
+
+def _edit_program(folder, file, edit):
+    doc = json.loads((folder / file).read_text())
+    edit(doc)
+    _rewrite(folder, file, json.dumps(doc).encode())
+
+
+def _each(obj, key):
+    """Every dict under ``obj`` that has ``key``."""
+    if isinstance(obj, dict):
+        if key in obj:
+            yield obj
+        for v in obj.values():
+            yield from _each(v, key)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _each(v, key)
+
+
+def _sympy_payload(folder, marker):  # torch's reader gives expr_str to sympy.sympify, which evals it
+    def edit(doc):
+        for d in _each(doc, "expr_str"):
+            d["expr_str"] = f"__import__('builtins').open('{marker}', 'w') and {d['expr_str']}"
+    _edit_program(folder, "stem.json", edit)
+
+
+def _guard_payload(folder, marker):  # ExportedProgram.module() compiles guards into its code (if the
+    # program has example inputs, which exports do not keep: not live today, refused all the same)
+    _edit_program(folder, "stem.json", lambda doc: doc.update(
+        guards_code=[f"__import__('builtins').open('{marker}', 'w') is not None"]))
+
+
+def _name_payload(folder, marker):  # parameter names become attribute lookups in the module's code
+    # the name may not hold a dot, so the marker is opened by a path relative to the test's folder
+    doc = json.loads((folder / "stem.json").read_text())
+    spec = next(s["parameter"] for s in doc["graph_module"]["signature"]["input_specs"] if "parameter" in s)
+    old = spec["parameter_name"]
+    spec["parameter_name"] = old + f'")if open("{marker.name}","w")else("'
+    _rewrite(folder, "stem.json", json.dumps(doc).encode())
+    weights = load_file(folder / "weights.safetensors")
+    weights[spec["parameter_name"]] = weights.pop(old)
+    save_file(weights, folder / "weights.safetensors")
+    _rewrite(folder, "weights.safetensors", (folder / "weights.safetensors").read_bytes())
+
+
+def _target_payload(folder, marker):  # a call target resolved by torch's reader outside torch.ops.aten
+    def edit(doc):
+        node = next(_each(doc, "target"))
+        node["target"] = "torch.save"
+    _edit_program(folder, "stem.json", edit)
+
+
+PROGRAM_PAYLOADS = {  # name: (plant, refusal, whether torch's reader runs it without our check)
+    "sympy expression": (_sympy_payload, r"stem.json: .*\.expr_str is .*, expected arithmetic on size symbols", True),
+    "parameter name": (_name_payload, r"stem.json: .*\.parameter_name is .*, expected a plain name", True),
+    "guard": (_guard_payload, r"stem.json: .guards_code\[0\] is .*, expected no guard at all", False),
+    "call target": (_target_payload, r"stem.json: .*\.target is 'torch.save', expected an aten operator", False),
+}
+
+
+def _set_first(key, value):
+    def edit(doc):
+        next(_each(doc, key))[key] = value
+    return edit
+
+
+CHECK_CASES = {  # edit of a real program: what the refusal says
+    "power": (_set_first("expr_str", "9**9**9**9"), "expected arithmetic on size symbols"),
+    "sympy name": (_set_first("expr_str", "exec"), "expected arithmetic on size symbols"),
+    "argument name": (_set_first("forward_arg_names", ["x:__import__"]), "expected a plain name"),
+    "spec": (_set_first("in_spec", "[1, {"), "expected a pytree spec in JSON"),
+    "spec content": (_set_first("in_spec", json.dumps([1, {"type": "builtins.dict", "context": json.dumps(['a"'])}])),
+                     "expected a plain name"),
+    "key": (lambda doc: doc["graph_module"].update({"x'": 1}), "a key in .graph_module is \"x'\", expected a plain"),
+    "extension operator": (_set_first("target", "#my_op"), "expected an aten operator"),
+    "dunder operator": (_set_first("target", "torch.ops.aten.__class__.__call__"), "expected an aten operator"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECK_CASES))
+def test_the_program_check_refuses_strings_torch_would_evaluate(exports, case):
+    doc = json.loads(open(os.path.join(exports("resnet")[1], "stage_1.json")).read())
+    export_module._check_program(doc, "stage_1.json")  # an export passes
+    assert doc["guards_code"] == [] and all(node["metadata"] == {} for node in _each(doc, "target"))
+    edit, message = CHECK_CASES[case]
+    edit(doc)
+    with pytest.raises(ValueError, match=re.escape("stage_1.json: ") + ".*" + message):
+        export_module._check_program(doc, "stage_1.json")
+
+
+@pytest.mark.parametrize("payload", sorted(PROGRAM_PAYLOADS))
+def test_code_in_a_program_is_refused_and_never_runs(copy, tmp_path, monkeypatch, payload):
+    plant, message, live = PROGRAM_PAYLOADS[payload]
+    marker = tmp_path / "marker"
+    monkeypatch.chdir(tmp_path)
+    plant(copy, marker)
+    with pytest.raises(ValueError, match=f"{message}.*; re-export the model"):
+        ExportedModel(str(copy))
+    assert not marker.exists()
+    if not live:  # a call target: torch's verifier refuses it too, after resolving the name
+        return
+    # the control: without the program check, torch's reader runs the payload (on load or first call)
+    monkeypatch.setattr(export_module, "_check_program", lambda doc, where="": None)
+    try:
+        ExportedModel(str(copy)).forward_exits(torch.randn(2, 3, 32, 32))
+    except Exception:
+        pass  # the payload may break the program after it ran
+    assert marker.exists(), "the payload did not run through torch's reader: this test no longer proves anything"
+
+
+def _drop_a_weight(folder):
+    weights = load_file(folder / "weights.safetensors")
+    weights.pop("model.backbone.conv1.weight")
+    save_file(weights, folder / "weights.safetensors")
+    _rewrite(folder, "weights.safetensors", (folder / "weights.safetensors").read_bytes())
+
+
+def test_a_program_torch_cannot_read_or_without_its_weights_is_refused(copy):
+    major = json.loads((copy / "stem.json").read_text())["schema_version"]["major"]
+    _edit_program(copy, "stem.json", lambda doc: doc["schema_version"].update(major=99))
+    with pytest.raises(ValueError, match=r"torch .* cannot read stem.json \(exported with torch .*\): SerializeError"):
+        ExportedModel(str(copy))
+    _edit_program(copy, "stem.json", lambda doc: doc["schema_version"].update(major=major))
+    _drop_a_weight(copy)
+    with pytest.raises(ValueError, match="stem.json needs 'model.backbone.conv1.weight', which weights.safetensors"):
+        ExportedModel(str(copy))
+
+
+@pytest.mark.parametrize("file", ["weights.safetensors", "stem.json"])
+def test_a_pickle_in_place_of_a_file_is_refused_and_never_runs(copy, tmp_path, file):
+    marker = tmp_path / "marker"
+    data = pickle.dumps(Payload(marker))
+    _rewrite(copy, file, data)
+    message = "weights.safetensors is not a safetensors file" if file.endswith("safetensors") else \
+        "stem.json is not valid JSON"
+    with pytest.raises(ValueError, match=message):
+        ExportedModel(str(copy))
+    assert not marker.exists()
+    pickle.loads(data)  # the control: the payload is live
+    assert marker.exists()
+
+
+def test_a_first_format_export_with_a_tampered_archive_is_refused_unread(tmp_path):
+    """The tester's payload: a .pt2 archive whose sample inputs are a pickle; torch.export.load runs it
+    (its weights_only=True load fails and it falls back to weights_only=False)."""
+    import zipfile
+
+    class Square(torch.nn.Module):
+        def forward(self, x):
+            return x * x
+
+    folder, marker = tmp_path / "first", tmp_path / "marker"
+    folder.mkdir()
+    archive = folder / "stem.pt2"
+    torch.export.save(torch.export.export(Square(), (torch.randn(2),)), str(archive))
+    with zipfile.ZipFile(archive) as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    with zipfile.ZipFile(archive, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, pickle.dumps(Payload(marker), protocol=2) if "sample_inputs" in name else data)
+    (folder / "manifest.json").write_text(json.dumps({"model": "m", "num_exits": 1, "input_shape": [2],
+                                                      "files": ["stem.pt2", "stage_0.pt2", "exit_0.pt2"]}))
+    with pytest.raises(ValueError, match="format version None, this timm-exits reads version 2; re-export"):
+        ExportedModel(str(folder))
+    assert not marker.exists()
+    try:  # the control: torch's own loader runs it
+        torch.export.load(str(archive))
+    except Exception:
+        pass
+    assert marker.exists()
