@@ -19,6 +19,7 @@ from torchvision.models import resnet50
 
 import timm_exits  # noqa: F401
 from timm_exits.catalogue import load_catalogue
+from timm_exits.config import load_config
 
 from msdnet_reference import reference_for
 from test_evaluate_cli import make_image_folder
@@ -74,7 +75,18 @@ def _hub_cache(where: Path) -> dict:
     return dict(HF_HUB_CACHE=str(where / "hub"), HF_HUB_OFFLINE="1")
 
 
+def _main_job_weights(where: Path) -> None:
+    """What the main job writes as output/train/phase1_ge/model.safetensors: its model, built from
+    recipes/digits.py (so the README's kwargs must be the recipe's), 10 classes, 1 channel."""
+    model = load_config(str(ROOT / "recipes" / "digits.py"))["model"]
+    net = timm.create_model(model["name"], num_classes=10, in_chans=1, **model["kwargs"])
+    (where / "output" / "train" / "phase1_ge").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+              str(where / "output" / "train" / "phase1_ge" / "model.safetensors"))
+
+
 SETUP = {  # a string the block contains -> what the block needs
+    "output/train/phase1_ge/model.safetensors": _main_job_weights,
     "msdnet-step4-imagenet.pth.tar": _msdnet_reference_checkpoint,
     "resnet50_adn.pth": _adn_reference_weights,
     'root=f"cifar/{split}"': _cifar_folders_and_weights,
@@ -83,7 +95,7 @@ HUB = re.compile(r"\(\"resnet50(_adn)?\", pretrained=True\)")
 
 
 def test_the_readme_has_its_python_examples():
-    assert len(BLOCKS) >= 12
+    assert len(BLOCKS) >= 13
     assert all("model" in code or "dict(" in code for _, code in BLOCKS)
 
 
