@@ -2,11 +2,8 @@
 # with One-for-all KD (the ImageNet script's T = 1, gamma = 0.1) on the frozen network; 90 epochs each,
 # SGD 0.1, lr x0.1 every 30 epochs, global batch 256 (4 processes x 64; scale optimizer.lr with it).
 #   accelerate launch --multi_gpu --num_processes 4 recipes/imagenet.py --data-dir /data/imagenet
-_base_ = ['./_base_/datasets/imagenet.py', './_base_/models/msdnet_imagenet.py', './_base_/schedules/imagenet_90e.py']
-phases = [
-    dict(name='phase1_ge', technique=dict(loss='ce', gradient_equilibrium=True)),
-    dict(name='phase2_isc_ofa', technique=dict(loss='ofa', isc='reference', temperature=1.0, gamma=0.1)),
-]
+_base_ = ['./_base_/datasets/imagenet.py', './_base_/models/msdnet_imagenet.py', './_base_/schedules/imagenet_90e.py',
+          './_base_/techniques/imta_imagenet.py']
 output_dir = 'output/imagenet'
 
 if __name__ == "__main__":  # accelerate launch recipes/<this file> [--data-dir ...] [--cfg-options ...]

