@@ -39,9 +39,14 @@ def test_main_job_trains_imta_on_the_embedded_digits(tmp_path):
     assert top1[-1] > 50, top1  # ten classes: chance is 10 % (two epochs: the narrow early exits lag behind)
     for phase in ("phase1_ge", "phase2_isc_ofa"):
         assert sorted(p.name for p in (out / phase).iterdir()) == [
-            "checkpoint", "evaluation.json", "evaluation.png", "model.safetensors"]  # nothing half-written
+            "checkpoint", "config.json", "evaluation.json", "evaluation.png", "model.safetensors"]  # nothing half-written
     model = timm.create_model("msdnet_cifar_5exit", num_classes=10, in_chans=1, num_channels=4, growth_rate=2,
                               head_channels=6)  # recipes/_base_/models/msdnet_digits.py
+    # each phase folder is a timm model folder: the architecture, its arguments and the preprocessing
+    folder = timm.create_model(f"local-dir:{out / 'phase1_ge'}", pretrained=True)
+    assert timm.data.resolve_data_config({}, model=folder)["input_size"] == (1, 32, 32)
+    assert all(torch.equal(v, load_file(out / "phase1_ge" / "model.safetensors")[k]) for k, v in folder.state_dict().items())
+    assert json.loads((out / "phase2_isc_ofa" / "config.json").read_text())["timm_exits"]["phase"] == "phase2_isc_ofa"
     state = load_checkpoint(str(out / "phase1_ge" / "checkpoint"), model, model_name="msdnet_cifar_5exit")
     assert state["finished"] and state["epoch"] == 2 and state["updates"] == 2 * (1149 // 64)
     torch.load(out / "phase2_isc_ofa" / "checkpoint" / "training.pt", weights_only=True)  # no pickled code

@@ -158,7 +158,14 @@ def load_config(path: str, data_dir: Optional[str] = None, output_dir: Optional[
     overrides (``{'train.epochs': 3}``), ``data_dir`` and ``output_dir``, then check and complete it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} not found (see recipes/ for examples)")
-    cfg = Config.fromfile(path)
+    try:
+        cfg = Config.fromfile(path)
+    except KeyError as e:  # mmengine refuses a key that two bases set
+        if "Duplicate key is not allowed among bases" not in str(e):
+            raise
+        raise ConfigError(f"{path}: {e.args[0]}; two of its _base_ files set the same section: keep one base per "
+                          f"kind (dataset, model, schedule, technique) and swap it, or override the key in your "
+                          f"own file") from None
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options), allow_list_keys=True)
     config = cfg.to_dict()

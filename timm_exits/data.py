@@ -347,8 +347,12 @@ def split_dataset(dataset: Dataset, fraction: float, seed: int = 0) -> Tuple[Sub
 
 def write_digits(root: str, size: int = 32, test_fraction: float = 0.2, seed: int = 0) -> str:
     """Write scikit-learn's embedded digits (1,797 8 x 8 images, 10 classes) as ``size`` x ``size``
-    grayscale PNGs in ImageFolder layout: ``root/train/<digit>/`` and ``root/test/<digit>/`` (a
-    seeded split). Nothing is downloaded; an existing folder is kept. Returns ``root``."""
+    grayscale PNGs in ImageFolder layout: ``root/train/<digit>/`` and ``root/val/<digit>/`` (a
+    seeded split). Nothing is downloaded; an existing folder is kept (one written by an older
+    version, with ``test/`` for ``val/``, is renamed). Returns ``root``."""
+    old, new = os.path.join(root, "test"), os.path.join(root, "val")
+    if os.path.isdir(old) and not os.path.exists(new):
+        os.replace(old, new)
     if os.path.isdir(root):
         return root
     from sklearn.datasets import load_digits
@@ -359,7 +363,7 @@ def write_digits(root: str, size: int = 32, test_fraction: float = 0.2, seed: in
     n_test = round(len(images) * test_fraction)
     with atomic_folder(root) as tmp:
         for rank, index in enumerate(order):
-            folder = os.path.join(tmp, "test" if rank < n_test else "train", str(digits.target[index]))
+            folder = os.path.join(tmp, "val" if rank < n_test else "train", str(digits.target[index]))
             os.makedirs(folder, exist_ok=True)
             image = Image.fromarray(images[index]).resize((size, size), Image.BILINEAR)
             image.save(os.path.join(folder, f"{index:04d}.png"))
