@@ -15,7 +15,7 @@ from timm_exits.config import ConfigError, load_config, phase_configs, resolve_c
 from timm_exits.integrations.accelerate import run
 
 from launch import launch_two_processes
-from helpers import TINY_MSDNET, tiny_data, write_config
+from helpers import tiny_data, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "recipes" / "train.py")

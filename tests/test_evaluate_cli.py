@@ -4,11 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 import timm_exits  # noqa: F401
@@ -16,18 +14,9 @@ from timm_exits.data import image_dataset
 from timm_exits.inference import Thresholds, anytime_accuracy, collect_outputs
 from timm_exits.profile import profile_exits
 
+from helpers import make_image_folder
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_image_folder(root: Path, classes=3, per_class=10, size=32, seed=0) -> Path:
-    """Real PNG files in ImageFolder layout; each class has its own mean colour, so it is learnable."""
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = rng.normal(60 + 60 * c, 40, (size, size, 3)).clip(0, 255).astype("uint8")
-            Image.fromarray(img).save(root / f"class{c}" / f"{i}.png")
-    return root
 
 
 def _run(*args):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_evaluate_cli import make_image_folder
+from helpers import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINK = ["train_cfg.max_epochs=1", "train_cfg.val_interval=1", "train_dataloader.batch_size=8",

@@ -23,7 +23,7 @@ from timm_exits.profile import CONVENTIONS, profile_exits
 from timm_exits.train.imta import IMTAModel
 
 from helpers import randomise_norms
-from test_evaluate_cli import make_image_folder
+from helpers import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 GREY = dict(input_size=(1, 32, 32), mean=(0.4,), std=(0.3,), crop_pct=1.0, interpolation="bilinear")

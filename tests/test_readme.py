@@ -20,9 +20,10 @@ from torchvision.models import resnet50
 import timm_exits  # noqa: F401
 from timm_exits.catalogue import load_catalogue
 from timm_exits.config import load_config
+from timm_exits.model_folder import save_model_folder
 
 from msdnet_reference import reference_for
-from test_evaluate_cli import make_image_folder
+from helpers import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -76,17 +77,17 @@ def _hub_cache(where: Path) -> dict:
 
 
 def _main_job_weights(where: Path) -> None:
-    """What the main job writes as output/train/phase1_ge/model.safetensors: its model, built from
-    recipes/digits.py (so the README's kwargs must be the recipe's), 10 classes, 1 channel."""
-    model = load_config(str(ROOT / "recipes" / "digits.py"))["model"]
-    net = timm.create_model(model["name"], num_classes=10, in_chans=1, **model["kwargs"])
-    (where / "output" / "train" / "phase1_ge").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
-              str(where / "output" / "train" / "phase1_ge" / "model.safetensors"))
+    """What the main job writes as output/train/phase1_ge/: its model (built from recipes/digits.py, so
+    the README's kwargs must be the recipe's; 10 classes, 1 channel) as a model folder, with the data
+    config of recipes/_base_/datasets/digits.py."""
+    config = load_config(str(ROOT / "recipes" / "digits.py"))
+    net = timm.create_model(config["model"]["name"], num_classes=10, in_chans=1, **config["model"]["kwargs"])
+    data = {k: config["data"][k] for k in ("mean", "std", "input_size")}
+    save_model_folder(net, str(where / "output" / "train" / "phase1_ge"), data)
 
 
 SETUP = {  # a string the block contains -> what the block needs
-    "output/train/phase1_ge/model.safetensors": _main_job_weights,
+    "output/train/phase1_ge": _main_job_weights,
     "msdnet-step4-imagenet.pth.tar": _msdnet_reference_checkpoint,
     "resnet50_adn.pth": _adn_reference_weights,
     'root=f"cifar/{split}"': _cifar_folders_and_weights,
