@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mmengine.config import Config
 
-from timm_exits.config import ConfigError, load_config, phase_configs
+from timm_exits.config import load_config, phase_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -34,10 +34,14 @@ def _base_list(recipe: str):
     return [str((RECIPES / p).resolve()) for p in ast.literal_eval(value)]
 
 
-def _compose(tmp_path: Path, bases, body: str = "") -> dict:
+def _write(tmp_path: Path, bases, body: str = "") -> Path:
     path = tmp_path / "mine.py"
     path.write_text(f"_base_ = {[str(b) for b in bases]!r}\n{body}")
-    return load_config(str(path))
+    return path
+
+
+def _compose(tmp_path: Path, bases, body: str = "") -> dict:
+    return load_config(str(_write(tmp_path, bases, body)))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -132,7 +136,17 @@ def test_a_recipe_inherited_whole_takes_changes_in_the_config_itself(tmp_path):
     assert config["data"]["mean"] == (0.4914, 0.4824, 0.4467) and config["data"]["transform"] == "pad_crop"
 
 
-def test_a_recipe_and_a_base_of_a_kind_it_has_are_refused(tmp_path):
-    """Two bases that both set `data`: mmengine 0.10.7 refuses the list rather than pick one."""
-    with pytest.raises(ConfigError, match="Duplicate key is not allowed among bases.*data.*keep one base per kind"):
-        _compose(tmp_path, [RECIPES / "cifar.py", RECIPES / "_base_/datasets/cifar10.py"])
+def test_a_recipe_composed_with_a_base_of_a_kind_it_has_takes_the_later_base(tmp_path):
+    """Two bases that both set `data` (mmengine 0.10.7 alone refuses them): merged in the order listed."""
+    with pytest.raises(KeyError, match="Duplicate key is not allowed among bases"):
+        Config.fromfile(str(_write(tmp_path, [RECIPES / "cifar.py", RECIPES / "_base_/datasets/cifar10.py"])))
+    recipe = load_config(str(RECIPES / "cifar.py"))
+    config = _compose(tmp_path, [RECIPES / "cifar.py", RECIPES / "_base_/datasets/cifar10.py"],
+                      "train = dict(epochs=3)\n")
+    cifar10 = Config.fromfile(str(RECIPES / "_base_/datasets/cifar10.py")).to_dict()["data"]
+    assert all(config["data"][k] == v for k, v in cifar10.items())  # the later base's data
+    assert config["data"]["mean"] != recipe["data"]["mean"]
+    assert config["train"]["epochs"] == 3 and config["model"] == recipe["model"]  # the file's own keys, the recipe's
+    assert config["phases"] == recipe["phases"] and config["optimizer"] == recipe["optimizer"]
+    model = _compose(tmp_path, [RECIPES / "digits.py", RECIPES / "_base_/models/msdnet_cifar.py"])
+    assert model["model"]["name"] == "msdnet_cifar_7exit" and model["data"] == load_config(str(RECIPES / "digits.py"))["data"]

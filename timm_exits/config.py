@@ -9,6 +9,7 @@ above (IMTA: phase I with Gradient Equilibrium, then phase II on its weights).
 """
 from __future__ import annotations
 
+import ast
 import copy
 import difflib
 import os
@@ -152,20 +153,51 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     return resolved
 
 
+def _merge_in(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
+    """mmengine's inheritance rule: dicts merge key by key (``_delete_=True`` replaces), other values replace."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not value.get("_delete_", False):
+            out[key] = _merge_in(out[key], value)
+        else:
+            out[key] = {k: v for k, v in value.items() if k != "_delete_"} if isinstance(value, dict) else value
+    return out
+
+
+def _merge_bases_in_order(path: str) -> Dict[str, Any]:
+    """A config whose ``_base_`` files set the same keys (a recipe and a dataset base, say), which
+    mmengine refuses: each base is read on its own and merged in the order listed, a later base
+    overriding an earlier one key by key, then the file's own keys on top."""
+    source = open(path).read()
+    module = ast.parse(source)
+    assignment = next((node for node in module.body if isinstance(node, ast.Assign)
+                       and any(isinstance(t, ast.Name) and t.id == "_base_" for t in node.targets)), None)
+    try:
+        bases = ast.literal_eval(assignment.value)
+    except (AttributeError, ValueError) as e:
+        raise ConfigError(f"{path}: _base_ must be a literal list of file names to merge its bases in order") from e
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    lines = source.splitlines(keepends=True)
+    own = "".join(lines[:assignment.lineno - 1] + lines[assignment.end_lineno:])
+    merged: Dict[str, Any] = {}
+    for base in bases:
+        merged = _merge_in(merged, Config.fromfile(os.path.join(os.path.dirname(os.path.abspath(path)), base)).to_dict())
+    return _merge_in(merged, Config.fromstring(own, ".py").to_dict())
+
+
 def load_config(path: str, data_dir: Optional[str] = None, output_dir: Optional[str] = None,
                 cfg_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Read an mmengine config file (with its ``_base_`` files), apply ``--cfg-options`` style
+    """Read an mmengine config file (with its ``_base_`` files; bases that set the same keys are
+    merged in the order listed, where mmengine alone refuses them), apply ``--cfg-options`` style
     overrides (``{'train.epochs': 3}``), ``data_dir`` and ``output_dir``, then check and complete it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} not found (see recipes/ for examples)")
     try:
         cfg = Config.fromfile(path)
-    except KeyError as e:  # mmengine refuses a key that two bases set
+    except KeyError as e:  # mmengine refuses a key that two bases set: merge them in order instead
         if "Duplicate key is not allowed among bases" not in str(e):
             raise
-        raise ConfigError(f"{path}: {e.args[0]}; two of its _base_ files set the same section: keep one base per "
-                          f"kind (dataset, model, schedule, technique) and swap it, or override the key in your "
-                          f"own file") from None
+        cfg = Config(_merge_bases_in_order(path))
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options), allow_list_keys=True)
     config = cfg.to_dict()
