@@ -10,72 +10,51 @@ which updates the loss weights every 4th step, is charged its full cost).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import timm_exits  # noqa: F401
-from timm_exits.train import IMTAModel, multi_exit_cross_entropy, one_for_all_distillation, pcgrad_backward
-from timm_exits.train.hdkd import BalancedValidationLoss, HarmonizedWeights, harmonized_loss, hdkd_weight_step, loss_terms
+from timm_exits.train import HDKD, CrossEntropy, OneForAll, PCGrad, Technique
+from timm_exits.train.techniques import TrainingForward
 
 
 def make_steps(model_name: str, batch: int):
+    """One training step per technique, each on its own copy of the same initial model (a technique
+    sets switches on the model it prepares)."""
     torch.manual_seed(0)
     model = timm.create_model(model_name).train()
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 100, (batch,))
-    xv, yv = torch.randn(batch, 3, 32, 32), torch.randint(0, 100, (batch,))
-    sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    phase2 = IMTAModel(timm.create_model(model_name)).train()
-    sgd2 = torch.optim.SGD([p for p in phase2.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-    weights = HarmonizedWeights(model.num_exits)
-    wopt = torch.optim.Adam(weights.parameters(), lr=3e-4)
-    val_loss = BalancedValidationLoss(model.num_exits)
+    held_out = torch.randn(batch, 3, 32, 32), torch.randint(0, 100, (batch,))
 
-    def plain():
-        sgd.zero_grad()
-        multi_exit_cross_entropy(model.forward_exits(x), y).backward()
-        sgd.step()
-
-    def equilibrium():
-        model.gradient_equilibrium = True
-        plain()
-        model.gradient_equilibrium = False
-
-    def branch_deconfliction():
-        model.gradient_deconfliction = "symmetric"
-        plain()
-        model.gradient_deconfliction = None
-
-    def pcgrad():
-        sgd.zero_grad()
-        pcgrad_backward([F.cross_entropy(z, y) for z in model.forward_exits(x)], list(model.parameters()))
-        sgd.step()
-
-    def imta_phase_two():
-        sgd2.zero_grad()
-        logits, teacher = phase2.forward_train(x)
-        one_for_all_distillation(logits, teacher, y).backward()
-        sgd2.step()
-
-    def hdkd(interval: int = 1):
+    def step_of(technique: Technique, net: torch.nn.Module):
+        net = technique.prepare(copy.deepcopy(net))
+        forward = TrainingForward(net)
+        sgd = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
         calls = [0]
 
         def step():
-            if calls[0] % interval == 0:
-                hdkd_weight_step(model, weights, wopt, (x, y), (xv, yv), val_loss, xi=0.01)
+            if isinstance(technique, HDKD) and technique.due(calls[0]):
+                technique.update_weights(net, (x, y), held_out, lr=0.01)
             calls[0] += 1
             sgd.zero_grad()
-            ce, kd = loss_terms(model.forward_exits(x), y)
-            harmonized_loss(ce, kd, tuple(w.detach() for w in weights())).backward()
+            technique.step(net, forward, x, y)
             sgd.step()
         return step
 
-    return {"plain": plain, "gradient_equilibrium": equilibrium, "imta_phase_two": imta_phase_two,
-            "branch_deconfliction": branch_deconfliction, "pcgrad": pcgrad, "hdkd": hdkd(1), "hdkd_interval4": hdkd(4)}
+    return {
+        "plain": step_of(CrossEntropy(), model),
+        "gradient_equilibrium": step_of(CrossEntropy(gradient_equilibrium=True), model),
+        "imta_phase_two": step_of(OneForAll(), timm.create_model(model_name)),
+        "branch_deconfliction": step_of(CrossEntropy(deconfliction="symmetric"), model),
+        "pcgrad": step_of(PCGrad(), model),
+        "hdkd": step_of(HDKD(xi=0.01), model),
+        "hdkd_interval4": step_of(HDKD(xi=0.01, interval=4), model),
+    }
 
 
 def main() -> None:

@@ -86,9 +86,8 @@ def test_each_technique_trains_with_the_runner(tmp_path, technique):
     if technique == "gradient_equilibrium":
         assert inner.gradient_equilibrium is True
     if technique == "hdkd":
-        hook = next(h for h in runner.hooks if type(h).__name__ == "HarmonizedWeightsHook")
-        assert hook.weights.ce_logits.abs().sum() > 0  # the weights were updated
-        assert runner.model.hdkd_weights is not None
+        assert runner.model.technique.weights.ce_logits.abs().sum() > 0  # the weights were updated
+        assert runner.model.technique.lr == 0.05  # the hook's options
 
 
 def test_imta_phase_two_and_adn_with_the_runner(tmp_path):
@@ -118,11 +117,38 @@ def test_checkpoints_save_and_resume(tmp_path):
     assert all(torch.equal(state[k], weights[k]) for k in weights)
 
 
+def test_hdkd_weights_are_saved_and_resumed(tmp_path):
+    """A resumed HDKD run goes on from the learned weights, their Adam state and the validation loss's
+    averages saved in the checkpoint, not from uniform weights."""
+    enable_resume()
+    model, hooks = dict(TINY_MSDNET, loss="hdkd"), [dict(type="HarmonizedWeightsHook", val_dataloader=_loader(seed=2),
+                                                          lr=0.05)]
+    first = _runner(tmp_path, model, iters=4, hooks=hooks, name="hdkd")
+    first.train()
+    learned = first.model.technique.state_dict()
+    saved = torch.load(tmp_path / "hdkd" / "iter_4.pth", weights_only=False)["hdkd"]
+    assert torch.equal(saved["hdkd_weights"]["ce_logits"], learned["hdkd_weights"]["ce_logits"])
+    assert saved["hdkd_weights"]["ce_logits"].abs().sum() > 0  # learned, not the uniform start
+    assert saved["hdkd_optimizer"]["state"][0]["step"] == 4
+
+    resumed = _runner(tmp_path, model, iters=4, hooks=hooks, resume=True, name="hdkd")
+    resumed.train()  # already at iteration 4 of 4: loads the checkpoint, trains no further
+    state = resumed.model.technique.state_dict()
+    for key in ("ce_logits", "kd_logits"):
+        assert torch.equal(state["hdkd_weights"][key], saved["hdkd_weights"][key]), key
+    assert state["hdkd_optimizer"]["state"][0]["step"] == 4
+    assert torch.equal(state["hdkd_val_loss"]["expected"], saved["hdkd_val_loss"]["expected"])
+
+
 def test_bad_configs_are_explained(tmp_path):
     with pytest.raises(ValueError, match="loss must be one of"):
         _runner(tmp_path, dict(TINY_MSDNET, loss="focal")).model
     with pytest.raises(ValueError, match="needs phase_one_checkpoint"):
         _runner(tmp_path, dict(TINY_MSDNET, loss="ofa")).model
+    runner = _runner(tmp_path, dict(TINY_MSDNET), hooks=[dict(type="HarmonizedWeightsHook", val_dataloader=_loader())],
+                     name="not-hdkd")
+    with pytest.raises(ValueError, match="HarmonizedWeightsHook learns the weights of loss='hdkd'"):
+        runner.train()
 
 
 DDP_SCRIPT = textwrap.dedent('''

@@ -236,7 +236,7 @@ def test_adn_distillation_top_k_and_exits():
 
 def test_switches_are_refused_where_no_branch_point_trains():
     from timm_exits.integrations.mmengine import GradientDeconflictionHook
-    from timm_exits.train.objective import apply_switches
+    from timm_exits.train.techniques import apply_switches
 
     model = _single_scale_msdnet()
     apply_switches(model, gradient_equilibrium=True, deconfliction="protect_deeper")

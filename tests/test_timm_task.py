@@ -1,5 +1,5 @@
-"""MultiExitTask, the timm training task: its loss and gradients equal those of the shared objective
-(or of an independent formula) on the same batch and weights, for every technique; a short loop
+"""MultiExitTask, the timm training task: its loss and gradients equal those of the plain-PyTorch
+technique functions (or of an independent formula) on the same batch and weights, for every technique; a short loop
 through it trains every exit; timm's task helpers (optimizer, EMA, checkpoint state, DDP) work."""
 import contextlib
 import copy
@@ -18,9 +18,8 @@ from timm.utils import ModelEmaV3
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits import add_exits
 from timm_exits.task import MultiExitTask
-from timm_exits.train import IMTAModel, adn_step, pcgrad_backward
-from timm_exits.train.hdkd import BalancedValidationLoss, HarmonizedWeights, hdkd_weight_step
-from timm_exits.train.objective import TrainingForward, training_losses
+from timm_exits.train import IMTAModel, adn_step, one_for_all_distillation, pcgrad_backward
+from timm_exits.train.hdkd import BalancedValidationLoss, HarmonizedWeights, harmonized_loss, hdkd_weight_step, loss_terms
 
 from helpers import randomise_norms
 
@@ -117,11 +116,11 @@ def test_ofa_from_a_phase_one_checkpoint_equals_the_objective(tmp_path):
     x, y = _batch()
     result = task(x, y)
     result["loss"].backward()
-    logits, teacher = TrainingForward(reference)(x)
-    expected = training_losses((logits, teacher), y, "ofa", temperature=2.0, gamma=0.7)
-    expected["ofa"].backward()
+    logits, teacher = reference.forward_train(x)
+    expected = one_for_all_distillation(logits, teacher, y, temperature=2.0, gamma=0.7)
+    expected.backward()
     assert set(result) == {"loss", "output", "loss_ofa"}
-    torch.testing.assert_close(result["loss"], expected["ofa"].detach())
+    torch.testing.assert_close(result["loss"], expected.detach())
     torch.testing.assert_close(result["output"], logits[-1])
     _assert_same_grads(model, reference)
     assert all(p.grad is None for p in model.backbone.parameters())  # phase II trains the new heads only
@@ -153,14 +152,15 @@ def test_hdkd_weight_update_and_loss_equal_the_engine_step():
         result["loss"].backward()
         hdkd_weight_step(reference, ref["weights"], ref["optimizer"], (x, y), held_out[0], ref["val_loss"],
                          0.05, 0.6, 4.0)
-        expected = training_losses(TrainingForward(reference)(x), y, "hdkd", ref["weights"](), alpha=0.6)
-        expected["hdkd"].backward()
+        ce, kd = loss_terms(reference.forward_exits(x), y, 4.0)
+        expected = harmonized_loss(ce, kd, tuple(w.detach() for w in ref["weights"]()), alpha=0.6)
+        expected.backward()
         assert set(result) == {"loss", "output", "loss_hdkd"}
-        torch.testing.assert_close(result["loss"], expected["hdkd"].detach())
+        torch.testing.assert_close(result["loss"], expected.detach())
         _assert_same_grads(model, reference)
-        for a, b in zip(task.hdkd_weights.parameters(), ref["weights"].parameters()):
+        for a, b in zip(task.technique.weights.parameters(), ref["weights"].parameters()):
             torch.testing.assert_close(a, b)
-    assert not torch.allclose(task.hdkd_weights.ce_logits, torch.zeros(5))  # the weights did move
+    assert not torch.allclose(task.technique.weights.ce_logits, torch.zeros(5))  # the weights did move
 
 
 @pytest.mark.parametrize("exits", [False, True])
@@ -266,7 +266,8 @@ def test_ema_eval_model_and_checkpoint_state_are_the_network(tmp_path):
     for seed in (0, 1):
         task(*_batch(seed=seed))["loss"].backward()
     optimizer.step()
-    assert task.hdkd_optimizer.state[task.hdkd_weights.ce_logits]["step"] == 1  # interval 2: one update in two calls
+    hdkd_technique = task.technique
+    assert hdkd_technique.optimizer.state[hdkd_technique.weights.ce_logits]["step"] == 1  # interval 2: one update in two calls
     before = {k: v.clone() for k, v in task.get_eval_model(ema=True).state_dict().items()}
     task.update_ema(step=5)  # (timm: step 1 copies the weights)
     eval_model = task.get_eval_model()
@@ -286,9 +287,9 @@ def test_ema_eval_model_and_checkpoint_state_are_the_network(tmp_path):
     torch.save(dict(state, epoch=0), path)
     other = MultiExitTask(_msdnet(seed=2), "hdkd", held_out=held_out, hdkd=hdkd, verbose=False)
     resume_task_checkpoint(other, str(path), log_info=False)  # timm's resume (weights-only load)
-    torch.testing.assert_close(other.hdkd_weights.kd_logits, task.hdkd_weights.kd_logits)
-    assert other._hdkd_calls == 2 and torch.equal(other.hdkd_val_loss.expected, task.hdkd_val_loss.expected)
-    assert other.hdkd_optimizer.state_dict()["state"][0]["step"] == 1
+    torch.testing.assert_close(other.technique.weights.kd_logits, task.technique.weights.kd_logits)
+    assert other._hdkd_calls == 2 and torch.equal(other.technique.val_loss.expected, task.technique.val_loss.expected)
+    assert other.technique.optimizer.state_dict()["state"][0]["step"] == 1
     assert torch.equal(other.model.exits[0].fc.weight, model.exits[0].fc.weight)
 
 

@@ -4,9 +4,8 @@ timm's ``train.py`` builds a task (``timm.task.ClassificationTask``, ``LogitDist
 creates the optimizer from ``task.get_trainable_module()``, and per batch calls
 ``result = task(input, target)`` and back-propagates ``result['loss']``; EMA, ``torch.compile``, DDP
 and checkpoints go through the task too. :class:`MultiExitTask` is that task for every technique
-of :mod:`timm_exits.train`, on the same objective as the accelerate engine and the mmengine adapter
-(:func:`~timm_exits.train.objective.training_losses`, :func:`~timm_exits.train.adn_losses`,
-:func:`~timm_exits.train.hdkd.hdkd_weight_step`, :func:`~timm_exits.train.pcgrad_backward`)::
+of :mod:`timm_exits.train`, with the technique objects the accelerate engine and the mmengine
+adapter use (:mod:`timm_exits.train.techniques`)::
 
     task = MultiExitTask(model, loss="ce", label_smoothing=0.1, device=device)
     optimizer = create_optimizer_v2(task.get_trainable_module(), opt="sgd", lr=0.1)
@@ -24,29 +23,15 @@ from timm.models import group_parameters
 from timm.task import TrainingTask
 from timm.utils import unwrap_model
 
-from .train import adn_losses, pcgrad_backward
-from .train.hdkd import BalancedValidationLoss, HarmonizedWeights, hdkd_weight_step
-from .train.imta import IMTAModel
-from .train.objective import DECONFLICTION, LOSSES, TrainingForward, apply_switches, create_training_model, training_losses
+from .train.techniques import HDKD, PCGrad, TrainingForward, create_technique, create_training_model
 
 __all__ = ["MultiExitTask", "MultiExitTrainable"]
 
 _logger = logging.getLogger(__name__)
 
-_PCGRAD_DEFAULTS = dict(scope="global", order="random", protect_deeper=False, groups=None, seed=0)
-_HDKD_DEFAULTS = dict(xi=None, lr=3e-4, init="uniform", ratio_reg=True, interval=1)
-
-
-def _options(given: Optional[dict], defaults: dict, name: str) -> dict:
-    unknown = set(given or {}) - set(defaults)
-    if unknown:
-        raise ValueError(f"unknown {name} option(s) {sorted(unknown)}; expected some of {sorted(defaults)}")
-    return {**defaults, **(given or {})}
-
-
 class MultiExitTrainable(TrainingForward):
     """The trainable module of :class:`MultiExitTask` (what the optimizer, EMA and DDP see):
-    :class:`~timm_exits.train.objective.TrainingForward` with timm's optimizer hooks
+    :class:`~timm_exits.train.techniques.TrainingForward` with timm's optimizer hooks
     (``no_weight_decay``, ``group_matcher``) of the wrapped model, its names prefixed ``model.``."""
 
     @torch.jit.ignore
@@ -70,7 +55,7 @@ class MultiExitTask(TrainingTask):
     Args:
         model: a multi-exit model (``timm.create_model('msdnet_cifar_7exit')``, ``add_exits(...)``), an
             ADN network for ``loss='adn'``, or a registered model name (built with ``model_kwargs`` by
-            :func:`~timm_exits.train.objective.create_training_model`, which loads
+            :func:`~timm_exits.train.techniques.create_training_model`, which loads
             ``phase_one_checkpoint`` for ``loss='ofa'``).
         loss: ``'ce'`` (sum of the exits' cross-entropies), ``'ofa'`` (IMTA phase II: ISC heads on the
             frozen phase-I network, One-for-all distillation; a phase-I model given as a module is
@@ -144,74 +129,33 @@ class MultiExitTask(TrainingTask):
             verbose: bool = True,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if deconfliction not in DECONFLICTION:
-            raise ValueError(f"deconfliction must be one of {DECONFLICTION}, got {deconfliction!r}")
-        if deconfliction == "pcgrad" and loss != "ce":
-            raise ValueError("deconfliction='pcgrad' projects the exits' cross-entropies: it needs loss='ce'")
         if loss != "ce" and (label_smoothing or exit_weights is not None):
             raise ValueError(f"label_smoothing and exit_weights belong to loss='ce', not {loss!r}")
         if loss != "hdkd" and (held_out is not None or hdkd):
             raise ValueError(f"held_out and hdkd options belong to loss='hdkd', not {loss!r}")
         if deconfliction != "pcgrad" and pcgrad:
             raise ValueError("pcgrad options need deconfliction='pcgrad'")
-
+        self.technique = create_technique(
+            loss, exit_weights=exit_weights, label_smoothing=label_smoothing, gradient_equilibrium=gradient_equilibrium,
+            deconfliction=deconfliction, pcgrad=pcgrad, temperature=temperature, gamma=gamma, reduction=reduction,
+            isc=isc, freeze_bn_stats=freeze_bn_stats, alpha=alpha, topk=topk, hdkd=hdkd)
+        if loss == "hdkd" and held_out is None:
+            raise ValueError("loss='hdkd' learns its loss weights on held-out data: pass held_out, an iterable of "
+                             "(images, target) batches of a split held out from training (e.g. a DataLoader)")
         if isinstance(model, str):
-            model = create_training_model(model, model_kwargs, loss, phase_one_checkpoint, isc, freeze_bn_stats)
+            model = create_training_model(model, self.technique, model_kwargs, phase_one_checkpoint)
         elif model_kwargs is not None or phase_one_checkpoint is not None:
             raise ValueError("model_kwargs and phase_one_checkpoint need a model name; a module is used as given "
                              "(load phase-I weights into it, e.g. timm's --initial-checkpoint)")
-        else:
-            model = self._check_model(model, loss, isc, freeze_bn_stats)
-        apply_switches(model, gradient_equilibrium, deconfliction)
+        model = self.technique.prepare(model)
         self.trainable_module = MultiExitTrainable(model)
-        self.loss = loss
-        self.ce_options = dict(weights=exit_weights, label_smoothing=label_smoothing)
-        self.kd_options = dict(temperature=temperature, gamma=gamma, reduction=reduction, alpha=alpha)
-        self.topk = topk
-
-        self.pcgrad = None
-        if deconfliction == "pcgrad":
-            self.pcgrad = _options(pcgrad, _PCGRAD_DEFAULTS, "pcgrad")
-            self.pcgrad_generator = torch.Generator().manual_seed(self.pcgrad.pop("seed"))
-
-        self.hdkd = None
-        if loss == "hdkd":
-            if held_out is None:
-                raise ValueError("loss='hdkd' learns its loss weights on held-out data: pass held_out, an iterable of "
-                                 "(images, target) batches of a split held out from training (e.g. a DataLoader)")
-            self.hdkd = _options(hdkd, _HDKD_DEFAULTS, "hdkd")
-            if self.hdkd["interval"] < 1:
-                raise ValueError(f"hdkd interval must be >= 1, got {self.hdkd['interval']}")
-            self.held_out = held_out
-            self._held_out_iter: Optional[Iterator] = None
-            self._hdkd_calls = 0
-            self._optimizer = None
-            self.hdkd_weights = HarmonizedWeights(model.num_exits, self.hdkd["init"]).to(self.device)
-            self.hdkd_optimizer = torch.optim.Adam(self.hdkd_weights.parameters(), lr=self.hdkd["lr"],
-                                                   betas=(0.5, 0.999), weight_decay=1e-3)
-            self.hdkd_val_loss = BalancedValidationLoss(model.num_exits, ratio_reg=self.hdkd["ratio_reg"])
+        self.held_out = held_out
+        self._held_out_iter: Optional[Iterator] = None
+        self._hdkd_calls = 0
+        self._optimizer = None
         if self.verbose:
             _logger.info(f"MultiExitTask: loss={loss}, model={type(model).__name__}, "
                          f"gradient_equilibrium={gradient_equilibrium}, deconfliction={deconfliction}")
-
-    @staticmethod
-    def _check_model(model: nn.Module, loss: str, isc: Optional[str], freeze_bn_stats: bool) -> nn.Module:
-        if loss == "ofa":
-            if isinstance(model, IMTAModel):
-                return model
-            if not hasattr(model, "forward_exits"):
-                raise ValueError(f"loss='ofa' needs a trained phase-I multi-exit model, got {type(model).__name__}")
-            return IMTAModel(model, isc=isc, freeze_bn_stats=freeze_bn_stats)
-        if loss == "adn":
-            if not hasattr(model, "set_depth") and not hasattr(getattr(model, "backbone", None), "set_depth"):
-                raise ValueError(f"loss='adn' needs an adaptive-depth model (e.g. resnet18_adn), "
-                                 f"got {type(model).__name__}")
-        elif not hasattr(model, "forward_exits"):
-            raise ValueError(f"loss={loss!r} needs a multi-exit model (see timm_exits.add_exits), "
-                             f"got {type(model).__name__}")
-        return model
 
     @property
     def model(self) -> nn.Module:
@@ -248,28 +192,21 @@ class MultiExitTask(TrainingTask):
         return resolved
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        """PCGrad's random order and HDKD's weights, their optimizer and the validation loss's averages
-        (the EMA model has none)."""
+        """The technique's state: PCGrad's random order; HDKD's weights, their optimizer, the validation
+        loss's averages and the call count (the EMA model has none)."""
         if ema:
             return {}
-        state: Dict[str, Any] = {}
-        if self.pcgrad is not None:
-            state["pcgrad_generator"] = self.pcgrad_generator.get_state()
-        if self.hdkd is not None:
-            state.update(hdkd_weights=self.hdkd_weights.state_dict(), hdkd_optimizer=self.hdkd_optimizer.state_dict(),
-                         hdkd_val_loss=self.hdkd_val_loss.state_dict(), hdkd_calls=self._hdkd_calls)
+        state = self.technique.state_dict()
+        if isinstance(self.technique, HDKD):
+            state["hdkd_calls"] = self._hdkd_calls
         return state
 
     def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
                         module: Optional[nn.Module] = None, ema: bool = False) -> None:
         if ema or not state:
             return
-        if self.pcgrad is not None:
-            self.pcgrad_generator.set_state(state["pcgrad_generator"])
-        if self.hdkd is not None:
-            self.hdkd_weights.load_state_dict(state["hdkd_weights"], strict=strict)
-            self.hdkd_optimizer.load_state_dict(state["hdkd_optimizer"])
-            self.hdkd_val_loss.load_state_dict(state["hdkd_val_loss"])
+        self.technique.load_state_dict(state)
+        if isinstance(self.technique, HDKD):
             self._hdkd_calls = state["hdkd_calls"]
 
     def _next_held_out(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -288,27 +225,19 @@ class MultiExitTask(TrainingTask):
     def update_hdkd_weights(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
         """One bilevel update of the harmonized weights on this training batch and the next held-out
         batch (``forward`` calls it every ``interval`` training calls)."""
-        xi = self.hdkd["xi"]
-        if xi is None:
-            if self._optimizer is None:
-                raise RuntimeError("HDKD's virtual step xi is the network's learning rate: call "
-                                   "task.attach_optimizer(optimizer) or set hdkd=dict(xi=...)")
-            xi = self._optimizer.param_groups[0]["lr"]
-        val_batch = self._next_held_out(input)
-        with torch.autocast(input.device.type, enabled=False):  # finite differences need full precision
-            return hdkd_weight_step(self.model, self.hdkd_weights, self.hdkd_optimizer, (input, target), val_batch,
-                                    self.hdkd_val_loss, xi, self.kd_options["alpha"],
-                                    self.kd_options["temperature"] or 4.0)
+        if self.technique.xi is None and self._optimizer is None:
+            raise RuntimeError("HDKD's virtual step xi is the network's learning rate: call "
+                               "task.attach_optimizer(optimizer) or set hdkd=dict(xi=...)")
+        lr = self._optimizer.param_groups[0]["lr"] if self._optimizer is not None else None
+        return self.technique.update_weights(self.model, (input, target), self._next_held_out(input), lr)
 
     def _pcgrad_loss(self, terms: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The exits' summed loss with pcgrad_backward's deconflicted gradient (see the class doc)."""
+        """The exits' summed loss with PCGrad's deconflicted gradient (see the class doc)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         kept = [p.grad for p in params]
         for p in params:
             p.grad = None
-        options = {k: v for k, v in self.pcgrad.items() if k != "groups"}
-        pcgrad_backward(list(terms.values()), params, groups=self.pcgrad["groups"], generator=self.pcgrad_generator,
-                        **options)
+        self.technique.backward(terms, params)
         grads = [p.grad for p in params]
         for p, g in zip(params, kept):
             p.grad = g
@@ -317,28 +246,21 @@ class MultiExitTask(TrainingTask):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The training loss of one batch; see the class docstring for the returned keys."""
+        technique = self.technique
         training = self.model.training and torch.is_grad_enabled()
-        if self.loss == "adn":
-            passes: List[List[torch.Tensor]] = []
+        if isinstance(technique, HDKD) and training:
+            if technique.due(self._hdkd_calls):
+                self.update_hdkd_weights(input, target)
+            self._hdkd_calls += 1
+        passes: List[Any] = []
 
-            def forward(x: torch.Tensor) -> List[torch.Tensor]:
-                passes.append(self.trainable_module(x))
-                return passes[-1]
+        def forward(x: torch.Tensor):
+            passes.append(self.trainable_module(x))
+            return passes[-1]
 
-            terms = adn_losses(self.model, input, target, self.kd_options["alpha"],
-                               self.kd_options["temperature"] or 1.0, self.topk, forward=forward)
-            output = passes[0][-1]
-        else:
-            if self.hdkd is not None and training:
-                if self._hdkd_calls % self.hdkd["interval"] == 0:
-                    self.update_hdkd_weights(input, target)
-                self._hdkd_calls += 1
-            outputs = self.trainable_module(input)
-            smoothing = 0.0 if target.dim() > 1 else self.ce_options["label_smoothing"]  # soft targets: as given
-            terms = training_losses(outputs, target, self.loss, self.hdkd_weights() if self.hdkd is not None else None,
-                                    self.ce_options["weights"], smoothing, **self.kd_options)
-            output = outputs[0][-1] if self.loss == "ofa" else outputs[-1]
-        if self.pcgrad is not None and training:
+        terms = technique.batch_losses(self.model, forward, input, target)
+        output = technique.output(passes[0])  # ADN: the super-net's
+        if isinstance(technique, PCGrad) and training:
             loss = self._pcgrad_loss(terms)
         else:
             loss = sum(terms.values())

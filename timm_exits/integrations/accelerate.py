@@ -52,11 +52,9 @@ from ..inference.budgeted import IMTA_Q, REFERENCE_Q
 from ..model_folder import save_model_folder
 from ..inference.outputs import collect_outputs
 from ..inference.report import evaluation_report, format_report, write_report
-from ..train import adn_step, pcgrad_backward
-from ..train.hdkd import BalancedValidationLoss, HarmonizedWeights, hdkd_weight_step
-from ..train.objective import TrainingForward, apply_switches, create_training_model, training_losses
+from ..train.techniques import HDKD, PCGrad, TrainingForward, create_technique, create_training_model
 
-__all__ = ["main", "run", "train_phase"]
+__all__ = ["main", "run", "train_phase", "TrainingPhase"]
 
 EMBEDDED = {"digits": write_digits}
 
@@ -136,198 +134,179 @@ def train_phase(
     """Train one phase of a config and evaluate it; returns the evaluation report. ``previous`` is
     the weights file of the phase before (IMTA phase II starts from it); ``extend``: the checkpoint
     was made with fewer epochs, the run goes on with the schedule of the longer run."""
-    train_cfg, technique = config["train"], config["technique"]
-    checkpoint_dir = os.path.join(output_dir, "checkpoint")
-    state: Dict[str, Any] = {"epoch": 0, "batch": 0, "updates": 0, "finished": False}
-    if accelerator.is_main_process and (restored := recover_folder(checkpoint_dir)):
-        accelerator.print(f"[{name}] {restored}")
-    accelerator.wait_for_everyone()
-    if os.path.isdir(checkpoint_dir) and not resume:
-        raise FileExistsError(f"{checkpoint_dir!r} exists: pass --resume to continue that run, or choose another "
-                              f"--output-dir")
+    phase = TrainingPhase(accelerator, config, output_dir, name, previous, resume)
+    phase.start(resume, extend)
+    for epoch in phase.remaining_epochs():
+        phase.train_epoch(epoch)
+    return phase.finish()
 
-    data = _Data(config, accelerator)
-    set_seed(train_cfg["seed"])  # the same initial weights on every process
-    model = create_training_model(config["model"]["name"], _model_kwargs(config, data.num_classes), technique["loss"],
-                                  previous, technique["isc"], technique["freeze_bn_stats"])
-    apply_switches(model, technique["gradient_equilibrium"], technique["deconfliction"])
-    data_config = data.set_transforms(config, model)
-    model.to(accelerator.device)
-    if accelerator.is_main_process:  # a checkpoint (weights, optimizer state, the previous one aside) and the weights
-        check_writable(output_dir, 8 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2 ** 26)
-    optimizer = create_optimizer_v2(model, **config["optimizer"])
-    sampler = EpochSampler(len(data.train), train_cfg["seed"])
-    dc = config["data"]
-    # the loader's own generator: creating an iterator must not draw from the global RNG (dropout's)
-    train_loader = DataLoader(data.train, batch_size=dc["batch_size"], sampler=sampler, drop_last=True,
-                              num_workers=dc["workers"], generator=torch.Generator().manual_seed(train_cfg["seed"]))
-    if len(train_loader) == 0:
-        raise ValueError(f"{len(data.train)} training images make no batch of {dc['batch_size']}")
-    forward = TrainingForward(model)
-    forward, optimizer, train_loader = accelerator.prepare(forward, optimizer, train_loader)
-    updates_per_epoch = math.ceil(len(train_loader) / accelerator.gradient_accumulation_steps)
-    scheduler, epochs = create_scheduler_v2(optimizer, num_epochs=train_cfg["epochs"],
-                                            updates_per_epoch=updates_per_epoch, **config["scheduler"])
-    ema = ModelEmaV3(model, decay=train_cfg["ema_decay"]) if train_cfg["ema_decay"] else None
-    mixup = Mixup(**config["mixup"], label_smoothing=technique["label_smoothing"], num_classes=data.num_classes) \
-        if config["mixup"]["mixup_alpha"] > 0 or config["mixup"]["cutmix_alpha"] > 0 else None
-    step = _TrainingStep(accelerator, model, forward, optimizer, technique, data, train_cfg)
 
-    def save(**extra) -> None:
-        training = {"rng_per_process": gather_object([rng_state()]), **step.state_dict()}
-        if ema is not None:
-            training["ema"] = ema.state_dict()
-        if accelerator.is_main_process:
-            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, config["model"]["name"], training,
-                            phase=name, **state, **extra)
+class TrainingPhase:
+    """The pieces of one phase (data, model, technique, optimizer, loader, scheduler, EMA, mixup) and
+    its steps: build (the constructor), :meth:`start` (resume a checkpoint or seed a fresh run),
+    :meth:`train_epoch`, :meth:`finish` (the last checkpoint, the model folder, the evaluation)."""
+
+    def __init__(self, accelerator: Accelerator, config: Dict[str, Any], output_dir: str, name: str = "train",
+                 previous: Optional[str] = None, resume: bool = False):
+        self.accelerator, self.config, self.output_dir, self.name = accelerator, config, output_dir, name
+        self.checkpoint_dir = os.path.join(output_dir, "checkpoint")
+        self.state: Dict[str, Any] = {"epoch": 0, "batch": 0, "updates": 0, "finished": False}
+        train_cfg, dc = config["train"], config["data"]
+        if accelerator.is_main_process and (restored := recover_folder(self.checkpoint_dir)):
+            accelerator.print(f"[{name}] {restored}")
         accelerator.wait_for_everyone()
+        if os.path.isdir(self.checkpoint_dir) and not resume:
+            raise FileExistsError(f"{self.checkpoint_dir!r} exists: pass --resume to continue that run, or choose "
+                                  f"another --output-dir")
 
-    if resume and os.path.isdir(checkpoint_dir):
+        self.data = data = _Data(config, accelerator)
+        self.technique = create_technique(**config["technique"], seed=train_cfg["seed"])
+        if isinstance(self.technique, HDKD) and data.val is None:
+            raise ValueError("loss='hdkd' learns its weights on a held-out split: set data.val_fraction > 0")
+        set_seed(train_cfg["seed"])  # the same initial weights on every process
+        model = create_training_model(config["model"]["name"], self.technique,
+                                      _model_kwargs(config, data.num_classes), previous)
+        self.data_config = data.set_transforms(config, model)
+        self.model = model = self.technique.prepare(model.to(accelerator.device))
+        if accelerator.is_main_process:  # a checkpoint (weights, optimizer state, the previous one aside) and the weights
+            check_writable(output_dir, 8 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2 ** 26)
+        optimizer = create_optimizer_v2(model, **config["optimizer"])
+        sampler = EpochSampler(len(data.train), train_cfg["seed"])
+        # the loader's own generator: creating an iterator must not draw from the global RNG (dropout's)
+        train_loader = DataLoader(data.train, batch_size=dc["batch_size"], sampler=sampler, drop_last=True,
+                                  num_workers=dc["workers"], generator=torch.Generator().manual_seed(train_cfg["seed"]))
+        if len(train_loader) == 0:
+            raise ValueError(f"{len(data.train)} training images make no batch of {dc['batch_size']}")
+        self.forward, self.optimizer, self.train_loader = accelerator.prepare(TrainingForward(model), optimizer,
+                                                                              train_loader)
+        updates_per_epoch = math.ceil(len(self.train_loader) / accelerator.gradient_accumulation_steps)
+        self.scheduler, self.epochs = create_scheduler_v2(self.optimizer, num_epochs=train_cfg["epochs"],
+                                                          updates_per_epoch=updates_per_epoch, **config["scheduler"])
+        self.ema = ModelEmaV3(model, decay=train_cfg["ema_decay"]) if train_cfg["ema_decay"] else None
+        mixup = config["mixup"]
+        self.mixup = Mixup(**mixup, label_smoothing=config["technique"]["label_smoothing"],
+                           num_classes=data.num_classes) if mixup["mixup_alpha"] > 0 or mixup["cutmix_alpha"] > 0 else None
+
+    def start(self, resume: bool = False, extend: bool = False) -> None:
+        """Continue from the phase's checkpoint (``resume``, if there is one: weights, optimizer,
+        scheduler unless ``extend``, RNG states, the technique's state, EMA), else seed a fresh run."""
+        acc, train_cfg = self.accelerator, self.config["train"]
+        self.started = time.time()
+        if not (resume and os.path.isdir(self.checkpoint_dir)):
+            set_seed(train_cfg["seed"], device_specific=True)  # dropout and mixup differ between processes
+            return
         # a longer run has its own schedule: timm's schedulers are functions of the epoch and step,
         # their saved state is their length (an extended run must not restore it)
-        saved = load_checkpoint(checkpoint_dir, model, optimizer, None if extend else scheduler, config["model"]["name"],
-                                restore_rng=False)
-        state = {k: saved[k] for k in state}
-        if extend and state["epoch"] < epochs:
-            state["finished"] = False
-        training = training_state(checkpoint_dir)
+        saved = load_checkpoint(self.checkpoint_dir, self.model, self.optimizer, None if extend else self.scheduler,
+                                self.config["model"]["name"], restore_rng=False)
+        self.state = {k: saved[k] for k in self.state}
+        if extend and self.state["epoch"] < self.epochs:
+            self.state["finished"] = False
+        training = training_state(self.checkpoint_dir)
         rngs = training["rng_per_process"]
-        set_rng_state(rngs[accelerator.process_index] if len(rngs) == accelerator.num_processes else rngs[0])
-        step.load_state_dict(training)
-        if ema is not None:
-            ema.load_state_dict(training["ema"])
-        accelerator.print(f"[{name}] resumed from {checkpoint_dir}: epoch {state['epoch'] + 1}, batch {state['batch']}"
-                          + (f" (extended to {epochs} epochs)" if extend else ""))
-    else:
-        set_seed(train_cfg["seed"], device_specific=True)  # dropout and mixup differ between processes
+        set_rng_state(rngs[acc.process_index] if len(rngs) == acc.num_processes else rngs[0])
+        self.technique.load_state_dict(training)
+        if self.ema is not None:
+            self.ema.load_state_dict(training["ema"])
+        acc.print(f"[{self.name}] resumed from {self.checkpoint_dir}: epoch {self.state['epoch'] + 1}, batch "
+                  f"{self.state['batch']}" + (f" (extended to {self.epochs} epochs)" if extend else ""))
 
-    started = time.time()
-    for epoch in range(state["epoch"] if not state["finished"] else epochs, epochs):
-        scheduler.step(epoch)
-        scheduler.step_update(state["updates"])  # a no-op unless the schedule steps per update
-        data.train_files.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, state["batch"]) if state["batch"] else train_loader
+    def remaining_epochs(self) -> range:
+        return range(self.state["epoch"] if not self.state["finished"] else self.epochs, self.epochs)
+
+    def train_epoch(self, epoch: int) -> None:
+        """The epoch's batches from the saved position (a checkpoint every ``train.checkpoint_every``
+        updates), then the end-of-epoch checkpoint."""
+        acc, state, train_cfg = self.accelerator, self.state, self.config["train"]
+        self.scheduler.step(epoch)
+        self.scheduler.step_update(state["updates"])  # a no-op unless the schedule steps per update
+        self.data.train_files.set_epoch(epoch)
+        loader = acc.skip_first_batches(self.train_loader, state["batch"]) if state["batch"] else self.train_loader
         loader.set_epoch(epoch)
-        bar = tqdm(loader, desc=f"[{name}] epoch {epoch + 1}/{epochs}", initial=state["batch"], total=len(train_loader),
-                   disable=not accelerator.is_local_main_process)
+        bar = tqdm(loader, desc=f"[{self.name}] epoch {epoch + 1}/{self.epochs}", initial=state["batch"],
+                   total=len(self.train_loader), disable=not acc.is_local_main_process)
         for images, target in bar:
-            if mixup is not None:
-                images, target = mixup(images, target)
-            losses = step(images, target, state["updates"])
+            if self.mixup is not None:
+                images, target = self.mixup(images, target)
+            losses = self.step(images, target)
             state["batch"] += 1
-            if accelerator.sync_gradients:
-                state["updates"] += 1
-                scheduler.step_update(state["updates"])
-                if ema is not None:
-                    ema.update(model, step=state["updates"])
-                if train_cfg["log_every"] and state["updates"] % train_cfg["log_every"] == 0:
-                    accelerator.log({f"{name}/{k}": v for k, v in losses.items()}
-                                    | {f"{name}/lr": optimizer.param_groups[0]["lr"]}, step=state["updates"])
-                bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
-                every = train_cfg["checkpoint_every"]
-                if every and state["updates"] % every == 0 and state["batch"] < len(train_loader):
-                    save()
-                    accelerator.print(f"[{name}] checkpoint: epoch {epoch + 1}, batch {state['batch']}, "
-                                      f"{state['updates']} updates", flush=True)
+            if not acc.sync_gradients:
+                continue
+            state["updates"] += 1
+            self.scheduler.step_update(state["updates"])
+            if self.ema is not None:
+                self.ema.update(self.model, step=state["updates"])
+            lr = self.optimizer.param_groups[0]["lr"]
+            if train_cfg["log_every"] and state["updates"] % train_cfg["log_every"] == 0:
+                acc.log({f"{self.name}/{k}": v for k, v in losses.items()} | {f"{self.name}/lr": lr},
+                        step=state["updates"])
+            bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.3g}")
+            every = train_cfg["checkpoint_every"]
+            if every and state["updates"] % every == 0 and state["batch"] < len(self.train_loader):
+                self.save()
+                acc.print(f"[{self.name}] checkpoint: epoch {epoch + 1}, batch {state['batch']}, "
+                          f"{state['updates']} updates", flush=True)
         state.update(epoch=epoch + 1, batch=0)
-        save()
-    if not state["finished"]:
-        state["finished"] = True
-        save(seconds=round(time.time() - started, 1))
+        self.save()
 
-    evaluated = ema.module if ema is not None else model
-    if accelerator.is_main_process:  # a timm model folder: model.safetensors and config.json
-        save_model_folder(evaluated, output_dir, data_config, technique=config["technique"], phase=name, config=config)
-    report = _evaluate(accelerator, evaluated, data, data_config, config, name, output_dir)
-    accelerator.log({f"{name}/exit{e['exit']}_top1": e["top1"] for e in report["exits"]}, step=state["updates"])
-    accelerator.wait_for_everyone()
-    return report
-
-
-class _TrainingStep:
-    """One batch of the configured technique: forward, losses, backward and (on update steps) the
-    optimizer step; returns the losses averaged over processes, and stops on a non-finite loss."""
-
-    def __init__(self, accelerator: Accelerator, model: nn.Module, forward: nn.Module, optimizer, technique: dict,
-                 data: _Data, train_cfg: dict):
-        self.accelerator, self.model, self.forward, self.optimizer = accelerator, model, forward, optimizer
-        self.technique, self.train_cfg, self.data = technique, train_cfg, data
-        self.kind = "pcgrad" if technique["deconfliction"] == "pcgrad" else technique["loss"]
-        if self.kind == "pcgrad" and technique["loss"] != "ce":
-            raise ValueError("deconfliction='pcgrad' projects the exits' cross-entropies: it needs loss='ce'")
-        self.generator = torch.Generator().manual_seed(train_cfg["seed"])
-        self.hdkd = None
-        if technique["loss"] == "hdkd":
-            if data.val is None:
-                raise ValueError("loss='hdkd' learns its weights on a held-out split: set data.val_fraction > 0")
-            cfg = technique["hdkd"]
-            weights = HarmonizedWeights(model.num_exits, cfg["init"]).to(accelerator.device)
-            self.hdkd = dict(weights=weights, cfg=cfg, val_loss=BalancedValidationLoss(model.num_exits, ratio_reg=cfg["ratio_reg"]),
-                             optimizer=torch.optim.Adam(weights.parameters(), lr=cfg["lr"], betas=(0.5, 0.999),
-                                                        weight_decay=1e-3))
-
-    def state_dict(self) -> Dict[str, Any]:
-        state = {"pcgrad_generator": self.generator.get_state()}
-        if self.hdkd is not None:
-            state.update(hdkd_weights=self.hdkd["weights"].state_dict(), hdkd_optimizer=self.hdkd["optimizer"].state_dict(),
-                         hdkd_val_loss=self.hdkd["val_loss"].state_dict())
-        return state
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.generator.set_state(state["pcgrad_generator"])
-        if self.hdkd is not None:
-            self.hdkd["weights"].load_state_dict(state["hdkd_weights"])
-            self.hdkd["optimizer"].load_state_dict(state["hdkd_optimizer"])
-            self.hdkd["val_loss"].load_state_dict(state["hdkd_val_loss"])
-
-    def _val_batch(self, updates: int, size: int):
-        """A batch of the held-out split drawn from (seed, update, process): the same after a resume."""
-        seed = (self.train_cfg["seed"] * 1_000_003 + updates) * 101 + self.accelerator.process_index
-        index = torch.randperm(len(self.data.val), generator=torch.Generator().manual_seed(seed))[:size]
-        images, target = zip(*(self.data.val[i] for i in index.tolist()))
-        device = self.accelerator.device
-        return torch.stack(images).to(device), torch.tensor(target, device=device)
-
-    def __call__(self, images: torch.Tensor, target: torch.Tensor, updates: int) -> Dict[str, float]:
-        acc, t = self.accelerator, self.technique
-        kd = dict(temperature=t["temperature"], gamma=t["gamma"], reduction=t["reduction"], alpha=t["alpha"])
+    def step(self, images: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
+        """One batch of the technique: forward, losses, backward and (on update steps) the optimizer
+        step; returns the losses averaged over processes, and stops on a non-finite loss."""
+        acc, technique, updates = self.accelerator, self.technique, self.state["updates"]
         with acc.accumulate(self.forward):
-            if self.hdkd is not None and acc.sync_gradients and updates % self.hdkd["cfg"]["interval"] == 0:
-                cfg = self.hdkd["cfg"]
-                xi = cfg["xi"] if cfg["xi"] is not None else self.optimizer.param_groups[0]["lr"]
-                hdkd_weight_step(self.model, self.hdkd["weights"], self.hdkd["optimizer"], (images, target),
-                                 self._val_batch(updates, len(images)), self.hdkd["val_loss"], xi, t["alpha"],
-                                 t["temperature"] or 4.0)
-            if self.kind == "adn":
-                terms = adn_step(self.model, images, target, t["alpha"], t["temperature"] or 1.0, t["topk"],
-                                 backward=acc.backward, forward=self.forward)
-            elif self.kind == "pcgrad":
-                with acc.no_sync(self.forward):  # pcgrad_backward averages the processes' gradients
-                    terms = training_losses(self.forward(images), target, "ce", weights=t["exit_weights"],
-                                            label_smoothing=self._smoothing(target))
-                scale = 1.0 / acc.gradient_accumulation_steps
-                p = t["pcgrad"]
-                pcgrad_backward([v * scale for v in terms.values()], list(self.model.parameters()), p["scope"],
-                                order=p["order"], protect_deeper=p["protect_deeper"], generator=self.generator)
+            if isinstance(technique, HDKD) and acc.sync_gradients and technique.due(updates):
+                technique.update_weights(self.model, (images, target), self._val_batch(updates, len(images)),
+                                         self.optimizer.param_groups[0]["lr"])
+            if isinstance(technique, PCGrad):
+                with acc.no_sync(self.forward):  # PCGrad averages the processes' gradients itself
+                    terms = technique.batch_losses(self.model, self.forward, images, target)
+                technique.backward(terms, self.model.parameters(), scale=1.0 / acc.gradient_accumulation_steps)
             else:
-                weights = self.hdkd["weights"]() if self.hdkd is not None else None
-                terms = training_losses(self.forward(images), target, t["loss"], weights, t["exit_weights"],
-                                        self._smoothing(target), **kd)
-                acc.backward(sum(terms.values()))
+                terms = technique.step(self.model, self.forward, images, target, backward=acc.backward)
             values = acc.reduce(torch.stack([v.detach().float() for v in terms.values()]), "mean")
             if not torch.isfinite(values).all():
                 raise FloatingPointError(f"the loss is not finite ({dict(zip(terms, values.tolist()))}); training "
                                          f"stopped before the optimizer step, the last checkpoint is the last good "
                                          f"state: lower optimizer.lr or set train.clip_grad")
-            if acc.sync_gradients and self.train_cfg["clip_grad"]:
-                acc.clip_grad_norm_(self.model.parameters(), self.train_cfg["clip_grad"])
+            if acc.sync_gradients and self.config["train"]["clip_grad"]:
+                acc.clip_grad_norm_(self.model.parameters(), self.config["train"]["clip_grad"])
             self.optimizer.step()
             self.optimizer.zero_grad()
         losses = dict(zip(terms, values.tolist()))
         return {"loss": sum(losses.values()), **losses}
 
-    def _smoothing(self, target: torch.Tensor) -> float:
-        return 0.0 if target.dim() > 1 else self.technique["label_smoothing"]  # mixup's targets are smoothed
+    def _val_batch(self, updates: int, size: int):
+        """A batch of the held-out split drawn from (seed, update, process): the same after a resume."""
+        seed = (self.config["train"]["seed"] * 1_000_003 + updates) * 101 + self.accelerator.process_index
+        index = torch.randperm(len(self.data.val), generator=torch.Generator().manual_seed(seed))[:size]
+        images, target = zip(*(self.data.val[i] for i in index.tolist()))
+        device = self.accelerator.device
+        return torch.stack(images).to(device), torch.tensor(target, device=device)
+
+    def save(self, **extra) -> None:
+        """An atomic checkpoint of the phase (every process's RNG state, the technique's state, EMA)."""
+        training = {"rng_per_process": gather_object([rng_state()]), **self.technique.state_dict()}
+        if self.ema is not None:
+            training["ema"] = self.ema.state_dict()
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler,
+                            self.config["model"]["name"], training, phase=self.name, **self.state, **extra)
+        self.accelerator.wait_for_everyone()
+
+    def finish(self) -> Dict[str, Any]:
+        """The finished checkpoint (once), the model folder (EMA weights if any) and the evaluation."""
+        if not self.state["finished"]:
+            self.state["finished"] = True
+            self.save(seconds=round(time.time() - self.started, 1))
+        acc, config = self.accelerator, self.config
+        evaluated = self.ema.module if self.ema is not None else self.model
+        if acc.is_main_process:  # a timm model folder: model.safetensors and config.json
+            save_model_folder(evaluated, self.output_dir, self.data_config, technique=config["technique"],
+                              phase=self.name, config=config)
+        report = _evaluate(acc, evaluated, self.data, self.data_config, config, self.name, self.output_dir)
+        acc.log({f"{self.name}/exit{e['exit']}_top1": e["top1"] for e in report["exits"]}, step=self.state["updates"])
+        acc.wait_for_everyone()
+        return report
 
 
 def _evaluate(accelerator: Accelerator, model: nn.Module, data: _Data, data_config: dict, config: Dict[str, Any],

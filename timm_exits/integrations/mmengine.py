@@ -1,4 +1,4 @@
-"""mmengine adapters: thin callers of the plain-PyTorch techniques in :mod:`timm_exits.train`.
+"""mmengine adapters: thin callers of the technique objects of :mod:`timm_exits.train.techniques`.
 
 Registered in mmengine's registries on import (``custom_imports=dict(imports=['timm_exits.integrations.mmengine'])``):
 
@@ -38,10 +38,8 @@ import timm_exits  # noqa: F401  (registers the models with timm)
 from ..data import image_dataset
 from ..model_folder import save_model_folder
 from ..models.multi_exit import exit_logits
-from ..train import adn_losses, pcgrad_backward
-from ..train.hdkd import BalancedValidationLoss, HarmonizedWeights, hdkd_weight_step
-from ..train.imta import IMTAModel
-from ..train.objective import TrainingForward, apply_switches, create_training_model, training_losses
+from ..train.techniques import (HDKD, OneForAll, PCGrad, TrainingForward, apply_switches, create_technique,
+                                create_training_model)
 
 __all__ = ["MultiExitClassifier", "MultiExitAccuracy", "ImageFolderDataset", "GradientEquilibriumHook", "GradientDeconflictionHook",
            "HarmonizedWeightsHook", "PCGradOptimWrapper", "enable_resume", "load_checkpoint_model", "convert_checkpoint"]
@@ -85,8 +83,10 @@ class MultiExitClassifier(BaseModel):
     ):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.loss_type, self.loss_kwargs = loss, dict(loss_kwargs or {})
-        self.model = create_training_model(model, model_kwargs, loss, phase_one_checkpoint, isc, freeze_bn_stats)
-        self.hdkd_weights = None  # set by HarmonizedWeightsHook for loss='hdkd'
+        options = {"exit_weights" if k == "weights" else k: v for k, v in self.loss_kwargs.items()}
+        self.technique = create_technique(loss, isc=isc, freeze_bn_stats=freeze_bn_stats, **options)
+        self.model = self.technique.prepare(create_training_model(model, self.technique, model_kwargs,
+                                                                  phase_one_checkpoint))
 
     def forward(self, inputs: torch.Tensor, data_samples: Optional[torch.Tensor] = None, mode: str = "tensor"):
         if mode == "loss":
@@ -100,18 +100,16 @@ class MultiExitClassifier(BaseModel):
         return [{"logits": z, "label": y} for z, y in zip(logits, labels)]
 
     def loss(self, inputs: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Per-exit losses (``loss_exit<k>``), which ``parse_losses`` sums."""
-        if self.loss_type == "adn":
-            # one backward on the sum (mmengine's) equals the reference's two: the teacher is detached
-            losses = adn_losses(self.model, inputs, target, **self.loss_kwargs)
-        else:
-            losses = training_losses(TrainingForward(self.model)(inputs), target, self.loss_type, self.hdkd_weights,
-                                     **self.loss_kwargs)
+        """The technique's loss terms (``loss_exit<k>``, ``loss_hdkd``, ...), which ``parse_losses``
+        sums (ADN: one backward on the sum equals the reference's two, the teacher is detached)."""
+        losses = self.technique.batch_losses(self.model, TrainingForward(self.model), inputs, target)
         return {f"loss_{name}": loss for name, loss in losses.items()}
 
     def parse_losses(self, losses: Dict[str, torch.Tensor]):
         total, log_vars = super().parse_losses(losses)
-        total.exit_losses = [v for k, v in losses.items() if k.startswith("loss_exit")]  # for PCGradOptimWrapper
+        # PCGradOptimWrapper back-propagates each exit's loss: parse_losses is where both the model's
+        # train_step and MMDistributedDataParallel's hand the losses over, so they travel with the total
+        total.exit_losses = {k: v for k, v in losses.items() if k.startswith("loss_exit")}
         return total, log_vars
 
 
@@ -173,24 +171,30 @@ class GradientDeconflictionHook(Hook):
 
 @HOOKS.register_module()
 class HarmonizedWeightsHook(Hook):
-    """HDKD: before every training iteration, update the harmonized loss weights on a batch of the
-    validation split (a held-out part of the training data, never the test set)."""
+    """HDKD: before every ``interval``-th training iteration, update the harmonized loss weights on a
+    batch of the validation split (a held-out part of the training data, never the test set). The
+    weights, their optimizer and the validation loss's averages are saved in the checkpoint
+    (``checkpoint['hdkd']``) and restored on resume."""
 
     def __init__(self, val_dataloader: Union[dict, Any], lr: float = 3e-4, xi: Optional[float] = None,
                  init: str = "uniform", ratio_reg: bool = True, interval: int = 1):
-        self.val_dataloader_cfg, self.lr, self.xi, self.init = val_dataloader, lr, xi, init
-        self.ratio_reg, self.interval = ratio_reg, interval
+        self.val_dataloader_cfg = val_dataloader
+        self.options = dict(lr=lr, xi=xi, init=init, ratio_reg=ratio_reg, interval=interval)
+
+    def before_run(self, runner) -> None:
+        """The model's HDKD technique with this hook's options, on the model's device (before a
+        resumed checkpoint is loaded)."""
+        model = _unwrap(runner.model)
+        if not isinstance(model.technique, HDKD):
+            raise ValueError(f"HarmonizedWeightsHook learns the weights of loss='hdkd', the model's loss is "
+                             f"{model.loss_type!r}")
+        model.technique = create_technique("hdkd", **model.loss_kwargs, hdkd=self.options)
+        model.technique.prepare(model.model)
 
     def before_train(self, runner) -> None:
-        model = _unwrap(runner.model)
         loader = self.val_dataloader_cfg
         self._loader = runner.build_dataloader(loader) if isinstance(loader, dict) else loader
         self._iter = iter(self._loader)
-        device = next(model.parameters()).device
-        self.weights = HarmonizedWeights(model.model.num_exits, self.init).to(device)
-        self.optimizer = torch.optim.Adam(self.weights.parameters(), lr=self.lr, betas=(0.5, 0.999), weight_decay=1e-3)
-        self.val_loss = BalancedValidationLoss(model.model.num_exits, ratio_reg=self.ratio_reg)
-        model.hdkd_weights = self.weights()
 
     def _val_batch(self, model):
         try:
@@ -202,29 +206,32 @@ class HarmonizedWeightsHook(Hook):
         return data["inputs"], data["data_samples"]
 
     def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
-        if batch_idx % self.interval:
-            return
         model = _unwrap(runner.model)
+        if not model.technique.due(batch_idx):
+            return
         train = model.data_preprocessor(data_batch, True)
-        xi = self.xi if self.xi is not None else runner.optim_wrapper.get_lr()["lr"][0]
-        kw = model.loss_kwargs
-        hdkd_weight_step(model.model, self.weights, self.optimizer, (train["inputs"], train["data_samples"]),
-                         self._val_batch(model), self.val_loss, xi, kw.get("alpha", 0.5), kw.get("temperature", 4.0))
-        model.hdkd_weights = self.weights()
+        model.technique.update_weights(model.model, (train["inputs"], train["data_samples"]), self._val_batch(model),
+                                       runner.optim_wrapper.get_lr()["lr"][0])
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        checkpoint["hdkd"] = _unwrap(runner.model).technique.state_dict()
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        if "hdkd" in checkpoint:
+            _unwrap(runner.model).technique.load_state_dict(checkpoint["hdkd"])
 
 
 @OPTIM_WRAPPERS.register_module()
 class PCGradOptimWrapper(OptimWrapper):
-    """Parameter-level gradient deconfliction (PCGrad between the exits' gradients); see
-    :func:`timm_exits.train.pcgrad_backward` for ``scope``, ``order`` and ``protect_deeper``
+    """Parameter-level gradient deconfliction (PCGrad between the exits' gradients, the
+    :class:`~timm_exits.train.PCGrad` technique): ``scope``, ``order``, ``protect_deeper``, ``seed``
     (``scope='segment'``: one segment per optimizer param group, e.g. from ``paramwise_cfg``).
     Under DDP the per-exit gradients are averaged explicitly, so DDP's own sync is switched off."""
 
     def __init__(self, optimizer, scope: str = "global", order: str = "random", protect_deeper: bool = False,
                  seed: int = 0, **kwargs):
         super().__init__(optimizer, **kwargs)
-        self.scope, self.order, self.protect_deeper = scope, order, protect_deeper
-        self.generator = torch.Generator().manual_seed(seed)
+        self.technique = PCGrad(scope=scope, order=order, protect_deeper=protect_deeper, seed=seed)
 
     @contextmanager
     def optim_context(self, model):
@@ -240,9 +247,8 @@ class PCGradOptimWrapper(OptimWrapper):
         if not exit_losses:
             raise ValueError("PCGradOptimWrapper needs per-exit losses: use MultiExitClassifier with loss='ce'")
         groups = [group["params"] for group in self.optimizer.param_groups]  # segments: the param groups
-        scale = 1.0 / self._accumulative_counts
-        pcgrad_backward([l * scale for l in exit_losses], [p for g in groups for p in g], self.scope, groups=groups,
-                        order=self.order, protect_deeper=self.protect_deeper, generator=self.generator)
+        self.technique.backward(exit_losses, [p for g in groups for p in g], groups,
+                                scale=1.0 / self._accumulative_counts)
         self._inner_count += 1
         if self.should_update():
             self.step(**(step_kwargs or {}))
@@ -355,7 +361,7 @@ def load_checkpoint_model(
         raise ValueError(f"{checkpoint!r} holds no MultiExitClassifier weights (no 'model.' keys in its state_dict)")
     net = timm.create_model(name, **kwargs)
     if settings.get("loss") == "ofa":  # IMTA phase II: the frozen network with its ISC heads
-        net = IMTAModel(net, isc=settings.get("isc", "reference"), freeze_bn_stats=settings.get("freeze_bn_stats", False))
+        net = OneForAll(isc=settings.get("isc", "reference"), freeze_bn_stats=settings.get("freeze_bn_stats", False)).check(net)
     try:
         net.load_state_dict(weights)
     except RuntimeError as e:

@@ -1,15 +1,20 @@
-"""Training techniques as plain PyTorch, each usable alone or combined:
+"""Training techniques: plain-PyTorch pieces, each usable alone or combined, and the technique
+objects every trainer shares (:mod:`timm_exits.train.techniques`):
 
 * losses: multi-exit cross-entropy, One-for-all distillation (IMTA), ADN self-distillation;
 * IMTA phase II: :class:`IMTAModel` (Inline Subnetwork Collaboration heads on a frozen network);
 * Gradient Equilibrium and branch-level deconfliction: switches of every multi-exit model
   (``model.gradient_equilibrium = True``, ``model.gradient_deconfliction = "symmetric"``);
-* parameter-level PCGrad: :func:`pcgrad_backward`.
+* parameter-level PCGrad: :func:`pcgrad_backward`;
+* one object per technique (:class:`CrossEntropy`, :class:`PCGrad`, :class:`OneForAll`,
+  :class:`HDKD`, :class:`ADN`), built from a config by :func:`create_technique`.
 """
 from .adn import adn_distillation, adn_losses, adn_step
 from .deconfliction import deconflict_branch, pcgrad_backward, project_conflicts
 from .imta import IMTAModel
 from .losses import distillation_kl, multi_exit_cross_entropy, one_for_all_distillation
+from .techniques import ADN, HDKD, CrossEntropy, OneForAll, PCGrad, Technique, create_technique
 
-__all__ = ["IMTAModel", "adn_distillation", "adn_losses", "adn_step", "deconflict_branch", "distillation_kl",
+__all__ = ["ADN", "CrossEntropy", "HDKD", "IMTAModel", "OneForAll", "PCGrad", "Technique", "adn_distillation",
+           "adn_losses", "adn_step", "create_technique", "deconflict_branch", "distillation_kl",
            "multi_exit_cross_entropy", "one_for_all_distillation", "pcgrad_backward", "project_conflicts"]

@@ -1,0 +1,383 @@
+"""The training techniques as objects, shared by every trainer (the accelerate engine, the mmengine
+adapters, the timm training task and the cost benchmark).
+
+A technique owns its options and their defaults, checks and prepares the model it trains
+(:meth:`Technique.prepare`), computes the named loss terms of a batch (:meth:`Technique.losses`,
+:meth:`Technique.batch_losses`), back-propagates them (:meth:`Technique.step`; PCGrad and ADN need
+more than one backward) and holds any state of its own (:meth:`Technique.state_dict`):
+
+* :class:`CrossEntropy` (``ce``): the exits' cross-entropies;
+* :class:`PCGrad` (``ce`` with ``deconfliction='pcgrad'``): the same losses, deconflicted at the
+  parameters by its own backward (:meth:`PCGrad.backward`);
+* :class:`OneForAll` (``ofa``): IMTA phase II, ISC heads on the frozen phase-I network;
+* :class:`HDKD` (``hdkd``): dense distillation with harmonized weights, their Adam and the
+  balanced validation loss, updated on a held-out batch (:meth:`HDKD.update_weights`);
+* :class:`ADN` (``adn``): self-distillation of the base-net from the super-net, two passes.
+
+Gradient Equilibrium and branch-level deconfliction are switches every technique sets on a model
+whose branch points train (:func:`apply_switches`).
+
+:func:`create_technique` builds one from the config's ``technique`` section
+(:data:`timm_exits.config.DEFAULTS`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import timm
+import torch
+from torch import nn
+
+from ..models.multi_exit import exit_logits
+from .adn import adn_losses
+from .deconfliction import pcgrad_backward
+from .hdkd import BalancedValidationLoss, HarmonizedWeights, harmonized_loss, hdkd_weight_step, loss_terms
+from .imta import IMTAModel
+from .losses import exit_cross_entropies, one_for_all_distillation
+
+__all__ = ["LOSSES", "DECONFLICTION", "Technique", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN",
+           "create_technique", "create_training_model", "apply_switches", "TrainingForward"]
+
+LOSSES = ("ce", "ofa", "hdkd", "adn")
+DECONFLICTION = (None, "symmetric", "protect_deeper", "pcgrad")
+
+Outputs = Union[List[torch.Tensor], Tuple[List[torch.Tensor], torch.Tensor]]
+Backward = Callable[[torch.Tensor], None]
+
+
+def apply_switches(model: nn.Module, gradient_equilibrium: bool = False, deconfliction: Optional[str] = None) -> None:
+    """Switch Gradient Equilibrium and branch-level deconfliction (``'symmetric'``,
+    ``'protect_deeper'``) on in the forward graph of the model a technique trains; ``'pcgrad'`` acts on
+    the gradients instead and changes nothing here. Both switches need trainable branch points: a
+    multi-exit network, not IMTA's phase-II heads on a frozen one nor a plain ADN network."""
+    if deconfliction not in DECONFLICTION:
+        raise ValueError(f"deconfliction must be one of {DECONFLICTION}, got {deconfliction!r}")
+    branch = deconfliction in ("symmetric", "protect_deeper")
+    if (gradient_equilibrium or branch) and (isinstance(model, IMTAModel) or not hasattr(model, "forward_exits")):
+        raise ValueError(f"Gradient Equilibrium and branch-level deconfliction act at the branch points of a "
+                         f"multi-exit network; {type(model).__name__} has none that train")
+    if gradient_equilibrium:
+        model.gradient_equilibrium = True
+    if branch:
+        model.gradient_deconfliction = deconfliction
+
+
+class TrainingForward(nn.Module):
+    """Wraps a training model so that ``forward`` returns the loss inputs: IMTA phase II gives
+    ``(new heads' logits, teacher logits)``, other models every exit's logits (a plain ADN
+    network: its one output, as a list). A distributed wrapper (DDP, FSDP) wraps this module."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> Outputs:
+        if isinstance(self.model, IMTAModel):
+            return self.model.forward_train(images)
+        return exit_logits(self.model, images)
+
+
+class Technique:
+    """What a training step optimises. Subclasses set ``loss`` (the config's name) and override
+    :meth:`check` and :meth:`losses` (or :meth:`batch_losses` when one pass is not enough).
+
+    Gradient Equilibrium and branch-level deconfliction (``'symmetric'``, ``'protect_deeper'``) are
+    switches of the model's forward graph that :meth:`prepare` sets on any multi-exit network whose
+    branch points train (see :func:`apply_switches`).
+    """
+
+    loss: ClassVar[str] = ""
+
+    def __init__(self, gradient_equilibrium: bool = False, deconfliction: Optional[str] = None):
+        if deconfliction not in DECONFLICTION:
+            raise ValueError(f"deconfliction must be one of {DECONFLICTION}, got {deconfliction!r}")
+        self.gradient_equilibrium, self.deconfliction = gradient_equilibrium, deconfliction
+
+    def check(self, model: nn.Module) -> nn.Module:
+        """The model to train: ``model`` checked (and wrapped, for IMTA phase II); idempotent."""
+        if not hasattr(model, "forward_exits"):
+            raise ValueError(f"loss={self.loss!r} needs a multi-exit model (see timm_exits.add_exits), "
+                             f"got {type(model).__name__}")
+        return model
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Check the model, set the switches, build the technique's own state on the model's device;
+        returns the model to train."""
+        model = self.check(model)
+        apply_switches(model, self.gradient_equilibrium, self.deconfliction)
+        return model
+
+    def losses(self, outputs: Outputs, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Named loss terms of one batch from the training forward's outputs; their sum is the loss."""
+        raise NotImplementedError
+
+    def batch_losses(self, model: nn.Module, forward: Callable[[torch.Tensor], Outputs], images: torch.Tensor,
+                     target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The loss terms of a batch, running ``forward`` (e.g. a DDP-wrapped :class:`TrainingForward`
+        of ``model``) as often as the technique needs."""
+        return self.losses(forward(images), target)
+
+    def step(self, model: nn.Module, forward: Callable[[torch.Tensor], Outputs], images: torch.Tensor,
+             target: torch.Tensor, backward: Backward = torch.Tensor.backward) -> Dict[str, torch.Tensor]:
+        """Forward and backward of one batch (the optimizer step is the trainer's); ``backward`` may
+        be ``accelerator.backward``. Returns the loss terms."""
+        terms = self.batch_losses(model, forward, images, target)
+        backward(sum(terms.values()))
+        return terms
+
+    def output(self, outputs: Outputs) -> torch.Tensor:
+        """The last exit's logits (for an accuracy metric)."""
+        return outputs[-1]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a checkpoint keeps of the technique beyond the model (nothing by default)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+class CrossEntropy(Technique):
+    """``ce``: the weighted sum of the exits' cross-entropies (the MSDNet baseline), with hard labels
+    (``label_smoothing``) or soft targets (mixup / cutmix, used as given)."""
+
+    loss = "ce"
+
+    def __init__(self, exit_weights: Optional[Sequence[float]] = None, label_smoothing: float = 0.0,
+                 gradient_equilibrium: bool = False, deconfliction: Optional[str] = None):
+        super().__init__(gradient_equilibrium, deconfliction)
+        self.exit_weights, self.label_smoothing = exit_weights, label_smoothing
+
+    def losses(self, outputs: Outputs, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        smoothing = 0.0 if target.dim() > 1 else self.label_smoothing  # mixup's targets are smoothed already
+        terms = exit_cross_entropies(outputs, target, self.exit_weights, smoothing)
+        return {f"exit{k + 1}": term for k, term in enumerate(terms)}
+
+
+class PCGrad(CrossEntropy):
+    """Parameter-level gradient deconfliction of the exits' cross-entropies: one backward per exit,
+    PCGrad-projected (:func:`~timm_exits.train.pcgrad_backward`; ``scope``, ``order``,
+    ``protect_deeper``, ``groups`` for ``scope='segment'``). Its random order comes from its own
+    generator (``seed``, the same on every process), which its state keeps."""
+
+    def __init__(self, exit_weights: Optional[Sequence[float]] = None, label_smoothing: float = 0.0,
+                 gradient_equilibrium: bool = False, scope: str = "global", order: str = "random",
+                 protect_deeper: bool = False, groups: Optional[Sequence[Sequence[nn.Parameter]]] = None,
+                 seed: int = 0):
+        super().__init__(exit_weights, label_smoothing, gradient_equilibrium, "pcgrad")
+        if scope not in ("global", "segment", "tensor"):
+            raise ValueError(f"pcgrad scope must be 'global', 'segment' or 'tensor', got {scope!r}")
+        if order not in ("random", "deep_first"):
+            raise ValueError(f"pcgrad order must be 'random' or 'deep_first', got {order!r}")
+        self.scope, self.order, self.protect_deeper, self.groups = scope, order, protect_deeper, groups
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def backward(self, terms: Dict[str, torch.Tensor], params: Iterable[nn.Parameter],
+                 groups: Optional[Sequence[Sequence[nn.Parameter]]] = None, scale: float = 1.0) -> Dict[str, int]:
+        """Accumulate the deconflicted gradient of ``terms`` (each scaled by ``scale``, e.g. 1 /
+        accumulated batches) into ``params``' ``.grad``; ``groups`` (default: the technique's) are the
+        segments. The per-exit gradients are averaged over the processes: run the forward outside
+        DDP's gradient sync."""
+        return pcgrad_backward([t * scale for t in terms.values()], list(params), self.scope,
+                               groups=groups if groups is not None else self.groups, order=self.order,
+                               protect_deeper=self.protect_deeper, generator=self.generator)
+
+    def step(self, model: nn.Module, forward: Callable[[torch.Tensor], Outputs], images: torch.Tensor,
+             target: torch.Tensor, backward: Backward = torch.Tensor.backward) -> Dict[str, torch.Tensor]:
+        terms = self.batch_losses(model, forward, images, target)
+        self.backward(terms, model.parameters())
+        return terms
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"pcgrad_generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.generator.set_state(state["pcgrad_generator"])
+
+
+class OneForAll(Technique):
+    """``ofa``, IMTA phase II: the phase-I network frozen in an :class:`IMTAModel` with new ISC heads
+    (``isc``, ``freeze_bn_stats``), trained with One-for-all distillation from its final head
+    (``temperature``, ``gamma``, ``reduction``; the reference code's defaults)."""
+
+    loss = "ofa"
+
+    def __init__(self, temperature: float = 3.0, gamma: float = 0.9, reduction: str = "batchmean",
+                 isc: Optional[str] = "reference", freeze_bn_stats: bool = False, **switches):
+        super().__init__(**switches)
+        if reduction not in ("batchmean", "mean"):
+            raise ValueError(f"reduction must be 'batchmean' or 'mean', got {reduction!r}")
+        self.temperature, self.gamma, self.reduction = temperature, gamma, reduction
+        self.isc, self.freeze_bn_stats = isc, freeze_bn_stats
+
+    def check(self, model: nn.Module) -> nn.Module:
+        """The phase-II model around ``model`` (which must hold the trained phase-I weights)."""
+        if isinstance(model, IMTAModel):
+            return model
+        if not hasattr(model, "forward_exits"):
+            raise ValueError(f"loss='ofa' needs a trained phase-I multi-exit model, got {type(model).__name__}")
+        return IMTAModel(model, isc=self.isc, freeze_bn_stats=self.freeze_bn_stats)
+
+    def losses(self, outputs: Outputs, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        logits, teacher = outputs
+        return {"ofa": one_for_all_distillation(logits, teacher, target, self.temperature, self.gamma, self.reduction)}
+
+    def output(self, outputs: Outputs) -> torch.Tensor:
+        return outputs[0][-1]
+
+
+class HDKD(Technique):
+    """``hdkd``: dense distillation (every exit from every later one) weighted by the harmonized
+    weights (``alpha``, ``temperature``). The weights (``init``), their Adam (``lr``) and the balanced
+    validation loss (``ratio_reg``) are built by :meth:`prepare`; :meth:`update_weights` takes one
+    bilevel step on a held-out batch (trainers call it when :meth:`due`, every ``interval`` steps),
+    with the virtual step ``xi`` (``None``: the network's learning rate)."""
+
+    loss = "hdkd"
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.5, lr: float = 3e-4, xi: Optional[float] = None,
+                 init: str = "uniform", ratio_reg: bool = True, interval: int = 1, **switches):
+        super().__init__(**switches)
+        if init not in ("uniform", "dbt"):
+            raise ValueError(f"hdkd init must be 'uniform' or 'dbt', got {init!r}")
+        if interval < 1:
+            raise ValueError(f"hdkd interval must be >= 1, got {interval}")
+        self.temperature, self.alpha, self.lr, self.xi = temperature, alpha, lr, xi
+        self.init, self.ratio_reg, self.interval = init, ratio_reg, interval
+        self.weights: Optional[HarmonizedWeights] = None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = super().prepare(model)
+        device = next(model.parameters()).device
+        self.weights = HarmonizedWeights(model.num_exits, self.init).to(device)
+        self.optimizer = torch.optim.Adam(self.weights.parameters(), lr=self.lr, betas=(0.5, 0.999), weight_decay=1e-3)
+        self.val_loss = BalancedValidationLoss(model.num_exits, ratio_reg=self.ratio_reg)
+        return model
+
+    def _check_prepared(self) -> None:
+        if self.weights is None:
+            raise RuntimeError("HDKD's weights are built by prepare(model): call it first")
+
+    def due(self, step: int) -> bool:
+        """Whether the weights are updated at this step (a count of steps or calls)."""
+        return step % self.interval == 0
+
+    def update_weights(self, model: nn.Module, train_batch: Tuple[torch.Tensor, torch.Tensor],
+                       val_batch: Tuple[torch.Tensor, torch.Tensor], lr: Optional[float] = None) -> Dict[str, float]:
+        """One update of the harmonized weights on a training batch and a held-out batch (never the
+        test set); ``lr``, the network's current learning rate, is ``xi`` unless that is set.
+        Autocast is off: the finite differences need full precision."""
+        self._check_prepared()
+        xi = self.xi if self.xi is not None else lr
+        if xi is None:
+            raise RuntimeError("HDKD's virtual step xi is the network's learning rate: give it, or set xi")
+        images = train_batch[0]
+        with torch.autocast(images.device.type, enabled=False):
+            return hdkd_weight_step(model, self.weights, self.optimizer, train_batch, val_batch, self.val_loss, xi,
+                                    self.alpha, self.temperature)
+
+    def losses(self, outputs: Outputs, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        self._check_prepared()
+        ce, kd = loss_terms(outputs, target, self.temperature)
+        weights = tuple(w.detach().to(ce.device) for w in self.weights())
+        return {"hdkd": harmonized_loss(ce, kd, weights, self.alpha)}
+
+    def state_dict(self) -> Dict[str, Any]:
+        self._check_prepared()
+        return {"hdkd_weights": self.weights.state_dict(), "hdkd_optimizer": self.optimizer.state_dict(),
+                "hdkd_val_loss": self.val_loss.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._check_prepared()
+        self.weights.load_state_dict(state["hdkd_weights"])
+        self.optimizer.load_state_dict(state["hdkd_optimizer"])
+        self.val_loss.load_state_dict(state["hdkd_val_loss"])
+
+
+class ADN(Technique):
+    """``adn``: ADN self-distillation (``alpha``, ``temperature``, ``topk``): a super-net pass on the
+    labels and a base-net pass imitating it (:func:`~timm_exits.train.adn_losses`)."""
+
+    loss = "adn"
+
+    def __init__(self, alpha: float = 0.5, temperature: float = 1.0, topk: Optional[int] = None, **switches):
+        super().__init__(**switches)
+        self.alpha, self.temperature, self.topk = alpha, temperature, topk
+
+    def check(self, model: nn.Module) -> nn.Module:
+        if not hasattr(model, "set_depth") and not hasattr(getattr(model, "backbone", None), "set_depth"):
+            raise ValueError(f"loss='adn' needs an adaptive-depth model (e.g. resnet18_adn), "
+                             f"got {type(model).__name__}")
+        return model
+
+    def batch_losses(self, model: nn.Module, forward: Callable[[torch.Tensor], Outputs], images: torch.Tensor,
+                     target: torch.Tensor, backward: Optional[Backward] = None) -> Dict[str, torch.Tensor]:
+        """``super`` and ``base``; one backward of their sum gives the gradients of the reference's
+        two (the teacher is detached). With ``backward``, the super-net loss is back-propagated
+        before the base-net pass, which frees the first graph early."""
+        return adn_losses(model, images, target, self.alpha, self.temperature, self.topk, backward=backward,
+                          forward=forward)
+
+    def step(self, model: nn.Module, forward: Callable[[torch.Tensor], Outputs], images: torch.Tensor,
+             target: torch.Tensor, backward: Backward = torch.Tensor.backward) -> Dict[str, torch.Tensor]:
+        terms = self.batch_losses(model, forward, images, target, backward)
+        backward(terms["base"])
+        return {name: loss.detach() for name, loss in terms.items()}
+
+
+def create_technique(loss: str = "ce", *, exit_weights: Optional[Sequence[float]] = None, label_smoothing: float = 0.0,
+                     gradient_equilibrium: bool = False, deconfliction: Optional[str] = None,
+                     pcgrad: Optional[dict] = None, temperature: Optional[float] = None, gamma: float = 0.9,
+                     reduction: str = "batchmean", isc: Optional[str] = "reference", freeze_bn_stats: bool = False,
+                     alpha: float = 0.5, topk: Optional[int] = None, hdkd: Optional[dict] = None,
+                     seed: int = 0) -> Technique:
+    """The technique of a config's ``technique`` section (``create_technique(**config['technique'])``,
+    keys as in :data:`timm_exits.config.DEFAULTS`); ``temperature=None`` is the technique's default
+    (ofa: 3, hdkd: 4, adn: 1), ``seed`` seeds PCGrad's order unless ``pcgrad`` sets it. Options of
+    the other techniques are not used."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if deconfliction not in DECONFLICTION:
+        raise ValueError(f"deconfliction must be one of {DECONFLICTION}, got {deconfliction!r}")
+    if deconfliction == "pcgrad" and loss != "ce":
+        raise ValueError("deconfliction='pcgrad' projects the exits' cross-entropies: it needs loss='ce'")
+    switches = dict(gradient_equilibrium=gradient_equilibrium, deconfliction=deconfliction)
+    kd = {} if temperature is None else dict(temperature=temperature)
+    if loss == "ce":
+        if deconfliction == "pcgrad":
+            return PCGrad(exit_weights, label_smoothing, gradient_equilibrium, **{"seed": seed, **_options(pcgrad, PCGrad)})
+        return CrossEntropy(exit_weights, label_smoothing, **switches)
+    if loss == "ofa":
+        return OneForAll(gamma=gamma, reduction=reduction, isc=isc, freeze_bn_stats=freeze_bn_stats, **kd, **switches)
+    if loss == "hdkd":
+        return HDKD(alpha=alpha, **kd, **_options(hdkd, HDKD), **switches)
+    return ADN(alpha=alpha, topk=topk, **kd, **switches)
+
+
+_OWN_OPTIONS = {PCGrad: ("scope", "order", "protect_deeper", "groups", "seed"),
+                HDKD: ("lr", "xi", "init", "ratio_reg", "interval")}
+
+
+def _options(given: Optional[dict], technique: type) -> dict:
+    """The options of a technique's own section (``pcgrad``, ``hdkd``), checked by name."""
+    name, known = technique.__name__.lower(), _OWN_OPTIONS[technique]
+    unknown = set(given or {}) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {name} option(s) {sorted(unknown)}; expected some of {sorted(known)}")
+    return dict(given or {})
+
+
+def create_training_model(name: str, technique: Technique, model_kwargs: Optional[dict] = None,
+                          phase_one_checkpoint: Optional[str] = None) -> nn.Module:
+    """``timm.create_model(name, **model_kwargs)`` checked for ``technique`` (IMTA phase II: the
+    phase-I weights of ``phase_one_checkpoint`` in the :class:`IMTAModel`); move it to its device,
+    then :meth:`Technique.prepare` it."""
+    kwargs = dict(model_kwargs or {})
+    if isinstance(technique, OneForAll):
+        if phase_one_checkpoint is None:
+            raise ValueError("loss='ofa' (IMTA phase II) needs phase_one_checkpoint, the phase-I weights")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=phase_one_checkpoint))
+    model = timm.create_model(name, **kwargs)
+    if not isinstance(technique, (OneForAll, ADN)) and not hasattr(model, "forward_exits"):
+        raise ValueError(f"{name} is not a multi-exit model (see timm_exits.add_exits)")
+    return technique.check(model)
