@@ -80,7 +80,7 @@ class MultiExitTask(TrainingTask):
 
     ``forward(input, target)`` returns ``loss`` (what to back-propagate), ``output`` (the last exit's
     logits, for timm's accuracy metric; ADN: the super-net's; IMTA: the new last head's) and the
-    objective's named terms as ``loss_<term>``: ``loss_exit1`` ... (``ce``), ``loss_ofa``,
+    technique's named terms as ``loss_<term>``: ``loss_exit1`` ... (``ce``), ``loss_ofa``,
     ``loss_hdkd``, ``loss_super`` and ``loss_base`` (``adn``; one backward of their sum gives the
     gradients of the reference's two backward passes, since the teacher is detached).
 
@@ -90,7 +90,7 @@ class MultiExitTask(TrainingTask):
     accumulation, set ``interval`` to the number of accumulated batches.
 
     Parameter-level PCGrad needs one backward per exit. Inside ``forward`` the task computes the
-    per-exit gradients, deconflicts them with :func:`~timm_exits.train.pcgrad_backward` and returns
+    per-exit gradients, deconflicts them with :meth:`PCGrad.backward <timm_exits.train.PCGrad.backward>` and returns
     a loss whose value is the plain sum of the exits' losses and whose gradient is the deconflicted
     one (a surrogate ``sum <p, g_p>``), so ``loss.backward()`` (scaled by a ``GradScaler`` or
     divided for accumulation, both linear) gives pcgrad_backward's gradients. The per-exit
@@ -98,7 +98,7 @@ class MultiExitTask(TrainingTask):
     underflow them (bfloat16 and float32 are safe). Under DDP, pcgrad_backward averages the per-exit
     gradients over the processes and DDP then averages the (identical) result once more.
 
-    The loss is always the objective's: there is no ``criterion`` argument (timm's BCE or JSD
+    The loss is always the technique's (:attr:`technique`): there is no ``criterion`` argument (timm's BCE or JSD
     losses have no multi-exit counterpart here); label smoothing and mixup / cutmix targets are
     handled as the accelerate engine handles them.
     """

@@ -7,8 +7,8 @@ reads an mmengine config (:mod:`timm_exits.config`) and, for each of its phases:
    model with ``timm.create_model``, the optimizer, scheduler and EMA with timm's factories;
 2. trains under an :class:`accelerate.Accelerator` (one process, DDP or FSDP on one or many
    machines, as ``accelerate config`` / ``accelerate launch`` say; mixed precision, bf16 on CPU too;
-   gradient accumulation) with the technique of the config, through the same pieces as the mmengine
-   adapters (:mod:`timm_exits.train`);
+   gradient accumulation) with the technique of the config, the same technique object the mmengine
+   adapters and the timm task use (:mod:`timm_exits.train.techniques`);
 3. checkpoints (safetensors + weights-only training state, atomic) every epoch and every
    ``train.checkpoint_every`` steps; ``--resume`` continues exactly where a killed run stopped;
 4. evaluates: anytime accuracy per exit and the budgeted curve (thresholds on the held-out split),

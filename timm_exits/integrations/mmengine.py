@@ -7,7 +7,8 @@ Registered in mmengine's registries on import (``custom_imports=dict(imports=['t
   One-for-all KD), ``hdkd`` (dense KD with harmonized weights) and ``adn`` (ADN self-distillation);
 * ``MultiExitAccuracy`` (METRICS): top-1 of every exit;
 * ``ImageFolderDataset`` (DATASETS): an image folder through timm's reader and transforms;
-* ``GradientEquilibriumHook``, ``GradientDeconflictionHook``, ``HarmonizedWeightsHook`` (HOOKS);
+* ``GradientEquilibriumHook``, ``GradientDeconflictionHook``, ``HarmonizedWeightsHook`` (HOOKS; the
+  last saves HDKD's learned weights in the checkpoint and restores them on resume);
 * ``PCGradOptimWrapper`` (OPTIM_WRAPPERS): parameter-level gradient deconfliction.
 
 A checkpoint of a ``MultiExitClassifier`` run (``epoch_N.pth`` / ``iter_N.pth`` of mmengine's
@@ -67,6 +68,9 @@ class MultiExitClassifier(BaseModel):
         phase_one_checkpoint: with ``loss='ofa'``, the phase-I weights; the model becomes an
             :class:`~timm_exits.train.IMTAModel` (frozen network + ISC heads).
         isc: ISC form for phase II (``reference``, ``detach`` or None); ``freeze_bn_stats`` likewise.
+
+    ``technique`` is the :mod:`timm_exits.train.techniques` object built from ``loss`` and
+    ``loss_kwargs``; its losses are the model's, ``HarmonizedWeightsHook`` sets its HDKD options.
     """
 
     def __init__(
