@@ -27,6 +27,7 @@ def _profile(args: argparse.Namespace) -> int:
     import torch
 
     from . import profile as profiling
+    from .models import adaptive_depth_of
 
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     if args.model not in timm.list_models():
@@ -37,8 +38,8 @@ def _profile(args: argparse.Namespace) -> int:
         if model.pretrained_cfg.get("fixed_input_size") and tuple(input_size) != tuple(model.pretrained_cfg["input_size"]):
             model = timm.create_model(args.model, in_chans=input_size[0], img_size=tuple(input_size[1:]), **kwargs)
     if args.depth is not None:
-        adaptive = model if hasattr(model, "set_depth") else getattr(model, "backbone", None)
-        if not hasattr(adaptive, "set_depth"):
+        adaptive = adaptive_depth_of(model)
+        if adaptive is None:
             raise ValueError(f"--depth needs an adaptive-depth model (e.g. resnet50_adn); {args.model} has no "
                              f"skippable sub-paths")
         adaptive.set_depth(args.depth)
@@ -194,6 +195,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .data import ImageFiles, image_transform, num_classes_of, split_dataset
     from .inference import IMTA_Q, REFERENCE_Q, Thresholds, collect_outputs, thresholds_for_accuracy, thresholds_for_cost
     from .inference.report import evaluation_report, format_report, write_report
+    from .models import is_multi_exit
 
     test_set = ImageFiles(args.data_dir)
     num_classes = num_classes_of(test_set)
@@ -201,7 +203,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, data_config, label = (_saved_model(args, given) if os.path.exists(args.model)
                                  else _named_model(args, num_classes, given))
     model.eval()
-    if not hasattr(model, "forward_exits"):
+    if not is_multi_exit(model):
         raise ValueError(f"{label} is not a multi-exit model")
     if model.num_classes != num_classes:
         raise ValueError(f"the model has {model.num_classes} classes but --data-dir {args.data_dir!r} has {num_classes} "
