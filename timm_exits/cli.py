@@ -22,6 +22,15 @@ from typing import List, Optional
 CONVENTIONS = ("macs", "msdnet", "macs_norm")  # timm_exits.profile.CONVENTIONS, named here without importing torch
 
 
+def _check_model_name(name: str, or_else: str = "") -> None:
+    """A ValueError (``error: ...``, exit code 2) unless ``name`` is a registered timm model."""
+    import timm
+
+    if name not in timm.list_models():
+        raise ValueError(f"unknown model {name!r}: expected a timm model name (see `timm-exits models` or "
+                         f"timm.list_models()){or_else}")
+
+
 def _profile(args: argparse.Namespace) -> int:
     import timm
     import torch
@@ -30,8 +39,7 @@ def _profile(args: argparse.Namespace) -> int:
     from .models import adaptive_depth_of
 
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    if args.model not in timm.list_models():
-        raise SystemExit(f"unknown model {args.model!r}; see `timm-exits models` or timm.list_models()")
+    _check_model_name(args.model)
     with torch.device("meta"):
         model = timm.create_model(args.model, **kwargs)
         input_size = args.input_size or model.pretrained_cfg["input_size"]
@@ -143,9 +151,7 @@ def _named_model(args: argparse.Namespace, num_classes: int, given: dict):
     import timm
     from timm.data import resolve_data_config
 
-    if args.model not in timm.list_models():
-        raise ValueError(f"unknown model {args.model!r}: expected a timm model name (see `timm-exits models`), a model "
-                         f"folder, or a weights file with config.json beside it")
+    _check_model_name(args.model, ", a model folder, or a weights file with config.json beside it")
     kwargs = {"num_classes": num_classes, **_parse_kwargs(args.model_kwargs)}
     cfg = timm.models.get_pretrained_cfg(args.model)
     if "input_size" in given:
