@@ -15,6 +15,7 @@ The variants are registered below; ``registry/msdnet.yaml`` records where each c
 expected per-exit cost.
 """
 
+import copy
 import math
 import re
 from dataclasses import dataclass
@@ -205,8 +206,9 @@ class MsdLayer(nn.Module):
         return all(isinstance(u, ScaleUnit) for u in self.units)
 
     def fuse(self) -> nn.Module:
-        """The inference form (``timm.utils.reparameterize_model`` calls this)."""
-        return FusedMsdLayer(self) if self.complete else self
+        """The inference form, a new module (``timm.utils.reparameterize_model`` calls this); a layer
+        pruned of unread paths is copied unfused."""
+        return FusedMsdLayer(self) if self.complete else copy.deepcopy(self)
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
         if not torch.jit.is_scripting():
@@ -269,6 +271,7 @@ class Transition(nn.Module):
         self.convs = nn.ModuleList([_conv_bn_relu(in_width * g, out_width * g, 1, **dd) for g in gr])
 
     def fuse(self) -> nn.Module:
+        """The inference form, a new module (batch norms folded)."""
         return FusedTransition(self)
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -362,7 +365,7 @@ class MsdStage(nn.Sequential):
         return xs
 
     def fuse(self) -> nn.Module:
-        """The inference form (``timm.utils.reparameterize_model`` calls this)."""
+        """The inference form, a new module (``timm.utils.reparameterize_model`` calls this)."""
         return fuse_stage(self)
 
 
