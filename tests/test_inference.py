@@ -16,7 +16,8 @@ from timm_exits.inference import (IMTA_Q, REFERENCE_Q, EarlyExitExecutor, ExitOu
                                   anytime_accuracy, assign_exits, budgeted_curve, exit_scores,
                                   fit_thresholds, geometric_fractions, thresholds_for_accuracy, thresholds_for_cost)
 
-# spec msdnet_imta.md §6.2.5: max confidence and correctness per sample, exits 0..2, costs 10/20/30
+# a worked example of the reference budgeted evaluation (quota rule), checked by hand: max confidence and
+# correctness per sample, exits 0..2, costs 10/20/30
 CONF = [[.95, .90, .90, .85, .80, .70, .65, .60, .55, .52],
         [.60, .99, .70, .97, .93, .55, .91, .88, .86, .75],
         [.80, .85, .90, .95, .99, .70, .75, .65, .60, .97]]

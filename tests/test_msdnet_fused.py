@@ -12,17 +12,11 @@ from timm_exits.inference import EarlyExitExecutor
 from timm_exits.models.msdnet_fused import BufferedScales, FoldedConvAct, FusedMsdLayer, FusedStage
 from timm_exits.models.multi_exit import slice_state
 
+from helpers import randomise_norms
 
-def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
+
+def _randomise(model: nn.Module) -> nn.Module:
+    return randomise_norms(model).eval()
 
 
 CASES = [

@@ -77,7 +77,11 @@ def msdnet_plan(
         prune: str = "max",
         reduction: float = 0.5,
 ) -> List[List[LayerPlan]]:
-    """The layer schedule of an MSDNet, block by block (reference §1.3 rules)."""
+    """The layer schedule of an MSDNet, block by block, following the reference code (MSDNet-PyTorch,
+    ``models/msdnet.py``): block sizes ``base`` then ``step`` (``even``) or ``step * k + 1``
+    (``lin_grow``); with ``prune='max'`` a scale is dropped every ``ceil(layers / scales)`` layers, a
+    transition following each drop; with ``prune='min'`` the scales shrink over the last layers and the
+    transitions sit at one and two thirds of the layers; a transition keeps ``floor(reduction * width)``."""
     if step_mode not in ("even", "lin_grow"):
         raise ValueError(f"step_mode must be 'even' or 'lin_grow', got {step_mode!r}")
     if prune not in ("max", "min"):
