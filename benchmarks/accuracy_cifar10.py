@@ -1,4 +1,4 @@
-"""The CIFAR-10 accuracy study (issue 7): every training technique side by side on real data.
+"""The CIFAR-10 accuracy study: every training technique side by side on real data.
 
 Each configuration in benchmarks/cifar10_study/ is one resumable command; this script runs the ones
 asked for (each with ``--resume``, so an interrupted study continues where it stopped), then writes

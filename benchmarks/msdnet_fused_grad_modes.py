@@ -1,4 +1,4 @@
-"""MSDNet's fused inference path in both grad modes: msdnet_cifar_7exit, fp32, batch 256, random weights (randomised BN statistics),
+"""MSDNet's fused inference path in both grad modes: msdnet_cifar_7exit, fp32, batch 256, random weights (randomised norms),
 eval, 2 threads; plain vs fused (timm.utils.reparameterize_model) under no_grad and inference_mode,
 full forward_exits and the early-exit executor (thresholds giving a MACs ratio near 0.5), alternating rounds;
 the table's rates are from the fastest round (the machine is shared), the median is shown too.
@@ -7,17 +7,21 @@ the table's rates are from the fastest round (the machine is shared), the median
 """
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import timm
 import torch
 from timm.utils import reparameterize_model
-from torch import nn
 
 import timm_exits
 from timm_exits.inference import EarlyExitExecutor
 from timm_exits.profile import profile_exits
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # run from anywhere: the tests' helpers
+from helpers import randomise_norms  # noqa: E402
 
 GRAD = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
@@ -32,12 +36,7 @@ def main() -> None:
     print("timm_exits from", timm_exits.__file__)
     torch.manual_seed(0)
     model = timm.create_model("msdnet_cifar_7exit").eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    randomise_norms(model)
     fused = reparameterize_model(model)
     x = torch.randn(args.batch, 3, 32, 32)
 

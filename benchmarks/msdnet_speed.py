@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable, Dict, List
 
 import timm
@@ -31,20 +33,13 @@ from torch import nn
 
 import timm_exits  # noqa: F401  (registers the models)
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # run from anywhere: the tests' helpers
+from helpers import randomise_norms  # noqa: E402
+
 SETTINGS = [  # (model, training batch, inference batch)
     ("msdnet_cifar_7exit", 64, 256),
     ("msdnet_imagenet_5exit", 8, 8),
 ]
-
-
-def _randomise_statistics(model: nn.Module, seed: int = 0) -> None:
-    """Trained-looking batch-norm statistics, so that folding them is not a no-op."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
 
 
 def _bf16(enabled: bool):
@@ -93,7 +88,7 @@ def measure(name: str, train_batch: int, infer_batch: int, rounds: int, compile:
                 net.forward_exits(x_infer)
         return run
 
-    _randomise_statistics(model)
+    randomise_norms(model)  # trained-looking norms: folding them is not a no-op
     model.eval()
     fused = reparameterize_model(model)
     with torch.no_grad():

@@ -5,7 +5,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-TINY_MSDNET = "dict(name='msdnet_cifar_5exit', kwargs=dict(num_channels=4, growth_rate=2))"
+TINY_MSDNET = "dict(name='msdnet_cifar_5exit', kwargs=dict(num_channels=4, growth_rate=2))"  # an engine config's model
+MM_TINY_MSDNET = dict(model="msdnet_cifar_5exit", model_kwargs=dict(num_classes=3, num_channels=4, growth_rate=2))
 
 
 def make_image_folder(root: Path, classes=3, per_class=10, size=32, seed=0) -> Path:
@@ -54,3 +55,49 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return model
+
+
+class TinyImages(torch.utils.data.Dataset):
+    """Class-coloured 32x32 images as mmengine samples (``inputs``, ``data_samples``): learnable in a few steps."""
+
+    def __init__(self, n=48, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, 3, (n,), generator=g)
+        self.images = torch.randn(n, 3, 32, 32, generator=g) * 0.5 + self.labels.view(-1, 1, 1, 1).float() - 1
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return dict(inputs=self.images[i], data_samples=self.labels[i])
+
+
+def mm_loader(seed=0, shuffle=True) -> dict:
+    """An mmengine dataloader config over :class:`TinyImages`, batches of 8."""
+    return dict(dataset=TinyImages(seed=seed), sampler=dict(type="DefaultSampler", shuffle=shuffle),
+                batch_size=8, collate_fn=dict(type="default_collate"), num_workers=0)
+
+
+def mm_runner(tmp_path, model, iters=4, optim_wrapper=None, hooks=(), resume=False, name="run"):
+    """A real mmengine Runner training ``MultiExitClassifier(**model)`` for ``iters`` iterations,
+    validating and checkpointing (every 2 iterations) into ``tmp_path / name``."""
+    from mmengine.runner import Runner
+
+    import timm_exits.integrations.mmengine  # noqa: F401  (registers the model, metric, hooks, optim wrapper)
+
+    return Runner(
+        model=dict(type="MultiExitClassifier", **model),
+        work_dir=str(tmp_path / name),
+        train_dataloader=mm_loader(),
+        val_dataloader=mm_loader(seed=1, shuffle=False),
+        val_evaluator=dict(type="MultiExitAccuracy"),
+        train_cfg=dict(by_epoch=False, max_iters=iters, val_interval=iters),
+        val_cfg=dict(),
+        optim_wrapper=optim_wrapper or dict(optimizer=dict(type="SGD", lr=0.05, momentum=0.9)),
+        custom_hooks=list(hooks),
+        default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=2, by_epoch=False),
+                           logger=dict(type="LoggerHook", interval=1)),
+        resume=resume,
+        randomness=dict(seed=0),
+        default_scope="mmengine",
+    )

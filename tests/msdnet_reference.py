@@ -1,4 +1,4 @@
-"""An independent statement of the reference MSDNet, written from the spec (msdnet_imta.md §1-§2),
+"""An independent statement of the reference MSDNet, written from the reference code (MSDNet-PyTorch),
 for the tests: it knows the reference's state-dict key names, runs the reference forward pass
 functionally from such a state dict, and counts per-exit cost with the reference op counter's
 rules. It shares no code with ``timm_exits``.

@@ -43,7 +43,7 @@ def test_registered_variants():
         assert timm.is_model(name) and name in CATALOGUE
 
 
-def test_sub_paths_follow_the_spec():
+def test_sub_paths_follow_the_paper():
     resnet = _meta("resnet50_adn")
     assert [len(s.skippable) for s in resnet.depth_stages] == [1, 2, 3, 1]
     layers = [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4]

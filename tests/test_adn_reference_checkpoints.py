@@ -21,19 +21,16 @@ from torchvision.models.vision_transformer import VisionTransformer as Torchvisi
 
 import timm_exits  # noqa: F401
 
+from helpers import randomise_norms
+
 CONFIGS = ["".join(c) for c in itertools.product("FT", repeat=4)]
 
 
 def _randomise(module: nn.Module) -> nn.Module:
     """Non-trivial norms, class token and head (torchvision initialises them to constants)."""
+    randomise_norms(module)
     with torch.no_grad():
         for m in module.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
             if isinstance(m, nn.Linear) and not m.weight.any():
                 m.weight.normal_(0, 0.2)
         for name, p in module.named_parameters():

@@ -132,6 +132,23 @@ def test_reset_classifier_reaches_every_exit():
     assert all(o.shape == (1, 7) for o in model.forward_exits(torch.randn(1, 3, 64, 64)))
 
 
+def _drop_rates(model: BackboneWithExits) -> tuple:
+    """Dropout before each exit head's classifier, and the backbone head's (timm's drop_rate / head_drop)."""
+    own = getattr(model.backbone, "drop_rate", None)
+    if own is None:
+        own = model.backbone.head_drop.p
+    return [e.drop.p for e in model.exits], own
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_drop_rate_is_timms_dropout_before_every_exit(name):
+    kwargs = dict(num_classes=5, **FAMILIES[name])
+    assert _drop_rates(add_exits(name, drop_rate=0.3, **kwargs)) == ([0.3] * 3, 0.3)
+    assert _drop_rates(timm.create_model(f"{name}_exits", drop_rate=0.3, **kwargs)) == ([0.3] * 3, 0.3)
+    assert _drop_rates(add_exits(_backbone(name), drop_rate=0.3)) == ([0.3] * 3, 0.0)  # a built model keeps its own
+    assert _drop_rates(add_exits(name, **kwargs)) == ([0.0] * 3, 0.0)
+
+
 def test_registered_variants_and_their_catalogue_costs():
     catalogue = load_catalogue("exits")["variants"]
     for required in ("resnet18_exits", "resnet50_exits", "vit_tiny_patch16_224_exits", "convnext_tiny_exits",

@@ -2,6 +2,9 @@
 the early-exit executor against the simulated evaluation (export: test_export.py)."""
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -13,7 +16,8 @@ from timm_exits.inference import (IMTA_Q, REFERENCE_Q, EarlyExitExecutor, ExitOu
                                   anytime_accuracy, assign_exits, budgeted_curve, exit_scores,
                                   fit_thresholds, geometric_fractions, thresholds_for_accuracy, thresholds_for_cost)
 
-# spec msdnet_imta.md §6.2.5: max confidence and correctness per sample, exits 0..2, costs 10/20/30
+# a worked example of the reference budgeted evaluation (quota rule), checked by hand: max confidence and
+# correctness per sample, exits 0..2, costs 10/20/30
 CONF = [[.95, .90, .90, .85, .80, .70, .65, .60, .55, .52],
         [.60, .99, .70, .97, .93, .55, .91, .88, .86, .75],
         [.80, .85, .90, .95, .99, .70, .75, .65, .60, .97]]
@@ -216,3 +220,21 @@ def test_exit_quotas_use_the_references_float32_arithmetic():
     fractions = geometric_fractions(1.5, 5)
     thresholds = fit_thresholds(scores, [0.0, 0.0, 0.0, fractions[3], fractions[4]])  # exits 1-3: quota 0
     assert thresholds[3] == scores[3, 53]  # the 54th most confident sample sets exit 4's threshold
+
+
+def test_writing_a_report_leaves_the_process_matplotlib_backend_alone(tmp_path):
+    """A user's process (a notebook, an interactive backend) keeps its backend and pyplot figures."""
+    tests = Path(__file__).resolve().parent
+    code = (
+        f"import sys; sys.path.insert(0, {str(tests)!r})\n"
+        "import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot as plt\n"
+        "from timm_exits.inference.report import evaluation_report, write_report\n"
+        "from test_inference import worked_example\n"
+        "mine = plt.figure()\n"
+        "report = evaluation_report(worked_example(), worked_example(), [10, 20, 30], model='tiny')\n"
+        f"paths = write_report(report, {str(tmp_path)!r})\n"
+        "print(matplotlib.get_backend(), plt.get_fignums() == [mine.number], open(paths['png'], 'rb').read(8))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tests.parent)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[:2] == ["svg", "True"] and "PNG" in run.stdout

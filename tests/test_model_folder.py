@@ -240,9 +240,9 @@ def test_mmengine_checkpoint_converts_to_a_model_folder(tmp_path, capsys):
 
 def test_convert_needs_a_model_name_without_a_stored_config(tmp_path, capsys):
     """A run built without a config file stores none (meta['cfg'] is empty): --model is required."""
-    from test_mmengine import TINY_MSDNET, _runner
+    from helpers import MM_TINY_MSDNET, mm_runner
 
-    _runner(tmp_path, TINY_MSDNET, iters=2).train()
+    mm_runner(tmp_path, MM_TINY_MSDNET, iters=2).train()
     checkpoint = tmp_path / "run" / "iter_2.pth"
     assert cli.main(["convert", str(checkpoint), str(tmp_path / "folder")]) == 2
     assert "stores no config naming its model: give the timm model name (--model NAME)" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 import timm_exits  # noqa: F401
 from timm_exits.catalogue import load_catalogue
 
+from helpers import randomise_norms
 from msdnet_reference import reference_for
 
 CATALOGUE = load_catalogue("msdnet")["variants"]
@@ -20,14 +21,7 @@ def _load(name, path, **kwargs):
 def _trained_looking(name):
     """A model whose BN statistics and weights differ from any fresh init."""
     torch.manual_seed(1)
-    model = timm.create_model(name)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    return model.eval()
+    return randomise_norms(timm.create_model(name)).eval()
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth", "pth.tar"])

@@ -1,8 +1,9 @@
 """MSDNet against the reference: costs and parameters per exit, widths, initialisation.
 
-Expected numbers come from the spec (msdnet_imta.md §1.5, §1.6, §2.2), or, for variants the spec
-gives no numbers for, from the independent reference counter in ``msdnet_reference.py`` (itself
-checked against the spec's numbers below).
+Expected numbers are those of the reference code (MSDNet-PyTorch: its op counter, its layer widths
+and schedules, as the MSDNet and IMTA papers report them), or, for variants without published numbers,
+from the independent reference counter in ``msdnet_reference.py`` (itself checked against the
+published numbers below).
 """
 import math
 
@@ -19,7 +20,7 @@ from msdnet_reference import reference_for
 
 CATALOGUE = load_catalogue("msdnet")["variants"]
 
-# spec §2.2, millions
+# the reference op counter and parameter count per exit, millions (IMTA's Table 1 for CIFAR)
 CIFAR7_OPS = [6.8599, 14.3500, 27.2914, 48.4489, 76.4326, 108.8505, 137.2810]
 CIFAR7_PARAMS = [0.2997, 0.6497, 1.1114, 1.7272, 2.3850, 3.0522, 3.9667]
 CIFAR7_CONV_MACS = [6.78, 14.18, 27.00, 48.00, 75.84, 108.11, 136.48]
@@ -90,7 +91,7 @@ def test_catalogue_reference_entries_agree_with_the_models():
             assert abs(ops[0].macs / 1e6 - first) <= 0.2 and abs(ops[-1].macs / 1e6 - last) <= 0.2
 
 
-def test_head_widths_match_the_spec_tables():
+def test_head_widths_match_the_reference():
     cifar = _meta_model("msdnet_cifar_7exit")
     assert cifar.stage_widths == [88, 136, 208, 304, 260, 200, 368]
     assert cifar.exit_widths == [128] * 7
@@ -99,7 +100,7 @@ def test_head_widths_match_the_spec_tables():
     assert imagenet.exit_widths == imagenet.stage_widths  # ImageNet heads keep D channels
 
 
-def test_imagenet_step4_schedule_matches_the_spec_table():
+def test_imagenet_step4_schedule_matches_the_reference():
     plan = msdnet_plan(5, 4, 4, "even", 32, 16, 4)
     widths_after = [[p.transition_width or p.width + 16 for p in block] for block in plan]
     assert widths_after == [[48, 64, 80, 96], [112, 64, 80, 96], [112, 128, 72, 88], [104, 120, 136, 76],
@@ -111,7 +112,7 @@ def test_imagenet_step4_schedule_matches_the_spec_table():
     assert transitions == [6, 11, 16]
 
 
-def test_cifar_transitions_and_scales_match_the_spec():
+def test_cifar_transitions_and_scales_match_the_reference():
     plan = [p for block in msdnet_plan(7, 1, 1, "lin_grow", 16, 6, 3) for p in block]
     assert len(plan) == 28
     assert [i + 1 for i, p in enumerate(plan) if p.transition_width] == [11, 21]
@@ -119,7 +120,7 @@ def test_cifar_transitions_and_scales_match_the_spec():
     assert [plan[20].width + 6, plan[20].transition_width] == [101, 50]
 
 
-def test_bottleneck_widths_match_the_spec():
+def test_bottleneck_widths_match_the_reference():
     cifar = _meta_model("msdnet_cifar_7exit")
     # first layer, 3 scales: s1 normal c->6, s2 down c->6 / normal 2c->12, s3 down 2c->24 / normal 4c->48
     units = cifar.stages[0][0].units

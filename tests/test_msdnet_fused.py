@@ -12,17 +12,11 @@ from timm_exits.inference import EarlyExitExecutor
 from timm_exits.models.msdnet_fused import BufferedScales, FoldedConvAct, FusedMsdLayer, FusedStage
 from timm_exits.models.multi_exit import slice_state
 
+from helpers import randomise_norms
 
-def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
+
+def _randomise(model: nn.Module) -> nn.Module:
+    return randomise_norms(model).eval()
 
 
 CASES = [
@@ -61,10 +55,29 @@ def test_fused_model_gives_the_plain_models_outputs(name, kwargs, size, grad_mod
     assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
 
 
-def test_fuse_returns_new_modules_and_pads_at_fuse_time():
+def _tensors(module: nn.Module) -> set:
+    return {t.data_ptr() for t in [*module.parameters(), *module.buffers()]}
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["whole", "pruned"])
+def test_every_fuse_returns_a_new_module_and_leaves_the_original_untouched(pruned):
+    model = _randomise(timm.create_model("msdnet_cifar_5exit", num_classes=3, num_channels=4, growth_rate=2))
+    if pruned:  # stage 1 keeps only the paths exit 1 reads: its layers are incomplete
+        model.prune_intermediate_layers([1], prune_head=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [(n, m) for n, m in model.named_modules() if callable(getattr(m, "fuse", None))]
+    assert {type(m).__name__ for _, m in modules} == {"MsdStem", "MsdStage", "MsdLayer", "Transition", "MsdHead"} - \
+        ({"Transition"} if pruned else set())
+    for name, module in modules:
+        fused = module.fuse()
+        assert fused is not module and not _tensors(fused) & _tensors(module), name
+        assert not set(map(id, fused.modules())) & set(map(id, module.modules())), name
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_fuse_pads_at_fuse_time():
     model = _randomise(timm.create_model("msdnet_cifar_7exit", num_classes=10))
-    for module in [model.stem, model.exits[0], *model.stages]:
-        assert module.fuse() is not module
     fused = reparameterize_model(model)
     weights = {name: p.clone() for name, p in fused.named_parameters()}
     with torch.no_grad():

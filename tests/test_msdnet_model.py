@@ -6,7 +6,7 @@ import torch
 import timm_exits  # noqa: F401
 from timm_exits import MSDNet, slice_state
 
-VARIANTS = {  # from the foundation issue: name -> (exits, input, classes)
+VARIANTS = {  # the reference configurations: name -> (exits, input, classes)
     "msdnet_imagenet_5exit": (5, 224, 1000),
     "msdnet_imagenet_5exit_step6": (5, 224, 1000),
     "msdnet_imagenet_5exit_step7": (5, 224, 1000),

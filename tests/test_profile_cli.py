@@ -13,6 +13,8 @@ from timm_exits import MSDNet
 from timm_exits.cli import models_table
 from timm_exits.profile import profile_exits
 
+from helpers import make_image_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,7 +28,7 @@ def test_profile_json_in_the_msdnet_convention():
     out = json.loads(run.stdout)
     assert out["model"] == "msdnet_cifar_7exit" and out["input_size"] == [3, 32, 32] and out["convention"] == "msdnet"
     assert [e["exit"] for e in out["exits"]] == list(range(1, 8))
-    # IMTA Table 1 (spec §2.2)
+    # the MSDNet reference op counter's numbers for this model, as IMTA's Table 1 reports them
     assert round(out["exits"][0]["macs"] / 1e6, 4) == 6.8599 and round(out["exits"][-1]["macs"] / 1e6, 4) == 137.2810
     assert round(out["exits"][-1]["params"] / 1e6, 4) == 3.9667
 
@@ -47,8 +49,17 @@ def test_profile_other_input_size_and_errors():
     assert json.loads(run.stdout)["exits"][-1]["macs"] < 1355606016 * 0.75
     bad = _cli("profile", "msdnet_cifar_7exit", "--input-size", "3", "64", "64")
     assert bad.returncode == 2 and "must reduce the coarsest scale to 1x1" in bad.stderr
-    unknown = _cli("profile", "resnet_nope")
-    assert unknown.returncode != 0 and "unknown model 'resnet_nope'" in unknown.stderr
+
+
+
+@pytest.mark.parametrize("command", ["profile", "evaluate"])
+def test_an_unknown_model_name_is_the_same_error_in_every_command(command, tmp_path, capsys):
+    from timm_exits import cli
+
+    extra = ["--data-dir", str(make_image_folder(tmp_path / "data", per_class=1))] if command == "evaluate" else []
+    assert cli.main([command, "resnet_nope", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown model 'resnet_nope': expected a timm model name (see `timm-exits models`")
 
 
 def test_profile_leaves_a_real_model_untouched():

@@ -41,7 +41,7 @@ def _adn(name, **kwargs):
 
 
 def _reference(name, adn, config):
-    """The plain timm model computing ``adn``'s sub-network ``config``, built from the spec's split."""
+    """The plain timm model computing ``adn``'s sub-network ``config``, built from the paper's split."""
     pattern, where = STAGE[name]
     ref = timm.create_model(TINY[name][0], num_classes=5, **TINY[name][1]).eval()
     ref.load_state_dict({k: v for k, v in adn.state_dict().items() if k in ref.state_dict()}, strict=False)

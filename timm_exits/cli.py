@@ -22,23 +22,32 @@ from typing import List, Optional
 CONVENTIONS = ("macs", "msdnet", "macs_norm")  # timm_exits.profile.CONVENTIONS, named here without importing torch
 
 
+def _check_model_name(name: str, or_else: str = "") -> None:
+    """A ValueError (``error: ...``, exit code 2) unless ``name`` is a registered timm model."""
+    import timm
+
+    if name not in timm.list_models():
+        raise ValueError(f"unknown model {name!r}: expected a timm model name (see `timm-exits models` or "
+                         f"timm.list_models()){or_else}")
+
+
 def _profile(args: argparse.Namespace) -> int:
     import timm
     import torch
 
     from . import profile as profiling
+    from .models import adaptive_depth_of
 
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    if args.model not in timm.list_models():
-        raise SystemExit(f"unknown model {args.model!r}; see `timm-exits models` or timm.list_models()")
+    _check_model_name(args.model)
     with torch.device("meta"):
         model = timm.create_model(args.model, **kwargs)
         input_size = args.input_size or model.pretrained_cfg["input_size"]
         if model.pretrained_cfg.get("fixed_input_size") and tuple(input_size) != tuple(model.pretrained_cfg["input_size"]):
             model = timm.create_model(args.model, in_chans=input_size[0], img_size=tuple(input_size[1:]), **kwargs)
     if args.depth is not None:
-        adaptive = model if hasattr(model, "set_depth") else getattr(model, "backbone", None)
-        if not hasattr(adaptive, "set_depth"):
+        adaptive = adaptive_depth_of(model)
+        if adaptive is None:
             raise ValueError(f"--depth needs an adaptive-depth model (e.g. resnet50_adn); {args.model} has no "
                              f"skippable sub-paths")
         adaptive.set_depth(args.depth)
@@ -142,9 +151,7 @@ def _named_model(args: argparse.Namespace, num_classes: int, given: dict):
     import timm
     from timm.data import resolve_data_config
 
-    if args.model not in timm.list_models():
-        raise ValueError(f"unknown model {args.model!r}: expected a timm model name (see `timm-exits models`), a model "
-                         f"folder, or a weights file with config.json beside it")
+    _check_model_name(args.model, ", a model folder, or a weights file with config.json beside it")
     kwargs = {"num_classes": num_classes, **_parse_kwargs(args.model_kwargs)}
     cfg = timm.models.get_pretrained_cfg(args.model)
     if "input_size" in given:
@@ -194,6 +201,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .data import ImageFiles, image_transform, num_classes_of, split_dataset
     from .inference import IMTA_Q, REFERENCE_Q, Thresholds, collect_outputs, thresholds_for_accuracy, thresholds_for_cost
     from .inference.report import evaluation_report, format_report, write_report
+    from .models import is_multi_exit
 
     test_set = ImageFiles(args.data_dir)
     num_classes = num_classes_of(test_set)
@@ -201,7 +209,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, data_config, label = (_saved_model(args, given) if os.path.exists(args.model)
                                  else _named_model(args, num_classes, given))
     model.eval()
-    if not hasattr(model, "forward_exits"):
+    if not is_multi_exit(model):
         raise ValueError(f"{label} is not a multi-exit model")
     if model.num_classes != num_classes:
         raise ValueError(f"the model has {model.num_classes} classes but --data-dir {args.data_dir!r} has {num_classes} "

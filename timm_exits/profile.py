@@ -31,6 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from .models.capabilities import is_multi_exit
+
 __all__ = ["ExitCost", "CONVENTIONS", "profile_exits", "meta_copy"]
 
 CONVENTIONS = ("macs", "msdnet", "macs_norm")
@@ -150,7 +152,7 @@ def profile_exits(
 
 def _run_exits(model: nn.Module, x: torch.Tensor) -> Iterator[int]:
     """Run ``model`` exit by exit, yielding each exit's index once it is computed."""
-    if not all(hasattr(model, a) for a in ("forward_stem", "forward_stage", "forward_exit", "num_exits")):
+    if not is_multi_exit(model):
         model(x)
         yield 0
         return

@@ -1,4 +1,4 @@
-# The CIFAR-10 accuracy study (issue 7): the 50,000 training JPEGs of --data-dir split once, seeded,
+# The CIFAR-10 accuracy study: the 50,000 training JPEGs of --data-dir split once, seeded,
 # into test (5,000), validation (5,000: the budgeted thresholds, HDKD's weights) and train (40,000);
 # a narrow MSDNet (5 exits) with the reference's CIFAR augmentation and SGD, a cosine schedule.
 data = dict(dir=None, train_split='train', test_split=None, test_fraction=0.1, val_fraction=0.1, split_seed=0,

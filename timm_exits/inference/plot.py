@@ -13,13 +13,12 @@ Curve = Sequence[Tuple[float, float]]  # (cost, accuracy) points
 def plot_accuracy_vs_cost(path: str, anytime: Dict[str, Curve], budgeted: Dict[str, Curve],
                           cost_label: str = "MACs per image", title: str = "") -> None:
     """Write a PNG (atomically): per name, its budgeted curve as a line and its exits as markers,
-    in one colour per name."""
-    import matplotlib
+    in one colour per name. Drawn on a :class:`matplotlib.figure.Figure` of its own: pyplot's state and
+    the process's backend are left alone."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.2, 5.0), dpi=120)
+    fig = Figure(figsize=(7.2, 5.0), dpi=120)
+    ax = fig.subplots()
     for i, name in enumerate(dict.fromkeys([*budgeted, *anytime])):
         colour = f"C{i % 10}"
         if name in budgeted:
@@ -39,4 +38,3 @@ def plot_accuracy_vs_cost(path: str, anytime: Dict[str, Curve], budgeted: Dict[s
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)

@@ -461,11 +461,14 @@ def add_exits(
         exits: Optional[Sequence[int]] = None,
         head: str = "linear",
         head_width: Optional[int] = None,
-        exit_drop_rate: float = 0.0,
+        drop_rate: float = 0.0,
         **create_kwargs,
 ) -> BackboneWithExits:
     """Make a timm model multi-exit. ``model`` is a model or a name for ``timm.create_model``, which
     then receives ``create_kwargs`` (``pretrained``, ``pretrained_cfg_overlay``, ``num_classes``, ...).
+
+    ``drop_rate`` is timm's: dropout before each exit's classifier; from a name, the backbone's own
+    head (the last exit) gets it too, a model passed in keeps its own.
 
     With ``pretrained=True`` and ``pretrained_cfg_overlay=dict(file=...)``, the file may hold the
     backbone's weights (loaded by timm, exits freshly initialised) or a whole multi-exit model's.
@@ -473,12 +476,13 @@ def add_exits(
     if isinstance(model, nn.Module):
         if create_kwargs:
             raise ValueError(f"timm.create_model arguments {sorted(create_kwargs)} need a model name, not a model")
-        return BackboneWithExits(model, exits, head, head_width, exit_drop_rate)
+        return BackboneWithExits(model, exits, head, head_width, drop_rate)
     file = pretrained_file(create_kwargs.get("pretrained", False), create_kwargs.get("pretrained_cfg_overlay"))
     whole = bool(file and _is_multi_exit_checkpoint(file))
     if whole:
         create_kwargs = {k: v for k, v in create_kwargs.items() if k not in ("pretrained", "pretrained_cfg_overlay")}
-    wrapped = BackboneWithExits(timm.create_model(model, **create_kwargs), exits, head, head_width, exit_drop_rate)
+    backbone = timm.create_model(model, drop_rate=drop_rate, **create_kwargs)
+    wrapped = BackboneWithExits(backbone, exits, head, head_width, drop_rate)
     if whole:
         wrapped.load_state_dict(load_state_dict(file))
     return wrapped

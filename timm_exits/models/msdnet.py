@@ -15,6 +15,7 @@ The variants are registered below; ``registry/msdnet.yaml`` records where each c
 expected per-exit cost.
 """
 
+import copy
 import math
 import re
 from dataclasses import dataclass
@@ -76,7 +77,11 @@ def msdnet_plan(
         prune: str = "max",
         reduction: float = 0.5,
 ) -> List[List[LayerPlan]]:
-    """The layer schedule of an MSDNet, block by block (reference §1.3 rules)."""
+    """The layer schedule of an MSDNet, block by block, following the reference code (MSDNet-PyTorch,
+    ``models/msdnet.py``): block sizes ``base`` then ``step`` (``even``) or ``step * k + 1``
+    (``lin_grow``); with ``prune='max'`` a scale is dropped every ``ceil(layers / scales)`` layers, a
+    transition following each drop; with ``prune='min'`` the scales shrink over the last layers and the
+    transitions sit at one and two thirds of the layers; a transition keeps ``floor(reduction * width)``."""
     if step_mode not in ("even", "lin_grow"):
         raise ValueError(f"step_mode must be 'even' or 'lin_grow', got {step_mode!r}")
     if prune not in ("max", "min"):
@@ -205,8 +210,9 @@ class MsdLayer(nn.Module):
         return all(isinstance(u, ScaleUnit) for u in self.units)
 
     def fuse(self) -> nn.Module:
-        """The inference form (``timm.utils.reparameterize_model`` calls this)."""
-        return FusedMsdLayer(self) if self.complete else self
+        """The inference form, a new module (``timm.utils.reparameterize_model`` calls this); a layer
+        pruned of unread paths is copied unfused."""
+        return FusedMsdLayer(self) if self.complete else copy.deepcopy(self)
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
         if not torch.jit.is_scripting():
@@ -269,6 +275,7 @@ class Transition(nn.Module):
         self.convs = nn.ModuleList([_conv_bn_relu(in_width * g, out_width * g, 1, **dd) for g in gr])
 
     def fuse(self) -> nn.Module:
+        """The inference form, a new module (batch norms folded)."""
         return FusedTransition(self)
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -362,7 +369,7 @@ class MsdStage(nn.Sequential):
         return xs
 
     def fuse(self) -> nn.Module:
-        """The inference form (``timm.utils.reparameterize_model`` calls this)."""
+        """The inference form, a new module (``timm.utils.reparameterize_model`` calls this)."""
         return fuse_stage(self)
 
 

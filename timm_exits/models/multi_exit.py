@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .capabilities import is_multi_exit
 
 
 class BatchState(abc.ABC):
@@ -47,7 +48,7 @@ def slice_state(state: State, index: Union[torch.Tensor, slice, Sequence[int]]) 
 def exit_logits(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
     """Every exit's logits of a multi-exit model; a plain model's one output (at an ADN network's
     selected depth, whatever the training mode), as a list."""
-    if hasattr(model, "forward_exits"):
+    if is_multi_exit(model):
         return model.forward_exits(x)
     return [model.forward_head(model.forward_features(x))]
 
