@@ -10,53 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 import timm
-from mmengine.runner import Runner
 
 import timm_exits.integrations.mmengine  # noqa: F401  (registers the model, metric, hooks, optim wrapper)
 from timm_exits.integrations.mmengine import enable_resume
 
+from helpers import MM_TINY_MSDNET as TINY_MSDNET, mm_loader as _loader, mm_runner as _runner
 from launch import launch_two_processes
-
-TINY_MSDNET = dict(model="msdnet_cifar_5exit", model_kwargs=dict(num_classes=3, num_channels=4, growth_rate=2))
-
-
-class TinyImages(torch.utils.data.Dataset):
-    """Class-coloured 32x32 images: learnable in a few steps."""
-
-    def __init__(self, n=48, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.labels = torch.randint(0, 3, (n,), generator=g)
-        self.images = torch.randn(n, 3, 32, 32, generator=g) * 0.5 + self.labels.view(-1, 1, 1, 1).float() - 1
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return dict(inputs=self.images[i], data_samples=self.labels[i])
-
-
-def _loader(seed=0, shuffle=True):
-    return dict(dataset=TinyImages(seed=seed), sampler=dict(type="DefaultSampler", shuffle=shuffle),
-                batch_size=8, collate_fn=dict(type="default_collate"), num_workers=0)
-
-
-def _runner(tmp_path, model, iters=4, optim_wrapper=None, hooks=(), resume=False, name="run"):
-    return Runner(
-        model=dict(type="MultiExitClassifier", **model),
-        work_dir=str(tmp_path / name),
-        train_dataloader=_loader(),
-        val_dataloader=_loader(seed=1, shuffle=False),
-        val_evaluator=dict(type="MultiExitAccuracy"),
-        train_cfg=dict(by_epoch=False, max_iters=iters, val_interval=iters),
-        val_cfg=dict(),
-        optim_wrapper=optim_wrapper or dict(optimizer=dict(type="SGD", lr=0.05, momentum=0.9)),
-        custom_hooks=list(hooks),
-        default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=2, by_epoch=False),
-                           logger=dict(type="LoggerHook", interval=1)),
-        resume=resume,
-        randomness=dict(seed=0),
-        default_scope="mmengine",
-    )
 
 
 def _train(runner):
@@ -157,7 +116,7 @@ DDP_SCRIPT = textwrap.dedent('''
     from mmengine.runner import Runner
     import timm_exits.integrations.mmengine
     sys.path.insert(0, os.environ["TESTS_DIR"])
-    from test_mmengine import _loader, TINY_MSDNET
+    from helpers import mm_loader as _loader, MM_TINY_MSDNET as TINY_MSDNET
 
     state = PartialState(cpu=True)  # gloo, before the Runner (its own init_dist needs CUDA)
     runner = Runner(

@@ -177,7 +177,7 @@ def test_phase_two_is_a_multi_exit_model_for_the_executor_and_profiler():
     assert all(a.macs < b.macs for a, b in zip(costs, costs[1:]))
 
 
-def test_phase_two_costs_match_the_spec_for_cifar100():
+def test_phase_two_costs_match_the_reference_for_cifar100():
     with torch.device("meta"):
         backbone = timm.create_model("msdnet_cifar_7exit")
         model = IMTAModel(backbone)
@@ -185,7 +185,8 @@ def test_phase_two_costs_match_the_spec_for_cifar100():
     old = profile_exits(backbone, convention="msdnet")
     old_fc = 128 * 100 + 100  # the frozen exits' linear layers are not run in phase II
     added = [(n.macs - o.macs + old_fc * n.exit) / 1e6 for n, o in zip(new, old)]
-    assert [round(a, 3) for a in added] == [0.013, 0.052, 0.090, 0.129, 0.168, 0.207, 0.245]  # spec §2.3
+    # M ops the new heads and ISC layers add per exit (MSDNet op counter, 100 classes)
+    assert [round(a, 3) for a in added] == [0.013, 0.052, 0.090, 0.129, 0.168, 0.207, 0.245]
     heads = sum(p.numel() for p in model.heads.parameters())
     isc = sum(p.numel() for p in model.isc.parameters())
     assert (round(heads / 1e6, 4), round(isc / 1e6, 4)) == (0.1671, 0.0791)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.capabilities import adaptive_depth_of
 from ..models.multi_exit import exit_logits
 
 __all__ = ["adn_distillation", "adn_losses", "adn_step"]
@@ -51,8 +52,8 @@ def adn_losses(
     (default: every exit's logits of ``model``) runs a pass, e.g. through a DDP wrapper.
     """
     forward = forward or (lambda x: exit_logits(model, x))
-    adaptive = model if hasattr(model, "set_depth") else getattr(model, "backbone", None)
-    if not hasattr(adaptive, "set_depth"):
+    adaptive = adaptive_depth_of(model)
+    if adaptive is None:
         raise TypeError(f"{type(model).__name__} has no skippable sub-paths (see make_adaptive_depth)")
     with adaptive.depth(None):  # super-net
         super_logits = forward(images)

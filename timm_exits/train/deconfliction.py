@@ -10,7 +10,8 @@ Only the paper's abstract is public, so both places the operator can act are off
   ``order`` (``random`` or ``deep_first``), ``protect_deeper`` (only shallower exits' gradients are
   projected). Needs one backward per exit. Under DDP the per-exit gradients are averaged over the
   processes before the projection, so every process takes the same step.
-* ``model.gradient_deconfliction = True`` (branch level, one backward): at every branch point of the
+* ``model.gradient_deconfliction = "symmetric"`` (or ``"protect_deeper"``: only the exit's gradient is
+  projected) (branch level, one backward): at every branch point of the
   multi-exit contract, the gradient coming from the exit head and the one coming from the deeper
   network are deconflicted the same way before they are added. Its cost is a few dot products; it
   composes with Gradient Equilibrium, which acts at the same points.

@@ -3,18 +3,18 @@
 Every exit learns from the labels and from every later exit (dense distillation); the weights of
 the K cross-entropy terms and the K(K-1)/2 distillation terms are learned by gradient descent on a
 validation batch (bilevel optimisation, one-step unrolled as in DARTS). Only the abstract and a
-third-party summary of the paper are public: where they are silent this follows the spec's
-recommendation (adn_deconfliction_hdkd.md §C), which is marked [REC] below.
+third-party summary of the paper are public: where they leave a choice open, the choice marked
+(ours) below is this package's, not the paper's.
 
     L_train = alpha * sum_k g_k CE_k + (1 - alpha) * sum_{i<j} h_ij T^2 KL(sg(p_j^T) || p_i^T)
 
-* [REC] weights: g = K softmax(a_ce) (uniform init: deep supervision); for each student i,
+* (ours) weights: g = K softmax(a_ce) (uniform init: deep supervision); for each student i,
   h_i. = softmax over its teachers j > i (uniform init: averaging, "NaiveDKD"); alpha = 0.5.
 * hypergradient: with theta' = theta - xi grad_theta L_train and v = grad L_val(theta'),
   d L_val / d w_m = -xi c_m <grad_theta L_m, v> for each term m (c_m = alpha or 1 - alpha), the inner
   products by central finite differences at theta +- eps v (eps = 0.01 / |v|), then chained through
   the softmaxes to the logits a.
-* [REC] balanced validation objective: sum_k l_k + lambda sum_k softplus(l_k / sg(m_k) - 1) with m_k
+* (ours) balanced validation objective: sum_k l_k + lambda sum_k softplus(l_k / sg(m_k) - 1) with m_k
   an exponential moving average of exit k's validation loss (``ratio_reg=False``: sum_k l_k).
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ def harmonized_loss(ce: torch.Tensor, kd: torch.Tensor, weights: Tuple[torch.Ten
 
 
 class BalancedValidationLoss:
-    """[REC] sum_k l_k + lambda sum_k softplus(l_k / m_k - 1), m_k an EMA of exit k's loss."""
+    """(Ours, not the paper's) sum_k l_k + lambda sum_k softplus(l_k / m_k - 1), m_k an EMA of exit k's loss."""
 
     def __init__(self, num_exits: int, momentum: float = 0.9, ratio_weight: float = 1.0, ratio_reg: bool = True):
         self.momentum, self.ratio_weight, self.ratio_reg = momentum, ratio_weight, ratio_reg

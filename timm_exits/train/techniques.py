@@ -28,6 +28,7 @@ import timm
 import torch
 from torch import nn
 
+from ..models.capabilities import adaptive_depth_of, is_multi_exit
 from ..models.multi_exit import exit_logits
 from .adn import adn_losses
 from .deconfliction import pcgrad_backward
@@ -53,7 +54,7 @@ def apply_switches(model: nn.Module, gradient_equilibrium: bool = False, deconfl
     if deconfliction not in DECONFLICTION:
         raise ValueError(f"deconfliction must be one of {DECONFLICTION}, got {deconfliction!r}")
     branch = deconfliction in ("symmetric", "protect_deeper")
-    if (gradient_equilibrium or branch) and (isinstance(model, IMTAModel) or not hasattr(model, "forward_exits")):
+    if (gradient_equilibrium or branch) and (isinstance(model, IMTAModel) or not is_multi_exit(model)):
         raise ValueError(f"Gradient Equilibrium and branch-level deconfliction act at the branch points of a "
                          f"multi-exit network; {type(model).__name__} has none that train")
     if gradient_equilibrium:
@@ -95,7 +96,7 @@ class Technique:
 
     def check(self, model: nn.Module) -> nn.Module:
         """The model to train: ``model`` checked (and wrapped, for IMTA phase II); idempotent."""
-        if not hasattr(model, "forward_exits"):
+        if not is_multi_exit(model):
             raise ValueError(f"loss={self.loss!r} needs a multi-exit model (see timm_exits.add_exits), "
                              f"got {type(model).__name__}")
         return model
@@ -214,7 +215,7 @@ class OneForAll(Technique):
         """The phase-II model around ``model`` (which must hold the trained phase-I weights)."""
         if isinstance(model, IMTAModel):
             return model
-        if not hasattr(model, "forward_exits"):
+        if not is_multi_exit(model):
             raise ValueError(f"loss='ofa' needs a trained phase-I multi-exit model, got {type(model).__name__}")
         return IMTAModel(model, isc=self.isc, freeze_bn_stats=self.freeze_bn_stats)
 
@@ -305,7 +306,7 @@ class ADN(Technique):
         self.alpha, self.temperature, self.topk = alpha, temperature, topk
 
     def check(self, model: nn.Module) -> nn.Module:
-        if not hasattr(model, "set_depth") and not hasattr(getattr(model, "backbone", None), "set_depth"):
+        if adaptive_depth_of(model) is None:
             raise ValueError(f"loss='adn' needs an adaptive-depth model (e.g. resnet18_adn), "
                              f"got {type(model).__name__}")
         return model
@@ -378,6 +379,6 @@ def create_training_model(name: str, technique: Technique, model_kwargs: Optiona
             raise ValueError("loss='ofa' (IMTA phase II) needs phase_one_checkpoint, the phase-I weights")
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=phase_one_checkpoint))
     model = timm.create_model(name, **kwargs)
-    if not isinstance(technique, (OneForAll, ADN)) and not hasattr(model, "forward_exits"):
+    if not isinstance(technique, (OneForAll, ADN)) and not is_multi_exit(model):
         raise ValueError(f"{name} is not a multi-exit model (see timm_exits.add_exits)")
     return technique.check(model)
