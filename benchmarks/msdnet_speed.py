@@ -32,6 +32,7 @@ from timm.utils import reparameterize_model
 from torch import nn
 
 import timm_exits  # noqa: F401  (registers the models)
+from timm_exits.cpu import bf16_advice
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # run from anywhere: the tests' helpers
 from helpers import randomise_norms  # noqa: E402
@@ -159,6 +160,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
+    print(bf16_advice())
     print(f"{'model':<24}{'task':<7}{'path':<9}{'prec':<6}{'batch':>6}{'img/s':>9}{'speedup':>9}{'rel err':>10}")
     for r in rows:
         err = f"{r['rel_error']:>10.2e}" if "rel_error" in r else ""

@@ -44,6 +44,7 @@ from tqdm import tqdm
 import timm_exits  # noqa: F401  (registers the models)
 from .. import profile as profiling
 from ..checkpoint import load_checkpoint, save_checkpoint, set_rng_state, rng_state, training_state
+from ..cpu import bf16_advice, cpu_bf16
 from ..config import ConfigError, load_config, phase_configs
 from ..files import OutputLock, check_writable, recover_folder, write_json
 from ..data import (EpochSampler, ImageFiles, class_map, image_transform, num_classes_of, seeded_order,
@@ -345,6 +346,8 @@ def run(config: Dict[str, Any], resume: bool = False, extend_epochs: bool = Fals
         check_factories(phase)
     train_cfg = config["train"]
     find_unused = any(c["technique"]["loss"] == "adn" for _, c in runs)  # the base-net skips blocks
+    if train_cfg["mixed_precision"] == "bf16" and not torch.cuda.is_available() and cpu_bf16() == "":
+        print(f"warning: {bf16_advice()}", file=sys.stderr)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=train_cfg["mixed_precision"],
                               gradient_accumulation_steps=train_cfg["grad_accum_steps"],
                               log_with=config["tracker"], project_dir=config["output_dir"],
