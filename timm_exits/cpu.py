@@ -1,9 +1,8 @@
 """Whether this CPU computes bfloat16 natively, so that code and docs can say if bf16 autocast helps.
 
 Intel AMX (``amx_bf16``) and AVX-512 BF16 (``avx512_bf16``) run bf16 matrix products in hardware;
-without them (e.g. an AVX2-only CPU) PyTorch converts to and from float32 around every product and
-bf16 autocast is slower than float32 (measured on such a machine: 0.80x inference, 0.63x training
-for ``msdnet_cifar_7exit``; see benchmarks/README.md).
+without them (e.g. an AVX2-only CPU) PyTorch emulates bf16 and autocast is much slower than float32
+(``msdnet_cifar_7exit`` on an AVX2-only machine: 0.11x training, 0.12x inference; benchmarks/README.md).
 """
 from __future__ import annotations
 
