@@ -22,6 +22,8 @@ whose branch points train (:func:`apply_switches`).
 """
 from __future__ import annotations
 
+import abc
+
 from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import timm
@@ -78,9 +80,9 @@ class TrainingForward(nn.Module):
         return exit_logits(self.model, images)
 
 
-class Technique:
+class Technique(abc.ABC):
     """What a training step optimises. Subclasses set ``loss`` (the config's name) and override
-    :meth:`check` and :meth:`losses` (or :meth:`batch_losses` when one pass is not enough).
+    :meth:`check` and :meth:`batch_losses` (:class:`OutputsLoss`: :meth:`~OutputsLoss.losses` of one pass).
 
     Gradient Equilibrium and branch-level deconfliction (``'symmetric'``, ``'protect_deeper'``) are
     switches of the model's forward graph that :meth:`prepare` sets on any multi-exit network whose
@@ -108,15 +110,11 @@ class Technique:
         apply_switches(model, self.gradient_equilibrium, self.deconfliction)
         return model
 
-    def losses(self, outputs: Outputs, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Named loss terms of one batch from the training forward's outputs; their sum is the loss."""
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def batch_losses(self, model: nn.Module, forward: Callable[[torch.Tensor], Outputs], images: torch.Tensor,
                      target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The loss terms of a batch, running ``forward`` (e.g. a DDP-wrapped :class:`TrainingForward`
         of ``model``) as often as the technique needs."""
-        return self.losses(forward(images), target)
 
     def step(self, model: nn.Module, forward: Callable[[torch.Tensor], Outputs], images: torch.Tensor,
              target: torch.Tensor, backward: Backward = torch.Tensor.backward) -> Dict[str, torch.Tensor]:
@@ -138,7 +136,19 @@ class Technique:
         pass
 
 
-class CrossEntropy(Technique):
+class OutputsLoss(Technique):
+    """A technique whose loss terms are a function of one training forward's outputs."""
+
+    @abc.abstractmethod
+    def losses(self, outputs: Outputs, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Named loss terms of one batch from the training forward's outputs; their sum is the loss."""
+
+    def batch_losses(self, model: nn.Module, forward: Callable[[torch.Tensor], Outputs], images: torch.Tensor,
+                     target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.losses(forward(images), target)
+
+
+class CrossEntropy(OutputsLoss):
     """``ce``: the weighted sum of the exits' cross-entropies (the MSDNet baseline), with hard labels
     (``label_smoothing``) or soft targets (mixup / cutmix, used as given)."""
 
@@ -196,7 +206,7 @@ class PCGrad(CrossEntropy):
         self.generator.set_state(state["pcgrad_generator"])
 
 
-class OneForAll(Technique):
+class OneForAll(OutputsLoss):
     """``ofa``, IMTA phase II: the phase-I network frozen in an :class:`IMTAModel` with new ISC heads
     (``isc``, ``freeze_bn_stats``), trained with One-for-all distillation from its final head
     (``temperature``, ``gamma``, ``reduction``; the reference code's defaults)."""
@@ -227,7 +237,7 @@ class OneForAll(Technique):
         return outputs[0][-1]
 
 
-class HDKD(Technique):
+class HDKD(OutputsLoss):
     """``hdkd``: dense distillation (every exit from every later one) weighted by the harmonized
     weights (``alpha``, ``temperature``). The weights (``init``), their Adam (``lr``) and the balanced
     validation loss (``ratio_reg``) are built by :meth:`prepare`; :meth:`update_weights` takes one
