@@ -153,17 +153,6 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     return resolved
 
 
-def _merge_in(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
-    """mmengine's inheritance rule: dicts merge key by key (``_delete_=True`` replaces), other values replace."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and not value.get("_delete_", False):
-            out[key] = _merge_in(out[key], value)
-        else:
-            out[key] = {k: v for k, v in value.items() if k != "_delete_"} if isinstance(value, dict) else value
-    return out
-
-
 def _merge_bases_in_order(path: str) -> Dict[str, Any]:
     """A config whose ``_base_`` files set the same keys (a recipe and a dataset base, say), which
     mmengine refuses: each base is read on its own and merged in the order listed, a later base
@@ -179,10 +168,11 @@ def _merge_bases_in_order(path: str) -> Dict[str, Any]:
     bases = [bases] if isinstance(bases, str) else list(bases)
     lines = source.splitlines(keepends=True)
     own = "".join(lines[:assignment.lineno - 1] + lines[assignment.end_lineno:])
-    merged: Dict[str, Any] = {}
+    merged = Config()  # merge_from_dict is mmengine's inheritance rule: key by key, `_delete_=True` replaces
     for base in bases:
-        merged = _merge_in(merged, Config.fromfile(os.path.join(os.path.dirname(os.path.abspath(path)), base)).to_dict())
-    return _merge_in(merged, Config.fromstring(own, ".py").to_dict())
+        merged.merge_from_dict(Config.fromfile(os.path.join(os.path.dirname(os.path.abspath(path)), base)).to_dict())
+    merged.merge_from_dict(Config.fromstring(own, ".py").to_dict())
+    return merged.to_dict()
 
 
 def load_config(path: str, data_dir: Optional[str] = None, output_dir: Optional[str] = None,
