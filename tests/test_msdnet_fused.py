@@ -9,7 +9,7 @@ from torch import nn
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits import MSDNet
 from timm_exits.inference import EarlyExitExecutor
-from timm_exits.models.msdnet_fused import BufferedScales, FoldedConvAct, FusedMsdLayer, FusedStage
+from timm_exits.models.msdnet_fused import FoldedConvAct, FoldedPointwise, FusedMsdLayer, FusedStage
 from timm_exits.models.multi_exit import slice_state
 
 from helpers import randomise_norms
@@ -76,56 +76,55 @@ def test_every_fuse_returns_a_new_module_and_leaves_the_original_untouched(prune
     assert all(torch.equal(v, after[k]) for k, v in before.items())
 
 
-def test_fuse_pads_at_fuse_time():
+def test_fusing_is_done_at_fuse_time():
     model = _randomise(timm.create_model("msdnet_cifar_7exit", num_classes=10))
     fused = reparameterize_model(model)
     weights = {name: p.clone() for name, p in fused.named_parameters()}
     with torch.no_grad():
         fused.forward_exits(torch.randn(2, 3, 32, 32))
     assert all(torch.equal(p, weights[name]) for name, p in fused.named_parameters())  # nothing changes at run time
-    stage = fused.stages[1]
-    assert isinstance(stage, FusedStage)
-    first = stage.steps[0]  # the merged bottlenecks read whole buffers: room for the whole run
-    assert [first.reduce[str(j)].conv.in_channels for j in sorted(first.reads)] == stage.segment_widths[0]
-    assert stage.segment_widths[0][0] > model.stages[1].in_widths[0]
+
+
+def test_pointwise_units_read_the_filled_channels_in_place():
+    """A 1x1 unit reads the features at the start of a wider channels-last buffer: the room after them
+    is neither read into the product nor copied (NaN there would spread to every output)."""
+    torch.manual_seed(0)
+    unit = _randomise(timm.create_model("msdnet_cifar_5exit", num_classes=3)).stages[1][0].units[0].normal.reduce
+    folded = FoldedPointwise([unit])
+    x = torch.randn(3, unit.conv.in_channels, 4, 4)
+    buffer = torch.full((3, unit.conv.in_channels + 5, 4, 4), float("nan")).contiguous(memory_format=torch.channels_last)
+    buffer[:, :unit.conv.in_channels] = x
+    with torch.no_grad():
+        _close(unit(x), folded(buffer))
+        with pytest.raises(ValueError, match=f"reads {unit.conv.in_channels} channels, got {unit.conv.in_channels - 1}"):
+            folded(buffer[:, :unit.conv.in_channels - 1])
 
 
 @pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=["no_grad", "inference_mode"])
 @pytest.mark.parametrize("name,kwargs,size", [CASES[0], CASES[3]])
 def test_stage_by_stage_with_compaction(name, kwargs, size, grad_mode):
-    """Dropping samples between stages (what the executor does) keeps appending in place and gives
-    the plain model's outputs on the kept samples."""
+    """Fused stages pass what the plain model passes (one channels-last tensor per scale, of the same
+    widths), never write into their input, and give the plain model's outputs on the samples kept
+    after dropping some between stages (what the executor does)."""
     torch.manual_seed(0)
     model = _randomise(timm.create_model(name, num_classes=10, **kwargs))
     fused = reparameterize_model(model)
     x = torch.randn(8, 3, size, size)
     with grad_mode():
         expected = model.forward_exits(x)
-        state, index, in_place = fused.forward_stem(x), torch.arange(len(x)), 0
+        plain_state, state, index = model.forward_stem(x), fused.forward_stem(x), torch.arange(len(x))
         for k in range(model.num_exits):
-            before = state.buffers[-1].data_ptr() if isinstance(state, BufferedScales) else None
-            state = fused.forward_stage(state, k)
-            assert isinstance(state, BufferedScales)
-            in_place += state.buffers[-1].data_ptr() == before
+            before = [t.clone() for t in state]
+            plain_state, new = model.forward_stage(plain_state, k), fused.forward_stage(state, k)
+            assert all(torch.equal(t, b) for t, b in zip(state, before))  # the input is left as it was
+            state = new
+            assert [t.shape[1] for t in state] == [t.shape[1] for t in plain_state]
+            assert all(t.is_contiguous(memory_format=torch.channels_last) for t in state)
             _close(expected[k][index], fused.forward_exit(state, k))
             if len(index) > 2:
                 keep = torch.ones(len(index), dtype=torch.bool)
                 keep[k % len(index)] = False
-                buffers = [b.data_ptr() for b in state.buffers]
-                state, index = slice_state(state, keep), index[keep]
-                assert isinstance(state, BufferedScales) and len(state.buffers[0]) == len(index)
-                assert all(b.data_ptr() != p for b, p in zip(state.buffers, buffers))
-                assert all(b.is_contiguous(memory_format=torch.channels_last) for b in state.buffers)
-    assert in_place >= 1  # a stage after a compaction appended to the compacted buffers
-
-
-def test_compaction_refuses_a_single_index():
-    fused = reparameterize_model(_randomise(timm.create_model("msdnet_cifar_5exit", num_classes=3)))
-    with torch.no_grad():
-        state = fused.forward_stage(fused.forward_stem(torch.randn(2, 3, 32, 32)), 0)
-    with pytest.raises(TypeError, match="batch dimension"):
-        slice_state(state, 0)
-    assert slice_state(state, slice(0, 1)).buffers[0].shape[0] == 1
+                state, plain_state, index = slice_state(state, keep), slice_state(plain_state, keep), index[keep]
 
 
 def test_a_fused_stage_refuses_inputs_of_other_widths():
@@ -178,32 +177,8 @@ def test_fusing_needs_conv_bn_relu_units():
         reparameterize_model(model)
 
 
-@pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=["no_grad", "inference_mode"])
-def test_stages_append_in_place_only_to_states_no_one_extended(grad_mode):
-    """A fused stage appends to the buffers of the state it continues; continuing the same state
-    again must not overwrite what the first continuation returned."""
-    model = _randomise(timm.create_model("msdnet_cifar_7exit", num_classes=10))
-    fused = reparameterize_model(model)
-    x = torch.randn(2, 3, 32, 32)
-    with grad_mode():
-        state = fused.forward_stage(fused.forward_stem(x), 0)
-        first = fused.forward_stage(state, 1)
-        assert first.buffers[0].data_ptr() == state.buffers[0].data_ptr()  # appended in place
-        kept = [t.clone() for t in first]
-        second = fused.forward_stage(state, 1)
-        assert second.buffers[0].data_ptr() != first.buffers[0].data_ptr()
-        third = fused.forward_stage(second, 2)
-        expected = model.forward_stage(model.forward_stage(model.forward_stem(x), 0), 1)
-        expected_third = model.forward_stage(expected, 2)
-    for a, b, c, e in zip(first, kept, second, expected):
-        assert torch.equal(a, b)
-        _close(e, c)
-    for t, e in zip(third, expected_third):
-        _close(e, t)
-
-
 def test_a_state_made_under_inference_mode_continues_outside_it():
-    """Inference tensors cannot be written outside inference mode: the stage copies them instead."""
+    """A state made under inference mode (inference tensors) continues under no_grad."""
     model = _randomise(timm.create_model("msdnet_cifar_5exit", num_classes=3))
     fused = reparameterize_model(model)
     x = torch.randn(2, 3, 32, 32)

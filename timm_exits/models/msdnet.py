@@ -354,14 +354,11 @@ class MsdHead(nn.Module):
 
 
 class MsdStage(nn.Sequential):
-    """The layers (and transitions) between two exits. Set by :class:`MSDNet`, for the fused
-    inference path (:mod:`.msdnet_fused`): ``in_widths``, the channels of each input scale, and
-    ``reserve``, per scale the channels that the next stages append before the next transition
-    (what a fused stage leaves room for in its buffers, so the next stage can append in place)."""
+    """The layers (and transitions) between two exits. ``in_widths``, the channels of each input
+    scale, is set by :class:`MSDNet` for the fused inference path (:mod:`.msdnet_fused`)."""
 
     in_widths: Tuple[int, ...] = ()
-    reserve: Tuple[int, ...] = ()
-    __jit_ignored_attributes__ = ["in_widths", "reserve"]  # used when fusing, not in forward
+    __jit_ignored_attributes__ = ["in_widths"]  # used when fusing, not in forward
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
         for layer in self:
@@ -472,7 +469,6 @@ class MSDNet(MultiExitModel):
         for b, stage in enumerate(stages):
             first = self.plan[b][0]
             stage.in_widths = tuple(first.width * g for g in gr[len(gr) - first.in_scales:])
-            stage.reserve = self._reserve(b, growth_rate, gr)
         self.stages = nn.ModuleList(stages)
         self.exits = nn.ModuleList(exits)
         self.num_exits = len(exits)
@@ -485,19 +481,6 @@ class MSDNet(MultiExitModel):
             dict(num_chs=w, reduction=self._coarse_reduction, module=f"stages.{i}") for i, w in enumerate(stage_widths)]
         self.grad_checkpointing = False
         self.init_weights(weight_init)
-
-    def _reserve(self, block: int, growth_rate: int, gr: Tuple[int, ...]) -> Tuple[int, ...]:
-        """Per scale: the channels appended after ``block`` up to and including the layer with the
-        next transition (see :class:`MsdStage`)."""
-        reserve = [0] * len(gr)
-        if self.plan[block][-1].transition_width is not None:
-            return tuple(reserve)
-        for p in (p for later in self.plan[block + 1:] for p in later):
-            for s in range(len(gr) - p.out_scales, len(gr)):
-                reserve[s] += growth_rate * gr[s]
-            if p.transition_width is not None:
-                break
-        return tuple(reserve)
 
     def _check_img_size(self, stem_type: str, num_scales: int) -> None:
         sizes = []

@@ -3,33 +3,33 @@
 here and returns a new module; the plain model is never modified).
 
 * batch norms folded into the convolutions (:class:`FoldedConvAct`), channels-last weights;
-* the 1x1 bottlenecks of a dense layer that read the same scale merged into one convolution;
-* each dense layer's new channels written into preallocated per-scale buffers instead of
-  concatenated (a concatenation copies every earlier channel again). The merged bottlenecks read
-  whole buffers, their weights zero-padded at fuse time to the buffer widths, which the stage knows
-  from the model's plan (``MsdStage.in_widths`` and ``MsdStage.reserve``).
+* the 1x1 bottlenecks of a dense layer that read the same scale merged into one unit, computed as
+  a matrix product over the pixels (:class:`FoldedPointwise`);
+* each run of dense layers (up to a transition or the stage's end) writes its new channels into
+  per-scale buffers of the run's final widths, allocated once when the run starts, instead of
+  concatenating at every layer (a concatenation copies every earlier channel again). The 1x1 units
+  read the filled channels at the start of a buffer in place (a strided matrix), so the room not
+  yet written is neither copied nor multiplied.
 
-The state between fused stages is a :class:`BufferedScales`: per scale the buffer and its filled
-width, with room for the next stages' channels. Indexing it gives the filled parts (what the exits
-read), and :func:`~timm_exits.models.multi_exit.slice_state` compacts it by selecting whole buffer
-rows, so a compacted state is still appended to in place (the early-exit executor).
+The state between fused stages is what the plain model passes, one channels-last tensor per scale,
+so the early-exit executor compacts it the same way. Buffers do not reach past a stage: room for
+later stages would be allocated (and its memory paged in: channels-last interleaves it with the
+features) for samples that leave at the exit in between.
 """
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import ConvNormAct
 from torch import nn
 
-from .multi_exit import BatchState
-
 if TYPE_CHECKING:  # msdnet.py imports this module
     from .msdnet import MsdHead, MsdLayer, MsdStage, MsdStem, Transition
 
-__all__ = ["BufferedScales", "FoldedConvAct", "FusedMsdLayer", "FusedStage", "FusedTransition",
+__all__ = ["FoldedConvAct", "FoldedPointwise", "FusedMsdLayer", "FusedStage", "FusedTransition",
            "fuse_stage", "fuse_stem", "fuse_head"]
 
 _CL = torch.channels_last
@@ -50,20 +50,14 @@ def _folded(unit: ConvNormAct) -> Tuple[torch.Tensor, torch.Tensor]:
 
 class FoldedConvAct(nn.Module):
     """Inference form of a conv-BN-ReLU unit (or of several that read the same input, their output
-    channels side by side): one convolution with the batch norms folded in, then ReLU. With
-    ``in_chs`` larger than the units' input width, it reads ``in_chs`` channels, the extra ones
-    (at the end) weighted by zero."""
+    channels side by side): one convolution with the batch norms folded in, then ReLU."""
 
-    def __init__(self, units: Sequence[ConvNormAct], in_chs: Optional[int] = None):
+    def __init__(self, units: Sequence[ConvNormAct]):
         super().__init__()
         weights, biases = zip(*[_folded(u) for u in units])
         first = units[0].conv
-        own = first.in_channels
-        in_chs = own if in_chs is None else in_chs
-        if in_chs < own:
-            raise ValueError(f"a folded convolution of {own} input channels cannot read {in_chs}")
-        weight = F.pad(torch.cat(weights), (0, 0, 0, 0, 0, in_chs - own))
-        self.conv = nn.Conv2d(in_chs, weight.shape[0], first.kernel_size, first.stride, first.padding,
+        weight = torch.cat(weights)
+        self.conv = nn.Conv2d(first.in_channels, weight.shape[0], first.kernel_size, first.stride, first.padding,
                               first.dilation, bias=True, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             self.conv.weight.copy_(weight)
@@ -75,48 +69,32 @@ class FoldedConvAct(nn.Module):
         return torch.relu_(self.conv(x))
 
 
-class BufferedScales(BatchState):
-    """State between fused MSDNet stages: per scale a channels-last buffer ``(batch, width, h, w)``
-    whose first ``filled`` channels hold the features, the rest room for the next stages' channels
-    (zeros until written).
+class FoldedPointwise(FoldedConvAct):
+    """A folded 1x1 conv-BN-ReLU computed as one matrix product over the pixels of a channels-last
+    input, reading only its first ``in_channels`` channels: a wider buffer (features, then room for
+    channels not yet written) is read in place, without a copy and without multiplying its room."""
 
-    ``state[i]`` is scale ``i``'s filled part (a view). The first stage that continues a state
-    appends to its buffers in place and takes them over (``extended``); continuing the same state
-    again copies it first, so nothing a continuation returned is ever overwritten."""
+    def __init__(self, units: Sequence[ConvNormAct]):
+        if any(u.conv.kernel_size != (1, 1) or u.conv.stride != (1, 1) or u.conv.padding != (0, 0) for u in units):
+            raise ValueError("a pointwise unit must be a 1x1 convolution with stride 1 and no padding")
+        super().__init__(units)
 
-    def __init__(self, buffers: List[torch.Tensor], filled: List[int]):
-        if len(buffers) != len(filled) or any(not 0 <= f <= b.shape[1] for b, f in zip(buffers, filled)):
-            raise ValueError(f"filled widths {filled} do not fit buffers of {[b.shape[1] for b in buffers]} channels")
-        self.buffers = buffers
-        self.filled = filled
-        self.extended = False
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        in_chs = self.conv.in_channels
+        if c < in_chs:
+            raise ValueError(f"this 1x1 convolution reads {in_chs} channels, got {c}")
+        pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c)[:, :in_chs]  # a view for a channels-last x
+        out = torch.addmm(self.conv.bias, pixels, self.conv.weight.reshape(-1, in_chs).t())
+        return torch.relu_(out.view(n, h, w, -1).permute(0, 3, 1, 2))
 
-    def tensors(self) -> List[torch.Tensor]:
-        """The filled part of every scale."""
-        return [b[:, :f] for b, f in zip(self.buffers, self.filled)]
-
-    def __getitem__(self, index: Union[int, slice]) -> Union[torch.Tensor, List[torch.Tensor]]:
-        return self.tensors()[index]
-
-    def __len__(self) -> int:
-        return len(self.buffers)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return iter(self.tensors())
-
-    def select(self, index: Union[torch.Tensor, slice, Sequence[int]]) -> "BufferedScales":
-        """The samples ``index`` selects, as a new state whose buffers (whole rows, room included)
-        share no memory with this one."""
-        if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.dim() == 0):
-            raise TypeError("select samples with a slice, a boolean or integer tensor or a sequence of ints; "
-                            "a single integer would drop the batch dimension")
-        buffers = []
-        for b in self.buffers:
-            r = b[index]
-            if isinstance(index, slice):  # a view: copy, so that appending does not write into this state
-                r = r.clone(memory_format=_CL)
-            buffers.append(r.contiguous(memory_format=_CL))
-        return BufferedScales(buffers, list(self.filled))
+    def forward_parts(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The outputs of the merged units, each its own channels-last tensor (the convolutions that
+        read them are several times slower on a channel slice of a wider tensor)."""
+        out = self(x)
+        if len(self.widths) == 1:
+            return [out]
+        return [part.contiguous(memory_format=_CL) for part in out.split(self.widths, 1)]
 
 
 def _growth(layer: "MsdLayer") -> List[int]:
@@ -128,20 +106,17 @@ def _growth(layer: "MsdLayer") -> List[int]:
 class FusedMsdLayer(nn.Module):
     """Inference form of :class:`~timm_exits.models.msdnet.MsdLayer`: batch norms folded, and the
     1x1 bottlenecks that read the same scale (this scale's normal path, the next scale's down path)
-    run as one convolution. ``read_widths`` (per input scale): the width of the buffers the merged
-    bottlenecks read, when the layer runs inside a :class:`FusedStage` (:meth:`forward_into`)."""
+    run as one matrix product (:class:`FoldedPointwise`), which also reads the features at the start
+    of a wider buffer in place (:meth:`forward_into`, inside a :class:`FusedStage`)."""
 
-    def __init__(self, layer: "MsdLayer", read_widths: Optional[Sequence[int]] = None):
+    def __init__(self, layer: "MsdLayer"):
         super().__init__()
         self.discard = layer.discard
         self.bottleneck = layer.has_bottleneck
         self.reads = layer.reads
-        if read_widths is not None and not self.bottleneck:
-            raise ValueError("only a layer with 1x1 bottlenecks can read whole buffers")
         if self.bottleneck:
             self.reduce = nn.ModuleDict({
-                str(j): FoldedConvAct([getattr(layer.units[k], p).reduce for k, p in users],
-                                      None if read_widths is None else read_widths[j])
+                str(j): FoldedPointwise([getattr(layer.units[k], p).reduce for k, p in users])
                 for j, users in self.reads.items()})
         self.down = nn.ModuleDict({str(k): FoldedConvAct([u.down.conv]) for k, u in enumerate(layer.units)
                                    if u.down is not None})
@@ -153,8 +128,7 @@ class FusedMsdLayer(nn.Module):
         place; drops the buffers of discarded scales from both lists."""
         mids = {}
         for j, users in self.reads.items():
-            reduce = self.reduce[str(j)]
-            mids.update(zip(users, reduce(buffers[j]).split(reduce.widths, 1)))
+            mids.update(zip(users, self.reduce[str(j)].forward_parts(buffers[j])))
         for k, normal in enumerate(self.normal):
             a, start = k + self.discard, filled[k + self.discard]
             if str(k) in self.down:
@@ -170,8 +144,7 @@ class FusedMsdLayer(nn.Module):
         mids = {}
         for j, users in self.reads.items():
             if self.bottleneck:
-                reduce = self.reduce[str(j)]
-                mids.update(zip(users, reduce(xs[j]).split(reduce.widths, 1)))
+                mids.update(zip(users, self.reduce[str(j)].forward_parts(xs[j])))
             else:
                 mids.update((user, xs[j]) for user in users)
         out = []
@@ -189,103 +162,72 @@ class FusedTransition(nn.Module):
 
     def __init__(self, transition: "Transition"):
         super().__init__()
-        self.convs = nn.ModuleList([FoldedConvAct([c]) for c in transition.convs])
+        self.convs = nn.ModuleList([FoldedPointwise([c]) for c in transition.convs])
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
         return [conv(x) for conv, x in zip(self.convs, xs)]
 
 
 class FusedStage(nn.Module):
-    """Inference form of an :class:`~timm_exits.models.msdnet.MsdStage` with 1x1 bottlenecks: its
-    dense layers append to per-scale buffers. Each run of layers up to a transition works in buffers
-    of that run's final widths (plus, for the run that ends the stage, the next stages' channels up
-    to their next transition, ``stage.reserve``), so that the next stage appends in place too.
-
-    Takes a :class:`BufferedScales` (or a list of tensors, e.g. the stem's) and returns one."""
+    """Inference form of an :class:`~timm_exits.models.msdnet.MsdStage` with 1x1 bottlenecks: each run
+    of dense layers up to a transition (or the stage's end) appends to per-scale buffers of the run's
+    final widths, which start as a copy of the run's input. Takes and returns a list of per-scale
+    channels-last tensors."""
 
     def __init__(self, stage: "MsdStage"):
         super().__init__()
         self.in_widths = tuple(stage.in_widths)
         if not self.in_widths:
             raise ValueError("a fused stage needs its input widths (MsdStage.in_widths, set by MSDNet)")
-        reserve = tuple(stage.reserve)
         steps: List[nn.Module] = []
         self.segments: List[Tuple[List[int], Optional[int]]] = []  # (layer indices, transition index)
         self.segment_widths: List[List[int]] = []  # per segment: its buffers' widths, one per input scale
-        widths, run, run_widths = list(self.in_widths), [], []
-        plain = list(stage)
-        for i, m in enumerate(plain):
-            if hasattr(m, "reads"):  # a dense layer: its buffers' widths are those of its run
-                if not run:
-                    end = next((t for t in range(i, len(plain)) if not hasattr(plain[t], "reads")), None)
-                    run_widths = self._run_widths(plain[i:end], widths, reserve if end is None else ())
-                    self.segment_widths.append(list(run_widths))
-                steps.append(FusedMsdLayer(m, run_widths))
-                del run_widths[:m.discard]
+        widths, run = list(self.in_widths), []
+        for i, m in enumerate(stage):
+            if hasattr(m, "reads"):  # a dense layer
+                steps.append(FusedMsdLayer(m))
                 run.append(i)
             else:  # a transition ends the run
                 steps.append(m.fuse())
-                self.segments.append((run, i))
+                self._end_run(run, i, widths, stage)
                 widths, run = [c.conv.out_channels for c in steps[-1].convs], []
         if run:
-            self.segments.append((run, None))
+            self._end_run(run, None, widths, stage)
         self.steps = nn.ModuleList(steps)
 
-    @staticmethod
-    def _run_widths(layers: Sequence["MsdLayer"], widths: List[int], reserve: Tuple[int, ...]) -> List[int]:
-        """Per input scale: its buffer width for the run of ``layers`` (its width after them, plus
-        ``reserve`` (per absolute scale) on the scales still kept at the end)."""
-        widths, final = list(widths), list(widths)
-        scales = list(range(len(widths)))  # input scale index of each current entry
-        for layer in layers:
-            del widths[:layer.discard], scales[:layer.discard]
+    def _end_run(self, run: List[int], transition: Optional[int], widths: List[int], stage: "MsdStage") -> None:
+        """Record a segment: the dense layers ``run`` (on inputs of ``widths``), then ``transition``."""
+        final, scales = list(widths), list(range(len(widths)))  # input scale of each current entry
+        for i in run:
+            layer = stage[i]
+            del scales[:layer.discard]
             for k, g in enumerate(_growth(layer)):
-                widths[k] += g
-                final[scales[k]] = widths[k]
-        if reserve:
-            first = len(reserve) - len(final)  # absolute index of the finest input scale
-            for s in scales:
-                final[s] += reserve[first + s]
-        return final
-
-    def _take_buffers(self, state: Union[BufferedScales, List[torch.Tensor]]) -> Tuple[List[torch.Tensor], List[int]]:
-        """Buffers of the first run's widths starting with ``state``: the state's own if it has room
-        and no stage has continued it yet (and, under inference mode only, if they are inference
-        tensors), otherwise new ones."""
-        widths = self.segment_widths[0]
-        filled = [x.shape[1] for x in state]
-        if tuple(filled) != self.in_widths:
-            raise ValueError(f"this fused MSDNet stage reads scales of {list(self.in_widths)} channels, got {filled}")
-        if (isinstance(state, BufferedScales) and not state.extended
-                and [b.shape[1] for b in state.buffers] == widths
-                and all(not b.is_inference() or torch.is_inference_mode_enabled() for b in state.buffers)):
-            state.extended = True
-            return list(state.buffers), filled
-        return self._new_buffers(list(state), widths), filled
+                final[scales[k]] += g
+        self.segments.append((run, transition))
+        self.segment_widths.append(final)
 
     @staticmethod
     def _new_buffers(xs: List[torch.Tensor], widths: List[int]) -> List[torch.Tensor]:
-        """Channels-last buffers of ``widths`` channels: each ``x``, then zeros."""
+        """Channels-last buffers of ``widths`` channels starting with each ``x`` (the rest unset)."""
         buffers = []
         for x, width in zip(xs, widths):
             buffer = torch.empty((x.shape[0], width, *x.shape[2:]), dtype=x.dtype, device=x.device, memory_format=_CL)
             buffer[:, :x.shape[1]] = x
-            buffer[:, x.shape[1]:].zero_()
             buffers.append(buffer)
         return buffers
 
-    def forward(self, state: Union[BufferedScales, List[torch.Tensor]]) -> BufferedScales:
-        buffers, filled = self._take_buffers(state)
-        for s, (layers, transition) in enumerate(self.segments):
-            if s > 0:  # after a transition: new buffers
-                buffers, filled = self._new_buffers(xs, self.segment_widths[s]), [x.shape[1] for x in xs]
-            for i in layers:
-                self.steps[i].forward_into(buffers, filled)
+    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        widths = [x.shape[1] for x in xs]
+        if tuple(widths) != self.in_widths:
+            raise ValueError(f"this fused MSDNet stage reads scales of {list(self.in_widths)} channels, got {widths}")
+        for (layers, transition), segment_widths in zip(self.segments, self.segment_widths):
+            if layers:
+                xs, filled = self._new_buffers(xs, segment_widths), [x.shape[1] for x in xs]
+                for i in layers:
+                    self.steps[i].forward_into(xs, filled)
             if transition is not None:
-                xs = self.steps[transition](buffers)
-        if self.segments[-1][1] is not None:  # the stage ends with a transition
-            return BufferedScales([x.contiguous(memory_format=_CL) for x in xs], [x.shape[1] for x in xs])
-        return BufferedScales(buffers, filled)
+                xs = self.steps[transition](xs)
+        return list(xs)
 
 
 def fuse_stage(stage: "MsdStage") -> nn.Module:

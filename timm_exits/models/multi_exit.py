@@ -9,8 +9,7 @@ early-exit executor, cost profiling) is built on them:
 * ``forward_exit(state, index, pre_logits=False) -> Tensor``
 
 A *state* is a tensor or a list of tensors (MSDNet keeps one tensor per scale) whose first
-dimension is the batch, or a :class:`BatchState` (MSDNet's fused inference path), so it can be
-sliced by sample with :func:`slice_state`.
+dimension is the batch, so it can be sliced by sample with :func:`slice_state`.
 """
 
 import abc
@@ -22,26 +21,15 @@ from torch import nn
 from .capabilities import is_multi_exit
 
 
-class BatchState(abc.ABC):
-    """A state that is neither a tensor nor a list of tensors: it selects its own samples."""
+State = Union[torch.Tensor, List[torch.Tensor]]
 
-    @abc.abstractmethod
-    def select(self, index: Union[torch.Tensor, slice, Sequence[int]]) -> "BatchState":
-        """A new state holding the samples ``index`` selects (along the batch)."""
-
-
-State = Union[torch.Tensor, List[torch.Tensor], BatchState]
-
-__all__ = ["MultiExitModel", "BatchState", "State", "slice_state", "scale_grad", "exit_logits"]
+__all__ = ["MultiExitModel", "State", "slice_state", "scale_grad", "exit_logits"]
 
 
 def slice_state(state: State, index: Union[torch.Tensor, slice, Sequence[int]]) -> State:
-    """Select samples (first dimension) of a state (a tensor, nested lists of tensors or a
-    :class:`BatchState`)."""
+    """Select samples (first dimension) of a state (a tensor or nested lists of tensors)."""
     if isinstance(state, torch.Tensor):
         return state[index]
-    if isinstance(state, BatchState):
-        return state.select(index)
     return [slice_state(s, index) for s in state]
 
 
