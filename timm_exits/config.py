@@ -94,7 +94,7 @@ def _check_keys(config: Dict[str, Any], schema: Dict[str, Any], prefix: str = ""
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key {path!r}{hint}; the keys of {prefix.rstrip('.') or 'a config'} "
                            f"are: {', '.join(schema)}")
-        if isinstance(schema[key], dict) and path not in FREE_FORM:
+        if isinstance(schema[key], dict) and re.sub(r"^phases\[\d+\]\.", "", path) not in FREE_FORM:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} must be a dict of {', '.join(schema[key])}, got {value!r}")
             _check_keys(value, schema[key], path + ".")
