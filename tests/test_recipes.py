@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 KINDS = {"datasets": {"data"}, "models": {"model"}, "schedules": {"optimizer", "scheduler", "train"},
          "techniques": {"technique", "phases"}}
-TOP_LEVEL = ["cifar.py", "digits.py", "imagenet.py", "resnet50_adn.py", "resnet50_exits.py"]
+TOP_LEVEL = ["cifar.py", "digits.py", "imagenet.py", "resnet50_adn.py", "resnet50_exits.py", "sdn_cifar.py",
+             "sdn_cifar_ic_only.py"]
 
 
 def _bases(kind: str):
@@ -70,6 +71,10 @@ STATED = {
                             phases=[("train", "adn")], temperature=1.0, gamma=0.9),
     "resnet50_exits.py": dict(model="resnet50_exits", dir=None, opt=("momentum", 0.01), epochs=30,
                               phases=[("train", "ce")], temperature=None, gamma=0.9),
+    "sdn_cifar.py": dict(model="resnet18_exits", dir=None, opt=("momentum", 0.1), epochs=100,
+                         phases=[("train", "ce")], temperature=None, gamma=0.9),
+    "sdn_cifar_ic_only.py": dict(model="resnet18_exits", dir=None, opt=("momentum", 0.1), epochs=100,
+                                 phases=[("cnn", "ce"), ("ic_only", "ce")], temperature=None, gamma=0.9),
 }
 
 
@@ -150,3 +155,18 @@ def test_a_recipe_composed_with_a_base_of_a_kind_it_has_takes_the_later_base(tmp
     assert config["phases"] == recipe["phases"] and config["optimizer"] == recipe["optimizer"]
     model = _compose(tmp_path, [RECIPES / "digits.py", RECIPES / "_base_/models/msdnet_cifar.py"])
     assert model["model"]["name"] == "msdnet_cifar_7exit" and model["data"] == load_config(str(RECIPES / "digits.py"))["data"]
+
+
+def test_sdn_recipes_as_stated():
+    """SDN's two regimes (Kaya et al., ICML 2019, its network_architectures.py / aux_funcs.py values)."""
+    joint = load_config(str(RECIPES / "sdn_cifar.py"))
+    assert joint["model"]["kwargs"] == dict(exits="sdn", head="sdn", input_size=(3, 32, 32))
+    assert joint["technique"]["exit_weights"] == "sdn" and joint["technique"]["regime"] == "joint"
+    assert joint["optimizer"] == dict(opt="momentum", lr=0.1, momentum=0.9, weight_decay=1e-4, filter_bias_and_bn=False)
+    assert joint["scheduler"]["decay_milestones"] == [35, 60, 85] and joint["data"]["batch_size"] == 128
+    (cnn, first), (ic, second) = phase_configs(load_config(str(RECIPES / "sdn_cifar_ic_only.py")))
+    assert first["technique"]["regime"] == "backbone" and first["train"]["epochs"] == 100
+    assert second["technique"]["regime"] == "heads_only" and second["technique"]["freeze_bn_stats"] is False
+    assert second["technique"]["exit_weights"] is None  # IC-only: the plain sum of the ICs' losses
+    assert second["optimizer"] == dict(opt="adam", lr=1e-3, weight_decay=1e-4, filter_bias_and_bn=False)
+    assert second["scheduler"]["decay_milestones"] == [15] and second["train"]["epochs"] == 25

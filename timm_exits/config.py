@@ -18,6 +18,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mmengine.config import Config
 
+from .train.regimes import check_regime
+from .train.schedules import ExitWeights
+
 __all__ = ["DEFAULTS", "ConfigError", "load_config", "resolve_config", "phase_configs"]
 
 DEFAULTS: Dict[str, Any] = dict(
@@ -54,7 +57,8 @@ DEFAULTS: Dict[str, Any] = dict(
     ),
     technique=dict(
         loss="ce",                  # 'ce', 'ofa' (IMTA phase II), 'hdkd', 'adn'
-        exit_weights=None,
+        exit_weights=None,          # ce: None (all 1), [w per exit], 'sdn' (per-epoch warm-up), 'pabee', dict(schedule='sdn', caps=[...])
+        regime="joint",             # ce: 'joint', 'heads_only' (frozen backbone), 'backbone' (its own head only)
         label_smoothing=0.0,
         gradient_equilibrium=False,
         deconfliction=None,         # None, 'symmetric' / 'protect_deeper' (branch level), 'pcgrad'
@@ -63,7 +67,7 @@ DEFAULTS: Dict[str, Any] = dict(
         gamma=0.9,                  # ofa
         reduction="batchmean",      # ofa: 'mean' is the reference code's KL scaling
         isc="reference",            # ofa: 'reference', 'detach' or None
-        freeze_bn_stats=False,      # ofa
+        freeze_bn_stats=False,      # ofa, regime='heads_only': the frozen network in eval mode (False: its BN statistics move, as in IMTA's and SDN's code)
         alpha=0.5,                  # hdkd, adn
         topk=None,                  # adn
         hdkd=dict(lr=3e-4, xi=None, init="uniform", ratio_reg=True, interval=1),
@@ -90,7 +94,7 @@ def _check_keys(config: Dict[str, Any], schema: Dict[str, Any], prefix: str = ""
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key {path!r}{hint}; the keys of {prefix.rstrip('.') or 'a config'} "
                            f"are: {', '.join(schema)}")
-        if isinstance(schema[key], dict) and path not in FREE_FORM:
+        if isinstance(schema[key], dict) and re.sub(r"^phases\[\d+\]\.", "", path) not in FREE_FORM:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} must be a dict of {', '.join(schema[key])}, got {value!r}")
             _check_keys(value, schema[key], path + ".")
@@ -108,9 +112,16 @@ _PHASE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 def _check_values(config: Dict[str, Any], where: str = "") -> None:
-    """Numbers of the right type and range (a negative fraction would silently invert a split)."""
+    """Numbers of the right type and range (a negative fraction would silently invert a split), and
+    the technique's loss-weight schedule and regime."""
     if config["data"]["check_files"] not in (True, False, "decode"):
         raise ConfigError(f"{where}data.check_files must be True, False or 'decode', got {config['data']['check_files']!r}")
+    technique = config["technique"]
+    try:
+        ExitWeights(technique["exit_weights"])
+        check_regime(technique["regime"])
+    except ValueError as e:
+        raise ConfigError(f"{where}technique: {e}") from None
     for key, (kind, low, high, high_included) in _RANGES.items():
         section, leaf = key.split(".")
         value = config[section][leaf]

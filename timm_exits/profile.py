@@ -132,9 +132,11 @@ def profile_exits(
         model: nn.Module,
         input_size: Optional[Sequence[int]] = None,
         convention: str = "macs",
+        heads: bool = True,
 ) -> List[ExitCost]:
     """Cumulative MACs (in ``convention``) and parameters of every exit, for one image of
-    ``input_size`` (C, H, W; default: the model's ``pretrained_cfg``)."""
+    ``input_size`` (C, H, W; default: the model's ``pretrained_cfg``). ``heads=False``: the stages
+    alone, no exit head run (the backbone's cost up to each exit, e.g. to place exits by cost)."""
     mapping = _counter_mapping(convention)
     if input_size is None:
         input_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
@@ -145,13 +147,14 @@ def profile_exits(
     costs = []
     reads = _ParameterReads(list(meta.parameters()))
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter, reads:
-        for i in _run_exits(meta, x):
+        for i in _run_exits(meta, x, heads):
             costs.append(ExitCost(i + 1, counter.get_total_flops(), reads.numel()))
     return costs
 
 
-def _run_exits(model: nn.Module, x: torch.Tensor) -> Iterator[int]:
-    """Run ``model`` exit by exit, yielding each exit's index once it is computed."""
+def _run_exits(model: nn.Module, x: torch.Tensor, heads: bool = True) -> Iterator[int]:
+    """Run ``model`` exit by exit (``heads=False``: stage by stage), yielding each exit's index once it
+    is computed."""
     if not is_multi_exit(model):
         model(x)
         yield 0
@@ -159,5 +162,6 @@ def _run_exits(model: nn.Module, x: torch.Tensor) -> Iterator[int]:
     state = model.forward_stem(x)
     for i in range(model.num_exits):
         state = model.forward_stage(state, i)
-        model.forward_exit(state, i)
+        if heads:
+            model.forward_exit(state, i)
         yield i

@@ -62,8 +62,13 @@ class MultiExitTask(TrainingTask):
             wrapped in :class:`~timm_exits.train.IMTAModel` and must already hold its trained
             weights), ``'hdkd'`` (dense distillation with harmonized weights learnt on ``held_out``)
             or ``'adn'`` (ADN self-distillation: super-net and base-net passes, one loss).
-        exit_weights, label_smoothing: ``ce``: weight of each exit's loss; label smoothing of hard
-            targets (soft targets, e.g. from timm's ``Mixup``, are used as given).
+        exit_weights, label_smoothing: ``ce``: weight of each exit's loss (a list, or ``'sdn'``: SDN's
+            per-epoch warm-up, which needs :meth:`set_epoch` at each epoch's start; ``'pabee'``: depth
+            weights; see :mod:`timm_exits.train.schedules`); label smoothing of hard targets (soft
+            targets, e.g. from timm's ``Mixup``, are used as given).
+        regime: ``ce``: ``joint``, ``heads_only`` (the backbone frozen: create the optimizer after the
+            task, from :meth:`get_trainable_module`, and it holds the exit heads only) or ``backbone``;
+            see :mod:`timm_exits.train.regimes`.
         gradient_equilibrium: IMTA's Gradient Equilibrium (a switch of the model's forward graph).
         deconfliction: ``'symmetric'`` / ``'protect_deeper'``: branch-level gradient deconfliction
             (a switch of the model's forward graph); ``'pcgrad'``: parameter-level PCGrad (``ce``
@@ -71,7 +76,8 @@ class MultiExitTask(TrainingTask):
             ``groups`` (for ``scope='segment'``), ``seed``.
         temperature, gamma, reduction, alpha, topk: the distillation losses' options (temperature
             default: 3 for ``ofa``, 4 for ``hdkd``, 1 for ``adn``).
-        isc, freeze_bn_stats: IMTA phase II's ISC form and batch-norm mode.
+        isc, freeze_bn_stats: IMTA phase II's ISC form and batch-norm mode (``freeze_bn_stats``: also the
+            frozen backbone's in ``regime='heads_only'``).
         held_out: ``hdkd``: an iterable of ``(images, target)`` batches of a held-out split (e.g. a
             ``DataLoader``; never the test set), cycled; one batch per weight update.
         hdkd: ``hdkd`` options: ``xi`` (the virtual step; ``None``: the learning rate of the optimizer
@@ -109,7 +115,7 @@ class MultiExitTask(TrainingTask):
             loss: str = "ce",
             *,
             model_kwargs: Optional[dict] = None,
-            exit_weights: Optional[Sequence[float]] = None,
+            exit_weights: Any = None,
             label_smoothing: float = 0.0,
             gradient_equilibrium: bool = False,
             deconfliction: Optional[str] = None,
@@ -122,6 +128,7 @@ class MultiExitTask(TrainingTask):
             phase_one_checkpoint: Optional[str] = None,
             isc: Optional[str] = "reference",
             freeze_bn_stats: bool = False,
+            regime: str = "joint",
             held_out: Optional[Iterable[Tuple[torch.Tensor, torch.Tensor]]] = None,
             hdkd: Optional[dict] = None,
             device: Optional[torch.device] = None,
@@ -129,8 +136,8 @@ class MultiExitTask(TrainingTask):
             verbose: bool = True,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
-        if loss != "ce" and (label_smoothing or exit_weights is not None):
-            raise ValueError(f"label_smoothing and exit_weights belong to loss='ce', not {loss!r}")
+        if loss != "ce" and (label_smoothing or exit_weights is not None or regime != "joint"):
+            raise ValueError(f"label_smoothing, exit_weights and regime belong to loss='ce', not {loss!r}")
         if loss != "hdkd" and (held_out is not None or hdkd):
             raise ValueError(f"held_out and hdkd options belong to loss='hdkd', not {loss!r}")
         if deconfliction != "pcgrad" and pcgrad:
@@ -138,7 +145,7 @@ class MultiExitTask(TrainingTask):
         self.technique = create_technique(
             loss, exit_weights=exit_weights, label_smoothing=label_smoothing, gradient_equilibrium=gradient_equilibrium,
             deconfliction=deconfliction, pcgrad=pcgrad, temperature=temperature, gamma=gamma, reduction=reduction,
-            isc=isc, freeze_bn_stats=freeze_bn_stats, alpha=alpha, topk=topk, hdkd=hdkd)
+            isc=isc, freeze_bn_stats=freeze_bn_stats, alpha=alpha, topk=topk, hdkd=hdkd, regime=regime)
         if loss == "hdkd" and held_out is None:
             raise ValueError("loss='hdkd' learns its loss weights on held-out data: pass held_out, an iterable of "
                              "(images, target) batches of a split held out from training (e.g. a DataLoader)")
@@ -161,6 +168,11 @@ class MultiExitTask(TrainingTask):
     def model(self) -> nn.Module:
         """The network being trained (unwrapped from DDP / torch.compile)."""
         return unwrap_model(self.trainable_module).model
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """The 0-based epoch about to start, of ``epochs``: call it at the start of every epoch (timm's
+        ``train.py`` loop does not) when the loss weights change with the epoch (``exit_weights='sdn'``)."""
+        self.technique.set_epoch(epoch, epochs)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> "MultiExitTask":
         """HDKD: the network's optimizer, whose current learning rate is the virtual step ``xi`` of the

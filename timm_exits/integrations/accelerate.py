@@ -133,7 +133,8 @@ def train_phase(
         extend: bool = False,
 ) -> Dict[str, Any]:
     """Train one phase of a config and evaluate it; returns the evaluation report. ``previous`` is
-    the weights file of the phase before (IMTA phase II starts from it); ``extend``: the checkpoint
+    the weights file of the phase before, which this phase starts from (IMTA phase II, the phases of a
+    phase-wise regime); ``extend``: the checkpoint
     was made with fewer epochs, the run goes on with the schedule of the longer run."""
     phase = TrainingPhase(accelerator, config, output_dir, name, previous, resume)
     phase.start(resume, extend)
@@ -219,6 +220,7 @@ class TrainingPhase:
         """The epoch's batches from the saved position (a checkpoint every ``train.checkpoint_every``
         updates), then the end-of-epoch checkpoint."""
         acc, state, train_cfg = self.accelerator, self.state, self.config["train"]
+        self.technique.set_epoch(epoch, self.epochs)  # per-epoch loss weights (SDN's warm-up)
         self.scheduler.step(epoch)
         self.scheduler.step_update(state["updates"])  # a no-op unless the schedule steps per update
         self.data.train_files.set_epoch(epoch)

@@ -8,7 +8,9 @@ Registered in mmengine's registries on import (``custom_imports=dict(imports=['t
 * ``MultiExitAccuracy`` (METRICS): top-1 of every exit;
 * ``ImageFolderDataset`` (DATASETS): an image folder through timm's reader and transforms;
 * ``GradientEquilibriumHook``, ``GradientDeconflictionHook``, ``HarmonizedWeightsHook`` (HOOKS; the
-  last saves HDKD's learned weights in the checkpoint and restores them on resume);
+  last saves HDKD's learned weights in the checkpoint and restores them on resume),
+  ``ExitWeightScheduleHook`` (HOOKS: tells the technique the epoch, for per-epoch loss weights such
+  as SDN's ``weights='sdn'``);
 * ``PCGradOptimWrapper`` (OPTIM_WRAPPERS): parameter-level gradient deconfliction.
 
 A checkpoint of a ``MultiExitClassifier`` run (``epoch_N.pth`` / ``iter_N.pth`` of mmengine's
@@ -43,7 +45,7 @@ from ..train.techniques import (HDKD, OneForAll, PCGrad, TrainingForward, apply_
                                 create_training_model)
 
 __all__ = ["MultiExitClassifier", "MultiExitAccuracy", "ImageFolderDataset", "GradientEquilibriumHook", "GradientDeconflictionHook",
-           "HarmonizedWeightsHook", "PCGradOptimWrapper", "enable_resume", "load_checkpoint_model", "convert_checkpoint"]
+           "HarmonizedWeightsHook", "ExitWeightScheduleHook", "PCGradOptimWrapper", "enable_resume", "load_checkpoint_model", "convert_checkpoint"]
 
 
 def enable_resume() -> None:
@@ -63,11 +65,16 @@ class MultiExitClassifier(BaseModel):
         model: timm model name (e.g. ``msdnet_cifar_7exit``, ``resnet18_exits``, ``resnet18_adn``).
         model_kwargs: ``timm.create_model`` arguments (``num_classes``, ``pretrained``, ...).
         loss: ``ce`` | ``ofa`` | ``hdkd`` | ``adn``.
-        loss_kwargs: ``ce``: ``weights``, ``label_smoothing``; ``ofa``: ``temperature``, ``gamma``,
+        loss_kwargs: ``ce``: ``weights`` (a list, ``'sdn'``, ``'pabee'``, see :mod:`timm_exits.train.schedules`;
+            ``'sdn'`` needs ``ExitWeightScheduleHook``), ``label_smoothing``; ``ofa``: ``temperature``, ``gamma``,
             ``reduction``; ``hdkd``: ``alpha``, ``temperature``; ``adn``: ``alpha``, ``temperature``, ``topk``.
         phase_one_checkpoint: with ``loss='ofa'``, the phase-I weights; the model becomes an
             :class:`~timm_exits.train.IMTAModel` (frozen network + ISC heads).
-        isc: ISC form for phase II (``reference``, ``detach`` or None); ``freeze_bn_stats`` likewise.
+        isc: ISC form for phase II (``reference``, ``detach`` or None); ``freeze_bn_stats`` likewise, and
+            for ``regime='heads_only'`` (see :mod:`timm_exits.train.regimes`).
+        regime: ``ce``: ``joint``, ``heads_only`` (frozen backbone: its parameters take no gradient and
+            keep their values, though mmengine's default optimizer constructor still lists them) or
+            ``backbone``.
 
     ``technique`` is the :mod:`timm_exits.train.techniques` object built from ``loss`` and
     ``loss_kwargs``; its losses are the model's, ``HarmonizedWeightsHook`` sets its HDKD options.
@@ -82,13 +89,14 @@ class MultiExitClassifier(BaseModel):
             phase_one_checkpoint: Optional[str] = None,
             isc: Optional[str] = "reference",
             freeze_bn_stats: bool = False,
+            regime: str = "joint",
             data_preprocessor: Optional[dict] = None,
             init_cfg: Optional[dict] = None,
     ):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.loss_type, self.loss_kwargs = loss, dict(loss_kwargs or {})
         options = {"exit_weights" if k == "weights" else k: v for k, v in self.loss_kwargs.items()}
-        self.technique = create_technique(loss, isc=isc, freeze_bn_stats=freeze_bn_stats, **options)
+        self.technique = create_technique(loss, isc=isc, freeze_bn_stats=freeze_bn_stats, regime=regime, **options)
         self.model = self.technique.prepare(create_training_model(model, self.technique, model_kwargs,
                                                                   phase_one_checkpoint))
 
@@ -223,6 +231,20 @@ class HarmonizedWeightsHook(Hook):
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         if "hdkd" in checkpoint:
             _unwrap(runner.model).technique.load_state_dict(checkpoint["hdkd"])
+
+
+@HOOKS.register_module()
+class ExitWeightScheduleHook(Hook):
+    """Tells the model's technique the epoch, before every training iteration: the epoch is
+    ``iteration // len(train_dataloader)`` of ``ceil(max_iters / len(train_dataloader))``, which is
+    the runner's epoch in an epoch-based loop and counts passes over the data in an iteration-based
+    one. Per-epoch loss weights (``loss_kwargs=dict(weights='sdn')``) need it."""
+
+    priority = "HIGH"
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
+        per_epoch = len(runner.train_dataloader)
+        _unwrap(runner.model).technique.set_epoch(runner.iter // per_epoch, -(-runner.max_iters // per_epoch))
 
 
 @OPTIM_WRAPPERS.register_module()

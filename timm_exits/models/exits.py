@@ -7,6 +7,10 @@ its final logits are unchanged by adding exits::
 
     model = add_exits("resnet50", pretrained=True)           # exits after layer1..layer3 + fc
     model = add_exits(vit, exits=[3, 7], head="linear")      # after blocks 3 and 7 + the ViT head
+    model = add_exits("resnet18", exits="sdn", head="sdn", input_size=(3, 32, 32))  # SDN's placement and heads
+
+Exits can be placed by cost (:func:`exits_by_cost`): after the units whose cumulative MACs are nearest
+given fractions of the backbone's; ``exits='sdn'`` is SDN's 15, 30, ..., 90 %.
 
 Each supported family has a small subclass of :class:`BackboneWithExits` (``ResNetWithExits``, ...)
 whose stem / units / tail are plain typed code over the backbone's own modules, so the wrapper
@@ -35,14 +39,15 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 from .heads import create_head, reset_head_classifier
-from ..profile import meta_copy
+from ..profile import meta_copy, profile_exits
 from .features import check_feature_indices
 from .multi_exit import MultiExitModel
 from ..checkpoint import pretrained_file
 
 __all__ = [
     "BackboneWithExits", "ResNetWithExits", "ConvNeXtWithExits", "EfficientNetWithExits", "MobileNetV3WithExits",
-    "VisionTransformerWithExits", "SwinTransformerWithExits", "add_exits", "default_exits", "SUPPORTED_BACKBONES",
+    "VisionTransformerWithExits", "SwinTransformerWithExits", "add_exits", "default_exits", "exits_by_cost",
+    "SDN_COST_FRACTIONS", "SUPPORTED_BACKBONES",
 ]  # model_registry adds each entrypoint fn to this
 
 
@@ -84,10 +89,19 @@ class BackboneWithExits(MultiExitModel):
 
     Args:
         backbone: a timm model of a supported family.
-        exits: 0-based indices of the units to put an exit after (default: :func:`default_exits`).
-        head: ``linear`` (default) or ``conv`` (MSDNet-style, CNNs only); see :mod:`.heads`.
+        exits: 0-based indices of the units to put an exit after (default: :func:`default_exits`), or
+            ``'sdn'``: placed by cost at SDN's fractions (:data:`SDN_COST_FRACTIONS`).
+        head: ``linear`` (default), ``conv`` (MSDNet-style, CNNs only) or ``sdn`` (SDN's mixed-pooling
+            head, spatial maps only); see :mod:`.heads`.
         head_width: width of the ``conv`` head (default: its input width).
         drop_rate: dropout before the exit heads' linear layers.
+        exits_at_cost: place the exits by cost instead: fractions in (0, 1) of the backbone's MACs
+            (:func:`exits_by_cost`).
+        input_size: (C, H, W) the model is built for (default: the backbone's): the size of the maps an
+            ``sdn`` head reads and the input the placement by cost is profiled with.
+
+    ``backbone_eval = True`` keeps the backbone in eval mode whatever the model's mode (a frozen
+    backbone whose batch-norm statistics must not move; see :mod:`timm_exits.train.regimes`).
     """
 
     family: Type[nn.Module] = nn.Module  # the timm model class a subclass wraps
@@ -104,16 +118,30 @@ class BackboneWithExits(MultiExitModel):
     def __init__(
             self,
             backbone: nn.Module,
-            exits: Optional[Sequence[int]] = None,
+            exits: Optional[Union[Sequence[int], str]] = None,
             head: str = "linear",
             head_width: Optional[int] = None,
             drop_rate: float = 0.0,
+            exits_at_cost: Optional[Sequence[float]] = None,
+            input_size: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         if not isinstance(backbone, self.family):
             raise TypeError(f"{type(self).__name__} wraps a {self.family.__name__}, got {type(backbone).__name__}")
         self.backbone = backbone
+        self.backbone_eval = False  # keep the backbone in eval mode in training (see the class doc)
+        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
+        self.pretrained_cfg["input_size"] = tuple(input_size) if input_size is not None else _input_size(backbone)
         num_units = len(self.unit_names())
+        if isinstance(exits, str):
+            if exits != "sdn" or exits_at_cost is not None:
+                raise ValueError(f"exits must be unit indices or 'sdn' (SDN's placement by cost), got {exits!r}"
+                                 + (" with exits_at_cost" if exits_at_cost is not None else ""))
+            exits_at_cost = SDN_COST_FRACTIONS
+        elif exits_at_cost is not None and exits is not None:
+            raise ValueError("give exits (unit indices) or exits_at_cost (cost fractions), not both")
+        if exits_at_cost is not None:
+            exits = exits_by_cost(backbone, exits_at_cost, self.pretrained_cfg["input_size"])
         exits = sorted(default_exits(backbone) if exits is None else [int(e) for e in exits])
         if len(set(exits)) != len(exits) or any(not 0 <= e < num_units - 1 for e in exits):
             raise ValueError(f"exits must be distinct unit indices in [0, {num_units - 2}] (the last unit, "
@@ -130,17 +158,20 @@ class BackboneWithExits(MultiExitModel):
         self.head_hidden_size = getattr(backbone, "head_hidden_size", backbone.num_features)
         self.output_fmt = getattr(backbone, "output_fmt", "NLC" if self.layout == "nlc" else "NCHW")
         self.feature_info = [dict(f, module=f"backbone.{f['module']}") for f in backbone.feature_info]
-        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
-        self.pretrained_cfg["input_size"] = _input_size(backbone)
         self.default_cfg = self.pretrained_cfg
-        widths = self._unit_widths()
+        shapes = self._unit_shapes()
+        widths = [shape[1] if self.layout == "nchw" else shape[-1] for shape in shapes]
         self.num_prefix_tokens = getattr(backbone, "num_prefix_tokens", 0) if self.layout == "nlc" else 0
         pool = _exit_pool(_pool_type(backbone), self.layout, self.num_prefix_tokens)
         kwargs = dict(pool=pool, num_prefix_tokens=self.num_prefix_tokens, norm=self.layout != "nchw")
         ref = next(backbone.parameters())
+
+        def map_size(shape: torch.Size) -> dict:  # the sdn head's (H, W)
+            return dict(map_size=tuple(shape[2:] if self.layout == "nchw" else shape[1:3])) if head == "sdn" else {}
+
         self.exits = nn.ModuleList([
-            create_head(head, widths[e], self.num_classes, self.layout, width=head_width,
-                        drop_rate=drop_rate, device=ref.device, dtype=ref.dtype, **kwargs) for e in exits])
+            create_head(head, widths[e], self.num_classes, self.layout, width=head_width, drop_rate=drop_rate,
+                        device=ref.device, dtype=ref.dtype, **kwargs, **map_size(shapes[e])) for e in exits])
         self.stage_widths = [widths[e] for e in exits] + [widths[-1]]
         self.exit_widths = [h.num_features for h in self.exits] + [backbone.num_features]
         self.train(backbone.training)  # one mode for the whole model: the backbone's
@@ -175,14 +206,21 @@ class BackboneWithExits(MultiExitModel):
         return [range(a, b) for a, b in zip(self.stage_bounds[:-1], self.stage_bounds[1:])]
 
     @torch.no_grad()
-    def _unit_widths(self) -> List[int]:
+    def _unit_shapes(self) -> List[torch.Size]:
+        """The state's shape after each unit, for one image of the input size."""
         meta = meta_copy(self).eval()
         x = meta.forward_stem(torch.empty(1, *self.pretrained_cfg["input_size"], device="meta"))
-        widths = []
+        shapes = []
         for i in range(len(self.unit_names())):
             x = meta.forward_units(x, i, i + 1)
-            widths.append(x.shape[1] if self.layout == "nchw" else x.shape[-1])
-        return widths
+            shapes.append(x.shape)
+        return shapes
+
+    def train(self, mode: bool = True) -> "BackboneWithExits":
+        super().train(mode)
+        if self.backbone_eval:
+            self.backbone.eval()
+        return self
 
     @torch.jit.ignore
     def _forward_units_checkpointed(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -452,20 +490,48 @@ def default_exits(backbone: nn.Module) -> List[int]:
             if f["reduction"] >= 4 and f["module"] in units[:-1]]
 
 
+SDN_COST_FRACTIONS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)  # SDN's internal classifiers, of the backbone's cost
+
+
+def exits_by_cost(backbone: nn.Module, fractions: Sequence[float], input_size: Optional[Sequence[int]] = None
+                  ) -> List[int]:
+    """The units to put exits after so that each exit's cost is nearest a fraction of the backbone's:
+    for each p, the unit (not the last) whose cumulative MACs (stem and units up to it, no head) are
+    nearest p x the MACs of the whole backbone without its classifier head, profiled with
+    :func:`timm_exits.profile.profile_exits` for one image of ``input_size`` (default: the backbone's).
+
+    A tie goes to the shallower unit. Fractions nearest the same unit give one exit there (sorted,
+    without repeats), so a backbone with few units (ResNet: layer1..layer3) gets fewer exits than
+    fractions."""
+    fractions = list(fractions)
+    if not fractions or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1
+                                for p in fractions):
+        raise ValueError(f"exit cost fractions must be numbers in (0, 1), got {fractions}")
+    units = _wrapper_class(backbone).backbone_units(backbone)
+    probe = BackboneWithExits(meta_copy(backbone), exits=list(range(len(units) - 1)), input_size=input_size)
+    costs = [c.macs for c in profile_exits(probe, probe.pretrained_cfg["input_size"], heads=False)]
+    chosen = {min(range(len(units) - 1), key=lambda u: (abs(costs[u] - p * costs[-1]), u)) for p in fractions}
+    return sorted(chosen)
+
+
 def _is_multi_exit_checkpoint(path: str) -> bool:
     return any(k.startswith(("backbone.", "exits.")) for k in load_state_dict(path))
 
 
 def add_exits(
         model: Union[str, nn.Module],
-        exits: Optional[Sequence[int]] = None,
+        exits: Optional[Union[Sequence[int], str]] = None,
         head: str = "linear",
         head_width: Optional[int] = None,
         drop_rate: float = 0.0,
+        exits_at_cost: Optional[Sequence[float]] = None,
+        input_size: Optional[Sequence[int]] = None,
         **create_kwargs,
 ) -> BackboneWithExits:
     """Make a timm model multi-exit. ``model`` is a model or a name for ``timm.create_model``, which
     then receives ``create_kwargs`` (``pretrained``, ``pretrained_cfg_overlay``, ``num_classes``, ...).
+    ``exits``, ``head``, ``exits_at_cost`` and ``input_size``: see :class:`BackboneWithExits`
+    (``exits='sdn', head='sdn'``: SDN's placement and heads).
 
     ``drop_rate`` is timm's: dropout before each exit's classifier; from a name, the backbone's own
     head (the last exit) gets it too, a model passed in keeps its own.
@@ -476,13 +542,13 @@ def add_exits(
     if isinstance(model, nn.Module):
         if create_kwargs:
             raise ValueError(f"timm.create_model arguments {sorted(create_kwargs)} need a model name, not a model")
-        return BackboneWithExits(model, exits, head, head_width, drop_rate)
+        return BackboneWithExits(model, exits, head, head_width, drop_rate, exits_at_cost, input_size)
     file = pretrained_file(create_kwargs.get("pretrained", False), create_kwargs.get("pretrained_cfg_overlay"))
     whole = bool(file and _is_multi_exit_checkpoint(file))
     if whole:
         create_kwargs = {k: v for k, v in create_kwargs.items() if k not in ("pretrained", "pretrained_cfg_overlay")}
     backbone = timm.create_model(model, drop_rate=drop_rate, **create_kwargs)
-    wrapped = BackboneWithExits(backbone, exits, head, head_width, drop_rate)
+    wrapped = BackboneWithExits(backbone, exits, head, head_width, drop_rate, exits_at_cost, input_size)
     if whole:
         wrapped.load_state_dict(load_state_dict(file))
     return wrapped
@@ -494,17 +560,22 @@ def _create_exits(variant: str, pretrained: bool = False, **kwargs) -> BackboneW
     :func:`add_exits` (the backbone's own through timm, or a whole multi-exit checkpoint), or, from a model
     folder (``timm.create_model("local-dir:FOLDER", pretrained=True)``) or the Hub, by timm into the whole model."""
     backbone = kwargs.pop("backbone")
+    if kwargs.get("exits_at_cost") is not None:  # placed by cost instead of the variant's exits
+        kwargs.pop("exits", None)
     # a model folder (``local-dir:``) or Hub repo holds the whole multi-exit model: timm loads it into the wrapper
     whole = pretrained and (kwargs.get("pretrained_cfg") or {}).get("source") in ("local-dir", "hf-hub")
     load = {} if whole else dict(pretrained=pretrained, pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
                                  cache_dir=kwargs.get("cache_dir"))
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         partial(add_exits, backbone, **load),
         variant,
         pretrained=whole,
         feature_cfg=dict(feature_cls="getter", out_indices=None),  # None: every feature map of the backbone
         **kwargs,
     )
+    if kwargs.get("input_size") is not None and hasattr(model, "pretrained_cfg"):  # built for it: its default input
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "input_size": tuple(kwargs["input_size"])}
+    return model
 
 
 def _cfg(backbone: str, num_exits: int = 4, **kwargs) -> Dict[str, Any]:

@@ -5,21 +5,25 @@ A head maps the backbone state after some stage (``NCHW`` maps for CNNs, ``NHWC`
 
 * ``linear``: [norm], global pool, linear. The default; norm is a LayerNorm for transformers.
 * ``conv``: MSDNet-style, two 3x3 stride-2 conv-BN-ReLU, global average pool, linear (NCHW only).
+* ``sdn``: SDN's internal classifier (Kaya et al., ICML 2019): mixed max / average pooling to about
+  4x4, flatten, linear; built for one map size (NCHW and NHWC maps; not tokens).
 
 ``pool=''`` (timm's ``global_pool=''``) leaves the features unpooled, meant for ``num_classes=0`` like
 ``forward_head`` of a timm model reset with ``reset_classifier(0, '')``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from timm.layers import ConvNormAct
 
-__all__ = ["HEAD_TYPES", "LinearHead", "ConvHead", "create_head", "classifier", "reset_head_classifier"]
+__all__ = ["HEAD_TYPES", "LinearHead", "ConvHead", "MixedPool", "SDNHead", "create_head", "classifier",
+           "reset_head_classifier"]
 
-HEAD_TYPES = ("linear", "conv")
+HEAD_TYPES = ("linear", "conv", "sdn")
 
 
 def classifier(width: int, num_classes: int, device=None, dtype=None) -> nn.Module:
@@ -116,6 +120,56 @@ class ConvHead(nn.Module):
         return x if pre_logits else self.fc(self.drop(x))
 
 
+class MixedPool(nn.Module):
+    """``alpha * maxpool(x) + (1 - alpha) * avgpool(x)`` with a ``kernel`` window and stride, ``alpha`` one
+    learnable scalar drawn from U(0, 1). As in SDN's code, ``alpha`` has no sigmoid or clamp: training
+    may take it outside [0, 1]."""
+
+    def __init__(self, kernel: Tuple[int, int], device=None, dtype=None):
+        super().__init__()
+        self.kernel = kernel
+        self.alpha = nn.Parameter(torch.rand(1, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alpha * F.max_pool2d(x, self.kernel) + (1 - self.alpha) * F.avg_pool2d(x, self.kernel)
+
+
+class SDNHead(nn.Module):
+    """SDN's internal classifier for maps of ``map_size`` (H, W): where both sides are >= 4, a
+    :class:`MixedPool` with the window ``(H // 4, W // 4)`` (a 4x4 output for sides divisible by 4),
+    else no pooling; then flatten (channel-major, as ``view`` of an NCHW map) and one linear layer,
+    which fixes the input size. ``layout`` ``nhwc`` (Swin) maps are read as NCHW."""
+
+    def __init__(self, in_chs: int, num_classes: int, map_size: Sequence[int], layout: str = "nchw",
+                 drop_rate: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        if layout not in ("nchw", "nhwc"):
+            raise ValueError(f"the 'sdn' head pools a spatial map (NCHW or NHWC); this backbone gives {layout} "
+                             f"tokens: use head='linear' (class token or mean of the patch tokens)")
+        h, w = map_size
+        self.map_size = (int(h), int(w))
+        self.nhwc = layout == "nhwc"
+        if min(h, w) >= 4:
+            kernel = (h // 4, w // 4)
+            self.pooling = MixedPool(kernel, device=device, dtype=dtype)
+            h, w = h // kernel[0], w // kernel[1]
+        else:
+            self.pooling = nn.Identity()
+        self.num_features = in_chs * h * w
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = classifier(self.num_features, num_classes, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.nhwc:
+            x = x.permute(0, 3, 1, 2)
+        if (x.shape[-2], x.shape[-1]) != self.map_size:
+            raise ValueError(f"this sdn exit head was built for {self.map_size[0]}x{self.map_size[1]} maps, got "
+                             f"{x.shape[-2]}x{x.shape[-1]}: build the model for this input size "
+                             f"(add_exits(..., input_size=...))")
+        x = self.pooling(x).flatten(1)
+        return x if pre_logits else self.fc(self.drop(x))
+
+
 def create_head(kind: str, in_chs: int, num_classes: int, layout: str, width: Optional[int] = None,
                 drop_rate: float = 0.0, **kwargs) -> nn.Module:
     """An exit head of type ``kind`` (see :data:`HEAD_TYPES`) for a state of ``in_chs`` channels."""
@@ -126,4 +180,9 @@ def create_head(kind: str, in_chs: int, num_classes: int, layout: str, width: Op
             raise ValueError(f"the 'conv' head needs NCHW feature maps (a CNN backbone), this backbone gives {layout}")
         return ConvHead(in_chs, num_classes, width=width, drop_rate=drop_rate, pool=kwargs.get("pool", "avg"),
                         **{k: v for k, v in kwargs.items() if k in ("device", "dtype")})
+    if kind == "sdn":
+        if kwargs.get("map_size") is None:
+            raise ValueError("the 'sdn' head needs the map size it reads (map_size=(H, W))")
+        return SDNHead(in_chs, num_classes, kwargs["map_size"], layout=layout, drop_rate=drop_rate,
+                       **{k: v for k, v in kwargs.items() if k in ("device", "dtype")})
     raise ValueError(f"head must be one of {HEAD_TYPES}, got {kind!r}")

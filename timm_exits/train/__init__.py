@@ -6,6 +6,8 @@ objects every trainer shares (:mod:`timm_exits.train.techniques`):
 * Gradient Equilibrium and branch-level deconfliction: switches of every multi-exit model
   (``model.gradient_equilibrium = True``, ``model.gradient_deconfliction = "symmetric"``);
 * parameter-level PCGrad: :func:`pcgrad_backward`;
+* per-exit loss weights, fixed or per epoch (SDN's warm-up, PABEE's depth weights): :class:`ExitWeights`;
+* training regimes (``joint``, ``heads_only``, ``backbone``): :func:`apply_regime`;
 * one object per technique (:class:`CrossEntropy`, :class:`PCGrad`, :class:`OneForAll`,
   :class:`HDKD`, :class:`ADN`), built from a config by :func:`create_technique`.
 """
@@ -13,8 +15,11 @@ from .adn import adn_distillation, adn_losses, adn_step
 from .deconfliction import deconflict_branch, pcgrad_backward, project_conflicts
 from .imta import IMTAModel
 from .losses import distillation_kl, multi_exit_cross_entropy, one_for_all_distillation
+from .regimes import REGIMES, apply_regime
+from .schedules import ExitWeights, pabee_weights, sdn_weights
 from .techniques import ADN, HDKD, CrossEntropy, OneForAll, PCGrad, Technique, create_technique
 
-__all__ = ["ADN", "CrossEntropy", "HDKD", "IMTAModel", "OneForAll", "PCGrad", "Technique", "adn_distillation",
+__all__ = ["ADN", "CrossEntropy", "ExitWeights", "HDKD", "IMTAModel", "OneForAll", "PCGrad", "REGIMES", "Technique",
+           "adn_distillation", "apply_regime", "pabee_weights", "sdn_weights",
            "adn_losses", "adn_step", "create_technique", "deconflict_branch", "distillation_kl",
            "multi_exit_cross_entropy", "one_for_all_distillation", "pcgrad_backward", "project_conflicts"]

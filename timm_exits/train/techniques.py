@@ -6,13 +6,18 @@ A technique owns its options and their defaults, checks and prepares the model i
 :meth:`Technique.batch_losses`), back-propagates them (:meth:`Technique.step`; PCGrad and ADN need
 more than one backward) and holds any state of its own (:meth:`Technique.state_dict`):
 
-* :class:`CrossEntropy` (``ce``): the exits' cross-entropies;
+* :class:`CrossEntropy` (``ce``): the exits' cross-entropies, weighted by a fixed or per-epoch
+  schedule (:mod:`.schedules`: SDN's warm-up, PABEE's depth weights), in a training regime
+  (:mod:`.regimes`: ``joint``, ``heads_only``, ``backbone``);
 * :class:`PCGrad` (``ce`` with ``deconfliction='pcgrad'``): the same losses, deconflicted at the
   parameters by its own backward (:meth:`PCGrad.backward`);
 * :class:`OneForAll` (``ofa``): IMTA phase II, ISC heads on the frozen phase-I network;
 * :class:`HDKD` (``hdkd``): dense distillation with harmonized weights, their Adam and the
   balanced validation loss, updated on a held-out batch (:meth:`HDKD.update_weights`);
 * :class:`ADN` (``adn``): self-distillation of the base-net from the super-net, two passes.
+
+A trainer tells the technique the epoch at its start (:meth:`Technique.set_epoch`); the per-epoch
+loss weights are computed from it in one place (:class:`~timm_exits.train.schedules.ExitWeights`).
 
 Gradient Equilibrium and branch-level deconfliction are switches every technique sets on a model
 whose branch points train (:func:`apply_switches`).
@@ -37,6 +42,8 @@ from .deconfliction import pcgrad_backward
 from .hdkd import BalancedValidationLoss, HarmonizedWeights, harmonized_loss, hdkd_weight_step, loss_terms
 from .imta import IMTAModel
 from .losses import exit_cross_entropies, one_for_all_distillation
+from .regimes import apply_regime, check_regime, regime_exits
+from .schedules import ExitWeights
 
 __all__ = ["LOSSES", "DECONFLICTION", "Technique", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN",
            "create_technique", "create_training_model", "apply_switches", "TrainingForward"]
@@ -95,6 +102,13 @@ class Technique(abc.ABC):
         if deconfliction not in DECONFLICTION:
             raise ValueError(f"deconfliction must be one of {DECONFLICTION}, got {deconfliction!r}")
         self.gradient_equilibrium, self.deconfliction = gradient_equilibrium, deconfliction
+        self.epoch: Optional[int] = None
+        self.epochs: Optional[int] = None
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """The 0-based epoch about to start, of ``epochs``: trainers call this at each epoch's start
+        (techniques whose loss changes with the epoch read it)."""
+        self.epoch, self.epochs = epoch, epochs
 
     def check(self, model: nn.Module) -> nn.Module:
         """The model to train: ``model`` checked (and wrapped, for IMTA phase II); idempotent."""
@@ -150,19 +164,42 @@ class OutputsLoss(Technique):
 
 class CrossEntropy(OutputsLoss):
     """``ce``: the weighted sum of the exits' cross-entropies (the MSDNet baseline), with hard labels
-    (``label_smoothing``) or soft targets (mixup / cutmix, used as given)."""
+    (``label_smoothing``) or soft targets (mixup / cutmix, used as given).
+
+    ``exit_weights``: ``None`` (all 1), one number per exit, ``'sdn'`` (SDN's per-epoch warm-up),
+    ``'pabee'`` (depth weights) or ``dict(schedule='sdn', caps=[...])``; see :mod:`.schedules`.
+    ``regime``: ``joint``, ``heads_only`` (frozen backbone, the exit heads' losses only; ``freeze_bn_stats``
+    keeps the backbone in eval mode) or ``backbone`` (the backbone's own head's loss only); see :mod:`.regimes`.
+    The loss terms are named after their exit (``exit1``, ...): a regime leaves some out.
+    """
 
     loss = "ce"
 
-    def __init__(self, exit_weights: Optional[Sequence[float]] = None, label_smoothing: float = 0.0,
-                 gradient_equilibrium: bool = False, deconfliction: Optional[str] = None):
+    def __init__(self, exit_weights: Any = None, label_smoothing: float = 0.0,
+                 gradient_equilibrium: bool = False, deconfliction: Optional[str] = None, regime: str = "joint",
+                 freeze_bn_stats: bool = False):
         super().__init__(gradient_equilibrium, deconfliction)
+        check_regime(regime)
+        if regime != "joint" and (gradient_equilibrium or deconfliction in ("symmetric", "protect_deeper")):
+            raise ValueError(f"Gradient Equilibrium and branch-level deconfliction act where exits branch off a "
+                             f"training backbone: use them with regime='joint', not {regime!r}")
+        self.schedule = ExitWeights(exit_weights)
         self.exit_weights, self.label_smoothing = exit_weights, label_smoothing
+        self.regime, self.freeze_bn_stats = regime, freeze_bn_stats
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return apply_regime(super().prepare(model), self.regime, self.freeze_bn_stats)
+
+    def weights(self, num_exits: int) -> List[float]:
+        """Every exit's loss weight now (at the epoch the trainer last set)."""
+        return self.schedule(num_exits, self.epoch, self.epochs)
 
     def losses(self, outputs: Outputs, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         smoothing = 0.0 if target.dim() > 1 else self.label_smoothing  # mixup's targets are smoothed already
-        terms = exit_cross_entropies(outputs, target, self.exit_weights, smoothing)
-        return {f"exit{k + 1}": term for k, term in enumerate(terms)}
+        weights = self.weights(len(outputs))
+        trained = regime_exits(self.regime, len(outputs))
+        terms = exit_cross_entropies([outputs[k] for k in trained], target, [weights[k] for k in trained], smoothing)
+        return {f"exit{k + 1}": term for k, term in zip(trained, terms)}
 
 
 class PCGrad(CrossEntropy):
@@ -171,11 +208,11 @@ class PCGrad(CrossEntropy):
     ``protect_deeper``, ``groups`` for ``scope='segment'``). Its random order comes from its own
     generator (``seed``, the same on every process), which its state keeps."""
 
-    def __init__(self, exit_weights: Optional[Sequence[float]] = None, label_smoothing: float = 0.0,
+    def __init__(self, exit_weights: Any = None, label_smoothing: float = 0.0,
                  gradient_equilibrium: bool = False, scope: str = "global", order: str = "random",
                  protect_deeper: bool = False, groups: Optional[Sequence[Sequence[nn.Parameter]]] = None,
-                 seed: int = 0):
-        super().__init__(exit_weights, label_smoothing, gradient_equilibrium, "pcgrad")
+                 seed: int = 0, regime: str = "joint", freeze_bn_stats: bool = False):
+        super().__init__(exit_weights, label_smoothing, gradient_equilibrium, "pcgrad", regime, freeze_bn_stats)
         if scope not in ("global", "segment", "tensor"):
             raise ValueError(f"pcgrad scope must be 'global', 'segment' or 'tensor', got {scope!r}")
         if order not in ("random", "deep_first"):
@@ -336,18 +373,22 @@ class ADN(Technique):
         return {name: loss.detach() for name, loss in terms.items()}
 
 
-def create_technique(loss: str = "ce", *, exit_weights: Optional[Sequence[float]] = None, label_smoothing: float = 0.0,
+def create_technique(loss: str = "ce", *, exit_weights: Any = None, label_smoothing: float = 0.0,
                      gradient_equilibrium: bool = False, deconfliction: Optional[str] = None,
                      pcgrad: Optional[dict] = None, temperature: Optional[float] = None, gamma: float = 0.9,
                      reduction: str = "batchmean", isc: Optional[str] = "reference", freeze_bn_stats: bool = False,
                      alpha: float = 0.5, topk: Optional[int] = None, hdkd: Optional[dict] = None,
-                     seed: int = 0) -> Technique:
+                     regime: str = "joint", seed: int = 0) -> Technique:
     """The technique of a config's ``technique`` section (``create_technique(**config['technique'])``,
     keys as in :data:`timm_exits.config.DEFAULTS`); ``temperature=None`` is the technique's default
     (ofa: 3, hdkd: 4, adn: 1), ``seed`` seeds PCGrad's order unless ``pcgrad`` sets it. Options of
-    the other techniques are not used."""
+    the other techniques are not used; ``exit_weights`` and a ``regime`` other than ``joint`` belong
+    to ``ce``."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    check_regime(regime)
+    if loss != "ce" and (regime != "joint" or exit_weights is not None):
+        raise ValueError(f"exit_weights and regime={regime!r} belong to loss='ce', not {loss!r}")
     if deconfliction not in DECONFLICTION:
         raise ValueError(f"deconfliction must be one of {DECONFLICTION}, got {deconfliction!r}")
     if deconfliction == "pcgrad" and loss != "ce":
@@ -356,8 +397,9 @@ def create_technique(loss: str = "ce", *, exit_weights: Optional[Sequence[float]
     kd = {} if temperature is None else dict(temperature=temperature)
     if loss == "ce":
         if deconfliction == "pcgrad":
-            return PCGrad(exit_weights, label_smoothing, gradient_equilibrium, **{"seed": seed, **_options(pcgrad, PCGrad)})
-        return CrossEntropy(exit_weights, label_smoothing, **switches)
+            return PCGrad(exit_weights, label_smoothing, gradient_equilibrium, regime=regime,
+                          freeze_bn_stats=freeze_bn_stats, **{"seed": seed, **_options(pcgrad, PCGrad)})
+        return CrossEntropy(exit_weights, label_smoothing, regime=regime, freeze_bn_stats=freeze_bn_stats, **switches)
     if loss == "ofa":
         return OneForAll(gamma=gamma, reduction=reduction, isc=isc, freeze_bn_stats=freeze_bn_stats, **kd, **switches)
     if loss == "hdkd":
@@ -380,13 +422,14 @@ def _options(given: Optional[dict], technique: type) -> dict:
 
 def create_training_model(name: str, technique: Technique, model_kwargs: Optional[dict] = None,
                           phase_one_checkpoint: Optional[str] = None) -> nn.Module:
-    """``timm.create_model(name, **model_kwargs)`` checked for ``technique`` (IMTA phase II: the
-    phase-I weights of ``phase_one_checkpoint`` in the :class:`IMTAModel`); move it to its device,
+    """``timm.create_model(name, **model_kwargs)`` checked for ``technique``, starting from the weights
+    file ``phase_one_checkpoint`` if given (the phase before: IMTA phase I for the :class:`IMTAModel` of
+    phase II, which needs it, or the previous phase of a phase-wise regime); move it to its device,
     then :meth:`Technique.prepare` it."""
     kwargs = dict(model_kwargs or {})
-    if isinstance(technique, OneForAll):
-        if phase_one_checkpoint is None:
-            raise ValueError("loss='ofa' (IMTA phase II) needs phase_one_checkpoint, the phase-I weights")
+    if isinstance(technique, OneForAll) and phase_one_checkpoint is None:
+        raise ValueError("loss='ofa' (IMTA phase II) needs phase_one_checkpoint, the phase-I weights")
+    if phase_one_checkpoint is not None:
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=phase_one_checkpoint))
     model = timm.create_model(name, **kwargs)
     if not isinstance(technique, (OneForAll, ADN)) and not is_multi_exit(model):
