@@ -96,9 +96,11 @@ class ExitPolicy:
     def assign(self, scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
         """Exit (0-based) of every sample from all exits' ``scores`` (exits x samples): the first of
         exits 0..K-2 that accepts it, else the fallback."""
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float64, device=scores.device).view(-1, 1)
+        if thresholds.shape[0] != scores.shape[0]:
+            raise ValueError(f"{thresholds.shape[0]} thresholds for {scores.shape[0]} exits")
         if scores.shape[0] == 1:
             return torch.zeros(scores.shape[1], dtype=torch.long, device=scores.device)
-        thresholds = torch.as_tensor(thresholds, dtype=torch.float64, device=scores.device).view(-1, 1)
         accepted = self.accepts(scores.double()[:-1], thresholds[:-1])
         fallback = (scores.double().argmax(0) if self.fallback == "most_confident"
                     else torch.full_like(scores[0], scores.shape[0] - 1, dtype=torch.long))
