@@ -200,11 +200,10 @@ def _saved_model(args: argparse.Namespace, given: dict):
 
 def _check_protocol_flags(args: argparse.Namespace) -> None:
     """The evaluation protocol flags that cannot work together, refused before any work."""
-    has_val = bool(args.val_dir or args.val_fraction)
     if args.sweep and args.policy == "patience":
         raise ValueError("--sweep needs a probability score (--policy maxprob, entropy or margin); for patience use "
                          "--patience-sweep")
-    if args.envelope and not has_val:
+    if args.envelope and not (args.val_dir or args.val_fraction):
         raise ValueError("--envelope shapes the budgeted curve, which needs a validation split (--val-dir or "
                          "--val-fraction)")
     if any(not f > 0 for f in args.cost_fractions):
@@ -224,8 +223,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from . import profile as profiling
     from .data import ImageFiles, image_transform, num_classes_of, split_dataset
     from .files import write_json
-    from .inference import (IMTA_Q, REFERENCE_Q, EarlyExitExecutor, ExitPolicy, Thresholds, collect_outputs,
-                            measure_latency, thresholds_for_accuracy, thresholds_for_cost)
+    from .inference import (Q_GRIDS, EarlyExitExecutor, ExitPolicy, Thresholds, collect_outputs, measure_latency,
+                            thresholds_for_accuracy, thresholds_for_cost)
     from .inference.report import evaluation_report, format_latency, format_report, write_report
     from .models import is_multi_exit
 
@@ -261,7 +260,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     test = collect_outputs(model, loader(test_set))
     input_size = [int(s) for s in data_config["input_size"]]
     costs = [c.macs for c in profiling.profile_exits(model, input_size=input_size, convention=args.convention)]
-    q_grid = IMTA_Q if args.q_grid == "imta" else REFERENCE_Q
+    q_grid = Q_GRIDS[args.q_grid]
     fit_split = (f"--val-dir {args.val_dir}" if args.val_dir else
                  f"--val-fraction {args.val_fraction} of --data-dir (seed {args.seed})")
     report = evaluation_report(val, test, costs, policy, q_grid, fit_split=fit_split, envelope=args.envelope,
