@@ -98,6 +98,7 @@ def test_evaluate_runs_the_protocols_it_is_asked_for(setup):
     assert run.returncode == 0, run.stderr
     assert "threshold sweep (100 points)" in run.stdout and "patience sweep (5 points)" in run.stdout
     assert "calibration per exit" in run.stdout and "early-exit latency on cpu" in run.stdout
+    assert "budgeted (maxprob, fallback most_confident, strict >)" in run.stdout
     report = json.loads((out / "evaluation.json").read_text())
     policy = ExitPolicy("maxprob", "most_confident", strict=True)
     assert report["exit_policy"] == policy.as_dict() and report["budgeted_protocol"]["envelope"]

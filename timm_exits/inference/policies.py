@@ -89,8 +89,9 @@ class ExitPolicy:
         return torch.stack(scores)
 
     def accepts(self, scores: torch.Tensor, threshold: Union[float, torch.Tensor]) -> torch.Tensor:
-        """Which samples leave at an exit with this threshold (compared in float64, as thresholds are)."""
-        scores = scores.double()
+        """Which samples leave at an exit with this threshold (compared in float64, as thresholds are
+        stored; in float32 on Apple's MPS, which has no float64)."""
+        scores = scores.float() if scores.device.type == "mps" else scores.double()
         return scores > threshold if self.strict else scores >= threshold
 
     def assign(self, scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

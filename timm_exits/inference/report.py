@@ -83,13 +83,13 @@ def evaluation_report(
 
 
 def format_report(report: Dict[str, Any], cost_unit: str = "MMACs", scale: float = 1e-6) -> str:
-    """The report as two text tables."""
+    """The report as text tables."""
     lines = [f"{'exit':>4}  {cost_unit:>10}  {'top-1':>6}  {'top-5':>6}  {'ensemble':>8}"]
     for e in report["exits"]:
         lines.append(f"{e['exit']:>4}  {e['cost'] * scale:>10.2f}  {e['top1']:>6.2f}  {e['top5']:>6.2f}  "
                      f"{e['ensemble_top1']:>8.2f}")
     if "budgeted" in report:
-        lines += ["", f"budgeted ({report['policy']}): thresholds on {report['val_samples']} validation images, "
+        lines += ["", f"budgeted ({_policy_label(report)}): thresholds on {report['val_samples']} validation images, "
                       f"{report['test_samples']} test images",
                   f"{'q':>5}  {cost_unit:>10}  {'top-1':>6}  exit fractions"]
         for p in report["budgeted"]:
@@ -106,6 +106,14 @@ def format_report(report: Dict[str, Any], cost_unit: str = "MMACs", scale: float
     if "latency" in report:
         lines += ["", format_latency(report["latency"])]
     return "\n".join(lines)
+
+
+def _policy_label(report: Dict[str, Any]) -> str:
+    """The score name, plus the fallback and comparison when they are not MSDNet's."""
+    policy = report.get("exit_policy", {})
+    extra = ([f"fallback {policy['fallback']}"] if policy.get("fallback", "last") != "last" else []) + \
+        (["strict >"] if policy.get("strict") else [])
+    return ", ".join([report["policy"], *extra])
 
 
 def format_latency(latency: Dict[str, Any]) -> str:
