@@ -31,7 +31,7 @@ def worked_example() -> ExitOutputs:
     conf = torch.tensor(CONF)
     correct = torch.tensor(CORRECT).bool()
     p0 = torch.where(correct, conf, 1 - conf)
-    return ExitOutputs(torch.stack([p0, 1 - p0], -1), torch.zeros(10, dtype=torch.long))
+    return ExitOutputs.from_probs(torch.stack([p0, 1 - p0], -1), torch.zeros(10, dtype=torch.long))
 
 
 def test_reference_worked_example():
@@ -72,7 +72,7 @@ def test_policies():
     # sample 0 predicts 0 (tie -> first), 1, 1; sample 1 predicts 0, 0, 1
     assert patience.tolist() == [[1, 1], [1, 2], [2, 1]]
     with pytest.raises(ValueError, match="policy must be one of"):
-        exit_scores(probs, "margin")
+        exit_scores(probs, "confidence")
 
 
 def _random_outputs(n=400, exits=4, classes=10, seed=0):
@@ -80,7 +80,7 @@ def _random_outputs(n=400, exits=4, classes=10, seed=0):
     labels = torch.randint(0, classes, (n,), generator=g)
     logits = torch.randn(exits, n, classes, generator=g)
     logits[:, torch.arange(n), labels] += torch.linspace(0.5, 3.0, exits).view(-1, 1)  # later exits better
-    return ExitOutputs(logits.softmax(-1), labels)
+    return ExitOutputs(logits, labels)
 
 
 def test_threshold_search_for_a_cost_and_an_accuracy():
@@ -134,7 +134,7 @@ def test_executor_equals_the_simulated_evaluation(make, policy):
     x = torch.randn(48, 3, 32, 32)
     with torch.no_grad():
         logits = torch.stack(model.forward_exits(x))
-    out = ExitOutputs(logits.softmax(-1), torch.zeros(48, dtype=torch.long))
+    out = ExitOutputs(logits, torch.zeros(48, dtype=torch.long))
     scores = exit_scores(out.probs, policy)
     if policy == "patience":  # integer scores: exit once two consecutive exits agree
         thresholds = torch.tensor([2.0] * (model.num_exits - 1) + [-1e8], dtype=torch.float64)
@@ -163,7 +163,7 @@ def test_executor_rejects_mismatched_thresholds():
     with pytest.raises(ValueError, match="2 thresholds for 3 exits"):
         EarlyExitExecutor(_tiny_msdnet(), [0.5, -1e8])
     with pytest.raises(ValueError, match="policy must be one of"):
-        EarlyExitExecutor(_tiny_msdnet(), [0.5, 0.5, -1e8], policy="margin")
+        EarlyExitExecutor(_tiny_msdnet(), [0.5, 0.5, -1e8], policy="confidence")
     with pytest.raises(ValueError, match="thresholds must be finite"):
         EarlyExitExecutor(_tiny_msdnet(), [float("nan"), 0.5, -1e8])
 
@@ -185,7 +185,7 @@ def test_executor_refuses_a_model_in_training_mode():
     (dict(costs=[1.0, 2.0]), "2 costs for 3 exits"),
     (dict(costs=[1.0, float("nan"), 3.0]), "costs must be finite"),
     (dict(costs=[1.0, 3.0, 2.0]), "cumulative"),
-    (dict(policy="margin"), "policy must be one of"),
+    (dict(policy="confidence"), "policy must be one of"),
 ])
 def test_thresholds_files_refuse_what_cannot_be_right(tmp_path, fields, message):
     valid = dict(model="m", num_exits=3, policy="maxprob", thresholds=[0.5, 0.4, -1e8], costs=[1.0, 2.0, 3.0])

@@ -4,6 +4,8 @@
                        [--input-size C H W]
     timm-exits evaluate MODEL|FOLDER|WEIGHTS|CHECKPOINT --data-dir DIR [--checkpoint F] [--val-dir DIR | --val-fraction F]
                         [--input-size C H W] [--mean ..] [--std ..] [--crop-pct F] [--interpolation I] [--output DIR]
+                        [--policy P] [--fallback last|most_confident] [--strict] [--envelope] [--sweep [ztw|sdn]]
+                        [--patience-sweep] [--cost-fractions F ..] [--calibration] [--latency]
     timm-exits convert CHECKPOINT OUTPUT_FOLDER [--model NAME] [--model-kwargs K=V ..] [--input-size C H W] ...
     timm-exits models [--markdown]
     timm-exits train CONFIG [--data-dir DIR] [--output-dir DIR] [--resume] [--cfg-options k=v ...]
@@ -20,6 +22,8 @@ import sys
 from typing import List, Optional
 
 CONVENTIONS = ("macs", "msdnet", "macs_norm")  # timm_exits.profile.CONVENTIONS, named here without importing torch
+SCORES = ("maxprob", "entropy", "margin", "patience")  # timm_exits.inference.SCORES, FALLBACKS, likewise
+FALLBACKS = ("last", "most_confident")
 
 
 def _check_model_name(name: str, or_else: str = "") -> None:
@@ -194,15 +198,38 @@ def _saved_model(args: argparse.Namespace, given: dict):
     return model, data_config, read_model_config(args.model)["architecture"]
 
 
+def _check_protocol_flags(args: argparse.Namespace) -> None:
+    """The evaluation protocol flags that cannot work together, refused before any work."""
+    if args.sweep and args.policy == "patience":
+        raise ValueError("--sweep needs a probability score (--policy maxprob, entropy or margin); for patience use "
+                         "--patience-sweep")
+    if args.envelope and not (args.val_dir or args.val_fraction):
+        raise ValueError("--envelope shapes the budgeted curve, which needs a validation split (--val-dir or "
+                         "--val-fraction)")
+    if any(not f > 0 for f in args.cost_fractions):
+        raise ValueError(f"--cost-fractions must be positive fractions of the full cost, got {args.cost_fractions}")
+    if args.latency and args.target_macs is None and args.target_accuracy is None:
+        raise ValueError("--latency times the early-exit executor with the thresholds this run fits: add --target-macs "
+                         "or --target-accuracy (and a validation split)")
+    if args.latency_images < 1 or args.latency_repeats < 1 or (args.latency_batch_size or 1) < 1:
+        raise ValueError(f"--latency-images, --latency-repeats and --latency-batch-size must be >= 1, got "
+                         f"{args.latency_images}, {args.latency_repeats} and {args.latency_batch_size}")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    import torch
     from torch.utils.data import DataLoader
 
     from . import profile as profiling
     from .data import ImageFiles, image_transform, num_classes_of, split_dataset
-    from .inference import IMTA_Q, REFERENCE_Q, Thresholds, collect_outputs, thresholds_for_accuracy, thresholds_for_cost
-    from .inference.report import evaluation_report, format_report, write_report
+    from .files import write_json
+    from .inference import (Q_GRIDS, EarlyExitExecutor, ExitPolicy, Thresholds, collect_outputs, measure_latency,
+                            thresholds_for_accuracy, thresholds_for_cost)
+    from .inference.report import evaluation_report, format_latency, format_report, write_report
     from .models import is_multi_exit
 
+    _check_protocol_flags(args)
+    policy = ExitPolicy(args.policy, args.fallback, args.strict)
     test_set = ImageFiles(args.data_dir)
     num_classes = num_classes_of(test_set)
     given = _data_overrides(args)
@@ -233,8 +260,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     test = collect_outputs(model, loader(test_set))
     input_size = [int(s) for s in data_config["input_size"]]
     costs = [c.macs for c in profiling.profile_exits(model, input_size=input_size, convention=args.convention)]
-    q_grid = IMTA_Q if args.q_grid == "imta" else REFERENCE_Q
-    report = evaluation_report(val, test, costs, args.policy, q_grid, model=label, source=args.model,
+    q_grid = Q_GRIDS[args.q_grid]
+    fit_split = (f"--val-dir {args.val_dir}" if args.val_dir else
+                 f"--val-fraction {args.val_fraction} of --data-dir (seed {args.seed})")
+    report = evaluation_report(val, test, costs, policy, q_grid, fit_split=fit_split, envelope=args.envelope,
+                               sweep=args.sweep, patience=args.patience_sweep, calibration=args.calibration,
+                               cost_fractions=args.cost_fractions, model=label, source=args.model,
                                checkpoint=args.checkpoint, data_dir=args.data_dir, val_dir=args.val_dir,
                                val_fraction=args.val_fraction, seed=args.seed, convention=args.convention,
                                data_config={k: data_config[k] for k in (*_DATA_FLAGS, "crop_mode") if k in data_config})
@@ -244,13 +275,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.target_macs is not None or args.target_accuracy is not None:
         if val is None:
             raise ValueError("--target-macs / --target-accuracy need a validation split (--val-dir or --val-fraction)")
-        point = (thresholds_for_cost(val, costs, args.target_macs, args.policy) if args.target_macs is not None
-                 else thresholds_for_accuracy(val, costs, args.target_accuracy, args.policy))
+        point = (thresholds_for_cost(val, costs, args.target_macs, policy) if args.target_macs is not None
+                 else thresholds_for_accuracy(val, costs, args.target_accuracy, policy))
         path = f"{args.output}/thresholds.json"
-        Thresholds(label, model.num_exits, args.policy, point.thresholds, costs,
-                   note=f"validation: top-1 {point.val_accuracy:.2f}%, {point.val_cost:.4g} per image",
-                   input_size=input_size).save(path)
+        thresholds = Thresholds(label, model.num_exits, policy, point.thresholds, costs,
+                                note=f"validation: top-1 {point.val_accuracy:.2f}%, {point.val_cost:.4g} per image",
+                                input_size=input_size)
+        thresholds.save(path)
         print(f"wrote {path}: validation top-1 {point.val_accuracy:.2f}% at {point.val_cost * 1e-6:.2f} M per image")
+        if args.latency:
+            images = torch.stack([test_set[i][0] for i in range(min(args.latency_images, len(test_set)))])
+            report["latency"] = measure_latency(EarlyExitExecutor(model, thresholds),
+                                                images.to(next(model.parameters()).device),
+                                                args.latency_batch_size or args.batch_size, repeats=args.latency_repeats)
+            write_json(paths["json"], report)
+            print(f"{format_latency(report['latency'])}\nadded the latency to {paths['json']}")
     return 0
 
 
@@ -308,8 +347,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
                    help="timm.create_model arguments (override a folder's saved ones), e.g. in_chans=1")
     _add_data_flags(e, "the model folder's config.json, else the model's pretrained cfg")
-    e.add_argument("--policy", choices=("maxprob", "entropy", "patience"), default="maxprob",
-                   help="exit confidence score for the budgeted evaluation")
+    e.add_argument("--policy", choices=SCORES, default="maxprob",
+                   help="exit confidence score, for every protocol (margin: top-1 minus top-2 probability; patience: "
+                        "consecutive agreeing exits)")
+    e.add_argument("--fallback", choices=FALLBACKS, default="last",
+                   help="where samples no exit accepts go: the last exit (MSDNet, default) or the exit of highest "
+                        "score over all exits (SDN)")
+    e.add_argument("--strict", action="store_true",
+                   help="exit when the score is > the threshold (ZTW, RC-EENN) instead of >= (MSDNet)")
+    e.add_argument("--envelope", action="store_true",
+                   help="budgeted curve made validation-monotone (BoostNet's flat_curve)")
+    e.add_argument("--sweep", nargs="?", const="ztw", choices=("ztw", "sdn"), default=None,
+                   help="also sweep one global threshold for all exits on the test split: ztw (default) = "
+                        "linspace(0, 1, 100), sdn = SDN's 11 values; ZTW's protocol is --sweep --strict, SDN's "
+                        "--sweep sdn --fallback most_confident")
+    e.add_argument("--patience-sweep", action="store_true",
+                   help="also ZTW's patience sweep: t = 0..K-1, exit when more than t consecutive exits agree")
+    e.add_argument("--cost-fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0], metavar="F",
+                   help="the sweeps' tables: best top-1 within these fractions of the last exit's cost "
+                        "(default: ZTW's 0.25 0.5 0.75 1.0)")
+    e.add_argument("--calibration", action="store_true",
+                   help="also ECE (15 bins), NLL and Brier per exit and at every operating point of the curves")
+    e.add_argument("--latency", action="store_true",
+                   help="time the early-exit executor with the fitted thresholds (needs --target-macs or "
+                        "--target-accuracy): batch-1 p50 / p95 and batched throughput")
+    e.add_argument("--latency-images", type=int, default=64, help="test images timed by --latency (default 64)")
+    e.add_argument("--latency-repeats", type=int, default=5, help="timed passes over them (default 5)")
+    e.add_argument("--latency-batch-size", type=int, default=None,
+                   help="batch size of the throughput measurement (default: --batch-size)")
     e.add_argument("--q-grid", choices=("reference", "imta"), default="reference",
                    help="MSDNet-PyTorch's 39 q values (0.05..1.95) or IMTA's 40 (..2.0)")
     e.add_argument("--convention", choices=CONVENTIONS, default="macs", help=conventions)

@@ -1,13 +1,20 @@
-"""Adaptive inference: anytime and budgeted evaluation, threshold search, the early-exit executor,
-export for deployment."""
+"""Adaptive inference: exit policies, anytime and budgeted evaluation, threshold search, threshold
+sweeps and cost tables, calibration, the early-exit executor and its latency, export for deployment."""
 from .outputs import ExitOutputs, anytime_accuracy, collect_outputs
-from .policies import POLICIES, exit_scores
-from .budgeted import (IMTA_Q, REFERENCE_Q, BudgetPoint, Thresholds, assign_exits, budgeted_curve, fit_thresholds,
-                       geometric_fractions, thresholds_for_accuracy, thresholds_for_cost)
+from .policies import FALLBACKS, POLICIES, SCORES, ExitPolicy, exit_scores, resolve_policy
+from .budgeted import (IMTA_Q, Q_GRIDS, REFERENCE_Q, BudgetPoint, Thresholds, assign_exits, budgeted_curve,
+                       exit_metrics, fit_thresholds, flat_envelope, geometric_fractions, thresholds_for_accuracy,
+                       thresholds_for_cost)
 from .executor import EarlyExitExecutor, ExitResult
+from .protocols import (COST_FRACTIONS, SDN_GRID, SDN_POLICY, ZTW_GRID, ZTW_POLICY, SweepPoint, accuracy_at_cost,
+                        measure_latency, patience_sweep, threshold_sweep)
+from .calibration import ECE_BINS, calibration_metrics, curve_calibration, exit_calibration
 from .export import ExportedModel, export_model
 
-__all__ = ["ExitOutputs", "anytime_accuracy", "collect_outputs", "POLICIES", "exit_scores", "IMTA_Q", "REFERENCE_Q",
-           "BudgetPoint", "Thresholds", "assign_exits", "budgeted_curve", "fit_thresholds", "geometric_fractions",
-           "thresholds_for_accuracy", "thresholds_for_cost", "EarlyExitExecutor", "ExitResult", "ExportedModel",
-           "export_model"]
+__all__ = ["ExitOutputs", "anytime_accuracy", "collect_outputs", "FALLBACKS", "POLICIES", "SCORES", "ExitPolicy",
+           "exit_scores", "resolve_policy", "IMTA_Q", "Q_GRIDS", "REFERENCE_Q", "BudgetPoint", "Thresholds",
+           "assign_exits", "budgeted_curve", "exit_metrics", "fit_thresholds", "flat_envelope", "geometric_fractions",
+           "thresholds_for_accuracy", "thresholds_for_cost", "EarlyExitExecutor", "ExitResult", "COST_FRACTIONS",
+           "SDN_GRID", "SDN_POLICY", "ZTW_GRID", "ZTW_POLICY", "SweepPoint", "accuracy_at_cost", "measure_latency",
+           "patience_sweep", "threshold_sweep", "ECE_BINS", "calibration_metrics", "curve_calibration",
+           "exit_calibration", "ExportedModel", "export_model"]

@@ -4,29 +4,37 @@ For each q of a grid, the target exit distribution is P_k ∝ q^k. On a validati
 threshold is the score of the floor(n P_k)-th most confident sample among those that have not
 exited yet (ties: every sample with score >= T_k exits); the last exit takes the rest. The
 thresholds are applied to the test split, reporting accuracy and the expected cumulative cost
-sum_k (fraction of test samples leaving at k) x cost_k.
+sum_k (fraction of test samples leaving at k) x cost_k. The split the thresholds are fitted on is
+whatever ``val`` is (DVT fits on the training split); ``envelope`` gives BoostNet's validation-monotone
+curve (its ``--flat_curve``).
+
+Every function takes an exit policy (:mod:`.policies`; a score name is the MSDNet rule). With a
+``strict`` policy the quota-th sample itself (and its ties) does not exit, as ``>`` says.
 
 Also: threshold search for a target average cost or a target accuracy, and threshold files that
 record the model they belong to.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..files import write_json
 from .outputs import ExitOutputs
-from .policies import POLICIES, exit_scores
+from .policies import ExitPolicy, PolicyLike, resolve_policy
 
-__all__ = ["REFERENCE_Q", "IMTA_Q", "geometric_fractions", "exit_quotas", "fit_thresholds", "assign_exits", "BudgetPoint",
-           "budgeted_curve", "thresholds_for_cost", "thresholds_for_accuracy", "Thresholds", "check_thresholds"]
+__all__ = ["REFERENCE_Q", "IMTA_Q", "Q_GRIDS", "geometric_fractions", "exit_quotas", "fit_thresholds", "assign_exits",
+           "exit_metrics", "BudgetPoint", "budgeted_curve", "flat_envelope", "thresholds_for_cost",
+           "thresholds_for_accuracy", "Thresholds", "check_thresholds"]
 
 REFERENCE_Q = [p / 20 for p in range(1, 40)]  # MSDNet-PyTorch: 0.05 .. 1.95
 IMTA_Q = [p / 20 for p in range(1, 41)]  # IMTA: 0.05 .. 2.0
+Q_GRIDS = {"reference": REFERENCE_Q, "imta": IMTA_Q}
 NEVER, ALWAYS = 1e8, -1e8  # the reference's sentinel thresholds
 
 
@@ -43,8 +51,9 @@ def exit_quotas(n: int, fractions: Sequence[float]) -> List[int]:
     return [math.floor(n * torch.tensor(p, dtype=torch.float32)) for p in fractions]
 
 
-def fit_thresholds(scores: torch.Tensor, fractions: Sequence[float]) -> torch.Tensor:
+def fit_thresholds(scores: torch.Tensor, fractions: Sequence[float], policy: PolicyLike = "maxprob") -> torch.Tensor:
     """Per-exit thresholds from validation ``scores`` (exits x samples) and target ``fractions``."""
+    accepts = resolve_policy(policy).accepts
     num_exits, n = scores.shape
     thresholds = torch.full((num_exits,), NEVER, dtype=torch.float64)
     exited = torch.zeros(n, dtype=torch.bool)
@@ -55,16 +64,24 @@ def fit_thresholds(scores: torch.Tensor, fractions: Sequence[float]) -> torch.Te
         remaining = order[~exited[order]]
         if 0 < quota <= len(remaining):
             thresholds[k] = scores[k, remaining[quota - 1]].item()
-        exited |= scores[k] >= thresholds[k]
+        exited |= accepts(scores[k], thresholds[k])
     thresholds[-1] = ALWAYS
     return thresholds
 
 
-def assign_exits(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Index of the first exit whose score reaches its threshold, per sample."""
-    passed = scores.double() >= thresholds.view(-1, 1)
-    passed[-1] = True
-    return passed.int().argmax(0)
+def assign_exits(scores: torch.Tensor, thresholds: torch.Tensor, policy: PolicyLike = "maxprob") -> torch.Tensor:
+    """Exit of every sample: the first whose score passes its threshold, else the policy's fallback
+    (see :meth:`ExitPolicy.assign`)."""
+    return resolve_policy(policy).assign(scores, thresholds)
+
+
+def exit_metrics(outputs: ExitOutputs, exits: torch.Tensor, costs: Sequence[float]) -> Tuple[float, float, List[float]]:
+    """Top-1 accuracy (%) of the predictions of the exits taken, the mean cumulative cost paid and the
+    fraction of samples leaving at each exit."""
+    correct = outputs.preds.gather(0, exits.view(1, -1)).squeeze(0) == outputs.labels
+    fractions = torch.bincount(exits, minlength=outputs.num_exits).double() / outputs.num_samples
+    cost = float((fractions * torch.tensor(costs, dtype=torch.float64)).sum())
+    return 100 * correct.double().mean().item(), cost, fractions.tolist()
 
 
 @dataclass
@@ -80,19 +97,10 @@ class BudgetPoint:
     val_cost: float
 
 
-def _evaluate(outputs: ExitOutputs, scores: torch.Tensor, thresholds: torch.Tensor, costs: Sequence[float]):
-    exits = assign_exits(scores, thresholds)
-    preds = outputs.probs.argmax(-1)
-    correct = preds.gather(0, exits.view(1, -1)).squeeze(0) == outputs.labels
-    fractions = torch.bincount(exits, minlength=outputs.num_exits).double() / outputs.num_samples
-    cost = float((fractions * torch.tensor(costs, dtype=torch.float64)).sum())
-    return 100 * correct.double().mean().item(), cost, fractions.tolist()
-
-
-def _point(val: ExitOutputs, test: ExitOutputs, costs, q: float, val_scores, test_scores) -> BudgetPoint:
-    thresholds = fit_thresholds(val_scores, geometric_fractions(q, val.num_exits))
-    val_acc, val_cost, _ = _evaluate(val, val_scores, thresholds, costs)
-    acc, cost, fractions = _evaluate(test, test_scores, thresholds, costs)
+def _point(val: ExitOutputs, test: ExitOutputs, costs, q: float, val_scores, test_scores, policy: ExitPolicy) -> BudgetPoint:
+    thresholds = fit_thresholds(val_scores, geometric_fractions(q, val.num_exits), policy)
+    val_acc, val_cost, _ = exit_metrics(val, policy.assign(val_scores, thresholds), costs)
+    acc, cost, fractions = exit_metrics(test, policy.assign(test_scores, thresholds), costs)
     return BudgetPoint(q, thresholds.tolist(), acc, cost, fractions, val_acc, val_cost)
 
 
@@ -107,18 +115,35 @@ def budgeted_curve(
         test: ExitOutputs,
         costs: Sequence[float],
         q_grid: Sequence[float] = REFERENCE_Q,
-        policy: str = "maxprob",
+        policy: PolicyLike = "maxprob",
+        envelope: bool = False,
 ) -> List[BudgetPoint]:
-    """The reference budgeted evaluation: thresholds fitted on ``val`` for each q, applied to ``test``."""
+    """The reference budgeted evaluation: thresholds fitted on ``val`` for each q, applied to ``test``
+    (with ``envelope``, made validation-monotone by :func:`flat_envelope`)."""
     _check(val, test, costs)
-    val_scores, test_scores = exit_scores(val.probs, policy), exit_scores(test.probs, policy)
-    return [_point(val, test, costs, q, val_scores, test_scores) for q in q_grid]
+    policy = resolve_policy(policy)
+    val_scores, test_scores = policy.scores(val.probs), policy.scores(test.probs)
+    points = [_point(val, test, costs, q, val_scores, test_scores, policy) for q in q_grid]
+    return flat_envelope(points) if envelope else points
+
+
+def flat_envelope(points: Sequence[BudgetPoint]) -> List[BudgetPoint]:
+    """BoostNet's ``--flat_curve``: along the q grid, a point whose validation accuracy is not above
+    the best earlier one takes that point's validation and test accuracy (a budget of this cost can
+    afford the cheaper thresholds); its q, thresholds, costs and exit fractions stay its own."""
+    out, best = [], None
+    for p in points:
+        if best is None or p.val_accuracy > best.val_accuracy:
+            best = p
+        out.append(dataclasses.replace(p, accuracy=best.accuracy, val_accuracy=best.val_accuracy))
+    return out
 
 
 _SEARCH_Q = [10 ** (k / 100) for k in range(-250, 251)]  # q from 0.003 to 316, log-spaced
 
 
-def thresholds_for_cost(val: ExitOutputs, costs: Sequence[float], target: float, policy: str = "maxprob") -> BudgetPoint:
+def thresholds_for_cost(val: ExitOutputs, costs: Sequence[float], target: float,
+                        policy: PolicyLike = "maxprob") -> BudgetPoint:
     """The most accurate (on ``val``) geometric-distribution thresholds whose average cost on ``val``
     is at most ``target``."""
     points = [p for p in budgeted_curve(val, val, costs, _SEARCH_Q, policy) if p.val_cost <= target]
@@ -127,12 +152,13 @@ def thresholds_for_cost(val: ExitOutputs, costs: Sequence[float], target: float,
     return max(points, key=lambda p: (p.val_accuracy, -p.val_cost))
 
 
-def thresholds_for_accuracy(val: ExitOutputs, costs: Sequence[float], target: float, policy: str = "maxprob") -> BudgetPoint:
+def thresholds_for_accuracy(val: ExitOutputs, costs: Sequence[float], target: float,
+                            policy: PolicyLike = "maxprob") -> BudgetPoint:
     """The cheapest (on ``val``) geometric-distribution thresholds whose accuracy on ``val`` is at
     least ``target`` (%)."""
     points = [p for p in budgeted_curve(val, val, costs, _SEARCH_Q, policy) if p.val_accuracy >= target]
     if not points:
-        per_exit = [round(100 * (p.argmax(-1) == val.labels).double().mean().item(), 2) for p in val.probs]
+        per_exit = [round(100 * (p == val.labels).double().mean().item(), 2) for p in val.preds]
         raise ValueError(f"no thresholds reach {target:g}% on the validation split (single exits reach {per_exit})")
     return min(points, key=lambda p: (p.val_cost, -p.val_accuracy))
 
@@ -149,31 +175,40 @@ def check_thresholds(thresholds: Sequence[float], num_exits: int) -> None:
 @dataclass
 class Thresholds:
     """Exit thresholds with what they belong to, stored as JSON: the model, its number of exits, the
-    policy, the cumulative cost of each exit and the input size (C, H, W) the costs were measured at
-    (files written before it was recorded load with ``input_size=None``)."""
+    policy (its score name, fallback and strictness), the cumulative cost of each exit and the input
+    size (C, H, W) the costs were measured at. Files written before a field was recorded load with
+    the old behaviour: ``input_size=None``, fallback ``last``, non-strict. ``policy`` may be given as
+    an :class:`ExitPolicy`, which sets all three."""
 
     model: str
     num_exits: int
-    policy: str
+    policy: Union[str, ExitPolicy]
     thresholds: List[float]
     costs: List[float] = field(default_factory=list)
     note: str = ""
     input_size: Optional[List[int]] = None
+    fallback: str = "last"
+    strict: bool = False
 
     def __post_init__(self):
+        if isinstance(self.policy, ExitPolicy):
+            self.policy, self.fallback, self.strict = self.policy.score, self.policy.fallback, self.policy.strict
+        ExitPolicy(self.policy, self.fallback, self.strict)  # refuses an unknown score, fallback or strictness
         check_thresholds(self.thresholds, self.num_exits)
         if self.input_size is not None:
             if len(self.input_size) != 3 or any(not isinstance(s, int) or s < 1 for s in self.input_size):
                 raise ValueError(f"input_size must be (C, H, W), three positive integers, got {self.input_size}")
             self.input_size = list(self.input_size)
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.costs:
             if len(self.costs) != self.num_exits:
                 raise ValueError(f"{len(self.costs)} costs for {self.num_exits} exits (one cumulative cost per exit)")
             if any(not math.isfinite(c) or c < 0 for c in self.costs) or any(
                     b < a for a, b in zip(self.costs, self.costs[1:])):
                 raise ValueError(f"costs must be finite, non-negative and cumulative (non-decreasing), got {self.costs}")
+
+    @property
+    def exit_policy(self) -> ExitPolicy:
+        return ExitPolicy(self.policy, self.fallback, self.strict)
 
     def save(self, path: str) -> None:
         """Write atomically (a temporary file, then a rename)."""

@@ -8,14 +8,14 @@ with exits, IMTA phase-II models.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..models.multi_exit import slice_state
 from .budgeted import Thresholds, check_thresholds
-from .policies import POLICIES, score_step
+from .policies import PolicyLike, resolve_policy
 
 __all__ = ["ExitResult", "EarlyExitExecutor"]
 
@@ -36,10 +36,14 @@ class EarlyExitExecutor:
 
     Args:
         model: a model with ``forward_stem`` / ``forward_stage`` / ``forward_exit`` and ``num_exits``.
-        thresholds: one per exit (the last is ignored: everything left exits there), or a
-            :class:`Thresholds` (its policy is used).
-        policy: ``maxprob``, ``entropy`` or ``patience`` (see :mod:`.policies`).
+        thresholds: one per exit (the last is ignored: the samples left go to the policy's
+            fallback), or a :class:`Thresholds` (its policy is used).
+        policy: an :class:`ExitPolicy` or a score name (see :mod:`.policies`).
         costs: cumulative cost of each exit, to report the cost paid per sample.
+
+    The exits and predictions are those of the cached evaluation (:func:`assign_exits`) with the
+    same thresholds and policy. With the ``most_confident`` fallback, the executor keeps the logits
+    of the best exit so far of every sample still running.
 
     Thresholds (and costs) from a :class:`Thresholds` that records its input size are for images of
     that size only: a batch of another size is refused, since its costs would be reported wrongly
@@ -50,25 +54,23 @@ class EarlyExitExecutor:
             self,
             model: nn.Module,
             thresholds: Union[Sequence[float], Thresholds],
-            policy: str = "maxprob",
+            policy: PolicyLike = "maxprob",
             costs: Optional[Sequence[float]] = None,
     ):
         self.input_size: Optional[tuple] = None
         if isinstance(thresholds, Thresholds):
-            policy, costs = thresholds.policy, costs or thresholds.costs or None
+            policy, costs = thresholds.exit_policy, costs or thresholds.costs or None
             self.input_size = tuple(thresholds.input_size) if thresholds.input_size else None
             thresholds = thresholds.thresholds
         check_thresholds(thresholds, model.num_exits)
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.model = model
         self.thresholds = [float(t) for t in thresholds]
-        self.policy = policy
+        self.policy = resolve_policy(policy)
         self.costs = None if costs is None else torch.tensor(costs, dtype=torch.float64)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> ExitResult:
-        model, n = self.model, x.shape[0]
+        model, policy, n = self.model, self.policy, x.shape[0]
         if getattr(model, "training", False):  # an nn.Module in training mode
             raise ValueError("the early-exit executor needs the model in evaluation mode (call model.eval()): in "
                              "training mode batch norms use and update batch statistics, so each sample's answer "
@@ -77,21 +79,27 @@ class EarlyExitExecutor:
             raise ValueError(f"these thresholds and costs were measured on {self.input_size} (C, H, W) images, got a "
                              f"batch of {tuple(x.shape[1:])}: resize the images to that size, or fit thresholds at this "
                              f"size (timm-exits evaluate ... --input-size C H W --target-macs ...)")
+        last = model.num_exits - 1
         state = model.forward_stem(x)
         index = torch.arange(n, device=x.device)  # original positions of the samples still running
         logits_out: Optional[torch.Tensor] = None
-        exits = torch.full((n,), model.num_exits - 1, dtype=torch.long, device=x.device)
-        history = None
+        exits = torch.full((n,), last, dtype=torch.long, device=x.device)
+        history, best = None, None  # best: (score, logits, exit) so far of the samples still running
         for k in range(model.num_exits):
             state = model.forward_stage(state, k)
             logits = model.forward_exit(state, k)
             if logits_out is None:
                 logits_out = logits.new_empty(n, logits.shape[-1])
-            if k == model.num_exits - 1:
-                logits_out[index] = logits
+            score, history = policy.step(logits.float().softmax(-1), history)
+            if policy.fallback == "most_confident":
+                best = (score, logits, torch.full_like(index, k)) if best is None else _better(best, score, logits, k)
+            if k == last:
+                if best is None:
+                    logits_out[index] = logits
+                else:
+                    logits_out[index], exits[index] = best[1], best[2]
                 break
-            score, history = score_step(self.policy, logits.float().softmax(-1), history)
-            done = score >= self.thresholds[k]
+            done = policy.accepts(score, self.thresholds[k])
             if done.any():
                 logits_out[index[done]] = logits[done]
                 exits[index[done]] = k
@@ -99,6 +107,15 @@ class EarlyExitExecutor:
                     break
                 keep = ~done
                 state, index = slice_state(state, keep), index[keep]
-                history = None if history is None else (history[0][keep], history[1][keep])
+                history = None if history is None else tuple(h[keep] for h in history)
+                best = None if best is None else tuple(b[keep] for b in best)
         costs = None if self.costs is None else self.costs[exits.cpu()]
-        return ExitResult(logits_out, logits_out.argmax(-1), exits, costs)
+        return ExitResult(logits_out, logits_out.float().softmax(-1).argmax(-1), exits, costs)
+
+
+def _better(best: Tuple[torch.Tensor, ...], score: torch.Tensor, logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, ...]:
+    """The best (score, logits, exit) so far after exit ``k``: a strictly higher score replaces it,
+    so ties keep the earlier exit."""
+    higher = score > best[0]
+    return (torch.where(higher, score, best[0]), torch.where(higher.unsqueeze(-1), logits, best[1]),
+            torch.where(higher, k, best[2]))

@@ -1,4 +1,4 @@
-"""Every exit's predictions over a dataset, and anytime accuracy.
+"""Every exit's logits over a dataset, and anytime accuracy.
 
 Budgeted evaluation and threshold search work on these cached outputs, as the references do; the
 :class:`~timm_exits.inference.executor.EarlyExitExecutor` then applies the thresholds for real.
@@ -6,6 +6,7 @@ Budgeted evaluation and threshold search work on these cached outputs, as the re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -19,26 +20,44 @@ __all__ = ["ExitOutputs", "collect_outputs", "anytime_accuracy"]
 
 @dataclass
 class ExitOutputs:
-    """Softmax probabilities of every exit (``exits x samples x classes``, float32) and labels."""
+    """Raw logits of every exit (``exits x samples x classes``, float32 as collected) and labels;
+    the softmax probabilities are derived from them (:attr:`probs`, computed once)."""
 
-    probs: torch.Tensor
+    logits: torch.Tensor
     labels: torch.Tensor
 
     def __post_init__(self):
-        if self.probs.dim() != 3 or self.labels.shape != self.probs.shape[1:2]:
-            raise ValueError(f"expected probs of shape (exits, samples, classes) and labels of shape (samples,), "
-                             f"got {tuple(self.probs.shape)} and {tuple(self.labels.shape)}")
+        if self.logits.dim() != 3 or self.labels.shape != self.logits.shape[1:2]:
+            raise ValueError(f"expected logits of shape (exits, samples, classes) and labels of shape (samples,), "
+                             f"got {tuple(self.logits.shape)} and {tuple(self.labels.shape)}")
+
+    @classmethod
+    def from_probs(cls, probs: torch.Tensor, labels: torch.Tensor) -> "ExitOutputs":
+        """Outputs known only as probabilities (e.g. a reference's cached softmax): their logarithms
+        serve as logits, whose softmax gives the probabilities back."""
+        return cls(probs.log(), labels)
+
+    @cached_property
+    def probs(self) -> torch.Tensor:
+        """Softmax probabilities (``exits x samples x classes``)."""
+        return self.logits.float().softmax(-1)
+
+    @property
+    def preds(self) -> torch.Tensor:
+        """Every exit's prediction (``exits x samples``): the argmax of the softmax, as the references
+        and the executor take it."""
+        return self.probs.argmax(-1)
 
     @property
     def num_exits(self) -> int:
-        return self.probs.shape[0]
+        return self.logits.shape[0]
 
     @property
     def num_samples(self) -> int:
-        return self.probs.shape[1]
+        return self.logits.shape[1]
 
     def subset(self, index: torch.Tensor) -> "ExitOutputs":
-        return ExitOutputs(self.probs[:, index], self.labels[index])
+        return ExitOutputs(self.logits[:, index], self.labels[index])
 
 
 @torch.no_grad()
@@ -56,19 +75,19 @@ def collect_outputs(
     """
     model.eval()
     device = device or next(model.parameters()).device
-    probs: List[torch.Tensor] = []
+    logits: List[torch.Tensor] = []
     labels: List[torch.Tensor] = []
     for images, target in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
-        p = torch.stack([logits.float().softmax(-1) for logits in exit_logits(model, images.to(device))])
+        z = torch.stack([out.float() for out in exit_logits(model, images.to(device))])
         target = target.to(device)
         if gather is not None:
-            p, target = gather((p.transpose(0, 1).contiguous(), target))
-            p = p.transpose(0, 1)
-        probs.append(p.cpu())
+            z, target = gather((z.transpose(0, 1).contiguous(), target))
+            z = z.transpose(0, 1)
+        logits.append(z.cpu())
         labels.append(target.cpu())
-    if not probs:
+    if not logits:
         raise ValueError("the loader gave no batches: is the dataset empty?")
-    return ExitOutputs(torch.cat(probs, 1), torch.cat(labels))
+    return ExitOutputs(torch.cat(logits, 1), torch.cat(labels))
 
 
 def anytime_accuracy(outputs: ExitOutputs, topk: Sequence[int] = (1, 5), ensemble: bool = False) -> Dict[str, List[float]]:

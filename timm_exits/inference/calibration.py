@@ -1,0 +1,69 @@
+"""Calibration of every exit and of the prediction a policy actually returns.
+
+* ECE: 15 equal-width confidence bins (lo, hi] over [0, 1] (boundaries ``torch.linspace(0, 1, 16)``
+  in float32, as Guo et al.); confidence is the max softmax probability; the sum over bins of
+  (samples in the bin / samples) x |accuracy - mean confidence|, as a fraction (0..1).
+* NLL: mean negative log-likelihood of the label (nats), from the logits.
+* Brier: mean over samples of sum over classes of (p_c - 1[c = label])^2 (0..2).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .outputs import ExitOutputs
+from .policies import PolicyLike, resolve_policy
+
+__all__ = ["ECE_BINS", "expected_calibration_error", "calibration_metrics", "exit_calibration", "curve_calibration"]
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE of ``probs`` (samples x classes) with ``bins`` equal-width bins (lo, hi]."""
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    confidence, pred = probs.max(-1)
+    correct = (pred == labels).double()
+    # bucketize (right=False) gives i with boundaries[i-1] < c <= boundaries[i]; c = 0 joins the first bin
+    which = (torch.bucketize(confidence, torch.linspace(0, 1, bins + 1, dtype=confidence.dtype)) - 1).clamp(0, bins - 1)
+    ece = 0.0
+    for b in which.unique().tolist():
+        in_bin = which == b
+        ece += in_bin.double().mean().item() * abs(correct[in_bin].mean().item() - confidence[in_bin].double().mean().item())
+    return ece
+
+
+def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> Dict[str, float]:
+    """``{"ece", "nll", "brier"}`` of ``logits`` (samples x classes) against ``labels``."""
+    logits = logits.float()
+    probs = logits.softmax(-1)
+    brier = (probs - F.one_hot(labels, probs.shape[-1]).float()).pow(2).sum(-1).double().mean().item()
+    return {"ece": expected_calibration_error(probs, labels, bins),
+            "nll": F.cross_entropy(logits.double(), labels).item(), "brier": brier}
+
+
+def exit_calibration(outputs: ExitOutputs, bins: int = ECE_BINS) -> List[Dict[str, float]]:
+    """Calibration of every exit on all samples."""
+    return [calibration_metrics(z, outputs.labels, bins) for z in outputs.logits]
+
+
+def curve_calibration(
+        outputs: ExitOutputs,
+        thresholds: Sequence[Sequence[float]],
+        policy: PolicyLike = "maxprob",
+        bins: int = ECE_BINS,
+) -> List[Dict[str, float]]:
+    """Calibration of the exited prediction (the logits of the exit each sample takes) at each
+    operating point, given by its per-exit thresholds (a budgeted point's ``thresholds``, or a sweep's
+    global threshold repeated for every exit)."""
+    policy = resolve_policy(policy)
+    scores = policy.scores(outputs.probs)
+    samples = torch.arange(outputs.num_samples)
+    result = []
+    for t in thresholds:
+        exits = policy.assign(scores, torch.tensor(t, dtype=torch.float64))
+        result.append(calibration_metrics(outputs.logits[exits, samples], outputs.labels, bins))
+    return result
