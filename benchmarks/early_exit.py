@@ -45,7 +45,7 @@ def calibrate(model, size, target_ratio: float, n: int = 512):
     images = torch.randn(n, *size)
     outputs = collect_outputs(model, [(x, torch.zeros(len(x), dtype=torch.long)) for x in images.split(64)],
                               progress=False)
-    val = ExitOutputs(outputs.probs, outputs.probs[-1].argmax(-1))
+    val = ExitOutputs(outputs.logits, outputs.preds[-1])
     return thresholds_for_cost(val, costs, target_ratio * costs[-1]).thresholds, costs
 
 
