@@ -8,7 +8,7 @@ from torch import nn
 
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits import MSDNet
-from timm_exits.inference import EarlyExitExecutor
+from timm_exits.inference import EarlyExitExecutor, assign_exits, exit_scores
 from timm_exits.models.msdnet_fused import FoldedConvAct, FoldedPointwise, FusedMsdLayer, FusedStage
 from timm_exits.models.multi_exit import slice_state
 
@@ -188,3 +188,28 @@ def test_a_state_made_under_inference_mode_continues_outside_it():
         got = fused.forward_exit(fused.forward_stage(state, 1), 1)
         expected = model.forward_exit(model.forward_until(x, 1), 1)
     _close(expected, got)
+
+
+@pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=["no_grad", "inference_mode"])
+def test_the_fused_executor_takes_the_exits_of_the_cached_evaluation(grad_mode):
+    """The executor on the fused model answers each sample where the cached evaluation of the plain
+    model's outputs (``assign_exits`` on the same thresholds) says it leaves, with that exit's logits."""
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model("msdnet_cifar_7exit", num_classes=10))
+    fused = reparameterize_model(model)
+    x = torch.randn(48, 3, 32, 32) * torch.linspace(0.2, 3, 48).view(-1, 1, 1, 1)  # confidences spread out
+    with torch.no_grad():
+        logits = torch.stack(model.forward_exits(x))
+    scores = exit_scores(logits.softmax(-1))
+    thresholds = []
+    for s in scores[:-1]:  # a fifth of the samples (roughly) leave at each exit; halfway between two scores
+        top = s.sort(descending=True).values[9:11]
+        thresholds.append(float(top.mean()))
+    thresholds.append(-1e8)
+    expected = assign_exits(scores, torch.tensor(thresholds, dtype=torch.float64))
+    assert len(set(expected.tolist())) >= 4  # samples leave at several exits: compaction happens
+    with grad_mode():
+        result = EarlyExitExecutor(fused, thresholds)(x)
+    assert torch.equal(result.exits, expected)
+    _close(logits[expected, torch.arange(len(x))], result.logits)
+    assert torch.equal(result.preds, logits[expected, torch.arange(len(x))].argmax(-1))
