@@ -492,8 +492,9 @@ def create_training_model(name: str, technique: Technique, model_kwargs: Optiona
                           phase_one_checkpoint: Optional[str] = None) -> nn.Module:
     """``timm.create_model(name, **model_kwargs)`` checked for ``technique``, starting from the weights
     file ``phase_one_checkpoint`` if given (the phase before: IMTA phase I for the :class:`IMTAModel` of
-    phase II, which needs it, or the previous phase of a phase-wise regime); move it to its device,
-    then :meth:`Technique.prepare` it."""
+    phase II, which needs it, or the previous phase of a phase-wise regime; for ``boostnet`` / ``ztw``, a
+    file of the wrapper's own weights, e.g. ZTW's phase A before phase B, loads into the wrapper); move it
+    to its device, then :meth:`Technique.prepare` it."""
     kwargs = dict(model_kwargs or {})
     if isinstance(technique, OneForAll) and phase_one_checkpoint is None:
         raise ValueError("loss='ofa' (IMTA phase II) needs phase_one_checkpoint, the phase-I weights")
