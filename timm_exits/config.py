@@ -56,7 +56,7 @@ DEFAULTS: Dict[str, Any] = dict(
         log_every=10,
     ),
     technique=dict(
-        loss="ce",                  # 'ce', 'ofa' (IMTA phase II), 'hdkd', 'adn'
+        loss="ce",                  # 'ce', 'ofa' (IMTA phase II), 'hdkd', 'adn', 'boostnet', 'ztw'
         exit_weights=None,          # ce: None (all 1), [w per exit], 'sdn' (per-epoch warm-up), 'pabee', dict(schedule='sdn', caps=[...])
         regime="joint",             # ce: 'joint', 'heads_only' (frozen backbone), 'backbone' (its own head only)
         label_smoothing=0.0,
@@ -71,6 +71,8 @@ DEFAULTS: Dict[str, Any] = dict(
         alpha=0.5,                  # hdkd, adn
         topk=None,                  # adn
         hdkd=dict(lr=3e-4, xi=None, init="uniform", ratio_reg=True, interval=1),
+        boostnet=dict(reweight=0.5),  # r: a number or one per exit
+        ztw=dict(train="heads", detach=True, layer_norm=True),  # train: 'heads' (phase A), 'joint', 'ensembles' (phase B)
     ),
     evaluation=dict(policy="maxprob", q_grid="reference", convention="macs"),
     tracker="tensorboard",          # accelerate tracker name, or None

@@ -14,7 +14,11 @@ more than one backward) and holds any state of its own (:meth:`Technique.state_d
 * :class:`OneForAll` (``ofa``): IMTA phase II, ISC heads on the frozen phase-I network;
 * :class:`HDKD` (``hdkd``): dense distillation with harmonized weights, their Adam and the
   balanced validation loss, updated on a held-out batch (:meth:`HDKD.update_weights`);
-* :class:`ADN` (``adn``): self-distillation of the base-net from the super-net, two passes.
+* :class:`ADN` (``adn``): self-distillation of the base-net from the super-net, two passes;
+* :class:`BoostNet` (``boostnet``): the exits as a boosted ensemble (:class:`~timm_exits.train.boostnet.BoostedExits`),
+  each exit's cross-entropy on its own logits plus the detached ensemble of the exits before;
+* :class:`ZTW` (``ztw``): Zero Time Waste's cascading heads and geometric ensembles
+  (:class:`~timm_exits.train.ztw.ZTWModel`), one part trained per phase.
 
 A trainer tells the technique the epoch at its start (:meth:`Technique.set_epoch`); the per-epoch
 loss weights are computed from it in one place (:class:`~timm_exits.train.schedules.ExitWeights`).
@@ -38,17 +42,19 @@ from torch import nn
 from ..models.capabilities import adaptive_depth_of, is_multi_exit
 from ..models.multi_exit import exit_logits
 from .adn import adn_losses
+from .boostnet import BoostedExits
 from .deconfliction import pcgrad_backward
 from .hdkd import BalancedValidationLoss, HarmonizedWeights, harmonized_loss, hdkd_weight_step, loss_terms
 from .imta import IMTAModel
 from .losses import exit_cross_entropies, one_for_all_distillation
 from .regimes import apply_regime, check_regime, regime_exits
 from .schedules import ExitWeights
+from .ztw import ZTW_PARTS, ZTWModel
 
-__all__ = ["LOSSES", "DECONFLICTION", "Technique", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN",
-           "create_technique", "create_training_model", "apply_switches", "TrainingForward"]
+__all__ = ["LOSSES", "DECONFLICTION", "Technique", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN", "BoostNet",
+           "ZTW", "create_technique", "create_training_model", "apply_switches", "TrainingForward"]
 
-LOSSES = ("ce", "ofa", "hdkd", "adn")
+LOSSES = ("ce", "ofa", "hdkd", "adn", "boostnet", "ztw")
 DECONFLICTION = (None, "symmetric", "protect_deeper", "pcgrad")
 
 Outputs = Union[List[torch.Tensor], Tuple[List[torch.Tensor], torch.Tensor]]
@@ -373,15 +379,72 @@ class ADN(Technique):
         return {name: loss.detach() for name, loss in terms.items()}
 
 
+class BoostNet(CrossEntropy):
+    """``boostnet`` (Yu et al., AAAI 2023): the model wrapped in :class:`~timm_exits.train.boostnet.BoostedExits`
+    (``reweight``: r, 0.5 in the reference) and trained with the sum of its exits' cross-entropies, which
+    is ``sum_i CE(f_i + sg(E_{i-1}), y)``. Gradient Equilibrium acts on the wrapped network (the reference
+    trains an MSDNet with it)."""
+
+    loss = "boostnet"
+
+    def __init__(self, reweight: Any = 0.5, label_smoothing: float = 0.0, **switches):
+        super().__init__(None, label_smoothing, **switches)
+        self.reweight = reweight
+
+    def check(self, model: nn.Module) -> nn.Module:
+        if isinstance(model, BoostedExits):
+            return model
+        return BoostedExits(super().check(model), self.reweight)
+
+
+class ZTW(CrossEntropy):
+    """``ztw`` (Zero Time Waste, Wolczyk et al., NeurIPS 2021): the model wrapped in a
+    :class:`~timm_exits.train.ztw.ZTWModel` (``detach``, ``layer_norm``: its cascade) and one part of it
+    trained (``train``) on the *mean* over the exits of their cross-entropies, as the reference:
+
+    * ``heads``: the exit heads and their cascade on the frozen backbone (eval mode, no gradient; a
+      backbone with exits), outputs the cascade's logits (ZTW's phase A);
+    * ``joint``: the same with the backbone training too (the reference's ``with_backbone``; any
+      multi-exit model, e.g. MSDNet);
+    * ``ensembles``: the geometric ensembles alone, everything else frozen in eval mode (phase B).
+    """
+
+    loss = "ztw"
+
+    def __init__(self, train: str = "heads", detach: bool = True, layer_norm: bool = True,
+                 label_smoothing: float = 0.0, **switches):
+        super().__init__(None, label_smoothing, **switches)
+        if train not in ZTW_PARTS:
+            raise ValueError(f"ztw train must be one of {ZTW_PARTS}, got {train!r}")
+        if train != "joint" and (self.gradient_equilibrium or self.deconfliction):
+            raise ValueError(f"Gradient Equilibrium and deconfliction act where exits branch off a training "
+                             f"backbone: use them with ztw train='joint', not {train!r}")
+        self.part, self.detach, self.layer_norm = train, detach, layer_norm
+
+    def check(self, model: nn.Module) -> nn.Module:
+        if isinstance(model, ZTWModel):
+            return model
+        return ZTWModel(super().check(model), detach=self.detach, layer_norm=self.layer_norm)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return super().prepare(model).train_part(self.part)
+
+    def weights(self, num_exits: int) -> List[float]:
+        return [1.0 / num_exits] * num_exits
+
+
 def create_technique(loss: str = "ce", *, exit_weights: Any = None, label_smoothing: float = 0.0,
                      gradient_equilibrium: bool = False, deconfliction: Optional[str] = None,
                      pcgrad: Optional[dict] = None, temperature: Optional[float] = None, gamma: float = 0.9,
                      reduction: str = "batchmean", isc: Optional[str] = "reference", freeze_bn_stats: bool = False,
                      alpha: float = 0.5, topk: Optional[int] = None, hdkd: Optional[dict] = None,
+                     boostnet: Optional[dict] = None, ztw: Optional[dict] = None,
                      regime: str = "joint", seed: int = 0) -> Technique:
     """The technique of a config's ``technique`` section (``create_technique(**config['technique'])``,
     keys as in :data:`timm_exits.config.DEFAULTS`); ``temperature=None`` is the technique's default
-    (ofa: 3, hdkd: 4, adn: 1), ``seed`` seeds PCGrad's order unless ``pcgrad`` sets it. Options of
+    (ofa: 3, hdkd: 4, adn: 1), ``seed`` seeds PCGrad's order unless ``pcgrad`` sets it; ``pcgrad``,
+    ``hdkd``, ``boostnet`` (``reweight``) and ``ztw`` (``train``, ``detach``, ``layer_norm``) are the
+    options of those techniques. Options of
     the other techniques are not used; ``exit_weights`` and a ``regime`` other than ``joint`` belong
     to ``ce``."""
     if loss not in LOSSES:
@@ -404,11 +467,16 @@ def create_technique(loss: str = "ce", *, exit_weights: Any = None, label_smooth
         return OneForAll(gamma=gamma, reduction=reduction, isc=isc, freeze_bn_stats=freeze_bn_stats, **kd, **switches)
     if loss == "hdkd":
         return HDKD(alpha=alpha, **kd, **_options(hdkd, HDKD), **switches)
+    if loss == "boostnet":
+        return BoostNet(label_smoothing=label_smoothing, **_options(boostnet, BoostNet), **switches)
+    if loss == "ztw":
+        return ZTW(label_smoothing=label_smoothing, **_options(ztw, ZTW), **switches)
     return ADN(alpha=alpha, topk=topk, **kd, **switches)
 
 
 _OWN_OPTIONS = {PCGrad: ("scope", "order", "protect_deeper", "groups", "seed"),
-                HDKD: ("lr", "xi", "init", "ratio_reg", "interval")}
+                HDKD: ("lr", "xi", "init", "ratio_reg", "interval"), BoostNet: ("reweight",),
+                ZTW: ("train", "detach", "layer_norm")}
 
 
 def _options(given: Optional[dict], technique: type) -> dict:
@@ -424,11 +492,19 @@ def create_training_model(name: str, technique: Technique, model_kwargs: Optiona
                           phase_one_checkpoint: Optional[str] = None) -> nn.Module:
     """``timm.create_model(name, **model_kwargs)`` checked for ``technique``, starting from the weights
     file ``phase_one_checkpoint`` if given (the phase before: IMTA phase I for the :class:`IMTAModel` of
-    phase II, which needs it, or the previous phase of a phase-wise regime); move it to its device,
-    then :meth:`Technique.prepare` it."""
+    phase II, which needs it, or the previous phase of a phase-wise regime; for ``boostnet`` / ``ztw``, a
+    file of the wrapper's own weights, e.g. ZTW's phase A before phase B, loads into the wrapper); move it
+    to its device, then :meth:`Technique.prepare` it."""
     kwargs = dict(model_kwargs or {})
     if isinstance(technique, OneForAll) and phase_one_checkpoint is None:
         raise ValueError("loss='ofa' (IMTA phase II) needs phase_one_checkpoint, the phase-I weights")
+    if phase_one_checkpoint is not None and isinstance(technique, (BoostNet, ZTW)):
+        # weights of the wrapper itself (ZTW's phase B after phase A) load into it, others into the network
+        wrapped = technique.check(timm.create_model(name, **{k: v for k, v in kwargs.items() if k != "pretrained"}))
+        weights = timm.models.load_state_dict(phase_one_checkpoint)
+        if set(weights) == set(wrapped.state_dict()):
+            wrapped.load_state_dict(weights)
+            return wrapped
     if phase_one_checkpoint is not None:
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=phase_one_checkpoint))
     model = timm.create_model(name, **kwargs)

@@ -1,0 +1,159 @@
+"""Zero Time Waste (Wolczyk et al., NeurIPS 2021): the geometric ensemble and the cascade re-stated from
+the equations, the detach that stops head i's gradient at head i-1's logits, the backbone's head passing
+through, and ZTW's two phases in the accelerate engine (each changes only what it trains, the rest
+bit-identical) and in a real mmengine Runner."""
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import timm
+import timm_exits  # noqa: F401  (registers the models)
+from timm_exits.config import load_config
+from timm_exits.integrations.accelerate import run
+from timm_exits.train import GeometricEnsemble, ZTWModel, create_technique
+from timm_exits.train.techniques import TrainingForward
+
+from helpers import mm_runner, randomise_norms, tiny_data, write_config
+
+SDN_RESNET = dict(exits="sdn", head="sdn", input_size=(3, 32, 32))
+
+
+def _resnet(dtype=torch.float64):
+    torch.manual_seed(0)
+    return timm.create_model("resnet18_exits", num_classes=3, **SDN_RESNET).to(dtype)
+
+
+def _ztw(**kwargs):
+    model = ZTWModel(_resnet(), **kwargs)
+    randomise_norms(model, seed=1)  # LayerNorms away from the identity
+    with torch.no_grad():
+        for e in model.ensembles:
+            e.weight.normal_(0, 0.5)
+            e.bias.normal_(0, 0.5)
+    return model.eval()
+
+
+def test_geometric_ensemble_on_random_log_probs():
+    torch.manual_seed(0)
+    ensemble = GeometricEnsemble(3, 5).double()
+    assert torch.equal(ensemble.bias, torch.zeros(5)) and ensemble.weight.abs().max() < 0.05  # N(0, 0.01^2)
+    with torch.no_grad():
+        ensemble.weight.normal_()
+        ensemble.bias.normal_()
+    log_probs = torch.randn(4, 3, 5, dtype=torch.float64).log_softmax(-1)
+    expected = torch.zeros(4, 5, dtype=torch.float64)
+    for j in range(3):  # o = mean_j(exp(w_j) log p_j) + b
+        expected += torch.exp(ensemble.weight[j]) * log_probs[:, j] / 3
+    assert torch.allclose(ensemble(log_probs), expected + ensemble.bias, atol=1e-12)
+
+
+@pytest.mark.parametrize("ensembles", [False, True])
+def test_cascade_and_ensembles_restated(ensembles):
+    model = _ztw(ensembles=ensembles)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        raw = model.model.forward_exits(x)
+        outputs = model.forward_exits(x)
+        z, log_probs = [], []
+        for i in range(3):  # the attached heads: z_i = fc_i(h_i) + W_z,i LayerNorm(z_{i-1})
+            zi = raw[i]
+            if i > 0:
+                norm, linear = model.cascade[i - 1]
+                zi = zi + F.layer_norm(z[-1], (3,), norm.weight, norm.bias, norm.eps) @ linear.weight.T
+            z.append(zi)
+            log_probs.append(zi.log_softmax(-1))
+            ens = model.ensembles[i]
+            expected = sum(ens.weight[j].exp() * log_probs[j] for j in range(i + 1)) / (i + 1) + ens.bias
+            assert torch.allclose(outputs[i], expected if ensembles else zi, atol=1e-10)
+        assert torch.equal(outputs[3], raw[3])  # the backbone's own head passes through
+
+
+def test_without_layer_norm_the_logits_enter_as_they_are():
+    model = _ztw(ensembles=False, layer_norm=False)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        raw, outputs = model.model.forward_exits(x), model.forward_exits(x)
+    assert isinstance(model.cascade[0][0], torch.nn.Identity)
+    assert torch.allclose(outputs[1], raw[1] + raw[0] @ model.cascade[0][1].weight.T, atol=1e-10)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detach_stops_head_gradients_at_the_previous_logits(detach):
+    model = _ztw(ensembles=False, detach=detach)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    model.forward_exits(x)[2].sum().backward()  # head 2's output alone
+    earlier = [p.grad for p in list(model.model.exits[0].parameters()) + list(model.model.exits[1].parameters())]
+    if detach:
+        assert all(g is None for g in earlier)
+    else:
+        assert all(g is not None for g in earlier) and any(g.abs().sum() > 0 for g in earlier)
+    assert model.model.exits[2].fc.weight.grad.abs().sum() > 0 and model.cascade[1][1].weight.grad.abs().sum() > 0
+
+
+def test_errors():
+    msdnet = timm.create_model("msdnet_cifar_5exit", num_channels=4, growth_rate=2, num_classes=3)
+    with pytest.raises(ValueError, match="ztw train='heads' freezes the backbone.*MSDNet has no separate backbone"):
+        create_technique("ztw").prepare(msdnet)
+    create_technique("ztw", ztw=dict(train="joint")).prepare(msdnet)  # heads and network train together
+    with pytest.raises(ValueError, match=r"ztw train must be one of \('heads', 'joint', 'ensembles'\), got 'all'"):
+        create_technique("ztw", ztw=dict(train="all"))
+    with pytest.raises(ValueError, match="use them with ztw train='joint', not 'heads'"):
+        create_technique("ztw", gradient_equilibrium=True)
+    with pytest.raises(ValueError, match=r"unknown ztw option\(s\) \['alpha'\]"):
+        create_technique("ztw", ztw=dict(alpha=1.0))
+
+
+def test_the_loss_is_the_mean_over_the_exits():
+    technique = create_technique("ztw")
+    model = technique.prepare(_resnet(torch.float32)).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        outputs = model.forward_exits(x)
+        terms = technique.losses(outputs, y)
+    expected = sum(F.cross_entropy(o, y) for o in outputs) / 4
+    assert list(terms) == ["exit1", "exit2", "exit3", "exit4"]
+    assert float(sum(terms.values())) == pytest.approx(float(expected), rel=1e-6)
+
+
+def _phases():
+    return ("phases = [dict(name='heads', technique=dict(loss='ztw', ztw=dict(train='heads'))),\n"
+            "          dict(name='ensembles', technique=dict(loss='ztw', ztw=dict(train='ensembles')),\n"
+            "               optimizer=dict(opt='adam', lr=1e-2, weight_decay=0.0))]\n")
+
+
+def test_engine_phase_a_then_b_change_only_what_they_train(tmp_path):
+    from accelerate.utils import set_seed
+
+    data = tiny_data(tmp_path / "data")
+    model = f"dict(name='resnet18_exits', kwargs={SDN_RESNET!r})"
+    config = load_config(str(write_config(tmp_path / "c.py", data, model,
+                                          "tracker = None\ntrain = dict(epochs=1)\n" + _phases())),
+                         output_dir=str(tmp_path / "out"))
+    run(config)
+    set_seed(0)  # the engine's initial weights: the network, then the cascade and ensembles
+    start = ZTWModel(timm.create_model("resnet18_exits", num_classes=3, **SDN_RESNET)).state_dict()
+    heads, ensembles = (load_file(tmp_path / "out" / name / "model.safetensors") for name in ("heads", "ensembles"))
+    assert set(heads) == set(start) == set(ensembles)
+    backbone = [k for k in start if k.startswith("model.backbone.")]
+    trained_a = [k for k in start if k.startswith(("model.exits.", "cascade.")) and k.endswith("weight")]
+    assert backbone and trained_a
+    # phase A: the backbone (batch-norm statistics too: eval mode) and the ensembles as they were
+    assert all(torch.equal(start[k], heads[k]) for k in backbone if not k.endswith("num_batches_tracked"))
+    assert all(torch.equal(start[k], heads[k]) for k in start if k.startswith("ensembles."))
+    assert all(not torch.equal(start[k], heads[k]) for k in trained_a)
+    # phase B: everything but the ensembles as phase A left it, the ensembles changed
+    assert all(torch.equal(heads[k], ensembles[k]) for k in start if not k.startswith("ensembles."))
+    assert all(not torch.equal(heads[k], ensembles[k]) for k in start if k.startswith("ensembles."))
+
+
+def test_mmengine_runner_trains_the_heads_on_the_frozen_backbone(tmp_path):
+    runner = mm_runner(tmp_path, dict(model="resnet18_exits", model_kwargs=dict(num_classes=3, **SDN_RESNET),
+                                      loss="ztw", loss_kwargs=dict(ztw=dict(train="heads"))), iters=2)
+    model = runner.model.model
+    assert isinstance(model, ZTWModel) and not model.use_ensembles
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runner.train()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("model.backbone.", "ensembles.")))
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.startswith("cascade.") and k.endswith("weight"))
