@@ -20,7 +20,9 @@ from timm_exits import cli
 from timm_exits.inference import EarlyExitExecutor, Thresholds
 from timm_exits.model_folder import load_model_folder, save_model_folder
 from timm_exits.profile import CONVENTIONS, profile_exits
+from timm_exits.train.boostnet import BoostedExits
 from timm_exits.train.imta import IMTAModel
+from timm_exits.train.ztw import ZTWModel
 
 from helpers import randomise_norms
 from helpers import make_image_folder
@@ -93,6 +95,27 @@ def test_load_model_folder_takes_a_weights_file_and_an_imta_model(tmp_path):
     loaded, data = load_model_folder(str(tmp_path / "phase2"))
     assert isinstance(loaded, IMTAModel) and loaded.isc_mode == "detach" and data["input_size"] == (1, 32, 32)
     assert all(torch.equal(a, b) for a, b in zip(_outputs(phase2, x), _outputs(loaded, x)))
+
+
+@pytest.mark.parametrize("wrap", ["boostnet", "ztw"])
+def test_a_boostnet_or_ztw_model_folder_loads_back(tmp_path, wrap):
+    """Models that wrap a network (BoostNet's boosted exits, ZTW's cascade and ensembles) are saved
+    with the network's config and their settings, and load back with the same outputs."""
+    model, _ = _saved(tmp_path, "msdnet_cifar_5exit")
+    torch.manual_seed(1)
+    wrapped = (BoostedExits(model, reweight=[0.3, 0.4, 0.5, 0.6, 0.7]) if wrap == "boostnet"
+               else ZTWModel(model, detach=False, layer_norm=False))
+    for p in wrapped.parameters():  # fresh ZTW ensembles are near-identities: move every weight
+        p.data.add_(0.1 * torch.randn_like(p))
+    save_model_folder(wrapped.eval(), str(tmp_path / wrap), GREY)
+    loaded, _ = load_model_folder(str(tmp_path / wrap))
+    assert type(loaded) is type(wrapped)
+    if wrap == "boostnet":
+        assert loaded.reweight == [0.3, 0.4, 0.5, 0.6, 0.7]
+    else:
+        assert (loaded.detach, loaded.layer_norm, loaded.use_ensembles) == (False, False, True)
+    x = torch.randn(2, 1, 32, 32)
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(wrapped, x), _outputs(loaded, x)))
 
 
 def test_load_model_folder_refuses_what_does_not_fit(tmp_path):

@@ -25,24 +25,36 @@ from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from .files import atomic_file
+from .train.boostnet import BoostedExits
 from .train.imta import IMTAModel
+from .train.ztw import ZTWModel
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "DATA_KEYS", "save_model_folder", "load_model_folder", "model_folder_files",
            "read_model_config"]
 
 CONFIG_FILE, WEIGHTS_FILE, SECTION = "config.json", "model.safetensors", "timm_exits"
 DATA_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
+# models that wrap a timm network: their section name, and their settings and wrapped network
+WRAPPERS = {
+    "imta": (IMTAModel, lambda m: ({"isc": m.isc_mode, "freeze_bn_stats": m.freeze_bn_stats}, m.backbone)),
+    "boostnet": (BoostedExits, lambda m: ({"reweight": m.reweight}, m.model)),
+    "ztw": (ZTWModel, lambda m: ({"detach": m.detach, "layer_norm": m.layer_norm, "ensembles": m.use_ensembles},
+                                 m.model)),
+}
 
 
 def save_model_folder(model: nn.Module, folder: str, data_config: Optional[Dict[str, Any]] = None, **info: Any) -> str:
     """Write ``model`` to ``folder`` as ``model.safetensors`` and timm's ``config.json`` (each file
     atomically). ``data_config``: the preprocessing the model expects (timm's ``resolve_data_config``
     keys); ``info`` (JSON, e.g. ``technique``, ``phase``, ``config``) goes to its ``timm_exits``
-    section. An IMTA phase-II model is stored with its frozen network's config and its ISC form
-    (it loads through :func:`load_model_folder`, not ``local-dir:``)."""
-    if isinstance(model, IMTAModel):
-        info = {**info, "imta": {"isc": model.isc_mode, "freeze_bn_stats": model.freeze_bn_stats}}
-    described = model.backbone if isinstance(model, IMTAModel) else model
+    section. A model that wraps a timm network (IMTA phase II, BoostNet, ZTW: :data:`WRAPPERS`) is
+    stored with the network's config and its own settings (it loads through :func:`load_model_folder`,
+    not ``local-dir:``)."""
+    described = model
+    for name, (cls, describe) in WRAPPERS.items():
+        if isinstance(model, cls):
+            settings, described = describe(model)
+            info = {**info, name: settings}
     if not hasattr(described, "pretrained_cfg"):
         raise ValueError(f"{type(described).__name__} was not made by timm.create_model: a model folder needs its "
                          f"architecture name and pretrained cfg")
@@ -114,9 +126,10 @@ def load_model_folder(
     kwargs = resolve_model_input_args(f"local-dir:{os.path.abspath(folder)}", {"input_size": given.get("input_size")},
                                       **model_kwargs)
     model = timm.create_model(kwargs.pop("model_name"), **kwargs)
-    imta = config.get(SECTION, {}).get("imta")
-    if imta:
-        model = IMTAModel(model, **imta)
+    for name, (cls, _) in WRAPPERS.items():
+        settings = config.get(SECTION, {}).get(name)
+        if settings:
+            model = cls(model, **settings)
     try:
         model.load_state_dict(load_state_dict(weights))
     except RuntimeError as e:  # missing / unexpected keys, size mismatches
