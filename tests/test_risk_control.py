@@ -45,7 +45,8 @@ def test_losses_by_hand():
         for k in range(4):
             for i in range(3):
                 e = int(gap.exits[k, i])
-                brier = [sum((float(p[c]) - (c == int(target[i]))) ** 2 for c in range(3)) for p in (probs[e, i], probs[-1, i])]
+                brier = [sum((float(p[c]) - (c == int(target[i]))) ** 2 for c in range(3))
+                         for p in (probs[e, i], probs[-1, i])]
                 assert table.losses[k, i].item() == pytest.approx(brier[0] - brier[1], abs=1e-6)
     assert (lambda_losses(LOGITS, LABELS, "brier-gap-final", GRID).losses[1:, 1] > 0).all()
 
@@ -135,7 +136,8 @@ def test_selection_rules_by_hand_on_a_non_contiguous_safe_set():
 
 
 def test_ucb_rule_stops_at_the_first_unsafe_lambda():
-    # 200 samples, risks 0, .05, .5, .05, .6 at eps = 0.2: Hoeffding alone gives UCB(.05) <= .05 + sqrt(log 10 / 400) = .126
+    # 200 samples, risks 0, .05, .5, .05, .6 at eps = 0.2
+    # (Hoeffding alone gives UCB(.05) <= .05 + sqrt(log 10 / 400) = .126)
     losses = rows([0, 10, 100, 10, 120], 200)
     bounds = [wsr_upper_bound(row, 0.1) for row in losses]
     assert bounds[1] < 0.2 and bounds[3] < 0.2 and bounds[2] > 0.2 and bounds[4] > 0.2

@@ -166,7 +166,8 @@ def hb_p_value(risk: float, n: int, epsilon: float, binary_loss: bool = False) -
     or the binomial tail alone for 0/1 losses (``binary_loss``). ``n risk`` is rounded to 9
     decimals before the ceiling, so that k/n of a 0/1 loss counts k."""
     if not (0 <= risk <= 1 and 0 <= epsilon <= 1):
-        raise ValueError(f"the Hoeffding–Bentkus p-value needs a risk and an epsilon in [0, 1], got {risk} and {epsilon}")
+        raise ValueError(f"the Hoeffding–Bentkus p-value needs a risk and an epsilon in [0, 1], got {risk} and "
+                         f"{epsilon}")
     tail = binom.cdf(math.ceil(round(n * risk, 9)), n, epsilon)
     if binary_loss:
         return float(tail)
