@@ -1,0 +1,305 @@
+"""Risk-controlled early exit, RC-EENN (Jazbec et al., "Fast yet Safe", 2024).
+
+One global threshold lambda for every exit: a sample leaves at the first exit whose max-softmax is
+strictly above lambda, else at the last. Going down a grid of lambdas (1.00 -> 0.00 in 0.01 steps,
+i.e. more and more aggressive), each sample's loss of exiting early instead of at the last exit is
+measured on a calibration set; a selection rule then picks the most aggressive lambda whose risk
+(the mean loss) stays below a tolerated level epsilon:
+
+* ``naive``: empirical risk < epsilon (no guarantee);
+* ``crc`` (conformal risk control, in expectation): empirical risk <= ((n+1) epsilon - B) / n;
+* ``ucb-wsr`` / ``ucb-hb`` (with probability 1 - delta): an upper confidence bound on the risk
+  (Waudby-Smith–Ramdas betting, or Hoeffding–Bentkus) < epsilon;
+* ``ltt`` (learn then test, with probability 1 - delta): fixed-sequence testing of "risk > epsilon"
+  down the grid with Hoeffding–Bentkus p-values.
+
+``naive`` and ``crc`` take the last qualifying lambda anywhere on the grid, as the reference does;
+the UCB and LTT rules stop at the end of the first run of safe lambdas (losses need not be monotone
+in lambda). At lambda = 1 nobody exits early, so every loss below is 0 there: index 0 of the grid is
+the safe fallback of every rule.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from scipy.optimize import brentq
+from scipy.special import rel_entr
+from scipy.stats import binom
+
+from .anytime import _logits_of
+from .policies import exit_scores
+
+__all__ = ["LAMBDAS", "LOSSES", "LOSS_BOUNDS", "SELECTION_RULES", "exits_at", "LambdaLosses", "lambda_losses",
+           "wsr_upper_bound", "hb_p_value", "hb_upper_bound", "select_lambda", "RiskControl",
+           "risk_controlled_thresholds"]
+
+LAMBDAS = torch.arange(100, -1, -1, dtype=torch.float64) / 100  # 1.00, 0.99, ..., 0.00
+LOSS_BOUNDS = {
+    "prediction-gap": 1.0,  # 1[early wrong] - 1[last wrong], in {-1, 0, 1}
+    "consistency": 1.0,  # 1[early prediction != last prediction]
+    "brier-gap": 2.0,  # Brier(early, label) - Brier(last, label), in [-2, 2]
+    "brier-gap-final": 2.0,  # the same against the last exit's prediction instead of the label
+}
+LOSSES = tuple(LOSS_BOUNDS)
+SELECTION_RULES = ("naive", "crc", "ucb-wsr", "ucb-hb", "ltt", "ltt-first-failing")
+
+
+def _check_level(name: str, value: float) -> None:
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {value}")
+
+
+def exits_at(confidence: torch.Tensor, lam: float) -> torch.Tensor:
+    """The exit (0-based) of each sample: the first whose confidence (``exits x samples``) is
+    strictly above ``lam``, else the last."""
+    above = confidence > lam
+    above[-1] = True
+    return above.int().argmax(0)
+
+
+@dataclass
+class LambdaLosses:
+    """Per-sample losses of the global-lambda exit rule at every lambda of a descending grid."""
+
+    lambdas: torch.Tensor  # (K,) float64, from conservative to aggressive
+    losses: torch.Tensor  # (K, samples) float64
+    exits: torch.Tensor  # (K, samples) long: the exit taken (0-based)
+    loss: str
+    loss_bound: float
+    num_exits: int
+
+    def subset(self, index: torch.Tensor) -> "LambdaLosses":
+        """The same table for some samples (a calibration or test split)."""
+        return LambdaLosses(self.lambdas, self.losses[:, index], self.exits[:, index], self.loss, self.loss_bound,
+                            self.num_exits)
+
+
+def _brier(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """sum_c (p_c - 1[c = target])^2 per sample, in float64."""
+    one_hot = torch.nn.functional.one_hot(target, probs.shape[-1]).double()
+    return ((probs.double() - one_hot) ** 2).sum(-1)
+
+
+def lambda_losses(
+        logits: Union[torch.Tensor, Any],
+        labels: Optional[torch.Tensor] = None,
+        loss: str = "prediction-gap",
+        lambdas: Optional[Sequence[float]] = None,
+) -> LambdaLosses:
+    """The losses of exiting early at every lambda, from raw logits ``(exits, samples, classes)``
+    and labels (or outputs with ``.logits`` and ``.labels``). Confidence is the max-softmax
+    (float32 softmax, as ``ExitOutputs.probs``); predictions are the argmax of the logits. ``loss``
+    is one of ``LOSSES``; ``consistency`` and ``brier-gap-final`` do not need labels."""
+    if not isinstance(logits, torch.Tensor):
+        labels = logits.labels if labels is None else labels
+        logits = _logits_of(logits)
+    if loss not in LOSS_BOUNDS:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if logits.dim() != 3 or logits.shape[1] == 0:
+        raise ValueError(f"expected logits of shape (exits, samples, classes) with at least one sample, "
+                         f"got {tuple(logits.shape)}")
+    needs_labels = loss in ("prediction-gap", "brier-gap")
+    if needs_labels and (labels is None or labels.shape != logits.shape[1:2]):
+        raise ValueError(f"the {loss} loss needs labels of shape ({logits.shape[1]},), got "
+                         f"{None if labels is None else tuple(labels.shape)}")
+    lambdas = LAMBDAS if lambdas is None else torch.as_tensor(lambdas, dtype=torch.float64).flatten()
+    if len(lambdas) == 0 or (lambdas.diff() > 0).any() or lambdas.min() < 0 or lambdas.max() > 1:
+        raise ValueError("expected a non-empty grid of lambdas in [0, 1], from conservative (large) to aggressive")
+    probs = logits.float().softmax(-1)
+    confidence, preds = exit_scores(probs, "maxprob"), logits.argmax(-1)
+    samples = torch.arange(logits.shape[1])
+    all_losses, all_exits = [], []
+    for lam in lambdas.tolist():
+        exits = exits_at(confidence, lam)
+        early, last = preds[exits, samples], preds[-1]
+        if loss == "prediction-gap":
+            value = (early != labels).double() - (last != labels).double()
+        elif loss == "consistency":
+            value = (early != last).double()
+        else:
+            target = labels if loss == "brier-gap" else probs[-1].argmax(-1)
+            value = _brier(probs[exits, samples], target) - _brier(probs[-1], target)
+        all_losses.append(value)
+        all_exits.append(exits)
+    return LambdaLosses(lambdas, torch.stack(all_losses), torch.stack(all_exits), loss, LOSS_BOUNDS[loss],
+                        logits.shape[0])
+
+
+def wsr_upper_bound(losses: Sequence[float], delta: float, loss_bound: float = 1.0) -> float:
+    """The Waudby-Smith–Ramdas upper confidence bound (level 1 - delta) on the mean of ``losses``
+    (each <= ``loss_bound``), in the order given, as in RCPS (Bates et al. 2021):
+    mu_t = (1/2 + sum_{i<=t} x_i) / (t + 1), s2_t = (1/4 + sum_{i<=t} (x_i - mu_i)^2) / (t + 1),
+    nu_t = min(1 / B, sqrt(2 log(1/delta) / (n s2_{t-1}))) with s2_0 = 1/4; the bound is the m at
+    which max_t sum_{i<=t} log(1 - nu_i (x_i - m)) = log(1/delta), searched in (0, 1) (returns
+    ``loss_bound`` when it is 1 or more)."""
+    _check_level("delta", delta)
+    x = np.asarray(losses, dtype=np.float64).ravel()
+    n = len(x)
+    if n == 0:
+        raise ValueError("the calibration set is empty")
+    if x.max() > loss_bound:
+        raise ValueError(f"losses must be at most loss_bound={loss_bound}, got {x.max()}")
+    t = np.arange(1, n + 1)
+    mean = (0.5 + np.cumsum(x)) / (t + 1)
+    var = (0.25 + np.cumsum((x - mean) ** 2)) / (t + 1)
+    var_before = np.concatenate([[0.25], var[:-1]])
+    nu = np.minimum(np.sqrt(2 * np.log(1 / delta) / (n * var_before)), 1 / loss_bound)
+
+    def excess_log_wealth(m: float) -> float:
+        return np.cumsum(np.log1p(-nu * (x - m))).max() - np.log(1 / delta)
+
+    tiny = 1e-10
+    if excess_log_wealth(1.0) < 0:
+        return float(loss_bound)
+    if excess_log_wealth(tiny) > 0:
+        return tiny
+    return float(brentq(excess_log_wealth, tiny, 1 - tiny, maxiter=1000))
+
+
+def hb_p_value(risk: float, n: int, epsilon: float, binary_loss: bool = False) -> float:
+    """The Hoeffding–Bentkus p-value of "the risk exceeds epsilon" for an empirical ``risk`` of ``n``
+    losses in [0, 1]: min(exp(-n KL(min(risk, epsilon) || epsilon)), e P[Bin(n, epsilon) <= ceil(n risk)]),
+    or the binomial tail alone for 0/1 losses (``binary_loss``). ``n risk`` is rounded to 9
+    decimals before the ceiling, so that k/n of a 0/1 loss counts k."""
+    if not (0 <= risk <= 1 and 0 <= epsilon <= 1):
+        raise ValueError(f"the Hoeffding–Bentkus p-value needs a risk and an epsilon in [0, 1], got {risk} and "
+                         f"{epsilon}")
+    tail = binom.cdf(math.ceil(round(n * risk, 9)), n, epsilon)
+    if binary_loss:
+        return float(tail)
+    a = min(risk, epsilon)
+    hoeffding = np.exp(-n * (rel_entr(a, epsilon) + rel_entr(1 - a, 1 - epsilon)))
+    return float(min(hoeffding, math.e * tail))
+
+
+def hb_upper_bound(risk: float, n: int, delta: float, binary_loss: bool = False) -> float:
+    """The Hoeffding–Bentkus upper confidence bound (level 1 - delta): the largest alpha whose
+    p-value :func:`hb_p_value` is still >= delta (it decreases in alpha)."""
+    _check_level("delta", delta)
+    if hb_p_value(risk, n, 1.0, binary_loss) >= delta:
+        return 1.0
+    if hb_p_value(risk, n, risk, binary_loss) < delta:
+        return float(risk)
+    return float(brentq(lambda alpha: hb_p_value(risk, n, alpha, binary_loss) - delta, risk, 1.0, maxiter=1000))
+
+
+def _end_of_first_run(safe: np.ndarray) -> int:
+    """The last index of the run of safe grid points that starts at index 0 (0 if index 0 is unsafe)."""
+    unsafe = np.flatnonzero(~safe)
+    if len(unsafe) == 0:
+        return len(safe) - 1
+    return max(int(unsafe[0]) - 1, 0)
+
+
+def _last(safe: np.ndarray) -> int:
+    """The last safe index anywhere on the grid (0 if none)."""
+    indices = np.flatnonzero(safe)
+    return int(indices[-1]) if len(indices) else 0
+
+
+def select_lambda(
+        losses: Union[torch.Tensor, np.ndarray, LambdaLosses],
+        epsilon: float,
+        rule: str = "ucb-wsr",
+        delta: float = 0.1,
+        loss_bound: Optional[float] = None,
+        binary_loss: bool = False,
+        seed: Optional[int] = 0,
+) -> int:
+    """The index of the selected lambda, from calibration losses ``(lambdas, samples)`` whose rows go
+    from conservative to aggressive (or a :class:`LambdaLosses`).
+
+    Args:
+        epsilon: the tolerated risk, in (0, 1).
+        rule: one of ``SELECTION_RULES`` (see the module docstring). ``ltt`` is the textbook
+            fixed-sequence rule: test index 0, 1, ... while the p-value is <= delta, and take the last
+            rejected index. ``ltt-first-failing`` is the reference's rule: the first index whose
+            p-value is > delta (one step more aggressive, and not certified); the last index if none.
+        delta: 1 - the confidence level of the UCB and LTT rules, in (0, 1).
+        loss_bound: B, the largest possible loss (CRC's correction, WSR's bet cap); the table's own
+            bound for a :class:`LambdaLosses`, else 1.
+        binary_loss: the losses are 0/1: the Hoeffding–Bentkus p-value is the binomial tail alone.
+        seed: ``ucb-wsr`` is a sequential bound, valid for samples in random order; the samples are
+            shuffled with this seed first (a dataset in class order would otherwise fool it: the
+            bound of 170 zeros then 30 ones is 0.014). ``None`` keeps the order given (the
+            reference's, whose calibration split is drawn at random).
+
+    The Hoeffding–Bentkus rules (``ucb-hb``, ``ltt*``) need losses in [0, 1]: they use
+    ``max(loss, 0) / B`` against ``epsilon / B`` (the mean clipped loss bounds the mean loss from
+    above, so the guarantee carries over).
+    """
+    if isinstance(losses, LambdaLosses):
+        loss_bound = losses.loss_bound if loss_bound is None else loss_bound
+        losses = losses.losses
+    loss_bound = 1.0 if loss_bound is None else float(loss_bound)
+    x = torch.as_tensor(losses, dtype=torch.float64).numpy()
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"expected losses of shape (lambdas, samples), got {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError("the calibration set is empty")
+    _check_level("epsilon", epsilon)
+    _check_level("delta", delta)
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"rule must be one of {SELECTION_RULES}, got {rule!r}")
+    if loss_bound <= 0 or x.max() > loss_bound:
+        raise ValueError(f"losses must be at most loss_bound={loss_bound} (> 0), got a loss of {x.max()}")
+    n = x.shape[1]
+    risk = x.mean(1)
+    if rule == "naive":
+        return _last(risk < epsilon)
+    if rule == "crc":
+        return _last(risk <= (n + 1) * epsilon / n - loss_bound / n)
+    if rule == "ucb-wsr":
+        shuffled = x if seed is None else x[:, np.random.default_rng(seed).permutation(n)]
+        return _end_of_first_run(np.array([wsr_upper_bound(row, delta, loss_bound) < epsilon for row in shuffled]))
+    unit_risk = (np.maximum(x, 0.0) / loss_bound).mean(1)
+    unit_epsilon = epsilon / loss_bound
+    if rule == "ucb-hb":
+        return _end_of_first_run(np.array([hb_upper_bound(r, n, delta, binary_loss) < unit_epsilon
+                                           for r in unit_risk]))
+    p_values = np.array([hb_p_value(r, n, unit_epsilon, binary_loss) for r in unit_risk])
+    if rule == "ltt":
+        return _end_of_first_run(p_values <= delta)
+    failing = np.flatnonzero(p_values > delta)  # ltt-first-failing
+    return int(failing[0]) if len(failing) else len(p_values) - 1
+
+
+@dataclass
+class RiskControl:
+    """A selected global threshold. ``thresholds`` has one entry per exit (the last is never
+    used: everything left exits there) and is meant for a **strict** test, score > threshold."""
+
+    lambda_index: int
+    lam: float
+    thresholds: torch.Tensor  # (exits,) float64, all equal to lam
+    rule: str
+    epsilon: float
+    delta: float
+    calibration_risk: float  # the mean loss at lam on the calibration samples
+    mean_exit: float  # the mean exit (0-based) at lam on the calibration samples
+
+
+def risk_controlled_thresholds(
+        calibration: Union[torch.Tensor, Any, LambdaLosses],
+        epsilon: float,
+        labels: Optional[torch.Tensor] = None,
+        loss: str = "prediction-gap",
+        rule: str = "ucb-wsr",
+        delta: float = 0.1,
+        lambdas: Optional[Sequence[float]] = None,
+        binary_loss: bool = False,
+        seed: Optional[int] = 0,
+) -> RiskControl:
+    """Calibrate the global exit threshold on ``calibration`` (logits ``(exits, samples, classes)``
+    with ``labels``, outputs with ``.logits`` and ``.labels``, or a :class:`LambdaLosses`) so that
+    the ``loss`` risk is at most ``epsilon`` (see :func:`select_lambda` for the rules). The returned
+    per-exit thresholds are for a strict comparison: exit where max-softmax > threshold."""
+    table = calibration if isinstance(calibration, LambdaLosses) else lambda_losses(calibration, labels, loss, lambdas)
+    index = select_lambda(table, epsilon, rule, delta, binary_loss=binary_loss, seed=seed)
+    lam = float(table.lambdas[index])
+    return RiskControl(index, lam, torch.full((table.num_exits,), lam, dtype=torch.float64), rule, epsilon, delta,
+                       float(table.losses[index].mean()), float(table.exits[index].double().mean()))
