@@ -91,8 +91,8 @@ def test_caching_anytime_by_hand():
     assert torch.equal(ca[:, 1], probs[[0, 1, 2], 1])  # the earlier exit on ties would give [0.2, 0.8] at exit 2
     worse = torch.tensor([[[0.9, 0.1]], [[0.4, 0.6]]])
     assert caching_anytime(worse)[1, 0].tolist() == pytest.approx([0.9, 0.1])  # a less confident exit is ignored
-    outputs = ExitOutputs(probs, torch.tensor([0, 1]))
-    assert torch.equal(caching_anytime(outputs), ca)
+    outputs = ExitOutputs.from_probs(probs, torch.tensor([0, 1]))
+    torch.testing.assert_close(caching_anytime(outputs), ca)  # probabilities back from their logarithms
 
 
 def three_samples() -> ExitOutputs:
@@ -101,7 +101,7 @@ def three_samples() -> ExitOutputs:
     truth = torch.tensor([[0.2, 0.6, 0.7],
                           [0.5, 0.3, 0.6],
                           [0.9, 0.7, 0.5]]).T  # exits x samples
-    return ExitOutputs(torch.stack([truth, 1 - truth], -1), torch.zeros(3, dtype=torch.long))
+    return ExitOutputs.from_probs(torch.stack([truth, 1 - truth], -1), torch.zeros(3, dtype=torch.long))
 
 
 def test_conditional_monotonicity_by_hand():
@@ -130,7 +130,7 @@ def test_outputs_with_and_without_raw_logits():
     outputs = SimpleNamespace(logits=LOGITS, labels=torch.tensor([0, 2]))
     assert torch.equal(product_anytime(outputs), product_anytime(LOGITS))
     with pytest.raises(ValueError, match="no raw logits"):
-        product_anytime(ExitOutputs(LOGITS.softmax(-1), torch.tensor([0, 2])))
+        product_anytime(ExitOutputs.from_probs(LOGITS.softmax(-1), torch.tensor([0, 2])))
 
 
 @pytest.mark.parametrize("call, match", [

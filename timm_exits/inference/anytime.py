@@ -41,8 +41,9 @@ def _logits_of(source: Source) -> torch.Tensor:
     if isinstance(source, torch.Tensor):
         return source
     logits = getattr(source, "logits", None)
-    if logits is None:
-        raise ValueError("these outputs keep no raw logits (.logits): product anytime and risk control need them")
+    if logits is None or not getattr(source, "raw_logits", True):
+        raise ValueError("these outputs keep no raw logits (.logits; outputs made from probabilities have only "
+                         "log-probabilities): product anytime and risk control need the model's own logits")
     return logits
 
 

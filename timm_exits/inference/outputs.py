@@ -21,10 +21,13 @@ __all__ = ["ExitOutputs", "collect_outputs", "anytime_accuracy"]
 @dataclass
 class ExitOutputs:
     """Raw logits of every exit (``exits x samples x classes``, float32 as collected) and labels;
-    the softmax probabilities are derived from them (:attr:`probs`, computed once)."""
+    the softmax probabilities are derived from them (:attr:`probs`, computed once). ``raw_logits``
+    is False for outputs known only as probabilities (:meth:`from_probs`): their logits are
+    log-probabilities, which what needs the model's own logits (product anytime) refuses."""
 
     logits: torch.Tensor
     labels: torch.Tensor
+    raw_logits: bool = True
 
     def __post_init__(self):
         if self.logits.dim() != 3 or self.labels.shape != self.logits.shape[1:2]:
@@ -35,7 +38,7 @@ class ExitOutputs:
     def from_probs(cls, probs: torch.Tensor, labels: torch.Tensor) -> "ExitOutputs":
         """Outputs known only as probabilities (e.g. a reference's cached softmax): their logarithms
         serve as logits, whose softmax gives the probabilities back."""
-        return cls(probs.log(), labels)
+        return cls(probs.log(), labels, raw_logits=False)
 
     @cached_property
     def probs(self) -> torch.Tensor:
@@ -57,7 +60,7 @@ class ExitOutputs:
         return self.logits.shape[1]
 
     def subset(self, index: torch.Tensor) -> "ExitOutputs":
-        return ExitOutputs(self.logits[:, index], self.labels[index])
+        return ExitOutputs(self.logits[:, index], self.labels[index], self.raw_logits)
 
 
 @torch.no_grad()

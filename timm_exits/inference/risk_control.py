@@ -31,12 +31,14 @@ from scipy.special import rel_entr
 from scipy.stats import binom
 
 from .anytime import _logits_of
-from .policies import exit_scores
+from .budgeted import assign_exits
+from .policies import ExitPolicy, exit_scores
 
-__all__ = ["LAMBDAS", "LOSSES", "LOSS_BOUNDS", "SELECTION_RULES", "exits_at", "LambdaLosses", "lambda_losses",
+__all__ = ["RC_POLICY", "LAMBDAS", "LOSSES", "LOSS_BOUNDS", "SELECTION_RULES", "exits_at", "LambdaLosses", "lambda_losses",
            "wsr_upper_bound", "hb_p_value", "hb_upper_bound", "select_lambda", "RiskControl",
            "risk_controlled_thresholds"]
 
+RC_POLICY = ExitPolicy("maxprob", "last", strict=True)  # RC-EENN's exit rule: max-softmax > lambda, else the last
 LAMBDAS = torch.arange(100, -1, -1, dtype=torch.float64) / 100  # 1.00, 0.99, ..., 0.00
 LOSS_BOUNDS = {
     "prediction-gap": 1.0,  # 1[early wrong] - 1[last wrong], in {-1, 0, 1}
@@ -55,10 +57,8 @@ def _check_level(name: str, value: float) -> None:
 
 def exits_at(confidence: torch.Tensor, lam: float) -> torch.Tensor:
     """The exit (0-based) of each sample: the first whose confidence (``exits x samples``) is
-    strictly above ``lam``, else the last."""
-    above = confidence > lam
-    above[-1] = True
-    return above.int().argmax(0)
+    strictly above ``lam``, else the last (:data:`RC_POLICY`)."""
+    return assign_exits(confidence, torch.full((confidence.shape[0],), float(lam), dtype=torch.float64), RC_POLICY)
 
 
 @dataclass
@@ -281,6 +281,7 @@ class RiskControl:
     delta: float
     calibration_risk: float  # the mean loss at lam on the calibration samples
     mean_exit: float  # the mean exit (0-based) at lam on the calibration samples
+    policy: ExitPolicy = RC_POLICY  # what the thresholds are for: EarlyExitExecutor(model, rc.thresholds, rc.policy)
 
 
 def risk_controlled_thresholds(
