@@ -14,7 +14,9 @@ more than one backward) and holds any state of its own (:meth:`Technique.state_d
 * :class:`OneForAll` (``ofa``): IMTA phase II, ISC heads on the frozen phase-I network;
 * :class:`HDKD` (``hdkd``): dense distillation with harmonized weights, their Adam and the
   balanced validation loss, updated on a held-out batch (:meth:`HDKD.update_weights`);
-* :class:`ADN` (``adn``): self-distillation of the base-net from the super-net, two passes.
+* :class:`ADN` (``adn``): self-distillation of the base-net from the super-net, two passes;
+* :class:`~timm_exits.train.l2w.L2W` (``l2w``): L2W-DEN's learnt sample weights, a meta step
+  through a virtual SGD step and two optimizer steps per batch (:mod:`.l2w`).
 
 A trainer tells the technique the epoch at its start (:meth:`Technique.set_epoch`); the per-epoch
 loss weights are computed from it in one place (:class:`~timm_exits.train.schedules.ExitWeights`).
@@ -48,7 +50,7 @@ from .schedules import ExitWeights
 __all__ = ["LOSSES", "DECONFLICTION", "Technique", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN",
            "create_technique", "create_training_model", "apply_switches", "TrainingForward"]
 
-LOSSES = ("ce", "ofa", "hdkd", "adn")
+LOSSES = ("ce", "ofa", "hdkd", "adn", "l2w")
 DECONFLICTION = (None, "symmetric", "protect_deeper", "pcgrad")
 
 Outputs = Union[List[torch.Tensor], Tuple[List[torch.Tensor], torch.Tensor]]
@@ -378,10 +380,11 @@ def create_technique(loss: str = "ce", *, exit_weights: Any = None, label_smooth
                      pcgrad: Optional[dict] = None, temperature: Optional[float] = None, gamma: float = 0.9,
                      reduction: str = "batchmean", isc: Optional[str] = "reference", freeze_bn_stats: bool = False,
                      alpha: float = 0.5, topk: Optional[int] = None, hdkd: Optional[dict] = None,
-                     regime: str = "joint", seed: int = 0) -> Technique:
+                     l2w: Optional[dict] = None, regime: str = "joint", seed: int = 0) -> Technique:
     """The technique of a config's ``technique`` section (``create_technique(**config['technique'])``,
     keys as in :data:`timm_exits.config.DEFAULTS`); ``temperature=None`` is the technique's default
-    (ofa: 3, hdkd: 4, adn: 1), ``seed`` seeds PCGrad's order unless ``pcgrad`` sets it. Options of
+    (ofa: 3, hdkd: 4, adn: 1), ``seed`` seeds PCGrad's order unless ``pcgrad`` sets it, and L2W's weight
+    net. Options of
     the other techniques are not used; ``exit_weights`` and a ``regime`` other than ``joint`` belong
     to ``ce``."""
     if loss not in LOSSES:
@@ -404,6 +407,9 @@ def create_technique(loss: str = "ce", *, exit_weights: Any = None, label_smooth
         return OneForAll(gamma=gamma, reduction=reduction, isc=isc, freeze_bn_stats=freeze_bn_stats, **kd, **switches)
     if loss == "hdkd":
         return HDKD(alpha=alpha, **kd, **_options(hdkd, HDKD), **switches)
+    if loss == "l2w":
+        from .l2w import L2W  # l2w.py builds on Technique
+        return L2W(label_smoothing=label_smoothing, seed=seed, **_options(l2w, L2W), **switches)
     return ADN(alpha=alpha, topk=topk, **kd, **switches)
 
 
@@ -412,8 +418,8 @@ _OWN_OPTIONS = {PCGrad: ("scope", "order", "protect_deeper", "groups", "seed"),
 
 
 def _options(given: Optional[dict], technique: type) -> dict:
-    """The options of a technique's own section (``pcgrad``, ``hdkd``), checked by name."""
-    name, known = technique.__name__.lower(), _OWN_OPTIONS[technique]
+    """The options of a technique's own section (``pcgrad``, ``hdkd``, ``l2w``), checked by name."""
+    name, known = technique.__name__.lower(), _OWN_OPTIONS.get(technique) or technique.OPTIONS
     unknown = set(given or {}) - set(known)
     if unknown:
         raise ValueError(f"unknown {name} option(s) {sorted(unknown)}; expected some of {sorted(known)}")
