@@ -5,6 +5,7 @@ the accelerate engine (in process, checkpoint resume) and two processes under DD
 import copy
 import math
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,3 +295,13 @@ def test_weight_nets_stay_identical_under_two_process_ddp(tmp_path):
     run = launch_two_processes(str(script))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "RESULT processes=2 nets=True models=True moved=True" in run.stdout
+
+
+def test_the_technique_base_gives_the_reference_cifar_settings(data, tmp_path):
+    base = Path(__file__).resolve().parents[1] / "recipes" / "_base_" / "techniques" / "l2w.py"
+    config = load_config(str(write_config(tmp_path / "c.py", data, extra=f"_base_ = [{str(base)!r}]")))
+    technique = create_technique(**config["technique"])
+    assert isinstance(technique, L2W)
+    assert (technique.epsilon, technique.constraint_dimension, technique.input_type, technique.hidden_size,
+            technique.meta_interval, technique.lr, technique.weight_decay, technique.target_p) == \
+        (0.8, "col", "loss", 500, 1, 1e-4, 1e-4, 0.75)
