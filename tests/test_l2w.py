@@ -305,3 +305,15 @@ def test_the_technique_base_gives_the_reference_cifar_settings(data, tmp_path):
     assert (technique.epsilon, technique.constraint_dimension, technique.input_type, technique.hidden_size,
             technique.meta_interval, technique.lr, technique.weight_decay, technique.target_p) == \
         (0.8, "col", "loss", 500, 1, 1e-4, 1e-4, 0.75)
+
+
+@pytest.mark.parametrize("follows, expected", [(True, 0.5e-3), (False, 1e-3)])
+def test_the_weight_nets_lr_follows_the_networks_schedule(follows, expected):
+    model = _msdnet()
+    technique = L2W(hidden_size=8, lr=1e-3, lr_follows_schedule=follows)
+    model = technique.prepare(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.4)
+    optimizer.param_groups[0]["initial_lr"] = 0.8  # what a scheduler sets: halfway down a cosine from 0.8
+    x, y = _batch(n=8)
+    technique.update_weights(model, optimizer, (x[:4], y[:4]), (x[4:], y[4:]))
+    assert technique.weight_optimizer.param_groups[0]["lr"] == pytest.approx(expected)
