@@ -317,3 +317,10 @@ def test_the_weight_nets_lr_follows_the_networks_schedule(follows, expected):
     x, y = _batch(n=8)
     technique.update_weights(model, optimizer, (x[:4], y[:4]), (x[4:], y[4:]))
     assert technique.weight_optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_the_mmengine_adapter_refuses_l2w_instead_of_training_without_meta_steps():
+    from timm_exits.integrations.mmengine import MultiExitClassifier
+
+    with pytest.raises(ValueError, match="mmengine adapter does not run yet"):
+        MultiExitClassifier("msdnet_cifar_5exit", dict(num_classes=3, num_channels=4, growth_rate=2), loss="l2w")
