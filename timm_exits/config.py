@@ -56,7 +56,7 @@ DEFAULTS: Dict[str, Any] = dict(
         log_every=10,
     ),
     technique=dict(
-        loss="ce",                  # 'ce', 'ofa' (IMTA phase II), 'hdkd', 'adn', 'boostnet', 'ztw'
+        loss="ce",                  # 'ce', 'ofa' (IMTA phase II), 'hdkd', 'adn', 'boostnet', 'ztw', 'l2w'
         exit_weights=None,          # ce: None (all 1), [w per exit], 'sdn' (per-epoch warm-up), 'pabee', dict(schedule='sdn', caps=[...])
         regime="joint",             # ce: 'joint', 'heads_only' (frozen backbone), 'backbone' (its own head only)
         label_smoothing=0.0,
@@ -73,6 +73,9 @@ DEFAULTS: Dict[str, Any] = dict(
         hdkd=dict(lr=3e-4, xi=None, init="uniform", ratio_reg=True, interval=1),
         boostnet=dict(reweight=0.5),  # r: a number or one per exit
         ztw=dict(train="heads", detach=True, layer_norm=True),  # train: 'heads' (phase A), 'joint', 'ensembles' (phase B)
+        # l2w (L2W-DEN; CIFAR values, ImageNet: epsilon=0.3, constraint_dimension='mat', meta_interval=100)
+        l2w=dict(epsilon=0.8, constraint_dimension="col", input_type="loss", hidden_size=500, meta_interval=1,
+                 lr=1e-4, weight_decay=1e-4, lr_follows_schedule=True, target_p=0.75),
     ),
     evaluation=dict(policy="maxprob", q_grid="reference", convention="macs"),
     tracker="tensorboard",          # accelerate tracker name, or None

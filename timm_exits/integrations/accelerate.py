@@ -53,6 +53,7 @@ from ..inference.budgeted import IMTA_Q, REFERENCE_Q
 from ..model_folder import save_model_folder
 from ..inference.outputs import collect_outputs
 from ..inference.report import evaluation_report, format_report, write_report
+from ..train.l2w import L2W
 from ..train.techniques import HDKD, PCGrad, TrainingForward, create_technique, create_training_model
 
 __all__ = ["main", "run", "train_phase", "TrainingPhase"]
@@ -165,6 +166,9 @@ class TrainingPhase:
         self.technique = create_technique(**config["technique"], seed=train_cfg["seed"])
         if isinstance(self.technique, HDKD) and data.val is None:
             raise ValueError("loss='hdkd' learns its weights on a held-out split: set data.val_fraction > 0")
+        if isinstance(self.technique, L2W) and train_cfg["grad_accum_steps"] > 1:
+            raise ValueError("loss='l2w' takes an optimizer step after each half of a batch: it does not accumulate "
+                             "gradients (set train.grad_accum_steps=1)")
         set_seed(train_cfg["seed"])  # the same initial weights on every process
         model = create_training_model(config["model"]["name"], self.technique,
                                       _model_kwargs(config, data.num_classes), previous)
@@ -264,19 +268,29 @@ class TrainingPhase:
                 with acc.no_sync(self.forward):  # PCGrad averages the processes' gradients itself
                     terms = technique.batch_losses(self.model, self.forward, images, target)
                 technique.backward(terms, self.model.parameters(), scale=1.0 / acc.gradient_accumulation_steps)
+            elif isinstance(technique, L2W):  # two updates per batch: the first half's is taken inside
+                terms = technique.step(self.model, self.forward, images, target, backward=acc.backward,
+                                       optimizer=self.optimizer, update=self._update, index=self.state["batch"])
             else:
                 terms = technique.step(self.model, self.forward, images, target, backward=acc.backward)
-            values = acc.reduce(torch.stack([v.detach().float() for v in terms.values()]), "mean")
-            if not torch.isfinite(values).all():
-                raise FloatingPointError(f"the loss is not finite ({dict(zip(terms, values.tolist()))}); training "
-                                         f"stopped before the optimizer step, the last checkpoint is the last good "
-                                         f"state: lower optimizer.lr or set train.clip_grad")
-            if acc.sync_gradients and self.config["train"]["clip_grad"]:
-                acc.clip_grad_norm_(self.model.parameters(), self.config["train"]["clip_grad"])
-            self.optimizer.step()
-            self.optimizer.zero_grad()
+            values = self._update(terms)
         losses = dict(zip(terms, values.tolist()))
         return {"loss": sum(losses.values()), **losses}
+
+    def _update(self, terms: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Stop on a non-finite loss, clip, step the optimizer and zero the gradients; returns the
+        loss terms averaged over the processes."""
+        acc = self.accelerator
+        values = acc.reduce(torch.stack([v.detach().float() for v in terms.values()]), "mean")
+        if not torch.isfinite(values).all():
+            raise FloatingPointError(f"the loss is not finite ({dict(zip(terms, values.tolist()))}); training "
+                                     f"stopped before the optimizer step, the last checkpoint is the last good "
+                                     f"state: lower optimizer.lr or set train.clip_grad")
+        if acc.sync_gradients and self.config["train"]["clip_grad"]:
+            acc.clip_grad_norm_(self.model.parameters(), self.config["train"]["clip_grad"])
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return values
 
     def _val_batch(self, updates: int, size: int):
         """A batch of the held-out split drawn from (seed, update, process): the same after a resume."""

@@ -41,6 +41,7 @@ import timm_exits  # noqa: F401  (registers the models with timm)
 from ..data import image_dataset
 from ..model_folder import save_model_folder
 from ..models.multi_exit import exit_logits
+from ..train.l2w import L2W
 from ..train.techniques import (HDKD, OneForAll, PCGrad, TrainingForward, apply_switches, create_technique,
                                 create_training_model)
 
@@ -97,6 +98,9 @@ class MultiExitClassifier(BaseModel):
         self.loss_type, self.loss_kwargs = loss, dict(loss_kwargs or {})
         options = {"exit_weights" if k == "weights" else k: v for k, v in self.loss_kwargs.items()}
         self.technique = create_technique(loss, isc=isc, freeze_bn_stats=freeze_bn_stats, regime=regime, **options)
+        if isinstance(self.technique, L2W):  # its loss alone would train with a weight net that never learns
+            raise ValueError("loss='l2w' takes a meta step and an optimizer step per half batch, which the mmengine "
+                             "adapter does not run yet: train L2W with the accelerate engine (technique.loss='l2w')")
         self.model = self.technique.prepare(create_training_model(model, self.technique, model_kwargs,
                                                                   phase_one_checkpoint))
 

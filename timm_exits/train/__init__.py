@@ -10,21 +10,27 @@ objects every trainer shares (:mod:`timm_exits.train.techniques`):
 * training regimes (``joint``, ``heads_only``, ``backbone``): :func:`apply_regime`;
 * exit-history models: :class:`BoostedExits` (BoostNet's boosted ensemble), :class:`ZTWModel` (Zero Time
   Waste's cascading heads and geometric ensembles);
+* L2W-DEN's learnt sample weights (:class:`L2W`, :mod:`.l2w`) and the differentiable look-ahead
+  step of the model's SGD it needs (:func:`sgd_virtual_step`);
 * one object per technique (:class:`CrossEntropy`, :class:`PCGrad`, :class:`OneForAll`,
-  :class:`HDKD`, :class:`ADN`, :class:`BoostNet`, :class:`ZTW`), built from a config by :func:`create_technique`.
+  :class:`HDKD`, :class:`ADN`, :class:`BoostNet`, :class:`ZTW`, :class:`L2W`), built from a config by
+  :func:`create_technique`.
 """
 from .adn import adn_distillation, adn_losses, adn_step
 from .boostnet import BoostedExits
 from .deconfliction import deconflict_branch, pcgrad_backward, project_conflicts
 from .imta import IMTAModel
+from .l2w import L2W
 from .losses import distillation_kl, multi_exit_cross_entropy, one_for_all_distillation
 from .regimes import REGIMES, apply_regime
 from .schedules import ExitWeights, pabee_weights, sdn_weights
 from .techniques import ADN, HDKD, ZTW, BoostNet, CrossEntropy, OneForAll, PCGrad, Technique, create_technique
+from .virtual_step import sgd_virtual_step
 from .ztw import GeometricEnsemble, ZTWModel
 
 __all__ = ["ADN", "BoostNet", "BoostedExits", "CrossEntropy", "ExitWeights", "GeometricEnsemble", "HDKD", "IMTAModel",
-           "OneForAll", "PCGrad", "REGIMES", "Technique", "ZTW", "ZTWModel",
+           "L2W", "OneForAll", "PCGrad", "REGIMES", "Technique", "ZTW", "ZTWModel",
            "adn_distillation", "apply_regime", "pabee_weights", "sdn_weights",
            "adn_losses", "adn_step", "create_technique", "deconflict_branch", "distillation_kl",
-           "multi_exit_cross_entropy", "one_for_all_distillation", "pcgrad_backward", "project_conflicts"]
+           "multi_exit_cross_entropy", "one_for_all_distillation", "pcgrad_backward", "project_conflicts",
+           "sgd_virtual_step"]

@@ -19,6 +19,8 @@ more than one backward) and holds any state of its own (:meth:`Technique.state_d
   each exit's cross-entropy on its own logits plus the detached ensemble of the exits before;
 * :class:`ZTW` (``ztw``): Zero Time Waste's cascading heads and geometric ensembles
   (:class:`~timm_exits.train.ztw.ZTWModel`), one part trained per phase.
+* :class:`~timm_exits.train.l2w.L2W` (``l2w``): L2W-DEN's learnt sample weights, a meta step
+  through a virtual SGD step and two optimizer steps per batch (:mod:`.l2w`).
 
 A trainer tells the technique the epoch at its start (:meth:`Technique.set_epoch`); the per-epoch
 loss weights are computed from it in one place (:class:`~timm_exits.train.schedules.ExitWeights`).
@@ -54,7 +56,7 @@ from .ztw import ZTW_PARTS, ZTWModel
 __all__ = ["LOSSES", "DECONFLICTION", "Technique", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN", "BoostNet",
            "ZTW", "create_technique", "create_training_model", "apply_switches", "TrainingForward"]
 
-LOSSES = ("ce", "ofa", "hdkd", "adn", "boostnet", "ztw")
+LOSSES = ("ce", "ofa", "hdkd", "adn", "boostnet", "ztw", "l2w")
 DECONFLICTION = (None, "symmetric", "protect_deeper", "pcgrad")
 
 Outputs = Union[List[torch.Tensor], Tuple[List[torch.Tensor], torch.Tensor]]
@@ -438,13 +440,13 @@ def create_technique(loss: str = "ce", *, exit_weights: Any = None, label_smooth
                      pcgrad: Optional[dict] = None, temperature: Optional[float] = None, gamma: float = 0.9,
                      reduction: str = "batchmean", isc: Optional[str] = "reference", freeze_bn_stats: bool = False,
                      alpha: float = 0.5, topk: Optional[int] = None, hdkd: Optional[dict] = None,
-                     boostnet: Optional[dict] = None, ztw: Optional[dict] = None,
+                     boostnet: Optional[dict] = None, ztw: Optional[dict] = None, l2w: Optional[dict] = None,
                      regime: str = "joint", seed: int = 0) -> Technique:
     """The technique of a config's ``technique`` section (``create_technique(**config['technique'])``,
     keys as in :data:`timm_exits.config.DEFAULTS`); ``temperature=None`` is the technique's default
-    (ofa: 3, hdkd: 4, adn: 1), ``seed`` seeds PCGrad's order unless ``pcgrad`` sets it; ``pcgrad``,
-    ``hdkd``, ``boostnet`` (``reweight``) and ``ztw`` (``train``, ``detach``, ``layer_norm``) are the
-    options of those techniques. Options of
+    (ofa: 3, hdkd: 4, adn: 1), ``seed`` seeds PCGrad's order unless ``pcgrad`` sets it, and L2W's weight
+    net; ``pcgrad``, ``hdkd``, ``boostnet`` (``reweight``), ``ztw`` (``train``, ``detach``,
+    ``layer_norm``) and ``l2w`` are the options of those techniques. Options of
     the other techniques are not used; ``exit_weights`` and a ``regime`` other than ``joint`` belong
     to ``ce``."""
     if loss not in LOSSES:
@@ -471,6 +473,9 @@ def create_technique(loss: str = "ce", *, exit_weights: Any = None, label_smooth
         return BoostNet(label_smoothing=label_smoothing, **_options(boostnet, BoostNet), **switches)
     if loss == "ztw":
         return ZTW(label_smoothing=label_smoothing, **_options(ztw, ZTW), **switches)
+    if loss == "l2w":
+        from .l2w import L2W  # l2w.py builds on Technique
+        return L2W(label_smoothing=label_smoothing, seed=seed, **_options(l2w, L2W), **switches)
     return ADN(alpha=alpha, topk=topk, **kd, **switches)
 
 
@@ -480,8 +485,8 @@ _OWN_OPTIONS = {PCGrad: ("scope", "order", "protect_deeper", "groups", "seed"),
 
 
 def _options(given: Optional[dict], technique: type) -> dict:
-    """The options of a technique's own section (``pcgrad``, ``hdkd``), checked by name."""
-    name, known = technique.__name__.lower(), _OWN_OPTIONS[technique]
+    """The options of a technique's own section (``pcgrad``, ``hdkd``, ``l2w``), checked by name."""
+    name, known = technique.__name__.lower(), _OWN_OPTIONS.get(technique) or technique.OPTIONS
     unknown = set(given or {}) - set(known)
     if unknown:
         raise ValueError(f"unknown {name} option(s) {sorted(unknown)}; expected some of {sorted(known)}")

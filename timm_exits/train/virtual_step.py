@@ -1,0 +1,95 @@
+"""A differentiable look-ahead step of a model's own optimizer (meta-learning of loss weights:
+L2W-DEN, :mod:`.l2w`).
+
+:func:`sgd_virtual_step` computes the parameters one step of the model's ``torch.optim.SGD`` would
+give, from gradients that may carry a graph (``create_graph=True``), with the optimizer's current
+learning rate, weight decay and momentum buffers, without changing the parameters or the
+optimizer's state. :func:`functional_exits` runs the model's exits on such parameters, with copies
+of its buffers, so a look-ahead forward in training mode leaves the batch-norm statistics alone,
+on the model's plain (twice differentiable) training path.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .hdkd import _call_forward_exits
+
+__all__ = ["sgd_of", "sgd_virtual_step", "functional_exits", "plain_training_path"]
+
+
+def sgd_of(optimizer) -> torch.optim.SGD:
+    """The ``torch.optim.SGD`` inside ``optimizer`` (an accelerate or mmengine wrapper, or itself);
+    a clear error for any other optimizer."""
+    inner = optimizer
+    while not isinstance(inner, torch.optim.SGD) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.SGD):
+        raise ValueError(f"the virtual step follows torch.optim.SGD (timm opt 'sgd', 'momentum' or 'nesterov'), "
+                         f"the model's optimizer is {type(inner).__name__}")
+    return inner
+
+
+def sgd_virtual_step(params: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
+                     optimizer) -> Dict[str, torch.Tensor]:
+    """``{name: theta'}`` for ``params`` (the optimizer's parameters) and their ``grads`` (``None``:
+    no gradient, the parameter keeps its value, as SGD skips it), by the update of
+    ``torch.optim.SGD`` with its param group's ``lr``, ``weight_decay``, ``momentum``,
+    ``dampening``, ``nesterov`` and ``maximize`` and the momentum buffer in its state (none yet:
+    the buffer starts as the gradient, as in SGD's first step)::
+
+        d = (-g if maximize else g) + weight_decay * theta
+        b = momentum * buffer + (1 - dampening) * d      (b = d without a buffer)
+        d = d + momentum * b if nesterov else b          (momentum != 0)
+        theta' = sg(theta) - lr * d
+
+    ``theta'`` is differentiable in ``grads`` only (theta is a constant of the step)."""
+    sgd = sgd_of(optimizer)
+    groups = {id(p): group for group in sgd.param_groups for p in group["params"]}
+    stepped = {}
+    for (name, p), g in zip(params.items(), grads):
+        group = groups.get(id(p))
+        if group is None:
+            raise ValueError(f"parameter {name!r} is not one of the optimizer's")
+        theta = p.detach()
+        if g is None:
+            stepped[name] = theta
+            continue
+        d = -g if group["maximize"] else g
+        if group["weight_decay"] != 0:
+            d = d + group["weight_decay"] * theta
+        momentum = group["momentum"]
+        if momentum != 0:
+            buffer = sgd.state.get(p, {}).get("momentum_buffer")
+            b = d if buffer is None else momentum * buffer + (1 - group["dampening"]) * d
+            d = d + momentum * b if group["nesterov"] else b
+        stepped[name] = theta - group["lr"] * d
+    return stepped
+
+
+def functional_exits(model: nn.Module, params: Dict[str, torch.Tensor], images: torch.Tensor,
+                     buffers: Optional[Dict[str, torch.Tensor]] = None) -> List[torch.Tensor]:
+    """``model.forward_exits(images)`` with ``params`` in place of its parameters (the others stay)
+    and ``buffers`` (default: fresh copies of its own) in place of its buffers: batch norm in
+    training mode updates the copies, never the model's running statistics."""
+    if buffers is None:
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with plain_training_path(model):
+        return _call_forward_exits(model, {**params, **buffers}, images)
+
+
+@contextmanager
+def plain_training_path(model: nn.Module):
+    """Inside, a model with a fused CPU training path whose backward is not twice differentiable
+    (MSDNet's ``channels_last_training``) takes its plain path: the same function."""
+    fused = getattr(model, "channels_last_training", False)
+    if fused:
+        model.channels_last_training = False
+    try:
+        yield model
+    finally:
+        if fused:
+            model.channels_last_training = True
