@@ -349,6 +349,8 @@ def test_bad_input_is_refused_with_a_clear_error(tmp_path):
         MultiExitTask(msdnet, "adn")
     with pytest.raises(ValueError, match="pass held_out"):
         MultiExitTask(msdnet, "hdkd")
+    with pytest.raises(ValueError, match="train L2W with the accelerate engine"):
+        MultiExitTask(msdnet, "l2w")
     with pytest.raises(ValueError, match="belong to loss='hdkd'"):
         MultiExitTask(msdnet, "ce", held_out=[_batch()])
     with pytest.raises(ValueError, match="unknown hdkd option"):

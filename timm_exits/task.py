@@ -23,6 +23,7 @@ from timm.models import group_parameters
 from timm.task import TrainingTask
 from timm.utils import unwrap_model
 
+from .train.l2w import L2W
 from .train.techniques import HDKD, PCGrad, TrainingForward, create_technique, create_training_model
 
 __all__ = ["MultiExitTask", "MultiExitTrainable"]
@@ -146,6 +147,9 @@ class MultiExitTask(TrainingTask):
             loss, exit_weights=exit_weights, label_smoothing=label_smoothing, gradient_equilibrium=gradient_equilibrium,
             deconfliction=deconfliction, pcgrad=pcgrad, temperature=temperature, gamma=gamma, reduction=reduction,
             isc=isc, freeze_bn_stats=freeze_bn_stats, alpha=alpha, topk=topk, hdkd=hdkd, regime=regime)
+        if isinstance(self.technique, L2W):  # its loss alone would train with a weight net that never learns
+            raise ValueError("loss='l2w' takes a meta step and an optimizer step per half batch, which timm's task "
+                             "does not run: train L2W with the accelerate engine (technique.loss='l2w')")
         if loss == "hdkd" and held_out is None:
             raise ValueError("loss='hdkd' learns its loss weights on held-out data: pass held_out, an iterable of "
                              "(images, target) batches of a split held out from training (e.g. a DataLoader)")
