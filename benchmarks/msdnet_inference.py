@@ -6,7 +6,8 @@ the given batch and at batch 1.
 
 The three networks get the same weights (the reference's random initialisation with randomised batch-norm
 statistics, loaded into ours through the reference-checkpoint loader; the script prints their largest
-output difference). fp32, the cases alternating within each round, the fastest round reported (``--clock
+output difference). fp32, the cases alternating within each round (each timed call right after an untimed one of the same case),
+the fastest round reported (``--clock
 wall``, the default, needs an idle machine; ``--clock cpu`` measures this process's CPU time, steadier on
 a shared machine when ``--threads 1``).
 
@@ -79,12 +80,13 @@ def thresholds_near_half(model: torch.nn.Module, x: torch.Tensor) -> tuple:
 
 
 def measure(cases: Dict[tuple, Callable[[], None]], rounds: int, clock: Callable[[], float]) -> Dict[tuple, float]:
-    """Fastest of ``rounds`` alternating rounds per case (after one warm-up call each)."""
-    for fn in cases.values():
-        fn()
+    """Fastest of ``rounds`` alternating rounds per case. Each timed call follows an untimed call of the
+    same case: the memory the allocator keeps (and the pages it has touched) depend on what ran just
+    before, which otherwise favours whichever case follows a bigger one."""
     times = {k: [] for k in cases}
     for _ in range(rounds):
         for k, fn in cases.items():
+            fn()
             start = clock()
             fn()
             times[k].append(clock() - start)

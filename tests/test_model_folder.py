@@ -118,6 +118,13 @@ def test_a_boostnet_or_ztw_model_folder_loads_back(tmp_path, wrap):
     assert all(torch.equal(a, b) for a, b in zip(_outputs(wrapped, x), _outputs(loaded, x)))
 
 
+def test_a_model_built_by_add_exits_is_refused_rather_than_saved_as_its_backbone(tmp_path):
+    model = timm_exits.add_exits("resnet18", exits=[0, 1], num_classes=3)
+    with pytest.raises(ValueError, match=r"built by add_exits\('resnet18'.*timm.create_model"):
+        save_model_folder(model, str(tmp_path / "exits"))
+    assert not (tmp_path / "exits").exists()
+
+
 def test_load_model_folder_refuses_what_does_not_fit(tmp_path):
     _, folder = _saved(tmp_path, "msdnet_cifar_5exit")
     with pytest.raises(ValueError, match="no config.json in it"):

@@ -25,6 +25,7 @@ from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from .files import atomic_file
+from .models.exits import BackboneWithExits
 from .train.boostnet import BoostedExits
 from .train.imta import IMTAModel
 from .train.ztw import ZTWModel
@@ -58,6 +59,12 @@ def save_model_folder(model: nn.Module, folder: str, data_config: Optional[Dict[
     if not hasattr(described, "pretrained_cfg"):
         raise ValueError(f"{type(described).__name__} was not made by timm.create_model: a model folder needs its "
                          f"architecture name and pretrained cfg")
+    arch = described.pretrained_cfg.get("architecture")
+    if isinstance(described, BackboneWithExits) and arch not in timm.list_models("*_exits"):
+        raise ValueError(f"this model was built by add_exits({arch!r}, ...): no timm architecture name rebuilds it with "
+                         f"its exits, so a model folder would hold a plain {arch}. Build it with timm.create_model and a "
+                         f"registered variant (timm.list_models('*_exits'), e.g. 'resnet18_exits', with exits=..., "
+                         f"head=... as arguments), or save its state_dict")
     data = {k: v for k, v in (data_config or {}).items() if k in DATA_KEYS and v is not None}
     os.makedirs(folder, exist_ok=True)
     with atomic_file(os.path.join(folder, WEIGHTS_FILE)) as tmp:
