@@ -208,9 +208,13 @@ class FusedStage(nn.Module):
 
     @staticmethod
     def _new_buffers(xs: List[torch.Tensor], widths: List[int]) -> List[torch.Tensor]:
-        """Channels-last buffers of ``widths`` channels starting with each ``x`` (the rest unset)."""
+        """Channels-last buffers of ``widths`` channels starting with each ``x`` (the rest unset); a scale
+        the run only reads (e.g. one its first layer discards) keeps its ``x``, which is never written."""
         buffers = []
         for x, width in zip(xs, widths):
+            if width == x.shape[1]:
+                buffers.append(x)
+                continue
             buffer = torch.empty((x.shape[0], width, *x.shape[2:]), dtype=x.dtype, device=x.device, memory_format=_CL)
             buffer[:, :x.shape[1]] = x
             buffers.append(buffer)
