@@ -23,7 +23,7 @@ import sys
 import time
 from argparse import Namespace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import timm

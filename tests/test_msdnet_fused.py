@@ -9,7 +9,7 @@ from torch import nn
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits import MSDNet
 from timm_exits.inference import EarlyExitExecutor, assign_exits, exit_scores
-from timm_exits.models.msdnet_fused import FoldedConvAct, FoldedPointwise, FusedMsdLayer, FusedStage
+from timm_exits.models.msdnet_fused import FoldedConvAct, FoldedPointwise, FusedMsdLayer
 from timm_exits.models.multi_exit import slice_state
 
 from helpers import randomise_norms

@@ -12,7 +12,6 @@ import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.config import load_config
 from timm_exits.integrations.accelerate import run
 from timm_exits.train import GeometricEnsemble, ZTWModel, create_technique
-from timm_exits.train.techniques import TrainingForward
 
 from helpers import mm_runner, randomise_norms, tiny_data, write_config
 

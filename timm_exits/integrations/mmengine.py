@@ -42,7 +42,7 @@ from ..data import image_dataset
 from ..model_folder import save_model_folder
 from ..models.multi_exit import exit_logits
 from ..train.l2w import L2W
-from ..train.techniques import (HDKD, OneForAll, PCGrad, TrainingForward, apply_switches, create_technique,
+from ..train.techniques import (HDKD, PCGrad, TrainingForward, apply_switches, create_technique,
                                 create_training_model)
 
 __all__ = ["MultiExitClassifier", "MultiExitAccuracy", "ImageFolderDataset", "GradientEquilibriumHook", "GradientDeconflictionHook",
@@ -390,8 +390,10 @@ def load_checkpoint_model(
     if not weights:
         raise ValueError(f"{checkpoint!r} holds no MultiExitClassifier weights (no 'model.' keys in its state_dict)")
     net = timm.create_model(name, **kwargs)
-    if settings.get("loss") == "ofa":  # IMTA phase II: the frozen network with its ISC heads
-        net = OneForAll(isc=settings.get("isc", "reference"), freeze_bn_stats=settings.get("freeze_bn_stats", False)).check(net)
+    if settings.get("loss") in ("ofa", "boostnet", "ztw"):  # IMTA phase II, BoostNet, ZTW: the network wrapped
+        options = {"exit_weights" if k == "weights" else k: v for k, v in (settings.get("loss_kwargs") or {}).items()}
+        net = create_technique(settings["loss"], isc=settings.get("isc", "reference"),  # as the run prepared it
+                               freeze_bn_stats=settings.get("freeze_bn_stats", False), **options).prepare(net)
     try:
         net.load_state_dict(weights)
     except RuntimeError as e:

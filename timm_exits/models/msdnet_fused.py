@@ -22,7 +22,6 @@ import copy
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from timm.layers import ConvNormAct
 from torch import nn
 
