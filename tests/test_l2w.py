@@ -20,7 +20,7 @@ from timm_exits.train import create_technique, sgd_virtual_step
 from timm_exits.train.l2w import L2W, allocated_loss, budget_allocation, l2w_meta_step
 from timm_exits.train.techniques import TrainingForward
 
-from helpers import TINY_MSDNET, randomise_norms, tiny_data, write_config
+from helpers import MM_TINY_MSDNET, TINY_MSDNET, mm_runner, randomise_norms, tiny_data, write_config
 from launch import launch_two_processes
 
 
@@ -319,8 +319,38 @@ def test_the_weight_nets_lr_follows_the_networks_schedule(follows, expected):
     assert technique.weight_optimizer.param_groups[0]["lr"] == pytest.approx(expected)
 
 
-def test_the_mmengine_adapter_refuses_l2w_instead_of_training_without_meta_steps():
+def test_the_mmengine_adapter_trains_l2w_and_resumes_its_weight_net(tmp_path):
+    """A real Runner: L2W's own steps (the weight net learns, two updates per batch), its weight net and
+    Adam state in the checkpoint and back on resume; without L2WHook, an error instead of a silent
+    loss without meta steps."""
+    from timm_exits.integrations.mmengine import enable_resume
+
+    model = dict(MM_TINY_MSDNET, loss="l2w")
+    with pytest.raises(ValueError, match="needs custom_hooks"):
+        mm_runner(tmp_path, model, iters=2, name="no_hook").train()
+    runner = mm_runner(tmp_path, model, iters=2, hooks=[dict(type="L2WHook")])
+    technique = runner.model.technique
+    net0 = {k: v.clone() for k, v in technique.weight_net.state_dict().items()}
+    runner.train()
+    net = technique.weight_net.state_dict()
+    assert all(not torch.equal(net0[k], net[k]) for k in net)  # the meta steps trained the weight net
+    assert len(runner.optim_wrapper.optimizer.state) and all(  # the SGD updates left their momentum buffers
+        s["momentum_buffer"] is not None for s in runner.optim_wrapper.optimizer.state.values())
+    saved = torch.load(tmp_path / "run" / "iter_2.pth", weights_only=False)
+    assert all(torch.equal(saved["l2w"]["l2w_weight_net"][k], net[k]) for k in net)
+    enable_resume()
+    resumed = mm_runner(tmp_path, model, iters=2, hooks=[dict(type="L2WHook")], resume=True)
+    resumed.train()  # nothing left to train: only the resume
+    state = resumed.model.technique.state_dict()
+    assert all(torch.equal(state["l2w_weight_net"][k], net[k]) for k in net)
+    assert state["l2w_optimizer"]["state"][0]["step"] == technique.weight_optimizer.state_dict()["state"][0]["step"]
+
+
+def test_the_mmengine_loss_path_refuses_l2w():
+    """MMDistributedDataParallel's train_step calls the model's loss, not its train_step: L2W would
+    train there without meta steps, so that path is an error."""
     from timm_exits.integrations.mmengine import MultiExitClassifier
 
-    with pytest.raises(ValueError, match="mmengine adapter does not run yet"):
-        MultiExitClassifier("msdnet_cifar_5exit", dict(num_classes=3, num_channels=4, growth_rate=2), loss="l2w")
+    model = MultiExitClassifier(**dict(MM_TINY_MSDNET, loss="l2w"))
+    with pytest.raises(ValueError, match="MMDistributedDataParallel does not call"):
+        model(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]), mode="loss")

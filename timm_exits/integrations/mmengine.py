@@ -4,13 +4,14 @@ Registered in mmengine's registries on import (``custom_imports=dict(imports=['t
 
 * ``MultiExitClassifier`` (MODELS): any multi-exit timm model as an mmengine ``BaseModel``; losses
   ``ce`` (weighted multi-exit cross-entropy), ``ofa`` (IMTA phase II around a phase-I checkpoint,
-  One-for-all KD), ``hdkd`` (dense KD with harmonized weights) and ``adn`` (ADN self-distillation);
+  One-for-all KD), ``hdkd`` (dense KD with harmonized weights), ``adn`` (ADN self-distillation),
+  ``boostnet``, ``ztw`` and ``l2w`` (L2W-DEN's own steps, in one process);
 * ``MultiExitAccuracy`` (METRICS): top-1 of every exit;
 * ``ImageFolderDataset`` (DATASETS): an image folder through timm's reader and transforms;
 * ``GradientEquilibriumHook``, ``GradientDeconflictionHook``, ``HarmonizedWeightsHook`` (HOOKS; the
   last saves HDKD's learned weights in the checkpoint and restores them on resume),
   ``ExitWeightScheduleHook`` (HOOKS: tells the technique the epoch, for per-epoch loss weights such
-  as SDN's ``weights='sdn'``);
+  as SDN's ``weights='sdn'``), ``L2WHook`` (HOOKS: L2W-DEN's iteration and weight net);
 * ``PCGradOptimWrapper`` (OPTIM_WRAPPERS): parameter-level gradient deconfliction.
 
 A checkpoint of a ``MultiExitClassifier`` run (``epoch_N.pth`` / ``iter_N.pth`` of mmengine's
@@ -46,7 +47,7 @@ from ..train.techniques import (HDKD, PCGrad, TrainingForward, apply_switches, c
                                 create_training_model)
 
 __all__ = ["MultiExitClassifier", "MultiExitAccuracy", "ImageFolderDataset", "GradientEquilibriumHook", "GradientDeconflictionHook",
-           "HarmonizedWeightsHook", "ExitWeightScheduleHook", "PCGradOptimWrapper", "enable_resume", "load_checkpoint_model", "convert_checkpoint"]
+           "HarmonizedWeightsHook", "L2WHook", "ExitWeightScheduleHook", "PCGradOptimWrapper", "enable_resume", "load_checkpoint_model", "convert_checkpoint"]
 
 
 def enable_resume() -> None:
@@ -98,11 +99,30 @@ class MultiExitClassifier(BaseModel):
         self.loss_type, self.loss_kwargs = loss, dict(loss_kwargs or {})
         options = {"exit_weights" if k == "weights" else k: v for k, v in self.loss_kwargs.items()}
         self.technique = create_technique(loss, isc=isc, freeze_bn_stats=freeze_bn_stats, regime=regime, **options)
-        if isinstance(self.technique, L2W):  # its loss alone would train with a weight net that never learns
-            raise ValueError("loss='l2w' takes a meta step and an optimizer step per half batch, which the mmengine "
-                             "adapter does not run yet: train L2W with the accelerate engine (technique.loss='l2w')")
         self.model = self.technique.prepare(create_training_model(model, self.technique, model_kwargs,
                                                                   phase_one_checkpoint))
+        self.l2w_iteration: Optional[int] = None  # set by L2WHook before every training iteration
+
+    def train_step(self, data: Union[dict, tuple, list], optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
+        """L2W-DEN takes its own steps (:meth:`~timm_exits.train.l2w.L2W.step`: per half batch a meta step
+        and an optimizer update); every other technique trains through mmengine's ``train_step``."""
+        if not isinstance(self.technique, L2W):
+            return super().train_step(data, optim_wrapper)
+        if self.l2w_iteration is None:
+            raise ValueError("loss='l2w' needs custom_hooks=[dict(type='L2WHook')]: it tells the model the iteration "
+                             "(the meta step runs every meta_interval-th) and keeps the weight net in checkpoints")
+        if optim_wrapper._accumulative_counts != 1:
+            raise ValueError("loss='l2w' takes an optimizer step after each half of a batch: it does not accumulate "
+                             "gradients (set optim_wrapper accumulative_counts=1)")
+        with optim_wrapper.optim_context(self):
+            data = self.data_preprocessor(data, True)
+            terms = self.technique.step(self.model, TrainingForward(self.model), data["inputs"], data["data_samples"],
+                                        backward=optim_wrapper.backward, optimizer=optim_wrapper.optimizer,
+                                        update=lambda _: (optim_wrapper.step(), optim_wrapper.zero_grad()),
+                                        index=self.l2w_iteration)
+        optim_wrapper.step()
+        optim_wrapper.zero_grad()
+        return self.parse_losses({f"loss_{name}": loss for name, loss in terms.items()})[1]
 
     def forward(self, inputs: torch.Tensor, data_samples: Optional[torch.Tensor] = None, mode: str = "tensor"):
         if mode == "loss":
@@ -118,6 +138,10 @@ class MultiExitClassifier(BaseModel):
     def loss(self, inputs: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The technique's loss terms (``loss_exit<k>``, ``loss_hdkd``, ...), which ``parse_losses``
         sums (ADN: one backward on the sum equals the reference's two, the teacher is detached)."""
+        if isinstance(self.technique, L2W):  # reached for training only through MMDistributedDataParallel
+            raise ValueError("loss='l2w' takes its own steps in MultiExitClassifier.train_step, which "
+                             "MMDistributedDataParallel does not call: run L2W-DEN with mmengine in one process, or "
+                             "under DDP with the accelerate engine")
         losses = self.technique.batch_losses(self.model, TrainingForward(self.model), inputs, target)
         return {f"loss_{name}": loss for name, loss in losses.items()}
 
@@ -235,6 +259,30 @@ class HarmonizedWeightsHook(Hook):
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         if "hdkd" in checkpoint:
             _unwrap(runner.model).technique.load_state_dict(checkpoint["hdkd"])
+
+
+@HOOKS.register_module()
+class L2WHook(Hook):
+    """L2W-DEN (``loss='l2w'``): tells the model the iteration before each training iteration (its meta
+    step runs every ``meta_interval``-th) and keeps the weight net and its Adam state in the checkpoint
+    (``checkpoint['l2w']``), restored on resume."""
+
+    priority = "HIGH"
+
+    def before_run(self, runner) -> None:
+        model = _unwrap(runner.model)
+        if not isinstance(model.technique, L2W):
+            raise ValueError(f"L2WHook drives loss='l2w', the model's loss is {model.loss_type!r}")
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
+        _unwrap(runner.model).l2w_iteration = runner.iter
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        checkpoint["l2w"] = _unwrap(runner.model).technique.state_dict()
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        if "l2w" in checkpoint:
+            _unwrap(runner.model).technique.load_state_dict(checkpoint["l2w"])
 
 
 @HOOKS.register_module()
