@@ -209,12 +209,28 @@ class GradientDeconflictionHook(Hook):
         apply_switches(_unwrap(runner.model).model, deconfliction=self.mode)
 
 
+class _TechniqueStateHook(Hook):
+    """Keeps the model's technique state (learnt weights and their optimizer) in the checkpoint under
+    ``key`` and restores it on resume."""
+
+    key = ""
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        checkpoint[self.key] = _unwrap(runner.model).technique.state_dict()
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self.key in checkpoint:
+            _unwrap(runner.model).technique.load_state_dict(checkpoint[self.key])
+
+
 @HOOKS.register_module()
-class HarmonizedWeightsHook(Hook):
+class HarmonizedWeightsHook(_TechniqueStateHook):
     """HDKD: before every ``interval``-th training iteration, update the harmonized loss weights on a
     batch of the validation split (a held-out part of the training data, never the test set). The
     weights, their optimizer and the validation loss's averages are saved in the checkpoint
     (``checkpoint['hdkd']``) and restored on resume."""
+
+    key = "hdkd"
 
     def __init__(self, val_dataloader: Union[dict, Any], lr: float = 3e-4, xi: Optional[float] = None,
                  init: str = "uniform", ratio_reg: bool = True, interval: int = 1):
@@ -253,21 +269,16 @@ class HarmonizedWeightsHook(Hook):
         model.technique.update_weights(model.model, (train["inputs"], train["data_samples"]), self._val_batch(model),
                                        runner.optim_wrapper.get_lr()["lr"][0])
 
-    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        checkpoint["hdkd"] = _unwrap(runner.model).technique.state_dict()
-
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        if "hdkd" in checkpoint:
-            _unwrap(runner.model).technique.load_state_dict(checkpoint["hdkd"])
 
 
 @HOOKS.register_module()
-class L2WHook(Hook):
+class L2WHook(_TechniqueStateHook):
     """L2W-DEN (``loss='l2w'``): tells the model the iteration before each training iteration (its meta
     step runs every ``meta_interval``-th) and keeps the weight net and its Adam state in the checkpoint
     (``checkpoint['l2w']``), restored on resume."""
 
     priority = "HIGH"
+    key = "l2w"
 
     def before_run(self, runner) -> None:
         model = _unwrap(runner.model)
@@ -277,12 +288,6 @@ class L2WHook(Hook):
     def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
         _unwrap(runner.model).l2w_iteration = runner.iter
 
-    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        checkpoint["l2w"] = _unwrap(runner.model).technique.state_dict()
-
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        if "l2w" in checkpoint:
-            _unwrap(runner.model).technique.load_state_dict(checkpoint["l2w"])
 
 
 @HOOKS.register_module()
