@@ -24,9 +24,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from .deconfliction import average_over_processes
+from .virtual_step import call_forward_exits
 
 __all__ = ["HarmonizedWeights", "loss_terms", "harmonized_loss", "BalancedValidationLoss", "hdkd_weight_step"]
 
@@ -97,22 +97,6 @@ class BalancedValidationLoss:
         self.expected = state["expected"]
 
 
-class _ForwardExits(nn.Module):
-    """``forward`` is the wrapped model's ``forward_exits`` (functional_call runs ``forward``)."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        return self.inner.forward_exits(x)
-
-
-def _call_forward_exits(model: nn.Module, tensors: Dict[str, torch.Tensor], images: torch.Tensor) -> List[torch.Tensor]:
-    """``model.forward_exits(images)`` with parameters and buffers replaced by ``tensors``."""
-    return functional_call(_ForwardExits(model), {f"inner.{k}": v for k, v in tensors.items()}, (images,))
-
-
 def hdkd_weight_step(
         model: nn.Module,
         weights: HarmonizedWeights,
@@ -137,14 +121,14 @@ def hdkd_weight_step(
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     buffers = lambda: {n: b.clone() for n, b in model.named_buffers()}  # noqa: E731
     gamma = tuple(w.detach() for w in weights())
-    logits = _call_forward_exits(model, {**params, **buffers()}, images)
+    logits = call_forward_exits(model, {**params, **buffers()}, images)
     ce, kd = loss_terms(logits, target, temperature)
     grads = list(torch.autograd.grad(harmonized_loss(ce, kd, gamma, alpha), list(params.values()), allow_unused=True))
     average_over_processes(grads)  # every process takes the same virtual step
     teachers = [z.detach() for z in logits]  # the KD terms' gradients treat their teachers as constants
     virtual = {n: (p - xi * ((g if g is not None else 0) + weight_decay * p)).detach().requires_grad_(True)
                for (n, p), g in zip(params.items(), grads)}
-    objective = val_loss(_call_forward_exits(model, {**virtual, **buffers()}, val_batch[0]), val_batch[1])
+    objective = val_loss(call_forward_exits(model, {**virtual, **buffers()}, val_batch[0]), val_batch[1])
     v = torch.autograd.grad(objective, list(virtual.values()), allow_unused=True)
     v = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), v)]
     average_over_processes(v)
@@ -154,7 +138,7 @@ def hdkd_weight_step(
         terms = []
         for sign in (1.0, -1.0):
             shifted = {n: p + sign * eps * g for (n, p), g in zip(params.items(), v)}
-            terms.append(loss_terms(_call_forward_exits(model, {**shifted, **buffers()}, images), target, temperature,
+            terms.append(loss_terms(call_forward_exits(model, {**shifted, **buffers()}, images), target, temperature,
                                     teachers))
         dot_ce = (terms[0][0] - terms[1][0]) / (2 * eps)  # <grad_theta CE_k, v>
         dot_kd = (terms[0][1] - terms[1][1]) / (2 * eps)

@@ -4,7 +4,8 @@ L2W-DEN, :mod:`.l2w`).
 :func:`sgd_virtual_step` computes the parameters one step of the model's ``torch.optim.SGD`` would
 give, from gradients that may carry a graph (``create_graph=True``), with the optimizer's current
 learning rate, weight decay and momentum buffers, without changing the parameters or the
-optimizer's state. :func:`functional_exits` runs the model's exits on such parameters, with copies
+optimizer's state. :func:`call_forward_exits` runs the exits with given parameters and buffers (HDKD's
+look-ahead uses it too); :func:`functional_exits` runs the model's exits on such parameters, with copies
 of its buffers, so a look-ahead forward in training mode leaves the batch-norm statistics alone,
 on the model's plain (twice differentiable) training path.
 """
@@ -15,10 +16,25 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
-from .hdkd import _call_forward_exits
+__all__ = ["sgd_of", "sgd_virtual_step", "call_forward_exits", "functional_exits", "plain_training_path"]
 
-__all__ = ["sgd_of", "sgd_virtual_step", "functional_exits", "plain_training_path"]
+
+class _ForwardExits(nn.Module):
+    """``forward`` is the wrapped model's ``forward_exits`` (functional_call runs ``forward``)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.inner.forward_exits(x)
+
+
+def call_forward_exits(model: nn.Module, tensors: Dict[str, torch.Tensor], images: torch.Tensor) -> List[torch.Tensor]:
+    """``model.forward_exits(images)`` with parameters and buffers replaced by ``tensors``."""
+    return functional_call(_ForwardExits(model), {f"inner.{k}": v for k, v in tensors.items()}, (images,))
 
 
 def sgd_of(optimizer) -> torch.optim.SGD:
@@ -78,7 +94,7 @@ def functional_exits(model: nn.Module, params: Dict[str, torch.Tensor], images: 
     if buffers is None:
         buffers = {n: b.clone() for n, b in model.named_buffers()}
     with plain_training_path(model):
-        return _call_forward_exits(model, {**params, **buffers}, images)
+        return call_forward_exits(model, {**params, **buffers}, images)
 
 
 @contextmanager
