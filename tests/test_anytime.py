@@ -151,3 +151,86 @@ def test_outputs_with_and_without_raw_logits():
 def test_bad_input_is_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- product anytime online: ProductAnytimeModel, the executor and the thresholds' predictor ---
+
+def _pa_msdnet():
+    import timm
+    import timm_exits  # noqa: F401  (registers the models)
+
+    torch.manual_seed(0)
+    model = timm.create_model("msdnet_cifar_5exit", num_channels=4, growth_rate=2, num_classes=4).double().eval()
+    with torch.no_grad():  # logits about N(0.2, 0.3^2): most rows stay alive, about one in eight collapses
+        for name, p in model.named_parameters():
+            if name.endswith("fc.weight"):
+                p.normal_(0, 10)
+            elif name.endswith("fc.bias"):
+                p.fill_(0.2)
+    return model
+
+
+@pytest.mark.parametrize("options", [dict(), dict(weights=[1.0, 0.0, 2.0, 1.0, 0.5], ceiling=3.0),
+                                     dict(softplus=True), dict(fallback=False)],
+                         ids=["default", "weights_ceiling", "softplus", "no_fallback"])
+def test_the_online_product_equals_product_anytime_on_cached_logits(options):
+    from timm_exits.inference import ProductAnytimeModel
+
+    inner = _pa_msdnet()
+    x = torch.randn(24, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        raw = torch.stack(inner.forward_exits(x))
+        online = torch.stack(ProductAnytimeModel(inner, **options).forward_exits(x))
+    expected = product_anytime(raw, **options).double()
+    assert torch.equal(online.exp().isnan(), expected.isnan())  # the same collapsed rows (NaN without fallback)
+    alive = ~expected.isnan()
+    assert torch.allclose(online.exp()[alive], expected[alive], atol=1e-6)
+    if not options:  # both branches of the rule are exercised: rows alive and rows that fell back
+        collapsed = (product_anytime(raw, fallback=False).isnan().any(-1))
+        assert 0 < collapsed.float().mean() < 1
+
+
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_the_executor_on_the_product_takes_the_exits_of_the_cached_evaluation(grad_mode):
+    from timm_exits.inference import EarlyExitExecutor, ProductAnytimeModel, Thresholds, assign_exits
+
+    model = ProductAnytimeModel(_pa_msdnet())
+    x = torch.randn(32, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        cached = ExitOutputs.from_probs(product_anytime(torch.stack(model.model.forward_exits(x))).double(),
+                                        torch.zeros(32, dtype=torch.long))
+    scores = cached.probs.max(-1).values
+    thresholds = ((scores.sort(1).values[:, 10] + scores.sort(1).values[:, 11]) / 2).tolist()
+    exits = assign_exits(scores, torch.tensor(thresholds))
+    assert len(set(exits.tolist())) >= 3  # samples leave at several exits: the state is compacted
+    with grad_mode():
+        result = EarlyExitExecutor(model, Thresholds("tiny", 5, "maxprob", thresholds, predictor="product_anytime"))(x)
+    assert torch.equal(result.exits, exits)
+    assert torch.equal(result.preds, cached.preds.gather(0, exits.view(1, -1)).squeeze(0))
+
+
+def test_thresholds_know_which_predictor_they_were_fitted_on(tmp_path):
+    from timm_exits.inference import EarlyExitExecutor, ProductAnytimeModel, Thresholds
+
+    plain = _pa_msdnet()
+    pa = Thresholds("tiny", 5, "maxprob", [0.5] * 5, predictor="product_anytime")
+    with pytest.raises(ValueError, match="fitted on the answers of 'product_anytime', the model gives 'exits'"):
+        EarlyExitExecutor(plain, pa)
+    with pytest.raises(ValueError, match="fitted on the answers of 'exits', the model gives 'product_anytime'"):
+        EarlyExitExecutor(ProductAnytimeModel(plain), Thresholds("tiny", 5, "maxprob", [0.5] * 5))
+    with pytest.raises(ValueError, match="predictor must be one of"):
+        Thresholds("tiny", 5, "maxprob", [0.5] * 5, predictor="caching")
+    pa.save(str(tmp_path / "t.json"))
+    assert Thresholds.load(str(tmp_path / "t.json")).predictor == "product_anytime"
+    old = tmp_path / "old.json"  # a file written before the field existed: the model's own exits
+    old.write_text('{"model": "tiny", "num_exits": 5, "policy": "maxprob", "thresholds": [0.5, 0.5, 0.5, 0.5, 0.5]}')
+    assert Thresholds.load(str(old)).predictor == "exits"
+
+
+def test_the_product_model_refuses_bad_options():
+    from timm_exits.inference import ProductAnytimeModel
+
+    with pytest.raises(ValueError, match="5 finite non-negative weights"):
+        ProductAnytimeModel(_pa_msdnet(), weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="do not apply with softplus"):
+        ProductAnytimeModel(_pa_msdnet(), softplus=True, floor=0.1)

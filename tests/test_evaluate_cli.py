@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 import timm_exits  # noqa: F401
 from timm_exits.cli import main
 from timm_exits.data import image_dataset
-from timm_exits.inference import (REFERENCE_Q, ExitPolicy, Thresholds, anytime_accuracy, budgeted_curve,
-                                  collect_outputs, curve_calibration, patience_sweep, threshold_sweep)
+from timm_exits.inference import (REFERENCE_Q, ExitOutputs, ExitPolicy, Thresholds, anytime_accuracy, budgeted_curve,
+                                  collect_outputs, curve_calibration, patience_sweep, product_anytime, threshold_sweep)
 from timm_exits.profile import profile_exits
 
 from helpers import make_image_folder
@@ -121,6 +121,24 @@ def test_evaluate_runs_the_protocols_it_is_asked_for(setup):
     assert latency["images"] == 4 and latency["repeats"] == 1 and latency["batch1_p50_ms"] > 0
     thresholds = Thresholds.load(str(out / "thresholds.json"))
     assert thresholds.exit_policy == policy
+
+
+def test_evaluate_scores_product_anytime_online(setup):
+    tmp, data, model, checkpoint = setup
+    out = tmp / "product"
+    run = _run("msdnet_cifar_5exit", "--checkpoint", str(checkpoint), "--data-dir", str(data), "--val-fraction", "0.5",
+               "--output", str(out), "--workers", "0", "--product-anytime", "--calibration", "--target-macs", "30e6",
+               "--latency", "--latency-images", "4", "--latency-repeats", "1")
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["predictor"] == "product_anytime"
+    val, test = _split_outputs(model, data)  # the exits' own logits; product anytime computed from them here
+    answers = [ExitOutputs.from_probs(product_anytime(o), o.labels) for o in (val, test)]
+    assert [e["top1"] for e in report["exits"]] == pytest.approx(anytime_accuracy(answers[1])["top1"])
+    budgeted = budgeted_curve(*answers, [e["cost"] for e in report["exits"]], REFERENCE_Q)
+    assert [p["accuracy"] for p in report["budgeted"]] == pytest.approx([p.accuracy for p in budgeted])
+    assert Thresholds.load(str(out / "thresholds.json")).predictor == "product_anytime"
+    assert report["latency"]["images"] == 4
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -223,8 +223,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from . import profile as profiling
     from .data import ImageFiles, image_transform, num_classes_of, split_dataset
     from .files import write_json
-    from .inference import (Q_GRIDS, EarlyExitExecutor, ExitPolicy, Thresholds, collect_outputs, measure_latency,
-                            thresholds_for_accuracy, thresholds_for_cost)
+    from .inference import (Q_GRIDS, EarlyExitExecutor, ExitPolicy, ProductAnytimeModel, Thresholds, collect_outputs,
+                            measure_latency, thresholds_for_accuracy, thresholds_for_cost)
     from .inference.report import evaluation_report, format_latency, format_report, write_report
     from .models import is_multi_exit
 
@@ -241,6 +241,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if model.num_classes != num_classes:
         raise ValueError(f"the model has {model.num_classes} classes but --data-dir {args.data_dir!r} has {num_classes} "
                          f"class folders")
+    predictor = "product_anytime" if args.product_anytime else "exits"
+    if args.product_anytime:
+        model = ProductAnytimeModel(model)
     channels = data_config["input_size"][0]
     if channels not in _IMAGE_MODES:
         raise ValueError(f"input channels must be 1 (grey) or 3 (RGB), got input size {tuple(data_config['input_size'])}")
@@ -258,6 +261,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     loader = lambda ds: DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)  # noqa: E731
     val = collect_outputs(model, loader(val_set)) if val_set is not None else None
     test = collect_outputs(model, loader(test_set))
+    for outputs in (val, test):  # product anytime's outputs are log-probabilities, not the exits' logits
+        if outputs is not None:
+            outputs.raw_logits = not args.product_anytime
     input_size = [int(s) for s in data_config["input_size"]]
     costs = [c.macs for c in profiling.profile_exits(model, input_size=input_size, convention=args.convention)]
     q_grid = Q_GRIDS[args.q_grid]
@@ -265,7 +271,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                  f"--val-fraction {args.val_fraction} of --data-dir (seed {args.seed})")
     report = evaluation_report(val, test, costs, policy, q_grid, fit_split=fit_split, envelope=args.envelope,
                                sweep=args.sweep, patience=args.patience_sweep, calibration=args.calibration,
-                               cost_fractions=args.cost_fractions, model=label, source=args.model,
+                               cost_fractions=args.cost_fractions, model=label, predictor=predictor, source=args.model,
                                checkpoint=args.checkpoint, data_dir=args.data_dir, val_dir=args.val_dir,
                                val_fraction=args.val_fraction, seed=args.seed, convention=args.convention,
                                data_config={k: data_config[k] for k in (*_DATA_FLAGS, "crop_mode") if k in data_config})
@@ -280,7 +286,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         path = f"{args.output}/thresholds.json"
         thresholds = Thresholds(label, model.num_exits, policy, point.thresholds, costs,
                                 note=f"validation: top-1 {point.val_accuracy:.2f}%, {point.val_cost:.4g} per image",
-                                input_size=input_size)
+                                input_size=input_size, predictor=predictor)
         thresholds.save(path)
         print(f"wrote {path}: validation top-1 {point.val_accuracy:.2f}% at {point.val_cost * 1e-6:.2f} M per image")
         if args.latency:
@@ -355,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "score over all exits (SDN)")
     e.add_argument("--strict", action="store_true",
                    help="exit when the score is > the threshold (ZTW, RC-EENN) instead of >= (MSDNet)")
+    e.add_argument("--product-anytime", action="store_true",
+                   help="evaluate product anytime's answers (Jazbec et al.: exit l answers with the product of the "
+                        "ReLU'd logits of exits 1..l, weights l/L) instead of the exits' own, computed online: every "
+                        "protocol, thresholds.json (recorded as predictor product_anytime) and --latency use them")
     e.add_argument("--envelope", action="store_true",
                    help="budgeted curve made validation-monotone (BoostNet's flat_curve)")
     e.add_argument("--sweep", nargs="?", const="ztw", choices=("ztw", "sdn"), default=None,

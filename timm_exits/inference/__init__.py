@@ -3,14 +3,15 @@ sweeps and cost tables, calibration, anytime predictors (PA / CA) and risk-contr
 executor and its latency, export for deployment."""
 from .outputs import ExitOutputs, anytime_accuracy, collect_outputs
 from .policies import FALLBACKS, POLICIES, SCORES, ExitPolicy, exit_scores, resolve_policy
-from .budgeted import (IMTA_Q, Q_GRIDS, REFERENCE_Q, BudgetPoint, Thresholds, assign_exits, budgeted_curve,
+from .budgeted import (IMTA_Q, PREDICTORS, Q_GRIDS, REFERENCE_Q, BudgetPoint, Thresholds, assign_exits, budgeted_curve,
                        exit_metrics, fit_thresholds, flat_envelope, geometric_fractions, thresholds_for_accuracy,
                        thresholds_for_cost)
 from .executor import EarlyExitExecutor, ExitResult
 from .protocols import (COST_FRACTIONS, SDN_GRID, SDN_POLICY, ZTW_GRID, ZTW_POLICY, SweepPoint, accuracy_at_cost,
                         measure_latency, patience_sweep, threshold_sweep)
 from .calibration import ECE_BINS, calibration_metrics, curve_calibration, exit_calibration
-from .anytime import caching_anytime, conditional_monotonicity, ground_truth_probability, product_anytime
+from .anytime import (ProductAnytimeModel, caching_anytime, conditional_monotonicity, ground_truth_probability,
+                      product_anytime)
 from .risk_control import RC_POLICY, RiskControl, lambda_losses, risk_controlled_thresholds, select_lambda
 from .export import ExportedModel, export_model
 
@@ -21,5 +22,5 @@ __all__ = ["ExitOutputs", "anytime_accuracy", "collect_outputs", "FALLBACKS", "P
            "SDN_GRID", "SDN_POLICY", "ZTW_GRID", "ZTW_POLICY", "SweepPoint", "accuracy_at_cost", "measure_latency",
            "patience_sweep", "threshold_sweep", "ECE_BINS", "calibration_metrics", "curve_calibration",
            "exit_calibration", "caching_anytime", "conditional_monotonicity", "ground_truth_probability",
-           "product_anytime", "RC_POLICY", "RiskControl", "lambda_losses", "risk_controlled_thresholds", "select_lambda",
-           "ExportedModel", "export_model"]
+           "product_anytime", "ProductAnytimeModel", "PREDICTORS", "RC_POLICY", "RiskControl", "lambda_losses",
+           "risk_controlled_thresholds", "select_lambda", "ExportedModel", "export_model"]

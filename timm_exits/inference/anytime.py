@@ -12,16 +12,23 @@
 PA needs raw logits (ReLU is not shift-invariant, so it cannot be rebuilt from softmaxes); CA and the
 metrics need only probabilities. Every function takes tensors (``exits x samples x classes``) or an
 ``ExitOutputs``-like object (``.logits`` / ``.probs`` and ``.labels``).
+
+:class:`ProductAnytimeModel` answers PA online: a multi-exit model whose exit l outputs PA's
+log-probabilities, the running log-product carried in its exit-history state, so the early-exit
+executor (with batch compaction) and every evaluation run on PA's answers.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["MONOTONICITY_DELTAS", "product_anytime", "caching_anytime", "conditional_monotonicity",
-           "ground_truth_probability"]
+from ..models.history import ExitHistoryModel
+
+__all__ = ["MONOTONICITY_DELTAS", "product_anytime", "ProductAnytimeModel", "caching_anytime",
+           "conditional_monotonicity", "ground_truth_probability"]
 
 MONOTONICITY_DELTAS = (0.01, 0.05, 0.1, 0.2, 0.5)  # the paper's decrease thresholds
 
@@ -103,7 +110,14 @@ def product_anytime(
             is no fallback, which leaves such rows 0/0 = NaN; ``fallback=False`` does the same.
     """
     z = _check_3d(_logits_of(logits), "logits").double()
-    num_exits = z.shape[0]
+    w = _product_weights(weights, z.shape[0], softplus, floor, ceiling).view(-1, 1, 1)
+    log_product = _log_terms(z, w, softplus, floor, ceiling).cumsum(0)
+    return _product_log_probs(log_product, z, fallback).exp().float()
+
+
+def _product_weights(weights: Optional[Sequence[float]], num_exits: int, softplus: bool, floor: float,
+                     ceiling: Optional[float]) -> torch.Tensor:
+    """PA's exponents (float64, one per exit; default m / L), after checking them and the activation's options."""
     if weights is None:
         w = torch.arange(1, num_exits + 1, dtype=torch.float64) / num_exits
     else:
@@ -114,13 +128,47 @@ def product_anytime(
         raise ValueError("floor and ceiling clip the ReLU; they do not apply with softplus=True")
     if ceiling is not None and ceiling <= floor:
         raise ValueError(f"ceiling must be above floor, got ceiling={ceiling} and floor={floor}")
-    w = w.view(-1, 1, 1)
-    terms = torch.where(w == 0, 0.0, w * _log_activation(z, softplus, floor, ceiling))
-    log_product = terms.cumsum(0)
-    probs = log_product.softmax(-1)
-    collapsed = log_product.amax(-1, keepdim=True) == float("-inf")  # softmax gave NaN there
-    probs = torch.where(collapsed, z.softmax(-1) if fallback else float("nan"), probs)
-    return probs.float()
+    return w
+
+
+def _log_terms(z: torch.Tensor, w: torch.Tensor, softplus: bool, floor: float,
+               ceiling: Optional[float]) -> torch.Tensor:
+    """``w log g(z)`` (float64), 0 where the weight is 0 (``0 ** 0 = 1``)."""
+    return torch.where(w == 0, 0.0, w * _log_activation(z, softplus, floor, ceiling))
+
+
+def _product_log_probs(log_product: torch.Tensor, z: torch.Tensor, fallback: bool) -> torch.Tensor:
+    """PA's log-probabilities from the log-product; where it is -inf for every class, those of
+    ``softmax(z)`` (``fallback``) or NaN."""
+    collapsed = log_product.amax(-1, keepdim=True) == float("-inf")  # log_softmax gives NaN there
+    return torch.where(collapsed, z.log_softmax(-1) if fallback else float("nan"), log_product.log_softmax(-1))
+
+
+class ProductAnytimeModel(ExitHistoryModel):
+    """Product anytime online: exit l of ``model`` answers with PA's log-probabilities
+    ``log pi_l`` (:func:`product_anytime`, same arguments; ``softmax`` of the output is pi_l).
+
+    The running log-product ``sum_{m<=l} w_m log g(z_m)`` (float64) is the exit-history state, so
+    the early-exit executor, batch compaction, ``forward_exits`` and the cached evaluation give PA's
+    answers; thresholds fitted on this model's outputs are thresholds for PA. An inference wrapper:
+    it adds no parameters, and its outputs are log-probabilities (a class ruled out is ``-inf``),
+    not raw logits.
+    """
+
+    def __init__(self, model: nn.Module, weights: Optional[Sequence[float]] = None, softplus: bool = False,
+                 floor: float = 0.0, ceiling: Optional[float] = None, fallback: bool = True):
+        super().__init__(model)
+        self.weights: List[float] = _product_weights(weights, self.num_exits, softplus, floor, ceiling).tolist()
+        self.softplus, self.floor, self.ceiling, self.fallback = softplus, floor, ceiling, fallback
+        self.train(model.training)  # a wrapper of a model in evaluation mode evaluates
+
+    def combine(self, logits: torch.Tensor, history: List[torch.Tensor],
+                index: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        z = logits.detach().double()
+        term = _log_terms(z, torch.tensor(self.weights[index], dtype=torch.float64), self.softplus, self.floor,
+                          self.ceiling)
+        log_product = history[0] + term if history else term
+        return _product_log_probs(log_product, z, self.fallback).to(logits.dtype), [log_product]
 
 
 def caching_anytime(probs: Source) -> torch.Tensor:

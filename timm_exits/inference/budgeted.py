@@ -28,13 +28,14 @@ from ..files import write_json
 from .outputs import ExitOutputs
 from .policies import ExitPolicy, PolicyLike, resolve_policy
 
-__all__ = ["REFERENCE_Q", "IMTA_Q", "Q_GRIDS", "geometric_fractions", "exit_quotas", "fit_thresholds", "assign_exits",
-           "exit_metrics", "BudgetPoint", "budgeted_curve", "flat_envelope", "thresholds_for_cost",
+__all__ = ["REFERENCE_Q", "IMTA_Q", "Q_GRIDS", "PREDICTORS", "geometric_fractions", "exit_quotas", "fit_thresholds",
+           "assign_exits", "exit_metrics", "BudgetPoint", "budgeted_curve", "flat_envelope", "thresholds_for_cost",
            "thresholds_for_accuracy", "Thresholds", "check_thresholds"]
 
 REFERENCE_Q = [p / 20 for p in range(1, 40)]  # MSDNet-PyTorch: 0.05 .. 1.95
 IMTA_Q = [p / 20 for p in range(1, 41)]  # IMTA: 0.05 .. 2.0
 Q_GRIDS = {"reference": REFERENCE_Q, "imta": IMTA_Q}
+PREDICTORS = ("exits", "product_anytime")  # what answers at the exits (Thresholds.predictor)
 NEVER, ALWAYS = 1e8, -1e8  # the reference's sentinel thresholds
 
 
@@ -176,9 +177,11 @@ def check_thresholds(thresholds: Sequence[float], num_exits: int) -> None:
 class Thresholds:
     """Exit thresholds with what they belong to, stored as JSON: the model, its number of exits, the
     policy (its score name, fallback and strictness), the cumulative cost of each exit and the input
-    size (C, H, W) the costs were measured at. Files written before a field was recorded load with
-    the old behaviour: ``input_size=None``, fallback ``last``, non-strict. ``policy`` may be given as
-    an :class:`ExitPolicy`, which sets all three."""
+    size (C, H, W) the costs were measured at, and what answers at the exits (``predictor``:
+    ``'exits'``, the model's own exits, or ``'product_anytime'``, a
+    :class:`~timm_exits.inference.anytime.ProductAnytimeModel` around it). Files written before a
+    field was recorded load with the old behaviour: ``input_size=None``, fallback ``last``,
+    non-strict, the exits. ``policy`` may be given as an :class:`ExitPolicy`, which sets all three."""
 
     model: str
     num_exits: int
@@ -189,12 +192,15 @@ class Thresholds:
     input_size: Optional[List[int]] = None
     fallback: str = "last"
     strict: bool = False
+    predictor: str = "exits"
 
     def __post_init__(self):
         if isinstance(self.policy, ExitPolicy):
             self.policy, self.fallback, self.strict = self.policy.score, self.policy.fallback, self.policy.strict
         ExitPolicy(self.policy, self.fallback, self.strict)  # refuses an unknown score, fallback or strictness
         check_thresholds(self.thresholds, self.num_exits)
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
         if self.input_size is not None:
             if len(self.input_size) != 3 or any(not isinstance(s, int) or s < 1 for s in self.input_size):
                 raise ValueError(f"input_size must be (C, H, W), three positive integers, got {self.input_size}")

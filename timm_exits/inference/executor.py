@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..models.multi_exit import slice_state
+from .anytime import ProductAnytimeModel
 from .budgeted import Thresholds, check_thresholds
 from .policies import PolicyLike, resolve_policy
 
@@ -47,7 +48,8 @@ class EarlyExitExecutor:
 
     Thresholds (and costs) from a :class:`Thresholds` that records its input size are for images of
     that size only: a batch of another size is refused, since its costs would be reported wrongly
-    and the confidence levels were fitted at that size.
+    and the confidence levels were fitted at that size. Thresholds fitted on product-anytime answers
+    need a :class:`~timm_exits.inference.anytime.ProductAnytimeModel`, and the other way round.
     """
 
     def __init__(
@@ -59,6 +61,11 @@ class EarlyExitExecutor:
     ):
         self.input_size: Optional[tuple] = None
         if isinstance(thresholds, Thresholds):
+            predictor = "product_anytime" if isinstance(model, ProductAnytimeModel) else "exits"
+            if thresholds.predictor != predictor:
+                raise ValueError(f"these thresholds were fitted on the answers of {thresholds.predictor!r}, the model "
+                                 f"gives {predictor!r}: wrap the model in timm_exits.inference.ProductAnytimeModel "
+                                 f"for 'product_anytime' thresholds, and only for those")
             policy, costs = thresholds.exit_policy, costs or thresholds.costs or None
             self.input_size = tuple(thresholds.input_size) if thresholds.input_size else None
             thresholds = thresholds.thresholds
