@@ -4,6 +4,7 @@ samples, the virtual step against torch's SGD, batch-norm statistics left alone 
 the accelerate engine (in process, checkpoint resume) and two processes under DDP."""
 import copy
 import math
+import os
 import textwrap
 from pathlib import Path
 
@@ -348,9 +349,68 @@ def test_the_mmengine_adapter_trains_l2w_and_resumes_its_weight_net(tmp_path):
 
 def test_the_mmengine_loss_path_refuses_l2w():
     """MMDistributedDataParallel's train_step calls the model's loss, not its train_step: L2W would
-    train there without meta steps, so that path is an error."""
+    train there without meta steps, so that path is an error that names the wrapper to use."""
     from timm_exits.integrations.mmengine import MultiExitClassifier
 
     model = MultiExitClassifier(**dict(MM_TINY_MSDNET, loss="l2w"))
-    with pytest.raises(ValueError, match="MMDistributedDataParallel does not call"):
+    with pytest.raises(ValueError, match="MMDistributedDataParallel does not call.*MultiExitDistributedDataParallel"):
         model(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]), mode="loss")
+
+
+MM_DDP_SCRIPT = textwrap.dedent('''
+    import gc, os, sys, torch
+    from accelerate import PartialState
+    from mmengine.runner import Runner
+    import timm_exits.integrations.mmengine
+    sys.path.insert(0, os.environ["TESTS_DIR"])
+    from helpers import mm_loader, MM_TINY_MSDNET
+
+    state = PartialState(cpu=True)  # gloo, before the Runner (its own init_dist needs CUDA)
+    runner = Runner(
+        model=dict(type="MultiExitClassifier", **MM_TINY_MSDNET, loss="l2w", loss_kwargs=dict(l2w=dict(hidden_size=16,
+                                                                                                       lr=0.01))),
+        work_dir=os.environ["WORK_DIR"], train_dataloader=mm_loader(), train_cfg=dict(by_epoch=False, max_iters=3),
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9)), custom_hooks=[dict(type="L2WHook")],
+        launcher="pytorch", env_cfg=dict(dist_cfg=dict(backend="gloo")),
+        cfg=dict(model_wrapper_cfg=dict(type=os.environ["WRAPPER"], device_ids=None)),
+        randomness=dict(seed=0), default_scope="mmengine")
+    technique = runner.model.module.technique
+    start = torch.cat([p.detach().reshape(-1) for p in technique.weight_net.parameters()]).clone()
+    try:
+        runner.train()
+        net = torch.cat([p.detach().reshape(-1) for p in technique.weight_net.parameters()])
+        flat = torch.cat([p.detach().reshape(-1) for p in runner.model.parameters()])
+        nets, models = ([torch.zeros_like(t) for _ in range(2)] for t in (net, flat))
+        torch.distributed.all_gather(nets, net)
+        torch.distributed.all_gather(models, flat)
+        steps = len(runner.optim_wrapper.optimizer.state) and next(iter(
+            technique.weight_optimizer.state.values()))["step"].item()
+        if state.is_main_process:
+            print(f"RESULT nets={torch.equal(*nets)} models={torch.equal(*models)} moved={not torch.equal(net, start)} "
+                  f"meta_steps={steps:.0f}")
+    except ValueError as e:
+        if state.is_main_process:
+            print(f"REFUSED {e}")
+    state.wait_for_everyone()
+    del runner  # free the DDP wrapper (it holds the process group) before destroying the group
+    gc.collect()
+    state.destroy_process_group()
+''')
+
+
+def test_the_mmengine_ddp_wrapper_trains_l2w_in_two_processes(tmp_path):
+    """A real Runner under two-process DDP (gloo): with MultiExitDistributedDataParallel every process
+    takes L2W's steps on its own shard of the data and ends with the same network and weight net
+    (gradients and meta gradients averaged; without the averaging they would differ); with mmengine's
+    own wrapper the run is refused instead of training without meta steps."""
+    script = tmp_path / "mm_ddp_l2w.py"
+    script.write_text(MM_DDP_SCRIPT)
+    tests = os.path.dirname(__file__)
+    run = launch_two_processes(str(script), WORK_DIR=str(tmp_path / "ddp"), TESTS_DIR=tests,
+                               WRAPPER="MultiExitDistributedDataParallel")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "RESULT nets=True models=True moved=True meta_steps=6" in run.stdout  # 3 batches, 2 halves
+    plain = launch_two_processes(str(script), WORK_DIR=str(tmp_path / "plain"), TESTS_DIR=tests,
+                                 WRAPPER="MMDistributedDataParallel")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "REFUSED loss='l2w' takes its own steps" in plain.stdout

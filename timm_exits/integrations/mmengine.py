@@ -5,7 +5,9 @@ Registered in mmengine's registries on import (``custom_imports=dict(imports=['t
 * ``MultiExitClassifier`` (MODELS): any multi-exit timm model as an mmengine ``BaseModel``; losses
   ``ce`` (weighted multi-exit cross-entropy), ``ofa`` (IMTA phase II around a phase-I checkpoint,
   One-for-all KD), ``hdkd`` (dense KD with harmonized weights), ``adn`` (ADN self-distillation),
-  ``boostnet``, ``ztw`` and ``l2w`` (L2W-DEN's own steps, in one process);
+  ``boostnet``, ``ztw`` and ``l2w`` (L2W-DEN's own steps);
+* ``MultiExitDistributedDataParallel`` (MODEL_WRAPPERS): mmengine's DDP wrapper that lets L2W-DEN take
+  its own steps under DDP (``model_wrapper_cfg=dict(type='MultiExitDistributedDataParallel')``);
 * ``MultiExitAccuracy`` (METRICS): top-1 of every exit;
 * ``ImageFolderDataset`` (DATASETS): an image folder through timm's reader and transforms;
 * ``GradientEquilibriumHook``, ``GradientDeconflictionHook``, ``HarmonizedWeightsHook`` (HOOKS; the
@@ -27,16 +29,16 @@ import ast
 import os
 import pickle
 from contextlib import contextmanager
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 from timm.data import resolve_data_config
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
-from mmengine.model import BaseModel, is_model_wrapper
+from mmengine.model import BaseModel, MMDistributedDataParallel, is_model_wrapper
 from mmengine.optim import OptimWrapper
-from mmengine.registry import DATASETS, HOOKS, METRICS, MODELS, OPTIM_WRAPPERS
+from mmengine.registry import DATASETS, HOOKS, METRICS, MODEL_WRAPPERS, MODELS, OPTIM_WRAPPERS
 
 import timm_exits  # noqa: F401  (registers the models with timm)
 from ..data import image_dataset
@@ -46,8 +48,9 @@ from ..train.l2w import L2W
 from ..train.techniques import (HDKD, PCGrad, TrainingForward, apply_switches, create_technique,
                                 create_training_model)
 
-__all__ = ["MultiExitClassifier", "MultiExitAccuracy", "ImageFolderDataset", "GradientEquilibriumHook", "GradientDeconflictionHook",
-           "HarmonizedWeightsHook", "L2WHook", "ExitWeightScheduleHook", "PCGradOptimWrapper", "enable_resume", "load_checkpoint_model", "convert_checkpoint"]
+__all__ = ["MultiExitClassifier", "MultiExitDistributedDataParallel", "MultiExitAccuracy", "ImageFolderDataset",
+           "GradientEquilibriumHook", "GradientDeconflictionHook", "HarmonizedWeightsHook", "L2WHook",
+           "ExitWeightScheduleHook", "PCGradOptimWrapper", "enable_resume", "load_checkpoint_model", "convert_checkpoint"]
 
 
 def enable_resume() -> None:
@@ -104,10 +107,17 @@ class MultiExitClassifier(BaseModel):
         self.l2w_iteration: Optional[int] = None  # set by L2WHook before every training iteration
 
     def train_step(self, data: Union[dict, tuple, list], optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
-        """L2W-DEN takes its own steps (:meth:`~timm_exits.train.l2w.L2W.step`: per half batch a meta step
-        and an optimizer update); every other technique trains through mmengine's ``train_step``."""
+        """L2W-DEN takes its own steps (:meth:`l2w_train_step`); every other technique trains through
+        mmengine's ``train_step``."""
         if not isinstance(self.technique, L2W):
             return super().train_step(data, optim_wrapper)
+        return self.l2w_train_step(data, optim_wrapper, TrainingForward(self.model))
+
+    def l2w_train_step(self, data: Union[dict, tuple, list], optim_wrapper: OptimWrapper,
+                       forward: Callable[[torch.Tensor], Any]) -> Dict[str, torch.Tensor]:
+        """L2W-DEN's steps on one batch (:meth:`~timm_exits.train.l2w.L2W.step`: per half batch a meta
+        step and an optimizer update), the training outputs from ``forward`` (under DDP: through the
+        wrapper, so that the gradients are averaged)."""
         if self.l2w_iteration is None:
             raise ValueError("loss='l2w' needs custom_hooks=[dict(type='L2WHook')]: it tells the model the iteration "
                              "(the meta step runs every meta_interval-th) and keeps the weight net in checkpoints")
@@ -116,7 +126,7 @@ class MultiExitClassifier(BaseModel):
                              "gradients (set optim_wrapper accumulative_counts=1)")
         with optim_wrapper.optim_context(self):
             data = self.data_preprocessor(data, True)
-            terms = self.technique.step(self.model, TrainingForward(self.model), data["inputs"], data["data_samples"],
+            terms = self.technique.step(self.model, forward, data["inputs"], data["data_samples"],
                                         backward=optim_wrapper.backward, optimizer=optim_wrapper.optimizer,
                                         update=lambda _: (optim_wrapper.step(), optim_wrapper.zero_grad()),
                                         index=self.l2w_iteration)
@@ -125,10 +135,14 @@ class MultiExitClassifier(BaseModel):
         return self.parse_losses({f"loss_{name}": loss for name, loss in terms.items()})[1]
 
     def forward(self, inputs: torch.Tensor, data_samples: Optional[torch.Tensor] = None, mode: str = "tensor"):
+        """mmengine's modes ``loss``, ``predict`` and ``tensor``, and ``exits``: the technique's training
+        outputs (every exit's logits), which L2W-DEN's steps take through a DDP wrapper."""
         if mode == "loss":
             return self.loss(inputs, data_samples)
         if mode == "predict":
             return self._predict(inputs, data_samples)
+        if mode == "exits":
+            return TrainingForward(self.model)(inputs)
         return self.model(inputs)
 
     def _predict(self, inputs, labels) -> List[Dict[str, torch.Tensor]]:
@@ -140,8 +154,8 @@ class MultiExitClassifier(BaseModel):
         sums (ADN: one backward on the sum equals the reference's two, the teacher is detached)."""
         if isinstance(self.technique, L2W):  # reached for training only through MMDistributedDataParallel
             raise ValueError("loss='l2w' takes its own steps in MultiExitClassifier.train_step, which "
-                             "MMDistributedDataParallel does not call: run L2W-DEN with mmengine in one process, or "
-                             "under DDP with the accelerate engine")
+                             "MMDistributedDataParallel does not call: under DDP set "
+                             "model_wrapper_cfg=dict(type='MultiExitDistributedDataParallel')")
         losses = self.technique.batch_losses(self.model, TrainingForward(self.model), inputs, target)
         return {f"loss_{name}": loss for name, loss in losses.items()}
 
@@ -151,6 +165,19 @@ class MultiExitClassifier(BaseModel):
         # train_step and MMDistributedDataParallel's hand the losses over, so they travel with the total
         total.exit_losses = {k: v for k, v in losses.items() if k.startswith("loss_exit")}
         return total, log_vars
+
+
+@MODEL_WRAPPERS.register_module()
+class MultiExitDistributedDataParallel(MMDistributedDataParallel):
+    """mmengine's DDP wrapper for :class:`MultiExitClassifier`: L2W-DEN takes its own steps (two
+    updates per batch, each forward through this wrapper so that DDP averages the gradients; the
+    weight net's meta gradients are averaged by the technique); every other technique trains as
+    under ``MMDistributedDataParallel``."""
+
+    def train_step(self, data: Union[dict, tuple, list], optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
+        if isinstance(getattr(self.module, "technique", None), L2W):
+            return self.module.l2w_train_step(data, optim_wrapper, lambda images: self(images, mode="exits"))
+        return super().train_step(data, optim_wrapper)
 
 
 @DATASETS.register_module()
