@@ -14,8 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import timm_exits  # noqa: F401  (registers the models)
-from timm_exits.inference import EarlyExitExecutor, ExportedModel, export_model
+from timm_exits.inference import EarlyExitExecutor, ExportedModel, ProductAnytimeModel, export_model
 from timm_exits.inference import export as export_module
+from timm_exits.train.boostnet import BoostedExits
+from timm_exits.train.ztw import ZTWModel
 
 from helpers import randomise_norms
 
@@ -23,6 +25,10 @@ MODELS = {  # the 5-exit MSDNet shrunk to 3 blocks: its export takes a minute on
     "msdnet": lambda: timm.create_model("msdnet_cifar_5exit", num_classes=10, num_channels=4, growth_rate=2,
                                         num_blocks=3),
     "resnet": lambda: timm.create_model("resnet18_exits", num_classes=10),
+    # exit-history wrappers: a nested state ([inner state, output, history]), ZTW's cascade and ensembles,
+    # product anytime's float64 log-product with -inf for a class ruled out; BoostNet's running sum
+    "msdnet_ztw_product_anytime": lambda: ProductAnytimeModel(ZTWModel(MODELS["msdnet"]())),
+    "resnet_boostnet": lambda: BoostedExits(MODELS["resnet"](), reweight=0.5),
 }
 
 
@@ -299,6 +305,8 @@ CHECK_CASES = {  # edit of a real program: what the refusal says
     "key": (lambda doc: doc["graph_module"].update({"x'": 1}), "a key in .graph_module is \"x'\", expected a plain"),
     "extension operator": (_set_first("target", "#my_op"), "expected an aten operator"),
     "dunder operator": (_set_first("target", "torch.ops.aten.__class__.__call__"), "expected an aten operator"),
+    "float string": (lambda doc: doc["graph_module"].update({"as_float": "float('inf')"}),
+                     "expected a float written as a string: Infinity, -Infinity or NaN"),
 }
 
 

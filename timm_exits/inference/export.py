@@ -63,7 +63,9 @@ class _Piece(nn.Module):
 
 
 def _batch_dims(state):
-    return {0: _BATCH} if isinstance(state, torch.Tensor) else [{0: _BATCH} for _ in state]
+    """The dynamic batch dimension of every tensor of a state (a tensor or nested lists of tensors:
+    an exit-history model's state is ``[inner state, output, history]``)."""
+    return {0: _BATCH} if isinstance(state, torch.Tensor) else [_batch_dims(part) for part in state]
 
 
 def _used_only(program: ExportedProgram) -> ExportedProgram:
@@ -100,7 +102,7 @@ def _digest(data: bytes) -> Dict[str, Any]:
 # -- what a program may contain ------------------------------------------------------------------
 
 _NAME = re.compile(r"[A-Za-z0-9_.]*")
-_TARGET = re.compile(r"torch\.ops\.aten\.[a-z][a-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*"
+_TARGET = re.compile(r"torch\.ops\.aten\._?[a-z][a-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*"  # aten's private ops too, no dunders
                      r"|_operator\.(getitem|add|sub|mul|floordiv|truediv|mod|neg|eq|ne|ge|gt|le|lt)")
 _SYMBOL = r"Symbol\('[a-z]+\d+'(?:, [a-z]+=(?:True|False))*\)"  # how torch writes a size symbol
 _INTEGER_FUNCTIONS = ("Integer", "Add", "Mul", "FloorDiv", "CeilDiv", "CleanDiv", "Mod", "PythonMod", "Max", "Min")
@@ -115,6 +117,7 @@ def _is_size_arithmetic(expr: str) -> bool:
     return "".join(tokens) == expr and "**" not in expr and all(n in _INTEGER_FUNCTIONS for n in names)
 
 
+_NON_FINITE = frozenset({"Infinity", "-Infinity", "NaN"})  # how torch's JSON writes non-finite floats
 _STRINGS = {  # key -> (what its strings must be, check); any other key: a plain name
     "target": ("an aten operator (or getitem / arithmetic)", _TARGET.fullmatch),
     "expr_str": ("arithmetic on size symbols", _is_size_arithmetic),
@@ -122,6 +125,8 @@ _STRINGS = {  # key -> (what its strings must be, check); any other key: a plain
     "torch_version": ("a version", re.compile(r"[A-Za-z0-9_.+]*").fullmatch),
     "as_string": ("an operator's string argument", lambda s: True),  # passed on as a value, never as code
     "as_strings": ("an operator's string argument", lambda s: True),
+    "as_float": ("a float written as a string: Infinity, -Infinity or NaN", _NON_FINITE.__contains__),
+    "as_floats": ("a float written as a string: Infinity, -Infinity or NaN", _NON_FINITE.__contains__),
 }
 _JSON_STRINGS = ("in_spec", "out_spec", "context")  # pytree specs: JSON inside a string, checked in turn
 
