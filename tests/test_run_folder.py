@@ -49,6 +49,37 @@ def test_a_second_run_writes_beside_the_first_and_a_locked_folder_is_refused(dat
     assert (tmp_path / "busy-1" / "results.json").is_file() and not (tmp_path / "busy" / "results.json").exists()
 
 
+LOCK_AND_FORK = """
+import os, sys, time
+from timm_exits.files import OutputLock
+lock = OutputLock(sys.argv[1])
+child = os.fork()
+if child == 0:  # a forked child (a data-loader worker) that outlives the run
+    time.sleep(60)
+    os._exit(0)
+print("LOCKED", child, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_runs_forked_children_do_not_hold_its_folder(tmp_path):
+    """``--resume`` right after a kill: the killed run's loader workers may live on for seconds."""
+    folder = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "-c", LOCK_AND_FORK, str(folder)], stdout=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        word, child = run.stdout.readline().split()
+        assert word == "LOCKED"
+        with pytest.raises(FileExistsError, match=f"is in use by another run \\(process {run.pid}\\)"):
+            OutputLock(str(folder))
+        run.kill()
+        run.wait()
+        with OutputLock(str(folder)):
+            os.kill(int(child), 0)  # the child still runs (raises if it has gone)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+
+
 def test_resume_refuses_a_changed_config_and_lists_the_changes(data, tmp_path, capsys):
     run(_config(data, tmp_path))
     changed = _config(data, tmp_path, **{"optimizer.lr": 0.2, "data.batch_size": 4})

@@ -88,34 +88,50 @@ def recover_folder(folder: str) -> Optional[str]:
     return restored
 
 
+_HELD: set = set()  # the real paths of the folders this process has locked
+
+
 class OutputLock:
     """An exclusive lock on an output folder (created if needed), taken on creation: a second run
-    on the same folder is refused instead of overwriting this one's files. The operating system
-    releases it when the process ends, however it ends; :meth:`release` (or leaving a ``with``
-    block) releases it before."""
+    on the same folder, in this process or another, is refused instead of overwriting this one's
+    files. :meth:`release` (or leaving a ``with`` block) releases it; the operating system releases
+    it when the process ends, however it ends, even while processes it forked (data-loader workers)
+    live on: a POSIX record lock belongs to its process, where a ``flock`` would stay held by every
+    forked child until the last one noticed and exited."""
 
     def __init__(self, folder: str):
         os.makedirs(folder, exist_ok=True)
-        self.folder, self.file = folder, open(os.path.join(folder, ".lock"), "a+")
+        self.folder, self._key = folder, os.path.realpath(folder)
+        if self._key in _HELD:  # POSIX locks do not conflict within a process
+            raise self._in_use(f"process {os.getpid()}")
+        self.file = open(os.path.join(folder, ".lock"), "a+")
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             self.file.seek(0)
             owner = self.file.read().strip() or "another process"
             self.file.close()
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            raise FileExistsError(f"{folder!r} is in use by another run ({owner}); wait for it to end or choose "
-                                  f"another output folder") from None
+            raise self._in_use(owner) from None
+        _HELD.add(self._key)
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"process {os.getpid()}")
         self.file.flush()
 
+    def _in_use(self, owner: str) -> FileExistsError:
+        return FileExistsError(f"{self.folder!r} is in use by another run ({owner}); wait for it to end or choose "
+                               f"another output folder")
+
     def release(self) -> None:
-        if not self.file.closed:
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
+        file = getattr(self, "file", None)  # absent when the lock was refused
+        if file is not None and not file.closed:
+            _HELD.discard(self._key)
+            fcntl.lockf(file, fcntl.LOCK_UN)
+            file.close()
+
+    __del__ = release  # a lock dropped without release is released (closing its file would release it anyway)
 
     def __enter__(self) -> "OutputLock":
         return self
