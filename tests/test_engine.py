@@ -1,5 +1,6 @@
 """The accelerate engine end to end, on real PNG files: the recipes' configs, one and two processes,
 gradient accumulation, exact resume after SIGKILL, and the error paths."""
+import gc
 import json
 import os
 import signal
@@ -12,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from timm_exits.config import ConfigError, load_config, phase_configs, resolve_config
-from timm_exits.integrations.accelerate import run
+from timm_exits.integrations.accelerate import run, train_phase
+from timm_exits.train.techniques import TrainingForward
 
 from launch import launch_two_processes
 from helpers import tiny_data, write_config
@@ -254,3 +256,15 @@ def test_a_test_set_held_out_of_the_training_folder_and_a_finished_run_resumed(d
     assert again["exits"] == report["exits"]
     with pytest.raises(ValueError, match="set data.test_fraction > 0"):
         run(_config(data, tmp_path, data__test_split=None, output_dir=str(tmp_path / "other")))
+
+
+def test_a_phase_leaves_nothing_it_prepared_alive(data, tmp_path):
+    """The accelerator keeps what it prepares: a phase releases it, or every phase's model, optimizer
+    and loaders would stay alive through the later phases (and a DDP model outlive its process group)."""
+    from accelerate import Accelerator
+    (name, phase), = phase_configs(_config(data, tmp_path, train__epochs=1))
+    alive = lambda: sum(isinstance(o, TrainingForward) for o in gc.get_objects())  # noqa: E731
+    before, accelerator = alive(), Accelerator(cpu=True)
+    report = train_phase(accelerator, phase, str(tmp_path / "out"), name)
+    gc.collect()  # the accelerator lives on, as it does through the later phases of a run
+    assert report["test_samples"] > 0 and alive() == before

@@ -258,6 +258,7 @@ def test_l2w_errors_are_clear(data, tmp_path):
 
 
 DDP_SCRIPT = textwrap.dedent('''
+    import gc
     import torch
     from accelerate import Accelerator
     from timm_exits import MSDNet
@@ -286,7 +287,12 @@ DDP_SCRIPT = textwrap.dedent('''
         print(f"RESULT processes={accelerator.num_processes} nets={torch.equal(nets[0], nets[1])} "
               f"models={torch.equal(models[0], models[1])} moved={not torch.equal(net, start)}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # destroys the process group: exiting with it alive can abort gloo
+    # the DDP wrapper holds the process group: free it (and the accelerator's references to it) before
+    # end_training destroys the group; a wrapper outliving its group can abort gloo at interpreter exit
+    del forward, optimizer
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
 ''')
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
+import gc
 import itertools
 import json
 import math
@@ -138,10 +139,18 @@ def train_phase(
     phase-wise regime); ``extend``: the checkpoint
     was made with fewer epochs, the run goes on with the schedule of the longer run."""
     phase = TrainingPhase(accelerator, config, output_dir, name, previous, resume)
-    phase.start(resume, extend)
-    for epoch in phase.remaining_epochs():
-        phase.train_epoch(epoch)
-    return phase.finish()
+    try:
+        phase.start(resume, extend)
+        for epoch in phase.remaining_epochs():
+            phase.train_epoch(epoch)
+        return phase.finish()
+    finally:
+        # the accelerator keeps what it prepared: without this, every phase's DDP model, optimizer and
+        # loaders stay alive through the later phases, and a DDP model outliving the process group
+        # (destroyed by end_training) can abort gloo at interpreter exit
+        del phase
+        accelerator.free_memory()
+        gc.collect()
 
 
 class TrainingPhase:
