@@ -2,6 +2,8 @@
 the equations, the detach that stops head i's gradient at head i-1's logits, the backbone's head passing
 through, and ZTW's two phases in the accelerate engine (each changes only what it trains, the rest
 bit-identical) and in a real mmengine Runner."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ import timm
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.config import load_config
 from timm_exits.integrations.accelerate import run
-from timm_exits.train import GeometricEnsemble, ZTWModel, create_technique
+from timm_exits.train import GeometricEnsemble, ZTWModel, create_technique, fit_ensembles_offline
 
 from helpers import mm_runner, randomise_norms, tiny_data, write_config
 
@@ -113,6 +115,41 @@ def test_the_loss_is_the_mean_over_the_exits():
     expected = sum(F.cross_entropy(o, y) for o in outputs) / 4
     assert list(terms) == ["exit1", "exit2", "exit3", "exit4"]
     assert float(sum(terms.values())) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_offline_fitting_is_adam_on_the_live_ensemble_outputs():
+    """One epoch over one batch of everything = one Adam step on the sum of the ensembles' cross-
+    entropies of the live model in eval mode (autograd on the model's own forward); nothing else moves."""
+    model = _ztw()
+    reference = copy.deepcopy(model).train_part("ensembles").eval()
+    x, y = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    optimizer = torch.optim.Adam(reference.ensembles.parameters(), lr=0.05)
+    terms = [F.cross_entropy(o, y) for o in reference.forward_exits(x)[:-1]]  # the backbone's head: no ensemble
+    sum(terms).backward()
+    optimizer.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = fit_ensembles_offline(model, [(x[:4], y[:4]), (x[4:], y[4:])], epochs=1, lr=0.05, batch_size=6)
+    assert losses[0] == pytest.approx(sum(t.item() for t in terms) / len(terms))
+    for (name, ours), theirs in zip(model.ensembles.named_parameters(), reference.ensembles.parameters()):
+        assert not torch.equal(ours, before[f"ensembles.{name}"])  # it moved
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if not k.startswith("ensembles."))
+    assert not model.training and model.use_ensembles
+
+
+def test_offline_fitting_lowers_the_loss_and_refuses_bad_input():
+    model, x = _ztw(), torch.randn(16, 3, 32, 32, dtype=torch.float64)
+    losses = fit_ensembles_offline(model, [(x, torch.arange(16) % 3)], epochs=30, lr=0.05, batch_size=5)
+    assert len(losses) == 30 and losses[-1] < 0.9 * losses[0]
+    for kwargs, message in [(dict(epochs=0), "epochs must be a positive integer, got 0"),
+                            (dict(batch_size=2.5), "batch_size must be a positive integer, got 2.5"),
+                            (dict(lr=0.0), "lr must be positive, got 0.0")]:
+        with pytest.raises(ValueError, match=message):
+            fit_ensembles_offline(model, [(x, torch.arange(16) % 3)], **kwargs)
+    with pytest.raises(ValueError, match="fits the ensembles of a ZTWModel, got ResNetWithExits"):
+        fit_ensembles_offline(_resnet(), [(x, torch.arange(16) % 3)])
+    with pytest.raises(ValueError, match="a loader with at least one batch"):
+        fit_ensembles_offline(model, [])
 
 
 def _phases():

@@ -26,10 +26,10 @@ from .regimes import REGIMES, apply_regime
 from .schedules import ExitWeights, pabee_weights, sdn_weights
 from .techniques import ADN, HDKD, ZTW, BoostNet, CrossEntropy, OneForAll, PCGrad, Technique, create_technique
 from .virtual_step import sgd_virtual_step
-from .ztw import GeometricEnsemble, ZTWModel
+from .ztw import GeometricEnsemble, ZTWModel, fit_ensembles_offline
 
 __all__ = ["ADN", "BoostNet", "BoostedExits", "CrossEntropy", "ExitWeights", "GeometricEnsemble", "HDKD", "IMTAModel",
-           "L2W", "OneForAll", "PCGrad", "REGIMES", "Technique", "ZTW", "ZTWModel",
+           "L2W", "OneForAll", "PCGrad", "REGIMES", "Technique", "ZTW", "ZTWModel", "fit_ensembles_offline",
            "adn_distillation", "apply_regime", "pabee_weights", "sdn_weights",
            "adn_losses", "adn_step", "create_technique", "deconflict_branch", "distillation_kl",
            "multi_exit_cross_entropy", "one_for_all_distillation", "pcgrad_backward", "project_conflicts",

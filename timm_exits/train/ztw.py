@@ -14,20 +14,22 @@ the backbone's own head, passes through unchanged (it is neither cascaded nor en
 :class:`ZTWModel` keeps z_{i-1} and the stacked log-probabilities (B, i, C) in its exit-history state
 (:mod:`timm_exits.models.history`), so the early-exit executor and batch compaction work. It is trained
 one part at a time (:meth:`ZTWModel.train_part`, technique ``ztw``): the heads with their cascade on the
-frozen backbone (phase A), then the ensembles alone (phase B).
+frozen backbone (phase A), then the ensembles alone (phase B): on the live outputs, as ZTW's rewrite
+does, or offline on cached log-probabilities, as the original does (:func:`fit_ensembles_offline`).
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Iterable, List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..models.exits import BackboneWithExits
 from ..models.history import ExitHistoryModel
 from .regimes import apply_regime
 
-__all__ = ["ZTW_PARTS", "GeometricEnsemble", "ZTWModel"]
+__all__ = ["ZTW_PARTS", "GeometricEnsemble", "ZTWModel", "fit_ensembles_offline"]
 
 ZTW_PARTS = ("heads", "joint", "ensembles")
 
@@ -107,3 +109,45 @@ class ZTWModel(ExitHistoryModel):
         stacked = torch.cat([history[1], log_probs], 1) if index > 0 else log_probs
         output = self.ensembles[index](stacked) if self.use_ensembles else logits
         return output, [logits, stacked]
+
+
+def fit_ensembles_offline(model: ZTWModel, loader: Iterable, epochs: int = 501, lr: float = 1e-3,
+                          batch_size: int = 512, seed: int = 0) -> List[float]:
+    """Phase B as ZTW's original code fits it: the heads' log-probabilities of every ``(images, labels)``
+    batch of ``loader`` computed once (the model in eval mode, nothing else trained), then each ensemble
+    fitted on them alone with Adam (its own cross-entropy; batches of ``batch_size`` reshuffled every
+    epoch from ``seed``). The original's defaults: 501 epochs (10 on ImageNet), batch 512, lr 1e-3, on
+    the training set. Leaves the model in eval mode answering with its ensembles; returns each epoch's
+    mean loss (the ensembles' cross-entropies averaged)."""
+    if not isinstance(model, ZTWModel):
+        raise ValueError(f"fit_ensembles_offline fits the ensembles of a ZTWModel, got {type(model).__name__}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    model.train_part("ensembles").eval()
+    stacks, labels = [], []
+    with torch.no_grad():
+        for images, targets in loader:
+            state = model.forward_stem(images)
+            for k in range(model.num_exits - 1):
+                state = model.forward_stage(state, k)
+            stacks.append(state[2][1])  # the heads' log-probabilities (B, heads, C)
+            labels.append(torch.as_tensor(targets))
+    if not stacks:
+        raise ValueError("fit_ensembles_offline needs a loader with at least one batch")
+    stacked, labels = torch.cat(stacks), torch.cat(labels).to(stacks[0].device)
+    optimizer = torch.optim.Adam(model.ensembles.parameters(), lr=lr)
+    generator, losses = torch.Generator().manual_seed(seed), []
+    for _ in range(epochs):
+        total = 0.0
+        for index in torch.randperm(len(labels), generator=generator).split(batch_size):
+            x, y = stacked[index], labels[index]
+            terms = [F.cross_entropy(ensemble(x[:, :i + 1]), y) for i, ensemble in enumerate(model.ensembles)]
+            optimizer.zero_grad()
+            torch.stack(terms).sum().backward()  # the ensembles share no parameter: each is fitted on its own loss
+            optimizer.step()
+            total += torch.stack(terms).mean().item() * len(index)
+        losses.append(total / len(labels))
+    return losses
