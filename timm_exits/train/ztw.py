@@ -144,10 +144,11 @@ def fit_ensembles_offline(model: ZTWModel, loader: Iterable, epochs: int = 501, 
         total = 0.0
         for index in torch.randperm(len(labels), generator=generator).split(batch_size):
             x, y = stacked[index], labels[index]
-            terms = [F.cross_entropy(ensemble(x[:, :i + 1]), y) for i, ensemble in enumerate(model.ensembles)]
+            terms = torch.stack([F.cross_entropy(ensemble(x[:, :i + 1]), y)
+                                 for i, ensemble in enumerate(model.ensembles)])
             optimizer.zero_grad()
-            torch.stack(terms).sum().backward()  # the ensembles share no parameter: each is fitted on its own loss
+            terms.sum().backward()  # the ensembles share no parameter: each is fitted on its own loss
             optimizer.step()
-            total += torch.stack(terms).mean().item() * len(index)
+            total += terms.mean().item() * len(index)
         losses.append(total / len(labels))
     return losses
