@@ -190,6 +190,18 @@ def test_the_online_product_equals_product_anytime_on_cached_logits(options):
         assert 0 < collapsed.float().mean() < 1
 
 
+def test_collected_product_outputs_are_not_taken_for_raw_logits():
+    from timm_exits.inference import ProductAnytimeModel, collect_outputs
+
+    inner = _pa_msdnet()
+    batches = [(torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3]))]
+    plain, answers = (collect_outputs(m, batches, progress=False) for m in (inner, ProductAnytimeModel(inner)))
+    assert plain.raw_logits and not answers.raw_logits
+    product_anytime(plain)  # the exits' logits: accepted
+    with pytest.raises(ValueError, match="these outputs keep no raw logits"):
+        product_anytime(answers)  # PA's log-probabilities are not logits to take the product of again
+
+
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
 def test_the_executor_on_the_product_takes_the_exits_of_the_cached_evaluation(grad_mode):
     from timm_exits.inference import EarlyExitExecutor, ProductAnytimeModel, Thresholds, assign_exits

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import timm_exits  # noqa: F401  (registers the models)
-from timm_exits.inference import EarlyExitExecutor, ExportedModel, ProductAnytimeModel, export_model
+from timm_exits.inference import EarlyExitExecutor, ExportedModel, ProductAnytimeModel, Thresholds, export_model
 from timm_exits.inference import export as export_module
 from timm_exits.train.boostnet import BoostedExits
 from timm_exits.train.ztw import ZTWModel
@@ -84,6 +84,19 @@ def test_the_executor_runs_the_export_like_the_eager_model(exports, name):
     assert torch.equal(ours.exits, theirs.exits) and torch.equal(ours.preds, theirs.preds)
     torch.testing.assert_close(ours.logits, theirs.logits, rtol=0, atol=1e-6)
     assert torch.equal(exported.early_exit(x, thresholds).exits, theirs.exits)
+
+
+def test_an_export_keeps_what_answers_at_its_exits(exports):
+    """Thresholds fitted on product anytime's answers run on its export, and only there."""
+    for name, predictor in (("msdnet_ztw_product_anytime", "product_anytime"), ("resnet", "exits")):
+        exported = exports(name)[3]
+        assert exported.predictor == predictor
+        fitted = Thresholds(name, exported.num_exits, "maxprob", [0.5] * exported.num_exits, predictor=predictor)
+        EarlyExitExecutor(exported, fitted)  # accepted
+        other = Thresholds(name, exported.num_exits, "maxprob", [0.5] * exported.num_exits,
+                           predictor="exits" if predictor == "product_anytime" else "product_anytime")
+        with pytest.raises(ValueError, match="these thresholds were fitted on the answers of"):
+            EarlyExitExecutor(exported, other)
 
 
 class Toy(torch.nn.Module):
@@ -200,6 +213,7 @@ TAMPERING = {
     "unknown version": (lambda f: _edit_manifest(f, lambda m: m.update(format_version=3)), "format version 3"),
     "first format": (lambda f: _edit_manifest(f, lambda m: m.pop("format_version")), "format version None"),
     "input shape": (lambda f: _edit_manifest(f, lambda m: m.update(input_shape="3x32x32")), "input_shape '3x32x32'"),
+    "predictor": (lambda f: _edit_manifest(f, lambda m: m.update(predictor="pa")), r"predictor 'pa', expected one of"),
 }
 
 

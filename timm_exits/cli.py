@@ -224,7 +224,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .data import ImageFiles, image_transform, num_classes_of, split_dataset
     from .files import write_json
     from .inference import (Q_GRIDS, EarlyExitExecutor, ExitPolicy, ProductAnytimeModel, Thresholds, collect_outputs,
-                            measure_latency, thresholds_for_accuracy, thresholds_for_cost)
+                            measure_latency, predictor_of, thresholds_for_accuracy, thresholds_for_cost)
     from .inference.report import evaluation_report, format_latency, format_report, write_report
     from .models import is_multi_exit
 
@@ -241,9 +241,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if model.num_classes != num_classes:
         raise ValueError(f"the model has {model.num_classes} classes but --data-dir {args.data_dir!r} has {num_classes} "
                          f"class folders")
-    predictor = "product_anytime" if args.product_anytime else "exits"
     if args.product_anytime:
         model = ProductAnytimeModel(model)
+    predictor = predictor_of(model)
     channels = data_config["input_size"][0]
     if channels not in _IMAGE_MODES:
         raise ValueError(f"input channels must be 1 (grey) or 3 (RGB), got input size {tuple(data_config['input_size'])}")
@@ -261,9 +261,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     loader = lambda ds: DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)  # noqa: E731
     val = collect_outputs(model, loader(val_set)) if val_set is not None else None
     test = collect_outputs(model, loader(test_set))
-    for outputs in (val, test):  # product anytime's outputs are log-probabilities, not the exits' logits
-        if outputs is not None:
-            outputs.raw_logits = not args.product_anytime
     input_size = [int(s) for s in data_config["input_size"]]
     costs = [c.macs for c in profiling.profile_exits(model, input_size=input_size, convention=args.convention)]
     q_grid = Q_GRIDS[args.q_grid]

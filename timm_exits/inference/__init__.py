@@ -1,9 +1,9 @@
 """Adaptive inference: exit policies, anytime and budgeted evaluation, threshold search, threshold
 sweeps and cost tables, calibration, anytime predictors (PA / CA) and risk-controlled thresholds, the early-exit
 executor and its latency, export for deployment."""
-from .outputs import ExitOutputs, anytime_accuracy, collect_outputs
+from .outputs import PREDICTORS, ExitOutputs, anytime_accuracy, collect_outputs, predictor_of
 from .policies import FALLBACKS, POLICIES, SCORES, ExitPolicy, exit_scores, resolve_policy
-from .budgeted import (IMTA_Q, PREDICTORS, Q_GRIDS, REFERENCE_Q, BudgetPoint, Thresholds, assign_exits, budgeted_curve,
+from .budgeted import (IMTA_Q, Q_GRIDS, REFERENCE_Q, BudgetPoint, Thresholds, assign_exits, budgeted_curve,
                        exit_metrics, fit_thresholds, flat_envelope, geometric_fractions, thresholds_for_accuracy,
                        thresholds_for_cost)
 from .executor import EarlyExitExecutor, ExitResult
@@ -22,5 +22,5 @@ __all__ = ["ExitOutputs", "anytime_accuracy", "collect_outputs", "FALLBACKS", "P
            "SDN_GRID", "SDN_POLICY", "ZTW_GRID", "ZTW_POLICY", "SweepPoint", "accuracy_at_cost", "measure_latency",
            "patience_sweep", "threshold_sweep", "ECE_BINS", "calibration_metrics", "curve_calibration",
            "exit_calibration", "caching_anytime", "conditional_monotonicity", "ground_truth_probability",
-           "product_anytime", "ProductAnytimeModel", "PREDICTORS", "RC_POLICY", "RiskControl", "lambda_losses",
-           "risk_controlled_thresholds", "select_lambda", "ExportedModel", "export_model"]
+           "product_anytime", "ProductAnytimeModel", "PREDICTORS", "predictor_of", "RC_POLICY", "RiskControl",
+           "lambda_losses", "risk_controlled_thresholds", "select_lambda", "ExportedModel", "export_model"]

@@ -155,6 +155,8 @@ class ProductAnytimeModel(ExitHistoryModel):
     not raw logits.
     """
 
+    predictor = "product_anytime"  # what answers at the exits (Thresholds.predictor); other models: "exits"
+
     def __init__(self, model: nn.Module, weights: Optional[Sequence[float]] = None, softplus: bool = False,
                  floor: float = 0.0, ceiling: Optional[float] = None, fallback: bool = True):
         super().__init__(model)

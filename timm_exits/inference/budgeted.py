@@ -25,17 +25,16 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..files import write_json
-from .outputs import ExitOutputs
+from .outputs import PREDICTORS, ExitOutputs
 from .policies import ExitPolicy, PolicyLike, resolve_policy
 
-__all__ = ["REFERENCE_Q", "IMTA_Q", "Q_GRIDS", "PREDICTORS", "geometric_fractions", "exit_quotas", "fit_thresholds",
-           "assign_exits", "exit_metrics", "BudgetPoint", "budgeted_curve", "flat_envelope", "thresholds_for_cost",
+__all__ = ["REFERENCE_Q", "IMTA_Q", "Q_GRIDS", "geometric_fractions", "exit_quotas", "fit_thresholds", "assign_exits",
+           "exit_metrics", "BudgetPoint", "budgeted_curve", "flat_envelope", "thresholds_for_cost",
            "thresholds_for_accuracy", "Thresholds", "check_thresholds"]
 
 REFERENCE_Q = [p / 20 for p in range(1, 40)]  # MSDNet-PyTorch: 0.05 .. 1.95
 IMTA_Q = [p / 20 for p in range(1, 41)]  # IMTA: 0.05 .. 2.0
 Q_GRIDS = {"reference": REFERENCE_Q, "imta": IMTA_Q}
-PREDICTORS = ("exits", "product_anytime")  # what answers at the exits (Thresholds.predictor)
 NEVER, ALWAYS = 1e8, -1e8  # the reference's sentinel thresholds
 
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..models.multi_exit import slice_state
-from .anytime import ProductAnytimeModel
 from .budgeted import Thresholds, check_thresholds
+from .outputs import predictor_of
 from .policies import PolicyLike, resolve_policy
 
 __all__ = ["ExitResult", "EarlyExitExecutor"]
@@ -61,7 +61,7 @@ class EarlyExitExecutor:
     ):
         self.input_size: Optional[tuple] = None
         if isinstance(thresholds, Thresholds):
-            predictor = "product_anytime" if isinstance(model, ProductAnytimeModel) else "exits"
+            predictor = predictor_of(model)
             if thresholds.predictor != predictor:
                 raise ValueError(f"these thresholds were fitted on the answers of {thresholds.predictor!r}, the model "
                                  f"gives {predictor!r}: wrap the model in timm_exits.inference.ProductAnytimeModel "

@@ -7,8 +7,9 @@ The folder holds:
   serialization (dynamic batch size), without debug metadata and guards;
 * ``weights.safetensors``: the model's parameters and buffers (each program takes those it uses)
   and each program's tensor constants (``<piece>/<name>``);
-* ``manifest.json``: format version, model name, number of exits, input shape, and the SHA-256
-  digest and size of every file.
+* ``manifest.json``: format version, model name, number of exits, input shape, what answers at the
+  exits (``predictor``: ``'product_anytime'`` for a ProductAnytimeModel; older exports: the exits),
+  and the SHA-256 digest and size of every file.
 
 :class:`ExportedModel` runs them, with or without early exit, without the Python model code. It has
 the same ``forward_stem`` / ``forward_stage`` / ``forward_exit`` interface, so
@@ -39,6 +40,7 @@ from torch.export.graph_signature import InputKind
 
 from ..files import atomic_folder
 from .executor import EarlyExitExecutor
+from .outputs import PREDICTORS, predictor_of
 
 __all__ = ["export_model", "ExportedModel"]
 
@@ -217,7 +219,8 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str
         with open(os.path.join(tmp, WEIGHTS), "rb") as f:
             digests[WEIGHTS] = _digest(f.read())
         manifest = {"format_version": FORMAT_VERSION, "model": name, "num_exits": model.num_exits,
-                    "input_shape": list(example.shape[1:]), "torch_version": torch.__version__,
+                    "input_shape": list(example.shape[1:]), "predictor": predictor_of(model),
+                    "torch_version": torch.__version__,
                     "files": {file: digests[file] for file in files}}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
@@ -254,6 +257,7 @@ class ExportedModel:
         manifest = self._manifest()
         self.name, self.num_exits = manifest["model"], manifest["num_exits"]
         self.input_shape = tuple(manifest["input_shape"])
+        self.predictor = manifest.get("predictor", "exits")  # what the executor checks thresholds against
         self.torch_version = manifest.get("torch_version", "?")
         data = {file: self._read(file, entry) for file, entry in manifest["files"].items()}
         try:
@@ -288,6 +292,8 @@ class ExportedModel:
             raise self._refuse(f"manifest.json has input_shape {shape!r}, expected a list of positive integers")
         if not isinstance(manifest.get("model"), str):
             raise self._refuse("manifest.json has no model name")
+        if manifest.get("predictor", "exits") not in PREDICTORS:
+            raise self._refuse(f"manifest.json has predictor {manifest['predictor']!r}, expected one of {PREDICTORS}")
         expected, listed = _files(num_exits), sorted(files) if isinstance(files, dict) else []
         if listed != sorted(expected):
             missing, extra = sorted(set(expected) - set(listed)), sorted(set(listed) - set(expected))

@@ -15,7 +15,15 @@ from tqdm import tqdm
 
 from ..models.multi_exit import exit_logits
 
-__all__ = ["ExitOutputs", "collect_outputs", "anytime_accuracy"]
+PREDICTORS = ("exits", "product_anytime")  # what answers at the exits (Thresholds.predictor)
+
+
+def predictor_of(model: nn.Module) -> str:
+    """What answers at ``model``'s exits: its ``predictor`` attribute (``'product_anytime'`` for a
+    ProductAnytimeModel or an export of one), ``'exits'`` for every other model."""
+    return getattr(model, "predictor", "exits")
+
+__all__ = ["PREDICTORS", "predictor_of", "ExitOutputs", "collect_outputs", "anytime_accuracy"]
 
 
 @dataclass
@@ -90,7 +98,8 @@ def collect_outputs(
         labels.append(target.cpu())
     if not logits:
         raise ValueError("the loader gave no batches: is the dataset empty?")
-    return ExitOutputs(torch.cat(logits, 1), torch.cat(labels))
+    # product anytime answers with log-probabilities, not the logits product anytime is computed from
+    return ExitOutputs(torch.cat(logits, 1), torch.cat(labels), raw_logits=predictor_of(model) == "exits")
 
 
 def anytime_accuracy(outputs: ExitOutputs, topk: Sequence[int] = (1, 5), ensemble: bool = False) -> Dict[str, List[float]]:
