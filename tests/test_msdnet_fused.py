@@ -127,6 +127,55 @@ def test_stage_by_stage_with_compaction(name, kwargs, size, grad_mode):
                 state, plain_state, index = slice_state(state, keep), slice_state(plain_state, keep), index[keep]
 
 
+@pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=["no_grad", "inference_mode"])
+def test_a_full_pass_appends_to_the_same_buffers_up_to_the_next_transition(grad_mode):
+    """In a full pass (what forward_exits and forward_until start with) stages 0-3 of msdnet_cifar_7exit
+    write into one buffer per scale, as wide as the plain model's features where stage 4's transition
+    reads them; each stage's output is the plain model's, and a pass that stops earlier gets no room
+    for the stages it does not run."""
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model("msdnet_cifar_7exit", num_classes=10))
+    fused = reparameterize_model(model)
+    assert type(model.stages[4][1]).__name__ == "Transition"  # stage 4: one dense layer, then a transition
+    x = torch.randn(4, 3, 32, 32)
+    with grad_mode():
+        plain = [model.forward_stem(x)]
+        for k in range(model.num_exits):
+            plain.append(model.forward_stage(plain[-1], k))
+        read = model.stages[4][0](plain[4])  # what the transition reads; the layer drops scale 0, which it only read
+        at_transition = [t.shape[1] for t in plain[4][:len(plain[4]) - len(read)] + read]
+        state = fused.begin_pass(fused.forward_stem(x), model.num_exits - 1)
+        pointers = None
+        for k in range(4):
+            state = fused.forward_stage(state, k)
+            assert [b.shape[1] for b in state.buffers] == at_transition
+            assert pointers in (None, [b.data_ptr() for b in state.buffers])
+            pointers = [b.data_ptr() for b in state.buffers]
+            assert len(state) == len(plain[k + 1])
+            for expected, got in zip(plain[k + 1], state):
+                _close(expected, got)
+            _close(model.forward_exit(plain[k + 1], k), fused.forward_exit(state, k))
+        short = fused.begin_pass(fused.forward_stem(x), 1)
+        for k in range(2):
+            short = fused.forward_stage(short, k)
+        assert [b.shape[1] for b in short.buffers] == [t.shape[1] for t in plain[2]]
+
+
+@pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=["no_grad", "inference_mode"])
+@pytest.mark.parametrize("name,kwargs,size", [CASES[0], CASES[4]])
+def test_the_fused_model_answers_at_every_active_exit(name, kwargs, size, grad_mode):
+    """model(x) at each exit (forward_until, then one head): the plain model's logits."""
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model(name, num_classes=10, **kwargs))
+    fused = reparameterize_model(model)
+    x = torch.randn(2, 3, size, size)
+    for k in range(model.num_exits):
+        model.set_exit(k)
+        fused.set_exit(k)
+        with grad_mode():
+            _close(model(x), fused(x))
+
+
 def test_a_fused_stage_refuses_inputs_of_other_widths():
     fused = reparameterize_model(_randomise(timm.create_model("msdnet_cifar_5exit", num_classes=3)))
     with torch.no_grad():

@@ -32,7 +32,7 @@ from timm.models._features import feature_take_indices
 from .channels_last_norm import batch_norm_relu_2d, shared_input_conv_bn_relu
 from .features import check_feature_indices
 from .heads import classifier, reset_head_classifier
-from .msdnet_fused import FusedMsdLayer, FusedTransition, fuse_head, fuse_stage, fuse_stem
+from .msdnet_fused import FusedMsdLayer, FusedTransition, begin_full_pass, fuse_head, fuse_stage, fuse_stem
 from .multi_exit import MultiExitModel, scale_grad
 from ..checkpoint import keep_file_classifiers
 
@@ -541,8 +541,15 @@ class MSDNet(MultiExitModel):
                 return stage(state)
         raise IndexError(f"stage index {index} out of range for {len(self.stages)} stages")
 
+    @torch.jit.unused
+    def begin_pass(self, state: List[torch.Tensor], last: int) -> List[torch.Tensor]:
+        """A fused model's full pass appends to buffers across stages (:mod:`.msdnet_fused`)."""
+        return begin_full_pass(state, list(self.stages)[:last + 1])
+
     def forward_until(self, x: torch.Tensor, index: int) -> List[torch.Tensor]:
         state = self.forward_stem(x)
+        if not torch.jit.is_scripting():
+            state = self.begin_pass(state, index)
         for i in range(index + 1):
             state = self.forward_stage(state, i)
         return state

@@ -11,15 +11,18 @@ here and returns a new module; the plain model is never modified).
   read the filled channels at the start of a buffer in place (a strided matrix), so the room not
   yet written is neither copied nor multiplied.
 
-The state between fused stages is what the plain model passes, one channels-last tensor per scale,
-so the early-exit executor compacts it the same way. Buffers do not reach past a stage: room for
-later stages would be allocated (and its memory paged in: channels-last interleaves it with the
-features) for samples that leave at the exit in between.
+Between fused stages the state is what the plain model passes, one channels-last tensor per scale,
+so the early-exit executor compacts it the same way: a stage called on it allocates buffers that end
+with the stage (room for later stages would be allocated, and its memory paged in: channels-last
+interleaves it with the features, for samples that leave at the exit in between). A full pass, which
+keeps every sample (``forward_exits``, ``forward_until``), starts from :func:`begin_full_pass` instead: its
+state is a :class:`ScaleBuffers` whose buffers have room up to the next transition, however many stages
+away, so each stage appends to what the one before wrote.
 """
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.layers import ConvNormAct
@@ -28,8 +31,8 @@ from torch import nn
 if TYPE_CHECKING:  # msdnet.py imports this module
     from .msdnet import MsdHead, MsdLayer, MsdStage, MsdStem, Transition
 
-__all__ = ["FoldedConvAct", "FoldedPointwise", "FusedMsdLayer", "FusedStage", "FusedTransition",
-           "fuse_stage", "fuse_stem", "fuse_head"]
+__all__ = ["FoldedConvAct", "FoldedPointwise", "FusedMsdLayer", "FusedStage", "FusedTransition", "ScaleBuffers",
+           "begin_full_pass", "fuse_stage", "fuse_stem", "fuse_head"]
 
 _CL = torch.channels_last
 
@@ -167,11 +170,33 @@ class FusedTransition(nn.Module):
         return [conv(x) for conv, x in zip(self.convs, xs)]
 
 
+class ScaleBuffers:
+    """The state between fused stages in a full pass: per scale, a channels-last buffer whose first
+    ``filled`` channels are the features and whose rest is room the next stages fill in place, and
+    ``plan``, the buffer widths each stage still to run wants (:func:`begin_full_pass`). It reads like the
+    plain model's list of per-scale tensors (item ``k`` is scale ``k``'s features, a view), so exit
+    heads and ``slice_state`` take it as they are."""
+
+    def __init__(self, buffers: List[torch.Tensor], filled: List[int], plan: List[List[List[int]]]):
+        self.buffers, self.filled, self.plan = buffers, filled, plan
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self.buffers[k][:, :self.filled[k]]
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+
 class FusedStage(nn.Module):
     """Inference form of an :class:`~timm_exits.models.msdnet.MsdStage` with 1x1 bottlenecks: each run
-    of dense layers up to a transition (or the stage's end) appends to per-scale buffers of the run's
-    final widths, which start as a copy of the run's input. Takes and returns a list of per-scale
-    channels-last tensors."""
+    of dense layers up to a transition (or the stage's end) appends to per-scale buffers. Called on a
+    list of per-scale channels-last tensors, it allocates buffers of the run's final widths and returns
+    a list; called on a :class:`ScaleBuffers` (a full pass), it appends to the buffers it is given where
+    they have room, allocates those of the widths the pass plans where not, and returns a
+    :class:`ScaleBuffers`."""
 
     def __init__(self, stage: "MsdStage"):
         super().__init__()
@@ -181,6 +206,7 @@ class FusedStage(nn.Module):
         steps: List[nn.Module] = []
         self.segments: List[Tuple[List[int], Optional[int]]] = []  # (layer indices, transition index)
         self.segment_widths: List[List[int]] = []  # per segment: its buffers' widths, one per input scale
+        self.segment_discards: List[int] = []  # per segment: how many of its input scales it drops
         widths, run = list(self.in_widths), []
         for i, m in enumerate(stage):
             if hasattr(m, "reads"):  # a dense layer
@@ -204,33 +230,55 @@ class FusedStage(nn.Module):
                 final[scales[k]] += g
         self.segments.append((run, transition))
         self.segment_widths.append(final)
+        self.segment_discards.append(len(widths) - len(scales))
 
     @staticmethod
-    def _new_buffers(xs: List[torch.Tensor], widths: List[int]) -> List[torch.Tensor]:
-        """Channels-last buffers of ``widths`` channels starting with each ``x`` (the rest unset); a scale
-        the run only reads (e.g. one its first layer discards) keeps its ``x``, which is never written."""
+    def _room(xs: List[torch.Tensor], filled: List[int], widths: List[int]) -> List[torch.Tensor]:
+        """Per scale: ``x`` itself if it holds ``width`` channels, else a new channels-last buffer of
+        ``width`` channels starting with the ``filled`` channels of ``x`` (the rest unset)."""
         buffers = []
-        for x, width in zip(xs, widths):
-            if width == x.shape[1]:
+        for x, n, width in zip(xs, filled, widths):
+            if x.shape[1] >= width:
                 buffers.append(x)
                 continue
             buffer = torch.empty((x.shape[0], width, *x.shape[2:]), dtype=x.dtype, device=x.device, memory_format=_CL)
-            buffer[:, :x.shape[1]] = x
+            buffer[:, :n] = x[:, :n]
             buffers.append(buffer)
         return buffers
 
-    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-        widths = [x.shape[1] for x in xs]
-        if tuple(widths) != self.in_widths:
-            raise ValueError(f"this fused MSDNet stage reads scales of {list(self.in_widths)} channels, got {widths}")
-        for (layers, transition), segment_widths in zip(self.segments, self.segment_widths):
+    def forward(self, state: Union[List[torch.Tensor], ScaleBuffers]) -> Union[List[torch.Tensor], ScaleBuffers]:
+        full_pass = isinstance(state, ScaleBuffers)
+        xs, filled = (list(state.buffers), list(state.filled)) if full_pass else (list(state), [x.shape[1] for x in state])
+        if tuple(filled) != self.in_widths:
+            raise ValueError(f"this fused MSDNet stage reads scales of {list(self.in_widths)} channels, got {filled}")
+        plan = state.plan[0] if full_pass else self.segment_widths
+        for (layers, transition), widths in zip(self.segments, plan):
             if layers:
-                xs, filled = self._new_buffers(xs, segment_widths), [x.shape[1] for x in xs]
+                xs = self._room(xs, filled, widths)
                 for i in layers:
                     self.steps[i].forward_into(xs, filled)
             if transition is not None:
-                xs = self.steps[transition](xs)
-        return list(xs)
+                xs = self.steps[transition](xs)  # its 1x1 units read the filled channels
+                filled = [x.shape[1] for x in xs]
+        return ScaleBuffers(xs, filled, state.plan[1:]) if full_pass else xs
+
+
+def begin_full_pass(state: List[torch.Tensor], stages: Sequence[nn.Module]) -> Union[List[torch.Tensor], ScaleBuffers]:
+    """The stem's ``state`` made the start of a full pass through ``stages`` (every sample through
+    all of them): a :class:`ScaleBuffers` whose plan gives each run of dense layers buffers wide enough
+    for every layer up to its next transition, in this stage or a later one. ``state`` itself if a
+    stage is not a :class:`FusedStage` (a model without bottlenecks, or not fused)."""
+    if not stages or not all(isinstance(s, FusedStage) for s in stages):
+        return state
+    plan: List[List[List[int]]] = []
+    ahead: Optional[List[int]] = None  # the widths the next stage's first run wants, per its input scale
+    for stage in reversed(stages):
+        widths = [list(w) for w in stage.segment_widths]
+        if stage.segments[-1][1] is None and ahead is not None:  # its last run goes on in the next stage
+            widths[-1] = widths[-1][:stage.segment_discards[-1]] + ahead
+        ahead = widths[0] if stage.segments[0][0] else None
+        plan.insert(0, widths)
+    return ScaleBuffers(list(state), [x.shape[1] for x in state], plan)
 
 
 def fuse_stage(stage: "MsdStage") -> nn.Module:

@@ -86,6 +86,13 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
     def forward_exit(self, state: State, index: int, pre_logits: bool = False) -> torch.Tensor:
         """Logits (or pooled features if ``pre_logits``) of exit ``index`` from the state after stage ``index``."""
 
+    def begin_pass(self, state: State, last: int) -> State:
+        """The stem's ``state`` as the start of a pass that keeps every sample through stages
+        0..``last`` (:meth:`forward_exits`, :meth:`forward_until`): a model may return a state its
+        stages extend in place (the fused MSDNet does). The early-exit executor, which drops samples
+        between stages, starts from the stem's state as it is. Here: ``state`` unchanged."""
+        return state
+
     def set_exit(self, index: Optional[int] = None) -> None:
         """Make ``forward`` stop at exit ``index`` (0-based; negative counts from the end;
         ``None`` means the last exit)."""
@@ -118,6 +125,8 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
         """
         n = self.num_exits if last is None else last + 1
         state = self.forward_stem(x)
+        if not torch.jit.is_scripting():
+            state = self.begin_pass(state, n - 1)
         head_inputs = []
         for i in range(n):
             state = self.forward_stage(state, i)
@@ -146,6 +155,8 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
     def forward_until(self, x: torch.Tensor, index: int) -> State:
         """The state after stage ``index``, running no exit head."""
         state = self.forward_stem(x)
+        if not torch.jit.is_scripting():
+            state = self.begin_pass(state, index)
         for i in range(index + 1):
             state = self.forward_stage(state, i)
         return state
