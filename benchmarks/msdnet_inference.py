@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import shlex
 import sys
 import time
@@ -106,8 +107,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
+    allocator = {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")}
     print(f"timm_exits from {timm_exits.__file__}; torch {torch.__version__}, {args.threads} threads, {args.clock} clock; "
-          f"CPU bf16: {cpu_bf16() or 'emulated'}")
+          f"CPU bf16: {cpu_bf16() or 'emulated'}; allocator settings: "
+          + ", ".join(f"{k}={v or 'unset'}" for k, v in allocator.items()))
     torch.manual_seed(0)
     model = timm.create_model(args.model).eval()
     reference: Optional[torch.nn.Module] = None
@@ -173,6 +176,7 @@ def main() -> None:
         print(f"\n{mode}: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()))
     if args.json:
         print(json.dumps({"model": args.model, "batch": args.batch, "threads": args.threads, "clock": args.clock,
+                          "allocator": allocator,
                           "seconds": {" / ".join(k): v for k, v in t.items()}, "summary": summary}))
 
 

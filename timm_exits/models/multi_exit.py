@@ -9,7 +9,9 @@ early-exit executor, cost profiling) is built on them:
 * ``forward_exit(state, index, pre_logits=False) -> Tensor``
 
 A *state* is a tensor or a list of tensors (MSDNet keeps one tensor per scale) whose first
-dimension is the batch, so it can be sliced by sample with :func:`slice_state`.
+dimension is the batch, so it can be sliced by sample with :func:`slice_state`. A model may also
+override ``begin_pass(state, last)``: the state a pass that keeps every sample starts from (the fused
+MSDNet's lets its stages append in place; it still reads like a list of tensors).
 """
 
 import abc
