@@ -32,6 +32,7 @@ GRAD_MODES = [torch.no_grad, torch.inference_mode]
 
 
 def _close(expected: torch.Tensor, got: torch.Tensor) -> None:
+    expected, got = expected.detach(), got.detach()
     assert expected.shape == got.shape
     assert float((got - expected).norm() / expected.norm()) < 1e-5, (got - expected).abs().max()
 
@@ -174,6 +175,25 @@ def test_the_fused_model_answers_at_every_active_exit(name, kwargs, size, grad_m
         fused.set_exit(k)
         with grad_mode():
             _close(model(x), fused(x))
+
+
+def test_gradients_are_refused_and_a_forward_without_a_grad_mode_works():
+    """The fused stages write into buffers in place, which autograd cannot differentiate: an input that
+    needs a gradient is refused with an error that says what to do. Its parameters need none, so a
+    forward outside no_grad (a quick script, or with Gradient Equilibrium switched on) still answers."""
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model("msdnet_cifar_5exit", num_classes=3, num_channels=4, growth_rate=2))
+    fused = reparameterize_model(model)
+    x = torch.randn(2, 3, 32, 32)
+    fused.gradient_equilibrium = True  # reshapes the state between stages when grad is enabled
+    with torch.no_grad():
+        expected, last = model.forward_exits(x), model(x)
+    assert torch.is_grad_enabled()
+    for a, b in zip(expected, fused.forward_exits(x)):
+        _close(a, b)
+    _close(last, fused(x))
+    with pytest.raises(RuntimeError, match=r"computes no gradients .* torch.no_grad\(\) or torch.inference_mode\(\)"):
+        fused(x.requires_grad_())
 
 
 def test_a_fused_stage_refuses_inputs_of_other_widths():

@@ -65,6 +65,7 @@ class FoldedConvAct(nn.Module):
             self.conv.weight.copy_(weight)
             self.conv.bias.copy_(torch.cat(biases))
         self.conv.to(memory_format=_CL)
+        self.conv.requires_grad_(False)  # an inference form: see FusedStage.forward
         self.widths = [w.shape[0] for w in weights]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +184,9 @@ class ScaleBuffers:
     def __len__(self) -> int:
         return len(self.buffers)
 
-    def __getitem__(self, k: int) -> torch.Tensor:
+    def __getitem__(self, k: Union[int, slice]) -> Union[torch.Tensor, List[torch.Tensor]]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(len(self))[k]]
         return self.buffers[k][:, :self.filled[k]]
 
     def __iter__(self):
@@ -247,6 +250,11 @@ class FusedStage(nn.Module):
         return buffers
 
     def forward(self, state: Union[List[torch.Tensor], ScaleBuffers]) -> Union[List[torch.Tensor], ScaleBuffers]:
+        if torch.is_grad_enabled() and (any(x.requires_grad for x in state) or
+                                        any(p.requires_grad for p in self.parameters())):
+            raise RuntimeError("MSDNet's fused inference path computes no gradients (its stages write into buffers in "
+                               "place): run it under torch.no_grad() or torch.inference_mode(), or take gradients "
+                               "from the plain model")
         full_pass = isinstance(state, ScaleBuffers)
         xs, filled = (list(state.buffers), list(state.filled)) if full_pass else (list(state), [x.shape[1] for x in state])
         if tuple(filled) != self.in_widths:
