@@ -160,6 +160,9 @@ def test_a_full_pass_appends_to_the_same_buffers_up_to_the_next_transition(grad_
         for k in range(2):
             short = fused.forward_stage(short, k)
         assert [b.shape[1] for b in short.buffers] == [t.shape[1] for t in plain[2]]
+        after = fused.forward_stage(fused.forward_until(x, 2), 3)  # going on past where the pass ended
+        for expected, got in zip(plain[4], after):
+            _close(expected, got)
 
 
 @pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=["no_grad", "inference_mode"])

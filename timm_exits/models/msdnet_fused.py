@@ -199,7 +199,7 @@ class FusedStage(nn.Module):
     list of per-scale channels-last tensors, it allocates buffers of the run's final widths and returns
     a list; called on a :class:`ScaleBuffers` (a full pass), it appends to the buffers it is given where
     they have room, allocates those of the widths the pass plans where not, and returns a
-    :class:`ScaleBuffers`."""
+    :class:`ScaleBuffers` (past the stages its pass planned, it reads it as a list)."""
 
     def __init__(self, stage: "MsdStage"):
         super().__init__()
@@ -255,7 +255,7 @@ class FusedStage(nn.Module):
             raise RuntimeError("MSDNet's fused inference path computes no gradients (its stages write into buffers in "
                                "place): run it under torch.no_grad() or torch.inference_mode(), or take gradients "
                                "from the plain model")
-        full_pass = isinstance(state, ScaleBuffers)
+        full_pass = isinstance(state, ScaleBuffers) and len(state.plan) > 0  # else: a pass that ended here goes on
         xs, filled = (list(state.buffers), list(state.filled)) if full_pass else (list(state), [x.shape[1] for x in state])
         if tuple(filled) != self.in_widths:
             raise ValueError(f"this fused MSDNet stage reads scales of {list(self.in_widths)} channels, got {filled}")
