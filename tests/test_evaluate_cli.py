@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.utils import reparameterize_model
 
 import timm_exits  # noqa: F401
 from timm_exits.cli import main
@@ -69,6 +70,7 @@ def test_evaluate_writes_tables_json_plot_and_thresholds(setup):
     assert report["budgeted_protocol"] == {"q_grid": "reference", "q": REFERENCE_Q, "envelope": False, "fit_samples": 15,
                                            "fit_split": "--val-fraction 0.5 of --data-dir (seed 0)"}
     assert not {"threshold_sweep", "patience_sweep", "calibration", "latency"} & set(report)
+    assert report["fused"] is False
 
 
 def test_evaluate_errors_are_explained(setup, tmp_path):
@@ -138,6 +140,26 @@ def test_evaluate_scores_product_anytime_online(setup):
     budgeted = budgeted_curve(*answers, [e["cost"] for e in report["exits"]], REFERENCE_Q)
     assert [p["accuracy"] for p in report["budgeted"]] == pytest.approx([p.accuracy for p in budgeted])
     assert Thresholds.load(str(out / "thresholds.json")).predictor == "product_anytime"
+    assert report["latency"]["images"] == 4
+
+
+def test_evaluate_runs_the_fused_model_and_keeps_the_costs_of_the_model_as_built(setup):
+    """--fuse: outputs and latency from timm.utils.reparameterize_model's copy; the costs are profiled on
+    the model as built (under the MSDNet reference counter the fused operators count differently)."""
+    tmp, data, model, checkpoint = setup
+    out = tmp / "fused"
+    run = _run("msdnet_cifar_5exit", "--checkpoint", str(checkpoint), "--data-dir", str(data), "--val-fraction", "0.5",
+               "--output", str(out), "--workers", "0", "--fuse", "--convention", "msdnet", "--target-macs", "30e6",
+               "--latency", "--latency-images", "4", "--latency-repeats", "1")
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "evaluation.json").read_text())
+    fused = reparameterize_model(model)
+    costs = [c.macs for c in profile_exits(model, convention="msdnet")]
+    assert [c.macs for c in profile_exits(fused, convention="msdnet")] != costs
+    assert report["fused"] is True and [e["cost"] for e in report["exits"]] == costs
+    assert Thresholds.load(str(out / "thresholds.json")).costs == costs
+    _, test = _split_outputs(fused, data)
+    assert [e["top1"] for e in report["exits"]] == pytest.approx(anytime_accuracy(test)["top1"])
     assert report["latency"]["images"] == 4
 
 
