@@ -15,6 +15,8 @@ from tqdm import tqdm
 
 from ..models.multi_exit import exit_logits
 
+__all__ = ["PREDICTORS", "predictor_of", "ExitOutputs", "collect_outputs", "anytime_accuracy"]
+
 PREDICTORS = ("exits", "product_anytime")  # what answers at the exits (Thresholds.predictor)
 
 
@@ -22,8 +24,6 @@ def predictor_of(model: nn.Module) -> str:
     """What answers at ``model``'s exits: its ``predictor`` attribute (``'product_anytime'`` for a
     ProductAnytimeModel or an export of one), ``'exits'`` for every other model."""
     return getattr(model, "predictor", "exits")
-
-__all__ = ["PREDICTORS", "predictor_of", "ExitOutputs", "collect_outputs", "anytime_accuracy"]
 
 
 @dataclass

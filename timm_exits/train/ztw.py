@@ -130,9 +130,7 @@ def fit_ensembles_offline(model: ZTWModel, loader: Iterable, epochs: int = 501, 
     stacks, labels = [], []
     with torch.no_grad():
         for images, targets in loader:
-            state = model.forward_stem(images)
-            for k in range(model.num_exits - 1):
-                state = model.forward_stage(state, k)
+            state = model.forward_until(images, model.num_exits - 2)  # through the last ensembled head
             stacks.append(state[2][1])  # the heads' log-probabilities (B, heads, C)
             labels.append(torch.as_tensor(targets))
     if not stacks:
