@@ -1,5 +1,7 @@
 """MSDNet's fused inference path computes the same function as the plain model: every exit, random
 weights and trained-looking batch-norm statistics, for the variants' different layouts."""
+import warnings
+
 import pytest
 import timm
 import torch
@@ -75,6 +77,41 @@ def test_every_fuse_returns_a_new_module_and_leaves_the_original_untouched(prune
         assert not set(map(id, fused.modules())) & set(map(id, module.modules())), name
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_fusing_a_fused_model_again_changes_nothing():
+    """``reparameterize_model`` on a model that is already fused (a second ``--reparam``, a fused model
+    passed on) copies the fused parts as they are."""
+    model = _randomise(timm.create_model("msdnet_cifar_5exit", num_classes=3, num_channels=4, growth_rate=2))
+    fused = reparameterize_model(model)
+    again = reparameterize_model(fused)
+    assert not _tensors(again) & _tensors(fused)
+    assert again.state_dict().keys() == fused.state_dict().keys()
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in fused.state_dict().items())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(model.forward_exits(x), again.forward_exits(x)):
+            _close(a, b)
+
+
+@pytest.mark.parametrize("name,kwargs,size", CASES)
+def test_the_fused_model_compiles_with_torchscript(name, kwargs, size, tmp_path):
+    """timm's ``validate.py --reparam --torchscript``: the fused model scripted (then saved and loaded, a
+    program without Python code) answers at every active exit as the plain model does, in both grad modes."""
+    torch.manual_seed(0)
+    with timm.set_scriptable(True):
+        model = _randomise(timm.create_model(name, num_classes=10, **kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        torch.jit.save(torch.jit.script(reparameterize_model(model)), str(tmp_path / "fused.pt"))
+        scripted = torch.jit.load(str(tmp_path / "fused.pt"))
+    x = torch.randn(2, 3, size, size)
+    for grad_mode in GRAD_MODES:
+        with grad_mode():
+            expected = model.forward_exits(x)
+            for k in range(model.num_exits):
+                scripted.exit_index = k
+                _close(expected[k], scripted(x))
 
 
 def test_fusing_is_done_at_fuse_time():
@@ -212,7 +249,7 @@ def test_shared_input_bottlenecks_are_merged():
     fused = reparameterize_model(model)
     layers = [m for m in fused.modules() if isinstance(m, FusedMsdLayer)]
     first = layers[0]  # 3 scales: scale 0 feeds the normal path of 0 and the down path of 1, ...
-    assert sorted(first.reads) == [0, 1, 2] and [len(first.reads[j]) for j in (0, 1, 2)] == [2, 2, 1]
+    assert first.read_scales == [0, 1, 2] and [len(r.widths) for r in first.reduce] == [2, 2, 1]
     plain_1x1 = sum(1 for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
     fused_1x1 = sum(1 for m in fused.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
     assert fused_1x1 < 0.7 * plain_1x1

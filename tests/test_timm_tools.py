@@ -1,6 +1,7 @@
 """timm's evaluation path on our models, as timm's validate.py runs it: a model created by name, weights
 from our safetensors through ``timm.models.load_checkpoint`` (``--checkpoint``), timm's dataset, transforms
-and loader from the model's own data config, ``--torchscript``, ``--channels-last``, and evaluation under
+and loader from the model's own data config, ``--torchscript``, ``--channels-last``, ``--reparam`` (MSDNet's
+fused inference path, also scripted and channels-last, in validate.py's order) and evaluation under
 ``torch.inference_mode()`` with timm's ``ClassificationEvaluator``."""
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ from safetensors.torch import save_file
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.models import load_checkpoint
 from timm.task import ClassificationEvaluator
+from timm.utils import reparameterize_model
 
 import timm_exits  # noqa: F401
+from timm_exits.models.msdnet_fused import FoldedConvAct
 
 from helpers import randomise_norms
 
@@ -74,9 +77,14 @@ def test_validate_py_path(name, image_folder, tmp_path):
     with timm.set_scriptable(True):  # validate.py --torchscript
         scriptable = timm.create_model(name, **kwargs)
     load_checkpoint(scriptable, str(path))
-    scripted = torch.jit.script(scriptable.eval())
-    for candidate, channels_last in ((model, False), (scripted, False),  # --channels-last
-                                     (model.to(memory_format=torch.channels_last), True)):
+    candidates = [(model, False), (torch.jit.script(scriptable.eval()), False)]
+    if name.startswith("msdnet"):  # --reparam: MSDNet's fused inference path
+        fused = reparameterize_model(model)
+        assert any(isinstance(m, FoldedConvAct) for m in fused.modules())
+        candidates += [(fused, False), (torch.jit.script(reparameterize_model(scriptable)), False),
+                       (reparameterize_model(model).to(memory_format=torch.channels_last), True)]
+    candidates.append((model.to(memory_format=torch.channels_last), True))  # --channels-last
+    for candidate, channels_last in candidates:
         outputs, got = _evaluate(candidate, loader, channels_last)
         assert torch.allclose(outputs, reference, atol=1e-4)
         assert got["top1"] == metrics["top1"]

@@ -353,17 +353,21 @@ class MsdHead(nn.Module):
         return self.forward_head(self.forward_features(x), pre_logits)
 
 
-class MsdStage(nn.Sequential):
-    """The layers (and transitions) between two exits. ``in_widths``, the channels of each input
-    scale, is set by :class:`MSDNet` for the fused inference path (:mod:`.msdnet_fused`)."""
-
-    in_widths: Tuple[int, ...] = ()
-    __jit_ignored_attributes__ = ["in_widths"]  # used when fusing, not in forward
+class ScaleSequential(nn.Sequential):
+    """Modules run in sequence on a list of per-scale tensors."""
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
         for layer in self:
             xs = layer(xs)
         return xs
+
+
+class MsdStage(ScaleSequential):
+    """The layers (and transitions) between two exits. ``in_widths``, the channels of each input
+    scale, is set by :class:`MSDNet` for the fused inference path (:mod:`.msdnet_fused`)."""
+
+    in_widths: Tuple[int, ...] = ()
+    __jit_ignored_attributes__ = ["in_widths"]  # used when fusing, not in forward
 
     def fuse(self) -> nn.Module:
         """The inference form, a new module (``timm.utils.reparameterize_model`` calls this)."""

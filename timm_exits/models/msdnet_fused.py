@@ -22,7 +22,7 @@ away, so each stage appends to what the one before wrote.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.layers import ConvNormAct
@@ -33,9 +33,6 @@ if TYPE_CHECKING:  # msdnet.py imports this module
 
 __all__ = ["FoldedConvAct", "FoldedPointwise", "FusedMsdLayer", "FusedStage", "FusedTransition", "ScaleBuffers",
            "begin_full_pass", "fuse_stage", "fuse_stem", "fuse_head"]
-
-_CL = torch.channels_last
-
 
 def _folded(unit: ConvNormAct) -> Tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of ``unit``'s convolution with its (eval-mode) batch norm folded in."""
@@ -64,7 +61,7 @@ class FoldedConvAct(nn.Module):
         with torch.no_grad():
             self.conv.weight.copy_(weight)
             self.conv.bias.copy_(torch.cat(biases))
-        self.conv.to(memory_format=_CL)
+        self.conv.to(memory_format=torch.channels_last)
         self.conv.requires_grad_(False)  # an inference form: see FusedStage.forward
         self.widths = [w.shape[0] for w in weights]
 
@@ -88,7 +85,9 @@ class FoldedPointwise(FoldedConvAct):
         if c < in_chs:
             raise ValueError(f"this 1x1 convolution reads {in_chs} channels, got {c}")
         pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c)[:, :in_chs]  # a view for a channels-last x
-        out = torch.addmm(self.conv.bias, pixels, self.conv.weight.reshape(-1, in_chs).t())
+        bias = self.conv.bias
+        assert bias is not None  # folded units always have one (and TorchScript needs to know)
+        out = torch.addmm(bias, pixels, self.conv.weight.reshape(-1, in_chs).t())
         return torch.relu_(out.view(n, h, w, -1).permute(0, 3, 1, 2))
 
     def forward_parts(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -97,7 +96,7 @@ class FoldedPointwise(FoldedConvAct):
         out = self(x)
         if len(self.widths) == 1:
             return [out]
-        return [part.contiguous(memory_format=_CL) for part in out.split(self.widths, 1)]
+        return [part.contiguous(memory_format=torch.channels_last) for part in out.split(self.widths, 1)]
 
 
 def _growth(layer: "MsdLayer") -> List[int]:
@@ -116,46 +115,55 @@ class FusedMsdLayer(nn.Module):
         super().__init__()
         self.discard = layer.discard
         self.bottleneck = layer.has_bottleneck
-        self.reads = layer.reads
-        if self.bottleneck:
-            self.reduce = nn.ModuleDict({
-                str(j): FoldedPointwise([getattr(layer.units[k], p).reduce for k, p in users])
-                for j, users in self.reads.items()})
-        self.down = nn.ModuleDict({str(k): FoldedConvAct([u.down.conv]) for k, u in enumerate(layer.units)
-                                   if u.down is not None})
+        # what each 3x3 convolution reads is numbered by slot: 2k for unit k's normal path, 2k + 1 for its down path
+        self.read_scales = list(layer.reads)
+        self.read_slots = [[2 * k + (path == "down") for k, path in users] for users in layer.reads.values()]
+        self.reduce = nn.ModuleList([FoldedPointwise([getattr(layer.units[k], p).reduce for k, p in users])
+                                     for users in layer.reads.values()] if self.bottleneck else [])
+        self.has_down = [u.down is not None for u in layer.units]
+        self.down = nn.ModuleList([nn.Identity() if u.down is None else FoldedConvAct([u.down.conv])
+                                   for u in layer.units])
         self.normal = nn.ModuleList([FoldedConvAct([u.normal.conv]) for u in layer.units])
         self.growth = _growth(layer)
 
-    def forward_into(self, buffers: List[torch.Tensor], filled: List[int]) -> None:
+    def _mids(self, xs: List[torch.Tensor]) -> Dict[int, torch.Tensor]:
+        """Per slot: the tensor its 3x3 convolution reads (a bottleneck's output, or a scale itself)."""
+        mids: Dict[int, torch.Tensor] = {}
+        if self.bottleneck:
+            for i, reduce in enumerate(self.reduce):
+                for slot, part in zip(self.read_slots[i], reduce.forward_parts(xs[self.read_scales[i]])):
+                    mids[slot] = part
+        else:
+            for scale, slots in zip(self.read_scales, self.read_slots):
+                for slot in slots:
+                    mids[slot] = xs[scale]
+        return mids
+
+    def forward_into(self, buffers: List[torch.Tensor], filled: List[int]) -> Tuple[List[torch.Tensor], List[int]]:
         """Append this layer's new channels to per-scale ``buffers`` (filled up to ``filled``), in
-        place; drops the buffers of discarded scales from both lists."""
-        mids = {}
-        for j, users in self.reads.items():
-            mids.update(zip(users, self.reduce[str(j)].forward_parts(buffers[j])))
-        for k, normal in enumerate(self.normal):
-            a, start = k + self.discard, filled[k + self.discard]
-            if str(k) in self.down:
-                new = self.down[str(k)](mids[(k, "down")])
+        place; returns the buffers and fill counts of the scales it keeps."""
+        mids = self._mids(buffers)
+        filled = list(filled)
+        for k, (normal, down) in enumerate(zip(self.normal, self.down)):
+            a = k + self.discard
+            start = filled[a]
+            if self.has_down[k]:
+                new = down(mids[2 * k + 1])
                 buffers[a][:, start:start + new.shape[1]] = new
                 start += new.shape[1]
-            new = normal(mids[(k, "normal")])
+            new = normal(mids[2 * k])
             buffers[a][:, start:start + new.shape[1]] = new
             filled[a] = start + new.shape[1]
-        del buffers[:self.discard], filled[:self.discard]
+        return buffers[self.discard:], filled[self.discard:]
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-        mids = {}
-        for j, users in self.reads.items():
-            if self.bottleneck:
-                mids.update(zip(users, self.reduce[str(j)].forward_parts(xs[j])))
-            else:
-                mids.update((user, xs[j]) for user in users)
-        out = []
-        for k, normal in enumerate(self.normal):
+        mids = self._mids(xs)
+        out: List[torch.Tensor] = []
+        for k, (normal, down) in enumerate(zip(self.normal, self.down)):
             pieces = [xs[k + self.discard]]
-            if str(k) in self.down:
-                pieces.append(self.down[str(k)](mids[(k, "down")]))
-            pieces.append(normal(mids[(k, "normal")]))
+            if self.has_down[k]:
+                pieces.append(down(mids[2 * k + 1]))
+            pieces.append(normal(mids[2 * k]))
             out.append(torch.cat(pieces, 1))
         return out
 
@@ -168,7 +176,13 @@ class FusedTransition(nn.Module):
         self.convs = nn.ModuleList([FoldedPointwise([c]) for c in transition.convs])
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-        return [conv(x) for conv, x in zip(self.convs, xs)]
+        return [conv(xs[i]) for i, conv in enumerate(self.convs)]
+
+    def forward_into(self, buffers: List[torch.Tensor], filled: List[int]) -> Tuple[List[torch.Tensor], List[int]]:
+        """The transition on buffers whose first ``filled`` channels are the features (the 1x1
+        units read only those); returns new tensors and their widths."""
+        out = self.forward(buffers)
+        return out, [x.shape[1] for x in out]
 
 
 class ScaleBuffers:
@@ -193,82 +207,95 @@ class ScaleBuffers:
         return (self[k] for k in range(len(self)))
 
 
+def _with_room(xs: List[torch.Tensor], filled: List[int], widths: List[int]) -> List[torch.Tensor]:
+    """Per scale: ``x`` itself if it holds ``width`` channels, else a new channels-last buffer of
+    ``width`` channels starting with the ``filled`` channels of ``x`` (the rest unset)."""
+    buffers: List[torch.Tensor] = []
+    for x, n, width in zip(xs, filled, widths):
+        if x.shape[1] >= width:
+            buffers.append(x)
+            continue
+        buffer = torch.empty([x.shape[0], width, x.shape[2], x.shape[3]], dtype=x.dtype, device=x.device,
+                             memory_format=torch.channels_last)
+        buffer[:, :n] = x[:, :n]
+        buffers.append(buffer)
+    return buffers
+
+
 class FusedStage(nn.Module):
     """Inference form of an :class:`~timm_exits.models.msdnet.MsdStage` with 1x1 bottlenecks: each run
     of dense layers up to a transition (or the stage's end) appends to per-scale buffers. Called on a
     list of per-scale channels-last tensors, it allocates buffers of the run's final widths and returns
-    a list; called on a :class:`ScaleBuffers` (a full pass), it appends to the buffers it is given where
-    they have room, allocates those of the widths the pass plans where not, and returns a
-    :class:`ScaleBuffers` (past the stages its pass planned, it reads it as a list)."""
+    a list; called on a :class:`ScaleBuffers` (a full pass, not under TorchScript), it appends to the
+    buffers it is given where they have room, allocates those of the widths the pass plans where not,
+    and returns a :class:`ScaleBuffers` (past the stages its pass planned, it reads it as a list)."""
 
     def __init__(self, stage: "MsdStage"):
         super().__init__()
-        self.in_widths = tuple(stage.in_widths)
+        self.in_widths = list(stage.in_widths)
         if not self.in_widths:
             raise ValueError("a fused stage needs its input widths (MsdStage.in_widths, set by MSDNet)")
         steps: List[nn.Module] = []
-        self.segments: List[Tuple[List[int], Optional[int]]] = []  # (layer indices, transition index)
-        self.segment_widths: List[List[int]] = []  # per segment: its buffers' widths, one per input scale
-        self.segment_discards: List[int] = []  # per segment: how many of its input scales it drops
+        self.opens: List[int] = []  # per step: the segment whose buffers it allocates (a run's first layer), or -1
+        self.segment_widths: List[List[int]] = []  # per segment (a run, then a transition or the stage's end):
+        self.segment_discards: List[int] = []  # its buffers' widths per input scale, how many of those it drops
         widths, run = list(self.in_widths), []
-        for i, m in enumerate(stage):
+        for m in stage:
             if hasattr(m, "reads"):  # a dense layer
                 steps.append(FusedMsdLayer(m))
-                run.append(i)
+                self.opens.append(-1 if run else len(self.segment_widths))
+                run.append(m)
             else:  # a transition ends the run
                 steps.append(m.fuse())
-                self._end_run(run, i, widths, stage)
+                self.opens.append(-1)
+                self._end_run(run, widths)
                 widths, run = [c.conv.out_channels for c in steps[-1].convs], []
         if run:
-            self._end_run(run, None, widths, stage)
+            self._end_run(run, widths)
         self.steps = nn.ModuleList(steps)
 
-    def _end_run(self, run: List[int], transition: Optional[int], widths: List[int], stage: "MsdStage") -> None:
-        """Record a segment: the dense layers ``run`` (on inputs of ``widths``), then ``transition``."""
+    def _end_run(self, run: List["MsdLayer"], widths: List[int]) -> None:
+        """Record a segment: the dense layers ``run`` on inputs of ``widths``."""
         final, scales = list(widths), list(range(len(widths)))  # input scale of each current entry
-        for i in run:
-            layer = stage[i]
+        for layer in run:
             del scales[:layer.discard]
             for k, g in enumerate(_growth(layer)):
                 final[scales[k]] += g
-        self.segments.append((run, transition))
         self.segment_widths.append(final)
         self.segment_discards.append(len(widths) - len(scales))
 
-    @staticmethod
-    def _room(xs: List[torch.Tensor], filled: List[int], widths: List[int]) -> List[torch.Tensor]:
-        """Per scale: ``x`` itself if it holds ``width`` channels, else a new channels-last buffer of
-        ``width`` channels starting with the ``filled`` channels of ``x`` (the rest unset)."""
-        buffers = []
-        for x, n, width in zip(xs, filled, widths):
-            if x.shape[1] >= width:
-                buffers.append(x)
-                continue
-            buffer = torch.empty((x.shape[0], width, *x.shape[2:]), dtype=x.dtype, device=x.device, memory_format=_CL)
-            buffer[:, :n] = x[:, :n]
-            buffers.append(buffer)
-        return buffers
+    def _run(self, xs: List[torch.Tensor], filled: List[int],
+             plan: List[List[int]]) -> Tuple[List[torch.Tensor], List[int]]:
+        """The stage's steps on buffers filled up to ``filled``, each run's buffers as wide as ``plan`` says."""
+        if filled != self.in_widths:
+            raise ValueError(f"this fused MSDNet stage reads scales of {self.in_widths} channels, got {filled}")
+        for i, step in enumerate(self.steps):
+            segment = self.opens[i]
+            if segment >= 0:
+                xs = _with_room(xs, filled, plan[segment])
+            xs, filled = step.forward_into(xs, filled)
+        return xs, filled
 
-    def forward(self, state: Union[List[torch.Tensor], ScaleBuffers]) -> Union[List[torch.Tensor], ScaleBuffers]:
+    def forward(self, state: List[torch.Tensor]) -> List[torch.Tensor]:
+        if not torch.jit.is_scripting():
+            self._refuse_gradients(state)
+            if isinstance(state, ScaleBuffers) and state.plan:  # else: a pass that ended here goes on
+                return self._forward_full_pass(state)
+        xs, _ = self._run(list(state), [x.shape[1] for x in state], self.segment_widths)
+        return xs
+
+    @torch.jit.unused
+    def _forward_full_pass(self, state: ScaleBuffers) -> ScaleBuffers:
+        xs, filled = self._run(list(state.buffers), list(state.filled), state.plan[0])
+        return ScaleBuffers(xs, filled, state.plan[1:])
+
+    @torch.jit.unused
+    def _refuse_gradients(self, state: List[torch.Tensor]) -> None:
         if torch.is_grad_enabled() and (any(x.requires_grad for x in state) or
                                         any(p.requires_grad for p in self.parameters())):
             raise RuntimeError("MSDNet's fused inference path computes no gradients (its stages write into buffers in "
                                "place): run it under torch.no_grad() or torch.inference_mode(), or take gradients "
                                "from the plain model")
-        full_pass = isinstance(state, ScaleBuffers) and len(state.plan) > 0  # else: a pass that ended here goes on
-        xs, filled = (list(state.buffers), list(state.filled)) if full_pass else (list(state), [x.shape[1] for x in state])
-        if tuple(filled) != self.in_widths:
-            raise ValueError(f"this fused MSDNet stage reads scales of {list(self.in_widths)} channels, got {filled}")
-        plan = state.plan[0] if full_pass else self.segment_widths
-        for (layers, transition), widths in zip(self.segments, plan):
-            if layers:
-                xs = self._room(xs, filled, widths)
-                for i in layers:
-                    self.steps[i].forward_into(xs, filled)
-            if transition is not None:
-                xs = self.steps[transition](xs)  # its 1x1 units read the filled channels
-                filled = [x.shape[1] for x in xs]
-        return ScaleBuffers(xs, filled, state.plan[1:]) if full_pass else xs
 
 
 def begin_full_pass(state: List[torch.Tensor], stages: Sequence[nn.Module]) -> Union[List[torch.Tensor], ScaleBuffers]:
@@ -282,30 +309,37 @@ def begin_full_pass(state: List[torch.Tensor], stages: Sequence[nn.Module]) -> U
     ahead: Optional[List[int]] = None  # the widths the next stage's first run wants, per its input scale
     for stage in reversed(stages):
         widths = [list(w) for w in stage.segment_widths]
-        if stage.segments[-1][1] is None and ahead is not None:  # its last run goes on in the next stage
+        if isinstance(stage.steps[-1], FusedMsdLayer) and ahead is not None:  # its last run goes on in the next stage
             widths[-1] = widths[-1][:stage.segment_discards[-1]] + ahead
-        ahead = widths[0] if stage.segments[0][0] else None
+        ahead = widths[0] if isinstance(stage.steps[0], FusedMsdLayer) else None
         plan.insert(0, widths)
     return ScaleBuffers(list(state), [x.shape[1] for x in state], plan)
 
 
 def fuse_stage(stage: "MsdStage") -> nn.Module:
     """The inference form of a stage: a :class:`FusedStage` if its dense layers have 1x1 bottlenecks
-    (to read whole buffers), otherwise its fused layers in sequence (concatenating)."""
+    (to read whole buffers), otherwise its fused layers in sequence, each concatenating its new channels."""
+    from .msdnet import ScaleSequential  # msdnet.py imports this module
+
     if all(m.has_bottleneck for m in stage if hasattr(m, "reads")):
         return FusedStage(stage)
-    return nn.Sequential(*[m.fuse() for m in stage])
+    return ScaleSequential(*[m.fuse() for m in stage])
 
 
 def fuse_stem(stem: "MsdStem") -> nn.Module:
-    """A copy of the stem with its batch norms folded."""
+    """A copy of the stem with its batch norms folded (a copy of it as it is if they are already)."""
     fused = copy.deepcopy(stem)
+    if all(isinstance(c, FoldedConvAct) for c in stem.convs):
+        return fused
     fused.convs = nn.ModuleList([FoldedConvAct([c]) for c in stem.convs])
     return fused
 
 
 def fuse_head(head: "MsdHead") -> nn.Module:
-    """A copy of an exit head with its batch norms folded (same pool and classifier)."""
+    """A copy of an exit head with its batch norms folded (same pool and classifier; a copy of it as
+    it is if they are already)."""
     fused = copy.deepcopy(head)
+    if isinstance(head.conv1, FoldedConvAct):
+        return fused
     fused.conv1, fused.conv2 = FoldedConvAct([head.conv1]), FoldedConvAct([head.conv2])
     return fused
