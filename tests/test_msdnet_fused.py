@@ -114,6 +114,27 @@ def test_the_fused_model_compiles_with_torchscript(name, kwargs, size, tmp_path)
                 _close(expected[k], scripted(x))
 
 
+@pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=["no_grad", "inference_mode"])
+def test_the_fused_model_runs_in_bfloat16(grad_mode):
+    """timm's ``validate.py --reparam --amp`` (bf16 autocast on CPU) and ``--model-dtype bfloat16``: the
+    buffers take the dtype of what flows in, and every exit stays as close to the fp32 plain model as
+    the plain model under autocast is (bf16 rounding)."""
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model("msdnet_cifar_7exit", num_classes=10))
+    fused = reparameterize_model(model)
+    x = torch.randn(3, 3, 32, 32)
+    with grad_mode():
+        expected = model.forward_exits(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain_amp, fused_amp = model.forward_exits(x), fused.forward_exits(x)
+        fused_bf16 = reparameterize_model(model).to(torch.bfloat16).forward_exits(x.to(torch.bfloat16))
+    for e, p, a, b in zip(expected, plain_amp, fused_amp, fused_bf16):
+        assert a.dtype == b.dtype == torch.bfloat16
+        plain_error = float((p.float() - e).norm() / e.norm())
+        for got in (a, b):
+            assert float((got.float() - e).norm() / e.norm()) < max(3 * plain_error, 0.02)
+
+
 def test_fusing_is_done_at_fuse_time():
     model = _randomise(timm.create_model("msdnet_cifar_7exit", num_classes=10))
     fused = reparameterize_model(model)
