@@ -12,6 +12,7 @@ wall``, the default, needs an idle machine; ``--clock cpu`` measures this proces
 a shared machine when ``--threads 1``).
 
     python benchmarks/msdnet_inference.py --reference-dir ~/MSDNet-PyTorch [--model msdnet_cifar_7exit] [--batch 256]
+        [--export /tmp/msdnet_exports]   # also the exported plain and fused models (timm_exits.inference.export_model)
 """
 import argparse
 import contextlib
@@ -34,7 +35,7 @@ from timm.utils import reparameterize_model
 import timm_exits
 from timm_exits.catalogue import load_catalogue
 from timm_exits.cpu import cpu_bf16
-from timm_exits.inference import EarlyExitExecutor
+from timm_exits.inference import EarlyExitExecutor, ExportedModel, export_model
 from timm_exits.models.msdnet import checkpoint_filter_fn
 from timm_exits.profile import profile_exits
 
@@ -103,6 +104,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clock", choices=CLOCKS, default="wall")
+    p.add_argument("--export", metavar="DIR", help="also export the plain and the fused model there "
+                   "(timm_exits.inference.export_model) and time the exported full networks")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON object")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -143,6 +146,11 @@ def main() -> None:
     nets = {"plain": model.forward_exits, "fused": fused.forward_exits}
     if reference is not None:
         nets["reference"] = reference
+    if args.export:
+        for name, net in (("plain", model), ("fused", fused)):
+            folder = os.path.join(args.export, name)
+            export_model(net, x[:2], folder, name=f"{args.model} ({name})")
+            nets[f"{name} export"] = ExportedModel(folder).forward_exits
     cases = {}
     for mode, ctx in GRAD.items():
         for name, net in nets.items():
@@ -154,10 +162,10 @@ def main() -> None:
     t = measure(cases, args.rounds, clock)
 
     print(f"\n{args.model}, batch {args.batch} (b1: {args.single} images one at a time), fp32")
-    print(f"{'model':10} {'run':12} {'grad mode':15} {'s / batch':>10} {'img/s':>8}")
+    print(f"{'model':12} {'run':12} {'grad mode':15} {'s / batch':>10} {'img/s':>8}")
     for (name, run, mode), seconds in t.items():
         n = args.single if run.endswith("b1") else args.batch
-        print(f"{name:10} {run:12} {mode:15} {seconds:10.4f} {n / seconds:8.1f}")
+        print(f"{name:12} {run:12} {mode:15} {seconds:10.4f} {n / seconds:8.1f}")
     summary: Dict[str, Dict[str, float]] = {}
     for mode in GRAD:
         s = summary[mode] = {
@@ -173,6 +181,9 @@ def main() -> None:
         if reference is not None:
             s["fused_vs_reference"] = t[("reference", "full", mode)] / t[("fused", "full", mode)]
             s["plain_vs_reference"] = t[("reference", "full", mode)] / t[("plain", "full", mode)]
+        if args.export:
+            s["fused_export_vs_plain_export"] = t[("plain export", "full", mode)] / t[("fused export", "full", mode)]
+            s["fused_export_vs_fused"] = t[("fused", "full", mode)] / t[("fused export", "full", mode)]
         print(f"\n{mode}: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()))
     if args.json:
         print(json.dumps({"model": args.model, "batch": args.batch, "threads": args.threads, "clock": args.clock,

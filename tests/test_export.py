@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file, save_file
+from timm.utils import reparameterize_model
 
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.inference import EarlyExitExecutor, ExportedModel, ProductAnytimeModel, Thresholds, export_model
@@ -25,6 +26,8 @@ MODELS = {  # the 5-exit MSDNet shrunk to 3 blocks: its export takes a minute on
     "msdnet": lambda: timm.create_model("msdnet_cifar_5exit", num_classes=10, num_channels=4, growth_rate=2,
                                         num_blocks=3),
     "resnet": lambda: timm.create_model("resnet18_exits", num_classes=10),
+    # MSDNet's fused inference path (folded norms, buffers written in place): the deployable form
+    "msdnet_fused": lambda: reparameterize_model(randomise_norms(MODELS["msdnet"]()).eval()),
     # exit-history wrappers: a nested state ([inner state, output, history]), ZTW's cascade and ensembles,
     # product anytime's float64 log-product with -inf for a class ruled out; BoostNet's running sum
     "msdnet_ztw_product_anytime": lambda: ProductAnytimeModel(ZTWModel(MODELS["msdnet"]())),
@@ -66,10 +69,21 @@ def test_outputs_equal_the_eager_model_at_any_batch_size(exports, name, grad_mod
     for batch in (1, 3):  # the export saw batch 2
         x = torch.randn(batch, 3, 32, 32)
         with grad_mode():
-            ours, theirs = exported.forward_exits(x), model.forward_exits(x)
+            ours, theirs, stagewise = exported.forward_exits(x), model.forward_exits(x), _stage_by_stage(model, x)
         assert len(ours) == model.num_exits
-        for a, b in zip(ours, theirs):
-            assert a.shape == (batch, 10) and torch.equal(a, b)
+        for a, b, c in zip(ours, theirs, stagewise):
+            assert a.shape == (batch, 10) and torch.equal(a, c)  # what the export holds, bit for bit
+            # a full pass may compute it in another order (the fused model's buffers reach across stages)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _stage_by_stage(model, x):
+    """Every exit's logits computed piece by piece, as the export's pieces run."""
+    state, out = model.forward_stem(x), []
+    for k in range(model.num_exits):
+        state = model.forward_stage(state, k)
+        out.append(model.forward_exit(state, k))
+    return out
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -156,6 +170,29 @@ def test_the_folder_holds_programs_weights_and_a_manifest_of_digests(exports):
     assert sorted(weights) == sorted(used)  # one copy of each weight the programs use, not one per program
 
 
+def test_channels_last_weights_are_loaded_channels_last(exports, tmp_path):
+    """safetensors stores tensors contiguous; the manifest lists the weights that were channels-last
+    (the fused MSDNet's), and they are loaded so again: a convolution's output layout follows its
+    weight's, so the export computes in the eager model's layouts, bit for bit (checked above). An
+    export without the list (older) loads with contiguous weights: the same values to fp32 rounding."""
+    model, folder, _, exported = exports("msdnet_fused")
+    manifest = json.loads(open(os.path.join(folder, "manifest.json")).read())
+    expected = sorted(k for k, v in model.state_dict().items() if v.dim() == 4 and not v.is_contiguous())
+    assert expected and all(model.state_dict()[k].is_contiguous(memory_format=torch.channels_last) for k in expected)
+    assert manifest["channels_last"] == [f"model.{k}" for k in expected]
+    assert json.loads(open(os.path.join(exports("resnet")[1], "manifest.json")).read())["channels_last"] == []
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours, theirs = exported.forward_stem(x), model.forward_stem(x)
+        assert all(a.is_contiguous(memory_format=torch.channels_last) for a in theirs)
+        assert [a.stride() for a in ours] == [a.stride() for a in theirs]
+        older = tmp_path / "older"
+        shutil.copytree(folder, older)
+        _edit_manifest(older, lambda m: m.pop("channels_last"))
+        for a, b in zip(ExportedModel(str(older)).forward_exits(x), exported.forward_exits(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_a_failed_export_leaves_the_previous_one_and_a_new_one_replaces_it(exports, copy):
     model = exports("resnet")[0]
     before = (copy / "manifest.json").read_text()
@@ -214,6 +251,10 @@ TAMPERING = {
     "first format": (lambda f: _edit_manifest(f, lambda m: m.pop("format_version")), "format version None"),
     "input shape": (lambda f: _edit_manifest(f, lambda m: m.update(input_shape="3x32x32")), "input_shape '3x32x32'"),
     "predictor": (lambda f: _edit_manifest(f, lambda m: m.update(predictor="pa")), r"predictor 'pa', expected one of"),
+    "layouts": (lambda f: _edit_manifest(f, lambda m: m.update(channels_last="all")),
+                "channels_last 'all', expected a list of weight names"),
+    "unknown layout": (lambda f: _edit_manifest(f, lambda m: m.update(channels_last=["model.fc.weight", "x.weight"])),
+                       "lists 'model.fc.weight' as a channels-last weight, but weights.safetensors has no 4-D"),
 }
 
 

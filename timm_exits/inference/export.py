@@ -9,7 +9,9 @@ The folder holds:
   and each program's tensor constants (``<piece>/<name>``);
 * ``manifest.json``: format version, model name, number of exits, input shape, what answers at the
   exits (``predictor``: ``'product_anytime'`` for a ProductAnytimeModel; older exports: the exits),
-  and the SHA-256 digest and size of every file.
+  the weights that were channels-last (``channels_last``: safetensors stores every tensor contiguous,
+  and a convolution's output layout, so its kernel and last-bit rounding, follows its weight's), and
+  the SHA-256 digest and size of every file.
 
 :class:`ExportedModel` runs them, with or without early exit, without the Python model code. It has
 the same ``forward_stem`` / ``forward_stage`` / ``forward_exit`` interface, so
@@ -187,16 +189,23 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str
     if example.shape[0] < 2:
         example = example.expand(2, *example.shape[1:]).contiguous()  # batch 1 would be specialised
     weights: Dict[str, torch.Tensor] = {}
+    channels_last: List[str] = []
     programs: Dict[str, bytes] = {}
+
+    def keep(key: str, value: torch.Tensor) -> None:
+        weights[key] = value.detach().contiguous()
+        if value.dim() == 4 and not value.is_contiguous() and value.is_contiguous(memory_format=torch.channels_last):
+            channels_last.append(key)
 
     def add(piece: str, module: _Piece, arg) -> None:
         program = _used_only(export(module, (arg,), dynamic_shapes=(_batch_dims(arg),)))
-        weights.update({k: v.detach().contiguous() for k, v in program.state_dict.items()})
+        for key, value in program.state_dict.items():
+            keep(key, value)
         for key, value in program.constants.items():
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"{piece} holds a {type(value).__name__} constant ({key}); only tensors can be "
                                  f"exported (other objects would need pickling)")
-            weights[f"{piece}/{key}"] = value.detach().contiguous()
+            keep(f"{piece}/{key}", value)
         doc = _strip(json.loads(serialize(program, serialize_state_dict=False, serialize_constants=False,
                                           serialize_example_inputs=False).exported_program))
         _check_program(doc, f"{piece} of {name or type(model).__name__}")  # never write what the loader refuses
@@ -220,7 +229,7 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str
             digests[WEIGHTS] = _digest(f.read())
         manifest = {"format_version": FORMAT_VERSION, "model": name, "num_exits": model.num_exits,
                     "input_shape": list(example.shape[1:]), "predictor": predictor_of(model),
-                    "torch_version": torch.__version__,
+                    "channels_last": sorted(set(channels_last)), "torch_version": torch.__version__,
                     "files": {file: digests[file] for file in files}}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
@@ -264,6 +273,11 @@ class ExportedModel:
             weights = load_safetensors(data[WEIGHTS])
         except SafetensorError as e:
             raise self._refuse(f"{WEIGHTS} is not a safetensors file ({e})") from None
+        for name in manifest.get("channels_last", []):  # older exports: none
+            if name not in weights or weights[name].dim() != 4:
+                raise self._refuse(f"manifest.json lists {name!r} as a channels-last weight, but {WEIGHTS} has no "
+                                   f"4-D tensor of that name")
+            weights[name] = weights[name].contiguous(memory_format=torch.channels_last)
         self.stem, *pieces = [self._program(piece, data[f"{piece}.json"], weights) for piece in _pieces(self.num_exits)]
         self.stages, self.exits = pieces[0::2], pieces[1::2]
 
@@ -292,6 +306,9 @@ class ExportedModel:
             raise self._refuse(f"manifest.json has input_shape {shape!r}, expected a list of positive integers")
         if not isinstance(manifest.get("model"), str):
             raise self._refuse("manifest.json has no model name")
+        layouts = manifest.get("channels_last", [])
+        if not (isinstance(layouts, list) and all(isinstance(name, str) for name in layouts)):
+            raise self._refuse(f"manifest.json has channels_last {layouts!r}, expected a list of weight names")
         if manifest.get("predictor", "exits") not in PREDICTORS:
             raise self._refuse(f"manifest.json has predictor {manifest['predictor']!r}, expected one of {PREDICTORS}")
         expected, listed = _files(num_exits), sorted(files) if isinstance(files, dict) else []
