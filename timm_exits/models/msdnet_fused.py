@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # msdnet.py imports this module
 __all__ = ["FoldedConvAct", "FoldedPointwise", "FusedMsdLayer", "FusedStage", "FusedTransition", "ScaleBuffers",
            "begin_full_pass", "fuse_stage", "fuse_stem", "fuse_head"]
 
+
 def _folded(unit: ConvNormAct) -> Tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of ``unit``'s convolution with its (eval-mode) batch norm folded in."""
     conv, bn = unit.conv, unit.bn
@@ -237,9 +238,11 @@ class FusedStage(nn.Module):
         if not self.in_widths:
             raise ValueError("a fused stage needs its input widths (MsdStage.in_widths, set by MSDNet)")
         steps: List[nn.Module] = []
+        # a segment is a run of dense layers, then a transition or the stage's end; per segment: its buffers'
+        # widths (one per input scale) and how many of its input scales it drops
+        self.segment_widths: List[List[int]] = []
+        self.segment_discards: List[int] = []
         self.opens: List[int] = []  # per step: the segment whose buffers it allocates (a run's first layer), or -1
-        self.segment_widths: List[List[int]] = []  # per segment (a run, then a transition or the stage's end):
-        self.segment_discards: List[int] = []  # its buffers' widths per input scale, how many of those it drops
         widths, run = list(self.in_widths), []
         for m in stage:
             if hasattr(m, "reads"):  # a dense layer
