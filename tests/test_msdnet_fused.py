@@ -79,6 +79,29 @@ def test_every_fuse_returns_a_new_module_and_leaves_the_original_untouched(prune
     assert all(torch.equal(v, after[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("cut", range(5))
+def test_a_pruned_feature_extractor_fuses_and_scripts(cut):
+    """``prune_intermediate_layers`` (timm's features_only) then ``--reparam``: every cut, also those
+    that leave a transition with unread paths (copied unfused, its stage concatenating); the fused
+    extractor's feature maps are the plain one's, eager and scripted, in both grad modes."""
+    torch.manual_seed(0)
+    with timm.set_scriptable(True):
+        model = _randomise(timm.create_model("msdnet_cifar_5exit", num_classes=3, num_channels=4, growth_rate=2))
+    model.prune_intermediate_layers([cut], prune_head=True)
+    fused = reparameterize_model(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(fused)
+    x = torch.randn(2, 3, 32, 32)
+    for grad_mode in GRAD_MODES:
+        with grad_mode():
+            expected = model.forward_until(x, cut)
+            for got in (fused.forward_until(x, cut), scripted.forward_until(x, cut)):
+                assert len(got) == len(expected)
+                for a, b in zip(expected, got):
+                    _close(a, b)
+
+
 def test_fusing_a_fused_model_again_changes_nothing():
     """``reparameterize_model`` on a model that is already fused (a second ``--reparam``, a fused model
     passed on) copies the fused parts as they are."""

@@ -170,6 +170,8 @@ class ScaleUnit(nn.Module):
 class MsdLayer(nn.Module):
     """A dense layer across the kept scales; drops the finest input scale if the plan says so."""
 
+    __jit_unused_properties__ = ["has_bottleneck", "complete"]  # read when fusing, not in forward
+
     def __init__(
             self,
             plan: LayerPlan,
@@ -274,9 +276,17 @@ class Transition(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.convs = nn.ModuleList([_conv_bn_relu(in_width * g, out_width * g, 1, **dd) for g in gr])
 
+    __jit_unused_properties__ = ["complete"]
+
+    @property
+    def complete(self) -> bool:
+        """False once feature-extractor pruning replaced unread convs (see :class:`UnreadPath`)."""
+        return all(isinstance(c, ConvNormAct) for c in self.convs)
+
     def fuse(self) -> nn.Module:
-        """The inference form, a new module (batch norms folded)."""
-        return FusedTransition(self)
+        """The inference form, a new module (batch norms folded); a transition pruned of unread paths
+        is copied unfused."""
+        return FusedTransition(self) if self.complete else copy.deepcopy(self)
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
         return [conv(xs[i]) for i, conv in enumerate(self.convs)]

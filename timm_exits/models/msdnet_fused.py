@@ -322,10 +322,11 @@ def begin_full_pass(state: List[torch.Tensor], stages: Sequence[nn.Module]) -> U
 
 def fuse_stage(stage: "MsdStage") -> nn.Module:
     """The inference form of a stage: a :class:`FusedStage` if its dense layers have 1x1 bottlenecks
-    (to read whole buffers), otherwise its fused layers in sequence, each concatenating its new channels."""
+    (to read whole buffers) and nothing in it was pruned, otherwise its fused layers in sequence (those
+    pruned of unread paths copied unfused), each concatenating its new channels."""
     from .msdnet import ScaleSequential  # msdnet.py imports this module
 
-    if all(m.has_bottleneck for m in stage if hasattr(m, "reads")):
+    if all(m.complete for m in stage) and all(m.has_bottleneck for m in stage if hasattr(m, "reads")):
         return FusedStage(stage)
     return ScaleSequential(*[m.fuse() for m in stage])
 
