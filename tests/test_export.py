@@ -177,7 +177,8 @@ def test_channels_last_weights_are_loaded_channels_last(exports, tmp_path):
     export without the list (older) loads with contiguous weights: the same values to fp32 rounding."""
     model, folder, _, exported = exports("msdnet_fused")
     manifest = json.loads(open(os.path.join(folder, "manifest.json")).read())
-    expected = sorted(k for k, v in model.state_dict().items() if v.dim() == 4 and not v.is_contiguous())
+    expected = sorted(k for k, v in model.state_dict().items()
+                      if v.dim() == 4 and v.stride() != torch.empty(v.shape).stride())
     assert expected and all(model.state_dict()[k].is_contiguous(memory_format=torch.channels_last) for k in expected)
     assert manifest["channels_last"] == [f"model.{k}" for k in expected]
     assert json.loads(open(os.path.join(exports("resnet")[1], "manifest.json")).read())["channels_last"] == []
@@ -191,6 +192,24 @@ def test_channels_last_weights_are_loaded_channels_last(exports, tmp_path):
         _edit_manifest(older, lambda m: m.pop("channels_last"))
         for a, b in zip(ExportedModel(str(older)).forward_exits(x), exported.forward_exits(x)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_one_channel_stem_keeps_its_layout(tmp_path):
+    """A weight of one input channel, (O, 1, 3, 3), is contiguous in both layouts: only its strides
+    tell that it is channels-last, and the layout of the stem's output follows them."""
+    torch.manual_seed(0)
+    model = reparameterize_model(randomise_norms(timm.create_model(
+        "msdnet_cifar_5exit", num_classes=10, num_channels=4, growth_rate=2, num_blocks=2, in_chans=1)).eval())
+    weight = model.stem.convs[0].conv.weight
+    assert weight.is_contiguous() and weight.stride() != torch.empty(weight.shape).stride()
+    export_model(model, torch.randn(2, 1, 32, 32), str(tmp_path / "export"))
+    exported = ExportedModel(str(tmp_path / "export"))
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        ours, theirs = exported.forward_stem(x), model.forward_stem(x)
+        assert [a.stride() for a in ours] == [a.stride() for a in theirs]
+        for a, b in zip(exported.forward_exits(x), _stage_by_stage(model, x)):
+            assert torch.equal(a, b)
 
 
 def test_a_failed_export_leaves_the_previous_one_and_a_new_one_replaces_it(exports, copy):

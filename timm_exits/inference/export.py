@@ -181,6 +181,18 @@ def _strip(obj: Any) -> Any:
 # -- writing -------------------------------------------------------------------------------------
 
 @torch.no_grad()
+def _strides(t: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> Tuple[int, ...]:
+    """The strides a new tensor shaped like ``t`` gets in ``memory_format`` (where a size-1 dimension makes
+    a tensor contiguous in both layouts, its strides still tell which one it was made in)."""
+    return torch.empty_like(t, memory_format=memory_format).stride()
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a 4-D tensor with channels-last strides (``.contiguous(memory_format=...)`` keeps the
+    old strides of a tensor contiguous in both layouts)."""
+    return torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
+
+
 def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str = "") -> List[str]:
     """Export every piece of ``model`` (in eval mode) for inputs shaped like ``example``; the batch
     size stays dynamic. The folder is replaced whole or not at all (the previous export survives
@@ -194,7 +206,7 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str
 
     def keep(key: str, value: torch.Tensor) -> None:
         weights[key] = value.detach().contiguous()
-        if value.dim() == 4 and not value.is_contiguous() and value.is_contiguous(memory_format=torch.channels_last):
+        if value.dim() == 4 and value.stride() == _strides(value, torch.channels_last) != _strides(value):
             channels_last.append(key)
 
     def add(piece: str, module: _Piece, arg) -> None:
@@ -277,7 +289,7 @@ class ExportedModel:
             if name not in weights or weights[name].dim() != 4:
                 raise self._refuse(f"manifest.json lists {name!r} as a channels-last weight, but {WEIGHTS} has no "
                                    f"4-D tensor of that name")
-            weights[name] = weights[name].contiguous(memory_format=torch.channels_last)
+            weights[name] = _channels_last(weights[name])
         self.stem, *pieces = [self._program(piece, data[f"{piece}.json"], weights) for piece in _pieces(self.num_exits)]
         self.stages, self.exits = pieces[0::2], pieces[1::2]
 
