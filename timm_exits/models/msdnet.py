@@ -271,12 +271,12 @@ def _drop_unread_paths(stage: nn.Module, needed: set) -> set:
 class Transition(nn.Module):
     """1x1 conv-BN-ReLU on every kept scale, compressing the base width."""
 
+    __jit_unused_properties__ = ["complete"]  # read when fusing, not in forward
+
     def __init__(self, in_width: int, out_width: int, gr: Sequence[int], device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.convs = nn.ModuleList([_conv_bn_relu(in_width * g, out_width * g, 1, **dd) for g in gr])
-
-    __jit_unused_properties__ = ["complete"]
 
     @property
     def complete(self) -> bool:

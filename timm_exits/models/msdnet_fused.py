@@ -126,7 +126,6 @@ class FusedMsdLayer(nn.Module):
         self.down = nn.ModuleList([nn.Identity() if u.down is None else FoldedConvAct([u.down.conv])
                                    for u in layer.units])
         self.normal = nn.ModuleList([FoldedConvAct([u.normal.conv]) for u in layer.units])
-        self.growth = _growth(layer)
 
     def _mids(self, xs: List[torch.Tensor]) -> Dict[int, torch.Tensor]:
         """Per slot: the tensor its 3x3 convolution reads (a bottleneck's output, or a scale itself)."""
