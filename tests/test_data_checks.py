@@ -1,11 +1,14 @@
 """A data mistake is an error naming the file or folder when the dataset is built (before any
 model or training step), on real image files: the layout, unreadable / oversized / unconvertible
-files, one class, and 16-bit PNGs converted correctly."""
+files, special files (never opened), one class, an unknown image mode, and 16-bit PNGs converted
+correctly; the embedded digits never rename a user's folder."""
 import os
+import signal
 import struct
 import tarfile
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ import pytest
 from PIL import Image
 from timm.data import create_dataset
 
-from timm_exits.data import ImageFiles, image_dataset, open_image
+from timm_exits.data import DIGITS_MARKER, ImageFiles, image_dataset, open_image, write_digits
 
 
 def make_folder(root: Path, classes=("cat", "dog"), per_class=3, size=8) -> Path:
@@ -188,3 +191,58 @@ def test_tars_are_checked_too(tmp_path):
         ImageFiles(str(_tar(root, tmp_path / "broken.tar")))
     with pytest.raises(ValueError, match=r"cannot read '.*empty.tar' as a tar of <root>/<class>/<image>"):
         ImageFiles(str(_tar(tmp_path / "data" / "cat" / "sub", tmp_path / "empty.tar")))
+
+
+@contextmanager
+def time_limit(seconds: int):
+    """Fail (TimeoutError) instead of hanging if the block takes longer than ``seconds``."""
+    def fail(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_named_pipe_is_refused_by_type_and_never_opened(tmp_path):
+    root = make_folder(tmp_path / "data")
+    os.mkfifo(root / "cat" / "x.png")  # opening it would wait forever for a writer
+    os.symlink(root / "gone.png", root / "dog" / "link.png")
+    with time_limit(20), pytest.raises(ValueError, match=r"holds image names that are not regular files: cat/x.png "
+                                                          r"\(a named pipe\), dog/link.png \(a broken symbolic link\); "
+                                                          r"remove them"):
+        ImageFiles(str(root))
+    os.mkfifo(tmp_path / "pipe.tar")
+    with time_limit(20), pytest.raises(ValueError, match=r"pipe.tar' is a named pipe; expected a folder"):
+        ImageFiles(str(tmp_path / "pipe.tar"))
+
+
+def test_an_unknown_image_mode_is_refused_before_any_file_is_read(tmp_path):
+    root = make_folder(tmp_path / "data")
+    with pytest.raises(ValueError, match=r"img_mode must be one of 'RGB', 'L' \(PIL's names of RGB and grey images\), "
+                                         r"got 'evil'"):
+        ImageFiles(str(root), img_mode="evil")
+
+
+def test_write_digits_never_renames_a_users_folder_and_updates_only_its_own(tmp_path):
+    user = make_folder(tmp_path / "user" / "train")
+    make_folder(tmp_path / "user" / "test")
+    assert write_digits(str(tmp_path / "user")) == str(tmp_path / "user")
+    assert sorted(os.listdir(tmp_path / "user")) == ["test", "train"] and user.exists()
+    ours = Path(write_digits(str(tmp_path / "digits")))
+    assert sorted(os.listdir(ours)) == [DIGITS_MARKER, "train", "val"]
+    assert sum(len(files) for _, _, files in os.walk(ours / "val")) == 359
+    # a digits folder of an older version: test/ for val/ and no marker, updated
+    (ours / "val").rename(ours / "test")
+    (ours / DIGITS_MARKER).unlink()
+    write_digits(str(ours))
+    assert sorted(os.listdir(ours)) == [DIGITS_MARKER, "train", "val"]
+    # the same with one file of the user's added: not ours, kept as it is
+    (ours / "val").rename(ours / "test")
+    (ours / DIGITS_MARKER).unlink()
+    (ours / "test" / "3" / "mine.png").write_bytes(b"")
+    write_digits(str(ours))
+    assert sorted(os.listdir(ours)) == ["test", "train"]

@@ -12,16 +12,23 @@ from __future__ import annotations
 import ast
 import copy
 import difflib
+import math
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from mmengine.config import Config
 
+from .data import IMAGE_MODES, TRANSFORMS
+from .inference.budgeted import Q_GRIDS
+from .inference.policies import SCORES
+from .profile import CONVENTIONS
 from .train.regimes import check_regime
 from .train.schedules import ExitWeights
 
-__all__ = ["DEFAULTS", "ConfigError", "load_config", "resolve_config", "phase_configs"]
+__all__ = ["DEFAULTS", "VALID", "ConfigError", "load_config", "resolve_config", "phase_configs", "check_value",
+           "check_preprocessing"]
 
 DEFAULTS: Dict[str, Any] = dict(
     model=dict(name=None, kwargs={}),
@@ -85,6 +92,7 @@ DEFAULTS: Dict[str, Any] = dict(
 
 FREE_FORM = ("model.kwargs", "data.augment", "optimizer", "scheduler")
 PROCESS_WIDE = ("train.mixed_precision", "train.grad_accum_steps", "tracker", "output_dir")
+PREPROCESSING = ("input_size", "mean", "std", "crop_pct", "interpolation")  # data keys: default, the model's cfg
 
 
 class ConfigError(ValueError):
@@ -105,37 +113,170 @@ def _check_keys(config: Dict[str, Any], schema: Dict[str, Any], prefix: str = ""
             _check_keys(value, schema[key], path + ".")
 
 
-# numeric keys and the values they take: (type, lowest, highest, highest included)
-_RANGES = {
-    "train.epochs": (int, 1, None, True), "train.grad_accum_steps": (int, 1, None, True),
-    "train.checkpoint_every": (int, 0, None, True), "train.log_every": (int, 1, None, True),
-    "data.batch_size": (int, 1, None, True), "data.eval_batch_size": (int, 1, None, True),
-    "data.workers": (int, 0, None, True), "data.val_fraction": (float, 0.0, 1.0, False),
-    "data.test_fraction": (float, 0.0, 1.0, False), "technique.label_smoothing": (float, 0.0, 1.0, False),
+@dataclass(frozen=True)
+class Number:
+    """The values of a numeric key: an integer (``kind=int``) or a finite number (``float``; integers
+    too) from ``low`` to ``high`` (None: unbounded), each bound included unless ``low_open`` /
+    ``high_open``; None too if ``optional``; with ``length``, a list of that many such numbers (0: one
+    or more); with ``or_list``, one such number or a list of them."""
+
+    kind: type = float
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False
+    length: Optional[int] = None
+    or_list: bool = False
+
+    def admits(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if self.or_list and isinstance(value, (list, tuple)):
+            return Number(self.kind, self.low, self.high, self.low_open, self.high_open, length=0).admits(value)
+        if self.length is not None:
+            return isinstance(value, (list, tuple)) and len(value) >= 1 and len(value) == (self.length or len(value)) \
+                and all(self._admits_one(v) for v in value)
+        return self._admits_one(value)
+
+    def _admits_one(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else int):
+            return False
+        return math.isfinite(value) and (self.low is None or value > self.low or (not self.low_open and value == self.low)) \
+            and (self.high is None or value < self.high or (not self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        bounds = [f"{'>' if self.low_open else '>='} {self.low}"] if self.low is not None else []
+        bounds += [f"{'<' if self.high_open else '<='} {self.high}"] if self.high is not None else []
+        noun = "integer" if self.kind is int else "number" if bounds else "finite number"
+        if self.length is None:
+            text = f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+        else:
+            text = f"{self.length} {noun}s" if self.length else f"a list of {noun}s"
+        text = " ".join([text, *(" and ".join(bounds),) * bool(bounds)])
+        return text + (", or a list of them" if self.or_list else "") + (" or None" if self.optional else "")
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """The values of a named key."""
+
+    names: Tuple[Any, ...]
+
+    def admits(self, value: Any) -> bool:
+        return any(value is name or (type(value) is type(name) and value == name) for name in self.names)
+
+    def __str__(self) -> str:
+        names = [repr(n) for n in self.names]
+        return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # timm's resize interpolations
+# the valid values of every numeric and named key (the free-form sections' keys when they are set), declared once
+VALID: Dict[str, Union[Number, OneOf]] = {
+    "data.test_fraction": Number(float, 0.0, 1.0, high_open=True),
+    "data.val_fraction": Number(float, 0.0, 1.0, high_open=True),
+    "data.split_seed": Number(int, 0),
+    "data.img_mode": OneOf(tuple(IMAGE_MODES)),
+    "data.input_size": Number(int, 1, optional=True, length=3),
+    "data.mean": Number(float, optional=True, length=0),
+    "data.std": Number(float, 0.0, low_open=True, optional=True, length=0),
+    "data.crop_pct": Number(float, 0.0, 1.0, low_open=True, optional=True),
+    "data.interpolation": OneOf((None, *INTERPOLATIONS)),
+    "data.transform": OneOf(TRANSFORMS),
+    "data.batch_size": Number(int, 1),
+    "data.eval_batch_size": Number(int, 1),
+    "data.workers": Number(int, 0),
+    "data.check_files": OneOf((True, False, "decode")),
+    "mixup.mixup_alpha": Number(float, 0.0),
+    "mixup.cutmix_alpha": Number(float, 0.0),
+    "mixup.prob": Number(float, 0.0, 1.0),
+    "mixup.switch_prob": Number(float, 0.0, 1.0),
+    "mixup.mode": OneOf(("batch", "pair", "elem")),
+    "optimizer.lr": Number(float, 0.0, low_open=True, optional=True),
+    "optimizer.momentum": Number(float, 0.0, 1.0, high_open=True),
+    "optimizer.weight_decay": Number(float, 0.0),
+    "train.epochs": Number(int, 1),
+    "train.seed": Number(int, 0),
+    "train.grad_accum_steps": Number(int, 1),
+    "train.clip_grad": Number(float, 0.0, low_open=True, optional=True),
+    "train.ema_decay": Number(float, 0.0, 1.0, low_open=True, high_open=True, optional=True),
+    "train.checkpoint_every": Number(int, 0),
+    "train.log_every": Number(int, 1),
+    "technique.label_smoothing": Number(float, 0.0, 1.0, high_open=True),
+    "technique.temperature": Number(float, 0.0, low_open=True, optional=True),
+    "technique.gamma": Number(float, 0.0, 1.0),
+    "technique.alpha": Number(float, 0.0, 1.0),
+    "technique.topk": Number(int, 1, optional=True),
+    "technique.hdkd.lr": Number(float, 0.0, low_open=True),
+    "technique.hdkd.xi": Number(float, 0.0, low_open=True, optional=True),
+    "technique.hdkd.interval": Number(int, 1),
+    "technique.boostnet.reweight": Number(float, 0.0, or_list=True),
+    "technique.l2w.epsilon": Number(float, 0.0, low_open=True),
+    "technique.l2w.hidden_size": Number(int, 1),
+    "technique.l2w.meta_interval": Number(int, 1),
+    "technique.l2w.lr": Number(float, 0.0, low_open=True),
+    "technique.l2w.weight_decay": Number(float, 0.0),
+    "technique.l2w.target_p": Number(float, 0.0, low_open=True),
+    "evaluation.policy": OneOf(SCORES),
+    "evaluation.q_grid": OneOf(tuple(Q_GRIDS)),
+    "evaluation.convention": OneOf(CONVENTIONS),
 }
 _PHASE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_MISSING = object()
+
+
+def _value(config: Dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part, _MISSING) if isinstance(config, dict) else _MISSING
+    return config
+
+
+def check_value(key: str, value: Any, name: Optional[str] = None) -> None:
+    """A ConfigError unless ``value`` is one :data:`VALID` admits for ``key``; ``name``: what the error
+    calls it (default: the key)."""
+    valid = VALID[key]
+    if not valid.admits(value):
+        raise ConfigError(f"{name or key} must be {valid}, got {value!r}")
 
 
 def _check_values(config: Dict[str, Any], where: str = "") -> None:
-    """Numbers of the right type and range (a negative fraction would silently invert a split), and
-    the technique's loss-weight schedule and regime."""
-    if config["data"]["check_files"] not in (True, False, "decode"):
-        raise ConfigError(f"{where}data.check_files must be True, False or 'decode', got {config['data']['check_files']!r}")
+    """Every key of :data:`VALID` that is set (a negative fraction would silently invert a split, a
+    negative clip_grad ascend the gradient), the preprocessing's channel counts, and the technique's
+    loss-weight schedule and regime."""
+    for key in VALID:
+        value = _value(config, key)
+        if value is not _MISSING:
+            check_value(key, value, where + key)
+    check_preprocessing(config["data"], lambda key: f"{where}data.{key}")
     technique = config["technique"]
     try:
         ExitWeights(technique["exit_weights"])
         check_regime(technique["regime"])
     except ValueError as e:
         raise ConfigError(f"{where}technique: {e}") from None
-    for key, (kind, low, high, high_included) in _RANGES.items():
-        section, leaf = key.split(".")
-        value = config[section][leaf]
-        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-        ok = ok and value >= low and (high is None or value < high or (high_included and value == high))
-        if not ok:
-            bound = "" if high is None else f" and {'<=' if high_included else '<'} {high}"
-            raise ConfigError(f"{where}{key} must be {'an integer' if kind is int else 'a number'} >= {low}{bound}, "
-                              f"got {value!r}")
+
+
+def check_preprocessing(values: Dict[str, Any], name: Callable[[str], str] = lambda key: key,
+                        channels: Optional[int] = None) -> Dict[str, Any]:
+    """The preprocessing ``values`` (``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``;
+    None or absent: not given) checked against the data keys of :data:`VALID`, each called
+    ``name(key)`` in an error. With ``channels`` (else ``input_size``'s), a single mean or std is
+    repeated for every channel and another count is refused. Returns the values so completed."""
+    out = dict(values)
+    for key in PREPROCESSING:
+        if out.get(key) is not None:
+            check_value(f"data.{key}", out[key], name(key))
+    channels = channels or (out.get("input_size") or [None])[0]
+    for key in ("mean", "std"):
+        if out.get(key) is None or channels is None:
+            continue
+        if len(out[key]) == 1:
+            out[key] = tuple(out[key]) * channels
+        elif len(out[key]) != channels:
+            raise ConfigError(f"{name(key)} has {len(out[key])} values for {channels}-channel input: give {channels} "
+                              f"(one per channel) or 1 (for every channel)")
+    return out
 
 
 def _merge(base: Dict[str, Any], override: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

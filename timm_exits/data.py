@@ -13,9 +13,10 @@ from __future__ import annotations
 import copy
 import os
 import random
+import stat
 import tarfile
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,8 +31,11 @@ from torchvision import transforms
 
 from .files import atomic_folder
 
-__all__ = ["ImageFiles", "EpochSampler", "open_image", "image_dataset", "image_transform", "split_dataset", "class_map",
-           "num_classes_of", "write_digits"]
+__all__ = ["IMAGE_MODES", "TRANSFORMS", "ImageFiles", "EpochSampler", "open_image", "image_dataset", "image_transform",
+           "split_dataset", "class_map", "class_names", "num_classes_of", "write_digits"]
+
+IMAGE_MODES = {"RGB": 3, "L": 1}  # the modes images are decoded in (PIL's names) and their channel counts
+TRANSFORMS = ("timm", "pad_crop")
 
 _EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -63,6 +67,20 @@ def open_image(file, mode: str = "RGB") -> Image.Image:
     return image.convert(mode)
 
 
+def _special(path: str) -> Optional[str]:
+    """What a path that is neither a regular file nor a folder is (a named pipe, ...), or None; such a
+    file is never opened: reading a named pipe or a device can block forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken symbolic link" if os.path.islink(path) else None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
 def _check_root(root: str) -> None:
     """``root`` is a folder or a .tar file."""
     if not os.path.exists(root):
@@ -72,6 +90,9 @@ def _check_root(root: str) -> None:
         why = f": {parent!r} is a file" if os.path.isfile(parent) else ""
         raise FileNotFoundError(f"data folder {root!r} does not exist{why}; expected an ImageFolder layout "
                                 f"({_LAYOUT}) or a .tar of one")
+    if _special(root):
+        raise ValueError(f"{root!r} is {_special(root)}; expected a folder in ImageFolder layout ({_LAYOUT}) or a .tar "
+                         f"of one")
     if os.path.isfile(root) and os.path.splitext(root)[1] != ".tar":  # timm reads only .tar files
         raise ValueError(f"{root!r} is a file; expected a folder in ImageFolder layout ({_LAYOUT}) or a .tar of one")
 
@@ -87,14 +108,17 @@ def _scan(path: str) -> List[os.DirEntry]:
 def _check_folder_layout(root: str) -> None:
     """Images only in ``<root>/<class>/``: none loose in ``root``, none in folders inside a class
     folder (timm names a class by the innermost folder), no symlink loops (timm's reader follows
-    links), and at least one class folder of images."""
-    loose, nested, loops, classes = [], [], [], 0
+    links), no image names on anything but a regular file (a named pipe would block the reader), and
+    at least one class folder of images."""
+    loose, nested, loops, special, classes = [], [], [], [], 0
     extensions = get_img_extensions()
 
     def walk(folder: str, depth: int, above: Tuple[str, ...]) -> bool:
         nonlocal classes
         entries = _scan(folder)
-        images = [e.name for e in entries if e.name.lower().endswith(extensions) and e.is_file()]
+        named = [e for e in entries if e.name.lower().endswith(extensions) and not e.is_dir()]
+        special.extend(f"{os.path.relpath(e.path, root)} ({_special(e.path)})" for e in named if not e.is_file())
+        images = [e.name for e in named if e.is_file()]
         found = bool(images)
         for entry in (e for e in entries if e.is_dir()):
             name, real = os.path.relpath(entry.path, root), os.path.realpath(entry.path)
@@ -112,6 +136,9 @@ def _check_folder_layout(root: str) -> None:
     walk(root, 0, (os.path.realpath(root),))
     splits = f" ({root!r} looks like a folder of splits: pass one of them, such as {nested[0].split(os.sep)[0]!r})" \
         if nested and not classes else ""
+    if special:
+        raise ValueError(f"{root!r} holds image names that are not regular files: {_listing(special)}; remove them "
+                         f"(they are never opened: reading one could block forever)")
     _raise_layout_problems(root, loose, nested, loops, splits)
     if not classes:
         raise ValueError(f"data folder {root!r} holds no images in class folders; expected {_LAYOUT} with "
@@ -240,6 +267,9 @@ class ImageFiles(Dataset):
                  check_files: Union[bool, str] = True):
         if check_files not in (True, False, "decode"):
             raise ValueError(f"check_files must be True (headers), 'decode' or False, got {check_files!r}")
+        if img_mode not in IMAGE_MODES:
+            raise ValueError(f"img_mode must be one of {', '.join(map(repr, IMAGE_MODES))} (PIL's names of RGB and "
+                             f"grey images), got {img_mode!r}")
         self.root, self.transform, self.img_mode, self.seed = root, transform, img_mode, seed
         self.reader = _read_layout(root)
         if check_files:
@@ -299,8 +329,8 @@ def image_transform(config: dict, train: bool = False, kind: str = "timm", **aug
     zeros, random 32 x 32 crop, horizontal flip for training; normalisation only for evaluation)."""
     if kind == "timm":
         return create_transform(**config, is_training=train, **(augment if train else {}))
-    if kind != "pad_crop":
-        raise ValueError(f"transform must be 'timm' or 'pad_crop', got {kind!r}")
+    if kind not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS}, got {kind!r}")
     size = tuple(config["input_size"][-2:])
     steps = [transforms.RandomCrop(size, padding=4), transforms.RandomHorizontalFlip()] if train else []
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(config["mean"], config["std"])])
@@ -325,6 +355,12 @@ def class_map(dataset: Dataset) -> dict:
     return dict(mapping)
 
 
+def class_names(dataset: Dataset) -> List[str]:
+    """The class names of a dataset read by timm, in the order of their indices."""
+    mapping = class_map(dataset)
+    return sorted(mapping, key=mapping.get)
+
+
 def num_classes_of(dataset: Dataset) -> int:
     return len(class_map(dataset))
 
@@ -345,26 +381,54 @@ def split_dataset(dataset: Dataset, fraction: float, seed: int = 0) -> Tuple[Sub
     return Subset(dataset, order[:n]), Subset(dataset, order[n:])
 
 
-def write_digits(root: str, size: int = 32, test_fraction: float = 0.2, seed: int = 0) -> str:
-    """Write scikit-learn's embedded digits (1,797 8 x 8 images, 10 classes) as ``size`` x ``size``
-    grayscale PNGs in ImageFolder layout: ``root/train/<digit>/`` and ``root/val/<digit>/`` (a
-    seeded split). Nothing is downloaded; an existing folder is kept (one written by an older
-    version, with ``test/`` for ``val/``, is renamed). Returns ``root``."""
-    old, new = os.path.join(root, "test"), os.path.join(root, "val")
-    if os.path.isdir(old) and not os.path.exists(new):
-        os.replace(old, new)
-    if os.path.isdir(root):
-        return root
+DIGITS_MARKER = ".timm_exits_digits"  # in a folder write_digits wrote: the folder is ours to update
+
+
+def _digits_files(test_fraction: float, seed: int) -> Tuple[List[Tuple[str, str, int]], Any]:
+    """scikit-learn's digits and where write_digits puts each: ``[(split, digit, index)]`` (a seeded split)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.images))
+    n_test = round(len(order) * test_fraction)
+    return [("val" if rank < n_test else "train", str(digits.target[index]), int(index))
+            for rank, index in enumerate(order)], digits
+
+
+def _is_our_digits(root: str, test_fraction: float, seed: int) -> bool:
+    """Whether ``root`` was written by :func:`write_digits`: it holds the marker, or (an older version,
+    ``test/`` for ``val/``) exactly the files written here and nothing else."""
+    if os.path.exists(os.path.join(root, DIGITS_MARKER)):
+        return True
+    if sorted(os.listdir(root)) != ["test", "train"] or not set(os.listdir(os.path.join(root, "test"))) <= set("0123456789"):
+        return False
+    placed, _ = _digits_files(test_fraction, seed)
+    ours = sorted(os.path.join("test" if split == "val" else split, digit, f"{index:04d}.png")
+                  for split, digit, index in placed)
+    found = sorted(os.path.relpath(os.path.join(parent, f), root) for parent, _, files in os.walk(root) for f in files)
+    return found == ours
+
+
+def write_digits(root: str, size: int = 32, test_fraction: float = 0.2, seed: int = 0) -> str:
+    """Write scikit-learn's embedded digits (1,797 8 x 8 images, 10 classes) as ``size`` x ``size``
+    grayscale PNGs in ImageFolder layout: ``root/train/<digit>/`` and ``root/val/<digit>/`` (a
+    seeded split), with a marker file that says the folder is ours. Nothing is downloaded; an
+    existing folder is kept. Only a folder of ours is ever changed: one of an older version (no
+    marker, ``test/`` for ``val/``, recognised by holding exactly the files written here) is
+    updated; any other, such as a user's own ``train/`` and ``test/``, is never renamed. Returns ``root``."""
+    old, new = os.path.join(root, "test"), os.path.join(root, "val")
+    if os.path.isdir(old) and not os.path.exists(new) and _is_our_digits(root, test_fraction, seed):
+        os.replace(old, new)
+        open(os.path.join(root, DIGITS_MARKER), "w").close()
+    if os.path.isdir(root):
+        return root
+    placed, digits = _digits_files(test_fraction, seed)
     images = (digits.images * (255 / 16)).round().astype(np.uint8)
-    order = np.random.default_rng(seed).permutation(len(images))
-    n_test = round(len(images) * test_fraction)
     with atomic_folder(root) as tmp:
-        for rank, index in enumerate(order):
-            folder = os.path.join(tmp, "val" if rank < n_test else "train", str(digits.target[index]))
+        for split, digit, index in placed:
+            folder = os.path.join(tmp, split, digit)
             os.makedirs(folder, exist_ok=True)
             image = Image.fromarray(images[index]).resize((size, size), Image.BILINEAR)
             image.save(os.path.join(folder, f"{index:04d}.png"))
+        open(os.path.join(tmp, DIGITS_MARKER), "w").close()
     return root

@@ -17,6 +17,7 @@ The weights are computed here only; a trainer tells the technique the epoch at i
 """
 from __future__ import annotations
 
+import math
 from numbers import Real
 from typing import Any, List, Optional, Sequence
 
@@ -79,6 +80,9 @@ class ExitWeights:
             self.name = spec
         else:
             self.fixed = _numbers(spec, "exit_weights")
+            if not all(math.isfinite(w) and w >= 0 for w in self.fixed):
+                raise ValueError(f"exit_weights must be finite and >= 0 (a negative weight ascends that exit's loss), "
+                                 f"got {self.fixed}")
 
     @property
     def per_epoch(self) -> bool:
