@@ -1,13 +1,13 @@
 """An independent statement of the reference MSDNet, written from the reference code (MSDNet-PyTorch),
 for the tests: it knows the reference's state-dict key names, runs the reference forward pass
-functionally from such a state dict, and counts per-exit cost with the reference op counter's
-rules. It shares no code with ``timm_exits``.
+functionally from such a state dict, counts per-exit cost with the reference op counter's rules and
+runs its budgeted evaluation on cached softmax outputs. It shares no code with ``timm_exits``.
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -181,3 +181,50 @@ def reference_for(command: str) -> ReferenceMSDNet:
         int(flags["nBlocks"]), int(flags["base"]), int(flags["step"]), flags["stepmode"], int(flags["nChannels"]),
         int(flags["growthRate"]), factors("grFactor"), factors("bnFactor"), data=data,
         num_classes={"ImageNet": 1000, "cifar100": 100, "cifar10": 10}[flags["data"]])
+
+
+# ---- the reference's budgeted evaluation (MSDNet-PyTorch adaptive_inference.py), restated with plain
+# loops over its cached softmax outputs (exits x samples x classes, float32)
+
+def reference_fractions(q: float, num_exits: int) -> torch.Tensor:
+    """The target exit distribution as the reference computes it: exp(log(q) * [1..N]) in float32,
+    normalised."""
+    weights = torch.exp(torch.log(torch.tensor([q])) * torch.arange(1, num_exits + 1, dtype=torch.float32))
+    return weights / weights.sum()
+
+
+def reference_thresholds(probs: torch.Tensor, fractions: torch.Tensor) -> List[float]:
+    """Exit k's threshold is the max-softmax of the floor(n P_k)-th most confident sample not yet
+    exited (n P_k a float32 product); 1e8 when that count is 0 or never reached; then every sample
+    whose confidence is >= the threshold has exited. The last exit's threshold is -1e8."""
+    conf = probs.max(2).values
+    num_exits, n = conf.shape
+    rows = conf.tolist()  # float32 values, exactly
+    thresholds = [1e8] * num_exits
+    gone = [False] * n
+    for k in range(num_exits - 1):
+        quota = math.floor(n * fractions[k])
+        seen = 0
+        for i in sorted(range(n), key=lambda j: -rows[k][j]):
+            if not gone[i]:
+                seen += 1
+                if seen == quota:
+                    thresholds[k] = rows[k][i]
+                    break
+        gone = [g or c >= thresholds[k] for g, c in zip(gone, rows[k])]
+    thresholds[-1] = -1e8
+    return thresholds
+
+
+def reference_dynamic_eval(probs: torch.Tensor, labels: torch.Tensor, thresholds: Sequence[float],
+                           flops: Sequence[float]) -> Tuple[float, float]:
+    """Each sample leaves at the first exit whose max-softmax is >= its threshold and is right when
+    that exit's argmax is the label: (accuracy %, expected cost sum_k (fraction leaving at k) flops_k)."""
+    conf, pred = (t.tolist() for t in probs.max(2))
+    num_exits, n = len(conf), len(labels)
+    right, leaving = 0, [0] * num_exits
+    for i, label in enumerate(labels.tolist()):
+        k = next(k for k in range(num_exits) if conf[k][i] >= thresholds[k])
+        right += pred[k][i] == label
+        leaving[k] += 1
+    return right * 100.0 / n, sum(m / n * f for m, f in zip(leaving, flops))

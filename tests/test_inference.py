@@ -15,6 +15,7 @@ from timm_exits import MSDNet, add_exits
 from timm_exits.inference import (IMTA_Q, REFERENCE_Q, EarlyExitExecutor, ExitOutputs, Thresholds,
                                   anytime_accuracy, assign_exits, budgeted_curve, exit_scores,
                                   fit_thresholds, geometric_fractions, thresholds_for_accuracy, thresholds_for_cost)
+from msdnet_reference import reference_dynamic_eval, reference_fractions, reference_thresholds
 
 # a worked example of the reference budgeted evaluation (quota rule), checked by hand: max confidence and
 # correctness per sample, exits 0..2, costs 10/20/30
@@ -198,10 +199,8 @@ def test_thresholds_files_refuse_what_cannot_be_right(tmp_path, fields, message)
 
 
 def _reference_quotas(n: int, q: float, num_exits: int):
-    """MSDNet-PyTorch's arithmetic, restated: probs = exp(log(q) * [1..N]) in float32, normalised,
-    and the quota of exit k is floor(n * probs[k]) with a float32 product."""
-    probs = torch.exp(torch.log(torch.tensor([q])) * torch.arange(1, num_exits + 1, dtype=torch.float32))
-    probs /= probs.sum()
+    """MSDNet-PyTorch's quotas: floor(n * P_k) with a float32 product."""
+    probs = reference_fractions(q, num_exits)
     return [math.floor(n * probs[k]) for k in range(num_exits)]
 
 
@@ -220,6 +219,74 @@ def test_exit_quotas_use_the_references_float32_arithmetic():
     fractions = geometric_fractions(1.5, 5)
     thresholds = fit_thresholds(scores, [0.0, 0.0, 0.0, fractions[3], fractions[4]])  # exits 1-3: quota 0
     assert thresholds[3] == scores[3, 53]  # the 54th most confident sample sets exit 4's threshold
+
+
+def _cached_softmax_cases():
+    """(name, val probs, val labels, test probs, test labels, costs): cached float32 softmax outputs as the
+    reference stores them, plain, with many ties, rounded (rows no longer sum to one) and n = 211 with 5
+    exits (where the float32 quotas matter)."""
+    g = torch.Generator().manual_seed(0)
+
+    def split(exits, n, classes, make):
+        return make(exits, n, classes), torch.randint(0, classes, (n,), generator=g)
+
+    def soft(exits, n, classes):
+        return (3 * torch.randn(exits, n, classes, generator=g)).softmax(-1)
+
+    def ties(exits, n, classes):
+        return torch.randint(0, 3, (exits, n, classes), generator=g).float().softmax(-1)
+
+    def rounded(decimals):
+        return lambda *shape: (soft(*shape) * 10 ** decimals).round() / 10 ** decimals
+
+    for name, shape, make, costs in [("softmax", (3, 100, 10), soft, [10.0, 20.0, 30.0]),
+                                     ("ties", (4, 120, 4), ties, [1.0, 2.0, 3.0, 4.0]),
+                                     ("rounded to 0.01", (4, 150, 10), rounded(2), [5.0, 6.0, 9.0, 12.0]),
+                                     ("rounded to 0.1", (3, 90, 5), rounded(1), [1.0, 2.0, 4.0]),
+                                     ("n = 211, 5 exits", (5, 211, 10), soft, [1.0, 2.0, 3.0, 4.0, 5.0]),
+                                     ("n = 211, 5 exits, rounded", (5, 211, 10), rounded(2), [1.0, 2.0, 3.0, 4.0, 5.0])]:
+        yield (name, *split(*shape, make), *split(*shape, make), costs)
+
+
+def test_budgeted_search_on_cached_softmaxes_equals_the_reference():
+    """MSDNet-PyTorch's threshold search and evaluation (restated in msdnet_reference.py) on its cached
+    softmax outputs: the same thresholds bit for bit, accuracies and costs at all 39 q of 6 cases."""
+    for name, val_p, val_y, test_p, test_y, costs in _cached_softmax_cases():
+        curve = budgeted_curve(ExitOutputs.from_probs(val_p, val_y), ExitOutputs.from_probs(test_p, test_y), costs)
+        for point in curve:
+            thresholds = reference_thresholds(val_p, reference_fractions(point.q, len(costs)))
+            assert point.thresholds == thresholds, (name, point.q)
+            val_acc, _ = reference_dynamic_eval(val_p, val_y, thresholds, costs)
+            acc, cost = reference_dynamic_eval(test_p, test_y, thresholds, costs)
+            assert point.val_accuracy == pytest.approx(val_acc, abs=1e-9), (name, point.q)
+            assert (point.accuracy, point.cost) == pytest.approx((acc, cost), abs=1e-9), (name, point.q)
+
+
+def test_outputs_given_as_probabilities_are_read_as_given():
+    """Rounded probabilities (rows summing to 0.97 .. 1.03) reach every consumer unchanged."""
+    from timm_exits.inference import exit_calibration, lambda_losses
+
+    probs = torch.tensor([[[0.50, 0.49], [0.30, 0.70], [0.99, 0.03], [0.34, 0.66]],
+                          [[0.49, 0.50], [0.70, 0.30], [0.97, 0.03], [0.66, 0.33]]])
+    labels = torch.tensor([0, 1, 0, 1])
+    out = ExitOutputs.from_probs(probs, labels)
+    assert out.probs is probs and out.logits is None and not out.raw_logits
+    assert out.preds.tolist() == [[0, 1, 0, 1], [1, 0, 0, 0]]
+    assert out.subset(torch.tensor([2, 0])).probs.tolist() == probs[:, [2, 0]].tolist()
+    assert anytime_accuracy(out, topk=(1,))["top1"] == [100.0, 25.0]
+    # exit 0 of sample 0 is 0.50 (not the renormalised 0.5051): with a threshold of 0.5 it leaves there
+    assert exit_scores(out.probs)[0, 0].item() == 0.5
+    (point,) = budgeted_curve(out, out, [1.0, 2.0], q_grid=[1.0])
+    assert point.thresholds == [probs[0, 1, 1].item(), -1e8]  # the 2nd most confident of 4, as given
+    per_exit = exit_calibration(out)
+    truth = probs[0, torch.arange(4), labels].double()
+    assert per_exit[0]["nll"] == pytest.approx(-truth.log().mean().item(), rel=1e-12)
+    brier = (probs[0].double() - torch.eye(2, dtype=torch.float64)[labels]).pow(2).sum(-1).mean().item()
+    assert per_exit[0]["brier"] == pytest.approx(brier, rel=1e-6)
+    table = lambda_losses(out, loss="brier-gap", lambdas=[1.0, 0.6, 0.0])
+    assert table.exits.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]]  # 0.66 > 0.6 leaves, 0.50 does not
+    with pytest.raises(ValueError, match=r"expected probabilities in \[0, 1\] \(for logits use ExitOutputs"):
+        ExitOutputs.from_probs(probs - 0.5, labels)
 
 
 def test_writing_a_report_leaves_the_process_matplotlib_backend_alone(tmp_path):

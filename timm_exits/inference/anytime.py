@@ -49,8 +49,8 @@ def _logits_of(source: Source) -> torch.Tensor:
         return source
     logits = getattr(source, "logits", None)
     if logits is None or not getattr(source, "raw_logits", True):
-        raise ValueError("these outputs keep no raw logits (.logits; outputs made from probabilities have only "
-                         "log-probabilities): product anytime and risk control need the model's own logits")
+        raise ValueError("these outputs keep no raw logits (outputs given as probabilities have none, a product-anytime "
+                         "model's are log-probabilities): product anytime needs the model's own logits")
     return logits
 
 

@@ -3,7 +3,8 @@
 * ECE: 15 equal-width confidence bins (lo, hi] over [0, 1] (boundaries ``torch.linspace(0, 1, 16)``
   in float32, as Guo et al.); confidence is the max softmax probability; the sum over bins of
   (samples in the bin / samples) x |accuracy - mean confidence|, as a fraction (0..1).
-* NLL: mean negative log-likelihood of the label (nats), from the logits.
+* NLL: mean negative log-likelihood of the label (nats), from the logits (outputs given as
+  probabilities: from those probabilities).
 * Brier: mean over samples of sum over classes of (p_c - 1[c = label])^2 (0..2).
 """
 from __future__ import annotations
@@ -39,15 +40,29 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> Dict[str, float]:
     """``{"ece", "nll", "brier"}`` of ``logits`` (samples x classes) against ``labels``."""
     logits = logits.float()
-    probs = logits.softmax(-1)
-    brier = (probs - F.one_hot(labels, probs.shape[-1]).float()).pow(2).sum(-1).double().mean().item()
-    return {"ece": expected_calibration_error(probs, labels, bins),
-            "nll": F.cross_entropy(logits.double(), labels).item(), "brier": brier}
+    return _metrics(logits.softmax(-1), logits.double().log_softmax(-1), labels, bins)
+
+
+def _metrics(probs: torch.Tensor, log_probs: torch.Tensor, labels: torch.Tensor, bins: int) -> Dict[str, float]:
+    """ECE, NLL and Brier from probabilities and log-probabilities (samples x classes)."""
+    brier = (probs - F.one_hot(labels, probs.shape[-1]).to(probs.dtype)).pow(2).sum(-1).double().mean().item()
+    return {"ece": expected_calibration_error(probs, labels, bins), "nll": F.nll_loss(log_probs, labels).item(),
+            "brier": brier}
+
+
+def _taken(outputs: ExitOutputs, exits: torch.Tensor, bins: int) -> Dict[str, float]:
+    """Calibration of the output of exit ``exits[i]`` for every sample i: from the logits, or from the
+    probabilities as given (NLL: minus their logarithm)."""
+    samples = torch.arange(outputs.num_samples)
+    if outputs.logits is not None:
+        return calibration_metrics(outputs.logits[exits, samples], outputs.labels, bins)
+    probs = outputs.probs[exits, samples]
+    return _metrics(probs, probs.double().log(), outputs.labels, bins)
 
 
 def exit_calibration(outputs: ExitOutputs, bins: int = ECE_BINS) -> List[Dict[str, float]]:
     """Calibration of every exit on all samples."""
-    return [calibration_metrics(z, outputs.labels, bins) for z in outputs.logits]
+    return [_taken(outputs, torch.full((outputs.num_samples,), k), bins) for k in range(outputs.num_exits)]
 
 
 def curve_calibration(
@@ -61,9 +76,4 @@ def curve_calibration(
     global threshold repeated for every exit)."""
     policy = resolve_policy(policy)
     scores = policy.scores(outputs.probs)
-    samples = torch.arange(outputs.num_samples)
-    result = []
-    for t in thresholds:
-        exits = policy.assign(scores, torch.tensor(t, dtype=torch.float64))
-        result.append(calibration_metrics(outputs.logits[exits, samples], outputs.labels, bins))
-    return result
+    return [_taken(outputs, policy.assign(scores, torch.tensor(t, dtype=torch.float64)), bins) for t in thresholds]

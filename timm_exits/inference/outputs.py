@@ -28,47 +28,65 @@ def predictor_of(model: nn.Module) -> str:
 
 @dataclass
 class ExitOutputs:
-    """Raw logits of every exit (``exits x samples x classes``, float32 as collected) and labels;
-    the softmax probabilities are derived from them (:attr:`probs`, computed once). ``raw_logits``
-    is False for outputs known only as probabilities (:meth:`from_probs`): their logits are
-    log-probabilities, which what needs the model's own logits (product anytime) refuses."""
+    """Every exit's outputs over a dataset (``exits x samples x classes``) and the labels, kept as given:
+    raw logits (float32 as collected; :attr:`probs` is their softmax, computed once), or probabilities
+    (:meth:`from_probs`, ``logits`` None), which :attr:`probs` returns unchanged, so every consumer
+    reads exactly them. ``raw_logits`` is False for outputs that are not a model's raw logits
+    (probabilities, or the log-probabilities a product-anytime model answers with): what needs raw
+    logits (product anytime) refuses them."""
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     labels: torch.Tensor
     raw_logits: bool = True
+    given_probs: Optional[torch.Tensor] = None  # set by from_probs
 
     def __post_init__(self):
-        if self.logits.dim() != 3 or self.labels.shape != self.logits.shape[1:2]:
-            raise ValueError(f"expected logits of shape (exits, samples, classes) and labels of shape (samples,), "
-                             f"got {tuple(self.logits.shape)} and {tuple(self.labels.shape)}")
+        if (self.logits is None) == (self.given_probs is None):
+            raise ValueError("give the logits or (with ExitOutputs.from_probs) the probabilities, not both or neither")
+        if self._values.dim() != 3 or self.labels.shape != self._values.shape[1:2]:
+            what = "logits" if self.logits is not None else "probabilities"
+            raise ValueError(f"expected {what} of shape (exits, samples, classes) and labels of shape (samples,), "
+                             f"got {tuple(self._values.shape)} and {tuple(self.labels.shape)}")
 
     @classmethod
     def from_probs(cls, probs: torch.Tensor, labels: torch.Tensor) -> "ExitOutputs":
-        """Outputs known only as probabilities (e.g. a reference's cached softmax): their logarithms
-        serve as logits, whose softmax gives the probabilities back."""
-        return cls(probs.log(), labels, raw_logits=False)
+        """Outputs known only as probabilities (e.g. a reference's cached softmax), kept bit for bit: no
+        logarithm and softmax round trip, no renormalisation of rows that do not sum to one (rounded
+        outputs). Values outside [0, 1] are refused (logits go to ``ExitOutputs(logits, labels)``)."""
+        if not ((probs >= 0) & (probs <= 1)).all():
+            raise ValueError("expected probabilities in [0, 1] (for logits use ExitOutputs(logits, labels))")
+        return cls(None, labels, raw_logits=False, given_probs=probs)
 
     @cached_property
     def probs(self) -> torch.Tensor:
-        """Softmax probabilities (``exits x samples x classes``)."""
-        return self.logits.float().softmax(-1)
+        """The probabilities (``exits x samples x classes``): those given, else the float32 softmax of the logits."""
+        return self.given_probs if self.given_probs is not None else self.logits.float().softmax(-1)
 
     @property
     def preds(self) -> torch.Tensor:
-        """Every exit's prediction (``exits x samples``): the argmax of the softmax, as the references
+        """Every exit's prediction (``exits x samples``): the argmax of :attr:`probs`, as the references
         and the executor take it."""
         return self.probs.argmax(-1)
 
     @property
     def num_exits(self) -> int:
-        return self.logits.shape[0]
+        return self._values.shape[0]
 
     @property
     def num_samples(self) -> int:
-        return self.logits.shape[1]
+        return self._values.shape[1]
+
+    @property
+    def _values(self) -> torch.Tensor:
+        """What was given: the logits or the probabilities."""
+        return self.logits if self.logits is not None else self.given_probs
 
     def subset(self, index: torch.Tensor) -> "ExitOutputs":
-        return ExitOutputs(self.logits[:, index], self.labels[index], self.raw_logits)
+        """The outputs of some samples, kept as given."""
+        def pick(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t[:, index]
+
+        return ExitOutputs(pick(self.logits), self.labels[index], self.raw_logits, pick(self.given_probs))
 
 
 @torch.no_grad()
