@@ -135,6 +135,24 @@ def test_selection_rules_by_hand_on_a_non_contiguous_safe_set():
     assert select_lambda(rows([0, 2, 4], 20), 0.1, "naive") == 0  # strict: a risk of exactly 0.1 is not < 0.1
 
 
+def test_naive_and_crc_take_the_mean_in_the_losses_own_dtype_as_the_reference():
+    # the reference's 0/1 losses are float32 and numpy takes their mean in float32: 3/100 is 0.029999999,
+    # below a float64 epsilon of 0.03, so it selects that lambda where the exact mean (0.03) would not
+    assert np.float32(3) / np.float32(100) < np.float64(0.03) and 3 / 100 == 0.03
+    losses = rows([0, 3, 5], 100)
+    assert losses.dtype == torch.float32
+    assert select_lambda(losses, 0.03, "naive") == 1
+    assert select_lambda(losses.double(), 0.03, "naive") == 0  # float64 losses: the exact mean
+    assert select_lambda(losses.numpy(), 0.03, "naive") == 1
+    # CRC at epsilon = 8/101 allows 101 epsilon / 100 - 1 / 100 = 0.07 exactly; 7/100 in float32 is 0.0700000003
+    assert 101 * (8 / 101) / 100 - 1 / 100 == 0.07 and float(np.float32(7) / np.float32(100)) > 0.07
+    assert select_lambda(rows([0, 7, 9], 100), 8 / 101, "crc") == 0
+    assert select_lambda(rows([0, 7, 9], 100).double(), 8 / 101, "crc") == 1
+    table = lambda_losses(LOGITS, LABELS, "prediction-gap", GRID)
+    assert table.losses.dtype == torch.float32  # as the reference computes the 0/1 losses
+    assert lambda_losses(LOGITS, LABELS, "brier-gap", GRID).losses.dtype == torch.float64
+
+
 def test_ucb_rule_stops_at_the_first_unsafe_lambda():
     # 200 samples, risks 0, .05, .5, .05, .6 at eps = 0.2
     # (Hoeffding alone gives UCB(.05) <= .05 + sqrt(log 10 / 400) = .126)
@@ -196,9 +214,10 @@ def test_risk_controlled_thresholds_end_to_end():
     (lambda: lambda_losses(LOGITS, LABELS, "hinge"), "loss must be one of"),
     (lambda: lambda_losses(LOGITS, None, "prediction-gap"), "needs labels of shape"),
     (lambda: lambda_losses(LOGITS[0], LABELS), r"shape \(exits, samples, classes\)"),
-    (lambda: lambda_losses(LOGITS[:, :0], LABELS[:0]), "at least one sample"),
+    (lambda: lambda_losses(LOGITS[:, :0], LABELS[:0]), "at least one exit and one sample"),
     (lambda: lambda_losses(LOGITS, LABELS, lambdas=[0.0, 0.5]), "conservative"),
-    (lambda: risk_controlled_thresholds(SimpleNamespace(logits=None, labels=LABELS), 0.1), "no raw logits"),
+    (lambda: risk_controlled_thresholds(SimpleNamespace(logits=None, labels=LABELS), 0.1),
+     r"probabilities \(.probs of outputs without raw logits\)"),
 ])
 def test_bad_input_is_refused(call, match):
     with pytest.raises(ValueError, match=match):

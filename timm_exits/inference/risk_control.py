@@ -13,16 +13,19 @@ measured on a calibration set; a selection rule then picks the most aggressive l
 * ``ltt`` (learn then test, with probability 1 - delta): fixed-sequence testing of "risk > epsilon"
   down the grid with Hoeffding–Bentkus p-values.
 
-``naive`` and ``crc`` take the last qualifying lambda anywhere on the grid, as the reference does;
-the UCB and LTT rules stop at the end of the first run of safe lambdas (losses need not be monotone
-in lambda). At lambda = 1 nobody exits early, so every loss below is 0 there: index 0 of the grid is
-the safe fallback of every rule.
+``naive`` and ``crc`` take the last qualifying lambda anywhere on the grid, as the reference does,
+and take the empirical risk as it does: the mean in the losses' own dtype (float32 for the 0/1 losses,
+which :func:`lambda_losses` keeps in float32 as the reference computes them), compared with epsilon in
+float64, so a risk of exactly 3/100 (float32 0.029999999) passes epsilon = 0.03. The UCB and LTT
+rules stop at the end of the first run of safe lambdas (losses need not be monotone in lambda). At
+lambda = 1 nobody exits early, so every loss below is 0 there: index 0 of the grid is the safe
+fallback of every rule.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,7 +33,7 @@ from scipy.optimize import brentq
 from scipy.special import rel_entr
 from scipy.stats import binom
 
-from .anytime import _logits_of
+from .anytime import _check_3d
 from .budgeted import assign_exits
 from .policies import ExitPolicy, exit_scores
 
@@ -66,7 +69,7 @@ class LambdaLosses:
     """Per-sample losses of the global-lambda exit rule at every lambda of a descending grid."""
 
     lambdas: torch.Tensor  # (K,) float64, from conservative to aggressive
-    losses: torch.Tensor  # (K, samples) float64
+    losses: torch.Tensor  # (K, samples): float32 for the 0/1 losses, float64 for the Brier gaps, as the reference
     exits: torch.Tensor  # (K, samples) long: the exit taken (0-based)
     loss: str
     loss_bound: float
@@ -91,42 +94,52 @@ def lambda_losses(
         lambdas: Optional[Sequence[float]] = None,
 ) -> LambdaLosses:
     """The losses of exiting early at every lambda, from raw logits ``(exits, samples, classes)``
-    and labels (or outputs with ``.logits`` and ``.labels``). Confidence is the max-softmax
-    (float32 softmax, as ``ExitOutputs.probs``); predictions are the argmax of the logits. ``loss``
-    is one of ``LOSSES``; ``consistency`` and ``brier-gap-final`` do not need labels."""
+    and labels, or from outputs with ``.logits`` / ``.probs`` and ``.labels`` (an
+    :class:`ExitOutputs`). Confidence is the max of the probabilities: the float32 softmax of raw
+    logits (as ``ExitOutputs.probs``), or for outputs without raw logits (given as probabilities, or a
+    product-anytime model's) their own ``.probs``, as given; predictions are the argmax of the same.
+    ``loss`` is one of ``LOSSES``; ``consistency`` and ``brier-gap-final`` do not need labels."""
     if not isinstance(logits, torch.Tensor):
         labels = logits.labels if labels is None else labels
-        logits = _logits_of(logits)
+    probs, preds = _probs_and_preds(logits)
     if loss not in LOSS_BOUNDS:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if logits.dim() != 3 or logits.shape[1] == 0:
-        raise ValueError(f"expected logits of shape (exits, samples, classes) with at least one sample, "
-                         f"got {tuple(logits.shape)}")
     needs_labels = loss in ("prediction-gap", "brier-gap")
-    if needs_labels and (labels is None or labels.shape != logits.shape[1:2]):
-        raise ValueError(f"the {loss} loss needs labels of shape ({logits.shape[1]},), got "
+    if needs_labels and (labels is None or labels.shape != probs.shape[1:2]):
+        raise ValueError(f"the {loss} loss needs labels of shape ({probs.shape[1]},), got "
                          f"{None if labels is None else tuple(labels.shape)}")
     lambdas = LAMBDAS if lambdas is None else torch.as_tensor(lambdas, dtype=torch.float64).flatten()
     if len(lambdas) == 0 or (lambdas.diff() > 0).any() or lambdas.min() < 0 or lambdas.max() > 1:
         raise ValueError("expected a non-empty grid of lambdas in [0, 1], from conservative (large) to aggressive")
-    probs = logits.float().softmax(-1)
-    confidence, preds = exit_scores(probs, "maxprob"), logits.argmax(-1)
-    samples = torch.arange(logits.shape[1])
+    confidence = exit_scores(probs, "maxprob")
+    samples = torch.arange(probs.shape[1])
     all_losses, all_exits = [], []
     for lam in lambdas.tolist():
         exits = exits_at(confidence, lam)
         early, last = preds[exits, samples], preds[-1]
         if loss == "prediction-gap":
-            value = (early != labels).double() - (last != labels).double()
+            value = (early != labels).float() - (last != labels).float()
         elif loss == "consistency":
-            value = (early != last).double()
+            value = (early != last).float()
         else:
             target = labels if loss == "brier-gap" else probs[-1].argmax(-1)
             value = _brier(probs[exits, samples], target) - _brier(probs[-1], target)
         all_losses.append(value)
         all_exits.append(exits)
     return LambdaLosses(lambdas, torch.stack(all_losses), torch.stack(all_exits), loss, LOSS_BOUNDS[loss],
-                        logits.shape[0])
+                        probs.shape[0])
+
+
+def _probs_and_preds(source: Union[torch.Tensor, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and predictions of raw logits (a tensor, or outputs' ``.logits`` when they are raw
+    logits): their float32 softmax and their argmax; of other outputs: their ``.probs`` and its argmax."""
+    if not isinstance(source, torch.Tensor):
+        logits = getattr(source, "logits", None)
+        if logits is None or not getattr(source, "raw_logits", True):
+            probs = _check_3d(getattr(source, "probs", None), "probabilities (.probs of outputs without raw logits)")
+            return probs, probs.argmax(-1)
+        source = logits
+    return _check_3d(source, "logits").float().softmax(-1), source.argmax(-1)
 
 
 def wsr_upper_bound(losses: Sequence[float], delta: float, loss_bound: float = 1.0) -> float:
@@ -228,6 +241,9 @@ def select_lambda(
             bound of 170 zeros then 30 ones is 0.014). ``None`` keeps the order given (the
             reference's, whose calibration split is drawn at random).
 
+    ``naive`` and ``crc`` take the mean loss in the losses' own dtype, as the reference (see the
+    module docstring); the other rules compute in float64.
+
     The Hoeffding–Bentkus rules (``ucb-hb``, ``ltt*``) need losses in [0, 1]: they use
     ``max(loss, 0) / B`` against ``epsilon / B`` (the mean clipped loss bounds the mean loss from
     above, so the guarantee carries over).
@@ -236,7 +252,8 @@ def select_lambda(
         loss_bound = losses.loss_bound if loss_bound is None else loss_bound
         losses = losses.losses
     loss_bound = 1.0 if loss_bound is None else float(loss_bound)
-    x = torch.as_tensor(losses, dtype=torch.float64).numpy()
+    given = losses.detach().cpu().numpy() if isinstance(losses, torch.Tensor) else np.asarray(losses)
+    x = given.astype(np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"expected losses of shape (lambdas, samples), got {tuple(x.shape)}")
     if x.shape[1] == 0:
@@ -248,7 +265,8 @@ def select_lambda(
     if loss_bound <= 0 or x.max() > loss_bound:
         raise ValueError(f"losses must be at most loss_bound={loss_bound} (> 0), got a loss of {x.max()}")
     n = x.shape[1]
-    risk = x.mean(1)
+    # the reference's risk: the mean in the losses' own dtype (float32 ones stay float32), compared in float64
+    risk = (given if given.dtype == np.float32 else x).mean(1).astype(np.float64)
     if rule == "naive":
         return _last(risk < epsilon)
     if rule == "crc":
@@ -296,7 +314,7 @@ def risk_controlled_thresholds(
         seed: Optional[int] = 0,
 ) -> RiskControl:
     """Calibrate the global exit threshold on ``calibration`` (logits ``(exits, samples, classes)``
-    with ``labels``, outputs with ``.logits`` and ``.labels``, or a :class:`LambdaLosses`) so that
+    with ``labels``, outputs with ``.probs`` and ``.labels``, or a :class:`LambdaLosses`) so that
     the ``loss`` risk is at most ``epsilon`` (see :func:`select_lambda` for the rules). The returned
     per-exit thresholds are for a strict comparison: exit where max-softmax > threshold."""
     table = calibration if isinstance(calibration, LambdaLosses) else lambda_losses(calibration, labels, loss, lambdas)
