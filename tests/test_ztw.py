@@ -3,6 +3,7 @@ the equations, the detach that stops head i's gradient at head i-1's logits, the
 through, and ZTW's two phases in the accelerate engine (each changes only what it trains, the rest
 bit-identical) and in a real mmengine Runner."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,48 @@ def _ztw(**kwargs):
             e.weight.normal_(0, 0.5)
             e.bias.normal_(0, 0.5)
     return model.eval()
+
+
+def _adaptive_mixed_pool_by_hand(x, alpha, out=4):
+    """ZTW's pooling restated: output cell (i, j) mixes the max and the mean of rows floor(i s / 4) ..
+    ceil((i + 1) s / 4) - 1 and the same columns of a map of side s (overlapping windows, or repeats)."""
+    side = x.shape[-1]
+    cells = [(i * side // out, -(-(i + 1) * side // out)) for i in range(out)]
+    pooled = torch.empty(*x.shape[:2], out, out, dtype=x.dtype)
+    for i, (r0, r1) in enumerate(cells):
+        for j, (c0, c1) in enumerate(cells):
+            window = x[:, :, r0:r1, c0:c1].flatten(2)
+            pooled[:, :, i, j] = alpha * window.amax(-1) + (1 - alpha) * window.mean(-1)
+    return pooled
+
+
+@pytest.mark.parametrize("side", [1, 2, 6, 8])
+def test_ztw_head_pools_every_map_to_4x4(side):
+    from timm_exits.models.heads import ZTWHead
+
+    torch.manual_seed(0)
+    head = ZTWHead(3, 5).double()
+    assert head.num_features == head.fc.in_features == 3 * 16  # whatever the map size
+    with torch.no_grad():
+        head.pooling.alpha.fill_(1.3)  # no sigmoid or clamp, as ZTW's code
+    x = torch.randn(2, 3, side, side, dtype=torch.float64)
+    expected = _adaptive_mixed_pool_by_hand(x, 1.3).flatten(1) @ head.fc.weight.T + head.fc.bias
+    assert torch.allclose(head(x), expected, atol=1e-12)
+
+
+def test_ztw_heads_on_resnet18_and_in_the_recipe():
+    # timm's ResNet-18 at 32 px: layer1..3 give 8x8x64, 4x4x128, 2x2x256 maps; ZTW's heads read 4x4 of each
+    model = timm.create_model("resnet18_exits", num_classes=10, exits="sdn", head="ztw").eval()
+    assert [h.num_features for h in model.exits] == [64 * 16, 128 * 16, 256 * 16]
+    sdn = timm.create_model("resnet18_exits", num_classes=10, **SDN_RESNET)
+    assert [h.num_features for h in sdn.exits] == [64 * 16, 128 * 16, 256 * 4]  # SDN's: the 2x2 map as it is
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(torch.jit.script(model)(x), model(x), atol=1e-6)
+    assert model.forward_exits(torch.randn(1, 3, 48, 48))[2].shape == (1, 10)  # adaptive: any input size
+    config = load_config(str(Path(__file__).resolve().parents[1] / "recipes" / "ztw_cifar.py"))
+    assert config["model"]["kwargs"] == dict(exits="sdn", head="ztw", input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match="the 'ztw' head pools a spatial map.*use head='linear'"):
+        timm_exits.add_exits(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8), head="ztw")
 
 
 def test_geometric_ensemble_on_random_log_probs():

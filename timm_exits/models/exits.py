@@ -91,8 +91,8 @@ class BackboneWithExits(MultiExitModel):
         backbone: a timm model of a supported family.
         exits: 0-based indices of the units to put an exit after (default: :func:`default_exits`), or
             ``'sdn'``: placed by cost at SDN's fractions (:data:`SDN_COST_FRACTIONS`).
-        head: ``linear`` (default), ``conv`` (MSDNet-style, CNNs only) or ``sdn`` (SDN's mixed-pooling
-            head, spatial maps only); see :mod:`.heads`.
+        head: ``linear`` (default), ``conv`` (MSDNet-style, CNNs only), ``sdn`` (SDN's mixed-pooling
+            head, spatial maps only) or ``ztw`` (ZTW's, the same pooling adaptive to 4x4); see :mod:`.heads`.
         head_width: width of the ``conv`` head (default: its input width).
         drop_rate: dropout before the exit heads' linear layers.
         exits_at_cost: place the exits by cost instead: fractions in (0, 1) of the backbone's MACs

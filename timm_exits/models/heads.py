@@ -7,6 +7,8 @@ A head maps the backbone state after some stage (``NCHW`` maps for CNNs, ``NHWC`
 * ``conv``: MSDNet-style, two 3x3 stride-2 conv-BN-ReLU, global average pool, linear (NCHW only).
 * ``sdn``: SDN's internal classifier (Kaya et al., ICML 2019): mixed max / average pooling to about
   4x4, flatten, linear; built for one map size (NCHW and NHWC maps; not tokens).
+* ``ztw``: ZTW's pooled head (Wołczyk et al., NeurIPS 2021): the same mixed pooling, adaptive to
+  exactly 4x4 whatever the map size, flatten, linear (NCHW and NHWC maps; not tokens).
 
 ``pool=''`` (timm's ``global_pool=''``) leaves the features unpooled, meant for ``num_classes=0`` like
 ``forward_head`` of a timm model reset with ``reset_classifier(0, '')``.
@@ -20,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import ConvNormAct
 
-__all__ = ["HEAD_TYPES", "LinearHead", "ConvHead", "MixedPool", "SDNHead", "create_head", "classifier",
+__all__ = ["HEAD_TYPES", "LinearHead", "ConvHead", "MixedPool", "SDNHead", "ZTWHead", "create_head", "classifier",
            "reset_head_classifier"]
 
-HEAD_TYPES = ("linear", "conv", "sdn")
+HEAD_TYPES = ("linear", "conv", "sdn", "ztw")
 
 
 def classifier(width: int, num_classes: int, device=None, dtype=None) -> nn.Module:
@@ -121,17 +123,21 @@ class ConvHead(nn.Module):
 
 
 class MixedPool(nn.Module):
-    """``alpha * maxpool(x) + (1 - alpha) * avgpool(x)`` with a ``kernel`` window and stride, ``alpha`` one
-    learnable scalar drawn from U(0, 1). As in SDN's code, ``alpha`` has no sigmoid or clamp: training
-    may take it outside [0, 1]."""
+    """``alpha * maxpool(x) + (1 - alpha) * avgpool(x)`` with a ``size`` window and stride (SDN) or, with
+    ``adaptive``, adaptive pooling to a ``size`` output (ZTW); ``alpha`` one learnable scalar drawn from
+    U(0, 1). As in SDN's and ZTW's code, ``alpha`` has no sigmoid or clamp: training may take it outside
+    [0, 1]."""
 
-    def __init__(self, kernel: Tuple[int, int], device=None, dtype=None):
+    def __init__(self, size: Tuple[int, int], adaptive: bool = False, device=None, dtype=None):
         super().__init__()
-        self.kernel = kernel
+        self.size, self.adaptive = size, adaptive
         self.alpha = nn.Parameter(torch.rand(1, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.alpha * F.max_pool2d(x, self.kernel) + (1 - self.alpha) * F.avg_pool2d(x, self.kernel)
+        if self.adaptive:
+            return (self.alpha * F.adaptive_max_pool2d(x, self.size)
+                    + (1 - self.alpha) * F.adaptive_avg_pool2d(x, self.size))
+        return self.alpha * F.max_pool2d(x, self.size) + (1 - self.alpha) * F.avg_pool2d(x, self.size)
 
 
 class SDNHead(nn.Module):
@@ -143,9 +149,7 @@ class SDNHead(nn.Module):
     def __init__(self, in_chs: int, num_classes: int, map_size: Sequence[int], layout: str = "nchw",
                  drop_rate: float = 0.0, device=None, dtype=None):
         super().__init__()
-        if layout not in ("nchw", "nhwc"):
-            raise ValueError(f"the 'sdn' head pools a spatial map (NCHW or NHWC); this backbone gives {layout} "
-                             f"tokens: use head='linear' (class token or mean of the patch tokens)")
+        _check_spatial(layout, "sdn")
         h, w = map_size
         self.map_size = (int(h), int(w))
         self.nhwc = layout == "nhwc"
@@ -170,19 +174,51 @@ class SDNHead(nn.Module):
         return x if pre_logits else self.fc(self.drop(x))
 
 
+class ZTWHead(nn.Module):
+    """ZTW's pooled head (``pooled_head`` of ``gmum/Zero-Time-Waste``, without convolutions): a
+    :class:`MixedPool` adaptive to ``pool_size`` x ``pool_size`` (4x4) on every map, so a 2x2 map is
+    repeated to 4x4 and a 6x6 one pooled in overlapping 2x2 windows; then flatten (channel-major) and one
+    linear layer of ``in_chs * pool_size**2`` inputs, whatever the input size. ``layout`` ``nhwc`` (Swin)
+    maps are read as NCHW."""
+
+    def __init__(self, in_chs: int, num_classes: int, layout: str = "nchw", pool_size: int = 4,
+                 drop_rate: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        _check_spatial(layout, "ztw")
+        self.nhwc = layout == "nhwc"
+        self.pooling = MixedPool((pool_size, pool_size), adaptive=True, device=device, dtype=dtype)
+        self.num_features = in_chs * pool_size * pool_size
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = classifier(self.num_features, num_classes, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.nhwc:
+            x = x.permute(0, 3, 1, 2)
+        x = self.pooling(x).flatten(1)
+        return x if pre_logits else self.fc(self.drop(x))
+
+
+def _check_spatial(layout: str, kind: str) -> None:
+    """The mixed-pooling heads read spatial maps, not token sequences."""
+    if layout not in ("nchw", "nhwc"):
+        raise ValueError(f"the {kind!r} head pools a spatial map (NCHW or NHWC); this backbone gives {layout} "
+                         f"tokens: use head='linear' (class token or mean of the patch tokens)")
+
+
 def create_head(kind: str, in_chs: int, num_classes: int, layout: str, width: Optional[int] = None,
                 drop_rate: float = 0.0, **kwargs) -> nn.Module:
     """An exit head of type ``kind`` (see :data:`HEAD_TYPES`) for a state of ``in_chs`` channels."""
+    dd = {k: v for k, v in kwargs.items() if k in ("device", "dtype")}
     if kind == "linear":
         return LinearHead(in_chs, num_classes, layout=layout, drop_rate=drop_rate, **kwargs)
     if kind == "conv":
         if layout != "nchw":
             raise ValueError(f"the 'conv' head needs NCHW feature maps (a CNN backbone), this backbone gives {layout}")
-        return ConvHead(in_chs, num_classes, width=width, drop_rate=drop_rate, pool=kwargs.get("pool", "avg"),
-                        **{k: v for k, v in kwargs.items() if k in ("device", "dtype")})
+        return ConvHead(in_chs, num_classes, width=width, drop_rate=drop_rate, pool=kwargs.get("pool", "avg"), **dd)
     if kind == "sdn":
         if kwargs.get("map_size") is None:
             raise ValueError("the 'sdn' head needs the map size it reads (map_size=(H, W))")
-        return SDNHead(in_chs, num_classes, kwargs["map_size"], layout=layout, drop_rate=drop_rate,
-                       **{k: v for k, v in kwargs.items() if k in ("device", "dtype")})
+        return SDNHead(in_chs, num_classes, kwargs["map_size"], layout=layout, drop_rate=drop_rate, **dd)
+    if kind == "ztw":
+        return ZTWHead(in_chs, num_classes, layout=layout, drop_rate=drop_rate, **dd)
     raise ValueError(f"head must be one of {HEAD_TYPES}, got {kind!r}")
