@@ -1,9 +1,12 @@
-"""A trained model as a timm model folder: saved, rebuilt by timm (``local-dir:``) and by
-``load_model_folder``, evaluated by ``timm-exits evaluate`` with its own preprocessing, converted
-from a real mmengine checkpoint; thresholds that know their input size."""
+"""A trained model as a timm model folder: saved (whole or not at all, strict JSON, its class
+names), rebuilt by timm (``local-dir:``) and by ``load_model_folder`` (refusing unusable
+preprocessing), evaluated by ``timm-exits evaluate`` with its own preprocessing and classes (never
+over an earlier evaluation), converted from a real mmengine checkpoint; thresholds that know their
+input size and weights."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from torchvision import transforms
 
 import timm_exits  # noqa: F401
 from timm_exits import cli
-from timm_exits.inference import EarlyExitExecutor, Thresholds
+from timm_exits.inference import EarlyExitExecutor, Thresholds, weights_sha256
 from timm_exits.model_folder import load_model_folder, save_model_folder
 from timm_exits.profile import CONVENTIONS, profile_exits
 from timm_exits.train.boostnet import BoostedExits
@@ -204,7 +207,7 @@ def test_class_count_mismatch_is_refused(tmp_path, capsys, cifar_run):
     assert code == 2 and "the model has 7 classes" in err
 
 
-def test_thresholds_record_and_enforce_their_input_size(tmp_path, capsys, cifar_run):
+def test_thresholds_record_and_enforce_their_input_size_and_weights(tmp_path, capsys, cifar_run):
     model, folder, data = cifar_run
     code, _, err = _evaluate(capsys, folder, "--data-dir", data, "--val-fraction", "0.5", "--target-macs", "1e12",
                              "--output", tmp_path / "out")
@@ -217,6 +220,10 @@ def test_thresholds_record_and_enforce_their_input_size(tmp_path, capsys, cifar_
         [thresholds.costs[e] for e in executor(torch.randn(2, 3, 32, 32)).exits.tolist()])
     with pytest.raises(ValueError, match=r"measured on \(3, 32, 32\) .* got a batch of \(3, 64, 64\)"):
         executor(torch.randn(2, 3, 64, 64))
+    assert thresholds.weights == weights_sha256(model)  # the weights they were fitted on, not just the architecture
+    other, _ = _saved(tmp_path / "other", "resnet18_exits", seed=1)
+    with pytest.raises(ValueError, match=r"fitted on other weights .* even if the architecture is the same"):
+        EarlyExitExecutor(other, thresholds)
     old = json.loads(path.read_text())
     del old["input_size"]  # a file written before the input size was recorded
     path.write_text(json.dumps(old))
@@ -330,3 +337,123 @@ def test_a_stored_config_is_parsed_never_executed(tmp_path):
     loaded, data_config, _ = load_checkpoint_model(str(tmp_path / "epoch_1.pth"), "msdnet_cifar_5exit",
                                                    dict(num_classes=3, num_channels=4, growth_rate=2))
     assert data_config == {"input_size": (3, 32, 32), "mean": (0.1, 0.2, 0.3)} and not loaded.training
+
+
+def _files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_failed_save_writes_nothing_and_json_is_strict(tmp_path):
+    model, folder = _saved(tmp_path, "msdnet_cifar_5exit")  # 1 channel
+    before = _files(folder)
+    for data_config, info, message in (
+            ({**GREY, "input_size": (3, 32, 32)}, {}, "Requested 3 input channels, but the model accepts 1"),
+            ({**GREY, "mean": (float("inf"),)}, {}, r"data_config\['mean'\] must be a list of finite numbers"),
+            ({**GREY, "crop_pct": 0}, {}, r"data_config\['crop_pct'\] must be a number > 0.0 and <= 1.0"),
+            (GREY, {"note": float("nan")}, "Out of range float values are not JSON compliant")):
+        other = timm.create_model("msdnet_cifar_5exit", **FAMILIES["msdnet_cifar_5exit"][0])
+        with pytest.raises(ValueError, match=message):
+            save_model_folder(other, str(folder), data_config, **info)
+        assert _files(folder) == before  # the good weights and their config.json, untouched
+    loaded, _ = load_model_folder(str(folder))
+    x = torch.randn(2, 1, 32, 32)
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(model, x), _outputs(loaded, x)))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("mean", [float("nan")], r"pretrained_cfg.mean must be a list of finite numbers or None, got \[nan\]"),
+    ("std", [float("inf")], r"pretrained_cfg.std must be a list of numbers > 0.0 or None, got \[inf\]"),
+    ("crop_pct", 0, r"pretrained_cfg.crop_pct must be a number > 0.0 and <= 1.0 or None, got 0"),
+])
+def test_a_folders_config_json_with_unusable_preprocessing_is_refused(tmp_path, key, value, message):
+    _, folder = _saved(tmp_path, "msdnet_cifar_5exit")
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"][key] = value
+    (folder / "config.json").write_text(json.dumps(config))  # Python's json writes NaN and Infinity
+    with pytest.raises(ValueError, match=r"config.json: " + message):
+        load_model_folder(str(folder))
+
+
+def test_class_names_are_saved_with_the_model_and_compared_at_evaluation(tmp_path, capsys, cifar_run):
+    model, _, data = cifar_run  # class folders class0, class1, class2
+    save_model_folder(model, str(tmp_path / "named"), CIFAR, ["class0", "class1", "class2"])
+    assert timm.create_model(f"local-dir:{tmp_path / 'named'}").pretrained_cfg["label_names"] == [
+        "class0", "class1", "class2"]
+    code, _, err = _evaluate(capsys, tmp_path / "named", "--data-dir", data, "--output", tmp_path / "ok")
+    assert code == 0, err
+    save_model_folder(model, str(tmp_path / "swapped"), CIFAR, ["class1", "class0", "class2"])
+    code, _, err = _evaluate(capsys, tmp_path / "swapped", "--data-dir", data, "--output", tmp_path / "o1")
+    assert code == 2 and err.count("\n") == 1 and (
+        "error: --data-dir '" in err and "has 3 classes, the model's config.json 3, and class 0 is 'class0' there but "
+        "'class1' in the model's config.json" in err)
+    with pytest.raises(ValueError, match=r"label_names must be 3 class names"):
+        save_model_folder(model, str(tmp_path / "short"), CIFAR, ["a", "b"])
+    four = make_image_folder(tmp_path / "four", classes=4, per_class=2, size=32)
+    code, _, err = _evaluate(capsys, tmp_path / "named", "--data-dir", data, "--val-dir", four,
+                             "--output", tmp_path / "o2")
+    assert code == 2 and "error: --val-dir" in err and "has 4 classes, --data-dir" in err and "3, and class 3 is " \
+        "'class3' there but nothing in --data-dir" in err
+
+
+def test_evaluate_never_overwrites_an_earlier_evaluation(tmp_path, capsys, cifar_run):
+    _, folder, data = cifar_run
+    (folder / "evaluation.json").write_text("the run's own evaluation")  # a run folder as output
+    code, out, err = _evaluate(capsys, folder, "--data-dir", data, "--output", folder)
+    assert code == 0, err
+    assert (folder / "evaluation.json").read_text() == "the run's own evaluation"
+    assert f"{folder} holds earlier output; this evaluation writes to {folder}-1" in out
+    assert f"wrote {folder}-1/evaluation.json" in out and (Path(f"{folder}-1") / "evaluation.json").exists()
+    code, out, _ = _evaluate(capsys, folder, "--data-dir", data, "--output", folder)
+    assert code == 0 and f"this evaluation writes to {folder}-2" in out
+
+
+def test_mean_and_std_flags_broadcast_and_bad_values_name_their_flag(tmp_path, capsys):
+    _, folder = _saved(tmp_path, "msdnet_cifar_5exit")  # 1 channel, mean 0.4, std 0.3
+    data = _grey_folder(tmp_path / "data")
+    code, _, err = _evaluate(capsys, folder, "--data-dir", data, "--mean", 0.4, "--std", 0.3, "--output", tmp_path / "a")
+    assert code == 0, err
+    code, _, err = _evaluate(capsys, folder, "--data-dir", data, "--output", tmp_path / "b")
+    assert code == 0, err
+    a, b = (json.loads((tmp_path / o / "evaluation.json").read_text()) for o in ("a", "b"))
+    assert a["exits"] == b["exits"] and a["data_config"]["mean"] == [0.4]
+    for flags, message in ((["--std", 0], "--std must be a list of numbers > 0.0 or None, got [0.0]"),
+                           (["--std", "inf"], "--std must be a list of numbers > 0.0 or None, got [inf]"),
+                           (["--std", -0.5], "--std must be a list of numbers > 0.0 or None, got [-0.5]"),
+                           (["--mean", "nan"], "--mean must be a list of finite numbers or None, got [nan]"),
+                           (["--crop-pct", "nan"], "--crop-pct must be a number > 0.0 and <= 1.0 or None, got nan"),
+                           (["--mean", 0.1, 0.2], "--mean has 2 values for 1-channel input: give 1")):
+        code, _, err = _evaluate(capsys, folder, "--data-dir", data, *flags, "--output", tmp_path / "c")
+        assert code == 2 and err == f"error: {message}" + err[len(f"error: {message}"):] and err.count("\n") == 1, err
+
+
+def _checkpoint(path: Path, cfg: str, in_chans: int = 1) -> Path:
+    """An mmengine checkpoint of MultiExitClassifier as mmengine stores it (weights, meta with the config)."""
+    model = timm.create_model("msdnet_cifar_5exit", in_chans=in_chans, num_classes=3, num_channels=4, growth_rate=2)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "meta": {"cfg": cfg}}, path)
+    return path
+
+
+_CFG = ("model = dict(type='MultiExitClassifier', model='msdnet_cifar_5exit', model_kwargs=dict(num_classes=3, "
+        "in_chans=1, num_channels=4, growth_rate=2))\n")
+
+
+def test_a_failed_convert_leaves_the_folder_as_it_was(tmp_path, capsys):
+    checkpoint = _checkpoint(tmp_path / "epoch_1.pth", _CFG)
+    assert cli.main(["convert", str(checkpoint), str(tmp_path / "folder"), "--mean", "0.5", "--std", "0.5"]) == 0
+    before = _files(tmp_path / "folder")
+    assert cli.main(["convert", str(checkpoint), str(tmp_path / "folder"), "--input-size", "3", "32", "32"]) == 2
+    assert "Requested 3 input channels, but the model accepts 1" in capsys.readouterr().err
+    assert _files(tmp_path / "folder") == before
+    infinite = _checkpoint(tmp_path / "inf.pth", _CFG + "val_dataloader = dict(dataset=dict(data_config=dict("
+                                                        "mean=(1e999,), std=(0.5,))))\n")
+    assert cli.main(["convert", str(infinite), str(tmp_path / "folder")]) == 2  # it wrote Infinity into config.json
+    assert "the stored config's data_config['mean'] must be a list of finite numbers" in capsys.readouterr().err
+    assert _files(tmp_path / "folder") == before and b"Infinity" not in before["config.json"]
+
+
+def test_a_huge_stored_config_is_refused_before_it_is_parsed(tmp_path, capsys):
+    checkpoint = _checkpoint(tmp_path / "big.pth", _CFG + "x = [" + "1, " * 400_000 + "]\n")
+    start = time.perf_counter()
+    assert cli.main(["convert", str(checkpoint), str(tmp_path / "folder")]) == 2
+    assert time.perf_counter() - start < 30
+    assert "stores a config of 1,200," in capsys.readouterr().err and not (tmp_path / "folder").exists()

@@ -10,7 +10,7 @@ from torch import nn
 
 import timm_exits  # noqa: F401
 from timm_exits import MSDNet
-from timm_exits.cli import models_table
+from timm_exits.cli import main, models_table
 from timm_exits.profile import profile_exits
 
 from helpers import make_image_folder
@@ -125,3 +125,12 @@ def test_models_command_lists_every_variant():
 def test_the_fvcore_name_is_refused_with_what_the_convention_counts():
     with pytest.raises(ValueError, match="'fvcore' is now 'macs_norm'.*not what fvcore itself counts"):
         profile_exits(nn.Linear(4, 3), input_size=(4,), convention="fvcore")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-classes", "-3"], "error: --num-classes must be an integer >= 1, got -3"),
+    (["--input-size", "0", "32", "32"], "error: --input-size must be 3 integers >= 1 or None, got [0, 32, 32]"),
+])
+def test_profile_refuses_impossible_sizes(flags, message, capsys):
+    assert main(["profile", "msdnet_cifar_5exit", *flags]) == 2
+    assert capsys.readouterr().err == message + "\n"

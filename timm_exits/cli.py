@@ -42,6 +42,12 @@ def _profile(args: argparse.Namespace) -> int:
     from . import profile as profiling
     from .models import adaptive_depth_of
 
+    from .config import check_value
+
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ValueError(f"--num-classes must be an integer >= 1, got {args.num_classes}")
+    if args.input_size is not None:
+        check_value("data.input_size", args.input_size, "--input-size")
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     _check_model_name(args.model)
     with torch.device("meta"):
@@ -143,17 +149,25 @@ def _parse_kwargs(items: Optional[List[str]]) -> dict:
 
 
 _DATA_FLAGS = ("input_size", "mean", "std", "crop_pct", "interpolation")
-_IMAGE_MODES = {1: "L", 3: "RGB"}
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def _data_overrides(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in _DATA_FLAGS if getattr(args, k) is not None}
+    """The preprocessing flags given, each checked against the config schema's range."""
+    from .config import check_preprocessing
+
+    return check_preprocessing({k: getattr(args, k) for k in _DATA_FLAGS if getattr(args, k) is not None}, _flag)
 
 
 def _named_model(args: argparse.Namespace, num_classes: int, given: dict):
-    """A registered model name (with ``--checkpoint``): timm loads the file, as ``create_model`` does."""
+    """A registered model name (with ``--checkpoint``): timm loads the file, as ``create_model`` does.
+    Returns the model, its data config, its label and its class names (None: not known)."""
     import timm
-    from timm.data import resolve_data_config
+
+    from .config import resolve_preprocessing
 
     _check_model_name(args.model, ", a model folder, or a weights file with config.json beside it")
     kwargs = {"num_classes": num_classes, **_parse_kwargs(args.model_kwargs)}
@@ -174,14 +188,14 @@ def _named_model(args: argparse.Namespace, num_classes: int, given: dict):
         model = timm.create_model(args.model, **kwargs)
     except RuntimeError as e:  # torch's load_state_dict: missing / unexpected keys, size mismatches
         raise ValueError(f"{args.checkpoint} does not fit {args.model} with {kwargs['num_classes']} classes: {e}") from None
-    return model, resolve_data_config(given, model=model), args.model
+    return model, resolve_preprocessing(model, given, _flag), args.model, None
 
 
 def _saved_model(args: argparse.Namespace, given: dict):
     """A model folder, a weights file with config.json beside it, or an mmengine checkpoint of
-    MultiExitClassifier: architecture, classes and preprocessing come from the file(s)."""
-    from timm.data import resolve_data_config
-
+    MultiExitClassifier: architecture, classes (and their names, if recorded) and preprocessing come
+    from the file(s)."""
+    from .config import resolve_preprocessing
     from .model_folder import CONFIG_FILE, load_model_folder, read_model_config
 
     if args.checkpoint:
@@ -193,9 +207,27 @@ def _saved_model(args: argparse.Namespace, given: dict):
         from .integrations.mmengine import load_checkpoint_model
 
         model, recorded, info = load_checkpoint_model(args.model, model_kwargs=kwargs)
-        return model, resolve_data_config({**recorded, **given}, model=model), info["mmengine_model"]["model"]
-    model, data_config = load_model_folder(args.model, given, **kwargs)
-    return model, data_config, read_model_config(args.model)["architecture"]
+        name = lambda key: _flag(key) if key in given else f"the stored config's data_config[{key!r}]"  # noqa: E731
+        return model, resolve_preprocessing(model, {**recorded, **given}, name), info["mmengine_model"]["model"], None
+    model, _ = load_model_folder(args.model, {"input_size": given.get("input_size")}, **kwargs)
+    config = read_model_config(args.model)
+    return model, resolve_preprocessing(model, given, _flag), config["architecture"], config.get("label_names")
+
+
+def _check_classes(names: List[str], expected: List[str], what: str, expected_what: str) -> None:
+    """The same class names in the same order (the outputs' order), or a ValueError naming the first difference."""
+    if names == expected:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b), min(len(names), len(expected)))
+    at = lambda found, i: repr(found[i]) if i < len(found) else "nothing"  # noqa: E731
+    raise ValueError(f"{what} has {len(names)} classes, {expected_what} {len(expected)}, and class {first} is "
+                     f"{at(names, first)} there but {at(expected, first)} in {expected_what}: the same class folders "
+                     f"(names and order) are needed, or the accuracy is measured against the wrong labels")
+
+
+def _holds_output(folder: str) -> bool:
+    """Whether ``folder`` holds anything but an output lock."""
+    return any(entry != ".lock" for entry in os.listdir(folder))
 
 
 def _check_protocol_flags(args: argparse.Namespace) -> None:
@@ -217,31 +249,45 @@ def _check_protocol_flags(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    """Evaluate into ``--output``, or, if that holds earlier output, into the first free ``<output>-1``,
+    ``-2``, ... (locked while it runs): an earlier evaluation is never overwritten."""
+    from .files import claim_fresh_folder
+
+    _check_protocol_flags(args)
+    given = _data_overrides(args)
+    with claim_fresh_folder(args.output, _holds_output) as lock:
+        if lock.folder != args.output:
+            print(f"{args.output} holds earlier output; this evaluation writes to {lock.folder}")
+        return _evaluate_into(args, given, lock.folder)
+
+
+def _evaluate_into(args: argparse.Namespace, given: dict, output: str) -> int:
     import torch
     from timm.utils import reparameterize_model
     from torch.utils.data import DataLoader
 
     from . import profile as profiling
-    from .data import ImageFiles, image_transform, num_classes_of, split_dataset
+    from .data import IMAGE_MODES, ImageFiles, class_names, image_transform, split_dataset
     from .files import write_json
     from .inference import (Q_GRIDS, EarlyExitExecutor, ExitPolicy, ProductAnytimeModel, Thresholds, collect_outputs,
-                            measure_latency, predictor_of, thresholds_for_accuracy, thresholds_for_cost)
+                            measure_latency, predictor_of, thresholds_for_accuracy, thresholds_for_cost,
+                            weights_sha256)
     from .inference.report import evaluation_report, format_latency, format_report, write_report
     from .models import is_multi_exit
 
-    _check_protocol_flags(args)
     policy = ExitPolicy(args.policy, args.fallback, args.strict)
     test_set = ImageFiles(args.data_dir)
-    num_classes = num_classes_of(test_set)
-    given = _data_overrides(args)
-    model, data_config, label = (_saved_model(args, given) if os.path.exists(args.model)
-                                 else _named_model(args, num_classes, given))
+    classes = class_names(test_set)
+    model, data_config, label, trained_on = (_saved_model(args, given) if os.path.exists(args.model)
+                                             else _named_model(args, len(classes), given))
     model.eval()
     if not is_multi_exit(model):
         raise ValueError(f"{label} is not a multi-exit model")
-    if model.num_classes != num_classes:
-        raise ValueError(f"the model has {model.num_classes} classes but --data-dir {args.data_dir!r} has {num_classes} "
+    if model.num_classes != len(classes):
+        raise ValueError(f"the model has {model.num_classes} classes but --data-dir {args.data_dir!r} has {len(classes)} "
                          f"class folders")
+    if trained_on is not None:
+        _check_classes(classes, list(trained_on), f"--data-dir {args.data_dir!r}", "the model's config.json")
     profiled = model  # a fused model's operators differ, and some conventions count them differently
     if args.fuse:
         model = reparameterize_model(model)
@@ -249,15 +295,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         model = ProductAnytimeModel(model)
     predictor = predictor_of(model)
     channels = data_config["input_size"][0]
-    if channels not in _IMAGE_MODES:
+    modes = {count: mode for mode, count in IMAGE_MODES.items()}
+    if channels not in modes:
         raise ValueError(f"input channels must be 1 (grey) or 3 (RGB), got input size {tuple(data_config['input_size'])}")
     if len(data_config["mean"]) != channels or len(data_config["std"]) != channels:
         raise ValueError(f"{channels}-channel input needs {channels} --mean and --std values, got mean "
                          f"{tuple(data_config['mean'])} and std {tuple(data_config['std'])}")
-    transform, mode = image_transform(data_config, train=False), _IMAGE_MODES[channels]
+    transform, mode = image_transform(data_config, train=False), modes[channels]
     test_set = ImageFiles(args.data_dir, transform, img_mode=mode)
     if args.val_dir:
         val_set = ImageFiles(args.val_dir, transform, img_mode=mode)
+        _check_classes(class_names(val_set), classes, f"--val-dir {args.val_dir!r}", f"--data-dir {args.data_dir!r}")
     elif args.val_fraction:
         val_set, test_set = split_dataset(test_set, args.val_fraction, args.seed)
     else:
@@ -278,17 +326,17 @@ def _evaluate(args: argparse.Namespace) -> int:
                                val_fraction=args.val_fraction, seed=args.seed, convention=args.convention,
                                data_config={k: data_config[k] for k in (*_DATA_FLAGS, "crop_mode") if k in data_config})
     print(format_report(report))
-    paths = write_report(report, args.output, label=label, cost_label=f"M{args.convention} per image")
+    paths = write_report(report, output, label=label, cost_label=f"M{args.convention} per image")
     print(f"\nwrote {paths['json']} and {paths['png']}")
     if args.target_macs is not None or args.target_accuracy is not None:
         if val is None:
             raise ValueError("--target-macs / --target-accuracy need a validation split (--val-dir or --val-fraction)")
         point = (thresholds_for_cost(val, costs, args.target_macs, policy) if args.target_macs is not None
                  else thresholds_for_accuracy(val, costs, args.target_accuracy, policy))
-        path = f"{args.output}/thresholds.json"
+        path = os.path.join(output, "thresholds.json")
         thresholds = Thresholds(label, model.num_exits, policy, point.thresholds, costs,
                                 note=f"validation: top-1 {point.val_accuracy:.2f}%, {point.val_cost:.4g} per image",
-                                input_size=input_size, predictor=predictor)
+                                input_size=input_size, predictor=predictor, weights=weights_sha256(model))
         thresholds.save(path)
         print(f"wrote {path}: validation top-1 {point.val_accuracy:.2f}% at {point.val_cost * 1e-6:.2f} M per image")
         if args.latency:
@@ -398,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target-accuracy", type=float, default=None, help="or for this validation top-1 (%%)")
     e.add_argument("--batch-size", type=int, default=128, help="images per batch")
     e.add_argument("--workers", type=int, default=2, help="data loader processes")
-    e.add_argument("--output", default="output/evaluate", help="folder for evaluation.json, .png and thresholds.json")
+    e.add_argument("--output", default="output/evaluate",
+                   help="new or empty folder for evaluation.json, .png and thresholds.json (if it holds anything, "
+                        "the first free <output>-1, -2, ...: earlier output is never overwritten)")
     e.set_defaults(run=_evaluate)
 
     c = sub.add_parser("convert", help="an mmengine checkpoint (epoch_N.pth) into a timm model folder",

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from mmengine.config import Config
+from timm.data import resolve_data_config
+from timm.models._input import get_model_input_config
+from torch import nn
 
 from .data import IMAGE_MODES, TRANSFORMS
 from .inference.budgeted import Q_GRIDS
@@ -27,8 +30,8 @@ from .profile import CONVENTIONS
 from .train.regimes import check_regime
 from .train.schedules import ExitWeights
 
-__all__ = ["DEFAULTS", "VALID", "ConfigError", "load_config", "resolve_config", "phase_configs", "check_value",
-           "check_preprocessing"]
+__all__ = ["DEFAULTS", "VALID", "PREPROCESSING", "ConfigError", "load_config", "resolve_config", "phase_configs", "check_value",
+           "check_preprocessing", "resolve_preprocessing"]
 
 DEFAULTS: Dict[str, Any] = dict(
     model=dict(name=None, kwargs={}),
@@ -248,7 +251,7 @@ def _check_values(config: Dict[str, Any], where: str = "") -> None:
         value = _value(config, key)
         if value is not _MISSING:
             check_value(key, value, where + key)
-    check_preprocessing(config["data"], lambda key: f"{where}data.{key}")
+    check_preprocessing(config["data"], lambda key: f"{where}data.{key}", (config["data"]["input_size"] or [None])[0])
     technique = config["technique"]
     try:
         ExitWeights(technique["exit_weights"])
@@ -261,13 +264,12 @@ def check_preprocessing(values: Dict[str, Any], name: Callable[[str], str] = lam
                         channels: Optional[int] = None) -> Dict[str, Any]:
     """The preprocessing ``values`` (``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``;
     None or absent: not given) checked against the data keys of :data:`VALID`, each called
-    ``name(key)`` in an error. With ``channels`` (else ``input_size``'s), a single mean or std is
-    repeated for every channel and another count is refused. Returns the values so completed."""
+    ``name(key)`` in an error. With ``channels``, a single mean or std is repeated for every channel
+    and another count is refused. Returns the values so completed."""
     out = dict(values)
     for key in PREPROCESSING:
         if out.get(key) is not None:
             check_value(f"data.{key}", out[key], name(key))
-    channels = channels or (out.get("input_size") or [None])[0]
     for key in ("mean", "std"):
         if out.get(key) is None or channels is None:
             continue
@@ -277,6 +279,19 @@ def check_preprocessing(values: Dict[str, Any], name: Callable[[str], str] = lam
             raise ConfigError(f"{name(key)} has {len(out[key])} values for {channels}-channel input: give {channels} "
                               f"(one per channel) or 1 (for every channel)")
     return out
+
+
+def resolve_preprocessing(model: nn.Module, given: Dict[str, Any],
+                          name: Callable[[str], str] = lambda key: key) -> Dict[str, Any]:
+    """timm's data config of ``model`` (``resolve_data_config``) with the ``given`` preprocessing,
+    checked (:func:`check_preprocessing`) for the channels the model is run with (``given``'s
+    ``input_size``, else the model's own, which its pretrained cfg may not say), so that a single
+    mean or std serves every channel."""
+    given = {k: v for k, v in given.items() if v is not None}
+    channels = (given.get("input_size") or get_model_input_config(model)["input_size"])[0]
+    given = check_preprocessing(given, name, channels)
+    config = resolve_data_config({**given, "in_chans": channels}, model=model)
+    return {**config, "input_size": (channels, *config["input_size"][1:])}
 
 
 def _merge(base: Dict[str, Any], override: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

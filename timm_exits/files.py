@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-__all__ = ["atomic_file", "atomic_folder", "recover_folder", "write_json", "OutputLock", "check_writable"]
+__all__ = ["atomic_file", "atomic_folder", "recover_folder", "write_json", "OutputLock", "check_writable",
+           "claim_fresh_folder"]
 
 
 @contextmanager
@@ -157,3 +159,17 @@ def check_writable(folder: str, need_bytes: int = 0) -> None:
         raise OSError(errno.ENOSPC, f"output folder {folder!r} has {free / 2 ** 20:.0f} MiB free, the run needs "
                                     f"about {need_bytes / 2 ** 20:.0f} MiB; free some space or choose another "
                                     f"--output-dir")
+
+def claim_fresh_folder(wanted: str, taken: Callable[[str], bool]) -> OutputLock:
+    """The lock (:class:`OutputLock`) of the output folder ``wanted``, or, when another process holds
+    it or it holds earlier output (``taken(folder)``), of the first of ``<wanted>-1``, ``<wanted>-2``,
+    ... that is free: earlier output is kept, never overwritten. Each candidate is checked writable."""
+    for candidate in (wanted if i == 0 else f"{wanted}-{i}" for i in itertools.count()):
+        check_writable(candidate)
+        try:
+            lock = OutputLock(candidate)
+        except FileExistsError:
+            continue
+        if not taken(candidate):
+            return lock
+        lock.release()

@@ -2,8 +2,9 @@
 
 The folder says what it holds: the architecture and the arguments it was built with
 (``num_classes``, ``in_chans``, ``img_size``, ...), the preprocessing the weights expect (input
-size, mean, std, crop, interpolation) and, in a ``timm_exits`` section, how it was made (technique,
-phase, the run config). timm itself rebuilds it::
+size, mean, std, crop, interpolation), the class names in the order of the outputs (timm's
+``label_names``, if known) and, in a ``timm_exits`` section, how it was made (technique, phase, the
+run config). timm itself rebuilds it::
 
     model = timm.create_model("local-dir:FOLDER", pretrained=True)
     data_config = timm.data.resolve_data_config({}, model=model)
@@ -15,15 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import timm
 from safetensors.torch import save_file
-from timm.data import resolve_data_config
 from timm.models import load_state_dict, resolve_model_input_args
 from timm.models._hub import save_config_for_hf
 from torch import nn
 
+from .config import check_preprocessing, resolve_preprocessing
 from .files import atomic_file
 from .models.exits import BackboneWithExits
 from .train.boostnet import BoostedExits
@@ -44,13 +45,17 @@ WRAPPERS = {
 }
 
 
-def save_model_folder(model: nn.Module, folder: str, data_config: Optional[Dict[str, Any]] = None, **info: Any) -> str:
-    """Write ``model`` to ``folder`` as ``model.safetensors`` and timm's ``config.json`` (each file
-    atomically). ``data_config``: the preprocessing the model expects (timm's ``resolve_data_config``
-    keys); ``info`` (JSON, e.g. ``technique``, ``phase``, ``config``) goes to its ``timm_exits``
-    section. A model that wraps a timm network (IMTA phase II, BoostNet, ZTW: :data:`WRAPPERS`) is
-    stored with the network's config and its own settings (it loads through :func:`load_model_folder`,
-    not ``local-dir:``)."""
+def save_model_folder(model: nn.Module, folder: str, data_config: Optional[Dict[str, Any]] = None,
+                      label_names: Optional[Sequence[str]] = None, **info: Any) -> str:
+    """Write ``model`` to ``folder`` as ``model.safetensors`` and timm's ``config.json``, both or
+    neither: everything is checked and written to temporary files first, then each is renamed into
+    place. ``data_config``: the preprocessing the model expects (timm's ``resolve_data_config`` keys,
+    finite, in range, a channel count that fits the model); ``label_names``: the class names in the
+    order of the outputs (timm's ``label_names``; default: the model's pretrained cfg's, if any);
+    ``info`` (JSON, e.g. ``technique``, ``phase``, ``config``) goes to its ``timm_exits`` section. A
+    model that wraps a timm network (IMTA phase II, BoostNet, ZTW: :data:`WRAPPERS`) is stored with
+    the network's config and its own settings (it loads through :func:`load_model_folder`, not
+    ``local-dir:``)."""
     described = model
     for name, (cls, describe) in WRAPPERS.items():
         if isinstance(model, cls):
@@ -66,17 +71,22 @@ def save_model_folder(model: nn.Module, folder: str, data_config: Optional[Dict[
                          f"registered variant (timm.list_models('*_exits'), e.g. 'resnet18_exits', with exits=..., "
                          f"head=... as arguments), or save its state_dict")
     data = {k: v for k, v in (data_config or {}).items() if k in DATA_KEYS and v is not None}
+    data = check_preprocessing(data, lambda key: f"data_config[{key!r}]")
+    if label_names is not None and (len(label_names) != described.num_classes or
+                                    not all(isinstance(n, str) for n in label_names)):
+        raise ValueError(f"label_names must be {described.num_classes} class names (one per output), got {label_names!r}")
     os.makedirs(folder, exist_ok=True)
-    with atomic_file(os.path.join(folder, WEIGHTS_FILE)) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp,
-                  metadata={"format": "pt"})
-    with atomic_file(os.path.join(folder, CONFIG_FILE)) as tmp:
-        save_config_for_hf(described, tmp, data_config=data)
+    with atomic_file(os.path.join(folder, WEIGHTS_FILE)) as weights, atomic_file(os.path.join(folder, CONFIG_FILE)) as tmp:
+        save_config_for_hf(described, tmp, data_config=data,
+                           model_config={"label_names": list(label_names)} if label_names is not None else None)
         with open(tmp) as f:
             config = json.load(f)
         config[SECTION] = json.loads(json.dumps(info, default=str))
+        text = json.dumps(config, indent=2, allow_nan=False)  # strict JSON: a NaN or infinity is refused, not written
         with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
+            f.write(text)
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, weights,
+                  metadata={"format": "pt"})
     return folder
 
 
@@ -113,6 +123,16 @@ def read_model_config(path: str) -> Dict[str, Any]:
     if not timm.is_model(arch):
         raise ValueError(f"{config_file} is for architecture {arch!r}, which is not a registered timm model (import "
                          f"the package that registers it)")
+    saved = config.get("pretrained_cfg")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_file} has no 'pretrained_cfg' mapping; expected timm's config.json of a model folder")
+    check_preprocessing({k: saved.get(k) for k in DATA_KEYS if k != "crop_mode"},
+                        lambda key: f"{config_file}: pretrained_cfg.{key}")
+    names = config.get("label_names")
+    if names is not None and not (isinstance(names, list) and len(names) == config.get("num_classes")
+                                  and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{config_file}: label_names must be a list of {config.get('num_classes')} class names (one "
+                         f"per output), got {names!r}")
     return config
 
 
@@ -124,8 +144,8 @@ def load_model_folder(
     """The model of a model folder (or of a weights file with ``config.json`` beside it), in eval
     mode, and its data config. ``data_config`` overrides the saved preprocessing (``input_size``'s
     channels and, for fixed-size models, its height and width also rebuild the model);
-    ``model_kwargs`` override the saved ``timm.create_model`` arguments. Weights that do not fit the
-    model so built are refused."""
+    ``model_kwargs`` override the saved ``timm.create_model`` arguments; one mean or std value serves
+    every channel. Weights that do not fit the model so built are refused."""
     config = read_model_config(path)
     config_file, weights = model_folder_files(path)
     given = {k: v for k, v in (data_config or {}).items() if k in DATA_KEYS and v is not None}
@@ -142,4 +162,4 @@ def load_model_folder(
     except RuntimeError as e:  # missing / unexpected keys, size mismatches
         raise ValueError(f"{weights} does not fit {config['architecture']} built with "
                          f"{ {**config.get('model_args', {}), **model_kwargs} }: {e}") from None
-    return model.eval(), resolve_data_config(given, model=model)
+    return model.eval(), resolve_preprocessing(model, given, lambda key: f"data_config[{key!r}]")

@@ -6,7 +6,7 @@ from .policies import FALLBACKS, POLICIES, SCORES, ExitPolicy, exit_scores, reso
 from .budgeted import (IMTA_Q, Q_GRIDS, REFERENCE_Q, BudgetPoint, Thresholds, assign_exits, budgeted_curve,
                        exit_metrics, fit_thresholds, flat_envelope, geometric_fractions, thresholds_for_accuracy,
                        thresholds_for_cost)
-from .executor import EarlyExitExecutor, ExitResult
+from .executor import EarlyExitExecutor, ExitResult, weights_sha256
 from .protocols import (COST_FRACTIONS, SDN_GRID, SDN_POLICY, ZTW_GRID, ZTW_POLICY, SweepPoint, accuracy_at_cost,
                         measure_latency, patience_sweep, threshold_sweep)
 from .calibration import ECE_BINS, calibration_metrics, curve_calibration, exit_calibration
@@ -18,7 +18,8 @@ from .export import ExportedModel, export_model
 __all__ = ["ExitOutputs", "anytime_accuracy", "collect_outputs", "FALLBACKS", "POLICIES", "SCORES", "ExitPolicy",
            "exit_scores", "resolve_policy", "IMTA_Q", "Q_GRIDS", "REFERENCE_Q", "BudgetPoint", "Thresholds",
            "assign_exits", "budgeted_curve", "exit_metrics", "fit_thresholds", "flat_envelope", "geometric_fractions",
-           "thresholds_for_accuracy", "thresholds_for_cost", "EarlyExitExecutor", "ExitResult", "COST_FRACTIONS",
+           "thresholds_for_accuracy", "thresholds_for_cost", "EarlyExitExecutor", "ExitResult", "weights_sha256",
+           "COST_FRACTIONS",
            "SDN_GRID", "SDN_POLICY", "ZTW_GRID", "ZTW_POLICY", "SweepPoint", "accuracy_at_cost", "measure_latency",
            "patience_sweep", "threshold_sweep", "ECE_BINS", "calibration_metrics", "curve_calibration",
            "exit_calibration", "caching_anytime", "conditional_monotonicity", "ground_truth_probability",

@@ -178,9 +178,11 @@ class Thresholds:
     policy (its score name, fallback and strictness), the cumulative cost of each exit and the input
     size (C, H, W) the costs were measured at, and what answers at the exits (``predictor``:
     ``'exits'``, the model's own exits, or ``'product_anytime'``, a
-    :class:`~timm_exits.inference.anytime.ProductAnytimeModel` around it). Files written before a
-    field was recorded load with the old behaviour: ``input_size=None``, fallback ``last``,
-    non-strict, the exits. ``policy`` may be given as an :class:`ExitPolicy`, which sets all three."""
+    :class:`~timm_exits.inference.anytime.ProductAnytimeModel` around it), and the identity of the
+    weights they were fitted on (``weights``: :func:`~timm_exits.inference.executor.weights_sha256`
+    of the model; the executor refuses other weights). Files written before a field was recorded
+    load with the old behaviour: ``input_size=None``, fallback ``last``, non-strict, the exits, weights
+    unchecked. ``policy`` may be given as an :class:`ExitPolicy`, which sets all three."""
 
     model: str
     num_exits: int
@@ -192,6 +194,7 @@ class Thresholds:
     fallback: str = "last"
     strict: bool = False
     predictor: str = "exits"
+    weights: Optional[str] = None
 
     def __post_init__(self):
         if isinstance(self.policy, ExitPolicy):
@@ -200,6 +203,9 @@ class Thresholds:
         check_thresholds(self.thresholds, self.num_exits)
         if self.predictor not in PREDICTORS:
             raise ValueError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        if self.weights is not None and not (isinstance(self.weights, str) and len(self.weights) == 64
+                                             and all(c in "0123456789abcdef" for c in self.weights)):
+            raise ValueError(f"weights must be the SHA-256 of the model's weights (64 hex digits), got {self.weights!r}")
         if self.input_size is not None:
             if len(self.input_size) != 3 or any(not isinstance(s, int) or s < 1 for s in self.input_size):
                 raise ValueError(f"input_size must be (C, H, W), three positive integers, got {self.input_size}")

@@ -7,6 +7,7 @@ with exits, IMTA phase-II models.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -18,7 +19,18 @@ from .budgeted import Thresholds, check_thresholds
 from .outputs import predictor_of
 from .policies import PolicyLike, resolve_policy
 
-__all__ = ["ExitResult", "EarlyExitExecutor"]
+__all__ = ["ExitResult", "EarlyExitExecutor", "weights_sha256"]
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """The SHA-256 of a model's state dict (names, dtypes, shapes and values, whatever the memory
+    layout): the identity of the weights that thresholds are fitted on (:class:`Thresholds`)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{values.dtype}:{tuple(values.shape)};".encode())
+        digest.update(values.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -50,6 +62,8 @@ class EarlyExitExecutor:
     that size only: a batch of another size is refused, since its costs would be reported wrongly
     and the confidence levels were fitted at that size. Thresholds fitted on product-anytime answers
     need a :class:`~timm_exits.inference.anytime.ProductAnytimeModel`, and the other way round.
+    Thresholds that record the weights they were fitted on (:func:`weights_sha256`) are refused on
+    other weights, the same architecture's included (a fused model's weights are other weights).
     """
 
     def __init__(
@@ -66,6 +80,12 @@ class EarlyExitExecutor:
                 raise ValueError(f"these thresholds were fitted on the answers of {thresholds.predictor!r}, the model "
                                  f"gives {predictor!r}: wrap the model in timm_exits.inference.ProductAnytimeModel "
                                  f"for 'product_anytime' thresholds, and only for those")
+            if thresholds.weights is not None and isinstance(model, nn.Module) and \
+                    thresholds.weights != weights_sha256(model):
+                raise ValueError(f"these thresholds were fitted on other weights (SHA-256 {thresholds.weights[:16]}...) "
+                                 f"than this model's ({weights_sha256(model)[:16]}...), even if the architecture is "
+                                 f"the same: fit thresholds on this model (timm-exits evaluate ... --target-macs ...), "
+                                 f"or run the model they were fitted on (in the same form: fused or not)")
             policy, costs = thresholds.exit_policy, costs or thresholds.costs or None
             self.input_size = tuple(thresholds.input_size) if thresholds.input_size else None
             thresholds = thresholds.thresholds

@@ -20,7 +20,6 @@ import argparse
 import difflib
 import errno
 import gc
-import itertools
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import (DistributedDataParallelKwargs, broadcast_object_list, gather_object,
                                set_seed)
 from mmengine.config import DictAction
-from timm.data import Mixup, resolve_data_config
+from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -46,11 +45,11 @@ import timm_exits  # noqa: F401  (registers the models)
 from .. import profile as profiling
 from ..checkpoint import load_checkpoint, save_checkpoint, set_rng_state, rng_state, training_state
 from ..cpu import bf16_advice, cpu_bf16
-from ..config import ConfigError, load_config, phase_configs
-from ..files import OutputLock, check_writable, recover_folder, write_json
-from ..data import (EpochSampler, ImageFiles, class_map, image_transform, num_classes_of, seeded_order,
+from ..config import PREPROCESSING, ConfigError, load_config, phase_configs, resolve_preprocessing
+from ..files import OutputLock, check_writable, claim_fresh_folder, recover_folder, write_json
+from ..data import (EpochSampler, ImageFiles, class_map, class_names, image_transform, num_classes_of, seeded_order,
                     write_digits)
-from ..inference.budgeted import IMTA_Q, REFERENCE_Q
+from ..inference.budgeted import Q_GRIDS
 from ..model_folder import save_model_folder
 from ..inference.outputs import collect_outputs
 from ..inference.report import evaluation_report, format_report, write_report
@@ -105,8 +104,7 @@ class _Data:
 
     def set_transforms(self, config: Dict[str, Any], model: nn.Module) -> dict:
         data = config["data"]
-        given = {k: data[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation") if data[k] is not None}
-        data_config = resolve_data_config(given, model=model)
+        data_config = resolve_preprocessing(model, {k: data[k] for k in PREPROCESSING}, lambda key: f"data.{key}")
         self.train_files.transform = image_transform(data_config, True, data["transform"], **data["augment"])
         evaluation = image_transform(data_config, False, data["transform"])
         self.held_out_files.transform = evaluation
@@ -327,8 +325,8 @@ class TrainingPhase:
         acc, config = self.accelerator, self.config
         evaluated = self.ema.module if self.ema is not None else self.model
         if acc.is_main_process:  # a timm model folder: model.safetensors and config.json
-            save_model_folder(evaluated, self.output_dir, self.data_config, technique=config["technique"],
-                              phase=self.name, config=config)
+            save_model_folder(evaluated, self.output_dir, self.data_config, class_names(self.data.train_files),
+                              technique=config["technique"], phase=self.name, config=config)
         report = _evaluate(acc, evaluated, self.data, self.data_config, config, self.name, self.output_dir)
         acc.log({f"{self.name}/exit{e['exit']}_top1": e["top1"] for e in report["exits"]}, step=self.state["updates"])
         acc.wait_for_everyone()
@@ -349,7 +347,7 @@ def _evaluate(accelerator: Accelerator, model: nn.Module, data: _Data, data_conf
 
     val, test = outputs(data.val), outputs(data.test)
     costs = [c.macs for c in profiling.profile_exits(model, data_config["input_size"], ev["convention"])]
-    q_grid = IMTA_Q if ev["q_grid"] == "imta" else REFERENCE_Q
+    q_grid = Q_GRIDS[ev["q_grid"]]
     report = evaluation_report(val, test, costs, ev["policy"], q_grid, model=config["model"]["name"], phase=name,
                                data_dir=dc["dir"], test_split=dc["test_split"], convention=ev["convention"],
                                epochs=config["train"]["epochs"], technique=config["technique"])
@@ -465,17 +463,12 @@ def _claim_output_dir(accelerator: Accelerator, config: Dict[str, Any], resume: 
     """Lock the run's output folder (the main process, for the whole run) and check a resumed run's
     config; returns the lock and the phases whose epochs are extended."""
     wanted = config["output_dir"]
-    for candidate in (wanted if i == 0 else f"{wanted}-{i}" for i in itertools.count()):
-        check_writable(candidate)
-        try:
-            lock = OutputLock(candidate)
-        except FileExistsError:
-            if resume:
-                raise
-            continue
-        if resume or not _holds_run(candidate):
-            break
-        lock.release()
+    if resume:  # the run in that folder, or an error if another process has it
+        check_writable(wanted)
+        lock = OutputLock(wanted)
+    else:
+        lock = claim_fresh_folder(wanted, _holds_run)
+    candidate = lock.folder
     if candidate != wanted:
         accelerator.print(f"{wanted} holds another run (--resume continues it); this run writes to {candidate}")
     run_file, extended = os.path.join(candidate, RUN_FILE), []

@@ -33,7 +33,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
-from timm.data import resolve_data_config
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel, MMDistributedDataParallel, is_model_wrapper
@@ -41,6 +40,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import DATASETS, HOOKS, METRICS, MODEL_WRAPPERS, MODELS, OPTIM_WRAPPERS
 
 import timm_exits  # noqa: F401  (registers the models with timm)
+from ..config import resolve_preprocessing
 from ..data import image_dataset
 from ..model_folder import save_model_folder
 from ..models.multi_exit import exit_logits
@@ -415,9 +415,16 @@ def _literal(node: ast.AST) -> Any:
     return ast.literal_eval(node)
 
 
-def _config_values(text: str) -> Dict[str, Any]:
+_CONFIG_LIMIT = 2 ** 20  # characters of a stored config parsed at most (mmengine's own are a few kB)
+
+
+def _config_values(text: str, source: str) -> Dict[str, Any]:
     """Top-level ``name = value`` assignments of a stored mmengine config whose values are literal
-    (others are skipped): parsed, not executed."""
+    (others are skipped): parsed, not executed, and only up to :data:`_CONFIG_LIMIT` characters."""
+    if isinstance(text, str) and len(text) > _CONFIG_LIMIT:
+        raise ValueError(f"{source!r} stores a config of {len(text):,} characters, more than the {_CONFIG_LIMIT:,} "
+                         f"read (a run's config is a few kB): it is not parsed; this is not a checkpoint "
+                         f"mmengine wrote, convert one that is")
     values = {}
     try:
         tree = ast.parse(text or "")
@@ -453,7 +460,7 @@ def load_checkpoint_model(
     arguments come from that config (mmengine stores it in ``meta['cfg']``; it is parsed, not
     executed), ``model`` / ``model_kwargs`` override them and are needed when the config is absent."""
     ckpt = _read_checkpoint(checkpoint)
-    values = _config_values((ckpt.get("meta") or {}).get("cfg", ""))
+    values = _config_values((ckpt.get("meta") or {}).get("cfg", ""), checkpoint)
     settings = values.get("model") if isinstance(values.get("model"), dict) else {}
     if settings and not str(settings.get("type", "MultiExitClassifier")).endswith("MultiExitClassifier"):
         raise ValueError(f"{checkpoint!r} is a checkpoint of a {settings.get('type')!r} model, not of "
@@ -495,5 +502,7 @@ def convert_checkpoint(
     (:func:`timm_exits.model_folder.save_model_folder`); preprocessing from the run's config,
     overridden by ``data_config``, else the model's defaults. See :func:`load_checkpoint_model`."""
     net, recorded, info = load_checkpoint_model(checkpoint, model, model_kwargs)
-    given = {k: v for k, v in {**recorded, **(data_config or {})}.items() if v is not None}
-    return save_model_folder(net, folder, resolve_data_config(given, model=net), **info)
+    given = {**recorded, **(data_config or {})}
+    name = lambda key: f"data_config[{key!r}]" if key in (data_config or {}) else \
+        f"the stored config's data_config[{key!r}]"  # noqa: E731
+    return save_model_folder(net, folder, resolve_preprocessing(net, given, name), **info)
