@@ -9,19 +9,21 @@ A checkpoint is a folder:
 
 The folder is written whole or not at all (:func:`timm_exits.files.atomic_folder`): a crash never
 leaves a half-written checkpoint where a complete one is expected, and the previous checkpoint
-survives until the new one is complete.
+survives until the new one is complete. Only a checkpoint folder (or an empty one) is replaced. A
+file that cannot be read, or is not what a checkpoint holds, is a ValueError naming it.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 import timm
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.models import load_state_dict as timm_load_state_dict
 from torch import nn
@@ -87,6 +89,18 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _older_checkpoint(folder: str) -> bool:
+    """Whether ``folder`` is a checkpoint an older version wrote (no marker): exactly a checkpoint's files."""
+    names = set(os.listdir(folder))
+    return {"model.safetensors", "state.json"} <= names <= {"model.safetensors", "state.json", "training.pt"} and all(
+        os.path.isfile(os.path.join(folder, name)) for name in names)
+
+
+def _damaged(path: str, problem: str) -> ValueError:
+    return ValueError(f"{path!r} {problem}: the checkpoint is damaged or was not written by timm-exits; restore it "
+                      f"from a copy, or remove the checkpoint folder to start afresh")
+
+
 def save_checkpoint(
         folder: str,
         model: nn.Module,
@@ -99,8 +113,9 @@ def save_checkpoint(
     """Write ``model`` (and the training state, if an optimizer is given: its state, the scheduler's,
     this process's RNG states, and ``training``, e.g. per-process RNG states or an EMA model's
     weights) to ``folder``; extra keyword arguments (JSON-serialisable) go to ``state.json``.
-    Replaces an existing checkpoint atomically."""
-    with atomic_folder(folder) as tmp:
+    Replaces an existing checkpoint atomically; a folder that holds anything else is refused
+    (FileExistsError) and left untouched."""
+    with atomic_folder(folder, "checkpoint", _older_checkpoint) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, os.path.join(tmp, "model.safetensors"))
         if optimizer is not None:
@@ -120,33 +135,64 @@ def load_checkpoint(
         scheduler: Optional[Any] = None,
         model_name: Optional[str] = None,
         restore_rng: bool = True,
+        run_id: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and the optimizer,
-    scheduler and RNG states); returns ``state.json``. A checkpoint of another model is refused."""
-    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+    scheduler and RNG states); returns ``state.json``. A checkpoint of another model, or recording
+    another ``run_id`` than the one given (another run's checkpoint copied here), is refused."""
+    names = ("model.safetensors", "state.json")
+    if not os.path.isdir(folder) or not any(os.path.lexists(os.path.join(folder, n)) for n in names):
         raise FileNotFoundError(f"{folder!r} is not a checkpoint: expected model.safetensors and state.json in it")
-    with open(os.path.join(folder, "state.json")) as f:
-        state = json.load(f)
+    path = os.path.join(folder, "state.json")
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise _damaged(path, f"cannot be read as JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise _damaged(path, f"holds a {type(state).__name__}, not a mapping")
+    if run_id is not None and state.get("run_id", run_id) != run_id:
+        raise ValueError(f"{folder!r} belongs to another run (run id {state['run_id']!r}, this run's is {run_id!r}): "
+                         f"it was copied from another run's folder; resume that run in its own folder, or remove "
+                         f"this checkpoint to start afresh")
     if model_name is not None and state.get("model") not in ("", model_name):
         raise ValueError(f"{folder!r} is a checkpoint of {state['model']!r}, not of {model_name!r}")
-    weights = load_file(os.path.join(folder, "model.safetensors"))
+    path = os.path.join(folder, "model.safetensors")
+    try:
+        weights = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise _damaged(path, f"cannot be read as safetensors weights ({e})") from None
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise ValueError(f"{folder!r} does not fit this model: {e}") from None
     if optimizer is not None:
         training = training_state(folder)
-        optimizer.load_state_dict(training["optimizer"])
-        if scheduler is not None and "scheduler" in training:
-            scheduler.load_state_dict(training["scheduler"])
-        if restore_rng:
-            set_rng_state(training["rng"])
+        try:
+            optimizer.load_state_dict(training["optimizer"])
+            if scheduler is not None and "scheduler" in training:
+                scheduler.load_state_dict(training["scheduler"])
+            if restore_rng:
+                set_rng_state(training["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise _damaged(os.path.join(folder, "training.pt"), f"does not fit this optimizer and scheduler "
+                                                                 f"({type(e).__name__}: {e})") from None
     return state
 
 
 def training_state(folder: str) -> Dict[str, Any]:
     """The training state of a checkpoint (``training.pt``), loaded without unpickling code."""
     path = os.path.join(folder, "training.pt")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"{folder!r} holds weights only; resuming needs its training.pt")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        training = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # PyTorch's own message is a page of advice on allowing unsafe globals
+        raise _damaged(path, "is not a timm-exits training state (not a weights-only PyTorch file: it holds "
+                             "pickled Python objects, which are never loaded, or is no PyTorch file at all)") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _damaged(path, f"cannot be read as a PyTorch file ({first})") from None
+    if not isinstance(training, dict) or not {"optimizer", "rng"} <= training.keys():
+        raise _damaged(path, "is not a timm-exits training state (expected a mapping with 'optimizer' and 'rng')")
+    return training

@@ -2,9 +2,11 @@
 
 A reader (or a resumed run) always finds a complete version: the new one once it is complete,
 the previous one until then. Files are written under a temporary name and renamed into place
-(:func:`atomic_file`). Folders (checkpoints, exports) are written under a temporary name, marked
-complete, then swapped in while the previous version waits aside (:func:`atomic_folder`); a kill
-at any moment of the swap leaves a complete version that :func:`recover_folder` puts back.
+(:func:`atomic_file`). Folders (checkpoints, exports) are written under a temporary name, flushed
+to disk and marked complete (a marker file written last), then swapped in while the previous
+version waits aside (:func:`atomic_folder`); a kill at any moment of the swap leaves a complete
+version that :func:`recover_folder` puts back. A folder writer replaces only what it wrote itself
+(the marker names the kind of output) or an empty folder: never a user's files.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 __all__ = ["atomic_file", "atomic_folder", "recover_folder", "write_json", "OutputLock", "check_writable",
            "claim_fresh_folder"]
@@ -42,27 +44,101 @@ def write_json(path: str, obj: Any, **dump_kwargs: Any) -> None:
         json.dump(obj, f, indent=2, **dump_kwargs)
 
 
+MARKER = ".timm-exits"  # written last into every folder atomic_folder writes: what it holds, file by file
+_MARKER_LIMIT = 2 ** 24  # bytes read of a marker at most (ours list file names and sizes)
+
+
 def _aside(folder: str, kind: str) -> str:
     parent, name = os.path.split(os.path.abspath(folder))
     return os.path.join(parent, f".{name}.{kind}")
 
 
+def _fsync(path: str) -> None:
+    """Flush a file's or a folder's (its entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mark_complete(folder: str, kind: str) -> None:
+    """Flush every file of ``folder`` and the folder itself, then write the marker (and flush it):
+    a version whose marker is missing, or whose files differ from the sizes it lists, is not complete."""
+    files = {}
+    for where, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(where, name)
+            _fsync(path)
+            files[os.path.relpath(path, folder)] = os.path.getsize(path)
+        _fsync(where)
+    with open(os.path.join(folder, MARKER), "w") as f:
+        json.dump({"kind": kind, "files": files}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(folder)
+
+
+def _marker(folder: str) -> Optional[Dict[str, Any]]:
+    """The marker of a folder :func:`atomic_folder` wrote (``kind`` and ``files``), or None."""
+    try:
+        with open(os.path.join(folder, MARKER), "rb") as f:
+            marker = json.loads(f.read(_MARKER_LIMIT + 1)[:_MARKER_LIMIT])
+    except (OSError, ValueError, RecursionError):
+        return None
+    ok = isinstance(marker, dict) and isinstance(marker.get("kind"), str) and isinstance(marker.get("files"), dict)
+    return marker if ok else None
+
+
+def _complete(folder: str) -> bool:
+    """Whether ``folder`` is a complete version: marked, with every listed file at its listed size."""
+    marker = _marker(folder) if os.path.isdir(folder) and not os.path.islink(folder) else None
+    return marker is not None and all(
+        os.path.isfile(path := os.path.join(folder, name)) and os.path.getsize(path) == size
+        for name, size in marker["files"].items())
+
+
+def _check_replaceable(folder: str, kind: str, legacy: Optional[Callable[[str], bool]]) -> None:
+    """Refuse to replace a folder this package did not write as a ``kind`` (its marker says so, or
+    ``legacy`` recognises one an older version wrote) unless it is empty or missing (a file or a
+    link in its place is refused by :func:`recover_folder`, called first)."""
+    if not os.path.lexists(folder):
+        return
+    entries = sorted(os.listdir(folder))
+    marker = _marker(folder)
+    if not entries or (marker or {}).get("kind") == kind or (marker is None and legacy is not None and legacy(folder)):
+        return
+    if marker is not None:
+        raise FileExistsError(f"{folder!r} holds another kind of timm-exits output ({marker['kind']}; this writes a "
+                              f"{kind}): it is not replaced; choose another folder, or remove it first")
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise FileExistsError(f"{folder!r} is not empty ({shown}) and was not written by timm-exits as a {kind}: it is "
+                          f"not replaced; choose a new or empty folder, or remove this one first")
+
+
 @contextmanager
-def atomic_folder(folder: str) -> Iterator[str]:
+def atomic_folder(folder: str, kind: str = "folder", legacy: Optional[Callable[[str], bool]] = None) -> Iterator[str]:
     """Yield a new temporary folder beside ``folder`` to fill; when the block ends without error it
-    takes ``folder``'s place. Order: the new folder is renamed ``.<name>.next`` (complete), the
-    current one ``.<name>.previous``, then ``.next`` becomes ``folder`` and ``.previous`` is deleted."""
+    takes ``folder``'s place. Only a missing or empty folder, or one written here as the same ``kind``
+    (its marker says so; ``legacy``: a test recognising one an older version wrote, unmarked) is
+    replaced; anything else is refused (FileExistsError) before the block runs. Order: the new
+    folder's files are flushed and its marker written last, it is renamed ``.<name>.next``
+    (complete), the current one ``.<name>.previous``, then ``.next`` becomes ``folder``, the
+    parent is flushed and ``.previous`` is deleted."""
     parent, name = os.path.split(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     recover_folder(folder)
+    _check_replaceable(folder, kind, legacy)
     tmp = tempfile.mkdtemp(prefix=f".{name}.new-", dir=parent)
     try:
         yield tmp
+        _mark_complete(tmp, kind)
         complete, previous = _aside(folder, "next"), _aside(folder, "previous")
         os.replace(tmp, complete)
         if os.path.exists(folder):
             os.replace(folder, previous)
         os.replace(complete, folder)
+        _fsync(parent)
         shutil.rmtree(previous, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -70,20 +146,45 @@ def atomic_folder(folder: str) -> Iterator[str]:
 
 
 def recover_folder(folder: str) -> Optional[str]:
-    """Put ``folder`` back in order after a writer was killed: if it is missing, the complete
-    ``.next`` (else the ``.previous``) version takes its place; unfinished or superseded versions
-    are deleted. Returns what was restored (a sentence), or None if nothing needed restoring."""
+    """Put ``folder`` back in order after a writer was killed: the newest complete version of
+    ``.next``, ``folder`` and ``.previous`` stays (or takes ``folder``'s place); unfinished and
+    superseded versions are deleted. A version is complete when its marker, written last, says so;
+    an unmarked ``folder`` in place (an older version's) counts as complete. If no version is
+    complete, nothing is deleted and the leftovers are named (FileNotFoundError). Returns what was
+    restored (a sentence), or None if nothing needed restoring."""
     parent, name = os.path.split(os.path.abspath(folder))
+    folder = os.path.join(parent, name)
+    if os.path.lexists(folder) and (os.path.islink(folder) or not os.path.isdir(folder)):
+        raise FileExistsError(f"{folder!r} is not a folder; a folder belongs there: move it away, or choose "
+                              f"another folder")
     if not os.path.isdir(parent):
         return None
+    for entry in os.listdir(parent):  # never complete: a new version is renamed .next once it is
+        if entry.startswith(f".{name}.new-"):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    nxt, previous = _aside(folder, "next"), _aside(folder, "previous")
+    leftovers = [p for p in (nxt, previous) if os.path.lexists(p)]
+    if not leftovers:
+        return None
+    in_place = os.path.isdir(folder) and _marker(folder) is None
+    newest = next((p for p in (nxt, folder, previous) if _complete(p) or (p == folder and in_place)), None)
+    if newest is None:
+        raise FileNotFoundError(f"no complete version of {folder!r}: {' and '.join(leftovers)} are not marked "
+                                f"complete (a writer was stopped before it finished); if one of them is good, "
+                                f"rename it to {name!r}, otherwise remove them")
     restored = None
-    if not os.path.exists(folder):
-        for kind, what in (("next", "the new version, complete when the writer stopped"),
-                           ("previous", "the previous version; the new one was not complete")):
-            if os.path.isdir(_aside(folder, kind)):
-                os.replace(_aside(folder, kind), folder)
-                restored = f"restored {folder} from {what}"
-                break
+    if newest == nxt:  # finish the swap the writer began
+        if os.path.isdir(folder):
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(folder, previous)
+        os.replace(nxt, folder)
+        restored = f"restored {folder} from the new version, complete when the writer stopped"
+    elif newest == previous:
+        if os.path.isdir(folder):  # marked but incomplete: out of the way first, deleted below
+            os.replace(folder, tempfile.mkdtemp(prefix=f".{name}.new-", dir=parent))
+        os.replace(previous, folder)
+        restored = f"restored {folder} from the previous version; the new one was not complete"
+    _fsync(parent)
     for entry in os.listdir(parent):
         if entry in (f".{name}.next", f".{name}.previous") or entry.startswith(f".{name}.new-"):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
@@ -106,12 +207,16 @@ class OutputLock:
         self.folder, self._key = folder, os.path.realpath(folder)
         if self._key in _HELD:  # POSIX locks do not conflict within a process
             raise self._in_use(f"process {os.getpid()}")
-        self.file = open(os.path.join(folder, ".lock"), "a+")
+        path = os.path.join(folder, ".lock")
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise FileExistsError(f"{path!r} is not a file; the run's lock file belongs there: remove it, or choose "
+                                  f"another output folder")
+        self.file = open(path, "a+", errors="replace")  # what another run wrote is shown, never decoded strictly
         try:
             fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             self.file.seek(0)
-            owner = self.file.read().strip() or "another process"
+            owner = self.file.read(200).strip() or "another process"
             self.file.close()
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
@@ -159,6 +264,7 @@ def check_writable(folder: str, need_bytes: int = 0) -> None:
         raise OSError(errno.ENOSPC, f"output folder {folder!r} has {free / 2 ** 20:.0f} MiB free, the run needs "
                                     f"about {need_bytes / 2 ** 20:.0f} MiB; free some space or choose another "
                                     f"--output-dir")
+
 
 def claim_fresh_folder(wanted: str, taken: Callable[[str], bool]) -> OutputLock:
     """The lock (:class:`OutputLock`) of the output folder ``wanted``, or, when another process holds
