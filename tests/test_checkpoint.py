@@ -182,7 +182,7 @@ def _damage(folder, name, how):
     ("training.pt", "pickled", r"training.pt' is not a timm-exits training state \(not a weights-only"),
     ("training.pt", b"garbage" * 10, "training.pt' is not a timm-exits training state"),
     ("training.pt", "truncated", "training.pt' cannot be read as a PyTorch file"),
-])
+], ids=lambda v: v if isinstance(v, str) and " " not in v else "garbage" if isinstance(v, bytes) else None)
 def test_a_damaged_checkpoint_file_is_named_with_what_to_do(tmp_path, name, how, message):
     model, optimizer, _ = _setup()
     folder = str(tmp_path / "ckpt")

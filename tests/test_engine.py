@@ -208,8 +208,35 @@ def test_a_checkpoint_of_another_model_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match="model.name: 'msdnet_cifar_5exit' -> 'msdnet_cifar_7exit'"):
         run(other, resume=True)  # the run's config says so
     (tmp_path / "out" / "run.json").unlink()  # a run without it (an older version): the checkpoint says so
+    state = tmp_path / "out" / "checkpoint" / "state.json"
+    older = {k: v for k, v in json.loads(state.read_text()).items() if k not in ("run_id", "classes")}
+    state.write_text(json.dumps(older))  # nor the identities this version records
     with pytest.raises(ValueError, match="is a checkpoint of 'msdnet_cifar_5exit', not of 'msdnet_cifar_7exit'"):
         run(other, resume=True)
+
+
+def test_resume_refuses_another_runs_checkpoint_and_data_with_other_classes(data, tmp_path):
+    """data.dir may move on resume; its classes may not (same count, other names: no other check
+    notices), and a checkpoint copied from another run's folder is not this run's."""
+    import shutil
+
+    config = _config(data, tmp_path, train__epochs=1)
+    run(config)
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    run({**config, "data": {**config["data"], "dir": str(moved)}}, resume=True)  # the same classes: resumed
+    for split in ("train", "val"):
+        (moved / split / "class2").rename(moved / split / "class0b")  # relabelled: another name, another order
+    with pytest.raises(ValueError, match=r"classes of .*moved/train' are not those the run was trained on: trained on "
+                                         r"3 classes, the data has 3; missing: \['class2'\], not trained on: "
+                                         r"\['class0b'\].*its classes may not"):
+        run({**config, "data": {**config["data"], "dir": str(moved)}}, resume=True)
+    run(config)  # another run of the same config: it writes to out-1
+    checkpoint = tmp_path / "out" / "checkpoint"
+    shutil.rmtree(checkpoint)
+    shutil.copytree(tmp_path / "out-1" / "checkpoint", checkpoint)
+    with pytest.raises(ValueError, match="out/checkpoint' belongs to another run .*copied from another run's folder"):
+        run(config, resume=True)
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data, tmp_path):

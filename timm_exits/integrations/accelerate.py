@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from typing import Any, Dict, List, Optional
 
 import timm
@@ -50,7 +51,7 @@ from ..files import OutputLock, check_writable, claim_fresh_folder, recover_fold
 from ..data import (EpochSampler, ImageFiles, class_map, class_names, image_transform, num_classes_of, seeded_order,
                     write_digits)
 from ..inference.budgeted import Q_GRIDS
-from ..model_folder import save_model_folder
+from ..model_folder import CONFIG_FILE, WEIGHTS_FILE, save_model_folder
 from ..inference.outputs import collect_outputs
 from ..inference.report import evaluation_report, format_report, write_report
 from ..train.l2w import L2W
@@ -131,12 +132,14 @@ def train_phase(
         previous: Optional[str] = None,
         resume: bool = False,
         extend: bool = False,
+        run_id: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Train one phase of a config and evaluate it; returns the evaluation report. ``previous`` is
     the weights file of the phase before, which this phase starts from (IMTA phase II, the phases of a
     phase-wise regime); ``extend``: the checkpoint
-    was made with fewer epochs, the run goes on with the schedule of the longer run."""
-    phase = TrainingPhase(accelerator, config, output_dir, name, previous, resume)
+    was made with fewer epochs, the run goes on with the schedule of the longer run; ``run_id``: the
+    run's identity (``run.json``), recorded in its checkpoints: another run's checkpoint is refused."""
+    phase = TrainingPhase(accelerator, config, output_dir, name, previous, resume, run_id)
     try:
         phase.start(resume, extend)
         for epoch in phase.remaining_epochs():
@@ -157,9 +160,11 @@ class TrainingPhase:
     :meth:`train_epoch`, :meth:`finish` (the last checkpoint, the model folder, the evaluation)."""
 
     def __init__(self, accelerator: Accelerator, config: Dict[str, Any], output_dir: str, name: str = "train",
-                 previous: Optional[str] = None, resume: bool = False):
+                 previous: Optional[str] = None, resume: bool = False, run_id: Optional[str] = None):
         self.accelerator, self.config, self.output_dir, self.name = accelerator, config, output_dir, name
+        self.run_id = run_id
         self.checkpoint_dir = os.path.join(output_dir, "checkpoint")
+        _check_files(output_dir, PHASE_FILES)
         self.state: Dict[str, Any] = {"epoch": 0, "batch": 0, "updates": 0, "finished": False}
         train_cfg, dc = config["train"], config["data"]
         if accelerator.is_main_process and (restored := recover_folder(self.checkpoint_dir)):
@@ -170,6 +175,7 @@ class TrainingPhase:
                                   f"another --output-dir")
 
         self.data = data = _Data(config, accelerator)
+        self.classes = class_names(data.train_files)
         self.technique = create_technique(**config["technique"], seed=train_cfg["seed"])
         if isinstance(self.technique, HDKD) and data.val is None:
             raise ValueError("loss='hdkd' learns its weights on a held-out split: set data.val_fraction > 0")
@@ -211,18 +217,50 @@ class TrainingPhase:
         # a longer run has its own schedule: timm's schedulers are functions of the epoch and step,
         # their saved state is their length (an extended run must not restore it)
         saved = load_checkpoint(self.checkpoint_dir, self.model, self.optimizer, None if extend else self.scheduler,
-                                self.config["model"]["name"], restore_rng=False)
-        self.state = {k: saved[k] for k in self.state}
+                                self.config["model"]["name"], restore_rng=False, run_id=self.run_id)
+        self.state = self._checked_state(saved, extend)
         if extend and self.state["epoch"] < self.epochs:
             self.state["finished"] = False
         training = training_state(self.checkpoint_dir)
-        rngs = training["rng_per_process"]
-        set_rng_state(rngs[acc.process_index] if len(rngs) == acc.num_processes else rngs[0])
-        self.technique.load_state_dict(training)
-        if self.ema is not None:
-            self.ema.load_state_dict(training["ema"])
+        try:
+            rngs = training["rng_per_process"]
+            set_rng_state(rngs[acc.process_index] if len(rngs) == acc.num_processes else rngs[0])
+            self.technique.load_state_dict(training)
+            if self.ema is not None:
+                self.ema.load_state_dict(training["ema"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise ValueError(f"{os.path.join(self.checkpoint_dir, 'training.pt')!r} does not fit this run "
+                             f"({type(e).__name__}: {e}): resume with the config it was made with, or remove "
+                             f"{self.checkpoint_dir!r} to start afresh") from None
         acc.print(f"[{self.name}] resumed from {self.checkpoint_dir}: epoch {self.state['epoch'] + 1}, batch "
                   f"{self.state['batch']}" + (f" (extended to {self.epochs} epochs)" if extend else ""))
+
+    def _checked_state(self, saved: Dict[str, Any], extend: bool) -> Dict[str, Any]:
+        """The position of a checkpoint's ``state.json`` (epoch, batch, updates, finished), each value
+        checked against this run (``extend``: a finished run made longer), and its classes against
+        the data's."""
+        path = os.path.join(self.checkpoint_dir, "state.json")
+        batches = len(self.train_loader)
+        limits = {"epoch": self.epochs, "batch": batches - 1, "updates": self.epochs * batches}
+        state = {k: saved.get(k) for k in self.state}
+        for key, top in limits.items():
+            if type(state[key]) is not int or not 0 <= state[key] <= top:
+                raise ValueError(f"{path!r}: {key} is {state[key]!r}, expected an integer from 0 to {top} for this "
+                                 f"run; the checkpoint is damaged: remove {self.checkpoint_dir!r} to start afresh")
+        if type(state["finished"]) is not bool or (state["epoch"] == self.epochs and state["batch"]) or (
+                state["finished"] and state["epoch"] < self.epochs and not extend):
+            raise ValueError(f"{path!r}: finished is {state['finished']!r} at epoch {state['epoch']}, batch "
+                             f"{state['batch']}; the checkpoint is damaged: remove {self.checkpoint_dir!r} to start "
+                             f"afresh")
+        if saved.get("phase", self.name) != self.name:
+            raise ValueError(f"{self.checkpoint_dir!r} is the checkpoint of phase {saved['phase']!r}, not of "
+                             f"{self.name!r}: it was copied here; remove it to start this phase afresh")
+        classes = saved.get("classes", self.classes)
+        if classes != self.classes:
+            raise ValueError(f"the classes of {self.data.train_files.root!r} are not those the run was trained on: "
+                             f"{_class_difference(classes, self.classes)}. Resume with the data the run was "
+                             f"trained on (data.dir may move, its classes may not), or start a new run")
+        return state
 
     def remaining_epochs(self) -> range:
         return range(self.state["epoch"] if not self.state["finished"] else self.epochs, self.epochs)
@@ -314,7 +352,8 @@ class TrainingPhase:
             training["ema"] = self.ema.state_dict()
         if self.accelerator.is_main_process:
             save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler,
-                            self.config["model"]["name"], training, phase=self.name, **self.state, **extra)
+                            self.config["model"]["name"], training, phase=self.name, run_id=self.run_id,
+                            classes=self.classes, **self.state, **extra)
         self.accelerator.wait_for_everyone()
 
     def finish(self) -> Dict[str, Any]:
@@ -325,7 +364,7 @@ class TrainingPhase:
         acc, config = self.accelerator, self.config
         evaluated = self.ema.module if self.ema is not None else self.model
         if acc.is_main_process:  # a timm model folder: model.safetensors and config.json
-            save_model_folder(evaluated, self.output_dir, self.data_config, class_names(self.data.train_files),
+            save_model_folder(evaluated, self.output_dir, self.data_config, self.classes,
                               technique=config["technique"], phase=self.name, config=config)
         report = _evaluate(acc, evaluated, self.data, self.data_config, config, self.name, self.output_dir)
         acc.log({f"{self.name}/exit{e['exit']}_top1": e["top1"] for e in report["exits"]}, step=self.state["updates"])
@@ -378,11 +417,11 @@ def run(config: Dict[str, Any], resume: bool = False, extend_epochs: bool = Fals
     lock = None
     try:
         if accelerator.is_main_process:
-            lock, extended = _claim_output_dir(accelerator, config, resume, extend_epochs)
-            folder = [lock.folder, extended]
+            lock, extended, run_id = _claim_output_dir(accelerator, config, resume, extend_epochs)
+            folder = [lock.folder, extended, run_id]
         else:
-            folder = [None, None]
-        output_dir, extended = broadcast_object_list(folder)
+            folder = [None, None, None]
+        output_dir, extended, run_id = broadcast_object_list(folder)
         config = {**config, "output_dir": output_dir}
         if config["tracker"]:
             accelerator.project_configuration.set_directories(output_dir)
@@ -390,7 +429,7 @@ def run(config: Dict[str, Any], resume: bool = False, extend_epochs: bool = Fals
         reports, previous = [], None
         for name, phase in phase_configs(config):
             folder = output_dir if len(runs) == 1 else os.path.join(output_dir, name)
-            reports.append(train_phase(accelerator, phase, folder, name, previous, resume, name in extended))
+            reports.append(train_phase(accelerator, phase, folder, name, previous, resume, name in extended, run_id))
             previous = os.path.join(folder, "model.safetensors")
         if accelerator.is_main_process:
             path = os.path.join(output_dir, "results.json")
@@ -403,7 +442,9 @@ def run(config: Dict[str, Any], resume: bool = False, extend_epochs: bool = Fals
             lock.release()
 
 
-RUN_FILE = "run.json"  # the resolved config and the process count of the run in a folder
+RUN_FILE = "run.json"  # the resolved config, the process count and the identity of the run in a folder
+RUN_FILES = (RUN_FILE, "results.json")  # the files of a run folder, and of each phase's folder
+PHASE_FILES = (WEIGHTS_FILE, CONFIG_FILE, "evaluation.json", "evaluation.png")
 SAFE_TO_CHANGE = ("data.dir", "data.workers", "data.eval_batch_size", "train.log_every", "train.checkpoint_every",
                   "tracker", "output_dir", "evaluation.policy", "evaluation.q_grid", "evaluation.convention")
 
@@ -454,6 +495,45 @@ def resume_changes(saved: Dict[str, Any], config: Dict[str, Any]) -> Dict[str, L
     return changes
 
 
+def _check_files(folder: str, names: tuple) -> None:
+    """Refuse a run folder where something other than a file sits in the place of one of its files."""
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
+            raise FileExistsError(f"{path!r} is not a file; the run writes its {name} there: move it away, or "
+                                  f"choose another --output-dir")
+
+
+def _class_difference(old: List[str], new: List[str]) -> str:
+    """What differs between the class names a run was trained on and those of the data (in a sentence)."""
+    if sorted(old) == sorted(new):
+        moved = [f"{a!r} -> {b!r}" for a, b in zip(old, new) if a != b]
+        return f"the same {len(old)} names in another order (index by index: {', '.join(moved[:5])})"
+    gone, added = [c for c in old if c not in new], [c for c in new if c not in old]
+    return f"trained on {len(old)} classes, the data has {len(new)}; missing: {gone[:5]}, not trained on: {added[:5]}"
+
+
+def _read_run_file(path: str) -> Dict[str, Any]:
+    """A run folder's ``run.json``, checked to be one this package wrote."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        problem = f"cannot be read as JSON ({e})"
+    else:
+        processes = saved.get("processes") if isinstance(saved, dict) else None
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            problem = "is not a timm-exits run record (expected a mapping with the run's 'config')"
+        elif type(processes) is not int or processes < 1:
+            problem = f"records {processes!r} processes, expected an integer >= 1"
+        elif not isinstance(saved.get("run_id", ""), str):
+            problem = f"records run_id {saved['run_id']!r}, expected a string"
+        else:
+            return saved
+    raise ValueError(f"{path!r} {problem}: the run's record is damaged; restore it from a copy, or start a new run in "
+                     f"another --output-dir")
+
+
 def _holds_run(folder: str) -> bool:
     return os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, f)) for f in (RUN_FILE, "results.json",
                                                                                              "checkpoint"))
@@ -461,7 +541,7 @@ def _holds_run(folder: str) -> bool:
 
 def _claim_output_dir(accelerator: Accelerator, config: Dict[str, Any], resume: bool, extend_epochs: bool):
     """Lock the run's output folder (the main process, for the whole run) and check a resumed run's
-    config; returns the lock and the phases whose epochs are extended."""
+    config; returns the lock, the phases whose epochs are extended and the run's identity."""
     wanted = config["output_dir"]
     if resume:  # the run in that folder, or an error if another process has it
         check_writable(wanted)
@@ -471,11 +551,12 @@ def _claim_output_dir(accelerator: Accelerator, config: Dict[str, Any], resume: 
     candidate = lock.folder
     if candidate != wanted:
         accelerator.print(f"{wanted} holds another run (--resume continues it); this run writes to {candidate}")
+    _check_files(candidate, RUN_FILES)
     run_file, extended = os.path.join(candidate, RUN_FILE), []
-    record = {"config": config, "processes": accelerator.num_processes}
+    record = {"config": config, "processes": accelerator.num_processes, "run_id": uuid.uuid4().hex}
     if resume and os.path.isfile(run_file):
-        with open(run_file) as f:
-            saved = json.load(f)
+        saved = _read_run_file(run_file)
+        record["run_id"] = saved.get("run_id", record["run_id"])  # a run of an older version has none
         if saved["processes"] != accelerator.num_processes:
             raise ValueError(f"the run in {candidate} used {saved['processes']} processes, this one has "
                              f"{accelerator.num_processes}: resume it with the same number (accelerate launch "
@@ -494,7 +575,7 @@ def _claim_output_dir(accelerator: Accelerator, config: Dict[str, Any], resume: 
     elif resume:
         accelerator.print(f"--resume: {candidate} holds no run to continue; starting a fresh run")
     write_json(run_file, record, default=str)
-    return lock, extended
+    return lock, extended, record["run_id"]
 
 
 def _extensions(changes: Dict[str, List[str]], saved: Dict[str, Any], config: Dict[str, Any], folder: str) -> List[str]:
