@@ -1,12 +1,15 @@
 """Export: the folder round-trips (outputs equal to the eager model's at any batch size, in both grad
 modes, and through the early-exit executor), it is replaced atomically, and loading never runs code
-from the files: crafted payloads and every manifest tampering are refused with a clear error."""
+from the files: crafted payloads, operators off the package's list, deep nesting, oversized files
+and every manifest tampering are refused with a clear error; a pinned export loads, no other."""
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import timm
@@ -15,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from timm.utils import reparameterize_model
 
 import timm_exits  # noqa: F401  (registers the models)
-from timm_exits.inference import EarlyExitExecutor, ExportedModel, ProductAnytimeModel, Thresholds, export_model
+from timm_exits.inference import (EarlyExitExecutor, ExportedModel, ProductAnytimeModel, Thresholds, export_model,
+                                  manifest_sha256)
 from timm_exits.inference import export as export_module
 from timm_exits.train.boostnet import BoostedExits
 from timm_exits.train.ztw import ZTWModel
@@ -115,7 +119,8 @@ def test_an_export_keeps_what_answers_at_its_exits(exports):
 
 class Toy(torch.nn.Module):
     """Two exits with what the families above lack: a non-persistent buffer, a tensor constant made in
-    forward, and a reshape over the batch (a symbolic size: Mul(Integer(16), batch))."""
+    forward, and a reshape over the batch (a symbolic size: Mul(Integer(16), batch)); and two operators
+    none of the package's models calls, allowed by name (TOY_OPERATORS)."""
 
     num_exits = 2
 
@@ -136,15 +141,18 @@ class Toy(torch.nn.Module):
         return self.heads[index](tokens).view(x.shape[0], -1, 4).mean(1)
 
 
+TOY_OPERATORS = ("aten.relu.default", "aten.sub.Tensor")
+
+
 def test_buffers_outside_the_state_dict_and_constants_round_trip(tmp_path):
     torch.manual_seed(0)
     model = Toy().eval()
-    export_model(model, torch.randn(1, 3, 4, 4), str(tmp_path / "toy"))
+    export_model(model, torch.randn(1, 3, 4, 4), str(tmp_path / "toy"), extra_operators=TOY_OPERATORS)
     weights = load_file(tmp_path / "toy" / "weights.safetensors")
     assert "stem/model.mean" in weights and "model.mean" not in weights and "exit_1/lifted_tensor_0" in weights
     program = (tmp_path / "toy" / "exit_0.json").read_text()
     assert "Mul(Integer(16), Symbol(" in program
-    exported = ExportedModel(str(tmp_path / "toy"))
+    exported = ExportedModel(str(tmp_path / "toy"), extra_operators=TOY_OPERATORS)
     x = torch.randn(3, 3, 4, 4)
     with torch.inference_mode():
         ours, state = exported.forward_exits(x), model.forward_stem(x)
@@ -245,6 +253,10 @@ def _truncate(folder):
     (folder / "manifest.json").write_text(text[:len(text) // 2])
 
 
+def _nested(depth):
+    return json.loads("[" * depth + "]" * depth)
+
+
 def _flip_a_byte(folder):
     data = bytearray((folder / "stage_1.json").read_bytes())
     data[len(data) // 2] ^= 1
@@ -274,6 +286,19 @@ TAMPERING = {
                 "channels_last 'all', expected a list of weight names"),
     "unknown layout": (lambda f: _edit_manifest(f, lambda m: m.update(channels_last=["model.fc.weight", "x.weight"])),
                        "lists 'model.fc.weight' as a channels-last weight, but weights.safetensors has no 4-D"),
+    # nesting and sizes, bounded before anything walks the JSON (json itself raises RecursionError)
+    "manifest deeper than json parses": (lambda f: (f / "manifest.json").write_text("[" * 100_000 + "]" * 100_000),
+                                         "manifest.json is nested too deeply"),
+    "manifest deeply nested": (lambda f: _edit_manifest(f, lambda m: m.update(note=_nested(200))),
+                               "manifest.json is nested too deeply"),
+    "program deeper than json parses": (lambda f: _rewrite(f, "stem.json", b"[" * 100_000 + b"]" * 100_000),
+                                        "stem.json is nested too deeply"),
+    "program deeply nested": (lambda f: _edit_program(f, "stem.json", lambda d: d.update(note=_nested(200))),
+                              "stem.json is nested too deeply"),
+    "pytree spec deeply nested": (lambda f: _edit_program(f, "stem.json", _set_first("in_spec", json.dumps(
+        _nested(200)))), r"stem.json: .*in_spec is .*, expected a pytree spec in JSON, nested at most 64 deep"),
+    "manifest too large": (lambda f: _edit_manifest(f, lambda m: m.update(note="x" * (1 << 20))),
+                           "manifest.json has more than 1048576 bytes"),
 }
 
 
@@ -407,7 +432,7 @@ def test_code_in_a_program_is_refused_and_never_runs(copy, tmp_path, monkeypatch
     if not live:  # a call target: torch's verifier refuses it too, after resolving the name
         return
     # the control: without the program check, torch's reader runs the payload (on load or first call)
-    monkeypatch.setattr(export_module, "_check_program", lambda doc, where="": None)
+    monkeypatch.setattr(export_module, "_check_program", lambda doc, where="": set())
     try:
         ExportedModel(str(copy)).forward_exits(torch.randn(2, 3, 32, 32))
     except Exception:
@@ -475,3 +500,130 @@ def test_a_first_format_export_with_a_tampered_archive_is_refused_unread(tmp_pat
     except Exception:
         pass
     assert marker.exists()
+
+
+# -- the operators a program may call ------------------------------------------------------------
+
+def _generator():
+    """tools/export_operators.py, which makes the package's operator list."""
+    path = Path(__file__).resolve().parents[1] / "tools" / "export_operators.py"
+    spec = importlib.util.spec_from_file_location("export_operators", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_operator_list_is_exactly_what_exports_of_the_package_are_made_of():
+    """Regenerated from small models of every family (MSDNet CIFAR and ImageNet, plain and fused,
+    ResNet, ConvNeXt, EfficientNet, MobileNetV3, ViT, Swin with exits; ResNet and ViT ADN), every
+    exit-history wrapper and IMTA's phase-II model, the conv and SDN heads, under no_grad; the fused
+    MSDNet and product anytime around ZTW around MSDNet also with gradients on, under inference_mode
+    and channels-last (a few minutes on a shared 2-core machine). The list must equal it: an operator a change brings in would make every export of that model
+    refused, one no longer made would be allowed for nothing. ``python tools/export_operators.py
+    --check`` compares the full regeneration (every registered model, in every grad mode and layout)."""
+    generator = _generator()
+    shipped = json.loads(generator.LIST.read_text())["operators"]
+    assert shipped == sorted(shipped) and export_module.listed_operators() == frozenset(shipped)
+    cases = generator.REPRESENTATIVE
+    once = {name: case for name, case in cases.items() if name not in generator.EVERY_MODE}
+    found = set(generator.operators(once, grad_modes=("no_grad",), layouts=(torch.contiguous_format,)))
+    found |= set(generator.operators({name: cases[name] for name in generator.EVERY_MODE}))
+    assert sorted(found) == shipped
+
+
+def _from_file_payload(folder, marker):
+    """The stem program edited to call ``aten.from_file(marker, shared=True, size=16)`` first, its digest
+    rewritten: run, it creates ``marker`` (or overwrites it: a ``.pth`` file in site-packages would
+    run at Python's next start)."""
+    doc = json.loads((folder / "stem.json").read_text())
+    graph = doc["graph_module"]["graph"]
+    meta = json.loads(json.dumps(next(iter(graph["tensor_values"].values()))))
+    meta.update(sizes=[{"as_int": 16}], strides=[{"as_int": 1}])
+    graph["tensor_values"]["payload"] = meta
+    graph["nodes"].insert(0, {
+        "target": "torch.ops.aten.from_file.default", "name": "payload", "metadata": {},
+        "inputs": [{"name": "filename", "arg": {"as_string": str(marker)}, "kind": 1},
+                   {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                   {"name": "size", "arg": {"as_int": 16}, "kind": 1}],
+        "outputs": [{"as_tensor": {"name": "payload"}}], "is_hop_single_tensor_return": None})
+    _rewrite(folder, "stem.json", json.dumps(doc).encode())
+
+
+def _contents(folder):
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_an_operator_off_the_list_is_refused_at_load_and_nothing_is_written(copy, tmp_path):
+    marker = tmp_path / "evil.pth"
+    _from_file_payload(copy, marker)
+    before = _contents(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{copy} is refused: stem.json calls aten.from_file.default: not among the operators") + ".*" +
+            re.escape("ExportedModel(folder, extra_operators=('aten.from_file.default',))")):
+        ExportedModel(str(copy))
+    assert not marker.exists() and _contents(tmp_path) == before
+    # the control: the payload is live; allowed by name (as only its caller can), it writes the file
+    ExportedModel(str(copy), extra_operators=("aten.from_file.default",)).forward_exits(torch.randn(2, 3, 32, 32))
+    assert marker.exists()
+
+
+class Cumulative(Toy):
+    """Toy whose exits call an operator none of the package's models does (aten.cumsum)."""
+
+    def forward_exit(self, x, index):
+        return super().forward_exit(x, index).cumsum(-1)
+
+
+def test_an_operator_off_the_list_is_refused_at_export_unless_allowed_by_name_there_and_at_load(tmp_path):
+    assert "aten.cumsum.default" not in export_module.listed_operators()
+    torch.manual_seed(0)
+    model, x, folder = Cumulative().eval(), torch.randn(2, 3, 4, 4), str(tmp_path / "export")
+    with pytest.raises(ValueError, match=re.escape(
+            "Cumulative: exit_0.json calls aten.cumsum.default; exit_1.json calls aten.cumsum.default: not among "
+            "the operators exports of timm-exits' models are made of") + ".*" + re.escape(
+            "export_model(..., extra_operators=('aten.cumsum.default',)) and ExportedModel(folder, "
+            "extra_operators=('aten.cumsum.default',))")):
+        export_model(model, x, folder, extra_operators=TOY_OPERATORS)
+    assert os.listdir(tmp_path) == []  # nothing written
+    export_model(model, x, folder, extra_operators=TOY_OPERATORS + ("aten.cumsum.default",))
+    with pytest.raises(ValueError, match="is refused: exit_0.json calls aten.cumsum.default; exit_1.json calls"):
+        ExportedModel(folder, extra_operators=TOY_OPERATORS)  # the loader trusts only what its caller allows
+    exported = ExportedModel(folder, extra_operators=[*TOY_OPERATORS, "aten.cumsum.default"])
+    with torch.inference_mode():
+        for ours, theirs in zip(exported.forward_exits(x), _stage_by_stage(model, x)):
+            assert torch.equal(ours, theirs)
+    for bad in ("aten.cumsum.default", ["torch.ops.aten.cumsum.default"], ["aten.__class__.__call__"], [None]):
+        with pytest.raises(ValueError, match="extra_operators must be a sequence of aten operator names such as"):
+            ExportedModel(folder, extra_operators=bad)
+        with pytest.raises(ValueError, match="extra_operators must be a sequence of aten operator names such as"):
+            export_model(model, x, folder, extra_operators=bad)
+
+
+# -- sizes: bounded before reading (nesting: TAMPERING above) ------------------------------------
+
+def test_a_program_larger_than_any_export_needs_is_refused_unread(copy):
+    size = export_module.MAX_PROGRAM_BYTES + 1
+    with open(copy / "stem.json", "r+b") as f:  # sparse: nothing is stored, and nothing should be read
+        f.truncate(size)
+    _edit_manifest(copy, lambda m: m["files"]["stem.json"].update(bytes=size))
+    with pytest.raises(ValueError, match=f"manifest.json gives stem.json {size} bytes, more than a program may"):
+        ExportedModel(str(copy))
+
+
+# -- pinning a trusted export --------------------------------------------------------------------
+
+def test_a_pinned_export_loads_and_any_other_manifest_is_refused_before_anything_else_is_read(copy):
+    pinned = manifest_sha256(str(copy))
+    assert pinned == hashlib.sha256((copy / "manifest.json").read_bytes()).hexdigest()
+    assert ExportedModel(str(copy), expected_manifest_sha256=pinned).num_exits == 4
+    _edit_manifest(copy, lambda m: m.update(model="another"))  # still a consistent export
+    assert ExportedModel(str(copy)).name == "another"
+    for file in os.listdir(copy):  # and nothing else to read: the pin is checked first
+        if file != "manifest.json":
+            os.remove(copy / file)
+    with pytest.raises(ValueError, match=f"manifest.json has SHA-256 [0-9a-f]{{64}}, not the pinned {pinned}: not "
+                                         f"the export you pinned"):
+        ExportedModel(str(copy), expected_manifest_sha256=pinned)
+    for bad in ("sha256:" + pinned, pinned[:-1], 123):
+        with pytest.raises(ValueError, match="expected_manifest_sha256 must be a SHA-256 digest in hex"):
+            ExportedModel(str(copy), expected_manifest_sha256=bad)

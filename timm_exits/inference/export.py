@@ -21,8 +21,15 @@ Why not ``.pt2`` archives: ``torch.export.load`` unpickles (sample inputs fall b
 ``weights_only=False``, weights and constants can be marked as pickled). And torch's JSON reader
 evaluates some strings: symbolic expressions go to ``sympy.sympify`` (``eval``), guards and parameter
 names are compiled into the module's code. So :class:`ExportedModel` checks a program before torch
-reads it: every string a plain name, every call an ``aten`` operator, every symbolic expression
-arithmetic on size symbols, no guards (:func:`_check_program`).
+reads it: every string a plain name, every symbolic expression arithmetic on size symbols, no guards
+(:func:`_check_program`), nesting and sizes bounded; and every call one of the ``aten`` operators
+timm-exits' own exports are made of (``export_operators.json`` beside this module, made by
+``python tools/export_operators.py``), or one its caller allowed by name (``extra_operators``): some
+``aten`` operators write files or shared storage (``aten.from_file`` with ``shared=True`` creates one).
+
+The manifest's digests tell that no file changed since export (integrity), not who exported it:
+anyone can rewrite them. A deployer pins a trusted export by its manifest's digest
+(:func:`manifest_sha256`, ``ExportedModel(folder, expected_manifest_sha256=...)``).
 """
 from __future__ import annotations
 
@@ -30,7 +37,9 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Dict, List, Sequence, Tuple
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
@@ -44,10 +53,16 @@ from ..files import atomic_folder
 from .executor import EarlyExitExecutor
 from .outputs import PREDICTORS, predictor_of
 
-__all__ = ["export_model", "ExportedModel"]
+__all__ = ["export_model", "ExportedModel", "manifest_sha256", "listed_operators", "exported_operators"]
 
 FORMAT_VERSION = 2  # 1: one .pt2 archive per piece (loaded with torch.export.load, which unpickles)
 WEIGHTS = "weights.safetensors"
+OPERATORS = "export_operators.json"  # beside this module: the operators exports are made of
+# bounds checked before anything is parsed, far above what exports of timm-exits' models need (programs
+# of at most a few MB, nested at most 18 deep, manifests of a few kB)
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_PROGRAM_BYTES = 64 << 20
+MAX_NESTING = 64
 _BATCH = Dim("batch", min=1, max=1 << 20)
 
 
@@ -106,7 +121,9 @@ def _digest(data: bytes) -> Dict[str, Any]:
 # -- what a program may contain ------------------------------------------------------------------
 
 _NAME = re.compile(r"[A-Za-z0-9_.]*")
-_TARGET = re.compile(r"torch\.ops\.aten\._?[a-z][a-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*"  # aten's private ops too, no dunders
+_OPERATOR = re.compile(r"aten\._?[a-z][a-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*")  # aten's private ops too, no dunders
+_OPS = "torch.ops."  # how a program names an operator: torch.ops.aten.conv2d.default
+_TARGET = re.compile(rf"{re.escape(_OPS)}{_OPERATOR.pattern}"
                      r"|_operator\.(getitem|add|sub|mul|floordiv|truediv|mod|neg|eq|ne|ge|gt|le|lt)")
 _SYMBOL = r"Symbol\('[a-z]+\d+'(?:, [a-z]+=(?:True|False))*\)"  # how torch writes a size symbol
 _INTEGER_FUNCTIONS = ("Integer", "Add", "Mul", "FloorDiv", "CeilDiv", "CleanDiv", "Mod", "PythonMod", "Max", "Min")
@@ -135,10 +152,41 @@ _STRINGS = {  # key -> (what its strings must be, check); any other key: a plain
 _JSON_STRINGS = ("in_spec", "out_spec", "context")  # pytree specs: JSON inside a string, checked in turn
 
 
-def _check_program(doc: Any, where: str = "program") -> None:
+def _nested_too_deeply(what: str) -> ValueError:
+    return ValueError(f"{what} is nested too deeply (more than {MAX_NESTING} levels of JSON; exports of "
+                      f"timm-exits' models need fewer than 20)")
+
+
+def _deeper_than(obj: Any, levels: int) -> bool:
+    """Whether parsed JSON ``obj`` nests more than ``levels`` deep (never recursing further)."""
+    if levels < 0:
+        return True
+    inside = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    return any(_deeper_than(v, levels - 1) for v in inside)
+
+
+def _loads(data: Union[bytes, str], what: str) -> Any:
+    """``data`` parsed as JSON, nested at most ``MAX_NESTING`` deep; else a ValueError naming ``what``
+    (json itself raises RecursionError for deep nesting, and so would everything that walks it)."""
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        raise _nested_too_deeply(what) from None
+    except ValueError as e:
+        raise ValueError(f"{what} is not valid JSON ({e})") from None
+    if _deeper_than(obj, MAX_NESTING):
+        raise _nested_too_deeply(what)
+    return obj
+
+
+def _check_program(doc: Any, where: str = "program") -> Set[str]:
     """Refuse (ValueError) a program in torch.export's JSON form unless everything torch's reader
     would evaluate is plain: strings are names, calls are aten operators (or getitem / arithmetic),
-    symbolic expressions are arithmetic on size symbols, and there are no guards (Python source)."""
+    symbolic expressions are arithmetic on size symbols, there are no guards (Python source), and it
+    is nested at most ``MAX_NESTING`` deep. Returns the operators it calls (``aten.conv2d.default``):
+    whether they are allowed is for the caller (:func:`_refuse_unlisted`)."""
+    calls: Set[str] = set()
+
     def fail(path: str, value: Any, expected: str):
         raise ValueError(f"{where}: {path} is {str(value)[:120]!r}, expected {expected}")
 
@@ -153,18 +201,53 @@ def _check_program(doc: Any, where: str = "program") -> None:
                 walk(v, f"{path}[{i}]", key)
         elif isinstance(obj, str) and key in _JSON_STRINGS:
             try:
-                inner = json.loads(obj)
+                inner = _loads(obj, path)
             except ValueError:
-                fail(path, obj, "a pytree spec in JSON")
+                fail(path, obj, f"a pytree spec in JSON, nested at most {MAX_NESTING} deep")
             walk(inner, path)
         elif isinstance(obj, str):
             expected, check = _STRINGS.get(key, ("a plain name (letters, digits, _ and .)", _NAME.fullmatch))
             if not check(obj):
                 fail(path, obj, expected)
+            if key == "target" and obj.startswith(_OPS):
+                calls.add(obj[len(_OPS):])
         elif obj is not None and not isinstance(obj, (bool, int, float)):
             fail(path, type(obj).__name__, "JSON")
 
+    if _deeper_than(doc, MAX_NESTING):
+        raise _nested_too_deeply(where)
     walk(doc, "")
+    return calls
+
+
+@lru_cache(maxsize=None)
+def listed_operators() -> FrozenSet[str]:
+    """The operators exports of timm-exits' models are made of (``aten.conv2d.default``, ...), from the
+    package's ``export_operators.json``: the only ones :class:`ExportedModel` runs unless its caller
+    allows more by name. Made by ``python tools/export_operators.py``."""
+    return frozenset(json.loads((resources.files(__package__) / OPERATORS).read_text())["operators"])
+
+
+def _allowed(extra_operators: Sequence[str]) -> FrozenSet[str]:
+    """The listed operators and ``extra_operators``, each checked to be an aten operator's name."""
+    if not isinstance(extra_operators, (list, tuple, set, frozenset)) or not all(
+            isinstance(op, str) and _OPERATOR.fullmatch(op) for op in extra_operators):
+        raise ValueError(f"extra_operators must be a sequence of aten operator names such as "
+                         f"('aten.foo.default',), got {extra_operators!r}")
+    return listed_operators() | frozenset(extra_operators)
+
+
+def _refuse_unlisted(calls: Dict[str, Set[str]], allowed: FrozenSet[str], what: str) -> None:
+    """Refuse (ValueError, naming ``what``) programs that call operators not ``allowed``: some aten
+    operators write files or shared storage (``aten.from_file`` with ``shared=True`` creates one)."""
+    unlisted = {piece: sorted(ops - allowed) for piece, ops in calls.items() if ops - allowed}
+    if unlisted:
+        names = tuple(sorted({op for ops in unlisted.values() for op in ops}))
+        pieces = "; ".join(f"{piece} calls {', '.join(ops)}" for piece, ops in unlisted.items())
+        raise ValueError(f"{what}: {pieces}: not among the operators exports of timm-exits' models are made "
+                         f"of (some aten operators write files or shared storage, so no other runs). If they "
+                         f"are pure, allow them by name when exporting and when loading: export_model(..., "
+                         f"extra_operators={names!r}) and ExportedModel(folder, extra_operators={names!r})")
 
 
 def _strip(obj: Any) -> Any:
@@ -193,16 +276,24 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
 
 
-def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str = "") -> List[str]:
-    """Export every piece of ``model`` (in eval mode) for inputs shaped like ``example``; the batch
-    size stays dynamic. The folder is replaced whole or not at all (the previous export survives
-    until the new one is complete). Returns the file names, besides the manifest."""
+class _Pieces(NamedTuple):
+    """Every piece of a model exported, in memory: what :func:`export_model` writes."""
+    programs: Dict[str, bytes]  # file name -> program (stripped, checked JSON)
+    calls: Dict[str, Set[str]]  # file name -> the operators its program calls
+    weights: Dict[str, torch.Tensor]
+    channels_last: List[str]
+
+
+def _export_pieces(model: nn.Module, example: torch.Tensor, where: str) -> _Pieces:
+    """Export every piece of ``model`` (put in eval mode) for inputs shaped like ``example``, with a
+    dynamic batch size; each program is checked as the loader checks it (``where`` names the model)."""
     model.eval()
     if example.shape[0] < 2:
         example = example.expand(2, *example.shape[1:]).contiguous()  # batch 1 would be specialised
     weights: Dict[str, torch.Tensor] = {}
     channels_last: List[str] = []
     programs: Dict[str, bytes] = {}
+    calls: Dict[str, Set[str]] = {}
 
     def keep(key: str, value: torch.Tensor) -> None:
         weights[key] = value.detach().contiguous()
@@ -220,8 +311,11 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str
             keep(f"{piece}/{key}", value)
         doc = _strip(json.loads(serialize(program, serialize_state_dict=False, serialize_constants=False,
                                           serialize_example_inputs=False).exported_program))
-        _check_program(doc, f"{piece} of {name or type(model).__name__}")  # never write what the loader refuses
-        programs[f"{piece}.json"] = json.dumps(doc).encode()
+        calls[f"{piece}.json"] = _check_program(doc, f"{piece} of {where}")  # never write what the loader refuses
+        data = programs[f"{piece}.json"] = json.dumps(doc).encode()
+        if len(data) > MAX_PROGRAM_BYTES:
+            raise ValueError(f"{piece} of {where} is a program of {len(data)} bytes, more than ExportedModel "
+                             f"reads ({MAX_PROGRAM_BYTES})")
 
     add("stem", _Piece(model, "stem"), example)
     state = model.forward_stem(example)
@@ -229,6 +323,30 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str
         add(f"stage_{k}", _Piece(model, "stage", k), state)
         state = model.forward_stage(state, k)
         add(f"exit_{k}", _Piece(model, "exit", k), state)
+    return _Pieces(programs, calls, weights, channels_last)
+
+
+def exported_operators(model: nn.Module, example: torch.Tensor) -> Set[str]:
+    """The operators an export of ``model`` for inputs shaped like ``example`` calls (nothing is
+    written): how the package's list (:func:`listed_operators`) is made."""
+    return set().union(*_export_pieces(model, example, type(model).__name__).calls.values())
+
+
+def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str = "",
+                 extra_operators: Sequence[str] = ()) -> List[str]:
+    """Export every piece of ``model`` (in eval mode) for inputs shaped like ``example``; the batch
+    size stays dynamic. The folder is replaced whole or not at all (the previous export survives
+    until the new one is complete). Returns the file names, besides the manifest; get the
+    manifest's digest, to pin the export, with :func:`manifest_sha256`.
+
+    A program may call only the operators exports of timm-exits' models are made of
+    (:func:`listed_operators`) and ``extra_operators`` (``("aten.foo.default",)``, pure operators a
+    model of your own needs; :class:`ExportedModel` must be given them too); another is refused
+    (ValueError naming it) before anything is written."""
+    allowed = _allowed(extra_operators)
+    where = name or type(model).__name__
+    programs, calls, weights, channels_last = _export_pieces(model, example, where)
+    _refuse_unlisted(calls, allowed, where)
     files = _files(model.num_exits)
     with atomic_folder(folder) as tmp:
         digests = {}
@@ -268,14 +386,54 @@ def _inputs(doc: Dict[str, Any], piece: str, weights: Dict[str, torch.Tensor]) -
     return state, constants
 
 
-class ExportedModel:
-    """An exported multi-exit model loaded from its folder: the manifest is checked (version, files,
-    digests), then each program (:func:`_check_program`); nothing is unpickled. A folder that fails a
-    check is refused with a ValueError that says what is wrong."""
+def _unusable(folder: str, what: str) -> ValueError:
+    return ValueError(f"{folder} is not a usable export: {what}; re-export the model with "
+                      f"timm_exits.inference.export_model")
 
-    def __init__(self, folder: str):
+
+def _manifest_bytes(folder: str) -> bytes:
+    """The bytes of ``folder``'s manifest.json, at most ``MAX_MANIFEST_BYTES`` of them."""
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} has no manifest.json: not a folder written by export_model")
+    with open(path, "rb") as f:
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise _unusable(folder, f"manifest.json has more than {MAX_MANIFEST_BYTES} bytes (an export's has a few "
+                                f"thousand)")
+    return data
+
+
+def manifest_sha256(folder: str) -> str:
+    """The SHA-256 digest (hex) of the manifest of the export in ``folder``. The manifest holds the
+    digest of every other file, so this one digest pins the whole export:
+    ``ExportedModel(folder, expected_manifest_sha256=...)`` loads it and nothing else."""
+    return hashlib.sha256(_manifest_bytes(folder)).hexdigest()
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ExportedModel:
+    """An exported multi-exit model loaded from its folder: the manifest is checked (its pinned
+    digest if given, version, files, digests), then each program (:func:`_check_program`, and the
+    operators it calls: :func:`listed_operators` and ``extra_operators``, the same ones given to
+    :func:`export_model`); nothing is unpickled and nothing runs before every check passed. A folder
+    that fails a check is refused with a ValueError that says what is wrong.
+
+    The digests in the manifest tell that no file changed since export (integrity), not who wrote
+    the export: anyone can rewrite them. ``expected_manifest_sha256`` (from :func:`manifest_sha256`
+    on the export you trust) refuses any other manifest before anything else is read."""
+
+    def __init__(self, folder: str, extra_operators: Sequence[str] = (),
+                 expected_manifest_sha256: Optional[str] = None):
+        if expected_manifest_sha256 is not None and not (
+                isinstance(expected_manifest_sha256, str) and _SHA256.fullmatch(expected_manifest_sha256.lower())):
+            raise ValueError(f"expected_manifest_sha256 must be a SHA-256 digest in hex (64 digits, as "
+                             f"manifest_sha256 gives it), got {expected_manifest_sha256!r}")
+        allowed = _allowed(extra_operators)
         self.folder = folder
-        manifest = self._manifest()
+        manifest = self._manifest(expected_manifest_sha256)
         self.name, self.num_exits = manifest["model"], manifest["num_exits"]
         self.input_shape = tuple(manifest["input_shape"])
         self.predictor = manifest.get("predictor", "exits")  # what the executor checks thresholds against
@@ -290,22 +448,31 @@ class ExportedModel:
                 raise self._refuse(f"manifest.json lists {name!r} as a channels-last weight, but {WEIGHTS} has no "
                                    f"4-D tensor of that name")
             weights[name] = _channels_last(weights[name])
-        self.stem, *pieces = [self._program(piece, data[f"{piece}.json"], weights) for piece in _pieces(self.num_exits)]
+        files = [f"{piece}.json" for piece in _pieces(self.num_exits)]
+        docs, calls = {}, {}
+        for file in files:
+            try:
+                docs[file] = _loads(data[file], file)
+                calls[file] = _check_program(docs[file], file)
+            except ValueError as e:
+                raise self._refuse(str(e)) from None
+        _refuse_unlisted(calls, allowed, f"{self.folder} is refused")
+        self.stem, *pieces = [self._program(file, data[file], docs[file], weights) for file in files]
         self.stages, self.exits = pieces[0::2], pieces[1::2]
 
     def _refuse(self, what: str) -> ValueError:
-        return ValueError(f"{self.folder} is not a usable export: {what}; re-export the model with "
-                          f"timm_exits.inference.export_model")
+        return _unusable(self.folder, what)
 
-    def _manifest(self) -> Dict[str, Any]:
-        path = os.path.join(self.folder, "manifest.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{self.folder} has no manifest.json: not a folder written by export_model")
+    def _manifest(self, expected_sha256: Optional[str]) -> Dict[str, Any]:
+        data = _manifest_bytes(self.folder)
+        digest = hashlib.sha256(data).hexdigest()
+        if expected_sha256 is not None and digest != expected_sha256.lower():
+            raise ValueError(f"{self.folder}: manifest.json has SHA-256 {digest}, not the pinned {expected_sha256}: "
+                             f"not the export you pinned (changed since, or another one); nothing else was read")
         try:
-            with open(path) as f:
-                manifest = json.load(f)
+            manifest = _loads(data, "manifest.json")
         except ValueError as e:
-            raise self._refuse(f"manifest.json is not valid JSON ({e}), e.g. truncated") from None
+            raise self._refuse(str(e)) from None
         if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
             version = manifest.get("format_version") if isinstance(manifest, dict) else None
             raise self._refuse(f"manifest.json has format version {version!r}, this timm-exits reads version "
@@ -338,38 +505,32 @@ class ExportedModel:
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and isinstance(entry.get("bytes"), int)):
             raise self._refuse(f"manifest.json has no sha256 digest and size for {file}")
+        if file != WEIGHTS and entry["bytes"] > MAX_PROGRAM_BYTES:
+            raise self._refuse(f"manifest.json gives {file} {entry['bytes']} bytes, more than a program may have "
+                               f"({MAX_PROGRAM_BYTES})")
         if not os.path.isfile(path):
             raise self._refuse(f"{file} is missing")
         if os.path.getsize(path) != entry["bytes"]:
             raise self._refuse(f"{file} has {os.path.getsize(path)} bytes, the manifest says {entry['bytes']}")
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(entry["bytes"])  # never more than the manifest says, should the file grow meanwhile
         if _digest(data)["sha256"] != entry["sha256"]:
             raise self._refuse(f"{file} does not match its SHA-256 digest in the manifest (changed since export)")
         return data
 
-    def _program(self, piece: str, data: bytes, weights: Dict[str, torch.Tensor]) -> nn.Module:
-        """The runnable module of one piece: its program checked, then read by torch with its weights."""
+    def _program(self, file: str, data: bytes, doc: Dict[str, Any], weights: Dict[str, torch.Tensor]) -> nn.Module:
+        """The runnable module of one piece: its program (``data``, checked: ``doc``) read by torch with
+        its weights."""
         try:
-            doc = json.loads(data)
-        except (ValueError, RecursionError) as e:
-            raise self._refuse(f"{piece}.json is not valid JSON ({e})") from None
-        try:
-            _check_program(doc, f"{piece}.json")
-        except ValueError as e:
-            raise self._refuse(str(e)) from None
-        except RecursionError:
-            raise self._refuse(f"{piece}.json is nested too deeply for a program") from None
-        try:
-            state, constants = _inputs(doc, piece, weights)
+            state, constants = _inputs(doc, file[:-len(".json")], weights)
         except KeyError as e:
-            raise self._refuse(f"{piece}.json needs {e}, which {WEIGHTS} (or the program) does not have") from None
+            raise self._refuse(f"{file} needs {e}, which {WEIGHTS} (or the program) does not have") from None
         except (TypeError, AttributeError, ValueError) as e:
-            raise self._refuse(f"{piece}.json is not a program of an export ({e})") from None
+            raise self._refuse(f"{file} is not a program of an export ({e})") from None
         try:
             return deserialize(SerializedArtifact(data, state, constants, None)).module()
         except Exception as e:  # a program torch cannot read: another torch version, or edited
-            raise self._refuse(f"torch {torch.__version__} cannot read {piece}.json (exported with torch "
+            raise self._refuse(f"torch {torch.__version__} cannot read {file} (exported with torch "
                                f"{self.torch_version}): {type(e).__name__}: {str(e)[:200]}") from None
 
     def forward_stem(self, x: torch.Tensor):
