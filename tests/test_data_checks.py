@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 from timm.data import create_dataset
 
-from timm_exits.data import DIGITS_MARKER, ImageFiles, image_dataset, open_image, write_digits
+from timm_exits.data import ImageFiles, image_dataset, open_image, write_digits
+from timm_exits.files import MARKER
 
 
 def make_folder(root: Path, classes=("cat", "dog"), per_class=3, size=8) -> Path:
@@ -233,16 +234,15 @@ def test_write_digits_never_renames_a_users_folder_and_updates_only_its_own(tmp_
     assert write_digits(str(tmp_path / "user")) == str(tmp_path / "user")
     assert sorted(os.listdir(tmp_path / "user")) == ["test", "train"] and user.exists()
     ours = Path(write_digits(str(tmp_path / "digits")))
-    assert sorted(os.listdir(ours)) == [DIGITS_MARKER, "train", "val"]
+    assert sorted(os.listdir(ours)) == [MARKER, "train", "val"]
     assert sum(len(files) for _, _, files in os.walk(ours / "val")) == 359
     # a digits folder of an older version: test/ for val/ and no marker, updated
     (ours / "val").rename(ours / "test")
-    (ours / DIGITS_MARKER).unlink()
+    (ours / MARKER).unlink()
     write_digits(str(ours))
-    assert sorted(os.listdir(ours)) == [DIGITS_MARKER, "train", "val"]
+    assert sorted(os.listdir(ours)) == ["train", "val"]
     # the same with one file of the user's added: not ours, kept as it is
     (ours / "val").rename(ours / "test")
-    (ours / DIGITS_MARKER).unlink()
     (ours / "test" / "3" / "mine.png").write_bytes(b"")
     write_digits(str(ours))
     assert sorted(os.listdir(ours)) == ["test", "train"]

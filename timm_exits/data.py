@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler, Subset
 from torchvision import transforms
 
-from .files import atomic_folder
+from .files import MARKER, atomic_folder
 
 __all__ = ["IMAGE_MODES", "TRANSFORMS", "ImageFiles", "EpochSampler", "open_image", "image_dataset", "image_transform",
            "split_dataset", "class_map", "class_names", "num_classes_of", "write_digits"]
@@ -381,9 +381,6 @@ def split_dataset(dataset: Dataset, fraction: float, seed: int = 0) -> Tuple[Sub
     return Subset(dataset, order[:n]), Subset(dataset, order[n:])
 
 
-DIGITS_MARKER = ".timm_exits_digits"  # in a folder write_digits wrote: the folder is ours to update
-
-
 def _digits_files(test_fraction: float, seed: int) -> Tuple[List[Tuple[str, str, int]], Any]:
     """scikit-learn's digits and where write_digits puts each: ``[(split, digit, index)]`` (a seeded split)."""
     from sklearn.datasets import load_digits
@@ -396,9 +393,10 @@ def _digits_files(test_fraction: float, seed: int) -> Tuple[List[Tuple[str, str,
 
 
 def _is_our_digits(root: str, test_fraction: float, seed: int) -> bool:
-    """Whether ``root`` was written by :func:`write_digits`: it holds the marker, or (an older version,
-    ``test/`` for ``val/``) exactly the files written here and nothing else."""
-    if os.path.exists(os.path.join(root, DIGITS_MARKER)):
+    """Whether ``root`` was written by :func:`write_digits`: it holds the marker of a folder written
+    whole (:func:`~timm_exits.files.atomic_folder`), or (an older version, unmarked, ``test/`` for
+    ``val/``) exactly the files written here and nothing else."""
+    if os.path.exists(os.path.join(root, MARKER)):
         return True
     if sorted(os.listdir(root)) != ["test", "train"] or not set(os.listdir(os.path.join(root, "test"))) <= set("0123456789"):
         return False
@@ -412,23 +410,21 @@ def _is_our_digits(root: str, test_fraction: float, seed: int) -> bool:
 def write_digits(root: str, size: int = 32, test_fraction: float = 0.2, seed: int = 0) -> str:
     """Write scikit-learn's embedded digits (1,797 8 x 8 images, 10 classes) as ``size`` x ``size``
     grayscale PNGs in ImageFolder layout: ``root/train/<digit>/`` and ``root/val/<digit>/`` (a
-    seeded split), with a marker file that says the folder is ours. Nothing is downloaded; an
-    existing folder is kept. Only a folder of ours is ever changed: one of an older version (no
+    seeded split), marked as ours (:func:`~timm_exits.files.atomic_folder`). Nothing is downloaded;
+    an existing folder is kept. Only a folder of ours is ever changed: one of an older version (no
     marker, ``test/`` for ``val/``, recognised by holding exactly the files written here) is
     updated; any other, such as a user's own ``train/`` and ``test/``, is never renamed. Returns ``root``."""
     old, new = os.path.join(root, "test"), os.path.join(root, "val")
     if os.path.isdir(old) and not os.path.exists(new) and _is_our_digits(root, test_fraction, seed):
         os.replace(old, new)
-        open(os.path.join(root, DIGITS_MARKER), "w").close()
     if os.path.isdir(root):
         return root
     placed, digits = _digits_files(test_fraction, seed)
     images = (digits.images * (255 / 16)).round().astype(np.uint8)
-    with atomic_folder(root) as tmp:
+    with atomic_folder(root, kind="digits") as tmp:
         for split, digit, index in placed:
             folder = os.path.join(tmp, split, digit)
             os.makedirs(folder, exist_ok=True)
             image = Image.fromarray(images[index]).resize((size, size), Image.BILINEAR)
             image.save(os.path.join(folder, f"{index:04d}.png"))
-        open(os.path.join(tmp, DIGITS_MARKER), "w").close()
     return root
