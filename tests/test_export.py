@@ -19,7 +19,7 @@ from timm.utils import reparameterize_model
 
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.inference import (EarlyExitExecutor, ExportedModel, ProductAnytimeModel, Thresholds, export_model,
-                                  manifest_sha256)
+                                  manifest_sha256, weights_sha256)
 from timm_exits.inference import export as export_module
 from timm_exits.train.boostnet import BoostedExits
 from timm_exits.train.ztw import ZTWModel
@@ -115,6 +115,19 @@ def test_an_export_keeps_what_answers_at_its_exits(exports):
                            predictor="exits" if predictor == "product_anytime" else "product_anytime")
         with pytest.raises(ValueError, match="these thresholds were fitted on the answers of"):
             EarlyExitExecutor(exported, other)
+
+
+def test_an_export_keeps_the_identity_of_its_weights(exports):
+    """Thresholds that record the weights they were fitted on run on the export of those weights and are
+    refused on an export of other weights of the same architecture."""
+    model, exported = exports("resnet")[0], exports("resnet")[3]
+    assert exported.weights_sha256 == weights_sha256(model)
+    n = exported.num_exits
+    fitted = Thresholds("resnet", n, "maxprob", [0.5] * n, weights=weights_sha256(model))
+    EarlyExitExecutor(exported, fitted)  # accepted
+    other = Thresholds("resnet", n, "maxprob", [0.5] * n, weights=weights_sha256(MODELS["resnet"]()))
+    with pytest.raises(ValueError, match="fitted on other weights"):
+        EarlyExitExecutor(exported, other)
 
 
 class Toy(torch.nn.Module):
@@ -270,6 +283,12 @@ TAMPERING = {
     "more exits": (lambda f: _edit_manifest(f, lambda m: m.update(num_exits=5)),
                    r"num_exits 5, which needs .* \(missing \['exit_4.json', 'stage_4.json'\], unexpected \[\]\)"),
     "no exits": (lambda f: _edit_manifest(f, lambda m: m.update(num_exits=0)), "num_exits 0, expected a positive"),
+    "a billion exits": (lambda f: _edit_manifest(f, lambda m: m.update(num_exits=10 ** 9)),
+                        "num_exits 1000000000, which needs 2000000002 files .* but it lists 10"),
+    "files not a mapping": (lambda f: _edit_manifest(f, lambda m: m.update(files=[1])),
+                            "but it has no mapping of files to digests"),
+    "weights identity": (lambda f: _edit_manifest(f, lambda m: m.update(weights_sha256="mine")),
+                         "weights_sha256 'mine', expected a SHA-256 digest"),
     "file unlisted": (lambda f: _edit_manifest(f, lambda m: m["files"].pop("exit_2.json")),
                       r"missing \['exit_2.json'\]"),
     "file deleted": (lambda f: os.remove(f / "exit_2.json"), "exit_2.json is missing"),

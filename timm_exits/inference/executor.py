@@ -22,9 +22,13 @@ from .policies import PolicyLike, resolve_policy
 __all__ = ["ExitResult", "EarlyExitExecutor", "weights_sha256"]
 
 
-def weights_sha256(model: nn.Module) -> str:
+def weights_sha256(model: nn.Module) -> Optional[str]:
     """The SHA-256 of a model's state dict (names, dtypes, shapes and values, whatever the memory
-    layout): the identity of the weights that thresholds are fitted on (:class:`Thresholds`)."""
+    layout): the identity of the weights that thresholds are fitted on (:class:`Thresholds`). For an
+    :class:`~timm_exits.inference.export.ExportedModel`, the digest its manifest records of the model
+    it was exported from (None for an export that records none)."""
+    if not isinstance(model, nn.Module):
+        return getattr(model, "weights_sha256", None)
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         values = tensor.detach().cpu().contiguous()
@@ -80,10 +84,10 @@ class EarlyExitExecutor:
                 raise ValueError(f"these thresholds were fitted on the answers of {thresholds.predictor!r}, the model "
                                  f"gives {predictor!r}: wrap the model in timm_exits.inference.ProductAnytimeModel "
                                  f"for 'product_anytime' thresholds, and only for those")
-            if thresholds.weights is not None and isinstance(model, nn.Module) and \
-                    thresholds.weights != weights_sha256(model):
+            identity = weights_sha256(model) if thresholds.weights is not None else None
+            if identity is not None and thresholds.weights != identity:
                 raise ValueError(f"these thresholds were fitted on other weights (SHA-256 {thresholds.weights[:16]}...) "
-                                 f"than this model's ({weights_sha256(model)[:16]}...), even if the architecture is "
+                                 f"than this model's ({identity[:16]}...), even if the architecture is "
                                  f"the same: fit thresholds on this model (timm-exits evaluate ... --target-macs ...), "
                                  f"or run the model they were fitted on (in the same form: fused or not)")
             policy, costs = thresholds.exit_policy, costs or thresholds.costs or None

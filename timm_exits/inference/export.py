@@ -50,7 +50,7 @@ from torch.export import Dim, ExportedProgram, ExportGraphSignature, export
 from torch.export.graph_signature import InputKind
 
 from ..files import atomic_folder
-from .executor import EarlyExitExecutor
+from .executor import EarlyExitExecutor, weights_sha256
 from .outputs import PREDICTORS, predictor_of
 
 __all__ = ["export_model", "ExportedModel", "manifest_sha256", "listed_operators", "exported_operators"]
@@ -360,7 +360,7 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str
         manifest = {"format_version": FORMAT_VERSION, "model": name, "num_exits": model.num_exits,
                     "input_shape": list(example.shape[1:]), "predictor": predictor_of(model),
                     "channels_last": sorted(set(channels_last)), "torch_version": torch.__version__,
-                    "files": {file: digests[file] for file in files}}
+                    "weights_sha256": weights_sha256(model), "files": {file: digests[file] for file in files}}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
     return files
@@ -438,6 +438,7 @@ class ExportedModel:
         self.input_shape = tuple(manifest["input_shape"])
         self.predictor = manifest.get("predictor", "exits")  # what the executor checks thresholds against
         self.torch_version = manifest.get("torch_version", "?")
+        self.weights_sha256 = manifest.get("weights_sha256")  # what thresholds were fitted on (older exports: None)
         data = {file: self._read(file, entry) for file, entry in manifest["files"].items()}
         try:
             weights = load_safetensors(data[WEIGHTS])
@@ -490,7 +491,14 @@ class ExportedModel:
             raise self._refuse(f"manifest.json has channels_last {layouts!r}, expected a list of weight names")
         if manifest.get("predictor", "exits") not in PREDICTORS:
             raise self._refuse(f"manifest.json has predictor {manifest['predictor']!r}, expected one of {PREDICTORS}")
-        expected, listed = _files(num_exits), sorted(files) if isinstance(files, dict) else []
+        identity = manifest.get("weights_sha256")
+        if identity is not None and not (isinstance(identity, str) and _SHA256.fullmatch(identity)):
+            raise self._refuse(f"manifest.json has weights_sha256 {str(identity)[:80]!r}, expected a SHA-256 digest")
+        if not isinstance(files, dict) or num_exits > len(files):  # bounded before listing num_exits' files
+            listing = f"lists {len(files)}" if isinstance(files, dict) else "has no mapping of files to digests"
+            raise self._refuse(f"manifest.json has num_exits {num_exits}, which needs {2 * num_exits + 2} files "
+                               f"(the stem, a stage and an exit per exit, {WEIGHTS}), but it {listing}")
+        expected, listed = _files(num_exits), sorted(files)
         if listed != sorted(expected):
             missing, extra = sorted(set(expected) - set(listed)), sorted(set(listed) - set(expected))
             last = num_exits - 1
