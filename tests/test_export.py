@@ -178,7 +178,7 @@ def test_the_folder_holds_programs_weights_and_a_manifest_of_digests(exports):
     model, folder, files, _ = exports("resnet")
     pieces = ["stem"] + [f"{kind}_{k}" for k in range(4) for kind in ("stage", "exit")]
     assert files == [f"{p}.json" for p in pieces] + ["weights.safetensors"]
-    assert sorted(os.listdir(folder)) == sorted(files + ["manifest.json"])
+    assert sorted(os.listdir(folder)) == sorted(files + ["manifest.json", ".timm-exits"])  # + the writer's marker
     manifest = json.loads((open(os.path.join(folder, "manifest.json")).read()))
     assert manifest["format_version"] == 2 and manifest["num_exits"] == 4 and manifest["input_shape"] == [3, 32, 32]
     for file in files:
@@ -239,10 +239,28 @@ def test_a_failed_export_leaves_the_previous_one_and_a_new_one_replaces_it(expor
     with pytest.raises(RuntimeError):  # 4 channels instead of 3: the stem cannot be exported
         export_model(model, torch.randn(1, 4, 32, 32), str(copy))
     assert (copy / "manifest.json").read_text() == before and ExportedModel(str(copy)).num_exits == 4
-    (copy / "stale.txt").write_text("from before")
     export_model(model, torch.randn(1, 3, 24, 24), str(copy))
-    assert not (copy / "stale.txt").exists() and ExportedModel(str(copy)).input_shape == (3, 24, 24)
+    assert ExportedModel(str(copy)).input_shape == (3, 24, 24)
     assert sorted(os.listdir(copy.parent)) == ["export"]  # no temporary or previous version left beside it
+
+
+def test_an_export_replaces_only_an_export_with_nothing_added(exports, copy):
+    """A user's file put into an export folder is never deleted by the next export there; an export
+    written before exports were marked (no marker, exactly its files) is still replaced."""
+    model = exports("resnet")[0]
+    (copy / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    with pytest.raises(FileExistsError, match=r"files added since it was written \(notes.txt\)"):
+        export_model(model, torch.randn(1, 3, 24, 24), str(copy))
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    (copy / "notes.txt").unlink()
+    (copy / ".timm-exits").unlink()  # as an earlier version wrote it
+    export_model(model, torch.randn(1, 3, 24, 24), str(copy))
+    assert ExportedModel(str(copy)).input_shape == (3, 24, 24) and (copy / ".timm-exits").exists()
+    (copy / ".timm-exits").unlink()
+    (copy / "notes.txt").write_text("mine")  # unmarked and not only an export's files: refused
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_model(model, torch.randn(1, 3, 24, 24), str(copy))
 
 
 def test_inputs_of_another_shape_and_a_folder_without_manifest_are_refused(exports, tmp_path):

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import timm
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.models import load_state_dict as timm_load_state_dict
 from torch import nn
 
-from .files import atomic_folder
+from .files import atomic_folder, write_weights
 
 __all__ = ["save_checkpoint", "load_checkpoint", "training_state", "rng_state", "set_rng_state", "pretrained_file",
            "keep_file_classifiers"]
@@ -117,7 +117,7 @@ def save_checkpoint(
     (FileExistsError) and left untouched."""
     with atomic_folder(folder, "checkpoint", _older_checkpoint) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(weights, os.path.join(tmp, "model.safetensors"))
+        write_weights(weights, os.path.join(tmp, "model.safetensors"))
         if optimizer is not None:
             everything = {"optimizer": optimizer.state_dict(), "rng": rng_state(), **(training or {})}
             if scheduler is not None:

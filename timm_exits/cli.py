@@ -481,7 +481,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except Exception as e:
+        from .errors import is_user_error
+
+        if not is_user_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -352,14 +352,28 @@ def load_config(path: str, data_dir: Optional[str] = None, output_dir: Optional[
     """Read an mmengine config file (with its ``_base_`` files; bases that set the same keys are
     merged in the order listed, where mmengine alone refuses them), apply ``--cfg-options`` style
     overrides (``{'train.epochs': 3}``), ``data_dir`` and ``output_dir``, then check and complete it."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"config file {path!r} not found (see recipes/ for examples)")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config {path!r} is not a regular file (a folder?); expected an mmengine config file")
     try:
-        cfg = Config.fromfile(path)
-    except KeyError as e:  # mmengine refuses a key that two bases set: merge them in order instead
-        if "Duplicate key is not allowed among bases" not in str(e):
-            raise
-        cfg = Config(_merge_bases_in_order(path))
+        try:
+            cfg = Config.fromfile(path)
+        except KeyError as e:  # mmengine refuses a key that two bases set: merge them in order instead
+            if "Duplicate key is not allowed among bases" not in str(e):
+                raise
+            cfg = Config(_merge_bases_in_order(path))
+    except SyntaxError as e:
+        raise ConfigError(f"{e.filename if e.filename not in (None, '<unknown>') else path}, line {e.lineno}: "
+                          f"{e.msg}; a .py config must be valid Python") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: its _base_ files include each other (a cycle) or nest too deeply") from None
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: a _base_ file it names is missing: {e.filename} (paths are relative to "
+                                f"the file that names them)") from None
+    except (AttributeError, TypeError) as e:  # mmengine reading a .json / .yaml that is not a mapping
+        raise ConfigError(f"{path} is not an mmengine config: expected a mapping of sections (model, data, "
+                          f"train, ...), got something mmengine cannot read ({e})") from None
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options), allow_list_keys=True)
     config = cfg.to_dict()

@@ -1,4 +1,5 @@
-"""Writing files and folders whole or not at all, and one writer per output folder.
+"""Writing files and folders whole or not at all, one writer per output folder, and reading back
+JSON and weights files as untrusted input (bounded, typed errors that name the file).
 
 A reader (or a resumed run) always finds a complete version: the new one once it is complete,
 the previous one until then. Files are written under a temporary name and renamed into place
@@ -15,13 +16,65 @@ import fcntl
 import itertools
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
-__all__ = ["atomic_file", "atomic_folder", "recover_folder", "write_json", "OutputLock", "check_writable",
-           "claim_fresh_folder"]
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from timm.models import load_state_dict as timm_load_state_dict
+
+__all__ = ["atomic_file", "atomic_folder", "recover_folder", "write_json", "read_json", "parse_json", "write_weights",
+           "read_weights", "OutputLock", "check_writable", "claim_fresh_folder"]
+
+MAX_JSON_NESTING = 64  # json, and whatever walks what it returns, would recurse past Python's limit on deeper input
+
+
+def nests_deeper_than(obj: Any, levels: int) -> bool:
+    """Whether parsed JSON ``obj`` nests more than ``levels`` deep (never recursing further)."""
+    if levels < 0:
+        return True
+    inside = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    return any(nests_deeper_than(v, levels - 1) for v in inside)
+
+
+def nested_too_deeply(what: str) -> ValueError:
+    return ValueError(f"{what} is nested too deeply (more than {MAX_JSON_NESTING} levels of JSON; what timm-exits "
+                      f"writes needs fewer than 20)")
+
+
+def parse_json(data: Union[bytes, str], what: str) -> Any:
+    """``data`` parsed as JSON, nested at most ``MAX_JSON_NESTING`` deep; else a ValueError naming
+    ``what`` (for deep nesting json itself raises RecursionError)."""
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        raise nested_too_deeply(what) from None
+    except ValueError as e:
+        raise ValueError(f"{what} is not valid JSON ({e}), e.g. truncated or not a JSON file") from None
+    if nests_deeper_than(obj, MAX_JSON_NESTING):
+        raise nested_too_deeply(what)
+    return obj
+
+
+def read_json(path: str, max_bytes: int = 1 << 20) -> Any:
+    """The JSON in the regular file ``path``, read only if it has at most ``max_bytes`` bytes (the
+    files timm-exits writes have a few thousand) and checked by :func:`parse_json`. A folder, a
+    special file, an oversized or malformed file is a ValueError naming ``path``."""
+    if not os.path.isfile(path):
+        if not os.path.lexists(path):
+            raise FileNotFoundError(f"{path} not found")
+        raise ValueError(f"{path} is not a regular file (a folder or a special file); expected a JSON file")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{path} has more than {max_bytes} bytes, more than a JSON file of timm-exits ever holds: "
+                         f"not one of its files")
+    return parse_json(data, path)
 
 
 @contextmanager
@@ -98,6 +151,15 @@ def _complete(folder: str) -> bool:
         for name, size in marker["files"].items())
 
 
+def _files_in(folder: str) -> List[str]:
+    """Every file under ``folder``, as a path relative to it."""
+    return [os.path.relpath(os.path.join(where, name), folder) for where, _, names in os.walk(folder) for name in names]
+
+
+def _shown(names: List[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def _check_replaceable(folder: str, kind: str, legacy: Optional[Callable[[str], bool]]) -> None:
     """Refuse to replace a folder this package did not write as a ``kind`` (its marker says so, or
     ``legacy`` recognises one an older version wrote) unless it is empty or missing (a file or a
@@ -106,13 +168,19 @@ def _check_replaceable(folder: str, kind: str, legacy: Optional[Callable[[str], 
         return
     entries = sorted(os.listdir(folder))
     marker = _marker(folder)
-    if not entries or (marker or {}).get("kind") == kind or (marker is None and legacy is not None and legacy(folder)):
+    if not entries or (marker is None and legacy is not None and legacy(folder)):
         return
+    if marker is not None and marker["kind"] == kind:
+        added = sorted(set(_files_in(folder)) - set(marker["files"]) - {MARKER})
+        if not added:
+            return
+        raise FileExistsError(f"{folder!r} is a timm-exits {kind} with files added since it was written "
+                              f"({_shown(added)}): it is not replaced, which would delete them; move them out or "
+                              f"choose another folder")
     if marker is not None:
         raise FileExistsError(f"{folder!r} holds another kind of timm-exits output ({marker['kind']}; this writes a "
                               f"{kind}): it is not replaced; choose another folder, or remove it first")
-    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-    raise FileExistsError(f"{folder!r} is not empty ({shown}) and was not written by timm-exits as a {kind}: it is "
+    raise FileExistsError(f"{folder!r} is not empty ({_shown(entries)}) and was not written by timm-exits as a {kind}: it is "
                           f"not replaced; choose a new or empty folder, or remove this one first")
 
 
@@ -279,3 +347,32 @@ def claim_fresh_folder(wanted: str, taken: Callable[[str], bool]) -> OutputLock:
         if not taken(candidate):
             return lock
         lock.release()
+
+
+def write_weights(weights: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
+    """safetensors' ``save_file``; a failed write (a full disk) is an OSError with its error number,
+    as Python's own writes raise it, instead of safetensors' own error type."""
+    try:
+        save_file(weights, path, metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), f"cannot write {path}: {os.strerror(int(code.group(1)))}") from None
+
+
+def read_weights(path: str) -> Dict[str, torch.Tensor]:
+    """The state dict in a weights file: ``.safetensors``, or a PyTorch file read without unpickling
+    code (timm's loader, ``weights_only``). A file that cannot be read so is a ValueError naming it."""
+    if not os.path.isfile(path):
+        if not os.path.lexists(path):
+            raise FileNotFoundError(f"weights file not found: {path!r}")
+        raise ValueError(f"{path!r} is not a regular file (a folder or a special file); expected a weights file")
+    try:
+        return timm_load_state_dict(path)
+    except pickle.UnpicklingError:  # PyTorch's own message is a page of advice on allowing unsafe globals
+        problem = "it holds pickled Python objects, which are never loaded, or is no PyTorch file at all"
+    except (OSError, RuntimeError, EOFError, ValueError, SafetensorError) as e:
+        problem = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    raise ValueError(f"{path!r} cannot be read as weights ({problem}): damaged, truncated or not a weights file; "
+                     f"restore it from a copy or save the model again")

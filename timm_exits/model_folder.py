@@ -19,13 +19,12 @@ import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import timm
-from safetensors.torch import save_file
-from timm.models import load_state_dict, resolve_model_input_args
+from timm.models import resolve_model_input_args
 from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from .config import check_preprocessing, resolve_preprocessing
-from .files import atomic_file
+from .files import atomic_file, read_json, read_weights, write_weights
 from .models.exits import BackboneWithExits
 from .train.boostnet import BoostedExits
 from .train.imta import IMTAModel
@@ -85,9 +84,18 @@ def save_model_folder(model: nn.Module, folder: str, data_config: Optional[Dict[
         text = json.dumps(config, indent=2, allow_nan=False)  # strict JSON: a NaN or infinity is refused, not written
         with open(tmp, "w") as f:
             f.write(text)
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, weights,
+        write_weights({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, weights,
                   metadata={"format": "pt"})
     return folder
+
+
+def build_model(name: str, kwargs: Dict[str, Any], source: str) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``; an argument the architecture does not take is a
+    ValueError that names ``source``, where the arguments came from."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"{name} cannot be built with {source} ({e}); fix those arguments (--model-kwargs)") from None
 
 
 def model_folder_files(path: str) -> Tuple[str, str]:
@@ -104,7 +112,7 @@ def model_folder_files(path: str) -> Tuple[str, str]:
         raise ValueError(f"{path!r} is not a model folder: no {CONFIG_FILE} {where} (a folder written by "
                          f"timm_exits.model_folder.save_model_folder or timm's save_for_hf)")
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"model folder {path!r} has no {WEIGHTS_FILE}")
+        raise FileNotFoundError(f"model folder {path!r} has no {WEIGHTS_FILE} file")
     return config, weights
 
 
@@ -112,14 +120,14 @@ def read_model_config(path: str) -> Dict[str, Any]:
     """The ``config.json`` of a model folder (or beside a weights file), checked to name a registered
     timm architecture."""
     config_file, _ = model_folder_files(path)
-    try:
-        with open(config_file) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_file} is not a readable timm config ({e})") from None
+    config = read_json(config_file)
     arch = config.get("architecture") if isinstance(config, dict) else None
-    if not arch:
-        raise ValueError(f"{config_file} names no 'architecture'; expected timm's config.json of a model folder")
+    if not arch or not isinstance(arch, str):
+        raise ValueError(f"{config_file} names no 'architecture' (got {arch!r}); expected timm's config.json of a "
+                         f"model folder")
+    if not isinstance(config.get("model_args", {}), dict):
+        raise ValueError(f"{config_file}: model_args must be a mapping of timm.create_model arguments, got "
+                         f"{config['model_args']!r}")
     if not timm.is_model(arch):
         raise ValueError(f"{config_file} is for architecture {arch!r}, which is not a registered timm model (import "
                          f"the package that registers it)")
@@ -152,13 +160,13 @@ def load_model_folder(
     folder = os.path.dirname(config_file)
     kwargs = resolve_model_input_args(f"local-dir:{os.path.abspath(folder)}", {"input_size": given.get("input_size")},
                                       **model_kwargs)
-    model = timm.create_model(kwargs.pop("model_name"), **kwargs)
+    model = build_model(kwargs.pop("model_name"), kwargs, f"the arguments of {config_file} and the ones given")
     for name, (cls, _) in WRAPPERS.items():
         settings = config.get(SECTION, {}).get(name)
         if settings:
             model = cls(model, **settings)
     try:
-        model.load_state_dict(load_state_dict(weights))
+        model.load_state_dict(read_weights(weights))
     except RuntimeError as e:  # missing / unexpected keys, size mismatches
         raise ValueError(f"{weights} does not fit {config['architecture']} built with "
                          f"{ {**config.get('model_args', {}), **model_kwargs} }: {e}") from None

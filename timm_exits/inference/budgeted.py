@@ -17,14 +17,13 @@ record the model they belong to.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..files import write_json
+from ..files import read_json, write_json
 from .outputs import PREDICTORS, ExitOutputs
 from .policies import ExitPolicy, PolicyLike, resolve_policy
 
@@ -229,10 +228,11 @@ class Thresholds:
     def load(cls, path: str, model: Optional[str] = None, num_exits: Optional[int] = None) -> "Thresholds":
         """Read a thresholds file; if ``model`` / ``num_exits`` are given they must match it."""
         try:
-            with open(path) as f:
-                data = json.load(f)
+            data = read_json(path)
+            if not isinstance(data, dict):
+                raise ValueError(f"it holds a {type(data).__name__}, not a mapping")
             loaded = cls(**data)
-        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+        except (OSError, TypeError, ValueError) as e:
             raise ValueError(f"{path} is not a valid thresholds file written by timm_exits ({e})") from None
         if model is not None and loaded.model != model:
             raise ValueError(f"{path} holds thresholds for {loaded.model!r}, not for {model!r}")

@@ -39,17 +39,17 @@ import os
 import re
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors, save_file
+from safetensors.torch import load as load_safetensors
 from torch import nn
 from torch._export.serde.serialize import SerializedArtifact, deserialize, serialize
 from torch.export import Dim, ExportedProgram, ExportGraphSignature, export
 from torch.export.graph_signature import InputKind
 
-from ..files import atomic_folder
+from ..files import MAX_JSON_NESTING, atomic_folder, nested_too_deeply, nests_deeper_than, parse_json, write_weights
 from .executor import EarlyExitExecutor, weights_sha256
 from .outputs import PREDICTORS, predictor_of
 
@@ -62,7 +62,7 @@ OPERATORS = "export_operators.json"  # beside this module: the operators exports
 # of at most a few MB, nested at most 18 deep, manifests of a few kB)
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_PROGRAM_BYTES = 64 << 20
-MAX_NESTING = 64
+MAX_NESTING = MAX_JSON_NESTING
 _BATCH = Dim("batch", min=1, max=1 << 20)
 
 
@@ -152,31 +152,6 @@ _STRINGS = {  # key -> (what its strings must be, check); any other key: a plain
 _JSON_STRINGS = ("in_spec", "out_spec", "context")  # pytree specs: JSON inside a string, checked in turn
 
 
-def _nested_too_deeply(what: str) -> ValueError:
-    return ValueError(f"{what} is nested too deeply (more than {MAX_NESTING} levels of JSON; exports of "
-                      f"timm-exits' models need fewer than 20)")
-
-
-def _deeper_than(obj: Any, levels: int) -> bool:
-    """Whether parsed JSON ``obj`` nests more than ``levels`` deep (never recursing further)."""
-    if levels < 0:
-        return True
-    inside = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
-    return any(_deeper_than(v, levels - 1) for v in inside)
-
-
-def _loads(data: Union[bytes, str], what: str) -> Any:
-    """``data`` parsed as JSON, nested at most ``MAX_NESTING`` deep; else a ValueError naming ``what``
-    (json itself raises RecursionError for deep nesting, and so would everything that walks it)."""
-    try:
-        obj = json.loads(data)
-    except RecursionError:
-        raise _nested_too_deeply(what) from None
-    except ValueError as e:
-        raise ValueError(f"{what} is not valid JSON ({e})") from None
-    if _deeper_than(obj, MAX_NESTING):
-        raise _nested_too_deeply(what)
-    return obj
 
 
 def _check_program(doc: Any, where: str = "program") -> Set[str]:
@@ -201,7 +176,7 @@ def _check_program(doc: Any, where: str = "program") -> Set[str]:
                 walk(v, f"{path}[{i}]", key)
         elif isinstance(obj, str) and key in _JSON_STRINGS:
             try:
-                inner = _loads(obj, path)
+                inner = parse_json(obj, path)
             except ValueError:
                 fail(path, obj, f"a pytree spec in JSON, nested at most {MAX_NESTING} deep")
             walk(inner, path)
@@ -214,8 +189,8 @@ def _check_program(doc: Any, where: str = "program") -> Set[str]:
         elif obj is not None and not isinstance(obj, (bool, int, float)):
             fail(path, type(obj).__name__, "JSON")
 
-    if _deeper_than(doc, MAX_NESTING):
-        raise _nested_too_deeply(where)
+    if nests_deeper_than(doc, MAX_NESTING):
+        raise nested_too_deeply(where)
     walk(doc, "")
     return calls
 
@@ -348,13 +323,13 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str
     programs, calls, weights, channels_last = _export_pieces(model, example, where)
     _refuse_unlisted(calls, allowed, where)
     files = _files(model.num_exits)
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, kind="export", legacy=_earlier_export) as tmp:
         digests = {}
         for file, data in programs.items():
             with open(os.path.join(tmp, file), "wb") as f:
                 f.write(data)
             digests[file] = _digest(data)
-        save_file(weights, os.path.join(tmp, WEIGHTS))
+        write_weights(weights, os.path.join(tmp, WEIGHTS))
         with open(os.path.join(tmp, WEIGHTS), "rb") as f:
             digests[WEIGHTS] = _digest(f.read())
         manifest = {"format_version": FORMAT_VERSION, "model": name, "num_exits": model.num_exits,
@@ -402,6 +377,16 @@ def _manifest_bytes(folder: str) -> bytes:
         raise _unusable(folder, f"manifest.json has more than {MAX_MANIFEST_BYTES} bytes (an export's has a few "
                                 f"thousand)")
     return data
+
+
+def _earlier_export(folder: str) -> bool:
+    """Whether ``folder`` holds an export written before exports were marked, and nothing else: its
+    manifest.json and exactly the files that lists."""
+    try:
+        listed = parse_json(_manifest_bytes(folder), "manifest.json")["files"]
+        return set(os.listdir(folder)) == {"manifest.json", *listed}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def manifest_sha256(folder: str) -> str:
@@ -453,7 +438,7 @@ class ExportedModel:
         docs, calls = {}, {}
         for file in files:
             try:
-                docs[file] = _loads(data[file], file)
+                docs[file] = parse_json(data[file], file)
                 calls[file] = _check_program(docs[file], file)
             except ValueError as e:
                 raise self._refuse(str(e)) from None
@@ -471,7 +456,7 @@ class ExportedModel:
             raise ValueError(f"{self.folder}: manifest.json has SHA-256 {digest}, not the pinned {expected_sha256}: "
                              f"not the export you pinned (changed since, or another one); nothing else was read")
         try:
-            manifest = _loads(data, "manifest.json")
+            manifest = parse_json(data, "manifest.json")
         except ValueError as e:
             raise self._refuse(str(e)) from None
         if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import errno
 import gc
 import json
 import math
@@ -47,6 +46,7 @@ from .. import profile as profiling
 from ..checkpoint import load_checkpoint, save_checkpoint, set_rng_state, rng_state, training_state
 from ..cpu import bf16_advice, cpu_bf16
 from ..config import PREPROCESSING, ConfigError, load_config, phase_configs, resolve_preprocessing
+from ..errors import is_user_error
 from ..files import OutputLock, check_writable, claim_fresh_folder, recover_folder, write_json
 from ..data import (EpochSampler, ImageFiles, class_map, class_names, image_transform, num_classes_of, seeded_order,
                     write_digits)
@@ -594,8 +594,6 @@ def _extensions(changes: Dict[str, List[str]], saved: Dict[str, Any], config: Di
     return extended
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, PermissionError)
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 def main(default_config: Optional[str] = None, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
@@ -627,8 +625,8 @@ def main(default_config: Optional[str] = None, argv: Optional[List[str]] = None,
             print(json.dumps(config, indent=2, default=str))
             return 0
         run(config, args.resume, args.extend_epochs)
-    except (*USER_ERRORS, OSError) as e:
-        if isinstance(e, OSError) and not isinstance(e, USER_ERRORS) and e.errno not in DISK_ERRORS:
+    except Exception as e:
+        if not is_user_error(e):
             raise
         # bad input: its message, not a traceback (in a multi-process run the launcher stops the others)
         print(f"error: {e}", file=sys.stderr)

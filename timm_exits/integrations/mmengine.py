@@ -42,7 +42,7 @@ from mmengine.registry import DATASETS, HOOKS, METRICS, MODEL_WRAPPERS, MODELS, 
 import timm_exits  # noqa: F401  (registers the models with timm)
 from ..config import resolve_preprocessing
 from ..data import image_dataset
-from ..model_folder import save_model_folder
+from ..model_folder import build_model, save_model_folder
 from ..models.multi_exit import exit_logits
 from ..train.l2w import L2W
 from ..train.techniques import (HDKD, PCGrad, TrainingForward, apply_switches, create_technique,
@@ -476,7 +476,7 @@ def load_checkpoint_model(
     weights = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     if not weights:
         raise ValueError(f"{checkpoint!r} holds no MultiExitClassifier weights (no 'model.' keys in its state_dict)")
-    net = timm.create_model(name, **kwargs)
+    net = build_model(name, kwargs, f"the arguments {kwargs} (the stored config's and --model-kwargs)")
     if settings.get("loss") in ("ofa", "boostnet", "ztw"):  # IMTA phase II, BoostNet, ZTW: the network wrapped
         options = {"exit_weights" if k == "weights" else k: v for k, v in (settings.get("loss_kwargs") or {}).items()}
         net = create_technique(settings["loss"], isc=settings.get("isc", "reference"),  # as the run prepared it
