@@ -242,3 +242,18 @@ except OSError as e:
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.stdout.split() == [str(errno.EFBIG), "True"], run.stdout + run.stderr
+
+
+def test_a_two_process_run_refused_by_its_main_process_prints_one_error_and_no_traceback(good, tmp_path):
+    """The output folder is claimed by the main process; when it refuses it, the other process is
+    told so instead of waiting for a folder that never comes (a gloo 'Connection reset' traceback)."""
+    from launch import launch_two_processes
+
+    (tmp_path / "run").write_text("mine")
+    run = launch_two_processes(str(Path(__file__).resolve().parents[1] / "recipes" / "train.py"),
+                               [str(good / "config.py"), "--output-dir", str(tmp_path / "run")], timeout=300)
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: output folder '{tmp_path / 'run'}' is a file; expected a folder (or a path to create)"]
+    assert "[rank1]: Traceback" not in run.stderr and "Connection reset" not in run.stderr, run.stderr[-3000:]
+    assert (tmp_path / "run").read_text() == "mine"

@@ -46,7 +46,7 @@ from .. import profile as profiling
 from ..checkpoint import load_checkpoint, save_checkpoint, set_rng_state, rng_state, training_state
 from ..cpu import bf16_advice, cpu_bf16
 from ..config import PREPROCESSING, ConfigError, load_config, phase_configs, resolve_preprocessing
-from ..errors import is_user_error
+from ..errors import AnotherProcessStopped, is_user_error
 from ..files import OutputLock, check_writable, claim_fresh_folder, recover_folder, write_json
 from ..data import (EpochSampler, ImageFiles, class_map, class_names, image_transform, num_classes_of, seeded_order,
                     write_digits)
@@ -417,11 +417,18 @@ def run(config: Dict[str, Any], resume: bool = False, extend_epochs: bool = Fals
     lock = None
     try:
         if accelerator.is_main_process:
-            lock, extended, run_id = _claim_output_dir(accelerator, config, resume, extend_epochs)
+            try:
+                lock, extended, run_id = _claim_output_dir(accelerator, config, resume, extend_epochs)
+            except Exception as e:  # the others wait for the folder: tell them there is none
+                if accelerator.num_processes > 1 and is_user_error(e):
+                    broadcast_object_list([None, None, None])
+                raise
             folder = [lock.folder, extended, run_id]
         else:
             folder = [None, None, None]
         output_dir, extended, run_id = broadcast_object_list(folder)
+        if output_dir is None:
+            raise AnotherProcessStopped("the main process refused the output folder")
         config = {**config, "output_dir": output_dir}
         if config["tracker"]:
             accelerator.project_configuration.set_directories(output_dir)
@@ -629,6 +636,7 @@ def main(default_config: Optional[str] = None, argv: Optional[List[str]] = None,
         if not is_user_error(e):
             raise
         # bad input: its message, not a traceback (in a multi-process run the launcher stops the others)
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, AnotherProcessStopped):
+            print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
