@@ -104,13 +104,13 @@ def _final_weights(folder: Path):
 
 
 def test_two_processes_and_accumulation_equal_one_process(data, tmp_path):
-    """Same global batch of 8: 1 process x 8, 2 processes x 4 (gloo), 1 process x 4 x 2 accumulated.
-    A ViT (no batch norm) computes the same function of the global batch in all three."""
+    """Same global batch of 8: 1 process x 8, 2 processes x 4 (gloo; the same config: data.batch_size is
+    the global batch), 1 process x 4 x 2 accumulated. A ViT (no batch norm) computes the same function
+    of the global batch in all three."""
     config = str(write_config(tmp_path / "vit.py", data, TINY_VIT, "tracker = None\ntrain = dict(epochs=1)"))
     one = launch_one(config, "--output-dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = launch_two_processes(TRAIN, args=[config, "--output-dir", str(tmp_path / "two"), "--cfg-options",
-                                            "data.batch_size=4"])
+    two = launch_two_processes(TRAIN, args=[config, "--output-dir", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
     accumulated = launch_one(config, "--output-dir", str(tmp_path / "acc"), "--cfg-options", "data.batch_size=4",
                              "train.grad_accum_steps=2")

@@ -47,7 +47,7 @@ DEFAULTS: Dict[str, Any] = dict(
         input_size=None, mean=None, std=None, crop_pct=None, interpolation=None,  # default: the model's cfg
         transform="timm",     # or 'pad_crop' (MSDNet's CIFAR augmentation)
         augment={},           # timm create_transform training options (scale, hflip, auto_augment, re_prob, ...)
-        batch_size=64,        # per process
+        batch_size=64,        # the global batch of a step: all processes together
         eval_batch_size=256,
         workers=2,
         check_files=True,     # before training, open every file's header (True), decode every image ('decode'), or not (False)

@@ -124,6 +124,20 @@ def _model_kwargs(config: Dict[str, Any], num_classes: int) -> dict:
     return kwargs
 
 
+def batch_plan(config: Dict[str, Any], num_processes: int) -> Dict[str, Any]:
+    """How a phase's batch is shared: ``data.batch_size`` is the global batch of one step (all
+    processes together; an update takes ``train.grad_accum_steps`` steps), so a recipe keeps its
+    updates per epoch and learning-rate schedule on any number of processes. Returns the global batch
+    of an update, each process's share of a step and the learning rate."""
+    batch, steps = config["data"]["batch_size"], config["train"]["grad_accum_steps"]
+    if batch % num_processes:
+        raise ValueError(f"data.batch_size is the global batch (all processes together): {batch} images do not "
+                         f"divide over {num_processes} processes; set data.batch_size to a multiple of "
+                         f"{num_processes}, or launch a number of processes that divides {batch}")
+    return {"global_batch": batch * steps, "per_process_batch": batch // num_processes, "processes": num_processes,
+            "grad_accum_steps": steps, "lr": config["optimizer"].get("lr")}
+
+
 def train_phase(
         accelerator: Accelerator,
         config: Dict[str, Any],
@@ -191,14 +205,19 @@ class TrainingPhase:
             check_writable(output_dir, 8 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2 ** 26)
         optimizer = create_optimizer_v2(model, **config["optimizer"])
         sampler = EpochSampler(len(data.train), train_cfg["seed"])
-        # the loader's own generator: creating an iterator must not draw from the global RNG (dropout's)
-        train_loader = DataLoader(data.train, batch_size=dc["batch_size"], sampler=sampler, drop_last=True,
-                                  num_workers=dc["workers"], generator=torch.Generator().manual_seed(train_cfg["seed"]))
-        if len(train_loader) == 0:
+        plan = batch_plan(config, accelerator.num_processes)
+        if len(data.train) < dc["batch_size"]:
             raise ValueError(f"{len(data.train)} training images make no batch of {dc['batch_size']}")
+        # each process loads its share of every global batch (accelerate deals the loader's batches out
+        # in turn); the loader's own generator: an iterator must not draw from the global RNG (dropout's)
+        train_loader = DataLoader(data.train, batch_size=plan["per_process_batch"], sampler=sampler, drop_last=True,
+                                  num_workers=dc["workers"], generator=torch.Generator().manual_seed(train_cfg["seed"]))
         self.forward, self.optimizer, self.train_loader = accelerator.prepare(TrainingForward(model), optimizer,
                                                                               train_loader)
         updates_per_epoch = math.ceil(len(self.train_loader) / accelerator.gradient_accumulation_steps)
+        accelerator.print(f"[{name}] global batch {plan['global_batch']} ({plan['per_process_batch']} per process x "
+                          f"{plan['processes']} processes x {plan['grad_accum_steps']} accumulation steps), "
+                          f"{updates_per_epoch} updates per epoch, lr {plan['lr']}")
         self.scheduler, self.epochs = create_scheduler_v2(self.optimizer, num_epochs=train_cfg["epochs"],
                                                           updates_per_epoch=updates_per_epoch, **config["scheduler"])
         self.ema = ModelEmaV3(model, decay=train_cfg["ema_decay"]) if train_cfg["ema_decay"] else None
@@ -550,6 +569,7 @@ def _claim_output_dir(accelerator: Accelerator, config: Dict[str, Any], resume: 
     """Lock the run's output folder (the main process, for the whole run) and check a resumed run's
     config; returns the lock, the phases whose epochs are extended and the run's identity."""
     wanted = config["output_dir"]
+    batches = {name: batch_plan(phase, accelerator.num_processes) for name, phase in phase_configs(config)}
     if resume:  # the run in that folder, or an error if another process has it
         check_writable(wanted)
         lock = OutputLock(wanted)
@@ -560,7 +580,8 @@ def _claim_output_dir(accelerator: Accelerator, config: Dict[str, Any], resume: 
         accelerator.print(f"{wanted} holds another run (--resume continues it); this run writes to {candidate}")
     _check_files(candidate, RUN_FILES)
     run_file, extended = os.path.join(candidate, RUN_FILE), []
-    record = {"config": config, "processes": accelerator.num_processes, "run_id": uuid.uuid4().hex}
+    record = {"config": config, "processes": accelerator.num_processes, "batches": batches,
+              "run_id": uuid.uuid4().hex}
     if resume and os.path.isfile(run_file):
         saved = _read_run_file(run_file)
         record["run_id"] = saved.get("run_id", record["run_id"])  # a run of an older version has none
