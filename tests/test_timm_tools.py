@@ -2,19 +2,28 @@
 from our safetensors through ``timm.models.load_checkpoint`` (``--checkpoint``), timm's dataset, transforms
 and loader from the model's own data config, ``--torchscript``, ``--channels-last``, ``--reparam`` (MSDNet's
 fused inference path, also scripted and channels-last, in validate.py's order) and evaluation under
-``torch.inference_mode()`` with timm's ``ClassificationEvaluator``."""
+``torch.inference_mode()`` with timm's ``ClassificationEvaluator``.
+
+And timm's training path, as train.py and ``benchmark.py --bench train`` run it: the model created with
+``--model-kwargs`` as train.py parses them, timm's optimizer factory (also with ``--layer-decay``), timm's loader,
+Mixup and losses in a ``ClassificationTask``; ``features_only`` beside timm's own ViT."""
+import argparse
+
 import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.data import Mixup, create_dataset, create_loader, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import load_checkpoint
-from timm.task import ClassificationEvaluator
-from timm.utils import reparameterize_model
+from timm.optim import create_optimizer_v2, param_groups_layer_decay
+from timm.task import ClassificationEvaluator, ClassificationTask
+from timm.utils import ParseKwargs, reparameterize_model
 
 import timm_exits  # noqa: F401
+from timm_exits.models.multi_exit import exit_logits
 from timm_exits.models.msdnet_fused import FoldedConvAct
 
 from helpers import randomise_norms
@@ -88,3 +97,126 @@ def test_validate_py_path(name, image_folder, tmp_path):
         outputs, got = _evaluate(candidate, loader, channels_last)
         assert torch.allclose(outputs, reference, atol=1e-4)
         assert got["top1"] == metrics["top1"]
+
+
+# ---- train.py and benchmark.py --bench train
+
+def _model_kwargs(*args):
+    """``--model-kwargs ...`` as timm's train.py and benchmark.py parse it."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
+    return parser.parse_args(["--model-kwargs", *args]).model_kwargs
+
+
+def _train_loader(model, image_folder):
+    """timm's training loader (train.py's, no prefetcher) over the tiny image folder."""
+    config = resolve_data_config(model=model)
+    dataset = create_dataset("", root=str(image_folder), split="train", is_training=True)
+    return create_loader(dataset, input_size=(3, 32, 32), batch_size=4, is_training=True, use_prefetcher=False,
+                         num_workers=0, mean=config["mean"], std=config["std"], device=torch.device("cpu"))
+
+
+def _last_exit_parameters(model):
+    """The names of the parameters the last exit's logits (ADN: the selected depth's) depend on."""
+    exit_logits(model, torch.randn(2, 3, 32, 32))[-1].sum().backward()
+    names = {n for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return names
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_train_py_trains_the_last_exit_with_the_create_time_option(name, image_folder):
+    kwargs = _model_kwargs("multi_exit_training=False", *(f"{k}={v}" for k, v in MODELS[name].items()))
+    assert kwargs == {"multi_exit_training": False, **MODELS[name]}
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained = _last_exit_parameters(model)
+    optimizer = create_optimizer_v2(model, opt="sgd", lr=0.05, momentum=0.9, weight_decay=2e-5)
+    mixup = Mixup(mixup_alpha=0.8, label_smoothing=0.1, num_classes=3)  # train.py --mixup 0.8: soft targets
+    losses = []
+    for criterion, mix in ((SoftTargetCrossEntropy(), mixup), (LabelSmoothingCrossEntropy(0.1), None)):
+        task = ClassificationTask(model, criterion=criterion, verbose=False)
+        for images, target in _train_loader(model, image_folder):
+            if mix is not None:
+                images, target = mix(images, target)
+            result = task(images, target)
+            assert result["output"].shape == (len(images), 3)  # one tensor of logits, as timm's loss takes
+            optimizer.zero_grad()
+            result["loss"].backward()
+            optimizer.step()
+            losses.append(result["loss"].item())
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trained  # the last exit and what it reads, and nothing else
+    if not name.endswith("_adn"):
+        assert any(n.startswith("exits.0.") for n in model.state_dict()) and not any(
+            n.startswith("exits.0.") for n in changed)  # the other exits are not trained this way
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_plain_loss_on_every_exit_says_how_to_train(name):
+    model = timm.create_model(name, **MODELS[name]).train()
+    x = torch.randn(2, 3, 32, 32)
+    target = torch.tensor([0, 2])
+    for criterion, y in ((torch.nn.CrossEntropyLoss(), target), (SoftTargetCrossEntropy(), torch.eye(3)[target]),
+                         (LabelSmoothingCrossEntropy(0.1), target)):
+        with pytest.raises(TypeError) as error:
+            ClassificationTask(model, criterion=criterion, verbose=False)(x, y)
+        message = str(error.value)
+        assert "MultiExitTask" in message and "`timm-exits train`" in message
+        assert "--model-kwargs multi_exit_training=False" in message
+    outputs = model(x)  # still every exit's logits, as a tuple
+    assert isinstance(outputs, tuple) and torch.stack(outputs).shape == (len(outputs), 2, 3)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_benchmark_train_backward_reaches_what_the_last_exit_depends_on(name):
+    model = timm.create_model(name, **_model_kwargs("multi_exit_training=False"), **MODELS[name]).train()
+    x = torch.randn(2, 3, 32, 32)
+    output = model(x)
+    if isinstance(output, tuple):  # benchmark.py's train step
+        output = output[0]
+    output.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    exit_logits(model, x)[-1].sum().backward()
+    reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == reference.keys()
+    if isinstance(model, timm_exits.MSDNet):
+        assert len(grads) > 0.8 * len(list(model.parameters()))  # every stage, the last head
+    for n, g in grads.items():
+        torch.testing.assert_close(g, reference[n], rtol=1e-4, atol=1e-6)
+
+
+LAYER_DECAY = {**{k: v for k, v in MODELS.items() if not k.endswith("_adn")},
+               "vit_tiny_patch16_224_exits": dict(num_classes=3, img_size=32)}
+
+
+@pytest.mark.parametrize("name", list(LAYER_DECAY))
+def test_layer_decay_gives_every_exit_head_the_last_heads_rate(name):
+    model = timm.create_model(name, **LAYER_DECAY[name])
+    groups = param_groups_layer_decay(model, layer_decay=0.65)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    optimizer = create_optimizer_v2(model, opt="sgd", lr=0.1, layer_decay=0.65)  # train.py --layer-decay
+    assert {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]} == scale
+    last_head = [p for n, p in model.named_parameters()
+                 if n.startswith(f"exits.{model.num_exits - 1}.") or n.startswith(("backbone.fc.", "backbone.head."))]
+    exit_heads = [p for n, p in model.named_parameters() if n.startswith("exits.")]
+    assert last_head and exit_heads
+    assert {scale[id(p)] for p in last_head + exit_heads} == {1.0}
+    assert min(scale.values()) < 0.65 ** 3  # the backbone still decays from the stem up
+
+
+def test_vit_exits_features_only_are_timms_vit_features():
+    exits = timm.create_model("vit_tiny_patch16_224_exits", features_only=True, img_size=32).eval()
+    plain = timm.create_model("vit_tiny_patch16_224", features_only=True, img_size=32).eval()
+    plain.load_state_dict({k.replace("model.backbone.", "model.", 1): v for k, v in exits.state_dict().items()})
+    assert exits.feature_info.out_indices == plain.feature_info.out_indices == (9, 10, 11)
+    assert exits.feature_info.channels() == plain.feature_info.channels()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        outs, refs = exits(x), plain(x)
+    assert len(outs) == len(refs) == 3
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -20,7 +20,8 @@ configuration selected when it was traced.
 
 In training mode ``model(x)`` returns ``(super-net logits, base-net logits)``, ADN's two training
 passes, so that every parameter (the twins too) gets a gradient; ``set_multi_exit_training(False)``
-makes it one tensor at the selected depth, as in evaluation mode.
+(or ``multi_exit_training=False`` at creation) makes it one tensor at the selected depth, as in
+evaluation mode.
 
 ``make_adaptive_depth(model)`` converts a timm model in place; the registered ``*_adn`` variants
 (declared at the end of this file) build one and load timm weights into it, twins initialised from
@@ -46,6 +47,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..checkpoint import keep_file_classifiers
 from .features import check_feature_indices
+from .outputs import ExitOutputs
 
 __all__ = ["SkipAware", "Skippable", "SkippableAttnBlock", "make_adaptive_depth", "set_depth", "checkpoint_filter_fn",
            "ResNetADN", "VisionTransformerADN", "SwinTransformerADN"]
@@ -176,7 +178,8 @@ class AdaptiveDepthMixin:
     """Depth selection and ADN's training forward for a timm model with depth switches.
 
     Attributes: ``num_depth_stages`` (int), ``depth_config`` (the selected configuration, letters),
-    ``multi_exit_training`` (bool, see :meth:`set_multi_exit_training`).
+    ``multi_exit_training`` (bool, see :meth:`set_multi_exit_training`; the ADN classes take it at
+    creation, which timm's ``--model-kwargs`` reaches).
     """
 
     __jit_unused_properties__ = ["depth_stages"]
@@ -220,17 +223,19 @@ class AdaptiveDepthMixin:
         """In training mode, ``model(x)`` returns ``(super-net logits, base-net logits)`` when enabled
         (the default): ADN's two passes, so that every parameter, the twins too, gets a gradient
         (timm's premise, DDP's without ``find_unused_parameters``). Disabled: one tensor at the
-        selected depth. Evaluation mode and TorchScript always return one tensor."""
+        selected depth: timm's own training loop then trains that sub-network alone. Evaluation mode and
+        TorchScript always return one tensor."""
         self.multi_exit_training = enable
 
     def forward_super_and_base(self, x: torch.Tensor, *args: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The super-net's and the base-net's logits; ``args`` go to ``forward_features`` (ViT:
-        ``attn_mask``, ``is_causal``). The selected configuration is restored afterwards."""
+        """The super-net's and the base-net's logits (an :class:`~.outputs.ExitOutputs` pair); ``args`` go
+        to ``forward_features`` (ViT: ``attn_mask``, ``is_causal``). The selected configuration is restored
+        afterwards."""
         with self.depth(None):
             super_features = self.forward_features(x, *args)
         with self.depth([True] * self.num_depth_stages):
             base_features = self.forward_features(x, *args)
-        return self.forward_head(super_features), self.forward_head(base_features)
+        return ExitOutputs((self.forward_head(super_features), self.forward_head(base_features)))
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Logits at the selected depth; in training mode ``(super-net, base-net)`` logits (see
@@ -243,9 +248,10 @@ class AdaptiveDepthMixin:
 class ResNetADN(AdaptiveDepthMixin, ResNet):
     """A timm ResNet with skippable sub-paths: the four ``layer`` stages, twins of ``bn1``-``bn3``."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, multi_exit_training: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._add_depth_switches()
+        self.multi_exit_training = multi_exit_training
 
     def _add_depth_switches(self, num_stages: Optional[int] = None) -> None:
         if num_stages is not None:
@@ -260,9 +266,10 @@ class VisionTransformerADN(AdaptiveDepthMixin, VisionTransformer):
     """A timm ViT / DeiT with skippable sub-paths: the blocks in ``num_stages`` equal pseudo-stages
     (default 4), the second half of each skippable; twins of ``norm1``, ``norm2``."""
 
-    def __init__(self, *args: Any, num_stages: int = 4, **kwargs: Any):
+    def __init__(self, *args: Any, num_stages: int = 4, multi_exit_training: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._add_depth_switches(num_stages)
+        self.multi_exit_training = multi_exit_training
 
     def _add_depth_switches(self, num_stages: Optional[int] = None) -> None:
         num_stages = num_stages or 4
@@ -291,9 +298,10 @@ class SwinTransformerADN(AdaptiveDepthMixin, SwinTransformer):
     """A timm Swin Transformer with skippable sub-paths: the four stages; twins of ``norm1``,
     ``norm2`` and of the stage's patch-merging norm."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, multi_exit_training: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._add_depth_switches()
+        self.multi_exit_training = multi_exit_training
 
     def _add_depth_switches(self, num_stages: Optional[int] = None) -> None:
         if num_stages is not None:

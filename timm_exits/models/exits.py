@@ -99,6 +99,8 @@ class BackboneWithExits(MultiExitModel):
             (:func:`exits_by_cost`).
         input_size: (C, H, W) the model is built for (default: the backbone's): the size of the maps an
             ``sdn`` head reads and the input the placement by cost is profiled with.
+        multi_exit_training: ``model(x)`` in training mode returns every exit's logits (the default) or,
+            ``False``, the last exit's alone (see :meth:`~.MultiExitModel.set_multi_exit_training`).
 
     ``backbone_eval = True`` keeps the backbone in eval mode whatever the model's mode (a frozen
     backbone whose batch-norm statistics must not move; see :mod:`timm_exits.train.regimes`).
@@ -124,6 +126,7 @@ class BackboneWithExits(MultiExitModel):
             drop_rate: float = 0.0,
             exits_at_cost: Optional[Sequence[float]] = None,
             input_size: Optional[Sequence[int]] = None,
+            multi_exit_training: bool = True,
     ):
         super().__init__()
         if not isinstance(backbone, self.family):
@@ -151,7 +154,7 @@ class BackboneWithExits(MultiExitModel):
         self.exit_index = self.num_exits - 1
         self.stage_bounds: List[int] = [0] + [e + 1 for e in exits] + [num_units]  # stage i: units [b_i, b_i+1)
         self.grad_checkpointing = False
-        self.multi_exit_training = self.multi_exit_training  # the class default, as an attribute TorchScript sees
+        self.multi_exit_training = multi_exit_training
         self.num_classes = backbone.num_classes
         self.in_chans = getattr(backbone, "in_chans", 3)
         self.num_features = backbone.num_features
@@ -294,17 +297,13 @@ class BackboneWithExits(MultiExitModel):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
         """Layer groups for layer-wise lr decay (``create_optimizer_v2(..., layer_decay=...)``): the backbone's
-        own groups, each exit head in the group of the unit it follows. A callable (name -> group), which
-        timm's ``group_parameters`` accepts like a dict of regexes."""
+        own groups, every exit head in the last one, the backbone's head's (timm puts a model's head last):
+        new heads learn at the full rate. A callable (name -> group), which timm's ``group_parameters``
+        accepts like a dict of regexes."""
         groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=coarse))
         layer: Dict[str, int] = {f"backbone.{n}": g for g, names in groups.items() for n in names}
-        units = self.unit_names()
-        for i, head in enumerate(self.exits):
-            unit = units[self.exit_after[i]]
-            group = max(layer[f"backbone.{unit}.{n}"] for n, _ in self.backbone.get_submodule(unit).named_parameters())
-            layer.update({f"exits.{i}.{n}": group for n, _ in head.named_parameters()})
-        last = max(layer.values(), default=0) + 1
-        return lambda name: layer.get(name, last)
+        head = max(layer.values(), default=0)
+        return lambda name: layer.get(name, head)
 
     # ---- timm's feature API: the backbone's own feature maps
     def _check_feature_indices(self, indices: Optional[Union[int, Sequence[int]]]) -> None:
@@ -526,12 +525,13 @@ def add_exits(
         drop_rate: float = 0.0,
         exits_at_cost: Optional[Sequence[float]] = None,
         input_size: Optional[Sequence[int]] = None,
+        multi_exit_training: bool = True,
         **create_kwargs,
 ) -> BackboneWithExits:
     """Make a timm model multi-exit. ``model`` is a model or a name for ``timm.create_model``, which
     then receives ``create_kwargs`` (``pretrained``, ``pretrained_cfg_overlay``, ``num_classes``, ...).
-    ``exits``, ``head``, ``exits_at_cost`` and ``input_size``: see :class:`BackboneWithExits`
-    (``exits='sdn', head='sdn'``: SDN's placement and heads).
+    ``exits``, ``head``, ``exits_at_cost``, ``input_size`` and ``multi_exit_training``: see
+    :class:`BackboneWithExits` (``exits='sdn', head='sdn'``: SDN's placement and heads).
 
     ``drop_rate`` is timm's: dropout before each exit's classifier; from a name, the backbone's own
     head (the last exit) gets it too, a model passed in keeps its own.
@@ -542,13 +542,15 @@ def add_exits(
     if isinstance(model, nn.Module):
         if create_kwargs:
             raise ValueError(f"timm.create_model arguments {sorted(create_kwargs)} need a model name, not a model")
-        return BackboneWithExits(model, exits, head, head_width, drop_rate, exits_at_cost, input_size)
+        return BackboneWithExits(model, exits, head, head_width, drop_rate, exits_at_cost, input_size,
+                                 multi_exit_training)
     file = pretrained_file(create_kwargs.get("pretrained", False), create_kwargs.get("pretrained_cfg_overlay"))
     whole = bool(file and _is_multi_exit_checkpoint(file))
     if whole:
         create_kwargs = {k: v for k, v in create_kwargs.items() if k not in ("pretrained", "pretrained_cfg_overlay")}
     backbone = timm.create_model(model, drop_rate=drop_rate, **create_kwargs)
-    wrapped = BackboneWithExits(backbone, exits, head, head_width, drop_rate, exits_at_cost, input_size)
+    wrapped = BackboneWithExits(backbone, exits, head, head_width, drop_rate, exits_at_cost, input_size,
+                                multi_exit_training)
     if whole:
         wrapped.load_state_dict(load_state_dict(file))
     return wrapped
@@ -556,10 +558,13 @@ def add_exits(
 
 def _create_exits(variant: str, pretrained: bool = False, **kwargs) -> BackboneWithExits:
     """Build a registered variant: ``kwargs['backbone']`` (a timm model name) with exits, through timm's
-    ``build_model_with_cfg`` (cfg, ``features_only`` with timm's FeatureGetterNet). Weights are loaded by
+    ``build_model_with_cfg`` (cfg, ``features_only`` with timm's FeatureGetterNet; ``out_indices`` by default
+    timm's for the family: a ViT's last 3 blocks, as the variants' ``model_args`` say, else every feature map
+    of the backbone). Weights are loaded by
     :func:`add_exits` (the backbone's own through timm, or a whole multi-exit checkpoint), or, from a model
     folder (``timm.create_model("local-dir:FOLDER", pretrained=True)``) or the Hub, by timm into the whole model."""
     backbone = kwargs.pop("backbone")
+    out_indices = kwargs.pop("out_indices", None)  # None: every feature map of the backbone
     if kwargs.get("exits_at_cost") is not None:  # placed by cost instead of the variant's exits
         kwargs.pop("exits", None)
     # a model folder (``local-dir:``) or Hub repo holds the whole multi-exit model: timm loads it into the wrapper
@@ -570,7 +575,7 @@ def _create_exits(variant: str, pretrained: bool = False, **kwargs) -> BackboneW
         partial(add_exits, backbone, **load),
         variant,
         pretrained=whole,
-        feature_cfg=dict(feature_cls="getter", out_indices=None),  # None: every feature map of the backbone
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
         **kwargs,
     )
     if kwargs.get("input_size") is not None and hasattr(model, "pretrained_cfg"):  # built for it: its default input
@@ -651,21 +656,21 @@ def mobilenetv3_large_100_exits(pretrained: bool = False, **kwargs) -> BackboneW
 @register_model
 def vit_tiny_patch16_224_exits(pretrained: bool = False, **kwargs) -> BackboneWithExits:
     """ViT-Ti/16 with exits after blocks 2, 5 and 8 (each quarter of the depth)."""
-    model_args = dict(backbone='vit_tiny_patch16_224', exits=[2, 5, 8], head='linear')
+    model_args = dict(backbone='vit_tiny_patch16_224', exits=[2, 5, 8], head='linear', out_indices=3)
     return _create_exits('vit_tiny_patch16_224_exits', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def vit_base_patch16_224_exits(pretrained: bool = False, **kwargs) -> BackboneWithExits:
     """ViT-B/16 with exits after blocks 2, 5 and 8 (each quarter of the depth)."""
-    model_args = dict(backbone='vit_base_patch16_224', exits=[2, 5, 8], head='linear')
+    model_args = dict(backbone='vit_base_patch16_224', exits=[2, 5, 8], head='linear', out_indices=3)
     return _create_exits('vit_base_patch16_224_exits', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def deit_small_patch16_224_exits(pretrained: bool = False, **kwargs) -> BackboneWithExits:
     """DeiT-S/16 with exits after blocks 2, 5 and 8 (each quarter of the depth)."""
-    model_args = dict(backbone='deit_small_patch16_224', exits=[2, 5, 8], head='linear')
+    model_args = dict(backbone='deit_small_patch16_224', exits=[2, 5, 8], head='linear', out_indices=3)
     return _create_exits('deit_small_patch16_224_exits', pretrained, **dict(model_args, **kwargs))
 
 

@@ -419,6 +419,8 @@ class MSDNet(MultiExitModel):
     ``channels_last_training``: in training on CPU, run channels-last with batch norms computed
     channels-first and shared-input 1x1 bottlenecks merged (the same function, faster in fp32;
     :mod:`timm_exits.models.channels_last_norm`); ``False`` trains the straightforward way.
+    ``multi_exit_training``: ``model(x)`` in training mode returns every exit's logits (the default) or,
+    ``False``, the last exit's alone (see :meth:`~.MultiExitModel.set_multi_exit_training`).
     """
 
     def __init__(
@@ -443,6 +445,7 @@ class MSDNet(MultiExitModel):
             drop_rate: float = 0.0,
             weight_init: str = "torch",
             channels_last_training: bool = True,
+            multi_exit_training: bool = True,
             device=None,
             dtype=None,
     ):
@@ -461,6 +464,7 @@ class MSDNet(MultiExitModel):
         self.img_size = to_2tuple(img_size)
         self.drop_rate = drop_rate
         self.channels_last_training = channels_last_training
+        self.multi_exit_training = multi_exit_training
         self.plan = msdnet_plan(num_blocks, base, step, step_mode, num_channels, growth_rate, len(gr), prune, reduction)
 
         self.stem = MsdStem(in_chans, [num_channels * g for g in gr], stem_type, **dd)
@@ -652,9 +656,9 @@ class MSDNet(MultiExitModel):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        """Parameter groups for timm's layer-wise lr decay: the stem, then stage i with exit i."""
-        return dict(stem=r"^stem", blocks=r"^(?:stages|exits)\.(\d+)" if coarse else [
-            (r"^(?:stages|exits)\.(\d+)\.(\d+)", None), (r"^exits\.(\d+)", (99999,))])
+        """Parameter groups for timm's layer-wise lr decay: the stem, then the stages; every exit head is
+        unmatched, so timm puts it in the last group, the head's: new heads learn at the full rate."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .capabilities import is_multi_exit
+from .outputs import ExitOutputs
 
 
 State = Union[torch.Tensor, List[torch.Tensor]]
@@ -67,7 +68,8 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
     ``model(x)`` returns the logits of one exit (the last by default, see :meth:`set_exit`)
     and computes only the stages that exit needs; :meth:`forward_exits` returns all of them.
     In training mode ``model(x)`` returns the tuple of every exit up to the active one (see
-    :meth:`set_multi_exit_training`), so that a training forward uses every parameter.
+    :meth:`set_multi_exit_training`), so that a training forward uses every parameter; created with
+    ``multi_exit_training=False`` it returns the active exit's logits, as in evaluation.
     """
 
     num_exits: int
@@ -167,10 +169,12 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
         """In training mode, ``model(x)`` returns the tuple of the logits of exits 1..k (k the active
         exit) when enabled (the default), one tensor (exit k) when not.
 
-        The tuple is what training a multi-exit network needs: every parameter gets a gradient (timm's
-        premise, and DDP's without ``find_unused_parameters``), and a loss written for one tensor
-        fails loudly instead of silently training the last exit alone. Evaluation mode always
-        returns one tensor. (The same switch as DeiT's ``set_distilled_training``.)
+        The tuple (an :class:`ExitOutputs`) is what training a multi-exit network needs: every parameter
+        gets a gradient (timm's premise, and DDP's without ``find_unused_parameters``), and a loss
+        written for one tensor fails with a message that says what to do instead of silently training
+        the last exit alone. Disabled (``multi_exit_training=False`` at creation, which timm's
+        ``--model-kwargs`` reaches), timm's own training loop trains exit k alone. Evaluation mode
+        always returns one tensor. (The same switch as DeiT's ``set_distilled_training``.)
         """
         self.multi_exit_training = enable
 
@@ -178,7 +182,7 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
     def forward_train_outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """The logits of exits 1..k (k the active exit), computing each stage once, with the training
         switches of :meth:`forward_exits` (over those k exits)."""
-        return tuple(self.forward_exits(x, self.exit_index))
+        return ExitOutputs(self.forward_exits(x, self.exit_index))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # a scripted model returns one tensor
