@@ -15,7 +15,7 @@ _HELP = ("-h", "--help")
 def _wants_help_only(argv: list) -> bool:
     if not argv or argv[0] in _HELP:
         return True
-    return argv[0] != "train" and len(argv) >= 2 and any(a in _HELP for a in argv[1:])
+    return argv[0] not in ("train", "launch") and len(argv) >= 2 and any(a in _HELP for a in argv[1:])
 
 
 def main() -> int:

@@ -9,7 +9,9 @@
     timm-exits convert CHECKPOINT OUTPUT_FOLDER [--model NAME] [--model-kwargs K=V ..] [--input-size C H W] ...
     timm-exits models [--markdown]
     timm-exits train CONFIG [--data-dir DIR] [--output-dir DIR] [--resume] [--cfg-options k=v ...]
-        (``accelerate launch -m timm_exits.cli train CONFIG ...`` for several processes)
+        (``timm-exits launch -m timm_exits.cli train CONFIG ...`` for several processes)
+    timm-exits launch [accelerate launch options] SCRIPT [ARGS ...]
+        (``accelerate launch --quiet``; the run's error, if any, is the last line, printed once)
 
 torch, timm and the models are imported by the commands that use them, not by ``--help``.
 """
@@ -469,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--markdown", action="store_true", help="as the README's markdown table")
     m.set_defaults(run=_models)
     sub.add_parser("train", help="train from a config with the accelerate engine (timm-exits train --help)")
+    sub.add_parser("launch", help="accelerate launch (its options, then a recipe) ending with the run's error line, "
+                                  "if any, printed once (timm-exits launch --help)")
     return parser
 
 
@@ -478,6 +482,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .integrations.accelerate import main as train
 
         return train(argv=argv[1:], prog="timm-exits train")
+    if argv[:1] == ["launch"]:  # accelerate launch's own command line
+        from .errors import launch
+
+        return launch(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -49,7 +49,7 @@ DEFAULTS: Dict[str, Any] = dict(
         augment={},           # timm create_transform training options (scale, hflip, auto_augment, re_prob, ...)
         batch_size=64,        # the global batch of a step: all processes together
         eval_batch_size=256,
-        workers=2,
+        workers=None,         # data-loader processes; None: this process's share of the CPUs, at most 8
         check_files=True,     # before training, open every file's header (True), decode every image ('decode'), or not (False)
     ),
     mixup=dict(mixup_alpha=0.0, cutmix_alpha=0.0, cutmix_minmax=None, prob=1.0, switch_prob=0.5, mode="batch"),
@@ -189,7 +189,7 @@ VALID: Dict[str, Union[Number, OneOf]] = {
     "data.transform": OneOf(TRANSFORMS),
     "data.batch_size": Number(int, 1),
     "data.eval_batch_size": Number(int, 1),
-    "data.workers": Number(int, 0),
+    "data.workers": Number(int, 0, optional=True),
     "data.check_files": OneOf((True, False, "decode")),
     "mixup.mixup_alpha": Number(float, 0.0),
     "mixup.cutmix_alpha": Number(float, 0.0),

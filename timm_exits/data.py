@@ -32,7 +32,7 @@ from torchvision import transforms
 from .files import MARKER, atomic_folder
 
 __all__ = ["IMAGE_MODES", "TRANSFORMS", "ImageFiles", "EpochSampler", "open_image", "image_dataset", "image_transform",
-           "split_dataset", "class_map", "class_names", "num_classes_of", "write_digits"]
+           "split_dataset", "class_map", "class_names", "num_classes_of", "write_digits", "loader_workers"]
 
 IMAGE_MODES = {"RGB": 3, "L": 1}  # the modes images are decoded in (PIL's names) and their channel counts
 TRANSFORMS = ("timm", "pad_crop")
@@ -363,6 +363,15 @@ def class_names(dataset: Dataset) -> List[str]:
 
 def num_classes_of(dataset: Dataset) -> int:
     return len(class_map(dataset))
+
+
+def loader_workers(workers: Optional[int] = None) -> int:
+    """Data-loader processes: ``workers``, or by default this process's share of the CPUs it may run
+    on (``os.sched_getaffinity``, divided among the processes a launcher started on this machine), at
+    most 8, so that a small machine is not oversubscribed and a large one keeps its GPUs fed."""
+    if workers is not None:
+        return workers
+    return min(8, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def seeded_order(n: int, seed: int) -> List[int]:

@@ -268,11 +268,13 @@ class OutputLock:
     files. :meth:`release` (or leaving a ``with`` block) releases it; the operating system releases
     it when the process ends, however it ends, even while processes it forked (data-loader workers)
     live on: a POSIX record lock belongs to its process, where a ``flock`` would stay held by every
-    forked child until the last one noticed and exited."""
+    forked child until the last one noticed and exited. ``created``: the folder was made for this lock
+    (:meth:`abandon` removes it)."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, created: bool = False):
         os.makedirs(folder, exist_ok=True)
-        self.folder, self._key = folder, os.path.realpath(folder)
+        self.folder, self._key, self.created = folder, os.path.realpath(folder), created
+        self.found = set(os.listdir(folder))  # what the folder held before this lock's owner wrote to it
         if self._key in _HELD:  # POSIX locks do not conflict within a process
             raise self._in_use(f"process {os.getpid()}")
         path = os.path.join(folder, ".lock")
@@ -299,6 +301,21 @@ class OutputLock:
         return FileExistsError(f"{self.folder!r} is in use by another run ({owner}); wait for it to end or choose "
                                f"another output folder")
 
+    def abandon(self) -> None:
+        """Undo the start of a run that failed before it saved anything worth keeping: remove what was
+        added to the folder since it was locked, the lock file, and the folder if it was made for this
+        lock and is left empty; then release the lock. A user's files found there are kept."""
+        for name in set(os.listdir(self.folder)) - self.found - {".lock"}:
+            path = os.path.join(self.folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        os.remove(os.path.join(self.folder, ".lock"))  # while it is held: no other run is inside
+        self.release()
+        if self.created and not os.listdir(self.folder):
+            os.rmdir(self.folder)
+
     def release(self) -> None:
         file = getattr(self, "file", None)  # absent when the lock was refused
         if file is not None and not file.closed:
@@ -315,11 +332,13 @@ class OutputLock:
         self.release()
 
 
-def check_writable(folder: str, need_bytes: int = 0) -> None:
+def check_writable(folder: str, need_bytes: int = 0) -> bool:
     """Refuse an output folder that cannot be written (read-only, not a folder) or whose file
-    system has less than ``need_bytes`` free, before any work is done."""
+    system has less than ``need_bytes`` free, before any work is done. Returns whether it created
+    the folder."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise FileExistsError(f"output folder {folder!r} is a file; expected a folder (or a path to create)")
+    created = not os.path.isdir(folder)
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
@@ -332,6 +351,7 @@ def check_writable(folder: str, need_bytes: int = 0) -> None:
         raise OSError(errno.ENOSPC, f"output folder {folder!r} has {free / 2 ** 20:.0f} MiB free, the run needs "
                                     f"about {need_bytes / 2 ** 20:.0f} MiB; free some space or choose another "
                                     f"--output-dir")
+    return created
 
 
 def claim_fresh_folder(wanted: str, taken: Callable[[str], bool]) -> OutputLock:
@@ -339,9 +359,9 @@ def claim_fresh_folder(wanted: str, taken: Callable[[str], bool]) -> OutputLock:
     it or it holds earlier output (``taken(folder)``), of the first of ``<wanted>-1``, ``<wanted>-2``,
     ... that is free: earlier output is kept, never overwritten. Each candidate is checked writable."""
     for candidate in (wanted if i == 0 else f"{wanted}-{i}" for i in itertools.count()):
-        check_writable(candidate)
+        created = check_writable(candidate)
         try:
-            lock = OutputLock(candidate)
+            lock = OutputLock(candidate, created)
         except FileExistsError:
             continue
         if not taken(candidate):

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import timm
 import torch
@@ -46,10 +46,10 @@ from .. import profile as profiling
 from ..checkpoint import load_checkpoint, save_checkpoint, set_rng_state, rng_state, training_state
 from ..cpu import bf16_advice, cpu_bf16
 from ..config import PREPROCESSING, ConfigError, load_config, phase_configs, resolve_preprocessing
-from ..errors import AnotherProcessStopped, is_user_error
+from ..errors import AnotherProcessStopped, is_user_error, report_user_error
 from ..files import OutputLock, check_writable, claim_fresh_folder, recover_folder, write_json
-from ..data import (EpochSampler, ImageFiles, class_map, class_names, image_transform, num_classes_of, seeded_order,
-                    write_digits)
+from ..data import (EpochSampler, ImageFiles, class_map, class_names, image_transform, loader_workers, num_classes_of,
+                    seeded_order, write_digits)
 from ..inference.budgeted import Q_GRIDS
 from ..model_folder import CONFIG_FILE, WEIGHTS_FILE, save_model_folder
 from ..inference.outputs import collect_outputs
@@ -60,6 +60,7 @@ from ..train.techniques import HDKD, PCGrad, TrainingForward, create_technique, 
 __all__ = ["main", "run", "train_phase", "TrainingPhase"]
 
 EMBEDDED = {"digits": write_digits}
+MIN_VAL_IMAGES = 100  # held-out images below which the budgeted thresholds are warned to be noisy
 
 
 class _Data:
@@ -88,6 +89,11 @@ class _Data:
             raise ValueError("data.test_split is None: set data.test_fraction > 0 to hold out a test set")
         if n_test + n_val >= n:
             raise ValueError(f"{n} training images cannot give {n_test} test and {n_val} validation images and a rest")
+        if 0 < n_val < MIN_VAL_IMAGES and accelerator.is_main_process:
+            print(f"warning: the budgeted thresholds are fitted on {n_val} held-out images (data.val_fraction="
+                  f"{data['val_fraction']} of {n}), fewer than {MIN_VAL_IMAGES}: they will be noisy; " +
+                  (f"set data.val_fraction to at least {math.ceil(MIN_VAL_IMAGES / n * 1000) / 1000}"
+                   if 2 * MIN_VAL_IMAGES <= n else "use more training images"), file=sys.stderr)
         self.train = Subset(self.train_files, order[n_test + n_val:])
         self.val = Subset(self.held_out_files, order[n_test:n_test + n_val]) if n_val else None
         if data["test_split"] is None:
@@ -114,11 +120,30 @@ class _Data:
         return data_config
 
 
-def _model_kwargs(config: Dict[str, Any], num_classes: int) -> dict:
-    kwargs = dict(config["model"]["kwargs"])
-    kwargs.setdefault("num_classes", num_classes)
+def sized_model_kwargs(config: Dict[str, Any]) -> dict:
+    """``model.kwargs`` with the input the data gives: 1 channel for ``img_mode='L'``, and the
+    resolution of ``data.input_size`` for a model built for one (timm's ``fixed_input_size``: MSDNet,
+    ViT, Swin take ``img_size``), so that one key sets it. A size in ``model.kwargs`` (``img_size``,
+    or ``input_size`` of a wrapped backbone) that differs from ``data.input_size`` is refused."""
+    name, kwargs, size = config["model"]["name"], dict(config["model"]["kwargs"]), config["data"]["input_size"]
     if config["data"]["img_mode"] == "L":
         kwargs.setdefault("in_chans", 1)
+    if size is None:
+        return kwargs
+    given = {key: kwargs[key] for key in ("img_size", "input_size") if key in kwargs}
+    for key, value in given.items():
+        if (tuple(value[-2:]) if isinstance(value, (list, tuple)) else (value, value)) != tuple(size[1:]):
+            raise ConfigError(f"model.kwargs.{key} is {value!r} but data.input_size is {tuple(size)}: set the "
+                              f"resolution once, in data.input_size (a model built for a size follows it), and "
+                              f"remove model.kwargs.{key}")
+    if not given and getattr(timm.models.get_pretrained_cfg(name), "fixed_input_size", False):
+        kwargs["img_size"] = tuple(size[1:])
+    return kwargs
+
+
+def _model_kwargs(config: Dict[str, Any], num_classes: int) -> dict:
+    kwargs = sized_model_kwargs(config)
+    kwargs.setdefault("num_classes", num_classes)
     if kwargs["num_classes"] != num_classes:
         raise ValueError(f"model.kwargs.num_classes is {kwargs['num_classes']} but the data has {num_classes} classes")
     return kwargs
@@ -211,7 +236,8 @@ class TrainingPhase:
         # each process loads its share of every global batch (accelerate deals the loader's batches out
         # in turn); the loader's own generator: an iterator must not draw from the global RNG (dropout's)
         train_loader = DataLoader(data.train, batch_size=plan["per_process_batch"], sampler=sampler, drop_last=True,
-                                  num_workers=dc["workers"], generator=torch.Generator().manual_seed(train_cfg["seed"]))
+                                  num_workers=loader_workers(dc["workers"]),
+                                  generator=torch.Generator().manual_seed(train_cfg["seed"]))
         self.forward, self.optimizer, self.train_loader = accelerator.prepare(TrainingForward(model), optimizer,
                                                                               train_loader)
         updates_per_epoch = math.ceil(len(self.train_loader) / accelerator.gradient_accumulation_steps)
@@ -398,8 +424,8 @@ def _evaluate(accelerator: Accelerator, model: nn.Module, data: _Data, data_conf
     def outputs(dataset):
         if dataset is None:
             return None
-        loader = accelerator.prepare(DataLoader(dataset, batch_size=dc["eval_batch_size"], num_workers=dc["workers"],
-                                                generator=torch.Generator()))
+        loader = accelerator.prepare(DataLoader(dataset, batch_size=dc["eval_batch_size"],
+                                                num_workers=loader_workers(dc["workers"]), generator=torch.Generator()))
         return collect_outputs(model, loader, accelerator.device, accelerator.gather_for_metrics,
                                progress=accelerator.is_local_main_process)
 
@@ -433,7 +459,7 @@ def run(config: Dict[str, Any], resume: bool = False, extend_epochs: bool = Fals
                               gradient_accumulation_steps=train_cfg["grad_accum_steps"],
                               log_with=config["tracker"], project_dir=config["output_dir"],
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
-    lock = None
+    lock, started = None, True
     try:
         if accelerator.is_main_process:
             try:
@@ -462,10 +488,13 @@ def run(config: Dict[str, Any], resume: bool = False, extend_epochs: bool = Fals
             write_json(path, {"config": config, "phases": reports}, default=str)
             accelerator.print(f"results of every phase: {path}")
         return reports
+    except BaseException:  # before its first checkpoint, a run leaves nothing behind: the fixed command reuses the folder
+        started = lock is None or _saved_checkpoint(lock)
+        raise
     finally:
         accelerator.end_training()  # also destroys the process group of a multi-process run
         if lock is not None:
-            lock.release()
+            lock.release() if started else lock.abandon()
 
 
 RUN_FILE = "run.json"  # the resolved config, the process count and the identity of the run in a folder
@@ -496,6 +525,48 @@ def check_factories(config: Dict[str, Any]) -> None:
             except (TypeError, ValueError, KeyError, AssertionError) as e:
                 raise ConfigError(f"{section} {config[section] if section != 'model.kwargs' else config['model']['kwargs']!r} "
                                   f"does not work for {name}: {e}") from None
+    _check_input_size(name, sized_model_kwargs(config), config["data"]["input_size"])
+
+
+def _resized(kwargs: dict, side: int) -> dict:
+    """``kwargs`` with a size the model is built for (``img_size``, ``input_size``) set to ``side`` x ``side``."""
+    sizes = {"img_size": (side, side), "input_size": (kwargs.get("input_size") or (0,))[:1] + (side, side)}
+    return {**kwargs, **{key: sizes[key] for key in sizes if key in kwargs}}
+
+
+def _fails_on(name: str, kwargs: dict, shape: Sequence[int]) -> Optional[str]:
+    """Why ``name`` built with ``kwargs`` on the meta device does not run on one image of ``shape``
+    (the first line of the error), or None if it does."""
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, **kwargs).eval()(torch.empty(1, *shape))
+    except (RuntimeError, ValueError, AssertionError, TypeError) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def _check_input_size(name: str, kwargs: dict, size: Optional[Sequence[int]]) -> None:
+    """Build the model for ``data.input_size`` on the meta device and run it once on a dummy image of
+    that shape, before any data is read. A size it does not take is refused with the smallest square
+    size it takes (found by bisection up to its default size: the sizes a model takes form a range)
+    and, for smaller images, the models of its family made for them (msdnet_cifar_* for MSDNet)."""
+    if size is None or (problem := _fails_on(name, kwargs, size)) is None:
+        return
+    default = getattr(timm.models.get_pretrained_cfg(name), "input_size", None) or (size[0], 224, 224)
+    low, high = 1, default[-1]
+    if _fails_on(name, _resized(kwargs, high), (size[0], high, high)):
+        return  # it does not run on the meta device at all: the first batch tells
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if _fails_on(name, _resized(kwargs, middle), (size[0], middle, middle)) is None \
+            else (middle + 1, high)
+    default_side = lambda model: max((getattr(timm.models.get_pretrained_cfg(model), "input_size", None)  # noqa: E731
+                                      or (0, math.inf))[1:])
+    family = [m for m in timm.list_models(name.split("_")[0] + "_*") if default_side(m) <= max(size[1:])]
+    raise ConfigError(f"{name} does not run on data.input_size {tuple(size)} ({problem}): the smallest input it takes "
+                      f"is {low}x{low} pixels (its default: {default[-2]}x{default[-1]}); resize the images to that "
+                      f"(data.input_size)" + (f", or for images this small take a model made for them: "
+                                              f"{', '.join(family)}" if family else ""))
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
@@ -560,6 +631,13 @@ def _read_run_file(path: str) -> Dict[str, Any]:
                      f"another --output-dir")
 
 
+def _saved_checkpoint(lock: OutputLock) -> bool:
+    """Whether the run in the locked folder saved a checkpoint since it locked it (its own, or a phase's)."""
+    added = set(os.listdir(lock.folder)) - lock.found
+    return any(os.path.isdir(os.path.join(lock.folder, name, "checkpoint")) for name in added) or \
+        "checkpoint" in added
+
+
 def _holds_run(folder: str) -> bool:
     return os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, f)) for f in (RUN_FILE, "results.json",
                                                                                              "checkpoint"))
@@ -571,8 +649,7 @@ def _claim_output_dir(accelerator: Accelerator, config: Dict[str, Any], resume: 
     wanted = config["output_dir"]
     batches = {name: batch_plan(phase, accelerator.num_processes) for name, phase in phase_configs(config)}
     if resume:  # the run in that folder, or an error if another process has it
-        check_writable(wanted)
-        lock = OutputLock(wanted)
+        lock = OutputLock(wanted, check_writable(wanted))
     else:
         lock = claim_fresh_folder(wanted, _holds_run)
     candidate = lock.folder
@@ -658,6 +735,6 @@ def main(default_config: Optional[str] = None, argv: Optional[List[str]] = None,
             raise
         # bad input: its message, not a traceback (in a multi-process run the launcher stops the others)
         if not isinstance(e, AnotherProcessStopped):
-            print(f"error: {e}", file=sys.stderr)
+            report_user_error(e)
         return 2
     return 0

@@ -5,4 +5,4 @@
 data = dict(
     dir=None, train_split='train', test_split='val', val_fraction=0.1, split_seed=0,
     input_size=(3, 32, 32), mean=(0.4914, 0.4824, 0.4467), std=(0.2471, 0.2435, 0.2616),
-    transform='pad_crop', batch_size=64, eval_batch_size=256, workers=4)
+    transform='pad_crop', batch_size=64, eval_batch_size=256)
