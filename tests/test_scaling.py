@@ -11,10 +11,11 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from timm_exits.config import resolve_config
+from timm_exits.data import ImageFiles
 from timm_exits.integrations.accelerate import batch_plan
 
 from launch import free_port, launch_two_processes
-from helpers import tiny_data, write_config
+from helpers import make_image_folder, tiny_data, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "recipes" / "train.py")
@@ -104,3 +105,22 @@ def test_two_machines_on_one_host_train_checkpoint_and_resume_together(data, tmp
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert state["updates"] == 8 and state["epoch"] == 2 and state["finished"] is True
     assert not (tmp_path / "run-1").exists()  # both machines wrote to the one run folder
+
+
+def test_a_file_check_passed_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    """The header check runs once per listing (paths, sizes, modification times), not once per process
+    and run: the second build reads the cache, a changed file is checked again."""
+    monkeypatch.setenv("TIMM_EXITS_CACHE", str(tmp_path / "cache"))
+    root = make_image_folder(tmp_path / "train", classes=2, per_class=3)
+    ImageFiles(str(root))
+    assert len(list((tmp_path / "cache" / "file-checks").iterdir())) == 1
+    image = root / "class1" / "2.png"
+    info = image.stat()
+    image.write_bytes(b"\0" * info.st_size)  # broken, with the size and time the check saw
+    os.utime(image, ns=(info.st_atime_ns, info.st_mtime_ns))
+    ImageFiles(str(root))  # remembered: not read again
+    os.utime(image, ns=(info.st_atime_ns, info.st_mtime_ns + 10 ** 9))
+    with pytest.raises(ValueError, match=r"cannot read image file .*: class1/2.png"):
+        ImageFiles(str(root))
+    with pytest.raises(ValueError, match="cannot read image file"):  # a failed check is not remembered
+        ImageFiles(str(root))

@@ -11,6 +11,7 @@ where a resumed run starts: a run killed mid-epoch and resumed sees the same ima
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import random
 import stat
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+import PIL
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from timm.data.readers import create_reader
@@ -29,7 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler, Subset
 from torchvision import transforms
 
-from .files import MARKER, atomic_folder
+from .files import MARKER, atomic_folder, write_json
 
 __all__ = ["IMAGE_MODES", "TRANSFORMS", "ImageFiles", "EpochSampler", "open_image", "image_dataset", "image_transform",
            "split_dataset", "class_map", "class_names", "num_classes_of", "write_digits", "loader_workers"]
@@ -236,6 +238,40 @@ def _check_files(reader: Reader, root: str, decode: bool = False) -> None:
         raise ValueError("\n".join(problems))
 
 
+def _file_check_cache() -> str:
+    """Where passed file checks are remembered: ``$TIMM_EXITS_CACHE``, else ``$XDG_CACHE_HOME/timm_exits``
+    (``~/.cache/timm_exits``), under ``file-checks/``."""
+    root = os.environ.get("TIMM_EXITS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "timm_exits")
+    return os.path.join(root, "file-checks")
+
+
+def _listing_key(reader: Reader, root: str, decode: bool) -> str:
+    """The identity of a file check: the kind of check and what it depends on (PIL's version and
+    size limit), and every file's path, size, modification and change times and inode (a tar's own)."""
+    digest = hashlib.sha256(f"{decode}:{PIL.__version__}:{Image.MAX_IMAGE_PIXELS}\n".encode())
+    paths = [root] if os.path.isfile(root) else (reader.filename(i, absolute=True) for i in range(len(reader)))
+    for path in paths:
+        info = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ctime_ns}\0"
+                      f"{info.st_ino}\n".encode())
+    return digest.hexdigest()
+
+
+def _check_files_once(reader: Reader, root: str, decode: bool) -> None:
+    """:func:`_check_files`, unless the same listing passed the same check before (see
+    :func:`_file_check_cache`); a pass is remembered, a cache that cannot be written is left alone."""
+    remembered = os.path.join(_file_check_cache(), _listing_key(reader, root, decode))
+    if os.path.isfile(remembered):
+        return
+    _check_files(reader, root, decode)
+    try:
+        os.makedirs(os.path.dirname(remembered), exist_ok=True)
+        write_json(remembered, {"root": os.path.abspath(root), "files": len(reader), "decode": decode})
+    except OSError:
+        pass
+
+
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Run with Python's, NumPy's and torch's CPU generators seeded, restoring them afterwards."""
@@ -260,7 +296,9 @@ class ImageFiles(Dataset):
     with ``check_files`` every file's header too (readable, within PIL's size limit, a mode we
     convert), or with ``check_files='decode'`` every image decoded: all offending files in one
     error, before any training. A file that fails later is an error naming it (timm's own dataset
-    skips it silently).
+    skips it silently). A check passed is remembered under the listing (every file's path, size and
+    modification time) in ``$TIMM_EXITS_CACHE`` (default ``~/.cache/timm_exits``): the same files
+    are not checked again.
     """
 
     def __init__(self, root: str, transform: Optional[Callable] = None, img_mode: str = "RGB", seed: int = 0,
@@ -273,7 +311,7 @@ class ImageFiles(Dataset):
         self.root, self.transform, self.img_mode, self.seed = root, transform, img_mode, seed
         self.reader = _read_layout(root)
         if check_files:
-            _check_files(self.reader, root, decode=check_files == "decode")
+            _check_files_once(self.reader, root, decode=check_files == "decode")
         self.epoch = 0
 
     def with_transform(self, transform: Optional[Callable]) -> "ImageFiles":

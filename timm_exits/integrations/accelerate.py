@@ -25,7 +25,7 @@ import os
 import sys
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import timm
 import torch
@@ -76,8 +76,9 @@ class _Data:
             with accelerator.main_process_first():
                 EMBEDDED[data["embedded"]](data["dir"])
         seed, mode, check = config["train"]["seed"], data["img_mode"], data["check_files"]
-        self.train_files = ImageFiles(self._split(data["dir"], data["train_split"]), img_mode=mode, seed=seed,
-                                      check_files=check)
+        files = lambda split: _main_first(accelerator, lambda: ImageFiles(  # noqa: E731
+            self._split(data["dir"], split), img_mode=mode, seed=seed, check_files=check))
+        self.train_files = files(data["train_split"])
         self.held_out_files = self.train_files.with_transform(None)  # the same files, not augmented
         self.num_classes = num_classes_of(self.train_files)
         # one seeded order of the training split: [test (if held out)] [validation] [training]
@@ -99,8 +100,7 @@ class _Data:
         if data["test_split"] is None:
             self.test = Subset(self.held_out_files, order[:n_test])
         else:
-            self.test = ImageFiles(self._split(data["dir"], data["test_split"]), img_mode=mode, seed=seed,
-                                   check_files=check)
+            self.test = files(data["test_split"])
             if class_map(self.test) != class_map(self.train_files):
                 raise ValueError(f"the class folders of {self.test.root!r} differ from those of {self.train_files.root!r}")
 
@@ -139,6 +139,25 @@ def sized_model_kwargs(config: Dict[str, Any]) -> dict:
     if not given and getattr(timm.models.get_pretrained_cfg(name), "fixed_input_size", False):
         kwargs["img_size"] = tuple(size[1:])
     return kwargs
+
+
+def _main_first(accelerator: Accelerator, build: Callable[[], Any]) -> Any:
+    """``build()`` on the main process, then on the others: a dataset's file check runs once per
+    machine (the others find it remembered); a data error on the main process stops the others quietly."""
+    if accelerator.num_processes == 1:
+        return build()
+    if accelerator.is_main_process:
+        try:
+            built = build()
+        except Exception as e:
+            if is_user_error(e):
+                broadcast_object_list([False])
+            raise
+        broadcast_object_list([True])
+        return built
+    if not broadcast_object_list([None])[0]:
+        raise AnotherProcessStopped("the main process refused the data")
+    return build()
 
 
 def _model_kwargs(config: Dict[str, Any], num_classes: int) -> dict:
