@@ -550,6 +550,7 @@ def _generator():
     return module
 
 
+@pytest.mark.slow
 def test_the_operator_list_is_exactly_what_exports_of_the_package_are_made_of():
     """Regenerated from small models of every family (MSDNet CIFAR and ImageNet, plain and fused,
     ResNet, ConvNeXt, EfficientNet, MobileNetV3, ViT, Swin with exits; ResNet and ViT ADN), every
@@ -664,3 +665,102 @@ def test_a_pinned_export_loads_and_any_other_manifest_is_refused_before_anything
     for bad in ("sha256:" + pinned, pinned[:-1], 123):
         with pytest.raises(ValueError, match="expected_manifest_sha256 must be a SHA-256 digest in hex"):
             ExportedModel(str(copy), expected_manifest_sha256=bad)
+
+
+# -- what the export says about itself: preprocessing, class names, thresholds --------------------
+
+TOY_CONFIG = dict(input_size=(3, 4, 4), mean=(0.5,), std=(0.25, 0.5, 0.75), interpolation="bicubic", crop_pct=0.9)
+TOY_NAMES = ["ant", "bee", "cat", "dog"]
+
+
+def _toy_thresholds(model, **changes):
+    return Thresholds("toy", 2, "maxprob", [0.3, -1e8], weights=weights_sha256(model), input_size=[3, 4, 4],
+                      **changes)
+
+
+@pytest.fixture(scope="module")
+def described(tmp_path_factory):
+    """A toy export recording its preprocessing, class names and thresholds: (model, folder)."""
+    torch.manual_seed(0)
+    model = Toy().eval()
+    folder = tmp_path_factory.mktemp("described") / "export"
+    export_model(model, torch.randn(1, 3, 4, 4), str(folder), name="toy", extra_operators=TOY_OPERATORS,
+                 data_config=TOY_CONFIG, label_names=TOY_NAMES, thresholds=_toy_thresholds(model))
+    return model, folder
+
+
+def test_an_export_records_its_preprocessing_class_names_and_thresholds(described):
+    model, folder = described
+    exported = ExportedModel(str(folder), extra_operators=TOY_OPERATORS)
+    assert exported.name == "toy" and exported.num_classes == 4 and exported.label_names == TOY_NAMES
+    assert exported.data_config == dict(input_size=[3, 4, 4], mean=[0.5, 0.5, 0.5], std=[0.25, 0.5, 0.75],
+                                        interpolation="bicubic", crop_pct=0.9)  # one mean serves every channel
+    assert exported.thresholds == _toy_thresholds(model)
+    x = torch.randn(16, 3, 4, 4)
+    ours, theirs = exported.early_exit(x), EarlyExitExecutor(model, _toy_thresholds(model))(x)  # its own thresholds
+    assert len(set(theirs.exits.tolist())) > 1 and torch.equal(ours.exits, theirs.exits)
+    export_model(model, x[:1], str(folder.parent / "plain"), extra_operators=TOY_OPERATORS)  # nothing given
+    plain = ExportedModel(str(folder.parent / "plain"), extra_operators=TOY_OPERATORS)
+    assert (plain.data_config, plain.label_names, plain.thresholds, plain.num_classes) == (None, None, None, 4)
+    with pytest.raises(ValueError, match=f"{folder.parent / 'plain'} records no thresholds: pass thresholds"):
+        plain.early_exit(x)
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(label_names=["ant", "bee"]), r"label_names must be 4 class names \(one per output\), got \['ant', 'bee'\]"),
+    (dict(data_config=dict(TOY_CONFIG, input_size=(3, 8, 8))),
+     r"data_config\['input_size'\] is \[3, 8, 8\], but the export takes inputs of shape \[3, 4, 4\]"),
+    (dict(data_config=dict(TOY_CONFIG, std=(0.0,))), r"data_config\['std'\] must be a list of numbers > 0.0"),
+    (dict(data_config=dict(TOY_CONFIG, colour="red")), r"data_config has keys \['colour'\]; expected some of"),
+    (dict(thresholds=Thresholds("toy", 2, "maxprob", [0.3, 0.0], weights="0" * 64)), "fitted on other weights"),
+    (dict(thresholds=Thresholds("toy", 2, "maxprob", [0.3, 0.0], input_size=[3, 8, 8])),
+     r"the thresholds were fitted at input size \[3, 8, 8\], the export takes \[3, 4, 4\]"),
+])
+def test_a_description_that_does_not_fit_the_model_is_refused_before_anything_is_written(tmp_path, given, message):
+    with pytest.raises(ValueError, match=message):
+        export_model(Toy().eval(), torch.randn(1, 3, 4, 4), str(tmp_path / "toy"), extra_operators=TOY_OPERATORS,
+                     **given)
+    assert not (tmp_path / "toy").exists()
+
+
+DESCRIPTION_TAMPERING = {
+    "fewer names": (lambda m: m.update(label_names=["ant"]), r"label_names \['ant'\], expected a list of 4 class"),
+    "classes": (lambda m: m.update(num_classes="4"), "num_classes '4', expected a positive integer"),
+    "std": (lambda m: m["preprocessing"].update(std=[0.0, 1.0, 1.0]), r"preprocessing.std must be a list of numbers"),
+    "mean per channel": (lambda m: m["preprocessing"].update(mean=[0.5, 0.5]), "preprocessing.mean has 2 values for "
+                                                                                "3-channel input"),
+    "input size": (lambda m: m["preprocessing"].update(input_size=[3, 8, 8]),
+                   r"preprocessing.input_size is \[3, 8, 8\], but the export takes inputs of shape \[3, 4, 4\]"),
+    "unknown key": (lambda m: m["preprocessing"].update(resize=7), r"preprocessing has keys \['resize'\]"),
+    "thresholds": (lambda m: m["thresholds"].update(thresholds=[float("nan"), 0.0]), "thresholds that are not a"),
+    "thresholds' weights": (lambda m: m["thresholds"].update(weights="0" * 64), "thresholds for another model: weights"),
+    "thresholds' exits": (lambda m: m["thresholds"].update(num_exits=3, thresholds=[0.1, 0.2, 0.3]),
+                          r"thresholds for another model: num_exits 3 \(the export's: 2\)"),
+}
+
+
+@pytest.mark.parametrize("tampering", sorted(DESCRIPTION_TAMPERING))
+def test_a_tampered_description_is_refused(described, tmp_path, tampering):
+    edit, message = DESCRIPTION_TAMPERING[tampering]
+    folder = tmp_path / "export"
+    shutil.copytree(described[1], folder)
+    _edit_manifest(folder, edit)
+    with pytest.raises(ValueError, match=f"{folder} is not a usable export: .*{message}.*; re-export the model"):
+        ExportedModel(str(folder), extra_operators=TOY_OPERATORS)
+
+
+def test_an_export_of_a_model_folder_takes_its_name_preprocessing_and_class_names(tmp_path):
+    from timm_exits.inference import export_model_folder
+    from timm_exits.model_folder import save_model_folder
+
+    model = timm.create_model("vit_tiny_patch16_224_exits", num_classes=3, img_size=32, patch_size=8, embed_dim=32,
+                              depth=4, num_heads=2, exits=[0, 2]).eval()
+    data_config = dict(input_size=(3, 32, 32), mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4), interpolation="bilinear",
+                       crop_pct=1.0)
+    save_model_folder(model, str(tmp_path / "folder"), data_config, ["cat", "dog", "eel"])
+    thresholds = Thresholds("vit", model.num_exits, "maxprob", [0.5] * model.num_exits, weights=weights_sha256(model))
+    export_model_folder(str(tmp_path / "folder"), str(tmp_path / "export"), thresholds=thresholds)
+    exported = ExportedModel(str(tmp_path / "export"))
+    assert exported.name == "vit_tiny_patch16_224_exits" and exported.label_names == ["cat", "dog", "eel"]
+    assert exported.data_config == {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+    assert exported.thresholds == thresholds and exported.input_shape == (3, 32, 32)

@@ -13,7 +13,7 @@ from .calibration import ECE_BINS, calibration_metrics, curve_calibration, exit_
 from .anytime import (ProductAnytimeModel, caching_anytime, conditional_monotonicity, ground_truth_probability,
                       product_anytime)
 from .risk_control import RC_POLICY, RiskControl, lambda_losses, risk_controlled_thresholds, select_lambda
-from .export import ExportedModel, export_model, manifest_sha256
+from .export import ExportedModel, export_model, export_model_folder, manifest_sha256
 
 __all__ = ["ExitOutputs", "anytime_accuracy", "collect_outputs", "FALLBACKS", "POLICIES", "SCORES", "ExitPolicy",
            "exit_scores", "resolve_policy", "IMTA_Q", "Q_GRIDS", "REFERENCE_Q", "BudgetPoint", "Thresholds",
@@ -25,4 +25,4 @@ __all__ = ["ExitOutputs", "anytime_accuracy", "collect_outputs", "FALLBACKS", "P
            "exit_calibration", "caching_anytime", "conditional_monotonicity", "ground_truth_probability",
            "product_anytime", "ProductAnytimeModel", "PREDICTORS", "predictor_of", "RC_POLICY", "RiskControl",
            "lambda_losses", "risk_controlled_thresholds", "select_lambda", "ExportedModel", "export_model",
-           "manifest_sha256"]
+           "export_model_folder", "manifest_sha256"]

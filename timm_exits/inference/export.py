@@ -11,7 +11,12 @@ The folder holds:
   exits (``predictor``: ``'product_anytime'`` for a ProductAnytimeModel; older exports: the exits),
   the weights that were channels-last (``channels_last``: safetensors stores every tensor contiguous,
   and a convolution's output layout, so its kernel and last-bit rounding, follows its weight's), and
-  the SHA-256 digest and size of every file.
+  the SHA-256 digest and size of every file; and what the deployment needs to use it, if given
+  (:func:`export_model`'s ``data_config``, ``label_names``, ``thresholds``; from a model folder's
+  ``config.json`` by default, :func:`export_model_folder`): the preprocessing (``preprocessing``:
+  input size, mean, std, interpolation, crop_pct), the class names in the order of the outputs
+  (``label_names``, with ``num_classes``) and the thresholds to exit with (``thresholds``, a
+  :class:`~timm_exits.inference.budgeted.Thresholds` file's content).
 
 :class:`ExportedModel` runs them, with or without early exit, without the Python model code. It has
 the same ``forward_stem`` / ``forward_stage`` / ``forward_exit`` interface, so
@@ -39,6 +44,7 @@ import os
 import re
 from functools import lru_cache
 from importlib import resources
+from dataclasses import asdict
 from typing import Any, Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
@@ -50,10 +56,12 @@ from torch.export import Dim, ExportedProgram, ExportGraphSignature, export
 from torch.export.graph_signature import InputKind
 
 from ..files import MAX_JSON_NESTING, atomic_folder, nested_too_deeply, nests_deeper_than, parse_json, write_weights
+from .budgeted import Thresholds
 from .executor import EarlyExitExecutor, weights_sha256
 from .outputs import PREDICTORS, predictor_of
 
-__all__ = ["export_model", "ExportedModel", "manifest_sha256", "listed_operators", "exported_operators"]
+__all__ = ["export_model", "export_model_folder", "ExportedModel", "manifest_sha256", "listed_operators",
+           "exported_operators"]
 
 FORMAT_VERSION = 2  # 1: one .pt2 archive per piece (loaded with torch.export.load, which unpickles)
 WEIGHTS = "weights.safetensors"
@@ -307,8 +315,55 @@ def exported_operators(model: nn.Module, example: torch.Tensor) -> Set[str]:
     return set().union(*_export_pieces(model, example, type(model).__name__).calls.values())
 
 
+def _preprocessing(given: Dict[str, Any], shape: List[int], name) -> Dict[str, Any]:
+    """The preprocessing an export records: timm's data config keys (:data:`~timm_exits.config.PREPROCESSING`)
+    checked as a config's (a single mean or std repeated per channel), the input size the export's."""
+    from ..config import PREPROCESSING, check_preprocessing  # config imports this package: read at call time
+
+    unknown = sorted(set(given) - set(PREPROCESSING))
+    if unknown:
+        raise ValueError(f"{name('')} has keys {unknown}; expected some of {', '.join(PREPROCESSING)}")
+    values = check_preprocessing({k: v for k, v in given.items() if v is not None}, name, shape[0])
+    size = values.get("input_size")
+    if size is not None and list(size) != shape:
+        raise ValueError(f"{name('input_size')} is {list(size)}, but the export takes inputs of shape {shape}")
+    return {**{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()}, "input_size": shape}
+
+
+def _described(model: nn.Module, example: torch.Tensor, data_config: Optional[Dict[str, Any]],
+               label_names: Optional[Sequence[str]], thresholds: Optional[Thresholds]) -> Dict[str, Any]:
+    """The manifest's account of what a deployment needs (number of classes; preprocessing, class
+    names and thresholds if given), each checked against the model being exported."""
+    shape = list(example.shape[1:])
+    with torch.no_grad():  # the contract's pieces: the stem, every stage, the last exit
+        state = model.forward_stem(example[:1])
+        for k in range(model.num_exits):
+            state = model.forward_stage(state, k)
+        num_classes = model.forward_exit(state, model.num_exits - 1).shape[-1]
+    out: Dict[str, Any] = {"num_classes": num_classes}
+    if data_config is not None:
+        keys = {k: v for k, v in data_config.items() if k != "crop_mode"}  # timm's resolved config has it
+        out["preprocessing"] = _preprocessing(keys, shape, lambda key: f"data_config[{key!r}]" if key else "data_config")
+    if label_names is not None:
+        if isinstance(label_names, str) or len(label_names) != num_classes or \
+                not all(isinstance(n, str) for n in label_names):
+            raise ValueError(f"label_names must be {num_classes} class names (one per output), got {label_names!r}")
+        out["label_names"] = list(label_names)
+    if thresholds is not None:
+        if not isinstance(thresholds, Thresholds):
+            raise ValueError(f"thresholds must be a timm_exits.inference.Thresholds (Thresholds.load(path)), got "
+                             f"{type(thresholds).__name__}")
+        EarlyExitExecutor(model, thresholds)  # refuses another predictor, other weights, another count
+        if thresholds.input_size is not None and thresholds.input_size != shape:
+            raise ValueError(f"the thresholds were fitted at input size {thresholds.input_size}, the export takes "
+                             f"{shape}: export with an example of that size, or fit thresholds at this one")
+        out["thresholds"] = asdict(thresholds)
+    return out
+
+
 def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str = "",
-                 extra_operators: Sequence[str] = ()) -> List[str]:
+                 extra_operators: Sequence[str] = (), data_config: Optional[Dict[str, Any]] = None,
+                 label_names: Optional[Sequence[str]] = None, thresholds: Optional[Thresholds] = None) -> List[str]:
     """Export every piece of ``model`` (in eval mode) for inputs shaped like ``example``; the batch
     size stays dynamic. The folder is replaced whole or not at all (the previous export survives
     until the new one is complete). Returns the file names, besides the manifest; get the
@@ -317,11 +372,18 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str
     A program may call only the operators exports of timm-exits' models are made of
     (:func:`listed_operators`) and ``extra_operators`` (``("aten.foo.default",)``, pure operators a
     model of your own needs; :class:`ExportedModel` must be given them too); another is refused
-    (ValueError naming it) before anything is written."""
+    (ValueError naming it) before anything is written.
+
+    The manifest also records, if given and checked against the model: ``data_config``, the
+    preprocessing (timm's ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``; the
+    input size must be the example's); ``label_names``, the class names in the order of the outputs;
+    ``thresholds``, the :class:`~timm_exits.inference.budgeted.Thresholds` to exit with (fitted on this
+    model's weights and answers, at this input size). :class:`ExportedModel` exposes them."""
     allowed = _allowed(extra_operators)
     where = name or type(model).__name__
     programs, calls, weights, channels_last = _export_pieces(model, example, where)
     _refuse_unlisted(calls, allowed, where)
+    described = _described(model, example, data_config, label_names, thresholds)
     files = _files(model.num_exits)
     with atomic_folder(folder, kind="export", legacy=_earlier_export) as tmp:
         digests = {}
@@ -335,10 +397,26 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str
         manifest = {"format_version": FORMAT_VERSION, "model": name, "num_exits": model.num_exits,
                     "input_shape": list(example.shape[1:]), "predictor": predictor_of(model),
                     "channels_last": sorted(set(channels_last)), "torch_version": torch.__version__,
-                    "weights_sha256": weights_sha256(model), "files": {file: digests[file] for file in files}}
+                    "weights_sha256": weights_sha256(model), **described,
+                    "files": {file: digests[file] for file in files}}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
     return files
+
+
+def export_model_folder(path: str, folder: str, thresholds: Optional[Thresholds] = None,
+                        extra_operators: Sequence[str] = ()) -> List[str]:
+    """Export the model of a timm model folder (or a weights file with ``config.json`` beside it) with
+    what its config says: the architecture as the name, its preprocessing (the input size the
+    export takes) and its class names (``label_names``, if recorded); ``thresholds`` as in
+    :func:`export_model`."""
+    from ..model_folder import load_model_folder, read_model_config  # they import this package: read at call time
+
+    model, data_config = load_model_folder(path)
+    config = read_model_config(path)
+    return export_model(model, torch.zeros(1, *data_config["input_size"]), folder, name=config["architecture"],
+                        extra_operators=extra_operators, data_config=data_config,
+                        label_names=config.get("label_names"), thresholds=thresholds)
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -424,6 +502,11 @@ class ExportedModel:
         self.predictor = manifest.get("predictor", "exits")  # what the executor checks thresholds against
         self.torch_version = manifest.get("torch_version", "?")
         self.weights_sha256 = manifest.get("weights_sha256")  # what thresholds were fitted on (older exports: None)
+        # what a deployment needs, if the export records it (else None)
+        self.num_classes: Optional[int] = manifest.get("num_classes")
+        self.data_config: Optional[Dict[str, Any]] = manifest.get("preprocessing")
+        self.label_names: Optional[List[str]] = manifest.get("label_names")
+        self.thresholds: Optional[Thresholds] = manifest.get("thresholds")
         data = {file: self._read(file, entry) for file, entry in manifest["files"].items()}
         try:
             weights = load_safetensors(data[WEIGHTS])
@@ -479,6 +562,7 @@ class ExportedModel:
         identity = manifest.get("weights_sha256")
         if identity is not None and not (isinstance(identity, str) and _SHA256.fullmatch(identity)):
             raise self._refuse(f"manifest.json has weights_sha256 {str(identity)[:80]!r}, expected a SHA-256 digest")
+        self._check_description(manifest)
         if not isinstance(files, dict) or num_exits > len(files):  # bounded before listing num_exits' files
             listing = f"lists {len(files)}" if isinstance(files, dict) else "has no mapping of files to digests"
             raise self._refuse(f"manifest.json has num_exits {num_exits}, which needs {2 * num_exits + 2} files "
@@ -491,6 +575,41 @@ class ExportedModel:
                                f" and exit_0..{last} programs and {WEIGHTS}, but lists other files (missing "
                                f"{missing}, unexpected {extra})")
         return manifest
+
+    def _check_description(self, manifest: Dict[str, Any]) -> None:
+        """The manifest's number of classes, preprocessing, class names and thresholds (each optional),
+        checked as :func:`export_model` checks them; the thresholds are made a :class:`Thresholds`."""
+        num_classes, names = manifest.get("num_classes"), manifest.get("label_names")
+        if num_classes is not None and (type(num_classes) is not int or num_classes < 1):
+            raise self._refuse(f"manifest.json has num_classes {num_classes!r}, expected a positive integer")
+        if names is not None and not (isinstance(names, list) and len(names) == num_classes
+                                      and all(isinstance(n, str) for n in names)):
+            raise self._refuse(f"manifest.json has label_names {str(names)[:80]}, expected a list of {num_classes} "
+                               f"class names (num_classes)")
+        if manifest.get("preprocessing") is not None:
+            given = manifest["preprocessing"]
+            try:
+                if not isinstance(given, dict):
+                    raise ValueError(f"manifest.json has preprocessing {str(given)[:80]}, expected a mapping")
+                _preprocessing(given, manifest["input_shape"],
+                               lambda key: f"manifest.json: preprocessing.{key}" if key else "manifest.json: preprocessing")
+                if given.get("input_size") is None:
+                    raise ValueError("manifest.json: preprocessing has no input_size")
+            except ValueError as e:
+                raise self._refuse(str(e)) from None
+        fitted = manifest.get("thresholds")
+        if fitted is not None:
+            try:
+                fitted = manifest["thresholds"] = Thresholds(**fitted)
+            except (TypeError, ValueError) as e:
+                raise self._refuse(f"manifest.json has thresholds that are not a thresholds file's ({str(e)[:200]})") \
+                    from None
+            mismatch = [f"{key} {mine!r} (the export's: {theirs!r})" for key, mine, theirs in (
+                ("num_exits", fitted.num_exits, manifest["num_exits"]), ("predictor", fitted.predictor,
+                 manifest.get("predictor", "exits")), ("weights", fitted.weights, manifest.get("weights_sha256")),
+                ("input_size", fitted.input_size, manifest["input_shape"])) if mine is not None and mine != theirs]
+            if mismatch:
+                raise self._refuse(f"manifest.json has thresholds for another model: {', '.join(mismatch)}")
 
     def _read(self, file: str, entry: Any) -> bytes:
         """The bytes of ``file``, checked against its size and digest in the manifest."""
@@ -545,6 +664,10 @@ class ExportedModel:
             out.append(self.forward_exit(state, k))
         return out
 
-    def early_exit(self, x: torch.Tensor, thresholds: Sequence[float], policy: str = "maxprob"):
-        """Early-exit inference with the exported programs (see :class:`EarlyExitExecutor`)."""
-        return EarlyExitExecutor(self, thresholds, policy)(x)
+    def early_exit(self, x: torch.Tensor, thresholds: Optional[Sequence[float]] = None, policy: str = "maxprob"):
+        """Early-exit inference with the exported programs (see :class:`EarlyExitExecutor`); by default
+        with the thresholds the export records."""
+        if thresholds is None and self.thresholds is None:
+            raise ValueError(f"{self.folder} records no thresholds: pass thresholds (one per exit, or a Thresholds), "
+                             f"or export with thresholds=")
+        return EarlyExitExecutor(self, self.thresholds if thresholds is None else thresholds, policy)(x)
