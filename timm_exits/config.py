@@ -64,6 +64,8 @@ DEFAULTS: Dict[str, Any] = dict(
         ema_decay=None,             # timm ModelEmaV3; the EMA weights are the ones evaluated
         checkpoint_every=0,         # also save every N optimizer steps (0: at the end of each epoch only)
         log_every=10,
+        val_interval=1,             # validate on the held-out split (data.val_fraction) every N epochs, and the last; 0: never
+        best_metric="anytime_top1",  # best/ keeps the best epoch by this summary.csv column (eval_loss: the lowest)
     ),
     technique=dict(
         loss="ce",                  # 'ce', 'ofa' (IMTA phase II), 'hdkd', 'adn', 'boostnet', 'ztw', 'l2w'
@@ -174,9 +176,23 @@ class OneOf:
         return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
 
 
+@dataclass(frozen=True)
+class Matches:
+    """The values of a key named by a pattern (a regular expression matching the whole name), described by ``text``."""
+
+    pattern: str
+    text: str
+
+    def admits(self, value: Any) -> bool:
+        return isinstance(value, str) and re.fullmatch(self.pattern, value) is not None
+
+    def __str__(self) -> str:
+        return self.text
+
+
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # timm's resize interpolations
 # the valid values of every numeric and named key (the free-form sections' keys when they are set), declared once
-VALID: Dict[str, Union[Number, OneOf]] = {
+VALID: Dict[str, Union[Number, OneOf, Matches]] = {
     "data.test_fraction": Number(float, 0.0, 1.0, high_open=True),
     "data.val_fraction": Number(float, 0.0, 1.0, high_open=True),
     "data.split_seed": Number(int, 0),
@@ -206,6 +222,9 @@ VALID: Dict[str, Union[Number, OneOf]] = {
     "train.ema_decay": Number(float, 0.0, 1.0, low_open=True, high_open=True, optional=True),
     "train.checkpoint_every": Number(int, 0),
     "train.log_every": Number(int, 1),
+    "train.val_interval": Number(int, 0),
+    "train.best_metric": Matches(r"anytime_top1|eval_(loss|top1|top5)|exit[1-9][0-9]*_top1",
+                                 "'anytime_top1', 'eval_loss', 'eval_top1', 'eval_top5' or 'exit<k>_top1' (k from 1)"),
     "technique.label_smoothing": Number(float, 0.0, 1.0, high_open=True),
     "technique.temperature": Number(float, 0.0, low_open=True, optional=True),
     "technique.gamma": Number(float, 0.0, 1.0),

@@ -17,6 +17,8 @@ reads an mmengine config (:mod:`timm_exits.config`) and, for each of its phases:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import difflib
 import gc
 import json
@@ -38,7 +40,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import timm_exits  # noqa: F401  (registers the models)
@@ -47,12 +49,13 @@ from ..checkpoint import load_checkpoint, save_checkpoint, set_rng_state, rng_st
 from ..cpu import bf16_advice, cpu_bf16
 from ..config import PREPROCESSING, ConfigError, load_config, phase_configs, resolve_preprocessing
 from ..errors import AnotherProcessStopped, is_user_error, report_user_error
-from ..files import OutputLock, check_writable, claim_fresh_folder, recover_folder, write_json
+from ..files import OutputLock, atomic_file, check_writable, claim_fresh_folder, recover_folder, write_json
 from ..data import (EpochSampler, ImageFiles, class_map, class_names, image_transform, loader_workers, num_classes_of,
                     seeded_order, write_digits)
 from ..inference.budgeted import Q_GRIDS
 from ..model_folder import CONFIG_FILE, WEIGHTS_FILE, save_model_folder
-from ..inference.outputs import collect_outputs
+from ..models.capabilities import is_multi_exit
+from ..inference.outputs import anytime_accuracy, collect_outputs
 from ..inference.report import evaluation_report, format_report, write_report
 from ..train.l2w import L2W
 from ..train.techniques import HDKD, PCGrad, TrainingForward, create_technique, create_training_model
@@ -182,6 +185,43 @@ def batch_plan(config: Dict[str, Any], num_processes: int) -> Dict[str, Any]:
             "grad_accum_steps": steps, "lr": config["optimizer"].get("lr")}
 
 
+class RunLog:
+    """The run folder's ``log.txt``: what the main process prints (as a ``sys.stdout`` that also writes
+    to ``stream``), appended line by line, so a resumed run continues it. Kept in memory until
+    :meth:`open` (the run's first checkpoint, or its end): a run that stops before it has files of its
+    own, or a refused resume, leaves no log behind and changes none."""
+
+    def __init__(self, path: str, stream: Any):
+        self.path, self.stream, self.file, self.pending = path, stream, None, []
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        if self.file is None:
+            self.pending.append(text)
+        else:
+            self.file.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        if self.file is not None:
+            self.file.flush()
+
+    def open(self) -> None:
+        """Append what was printed so far to the file, and from now on every line as it is printed."""
+        if self.file is None:
+            self.file = open(self.path, "a", buffering=1)  # line-buffered: a killed run loses no line
+            self.file.write("".join(self.pending))
+            self.pending.clear()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, encoding, fileno, ...: the stream's
+        return getattr(self.stream, name)
+
+
 def train_phase(
         accelerator: Accelerator,
         config: Dict[str, Any],
@@ -191,13 +231,15 @@ def train_phase(
         resume: bool = False,
         extend: bool = False,
         run_id: Optional[str] = None,
+        log: Optional[RunLog] = None,
 ) -> Dict[str, Any]:
     """Train one phase of a config and evaluate it; returns the evaluation report. ``previous`` is
     the weights file of the phase before, which this phase starts from (IMTA phase II, the phases of a
     phase-wise regime); ``extend``: the checkpoint
     was made with fewer epochs, the run goes on with the schedule of the longer run; ``run_id``: the
-    run's identity (``run.json``), recorded in its checkpoints: another run's checkpoint is refused."""
-    phase = TrainingPhase(accelerator, config, output_dir, name, previous, resume, run_id)
+    run's identity (``run.json``), recorded in its checkpoints: another run's checkpoint is refused;
+    ``log``: the run's log file (the main process's), opened at the phase's first checkpoint."""
+    phase = TrainingPhase(accelerator, config, output_dir, name, previous, resume, run_id, log)
     try:
         phase.start(resume, extend)
         for epoch in phase.remaining_epochs():
@@ -218,15 +260,21 @@ class TrainingPhase:
     :meth:`train_epoch`, :meth:`finish` (the last checkpoint, the model folder, the evaluation)."""
 
     def __init__(self, accelerator: Accelerator, config: Dict[str, Any], output_dir: str, name: str = "train",
-                 previous: Optional[str] = None, resume: bool = False, run_id: Optional[str] = None):
+                 previous: Optional[str] = None, resume: bool = False, run_id: Optional[str] = None,
+                 log: Optional[RunLog] = None):
         self.accelerator, self.config, self.output_dir, self.name = accelerator, config, output_dir, name
-        self.run_id = run_id
+        self.run_id, self.log = run_id, log
         self.checkpoint_dir = os.path.join(output_dir, "checkpoint")
+        self.best_dir = os.path.join(output_dir, "best")
         _check_files(output_dir, PHASE_FILES)
-        self.state: Dict[str, Any] = {"epoch": 0, "batch": 0, "updates": 0, "finished": False}
+        # the position, and what the epochs so far measured: the running sum of this epoch's losses, a
+        # summary.csv row per epoch and the best value of train.best_metric (None: none yet)
+        self.state: Dict[str, Any] = {"epoch": 0, "batch": 0, "updates": 0, "finished": False, "loss_sum": 0.0,
+                                      "summary": [], "best": None}
         train_cfg, dc = config["train"], config["data"]
-        if accelerator.is_main_process and (restored := recover_folder(self.checkpoint_dir)):
-            accelerator.print(f"[{name}] {restored}")
+        for folder in (self.checkpoint_dir, self.best_dir):
+            if accelerator.is_main_process and (restored := recover_folder(folder)):
+                accelerator.print(f"[{name}] {restored}")
         accelerator.wait_for_everyone()
         if os.path.isdir(self.checkpoint_dir) and not resume:
             raise FileExistsError(f"{self.checkpoint_dir!r} exists: pass --resume to continue that run, or choose "
@@ -245,6 +293,11 @@ class TrainingPhase:
                                       _model_kwargs(config, data.num_classes), previous)
         self.data_config = data.set_transforms(config, model)
         self.model = model = self.technique.prepare(model.to(accelerator.device))
+        num_exits = model.num_exits if is_multi_exit(model) else 1
+        self.columns = [*SUMMARY_COLUMNS, *(f"exit{k}_top1" for k in range(1, num_exits + 1)), "anytime_top1"]
+        if train_cfg["best_metric"] not in self.columns:
+            raise ConfigError(f"train.best_metric {train_cfg['best_metric']!r} names an exit {model.__class__.__name__} "
+                              f"does not have: it has {num_exits} exits (exit1_top1 to exit{num_exits}_top1)")
         if accelerator.is_main_process:  # a checkpoint (weights, optimizer state, the previous one aside) and the weights
             check_writable(output_dir, 8 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2 ** 26)
         optimizer = create_optimizer_v2(model, **config["optimizer"])
@@ -269,6 +322,12 @@ class TrainingPhase:
         mixup = config["mixup"]
         self.mixup = Mixup(**mixup, label_smoothing=config["technique"]["label_smoothing"],
                            num_classes=data.num_classes) if mixup["mixup_alpha"] > 0 or mixup["cutmix_alpha"] > 0 else None
+        self.val_loader = None
+        if train_cfg["val_interval"] and data.val is None:
+            accelerator.print(f"[{name}] no validation split (data.val_fraction is 0): summary.csv records the "
+                              f"training loss only and no best checkpoint is kept")
+        elif train_cfg["val_interval"]:
+            self.val_loader = _eval_loader(accelerator, data.val, dc)
 
     def start(self, resume: bool = False, extend: bool = False) -> None:
         """Continue from the phase's checkpoint (``resume``, if there is one: weights, optimizer,
@@ -324,7 +383,19 @@ class TrainingPhase:
             raise ValueError(f"the classes of {self.data.train_files.root!r} are not those the run was trained on: "
                              f"{_class_difference(classes, self.classes)}. Resume with the data the run was "
                              f"trained on (data.dir may move, its classes may not), or start a new run")
-        return state
+        measured = {k: saved.get(k, self.state[k]) for k in ("loss_sum", "summary", "best")}  # an older version's: none
+        rows, best = measured["summary"], measured["best"]
+        number = lambda v: type(v) in (int, float) and math.isfinite(v)  # noqa: E731
+        if not (number(measured["loss_sum"]) and isinstance(rows, list)
+                and (len(rows) == state["epoch"] or "summary" not in saved)
+                and all(isinstance(r, dict) and list(r) == self.columns and all(v is None or number(v) for v in r.values())
+                        for r in rows)
+                and (best is None or isinstance(best, dict) and best.get("metric") == self.config["train"]["best_metric"]
+                     and number(best.get("value")) and type(best.get("epoch")) is int)):
+            raise ValueError(f"{path!r}: its loss_sum, summary or best is not what this run records at epoch "
+                             f"{state['epoch']} ({len(self.columns)} summary columns: {', '.join(self.columns)}); the "
+                             f"checkpoint is damaged: remove {self.checkpoint_dir!r} to start afresh")
+        return {**state, **measured}
 
     def remaining_epochs(self) -> range:
         return range(self.state["epoch"] if not self.state["finished"] else self.epochs, self.epochs)
@@ -345,6 +416,7 @@ class TrainingPhase:
             if self.mixup is not None:
                 images, target = self.mixup(images, target)
             losses = self.step(images, target)
+            state["loss_sum"] += losses["loss"]
             state["batch"] += 1
             if not acc.sync_gradients:
                 continue
@@ -362,8 +434,69 @@ class TrainingPhase:
                 self.save()
                 acc.print(f"[{self.name}] checkpoint: epoch {epoch + 1}, batch {state['batch']}, "
                           f"{state['updates']} updates", flush=True)
-        state.update(epoch=epoch + 1, batch=0)
+        self.record_epoch(epoch + 1)
+        state.update(epoch=epoch + 1, batch=0, loss_sum=0.0)
         self.save()
+
+    def record_epoch(self, epoch: int) -> None:
+        """The end of ``epoch`` (1-based): its ``summary.csv`` row (the mean loss of its batches, the
+        learning rate, and every ``train.val_interval`` epochs and after the last the validation), logged
+        to the tracker and printed, and the best checkpoint kept (before the epoch's checkpoint records
+        them: a run killed in between repeats the epoch and its row)."""
+        acc, interval = self.accelerator, self.config["train"]["val_interval"]
+        groups = self.optimizer.param_groups
+        row = dict.fromkeys(self.columns)
+        row.update(epoch=epoch, train_loss=self.state["loss_sum"] / len(self.train_loader),
+                   lr=sum(g["lr"] for g in groups) / len(groups))  # timm's summary: the mean over param groups
+        if self.val_loader is not None and (epoch % interval == 0 or epoch == self.epochs):
+            measured = self.validate()
+            row.update(measured)
+            acc.log({f"{self.name}/val/{k}": v for k, v in measured.items()}, step=self.state["updates"])
+        acc.print(f"[{self.name}] epoch {epoch}/{self.epochs}: " +
+                  ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch" and v is not None), flush=True)
+        self.keep_best(row)
+        self.state["summary"].append(row)
+        if acc.is_main_process:
+            with atomic_file(os.path.join(self.output_dir, SUMMARY_FILE)) as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.columns)
+                writer.writeheader()
+                writer.writerows(self.state["summary"])
+
+    def validate(self) -> Dict[str, float]:
+        """Accuracy (%) on the held-out split, every process's samples, of the weights evaluated at the
+        end (the EMA's if any): timm's eval columns for the last exit (what ``model(x)`` answers), every
+        exit's top-1 and their mean (the anytime accuracy)."""
+        acc = self.accelerator
+        outputs = collect_outputs(self.evaluated, self.val_loader, acc.device, acc.gather_for_metrics,
+                                  progress=acc.is_local_main_process)
+        self.model.train()  # back from eval mode (a regime keeps its frozen parts in eval mode)
+        top = anytime_accuracy(outputs)
+        return {"eval_loss": nn.functional.cross_entropy(outputs.logits[-1], outputs.labels).item(),
+                "eval_top1": top["top1"][-1], "eval_top5": top["top5"][-1],
+                **{f"exit{k}_top1": v for k, v in enumerate(top["top1"], 1)},
+                "anytime_top1": sum(top["top1"]) / len(top["top1"])}
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights evaluated and kept: the EMA's if any, else the model's."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def keep_best(self, row: Dict[str, Any]) -> None:
+        """Save the evaluated weights to ``best/`` (with the metric, its value and the epoch) if the
+        row has a ``train.best_metric`` value that beats the best so far (higher; eval_loss: lower), as timm's
+        CheckpointSaver keeps ``model_best``."""
+        metric, best = self.config["train"]["best_metric"], self.state["best"]
+        value = row[metric]
+        if value is None or best is not None and not (value < best["value"] if metric == "eval_loss" else
+                                                      value > best["value"]):
+            return  # not validated this epoch, or not better
+        self.state["best"] = {"metric": metric, "value": value, "epoch": row["epoch"]}
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.best_dir, self.evaluated,
+                            model_name=self.config["model"]["name"], phase=self.name, run_id=self.run_id,
+                            classes=self.classes, **self.state["best"])
+        self.accelerator.print(f"[{self.name}] best {metric} so far ({value:.4g}): epoch {row['epoch']}, saved to "
+                               f"{self.best_dir}")
 
     def step(self, images: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
         """One batch of the technique: forward, losses, backward and (on update steps) the optimizer
@@ -418,6 +551,8 @@ class TrainingPhase:
             save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler,
                             self.config["model"]["name"], training, phase=self.name, run_id=self.run_id,
                             classes=self.classes, **self.state, **extra)
+            if self.log is not None:  # the run has files of its own now: its log goes on in log.txt
+                self.log.open()
         self.accelerator.wait_for_everyone()
 
     def finish(self) -> Dict[str, Any]:
@@ -425,8 +560,7 @@ class TrainingPhase:
         if not self.state["finished"]:
             self.state["finished"] = True
             self.save(seconds=round(time.time() - self.started, 1))
-        acc, config = self.accelerator, self.config
-        evaluated = self.ema.module if self.ema is not None else self.model
+        acc, config, evaluated = self.accelerator, self.config, self.evaluated
         if acc.is_main_process:  # a timm model folder: model.safetensors and config.json
             save_model_folder(evaluated, self.output_dir, self.data_config, self.classes,
                               technique=config["technique"], phase=self.name, config=config)
@@ -436,6 +570,13 @@ class TrainingPhase:
         return report
 
 
+def _eval_loader(accelerator: Accelerator, dataset: Dataset, dc: Dict[str, Any]) -> DataLoader:
+    """A prepared loader of a held-out split, each process a share (its own generator: iterating it
+    never draws from the global RNG, so evaluating leaves training as it was)."""
+    return accelerator.prepare(DataLoader(dataset, batch_size=dc["eval_batch_size"],
+                                          num_workers=loader_workers(dc["workers"]), generator=torch.Generator()))
+
+
 def _evaluate(accelerator: Accelerator, model: nn.Module, data: _Data, data_config: dict, config: Dict[str, Any],
               name: str, output_dir: str) -> Dict[str, Any]:
     ev, dc = config["evaluation"], config["data"]
@@ -443,10 +584,8 @@ def _evaluate(accelerator: Accelerator, model: nn.Module, data: _Data, data_conf
     def outputs(dataset):
         if dataset is None:
             return None
-        loader = accelerator.prepare(DataLoader(dataset, batch_size=dc["eval_batch_size"],
-                                                num_workers=loader_workers(dc["workers"]), generator=torch.Generator()))
-        return collect_outputs(model, loader, accelerator.device, accelerator.gather_for_metrics,
-                               progress=accelerator.is_local_main_process)
+        return collect_outputs(model, _eval_loader(accelerator, dataset, dc), accelerator.device,
+                               accelerator.gather_for_metrics, progress=accelerator.is_local_main_process)
 
     val, test = outputs(data.val), outputs(data.test)
     costs = [c.macs for c in profiling.profile_exits(model, data_config["input_size"], ev["convention"])]
@@ -478,7 +617,7 @@ def run(config: Dict[str, Any], resume: bool = False, extend_epochs: bool = Fals
                               gradient_accumulation_steps=train_cfg["grad_accum_steps"],
                               log_with=config["tracker"], project_dir=config["output_dir"],
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
-    lock, started = None, True
+    lock, logging, started = None, contextlib.ExitStack(), True
     try:
         if accelerator.is_main_process:
             try:
@@ -494,15 +633,21 @@ def run(config: Dict[str, Any], resume: bool = False, extend_epochs: bool = Fals
         if output_dir is None:
             raise AnotherProcessStopped("the main process refused the output folder")
         config = {**config, "output_dir": output_dir}
+        log = None
+        if accelerator.is_main_process:  # from here on, what the run prints goes to its log.txt too
+            log = logging.enter_context(contextlib.closing(RunLog(os.path.join(output_dir, LOG_FILE), sys.stdout)))
+            logging.enter_context(contextlib.redirect_stdout(log))
         if config["tracker"]:
             accelerator.project_configuration.set_directories(output_dir)
             accelerator.init_trackers("tensorboard", config={"model": config["model"]["name"]})
         reports, previous = [], None
         for name, phase in phase_configs(config):
             folder = output_dir if len(runs) == 1 else os.path.join(output_dir, name)
-            reports.append(train_phase(accelerator, phase, folder, name, previous, resume, name in extended, run_id))
+            reports.append(train_phase(accelerator, phase, folder, name, previous, resume, name in extended, run_id,
+                                       log))
             previous = os.path.join(folder, "model.safetensors")
         if accelerator.is_main_process:
+            log.open()
             path = os.path.join(output_dir, "results.json")
             write_json(path, {"config": config, "phases": reports}, default=str)
             accelerator.print(f"results of every phase: {path}")
@@ -511,14 +656,18 @@ def run(config: Dict[str, Any], resume: bool = False, extend_epochs: bool = Fals
         started = lock is None or _saved_checkpoint(lock)
         raise
     finally:
+        logging.close()
         accelerator.end_training()  # also destroys the process group of a multi-process run
         if lock is not None:
             lock.release() if started else lock.abandon()
 
 
 RUN_FILE = "run.json"  # the resolved config, the process count and the identity of the run in a folder
-RUN_FILES = (RUN_FILE, "results.json")  # the files of a run folder, and of each phase's folder
-PHASE_FILES = (WEIGHTS_FILE, CONFIG_FILE, "evaluation.json", "evaluation.png")
+LOG_FILE = "log.txt"  # every line the run printed, in the run folder
+RUN_FILES = (RUN_FILE, "results.json", LOG_FILE)  # the files of a run folder, and of each phase's folder
+SUMMARY_FILE = "summary.csv"  # a row per epoch, in each phase's folder
+SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")  # timm's; then per exit
+PHASE_FILES = (WEIGHTS_FILE, CONFIG_FILE, "evaluation.json", "evaluation.png", SUMMARY_FILE)
 SAFE_TO_CHANGE = ("data.dir", "data.workers", "data.eval_batch_size", "train.log_every", "train.checkpoint_every",
                   "tracker", "output_dir", "evaluation.policy", "evaluation.q_grid", "evaluation.convention")
 
