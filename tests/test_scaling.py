@@ -11,6 +11,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from timm_exits.config import resolve_config
+from timm_exits import data as data_module
 from timm_exits.data import ImageFiles
 from timm_exits.integrations.accelerate import batch_plan
 
@@ -108,19 +109,20 @@ def test_two_machines_on_one_host_train_checkpoint_and_resume_together(data, tmp
 
 
 def test_a_file_check_passed_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
-    """The header check runs once per listing (paths, sizes, modification times), not once per process
-    and run: the second build reads the cache, a changed file is checked again."""
+    """The header check runs once per listing (paths, sizes, times, inodes), not once per process and
+    run: the second build opens no file, a changed file makes the check run again."""
     monkeypatch.setenv("TIMM_EXITS_CACHE", str(tmp_path / "cache"))
+    opened, check = [], data_module._file_problem
+    monkeypatch.setattr(data_module, "_file_problem", lambda file, decode: opened.append(1) or check(file, decode))
     root = make_image_folder(tmp_path / "train", classes=2, per_class=3)
     ImageFiles(str(root))
-    assert len(list((tmp_path / "cache" / "file-checks").iterdir())) == 1
+    assert len(opened) == 6 and len(list((tmp_path / "cache" / "file-checks").iterdir())) == 1
+    ImageFiles(str(root))
+    assert len(opened) == 6  # remembered: no file opened
     image = root / "class1" / "2.png"
-    info = image.stat()
-    image.write_bytes(b"\0" * info.st_size)  # broken, with the size and time the check saw
-    os.utime(image, ns=(info.st_atime_ns, info.st_mtime_ns))
-    ImageFiles(str(root))  # remembered: not read again
-    os.utime(image, ns=(info.st_atime_ns, info.st_mtime_ns + 10 ** 9))
+    image.write_bytes(b"\0" * image.stat().st_size)  # broken, with the same size
     with pytest.raises(ValueError, match=r"cannot read image file .*: class1/2.png"):
         ImageFiles(str(root))
     with pytest.raises(ValueError, match="cannot read image file"):  # a failed check is not remembered
         ImageFiles(str(root))
+    assert len(opened) == 18
