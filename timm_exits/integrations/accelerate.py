@@ -257,7 +257,8 @@ def train_phase(
 class TrainingPhase:
     """The pieces of one phase (data, model, technique, optimizer, loader, scheduler, EMA, mixup) and
     its steps: build (the constructor), :meth:`start` (resume a checkpoint or seed a fresh run),
-    :meth:`train_epoch`, :meth:`finish` (the last checkpoint, the model folder, the evaluation)."""
+    :meth:`train_epoch` (ending with :meth:`record_epoch`: the summary row, the validation, the best
+    checkpoint), :meth:`finish` (the last checkpoint, the model folder, the evaluation)."""
 
     def __init__(self, accelerator: Accelerator, config: Dict[str, Any], output_dir: str, name: str = "train",
                  previous: Optional[str] = None, resume: bool = False, run_id: Optional[str] = None,
@@ -483,8 +484,8 @@ class TrainingPhase:
 
     def keep_best(self, row: Dict[str, Any]) -> None:
         """Save the evaluated weights to ``best/`` (with the metric, its value and the epoch) if the
-        row has a ``train.best_metric`` value that beats the best so far (higher; eval_loss: lower), as timm's
-        CheckpointSaver keeps ``model_best``."""
+        row's ``train.best_metric`` was measured and beats the best so far (higher; eval_loss: lower),
+        as timm's CheckpointSaver keeps ``model_best``."""
         metric, best = self.config["train"]["best_metric"], self.state["best"]
         value = row[metric]
         if value is None or best is not None and not (value < best["value"] if metric == "eval_loss" else
@@ -492,9 +493,8 @@ class TrainingPhase:
             return  # not validated this epoch, or not better
         self.state["best"] = {"metric": metric, "value": value, "epoch": row["epoch"]}
         if self.accelerator.is_main_process:
-            save_checkpoint(self.best_dir, self.evaluated,
-                            model_name=self.config["model"]["name"], phase=self.name, run_id=self.run_id,
-                            classes=self.classes, **self.state["best"])
+            save_checkpoint(self.best_dir, self.evaluated, model_name=self.config["model"]["name"], phase=self.name,
+                            run_id=self.run_id, classes=self.classes, **self.state["best"])
         self.accelerator.print(f"[{self.name}] best {metric} so far ({value:.4g}): epoch {row['epoch']}, saved to "
                                f"{self.best_dir}")
 
