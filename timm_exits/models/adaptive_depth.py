@@ -47,7 +47,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..checkpoint import keep_file_classifiers
 from .features import check_feature_indices
-from .outputs import ExitOutputs
+from .training_outputs import TrainingOutputs
 
 __all__ = ["SkipAware", "Skippable", "SkippableAttnBlock", "make_adaptive_depth", "set_depth", "checkpoint_filter_fn",
            "ResNetADN", "VisionTransformerADN", "SwinTransformerADN"]
@@ -228,14 +228,14 @@ class AdaptiveDepthMixin:
         self.multi_exit_training = enable
 
     def forward_super_and_base(self, x: torch.Tensor, *args: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The super-net's and the base-net's logits (an :class:`~.outputs.ExitOutputs` pair); ``args`` go
-        to ``forward_features`` (ViT: ``attn_mask``, ``is_causal``). The selected configuration is restored
-        afterwards."""
+        """The super-net's and the base-net's logits (a :class:`~.training_outputs.TrainingOutputs`
+        pair); ``args`` go to ``forward_features`` (ViT: ``attn_mask``, ``is_causal``). The selected
+        configuration is restored afterwards."""
         with self.depth(None):
             super_features = self.forward_features(x, *args)
         with self.depth([True] * self.num_depth_stages):
             base_features = self.forward_features(x, *args)
-        return ExitOutputs((self.forward_head(super_features), self.forward_head(base_features)))
+        return TrainingOutputs((self.forward_head(super_features), self.forward_head(base_features)))
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Logits at the selected depth; in training mode ``(super-net, base-net)`` logits (see

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .capabilities import is_multi_exit
-from .outputs import ExitOutputs
+from .training_outputs import TrainingOutputs
 
 
 State = Union[torch.Tensor, List[torch.Tensor]]
@@ -169,7 +169,7 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
         """In training mode, ``model(x)`` returns the tuple of the logits of exits 1..k (k the active
         exit) when enabled (the default), one tensor (exit k) when not.
 
-        The tuple (an :class:`ExitOutputs`) is what training a multi-exit network needs: every parameter
+        The tuple (a :class:`TrainingOutputs`) is what training a multi-exit network needs: every parameter
         gets a gradient (timm's premise, and DDP's without ``find_unused_parameters``), and a loss
         written for one tensor fails with a message that says what to do instead of silently training
         the last exit alone. Disabled (``multi_exit_training=False`` at creation, which timm's
@@ -182,7 +182,7 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
     def forward_train_outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """The logits of exits 1..k (k the active exit), computing each stage once, with the training
         switches of :meth:`forward_exits` (over those k exits)."""
-        return ExitOutputs(self.forward_exits(x, self.exit_index))
+        return TrainingOutputs(self.forward_exits(x, self.exit_index))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # a scripted model returns one tensor

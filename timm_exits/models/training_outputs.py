@@ -1,7 +1,7 @@
 """What ``model(x)`` of a multi-exit or ADN network returns in training mode."""
 import torch
 
-__all__ = ["ExitOutputs"]
+__all__ = ["TrainingOutputs"]
 
 _NOT_A_TENSOR = (
     "in training mode the model returns a tuple of logits tensors (every exit's; an ADN network: the super-net's "
@@ -11,7 +11,7 @@ _NOT_A_TENSOR = (
     "tensor in training too: the last exit (an ADN network: the selected depth), which is then the only one trained")
 
 
-class ExitOutputs(tuple):
+class TrainingOutputs(tuple):
     """The training-mode output of ``model(x)``: a tuple of logits tensors (every exit's; an ADN
     network's super-net and base-net logits). It is a plain tuple to code that expects one (indexing,
     ``len``, ``torch.stack``); where a tensor is expected (a timm loss, ``output.argmax``), it fails
@@ -25,8 +25,8 @@ class ExitOutputs(tuple):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         """torch functions see a plain tuple; one that needs a tensor fails with the message above."""
-        args = tuple(tuple(a) if isinstance(a, ExitOutputs) else a for a in args)
-        kwargs = {k: tuple(v) if isinstance(v, ExitOutputs) else v for k, v in (kwargs or {}).items()}
+        args = tuple(tuple(a) if isinstance(a, TrainingOutputs) else a for a in args)
+        kwargs = {k: tuple(v) if isinstance(v, TrainingOutputs) else v for k, v in (kwargs or {}).items()}
         try:
             return func(*args, **kwargs)
         except (TypeError, AttributeError):
