@@ -93,11 +93,11 @@ class _Data:
             raise ValueError("data.test_split is None: set data.test_fraction > 0 to hold out a test set")
         if n_test + n_val >= n:
             raise ValueError(f"{n} training images cannot give {n_test} test and {n_val} validation images and a rest")
-        if 0 < n_val < MIN_VAL_IMAGES and accelerator.is_main_process:
-            print(f"warning: the budgeted thresholds are fitted on {n_val} held-out images (data.val_fraction="
-                  f"{data['val_fraction']} of {n}), fewer than {MIN_VAL_IMAGES}: they will be noisy; " +
-                  (f"set data.val_fraction to at least {math.ceil(MIN_VAL_IMAGES / n * 1000) / 1000}"
-                   if 2 * MIN_VAL_IMAGES <= n else "use more training images"), file=sys.stderr)
+        self.few_held_out = None if not 0 < n_val < MIN_VAL_IMAGES else (
+            f"the budgeted thresholds are fitted on {n_val} held-out images (data.val_fraction={data['val_fraction']} "
+            f"of {n}), fewer than {MIN_VAL_IMAGES}: they will be noisy; " +
+            (f"set data.val_fraction to at least {math.ceil(MIN_VAL_IMAGES / n * 1000) / 1000}"
+             if 2 * MIN_VAL_IMAGES <= n else "use more training images"))
         self.train = Subset(self.train_files, order[n_test + n_val:])
         self.val = Subset(self.held_out_files, order[n_test:n_test + n_val]) if n_val else None
         if data["test_split"] is None:
@@ -242,6 +242,8 @@ def train_phase(
     phase = TrainingPhase(accelerator, config, output_dir, name, previous, resume, run_id, log)
     try:
         phase.start(resume, extend)
+        if phase.data.few_held_out and accelerator.is_main_process:  # once the run has begun: a failed start says only why
+            print(f"warning: {phase.data.few_held_out}", file=sys.stderr)
         for epoch in phase.remaining_epochs():
             phase.train_epoch(epoch)
         return phase.finish()
