@@ -11,6 +11,7 @@ version that :func:`recover_folder` puts back. A folder writer replaces only wha
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -304,17 +305,22 @@ class OutputLock:
     def abandon(self) -> None:
         """Undo the start of a run that failed before it saved anything worth keeping: remove what was
         added to the folder since it was locked, the lock file, and the folder if it was made for this
-        lock and is left empty; then release the lock. A user's files found there are kept."""
-        for name in set(os.listdir(self.folder)) - self.found - {".lock"}:
+        lock and is left empty; then release the lock. A user's files found there are kept. It runs
+        while an error is on its way to the user, so what cannot be removed is left, silently."""
+        added = set()
+        with contextlib.suppress(OSError):
+            added = set(os.listdir(self.folder)) - self.found - {".lock"}
+        for name in [*added, ".lock"]:  # the lock file last, while it is held
             path = os.path.join(self.folder, name)
             if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
+                shutil.rmtree(path, ignore_errors=True)
             else:
-                os.remove(path)
-        os.remove(os.path.join(self.folder, ".lock"))  # while it is held: no other run is inside
+                with contextlib.suppress(OSError):
+                    os.remove(path)
         self.release()
-        if self.created and not os.listdir(self.folder):
-            os.rmdir(self.folder)
+        if self.created:
+            with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                os.rmdir(self.folder)
 
     def release(self) -> None:
         file = getattr(self, "file", None)  # absent when the lock was refused
