@@ -100,7 +100,8 @@ def test_best_holds_the_best_epochs_weights(watched, data):
     assert all(torch.equal(weights[k], last[k]) for k in last) == (best["epoch"] == 2)
 
 
-def test_interval_and_metric_are_configurable(data, tmp_path):
+@pytest.mark.slow
+def test_interval_and_metric_are_configurable(watched, data, tmp_path):
     config = write_config(tmp_path / "c.py", data, extra="tracker = None\ntrain = dict(epochs=3, val_interval=2, "
                                                          "best_metric='eval_loss')")
     run(load_config(str(config), output_dir=str(tmp_path / "out")))
@@ -110,11 +111,16 @@ def test_interval_and_metric_are_configurable(data, tmp_path):
     state = json.loads((tmp_path / "out" / "best" / "state.json").read_text())
     lowest = min(rows[1:], key=lambda r: r["eval_loss"])
     assert (state["metric"], state["epoch"]) == ("eval_loss", lowest["epoch"])
-    never = write_config(tmp_path / "n.py", data, extra="tracker = None\ntrain = dict(epochs=1, val_interval=0)")
+    never = write_config(tmp_path / "n.py", data, extra="tracker = None\ntrain = dict(epochs=2, log_every=1, "
+                                                         "val_interval=0)")
     run(load_config(str(never), output_dir=str(tmp_path / "never")))
     _, rows = _summary(tmp_path / "never")
-    assert len(rows) == 1 and rows[0]["train_loss"] > 0 and rows[0]["anytime_top1"] is None
+    assert len(rows) == 2 and rows[0]["train_loss"] > 0 and {r["anytime_top1"] for r in rows} == {None}
     assert not (tmp_path / "never" / "best").exists()
+    # validating draws nothing from the random generators: the run validated every epoch ends the same
+    a, b = load_file(watched[1] / "model.safetensors"), load_file(tmp_path / "never" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _summary(watched[1])[1][1]["train_loss"] == rows[1]["train_loss"]
 
 
 def test_a_best_metric_the_model_does_not_have_is_refused(data, tmp_path, capsys):
@@ -141,6 +147,7 @@ run(load_config(sys.argv[1], output_dir=sys.argv[2]))
 """
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_summary_best_and_log(watched, data, tmp_path):
     """Killed after epoch 2's summary row and best/ but before its checkpoint (the last one: epoch 2,
     batch 3 of 4): the resumed run repeats the rest of epoch 2 and ends with the uninterrupted run's
