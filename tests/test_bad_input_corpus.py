@@ -244,6 +244,7 @@ except OSError as e:
     assert run.stdout.split() == [str(errno.EFBIG), "True"], run.stdout + run.stderr
 
 
+@pytest.mark.slow
 def test_a_two_process_run_refused_by_its_main_process_prints_one_error_and_no_traceback(good, tmp_path):
     """The output folder is claimed by the main process; when it refuses it, the other process is
     told so instead of waiting for a folder that never comes (a gloo 'Connection reset' traceback)."""

@@ -106,6 +106,7 @@ def test_engine_trains_the_boosted_exits(tmp_path):
     assert [e["exit"] for e in report["exits"]] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_mmengine_runner_trains_boostnet(tmp_path):
     runner = mm_runner(tmp_path, dict(MM_TINY_MSDNET, loss="boostnet", loss_kwargs=dict(boostnet=dict(reweight=0.5))),
                        iters=2)

@@ -156,6 +156,7 @@ DDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_pcgrad_keeps_processes_identical_under_two_process_ddp(tmp_path):
     script = tmp_path / "ddp_pcgrad.py"
     script.write_text(DDP_SCRIPT)

@@ -103,6 +103,7 @@ def _final_weights(folder: Path):
     return load_file(folder / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_two_processes_and_accumulation_equal_one_process(data, tmp_path):
     """Same global batch of 8: 1 process x 8, 2 processes x 4 (gloo; the same config: data.batch_size is
     the global batch), 1 process x 4 x 2 accumulated. A ViT (no batch norm) computes the same function
@@ -128,6 +129,7 @@ def test_two_processes_and_accumulation_equal_one_process(data, tmp_path):
         assert [e["top1"] for e in b["exits"]] == [e["top1"] for e in a["exits"]]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_with_the_same_weights(data, tmp_path):
     extra = ("train = dict(epochs=2, checkpoint_every=1, log_every=1, ema_decay=0.9)\nmixup = dict(mixup_alpha=0.4)\n"
              "technique = dict(label_smoothing=0.1)\ntracker = None")
@@ -250,6 +252,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data, tmp_
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_bf16_and_the_other_techniques_train(data, tmp_path):
     """bf16 autocast on CPU with PCGrad; HDKD (its weights learn); ADN on a small ResNet."""
     msdnet = write_config(tmp_path / "t.py", data, extra="tracker = None\ntrain = dict(epochs=1)")

@@ -73,6 +73,7 @@ def test_evaluate_writes_tables_json_plot_and_thresholds(setup):
     assert report["fused"] is False
 
 
+@pytest.mark.slow
 def test_evaluate_errors_are_explained(setup, tmp_path):
     _, data, _, checkpoint = setup
     missing = _run("msdnet_cifar_5exit", "--data-dir", str(tmp_path / "nowhere"))

@@ -296,6 +296,7 @@ DDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_weight_nets_stay_identical_under_two_process_ddp(tmp_path):
     script = tmp_path / "ddp_l2w.py"
     script.write_text(DDP_SCRIPT)
@@ -326,6 +327,7 @@ def test_the_weight_nets_lr_follows_the_networks_schedule(follows, expected):
     assert technique.weight_optimizer.param_groups[0]["lr"] == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_the_mmengine_adapter_trains_l2w_and_resumes_its_weight_net(tmp_path):
     """A real Runner: L2W's own steps (the weight net learns, two updates per batch), its weight net and
     Adam state in the checkpoint and back on resume; without L2WHook, an error instead of a silent
@@ -404,6 +406,7 @@ MM_DDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_the_mmengine_ddp_wrapper_trains_l2w_in_two_processes(tmp_path):
     """A real Runner under two-process DDP (gloo): with MultiExitDistributedDataParallel every process
     takes L2W's steps on its own shard of the data and ends with the same network and weight net

@@ -6,16 +6,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.checkpoint import load_checkpoint
+from timm_exits.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
+def test_the_main_jobs_config_is_the_readmes_imta_on_the_narrowed_msdnet():
+    config = load_config(str(ROOT / "recipes" / "digits.py"))
+    assert config["model"] == {"name": "msdnet_cifar_5exit",
+                               "kwargs": {"num_channels": 4, "growth_rate": 2, "head_channels": 6}}
+    assert config["data"]["embedded"] == "digits"
+    ge, imta = config["phases"]
+    assert (ge["name"], ge["technique"]["gradient_equilibrium"]) == ("phase1_ge", True)
+    assert (imta["name"], imta["technique"]["loss"], imta["technique"]["isc"]) == ("phase2_isc_ofa", "ofa", "reference")
+
+
+@pytest.mark.slow
 def test_main_job_trains_imta_on_the_embedded_digits(tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="1")
     run = subprocess.run(

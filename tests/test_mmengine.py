@@ -29,6 +29,7 @@ def _train(runner):
 
 
 @pytest.mark.parametrize("technique", ["ce", "gradient_equilibrium", "branch_deconfliction", "pcgrad", "hdkd"])
+@pytest.mark.slow
 def test_each_technique_trains_with_the_runner(tmp_path, technique):
     model, hooks, optim = dict(TINY_MSDNET), [], None
     if technique == "gradient_equilibrium":
@@ -141,6 +142,7 @@ DDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_pcgrad_runner_under_two_process_ddp(tmp_path):
     script = tmp_path / "ddp_runner.py"
     script.write_text(DDP_SCRIPT)

@@ -203,6 +203,7 @@ def test_reference_style_arguments_and_no_bottleneck():
     assert model.forward_exits(torch.randn(1, 3, 32, 32))[-1].shape == (1, 5)
 
 
+@pytest.mark.slow
 def test_torch_compile_gives_the_same_outputs():
     model = tiny(num_blocks=1).eval()
     x = torch.randn(2, 3, 32, 32)

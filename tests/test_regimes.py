@@ -159,6 +159,7 @@ def _phasewise():
     return Path(__file__).resolve().parents[1] / "recipes" / "_base_" / "techniques" / "phasewise.py"
 
 
+@pytest.mark.slow
 def test_mmengine_runner_heads_only_and_the_sdn_schedule(tmp_path):
     from mmengine.hooks import Hook
     from mmengine.runner import Runner

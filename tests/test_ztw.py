@@ -226,6 +226,7 @@ def test_engine_phase_a_then_b_change_only_what_they_train(tmp_path):
     assert all(not torch.equal(heads[k], ensembles[k]) for k in start if k.startswith("ensembles."))
 
 
+@pytest.mark.slow
 def test_mmengine_runner_trains_the_heads_on_the_frozen_backbone(tmp_path):
     runner = mm_runner(tmp_path, dict(model="resnet18_exits", model_kwargs=dict(num_classes=3, **SDN_RESNET),
                                       loss="ztw", loss_kwargs=dict(ztw=dict(train="heads"))), iters=2)
