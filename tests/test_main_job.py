@@ -53,7 +53,9 @@ def test_main_job_trains_imta_on_the_embedded_digits(tmp_path):
     assert top1[-1] > 50, top1  # ten classes: chance is 10 % (two epochs: the narrow early exits lag behind)
     for phase in ("phase1_ge", "phase2_isc_ofa"):
         assert sorted(p.name for p in (out / phase).iterdir()) == [
-            "checkpoint", "config.json", "evaluation.json", "evaluation.png", "model.safetensors"]  # nothing half-written
+            "best", "checkpoint", "config.json", "evaluation.json", "evaluation.png", "model.safetensors",
+            "summary.csv"]  # nothing half-written
+        assert len((out / phase / "summary.csv").read_text().splitlines()) == 1 + 2  # a header, a row per epoch
     model = timm.create_model("msdnet_cifar_5exit", num_classes=10, in_chans=1, num_channels=4, growth_rate=2,
                               head_channels=6)  # recipes/_base_/models/msdnet_digits.py
     # each phase folder is a timm model folder: the architecture, its arguments and the preprocessing
