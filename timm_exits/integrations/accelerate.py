@@ -49,7 +49,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint, set_rng_state, rng_st
 from ..cpu import bf16_advice, cpu_bf16
 from ..config import PREPROCESSING, ConfigError, load_config, phase_configs, resolve_preprocessing
 from ..errors import AnotherProcessStopped, is_user_error, report_user_error
-from ..files import OutputLock, atomic_file, check_writable, claim_fresh_folder, recover_folder, write_json
+from ..files import OutputLock, atomic_file, check_writable, claim_fresh_folder, read_json, recover_folder, write_json
 from ..data import (EpochSampler, ImageFiles, class_map, class_names, image_transform, loader_workers, num_classes_of,
                     seeded_order, write_digits)
 from ..inference.budgeted import Q_GRIDS
@@ -783,9 +783,8 @@ def _class_difference(old: List[str], new: List[str]) -> str:
 def _read_run_file(path: str) -> Dict[str, Any]:
     """A run folder's ``run.json``, checked to be one this package wrote."""
     try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
+        saved = read_json(path)
+    except (OSError, ValueError) as e:
         problem = f"cannot be read as JSON ({e})"
     else:
         processes = saved.get("processes") if isinstance(saved, dict) else None
