@@ -1,5 +1,5 @@
-"""Every ```python block of README.md runs as written, each on its own (a fresh namespace, in a
-temporary working directory).
+"""Every ```python block of README.md and of the documentation's pages (docs/**/*.md) runs as
+written, each on its own (a fresh namespace, in a temporary working directory).
 
 Blocks that read files a test cannot download get them from a SETUP below, clearly marked: an
 image folder, weights in the reference implementations' layout, or timm's weights placed in a local
@@ -26,12 +26,20 @@ from msdnet_reference import reference_for
 from helpers import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-BLOCKS = [(README.count("\n", 0, m.start()) + 2, m.group(1))
-          for m in re.finditer(r"^```python\n(.*?)^```$", README, re.S | re.M)]
+PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))]
 
 
-# --- SETUP: files the README's blocks read, written into the block's working directory ---------------
+def _python_blocks(page: str) -> list:
+    """(page, line of the block's first code line, code) for every ```python block of a page."""
+    text = (ROOT / page).read_text()
+    return [(page, text.count("\n", 0, m.start()) + 2, m.group(1))
+            for m in re.finditer(r"^```python\n(.*?)^```$", text, re.S | re.M)]
+
+
+BLOCKS = [block for page in PAGES for block in _python_blocks(page)]
+
+
+# --- SETUP: files the blocks read, written into the block's working directory ------------------------
 
 def _msdnet_reference_checkpoint(where: Path) -> None:
     """A kalviny/MSDNet-PyTorch training checkpoint (DataParallel keys) of the step-4 ImageNet MSDNet,
@@ -78,7 +86,7 @@ def _hub_cache(where: Path) -> dict:
 
 def _main_job_weights(where: Path) -> None:
     """What the main job writes as output/train/phase1_ge/: its model (built from recipes/digits.py, so
-    the README's kwargs must be the recipe's; 10 classes, 1 channel) as a model folder, with the data
+    the documented kwargs must be the recipe's; 10 classes, 1 channel) as a model folder, with the data
     config of recipes/_base_/datasets/digits.py."""
     config = load_config(str(ROOT / "recipes" / "digits.py"))
     net = timm.create_model(config["model"]["name"], num_classes=10, in_chans=1, **config["model"]["kwargs"])
@@ -95,17 +103,19 @@ SETUP = {  # a string the block contains -> what the block needs
 HUB = re.compile(r"\(\"resnet50(_adn)?\", pretrained=True\)")
 
 
-def test_the_readme_has_its_python_examples():
-    assert len(BLOCKS) >= 13
-    assert all("model" in code or "dict(" in code for _, code in BLOCKS)
+def test_the_readme_and_the_docs_have_their_python_examples():
+    pages = {page for page, _, _ in BLOCKS}
+    assert sum(page == "README.md" for page, _, _ in BLOCKS) >= 6 and len(BLOCKS) >= 30
+    assert {"docs/models/msdnet.md", "docs/training/techniques.md", "docs/inference/export.md"} <= pages
+    assert all("model" in code or "dict(" in code for _, _, code in BLOCKS)
 
 
-@pytest.mark.parametrize("line, code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
-def test_readme_python_block_runs(line, code, tmp_path, monkeypatch):
+@pytest.mark.parametrize("page, line, code", BLOCKS, ids=[f"{page}:{line}" for page, line, _ in BLOCKS])
+def test_python_block_runs(page, line, code, tmp_path, monkeypatch):
     for marker, setup in SETUP.items():
         if marker in code:
             setup(tmp_path)
-    source = "\n" * (line - 1) + code  # tracebacks point at README.md's own line numbers
+    source = "\n" * (line - 1) + code  # tracebacks point at the page's own line numbers
     if HUB.search(code):  # the cache location is read when huggingface_hub is imported: a new process
         env = dict(os.environ, **_hub_cache(tmp_path), OMP_NUM_THREADS="1")
         run = subprocess.run([sys.executable, "-c", source],
@@ -113,4 +123,4 @@ def test_readme_python_block_runs(line, code, tmp_path, monkeypatch):
         assert run.returncode == 0, run.stderr[-3000:]
         return
     monkeypatch.chdir(tmp_path)
-    exec(compile(source, str(ROOT / "README.md"), "exec"), {"__name__": "__readme__"})
+    exec(compile(source, str(ROOT / page), "exec"), {"__name__": "__docs__"})
