@@ -174,7 +174,7 @@ def _pa_msdnet():
                                      dict(softplus=True), dict(fallback=False)],
                          ids=["default", "weights_ceiling", "softplus", "no_fallback"])
 def test_the_online_product_equals_product_anytime_on_cached_logits(options):
-    from timm_exits.inference import ProductAnytimeModel
+    from timm_exits.models.product_anytime import ProductAnytimeModel
 
     inner = _pa_msdnet()
     x = torch.randn(24, 3, 32, 32, dtype=torch.float64)
@@ -191,7 +191,8 @@ def test_the_online_product_equals_product_anytime_on_cached_logits(options):
 
 
 def test_collected_product_outputs_are_not_taken_for_raw_logits():
-    from timm_exits.inference import ProductAnytimeModel, collect_outputs
+    from timm_exits.inference import collect_outputs
+    from timm_exits.models.product_anytime import ProductAnytimeModel
 
     inner = _pa_msdnet()
     batches = [(torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3]))]
@@ -204,7 +205,8 @@ def test_collected_product_outputs_are_not_taken_for_raw_logits():
 
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
 def test_the_executor_on_the_product_takes_the_exits_of_the_cached_evaluation(grad_mode):
-    from timm_exits.inference import EarlyExitExecutor, ProductAnytimeModel, Thresholds, assign_exits
+    from timm_exits.inference import EarlyExitExecutor, Thresholds, assign_exits
+    from timm_exits.models.product_anytime import ProductAnytimeModel
 
     model = ProductAnytimeModel(_pa_msdnet())
     x = torch.randn(32, 3, 32, 32, dtype=torch.float64)
@@ -222,7 +224,8 @@ def test_the_executor_on_the_product_takes_the_exits_of_the_cached_evaluation(gr
 
 
 def test_thresholds_know_which_predictor_they_were_fitted_on(tmp_path):
-    from timm_exits.inference import EarlyExitExecutor, ProductAnytimeModel, Thresholds
+    from timm_exits.inference import EarlyExitExecutor, Thresholds
+    from timm_exits.models.product_anytime import ProductAnytimeModel
 
     plain = _pa_msdnet()
     pa = Thresholds("tiny", 5, "maxprob", [0.5] * 5, predictor="product_anytime")
@@ -240,7 +243,7 @@ def test_thresholds_know_which_predictor_they_were_fitted_on(tmp_path):
 
 
 def test_the_product_model_refuses_bad_options():
-    from timm_exits.inference import ProductAnytimeModel
+    from timm_exits.models.product_anytime import ProductAnytimeModel
 
     with pytest.raises(ValueError, match="5 finite non-negative weights"):
         ProductAnytimeModel(_pa_msdnet(), weights=[1.0, 1.0])

@@ -13,7 +13,8 @@ import timm
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.config import load_config
 from timm_exits.integrations.accelerate import TrainingPhase
-from timm_exits.train import BoostedExits, BoostNet, create_technique
+from timm_exits.models.boostnet import BoostedExits
+from timm_exits.train import BoostNet, create_technique
 from timm_exits.train.techniques import TrainingForward
 
 from helpers import mm_runner, tiny_data, write_config, MM_TINY_MSDNET

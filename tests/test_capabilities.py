@@ -7,7 +7,7 @@ import timm
 import torch
 
 from timm_exits import adaptive_depth_of, add_exits, is_multi_exit, make_adaptive_depth
-from timm_exits.train.imta import IMTAModel
+from timm_exits.models.imta import IMTAModel
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,8 @@ from torch import nn
 
 import timm_exits  # noqa: F401
 from timm_exits import MSDNet
-from timm_exits.train import deconflict_branch, pcgrad_backward, project_conflicts
+from timm_exits.models.branch_gradients import deconflict_branch, project_conflicts
+from timm_exits.train import pcgrad_backward
 
 from launch import launch_two_processes
 

@@ -18,11 +18,12 @@ from safetensors.torch import load_file, save_file
 from timm.utils import reparameterize_model
 
 import timm_exits  # noqa: F401  (registers the models)
-from timm_exits.inference import (EarlyExitExecutor, ExportedModel, ProductAnytimeModel, Thresholds, export_model,
-                                  manifest_sha256, weights_sha256)
+from timm_exits.inference import (EarlyExitExecutor, ExportedModel, Thresholds, export_model, manifest_sha256,
+                                  weights_sha256)
 from timm_exits.inference import export as export_module
-from timm_exits.train.boostnet import BoostedExits
-from timm_exits.train.ztw import ZTWModel
+from timm_exits.models.boostnet import BoostedExits
+from timm_exits.models.product_anytime import ProductAnytimeModel
+from timm_exits.models.ztw import ZTWModel
 
 from helpers import randomise_norms
 
@@ -750,7 +751,7 @@ def test_a_tampered_description_is_refused(described, tmp_path, tampering):
 
 
 def test_an_export_of_a_model_folder_takes_its_name_preprocessing_and_class_names(tmp_path):
-    from timm_exits.inference import export_model_folder
+    from timm_exits.model_folder import export_model_folder
     from timm_exits.model_folder import save_model_folder
 
     model = timm.create_model("vit_tiny_patch16_224_exits", num_classes=3, img_size=32, patch_size=8, embed_dim=32,

@@ -10,7 +10,8 @@ import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.inference import EarlyExitExecutor
 from timm_exits.models.history import ExitHistoryModel
 from timm_exits.models.multi_exit import slice_state
-from timm_exits.train import BoostedExits, ZTWModel
+from timm_exits.models.boostnet import BoostedExits
+from timm_exits.models.ztw import ZTWModel
 
 
 class Counting(ExitHistoryModel):

@@ -205,7 +205,7 @@ def _reference_quotas(n: int, q: float, num_exits: int):
 
 
 def test_exit_quotas_use_the_references_float32_arithmetic():
-    from timm_exits.inference.budgeted import exit_quotas
+    from timm_exits.quotas import exit_quotas
 
     for num_exits in (3, 5, 7):
         for q in REFERENCE_Q:

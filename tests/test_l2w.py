@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from timm_exits import MSDNet
 from timm_exits.config import ConfigError, load_config
-from timm_exits.inference.budgeted import geometric_fractions
+from timm_exits.quotas import geometric_fractions
 from timm_exits.integrations.accelerate import TrainingPhase
 from timm_exits.train import create_technique, sgd_virtual_step
 from timm_exits.train.l2w import L2W, allocated_loss, budget_allocation, l2w_meta_step

@@ -23,9 +23,11 @@ from timm_exits import cli
 from timm_exits.inference import EarlyExitExecutor, Thresholds, weights_sha256
 from timm_exits.model_folder import load_model_folder, save_model_folder
 from timm_exits.profile import CONVENTIONS, profile_exits
-from timm_exits.train.boostnet import BoostedExits
-from timm_exits.train.imta import IMTAModel
-from timm_exits.train.ztw import ZTWModel
+from timm_exits.files import write_weights
+from timm_exits.models.boostnet import BoostedExits
+from timm_exits.models.imta import IMTAModel
+from timm_exits.models.product_anytime import ProductAnytimeModel
+from timm_exits.models.ztw import ZTWModel
 
 from helpers import randomise_norms
 from helpers import make_image_folder
@@ -119,6 +121,70 @@ def test_a_boostnet_or_ztw_model_folder_loads_back(tmp_path, wrap):
         assert (loaded.detach, loaded.layer_norm, loaded.use_ensembles) == (False, False, True)
     x = torch.randn(2, 1, 32, 32)
     assert all(torch.equal(a, b) for a, b in zip(_outputs(wrapped, x), _outputs(loaded, x)))
+
+
+WRAPPERS = {
+    "imta": lambda net: IMTAModel(net, isc="detach"),
+    "boostnet": lambda net: BoostedExits(net, reweight=[0.3, 0.4, 0.5, 0.6, 0.7]),
+    "ztw": lambda net: ZTWModel(net, detach=False, layer_norm=False).train_part("ensembles"),
+    "product_anytime": lambda net: ProductAnytimeModel(net, weights=[0.5, 1, 1, 2, 0]),
+}
+
+
+def _wrapped(tmp_path, name):
+    network, _ = _saved(tmp_path, "msdnet_cifar_5exit")
+    torch.manual_seed(1)
+    wrapped = WRAPPERS[name](network)
+    for p in wrapped.parameters():  # fresh heads and ensembles are near-identities: move every weight
+        p.data.add_(0.1 * torch.randn_like(p))
+    return randomise_norms(wrapped, seed=2).eval()
+
+
+@pytest.mark.parametrize("name", list(WRAPPERS))
+def test_timm_rebuilds_a_wrapper_from_its_folder(tmp_path, name):
+    """IMTA phase II, BoostNet, ZTW and product anytime are timm architectures of their own: the folder
+    names the wrapper, the network it wraps and the settings, and timm's local-dir: rebuilds it."""
+    wrapped = _wrapped(tmp_path, name)
+    save_model_folder(wrapped, str(tmp_path / name), GREY)
+    config = json.loads((tmp_path / name / "config.json").read_text())
+    assert config["architecture"] == name and config["model_args"]["model"] == "msdnet_cifar_5exit"
+    assert config["model_args"]["model_args"]["num_channels"] == 4 and config["pretrained_cfg"]["mean"] == [0.4]
+    rebuilt = timm.create_model(f"local-dir:{tmp_path / name}", pretrained=True).eval()
+    assert type(rebuilt) is type(wrapped) and rebuilt.pretrained_cfg["architecture"] == name
+    if name == "ztw":
+        assert rebuilt.use_ensembles and not rebuilt.detach
+    x = torch.randn(2, 1, 32, 32)
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(wrapped, x), _outputs(rebuilt, x)))
+    assert resolve_data_config({}, model=rebuilt)["input_size"] == (1, 32, 32)
+    built = timm.create_model(name, **{k: v for k, v in config["model_args"].items()})  # the same, by name
+    assert built.state_dict().keys() == wrapped.state_dict().keys()
+
+
+def test_an_earlier_versions_wrapper_folder_still_loads(tmp_path):
+    """Before wrappers were timm architectures, a folder held the network's architecture and the
+    wrapper's settings in the timm_exits section."""
+    for name, settings in (("imta", {"isc": "detach", "freeze_bn_stats": False}),
+                           ("boostnet", {"reweight": [0.3, 0.4, 0.5, 0.6, 0.7]}),
+                           ("ztw", {"detach": False, "layer_norm": False, "ensembles": True})):
+        wrapped = _wrapped(tmp_path, name)
+        _, folder = _saved(tmp_path, "msdnet_cifar_5exit")  # the network's config.json, as it was written
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "timm_exits": {name: settings}}))
+        write_weights(wrapped.state_dict(), str(folder / "model.safetensors"), metadata={"format": "pt"})
+        loaded, data = load_model_folder(str(folder))
+        assert type(loaded) is type(wrapped) and data["input_size"] == (1, 32, 32)
+        x = torch.randn(2, 1, 32, 32)
+        assert all(torch.equal(a, b) for a, b in zip(_outputs(wrapped, x), _outputs(loaded, x)))
+
+
+def test_a_wrapper_of_a_network_timm_did_not_make_is_refused(tmp_path):
+    network = timm.create_model("msdnet_cifar_5exit", num_classes=3, num_channels=4, growth_rate=2)
+    del network.pretrained_cfg
+    with pytest.raises(ValueError, match="BoostedExits was not made by timm.create_model"):
+        save_model_folder(BoostedExits(network), str(tmp_path / "folder"))
+    assert not (tmp_path / "folder").exists()
+    with pytest.raises(ValueError, match="boostnet wraps a registered multi-exit timm model"):
+        timm.create_model("boostnet", model="nothing_like_it")
 
 
 def test_a_model_built_by_add_exits_is_refused_rather_than_saved_as_its_backbone(tmp_path):

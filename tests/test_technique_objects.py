@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.config import DEFAULTS
-from timm_exits.train import (ADN, HDKD, CrossEntropy, IMTAModel, OneForAll, PCGrad, adn_step, create_technique,
+from timm_exits.models.imta import IMTAModel
+from timm_exits.train import (ADN, HDKD, CrossEntropy, OneForAll, PCGrad, adn_step, create_technique,
                               one_for_all_distillation, pcgrad_backward)
 from timm_exits.train.hdkd import harmonized_loss, loss_terms
 from timm_exits.train.techniques import TrainingForward

@@ -11,7 +11,8 @@ import timm_exits  # noqa: F401
 from timm_exits import MSDNet, add_exits
 from timm_exits.inference import EarlyExitExecutor, assign_exits, exit_scores, fit_thresholds, geometric_fractions
 from timm_exits.profile import profile_exits
-from timm_exits.train import IMTAModel, multi_exit_cross_entropy, one_for_all_distillation
+from timm_exits.models.imta import IMTAModel
+from timm_exits.train import multi_exit_cross_entropy, one_for_all_distillation
 
 from helpers import randomise_norms
 

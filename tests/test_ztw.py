@@ -14,7 +14,8 @@ import timm
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.config import load_config
 from timm_exits.integrations.accelerate import run
-from timm_exits.train import GeometricEnsemble, ZTWModel, create_technique, fit_ensembles_offline
+from timm_exits.models.ztw import GeometricEnsemble, ZTWModel
+from timm_exits.train import create_technique, fit_ensembles_offline
 
 from helpers import mm_runner, randomise_norms, tiny_data, write_config
 

@@ -271,11 +271,10 @@ def _evaluate_into(args: argparse.Namespace, given: dict, output: str) -> int:
     from . import profile as profiling
     from .data import IMAGE_MODES, ImageFiles, class_names, image_transform, split_dataset
     from .files import write_json
-    from .inference import (Q_GRIDS, EarlyExitExecutor, ExitPolicy, ProductAnytimeModel, Thresholds, collect_outputs,
-                            measure_latency, predictor_of, thresholds_for_accuracy, thresholds_for_cost,
-                            weights_sha256)
+    from .inference import (Q_GRIDS, EarlyExitExecutor, ExitPolicy, Thresholds, collect_outputs, measure_latency,
+                            predictor_of, thresholds_for_accuracy, thresholds_for_cost, weights_sha256)
     from .inference.report import evaluation_report, format_latency, format_report, write_report
-    from .models import is_multi_exit
+    from .models import ProductAnytimeModel, is_multi_exit
 
     policy = ExitPolicy(args.policy, args.fallback, args.strict)
     test_set = ImageFiles(args.data_dir)

@@ -4,44 +4,43 @@ The folder says what it holds: the architecture and the arguments it was built w
 (``num_classes``, ``in_chans``, ``img_size``, ...), the preprocessing the weights expect (input
 size, mean, std, crop, interpolation), the class names in the order of the outputs (timm's
 ``label_names``, if known) and, in a ``timm_exits`` section, how it was made (technique, phase, the
-run config). timm itself rebuilds it::
+run config). A model that wraps a network (IMTA phase II, BoostNet, ZTW, product anytime) is a timm
+architecture of its own (:mod:`timm_exits.models.wrappers`), its arguments naming the network's. timm
+itself rebuilds it::
 
     model = timm.create_model("local-dir:FOLDER", pretrained=True)
     data_config = timm.data.resolve_data_config({}, model=model)
 
 :func:`load_model_folder` does the same from a folder or from a weights file with ``config.json``
-beside it, takes overrides, and refuses what does not fit with a message that says why.
+beside it, takes overrides, and refuses what does not fit with a message that says why;
+:func:`export_model_folder` exports it for deployment.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import timm
+import torch
 from timm.models import resolve_model_input_args
 from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from .config import check_preprocessing, resolve_preprocessing
 from .files import atomic_file, read_json, read_weights, write_weights
+from .inference.budgeted import Thresholds
+from .inference.export import export_model
 from .models.exits import BackboneWithExits
-from .train.boostnet import BoostedExits
-from .train.imta import IMTAModel
-from .train.ztw import ZTWModel
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "DATA_KEYS", "save_model_folder", "load_model_folder", "model_folder_files",
-           "read_model_config"]
+           "read_model_config", "export_model_folder"]
 
 CONFIG_FILE, WEIGHTS_FILE, SECTION = "config.json", "model.safetensors", "timm_exits"
 DATA_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
-# models that wrap a timm network: their section name, and their settings and wrapped network
-WRAPPERS = {
-    "imta": (IMTAModel, lambda m: ({"isc": m.isc_mode, "freeze_bn_stats": m.freeze_bn_stats}, m.backbone)),
-    "boostnet": (BoostedExits, lambda m: ({"reweight": m.reweight}, m.model)),
-    "ztw": (ZTWModel, lambda m: ({"detach": m.detach, "layer_norm": m.layer_norm, "ensembles": m.use_ensembles},
-                                 m.model)),
-}
+# an earlier version saved a wrapper as its network's architecture, with the wrapper's settings in a
+# section of ours named after the registered wrapper
+EARLIER_WRAPPERS = ("imta", "boostnet", "ztw")
 
 
 def save_model_folder(model: nn.Module, folder: str, data_config: Optional[Dict[str, Any]] = None,
@@ -52,31 +51,26 @@ def save_model_folder(model: nn.Module, folder: str, data_config: Optional[Dict[
     finite, in range, a channel count that fits the model); ``label_names``: the class names in the
     order of the outputs (timm's ``label_names``; default: the model's pretrained cfg's, if any);
     ``info`` (JSON, e.g. ``technique``, ``phase``, ``config``) goes to its ``timm_exits`` section. A
-    model that wraps a timm network (IMTA phase II, BoostNet, ZTW: :data:`WRAPPERS`) is stored with
-    the network's config and its own settings (it loads through :func:`load_model_folder`, not
-    ``local-dir:``)."""
-    described = model
-    for name, (cls, describe) in WRAPPERS.items():
-        if isinstance(model, cls):
-            settings, described = describe(model)
-            info = {**info, name: settings}
-    if not hasattr(described, "pretrained_cfg"):
-        raise ValueError(f"{type(described).__name__} was not made by timm.create_model: a model folder needs its "
-                         f"architecture name and pretrained cfg")
-    arch = described.pretrained_cfg.get("architecture")
-    if isinstance(described, BackboneWithExits) and arch not in timm.list_models("*_exits"):
-        raise ValueError(f"this model was built by add_exits({arch!r}, ...): no timm architecture name rebuilds it with "
-                         f"its exits, so a model folder would hold a plain {arch}. Build it with timm.create_model and a "
-                         f"registered variant (timm.list_models('*_exits'), e.g. 'resnet18_exits', with exits=..., "
-                         f"head=... as arguments), or save its state_dict")
+    model that wraps a network (IMTA phase II, BoostNet, ZTW, product anytime) is stored as its own
+    architecture, with the network's name and arguments and its settings as ``model_args``."""
+    if not (getattr(model, "pretrained_cfg", None) or {}).get("architecture"):
+        raise ValueError(f"{type(model).__name__} was not made by timm.create_model (nor wraps a network that was): "
+                         f"a model folder needs its architecture name and pretrained cfg")
+    for part in model.modules():
+        arch = part.pretrained_cfg.get("architecture") if isinstance(part, BackboneWithExits) else None
+        if arch is not None and arch not in timm.list_models("*_exits"):
+            raise ValueError(f"this model was built by add_exits({arch!r}, ...): no timm architecture name rebuilds it "
+                             f"with its exits, so a model folder would hold a plain {arch}. Build it with "
+                             f"timm.create_model and a registered variant (timm.list_models('*_exits'), e.g. "
+                             f"'resnet18_exits', with exits=..., head=... as arguments), or save its state_dict")
     data = {k: v for k, v in (data_config or {}).items() if k in DATA_KEYS and v is not None}
     data = check_preprocessing(data, lambda key: f"data_config[{key!r}]")
-    if label_names is not None and (len(label_names) != described.num_classes or
+    if label_names is not None and (len(label_names) != model.num_classes or
                                     not all(isinstance(n, str) for n in label_names)):
-        raise ValueError(f"label_names must be {described.num_classes} class names (one per output), got {label_names!r}")
+        raise ValueError(f"label_names must be {model.num_classes} class names (one per output), got {label_names!r}")
     os.makedirs(folder, exist_ok=True)
     with atomic_file(os.path.join(folder, WEIGHTS_FILE)) as weights, atomic_file(os.path.join(folder, CONFIG_FILE)) as tmp:
-        save_config_for_hf(described, tmp, data_config=data,
+        save_config_for_hf(model, tmp, data_config=data,
                            model_config={"label_names": list(label_names)} if label_names is not None else None)
         with open(tmp) as f:
             config = json.load(f)
@@ -160,14 +154,30 @@ def load_model_folder(
     folder = os.path.dirname(config_file)
     kwargs = resolve_model_input_args(f"local-dir:{os.path.abspath(folder)}", {"input_size": given.get("input_size")},
                                       **model_kwargs)
-    model = build_model(kwargs.pop("model_name"), kwargs, f"the arguments of {config_file} and the ones given")
-    for name, (cls, _) in WRAPPERS.items():
-        settings = config.get(SECTION, {}).get(name)
-        if settings:
-            model = cls(model, **settings)
+    name = kwargs.pop("model_name")
+    earlier = [w for w in EARLIER_WRAPPERS if (config.get(SECTION) or {}).get(w)]
+    if earlier:  # the network's architecture, rebuilt inside the wrapper its section names
+        cfg = {**kwargs.pop("pretrained_cfg"), "architecture": earlier[0]}
+        kwargs.pop("pretrained_model_args", None)
+        kwargs = {"model": name, "model_args": kwargs, "pretrained_cfg": cfg, **config[SECTION][earlier[0]]}
+        name = earlier[0]
+    model = build_model(name, kwargs, f"the arguments of {config_file} and the ones given")
     try:
         model.load_state_dict(read_weights(weights))
     except RuntimeError as e:  # missing / unexpected keys, size mismatches
         raise ValueError(f"{weights} does not fit {config['architecture']} built with "
                          f"{ {**config.get('model_args', {}), **model_kwargs} }: {e}") from None
     return model.eval(), resolve_preprocessing(model, given, lambda key: f"data_config[{key!r}]")
+
+
+def export_model_folder(path: str, folder: str, thresholds: Optional[Thresholds] = None,
+                        extra_operators: Sequence[str] = ()) -> List[str]:
+    """Export the model of a timm model folder (or a weights file with ``config.json`` beside it) with
+    what its config says: the architecture as the name, its preprocessing (the input size the
+    export takes) and its class names (``label_names``, if recorded); ``thresholds`` as in
+    :func:`~timm_exits.inference.export.export_model`."""
+    model, data_config = load_model_folder(path)
+    config = read_model_config(path)
+    return export_model(model, torch.zeros(1, *data_config["input_size"]), folder, name=config["architecture"],
+                        extra_operators=extra_operators, data_config=data_config,
+                        label_names=config.get("label_names"), thresholds=thresholds)

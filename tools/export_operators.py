@@ -28,11 +28,11 @@ from timm.utils import reparameterize_model
 
 import timm_exits
 from timm_exits.catalogue import families, load_catalogue
-from timm_exits.inference import ProductAnytimeModel
 from timm_exits.inference.export import OPERATORS, exported_operators
-from timm_exits.train.boostnet import BoostedExits
-from timm_exits.train.imta import IMTAModel
-from timm_exits.train.ztw import ZTWModel
+from timm_exits.models.boostnet import BoostedExits
+from timm_exits.models.imta import IMTAModel
+from timm_exits.models.product_anytime import ProductAnytimeModel
+from timm_exits.models.ztw import ZTWModel
 
 LIST = Path(timm_exits.__file__).parent / "inference" / OPERATORS
 GRAD_MODES = {"grad": nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}

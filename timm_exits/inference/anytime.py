@@ -13,29 +13,29 @@ PA needs raw logits (ReLU is not shift-invariant, so it cannot be rebuilt from s
 metrics need only probabilities. Every function takes tensors (``exits x samples x classes``) or an
 ``ExitOutputs``-like object (``.logits`` / ``.probs`` and ``.labels``).
 
-:class:`ProductAnytimeModel` answers PA online: a multi-exit model whose exit l outputs PA's
-log-probabilities, the running log-product carried in its exit-history state, so the early-exit
-executor (with batch compaction) and every evaluation run on PA's answers.
+:class:`~timm_exits.models.product_anytime.ProductAnytimeModel` answers PA online: a multi-exit model
+whose exit l outputs PA's log-probabilities, the running log-product carried in its exit-history state,
+so the early-exit executor (with batch compaction) and every evaluation run on PA's answers.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ..models.history import ExitHistoryModel
+from ..models.product_anytime import log_terms, product_log_probs, product_weights
 
-__all__ = ["MONOTONICITY_DELTAS", "product_anytime", "ProductAnytimeModel", "caching_anytime",
-           "conditional_monotonicity", "ground_truth_probability"]
+__all__ = ["MONOTONICITY_DELTAS", "product_anytime", "caching_anytime", "conditional_monotonicity",
+           "ground_truth_probability", "check_exits_tensor"]
 
 MONOTONICITY_DELTAS = (0.01, 0.05, 0.1, 0.2, 0.5)  # the paper's decrease thresholds
 
 Source = Union[torch.Tensor, Any]  # a tensor, or an object with .logits / .probs and .labels
 
 
-def _check_3d(x: torch.Tensor, what: str) -> torch.Tensor:
+def check_exits_tensor(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x``, checked to be a tensor of shape (exits, samples, classes) with an exit and a sample
+    (``what`` it holds names it in the error)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"expected {what} of shape (exits, samples, classes) with at least one exit and one sample, "
@@ -57,7 +57,7 @@ def _logits_of(source: Source) -> torch.Tensor:
 def _probs_and_labels(source: Source, labels: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(source, torch.Tensor):
         source, labels = source.probs, source.labels if labels is None else labels
-    probs = _check_3d(source, "probabilities")
+    probs = check_exits_tensor(source, "probabilities")
     if labels is None or labels.shape != probs.shape[1:2]:
         raise ValueError(f"expected labels of shape ({probs.shape[1]},), got "
                          f"{None if labels is None else tuple(labels.shape)}")
@@ -78,13 +78,6 @@ def _check_probabilities(probs: torch.Tensor) -> None:
     if probs.min() < 0 or not torch.allclose(probs.sum(-1).double(), torch.ones((), dtype=torch.float64), atol=1e-3):
         raise ValueError("expected probabilities (non-negative, summing to 1 over classes); for logits pass "
                          "logits.softmax(-1)")
-
-
-def _log_activation(z: torch.Tensor, softplus: bool, floor: float, ceiling: Optional[float]) -> torch.Tensor:
-    """log g(z) in float64: log of the (clipped) ReLU, -inf where it is 0, or log softplus (stable for z << 0)."""
-    if softplus:
-        return torch.where(z > -40, F.softplus(z).log(), z)  # softplus(z) = e^z (1 + O(e^z)) below -40
-    return (z if ceiling is None else z.clamp(max=ceiling)).clamp(min=floor).log()
 
 
 def product_anytime(
@@ -109,68 +102,10 @@ def product_anytime(
             every exit so far), answer ``softmax(z_l)`` of the current exit. The reference's default
             is no fallback, which leaves such rows 0/0 = NaN; ``fallback=False`` does the same.
     """
-    z = _check_3d(_logits_of(logits), "logits").double()
-    w = _product_weights(weights, z.shape[0], softplus, floor, ceiling).view(-1, 1, 1)
-    log_product = _log_terms(z, w, softplus, floor, ceiling).cumsum(0)
-    return _product_log_probs(log_product, z, fallback).exp().float()
-
-
-def _product_weights(weights: Optional[Sequence[float]], num_exits: int, softplus: bool, floor: float,
-                     ceiling: Optional[float]) -> torch.Tensor:
-    """PA's exponents (float64, one per exit; default m / L), after checking them and the activation's options."""
-    if weights is None:
-        w = torch.arange(1, num_exits + 1, dtype=torch.float64) / num_exits
-    else:
-        w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-        if w.numel() != num_exits or (w < 0).any() or not w.isfinite().all():
-            raise ValueError(f"expected {num_exits} finite non-negative weights (one per exit), got {w.tolist()}")
-    if softplus and (floor != 0.0 or ceiling is not None):
-        raise ValueError("floor and ceiling clip the ReLU; they do not apply with softplus=True")
-    if ceiling is not None and ceiling <= floor:
-        raise ValueError(f"ceiling must be above floor, got ceiling={ceiling} and floor={floor}")
-    return w
-
-
-def _log_terms(z: torch.Tensor, w: torch.Tensor, softplus: bool, floor: float,
-               ceiling: Optional[float]) -> torch.Tensor:
-    """``w log g(z)`` (float64), 0 where the weight is 0 (``0 ** 0 = 1``)."""
-    return torch.where(w == 0, 0.0, w * _log_activation(z, softplus, floor, ceiling))
-
-
-def _product_log_probs(log_product: torch.Tensor, z: torch.Tensor, fallback: bool) -> torch.Tensor:
-    """PA's log-probabilities from the log-product; where it is -inf for every class, those of
-    ``softmax(z)`` (``fallback``) or NaN."""
-    collapsed = log_product.amax(-1, keepdim=True) == float("-inf")  # log_softmax gives NaN there
-    return torch.where(collapsed, z.log_softmax(-1) if fallback else float("nan"), log_product.log_softmax(-1))
-
-
-class ProductAnytimeModel(ExitHistoryModel):
-    """Product anytime online: exit l of ``model`` answers with PA's log-probabilities
-    ``log pi_l`` (:func:`product_anytime`, same arguments; ``softmax`` of the output is pi_l).
-
-    The running log-product ``sum_{m<=l} w_m log g(z_m)`` (float64) is the exit-history state, so
-    the early-exit executor, batch compaction, ``forward_exits`` and the cached evaluation give PA's
-    answers; thresholds fitted on this model's outputs are thresholds for PA. An inference wrapper:
-    it adds no parameters, and its outputs are log-probabilities (a class ruled out is ``-inf``),
-    not raw logits.
-    """
-
-    predictor = "product_anytime"  # what answers at the exits (Thresholds.predictor); other models: "exits"
-
-    def __init__(self, model: nn.Module, weights: Optional[Sequence[float]] = None, softplus: bool = False,
-                 floor: float = 0.0, ceiling: Optional[float] = None, fallback: bool = True):
-        super().__init__(model)
-        self.weights: List[float] = _product_weights(weights, self.num_exits, softplus, floor, ceiling).tolist()
-        self.softplus, self.floor, self.ceiling, self.fallback = softplus, floor, ceiling, fallback
-        self.train(model.training)  # a wrapper of a model in evaluation mode evaluates
-
-    def combine(self, logits: torch.Tensor, history: List[torch.Tensor],
-                index: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        z = logits.detach().double()
-        term = _log_terms(z, torch.tensor(self.weights[index], dtype=torch.float64), self.softplus, self.floor,
-                          self.ceiling)
-        log_product = history[0] + term if history else term
-        return _product_log_probs(log_product, z, self.fallback).to(logits.dtype), [log_product]
+    z = check_exits_tensor(_logits_of(logits), "logits").double()
+    w = product_weights(weights, z.shape[0], softplus, floor, ceiling).view(-1, 1, 1)
+    log_product = log_terms(z, w, softplus, floor, ceiling).cumsum(0)
+    return product_log_probs(log_product, z, fallback).exp().float()
 
 
 def caching_anytime(probs: Source) -> torch.Tensor:
@@ -179,7 +114,7 @@ def caching_anytime(probs: Source) -> torch.Tensor:
     outputs with ``.probs``; returns a tensor of the same shape and dtype."""
     if not isinstance(probs, torch.Tensor):
         probs = probs.probs
-    _check_probabilities(_check_3d(probs, "probabilities"))
+    _check_probabilities(check_exits_tensor(probs, "probabilities"))
     confidence = probs.max(-1).values
     best = torch.zeros(probs.shape[1], dtype=torch.long)
     samples = torch.arange(probs.shape[1])

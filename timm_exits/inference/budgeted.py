@@ -24,30 +24,18 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..files import read_json, write_json
+from ..quotas import exit_quotas, geometric_fractions
 from .outputs import PREDICTORS, ExitOutputs
 from .policies import ExitPolicy, PolicyLike, resolve_policy
 
-__all__ = ["REFERENCE_Q", "IMTA_Q", "Q_GRIDS", "geometric_fractions", "exit_quotas", "fit_thresholds", "assign_exits",
-           "exit_metrics", "BudgetPoint", "budgeted_curve", "flat_envelope", "thresholds_for_cost",
-           "thresholds_for_accuracy", "Thresholds", "check_thresholds"]
+__all__ = ["REFERENCE_Q", "IMTA_Q", "Q_GRIDS", "fit_thresholds", "assign_exits", "exit_metrics", "BudgetPoint",
+           "budgeted_curve", "flat_envelope", "thresholds_for_cost", "thresholds_for_accuracy", "Thresholds",
+           "check_thresholds"]
 
 REFERENCE_Q = [p / 20 for p in range(1, 40)]  # MSDNet-PyTorch: 0.05 .. 1.95
 IMTA_Q = [p / 20 for p in range(1, 41)]  # IMTA: 0.05 .. 2.0
 Q_GRIDS = {"reference": REFERENCE_Q, "imta": IMTA_Q}
 NEVER, ALWAYS = 1e8, -1e8  # the reference's sentinel thresholds
-
-
-def geometric_fractions(q: float, num_exits: int) -> List[float]:
-    """Target fraction of samples per exit, P_k = q^k / sum_j q^j (k = 1..N), computed as the reference
-    computes it: exp(k log q), normalised, in float32 (the quotas floor(n P_k) depend on the rounding)."""
-    weights = torch.exp(torch.log(torch.tensor(q, dtype=torch.float32)) *
-                        torch.arange(1, num_exits + 1, dtype=torch.float32))
-    return (weights / weights.sum()).tolist()
-
-
-def exit_quotas(n: int, fractions: Sequence[float]) -> List[int]:
-    """floor(n P_k) per exit, with the product in float32 as in the reference."""
-    return [math.floor(n * torch.tensor(p, dtype=torch.float32)) for p in fractions]
 
 
 def fit_thresholds(scores: torch.Tensor, fractions: Sequence[float], policy: PolicyLike = "maxprob") -> torch.Tensor:

@@ -13,7 +13,7 @@ The folder holds:
   and a convolution's output layout, so its kernel and last-bit rounding, follows its weight's), and
   the SHA-256 digest and size of every file; and what the deployment needs to use it, if given
   (:func:`export_model`'s ``data_config``, ``label_names``, ``thresholds``; from a model folder's
-  ``config.json`` by default, :func:`export_model_folder`): the preprocessing (``preprocessing``:
+  ``config.json`` by default, :func:`timm_exits.model_folder.export_model_folder`): the preprocessing (``preprocessing``:
   input size, mean, std, interpolation, crop_pct), the class names in the order of the outputs
   (``label_names``, with ``num_classes``) and the thresholds to exit with (``thresholds``, a
   :class:`~timm_exits.inference.budgeted.Thresholds` file's content).
@@ -60,7 +60,7 @@ from .budgeted import Thresholds
 from .executor import EarlyExitExecutor, weights_sha256
 from .outputs import PREDICTORS, predictor_of
 
-__all__ = ["export_model", "export_model_folder", "ExportedModel", "manifest_sha256", "listed_operators",
+__all__ = ["export_model", "ExportedModel", "manifest_sha256", "listed_operators",
            "exported_operators"]
 
 FORMAT_VERSION = 2  # 1: one .pt2 archive per piece (loaded with torch.export.load, which unpickles)
@@ -402,21 +402,6 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
     return files
-
-
-def export_model_folder(path: str, folder: str, thresholds: Optional[Thresholds] = None,
-                        extra_operators: Sequence[str] = ()) -> List[str]:
-    """Export the model of a timm model folder (or a weights file with ``config.json`` beside it) with
-    what its config says: the architecture as the name, its preprocessing (the input size the
-    export takes) and its class names (``label_names``, if recorded); ``thresholds`` as in
-    :func:`export_model`."""
-    from ..model_folder import load_model_folder, read_model_config  # they import this package: read at call time
-
-    model, data_config = load_model_folder(path)
-    config = read_model_config(path)
-    return export_model(model, torch.zeros(1, *data_config["input_size"]), folder, name=config["architecture"],
-                        extra_operators=extra_operators, data_config=data_config,
-                        label_names=config.get("label_names"), thresholds=thresholds)
 
 
 # -- reading -------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from scipy.optimize import brentq
 from scipy.special import rel_entr
 from scipy.stats import binom
 
-from .anytime import _check_3d
+from .anytime import check_exits_tensor
 from .budgeted import assign_exits
 from .policies import ExitPolicy, exit_scores
 
@@ -136,10 +136,11 @@ def _probs_and_preds(source: Union[torch.Tensor, Any]) -> Tuple[torch.Tensor, to
     if not isinstance(source, torch.Tensor):
         logits = getattr(source, "logits", None)
         if logits is None or not getattr(source, "raw_logits", True):
-            probs = _check_3d(getattr(source, "probs", None), "probabilities (.probs of outputs without raw logits)")
+            probs = check_exits_tensor(getattr(source, "probs", None),
+                                       "probabilities (.probs of outputs without raw logits)")
             return probs, probs.argmax(-1)
         source = logits
-    return _check_3d(source, "logits").float().softmax(-1), source.argmax(-1)
+    return check_exits_tensor(source, "logits").float().softmax(-1), source.argmax(-1)
 
 
 def wsr_upper_bound(losses: Sequence[float], delta: float, loss_bound: float = 1.0) -> float:

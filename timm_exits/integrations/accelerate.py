@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-import timm_exits  # noqa: F401  (registers the models)
+from .. import models  # noqa: F401  (registers the models with timm)
 from .. import profile as profiling
 from ..checkpoint import load_checkpoint, save_checkpoint, set_rng_state, rng_state, training_state
 from ..cpu import bf16_advice, cpu_bf16

@@ -39,7 +39,7 @@ from mmengine.model import BaseModel, MMDistributedDataParallel, is_model_wrappe
 from mmengine.optim import OptimWrapper
 from mmengine.registry import DATASETS, HOOKS, METRICS, MODEL_WRAPPERS, MODELS, OPTIM_WRAPPERS
 
-import timm_exits  # noqa: F401  (registers the models with timm)
+from .. import models  # noqa: F401  (registers the models with timm)
 from ..config import resolve_preprocessing
 from ..data import image_dataset
 from ..model_folder import build_model, save_model_folder

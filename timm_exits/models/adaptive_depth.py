@@ -45,12 +45,13 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-from ..checkpoint import keep_file_classifiers
+from .capabilities import is_multi_exit
 from .features import check_feature_indices
+from .pretrained import keep_file_classifiers
 from .training_outputs import TrainingOutputs
 
-__all__ = ["SkipAware", "Skippable", "SkippableAttnBlock", "make_adaptive_depth", "set_depth", "checkpoint_filter_fn",
-           "ResNetADN", "VisionTransformerADN", "SwinTransformerADN"]
+__all__ = ["SkipAware", "Skippable", "SkippableAttnBlock", "make_adaptive_depth", "adaptive_depth_of", "set_depth",
+           "checkpoint_filter_fn", "ResNetADN", "VisionTransformerADN", "SwinTransformerADN"]
 
 DepthConfig = Union[str, Sequence[bool], None]
 
@@ -373,6 +374,16 @@ def make_adaptive_depth(model: nn.Module, num_stages: Optional[int] = None) -> n
         model.__class__ = original  # the checks run before any module is replaced
         raise
     return model
+
+
+def adaptive_depth_of(model: nn.Module) -> Optional[AdaptiveDepthMixin]:
+    """The adaptive-depth network whose depth ``model`` selects with ``set_depth``: ``model`` itself
+    (``resnet50_adn``, :func:`make_adaptive_depth`), the backbone of a multi-exit model built on one
+    (``add_exits`` on an ADN network), else ``None``."""
+    if isinstance(model, AdaptiveDepthMixin):
+        return model
+    backbone = getattr(model, "backbone", None) if is_multi_exit(model) else None
+    return backbone if isinstance(backbone, AdaptiveDepthMixin) else None
 
 
 _ADN_PART = re.compile(r"\.(?:main|skip|block)(?=\.)")

@@ -1,15 +1,12 @@
-"""What a model is: multi-exit, adaptive-depth, or a multi-exit model built on an adaptive-depth one.
+"""What a model is: whether it has the multi-exit contract.
 
-The training objectives, the profiler and the command line ask these two questions; they are answered
-here only.
+The training objectives, the profiler and the command line ask this question; it is answered here
+only, without naming any model family (whether a model selects a depth is the ADN family's question:
+:func:`timm_exits.models.adaptive_depth.adaptive_depth_of`).
 """
-from typing import Optional
-
 from torch import nn
 
-from .adaptive_depth import AdaptiveDepthMixin
-
-__all__ = ["is_multi_exit", "adaptive_depth_of"]
+__all__ = ["is_multi_exit"]
 
 
 _CONTRACT = ("forward_stem", "forward_stage", "forward_exit")  # see timm_exits.models.multi_exit
@@ -20,13 +17,3 @@ def is_multi_exit(model: nn.Module) -> bool:
     ``forward_stem``, ``forward_stage``, ``forward_exit``): MSDNet, a backbone with exits, IMTA's
     phase-II model, an exported model. A plain timm model or an ADN network has not."""
     return hasattr(model, "num_exits") and all(callable(getattr(model, name, None)) for name in _CONTRACT)
-
-
-def adaptive_depth_of(model: nn.Module) -> Optional[AdaptiveDepthMixin]:
-    """The adaptive-depth network whose depth ``model`` selects with ``set_depth``: ``model`` itself
-    (``resnet50_adn``, :func:`make_adaptive_depth`), the backbone of a multi-exit model built on one
-    (``add_exits`` on an ADN network), else ``None``."""
-    if isinstance(model, AdaptiveDepthMixin):
-        return model
-    backbone = getattr(model, "backbone", None) if is_multi_exit(model) else None
-    return backbone if isinstance(backbone, AdaptiveDepthMixin) else None

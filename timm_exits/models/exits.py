@@ -42,7 +42,7 @@ from .heads import create_head, reset_head_classifier
 from ..profile import meta_copy, profile_exits
 from .features import check_feature_indices
 from .multi_exit import MultiExitModel
-from ..checkpoint import pretrained_file
+from .pretrained import pretrained_file
 
 __all__ = [
     "BackboneWithExits", "ResNetWithExits", "ConvNeXtWithExits", "EfficientNetWithExits", "MobileNetV3WithExits",

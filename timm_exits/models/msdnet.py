@@ -33,8 +33,9 @@ from .channels_last_norm import batch_norm_relu_2d, shared_input_conv_bn_relu
 from .features import check_feature_indices
 from .heads import classifier, reset_head_classifier
 from .msdnet_fused import FusedMsdLayer, FusedTransition, begin_full_pass, fuse_head, fuse_stage, fuse_stem
-from .multi_exit import MultiExitModel, scale_grad
-from ..checkpoint import keep_file_classifiers
+from .branch_gradients import scale_grad
+from .multi_exit import MultiExitModel
+from .pretrained import keep_file_classifiers
 
 __all__ = ["MSDNet", "MsdStage", "LayerPlan", "msdnet_plan", "checkpoint_filter_fn"]
 

@@ -20,13 +20,14 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .branch_gradients import deconflict_branch, scale_grad
 from .capabilities import is_multi_exit
 from .training_outputs import TrainingOutputs
 
 
 State = Union[torch.Tensor, List[torch.Tensor]]
 
-__all__ = ["MultiExitModel", "State", "slice_state", "scale_grad", "exit_logits"]
+__all__ = ["MultiExitModel", "State", "slice_state", "exit_logits"]
 
 
 def slice_state(state: State, index: Union[torch.Tensor, slice, Sequence[int]]) -> State:
@@ -42,24 +43,6 @@ def exit_logits(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
     if is_multi_exit(model):
         return model.forward_exits(x)
     return [model.forward_head(model.forward_features(x))]
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the backward multiplies the gradient by a constant."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.factor, None
-
-
-def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """``x`` unchanged, with its gradient multiplied by ``factor`` in the backward pass."""
-    return _ScaleGrad.apply(x, factor)
 
 
 class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
@@ -125,7 +108,7 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
           gradients of the exits that depend on it.
         * ``gradient_deconfliction`` (ICIP 2020, branch level): where exit i's gradient and the deeper
           network's conflict, each is projected onto the normal plane of the other (``"protect_deeper"``:
-          only exit i's) before they are added; see :mod:`timm_exits.train.deconfliction`.
+          only exit i's) before they are added; see :mod:`timm_exits.models.branch_gradients`.
         """
         n = self.num_exits if last is None else last + 1
         state = self.forward_stem(x)
@@ -145,8 +128,6 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
         return [self.forward_exit(h, i) for i, h in enumerate(head_inputs)]
 
     def _deconflict(self, state: State):
-        from ..train.deconfliction import deconflict_branch  # train/ builds on models/
-
         if self.gradient_deconfliction not in ("symmetric", "protect_deeper"):
             raise ValueError(f"gradient_deconfliction must be None, 'symmetric' or 'protect_deeper', "
                              f"got {self.gradient_deconfliction!r}")

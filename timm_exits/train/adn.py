@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.capabilities import adaptive_depth_of
+from ..models.adaptive_depth import adaptive_depth_of
 from ..models.multi_exit import exit_logits
 
 __all__ = ["adn_distillation", "adn_losses", "adn_step"]

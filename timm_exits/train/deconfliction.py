@@ -14,7 +14,8 @@ Only the paper's abstract is public, so both places the operator can act are off
   projected) (branch level, one backward): at every branch point of the
   multi-exit contract, the gradient coming from the exit head and the one coming from the deeper
   network are deconflicted the same way before they are added. Its cost is a few dot products; it
-  composes with Gradient Equilibrium, which acts at the same points.
+  composes with Gradient Equilibrium, which acts at the same points. Being part of the forward
+  graph, it lives with the models: :mod:`timm_exits.models.branch_gradients`.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["project_conflicts", "pcgrad_backward", "deconflict_branch"]
+from ..models.branch_gradients import project_conflicts
 
-_EPS = 1e-12
+__all__ = ["pcgrad_backward"]
 
 
 def average_over_processes(tensors: List[Optional[torch.Tensor]]) -> None:
@@ -36,24 +37,6 @@ def average_over_processes(tensors: List[Optional[torch.Tensor]]) -> None:
             if t is not None:
                 dist.all_reduce(t)
                 t.div_(dist.get_world_size())
-
-
-def project_conflicts(grads: List[torch.Tensor], order: Sequence[Sequence[int]],
-                      protected: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
-    """Sum of the PCGrad-projected gradients (each a flat tensor). ``order[i]`` lists the other
-    gradients g_i is projected against, in turn; ``protected[i]``: those g_i is never projected
-    against even on a conflict."""
-    total = torch.zeros_like(grads[0])
-    for i, g in enumerate(grads):
-        g = g.clone()
-        for j in order[i]:
-            if protected is not None and j in protected[i]:
-                continue
-            dot = torch.dot(g, grads[j])
-            if dot < 0:
-                g -= dot / (grads[j].pow(2).sum() + _EPS) * grads[j]
-        total += g
-    return total
 
 
 def _orders(n: int, order: str, generator: Optional[torch.Generator]) -> List[List[int]]:
@@ -123,26 +106,3 @@ def pcgrad_backward(
             offset += p.numel()
             p.grad = g.clone() if p.grad is None else p.grad + g
     return {"projections": projections}
-
-
-class _Branch(torch.autograd.Function):
-    """Two identical outputs; the backward deconflicts the two incoming gradients, then adds them."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, protect_trunk: bool):
-        ctx.protect_trunk = protect_trunk
-        return x.view_as(x), x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g_head: torch.Tensor, g_trunk: torch.Tensor):
-        if g_head is None or g_trunk is None:
-            return (g_trunk if g_head is None else g_head), None
-        h, t = g_head.reshape(-1), g_trunk.reshape(-1)
-        combined = project_conflicts([h, t], [[1], [0]], [[], [0]] if ctx.protect_trunk else None)
-        return combined.view_as(g_head), None
-
-
-def deconflict_branch(x: torch.Tensor, protect_deeper: bool = False):
-    """``(x_head, x_trunk)``: both ``x``; in the backward their gradients are deconflicted (with
-    ``protect_deeper``, only the head's gradient is projected)."""
-    return _Branch.apply(x, protect_deeper)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..inference.budgeted import exit_quotas, geometric_fractions
+from ..quotas import exit_quotas, geometric_fractions
 from .deconfliction import average_over_processes
 from .techniques import Backward, Outputs, Technique
 from .virtual_step import functional_exits, sgd_virtual_step

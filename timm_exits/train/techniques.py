@@ -41,17 +41,18 @@ import timm
 import torch
 from torch import nn
 
-from ..models.capabilities import adaptive_depth_of, is_multi_exit
+from ..models.adaptive_depth import adaptive_depth_of
+from ..models.boostnet import BoostedExits
+from ..models.capabilities import is_multi_exit
+from ..models.imta import IMTAModel
 from ..models.multi_exit import exit_logits
+from ..models.ztw import ZTW_PARTS, ZTWModel
 from .adn import adn_losses
-from .boostnet import BoostedExits
 from .deconfliction import pcgrad_backward
 from .hdkd import BalancedValidationLoss, HarmonizedWeights, harmonized_loss, hdkd_weight_step, loss_terms
-from .imta import IMTAModel
 from .losses import exit_cross_entropies, one_for_all_distillation
 from .regimes import apply_regime, check_regime, regime_exits
 from .schedules import ExitWeights
-from .ztw import ZTW_PARTS, ZTWModel
 
 __all__ = ["LOSSES", "DECONFLICTION", "Technique", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN", "BoostNet",
            "ZTW", "create_technique", "create_training_model", "apply_switches", "TrainingForward"]

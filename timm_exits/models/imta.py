@@ -9,17 +9,21 @@ reference (its running statistics still move); ``freeze_bn_stats=True`` keeps it
 
 The phase-II model is itself a multi-exit model: stage i runs the frozen stage i and head i, and
 carries z_i in its state, so ``forward_exits``, the early-exit executor, profiling and export work.
+It is registered with timm as ``imta`` (:mod:`timm_exits.models.wrappers`): a model folder of it is
+rebuilt by ``timm.create_model("local-dir:FOLDER", pretrained=True)``.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
 import torch
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from ..models.multi_exit import MultiExitModel
+from .multi_exit import MultiExitModel
+from .wrappers import create_wrapper, record_wrapper_args, wrapper_cfg
 
-__all__ = ["IMTAModel"]
+__all__ = ["IMTAModel"]  # model_registry adds each entrypoint fn to this
 
 
 class IMTAModel(MultiExitModel):
@@ -41,7 +45,7 @@ class IMTAModel(MultiExitModel):
         self.num_exits = backbone.num_exits
         self.exit_index = self.num_exits - 1
         self.num_classes = backbone.num_classes
-        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
+        record_wrapper_args(self, backbone, "imta", isc=isc, freeze_bn_stats=freeze_bn_stats)
         widths = list(backbone.exit_widths)
         ref = next(backbone.parameters())
         dd = dict(device=ref.device, dtype=ref.dtype)
@@ -52,6 +56,7 @@ class IMTAModel(MultiExitModel):
             nn.Sequential(nn.Linear(k, d, **dd), nn.BatchNorm1d(d, **dd), nn.ReLU(inplace=True)) for d in widths[1:]
         ]) if isc else nn.ModuleList()
         self.exit_widths = [h.in_features for h in self.heads]
+        self.num_features = self.exit_widths[-1]  # what the last head reads (timm's config.json records it)
 
     def train(self, mode: bool = True) -> "IMTAModel":
         super().train(mode)
@@ -90,3 +95,15 @@ class IMTAModel(MultiExitModel):
         with torch.no_grad():
             teacher = self.backbone.get_classifier()(state[2])
         return logits, teacher
+
+
+default_cfgs = generate_default_cfgs({
+    "imta": wrapper_cfg("IMTA phase II: Inline Subnetwork Collaboration heads on a frozen multi-exit network."),
+})
+
+
+@register_model
+def imta(pretrained: bool = False, **kwargs) -> IMTAModel:
+    """IMTA phase II around a multi-exit network: ``model`` (its timm name), ``model_args`` (its
+    arguments), ``isc``, ``freeze_bn_stats`` (see :class:`IMTAModel`)."""
+    return create_wrapper(IMTAModel, "imta", pretrained, **kwargs)

@@ -1,0 +1,81 @@
+"""The backward-only switches of the multi-exit forward graph, acting at its branch points (the
+state after a stage, read by the exit head and by the next stage):
+
+* Gradient Equilibrium (IMTA, ICCV 2019) scales the gradient of each branch: :func:`scale_grad`;
+* branch-level gradient deconfliction (Wang & Li, ICIP 2020) projects a gradient that conflicts with
+  the other branch's (negative dot product) onto the normal plane of it, the PCGrad operator
+  ``g_i <- g_i - (g_i . g_j / |g_j|^2) g_j`` (:func:`project_conflicts`), before the two are added:
+  :func:`deconflict_branch`.
+
+Both are identities in the forward pass. :class:`~timm_exits.models.multi_exit.MultiExitModel`
+applies them (``gradient_equilibrium``, ``gradient_deconfliction``); the parameter-level PCGrad of
+:mod:`timm_exits.train.deconfliction` uses the same operator.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["scale_grad", "project_conflicts", "deconflict_branch"]
+
+_EPS = 1e-12
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` unchanged, with its gradient multiplied by ``factor`` in the backward pass."""
+    return _ScaleGrad.apply(x, factor)
+
+
+def project_conflicts(grads: List[torch.Tensor], order: Sequence[Sequence[int]],
+                      protected: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+    """Sum of the PCGrad-projected gradients (each a flat tensor). ``order[i]`` lists the other
+    gradients g_i is projected against, in turn; ``protected[i]``: those g_i is never projected
+    against even on a conflict."""
+    total = torch.zeros_like(grads[0])
+    for i, g in enumerate(grads):
+        g = g.clone()
+        for j in order[i]:
+            if protected is not None and j in protected[i]:
+                continue
+            dot = torch.dot(g, grads[j])
+            if dot < 0:
+                g -= dot / (grads[j].pow(2).sum() + _EPS) * grads[j]
+        total += g
+    return total
+
+
+class _Branch(torch.autograd.Function):
+    """Two identical outputs; the backward deconflicts the two incoming gradients, then adds them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, protect_trunk: bool):
+        ctx.protect_trunk = protect_trunk
+        return x.view_as(x), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g_head: torch.Tensor, g_trunk: torch.Tensor):
+        if g_head is None or g_trunk is None:
+            return (g_trunk if g_head is None else g_head), None
+        h, t = g_head.reshape(-1), g_trunk.reshape(-1)
+        combined = project_conflicts([h, t], [[1], [0]], [[], [0]] if ctx.protect_trunk else None)
+        return combined.view_as(g_head), None
+
+
+def deconflict_branch(x: torch.Tensor, protect_deeper: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x_head, x_trunk)``: both ``x``; in the backward their gradients are deconflicted (with
+    ``protect_deeper``, only the head's gradient is projected)."""
+    return _Branch.apply(x, protect_deeper)
