@@ -20,7 +20,7 @@ import torch
 
 import timm_exits  # noqa: F401
 from timm_exits.train import HDKD, CrossEntropy, OneForAll, PCGrad, Technique
-from timm_exits.train.techniques import TrainingForward
+from timm_exits.train.loop import PlainTrainer
 
 
 def make_steps(model_name: str, batch: int):
@@ -33,18 +33,9 @@ def make_steps(model_name: str, batch: int):
 
     def step_of(technique: Technique, net: torch.nn.Module):
         net = technique.prepare(copy.deepcopy(net))
-        forward = TrainingForward(net)
         sgd = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-        calls = [0]
-
-        def step():
-            if isinstance(technique, HDKD) and technique.due(calls[0]):
-                technique.update_weights(net, (x, y), held_out, lr=0.01)
-            calls[0] += 1
-            sgd.zero_grad()
-            technique.step(net, forward, x, y)
-            sgd.step()
-        return step
+        loop = PlainTrainer(net, technique, sgd, held_out=[held_out])
+        return lambda: loop.step(x, y)
 
     return {
         "plain": step_of(CrossEntropy(), model),

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.inference import anytime_accuracy, collect_outputs
-from timm_exits.integrations.accelerate import _Data  # the run's own splits, seeded as in training
+from timm_exits.engine import Splits  # the run's own splits, seeded as in training
 from timm_exits.models.ztw import ZTWModel
 from timm_exits.train import fit_ensembles_offline
 
@@ -36,7 +36,7 @@ def main() -> None:
 
     config = json.load(open(os.path.join(args.run, "run.json")))["config"]
     config["data"]["dir"] = args.data_dir
-    data = _Data(config, Accelerator(cpu=True))
+    data = Splits(config, Accelerator(cpu=True))
     model = ZTWModel(timm.create_model(config["model"]["name"], num_classes=data.num_classes,
                                        **config["model"]["kwargs"]))
     data.set_transforms(config, model)

@@ -9,5 +9,5 @@ _base_ = ['./_base_/datasets/cifar100.py', './_base_/models/msdnet_cifar.py', '.
 output_dir = 'output/cifar'
 
 if __name__ == "__main__":  # accelerate launch recipes/<this file> [--data-dir ...] [--cfg-options ...]
-    from timm_exits.integrations.accelerate import main
+    from timm_exits.engine import main
     raise SystemExit(main(__file__))

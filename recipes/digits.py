@@ -6,5 +6,5 @@ _base_ = ['./_base_/datasets/digits.py', './_base_/models/msdnet_digits.py', './
 output_dir = 'output/train'
 
 if __name__ == "__main__":  # accelerate launch recipes/<this file> [--data-dir ...] [--cfg-options ...]
-    from timm_exits.integrations.accelerate import main
+    from timm_exits.engine import main
     raise SystemExit(main(__file__))

@@ -6,5 +6,5 @@ _base_ = ['./_base_/datasets/imagenet.py', './_base_/models/resnet50_adn.py', '.
 output_dir = 'output/resnet50_adn'
 
 if __name__ == "__main__":  # accelerate launch recipes/<this file> [--data-dir ...] [--cfg-options ...]
-    from timm_exits.integrations.accelerate import main
+    from timm_exits.engine import main
     raise SystemExit(main(__file__))

@@ -7,5 +7,5 @@ _base_ = ['./_base_/datasets/cifar100_sdn.py', './_base_/models/resnet18_sdn_cif
 output_dir = 'output/sdn_cifar_ic_only'
 
 if __name__ == "__main__":  # accelerate launch recipes/<this file> [--data-dir ...] [--cfg-options ...]
-    from timm_exits.integrations.accelerate import main
+    from timm_exits.engine import main
     raise SystemExit(main(__file__))

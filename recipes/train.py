@@ -9,7 +9,7 @@ Any other config runs the same way: ``accelerate launch recipes/train.py CONFIG 
 import os
 import sys
 
-from timm_exits.integrations.accelerate import main
+from timm_exits.engine import main
 
 if __name__ == "__main__":
     sys.exit(main(os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py")))

@@ -8,5 +8,5 @@ _base_ = ['./_base_/datasets/cifar100_sdn.py', './_base_/models/resnet18_ztw_cif
 output_dir = 'output/ztw_cifar'
 
 if __name__ == "__main__":  # accelerate launch recipes/<this file> [--data-dir ...] [--cfg-options ...]
-    from timm_exits.integrations.accelerate import main
+    from timm_exits.engine import main
     raise SystemExit(main(__file__))

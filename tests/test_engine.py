@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from timm_exits.config import ConfigError, load_config, phase_configs, resolve_config
-from timm_exits.integrations.accelerate import run, train_phase
+from timm_exits.engine import run, train_phase
 from timm_exits.train.techniques import TrainingForward
 
 from launch import launch_two_processes
@@ -42,8 +42,8 @@ def test_recipes_inherit_and_take_overrides(tmp_path):
                            cfg_options={"phases.1.technique.gamma": 0.3, "train.epochs": 5})
     (ge, ge_cfg), (imta, imta_cfg) = phase_configs(imagenet)
     assert (ge, imta) == ("phase1_ge", "phase2_isc_ofa")
-    assert ge_cfg["technique"]["gradient_equilibrium"] and ge_cfg["technique"]["loss"] == "ce"
-    assert imta_cfg["technique"]["loss"] == "ofa" and imta_cfg["technique"]["temperature"] == 1.0
+    assert ge_cfg["technique"]["gradient_equilibrium"] and ge_cfg["technique"]["type"] == "CrossEntropy"
+    assert imta_cfg["technique"]["type"] == "OneForAll" and imta_cfg["technique"]["temperature"] == 1.0
     assert imta_cfg["technique"]["gamma"] == 0.3 and imta_cfg["train"]["epochs"] == 5
     assert imagenet["model"]["name"] == "msdnet_imagenet_5exit" and imagenet["data"]["dir"] == "/data/imagenet"
     assert imagenet["scheduler"] == dict(sched="step", decay_epochs=30, decay_rate=0.1, warmup_epochs=0)
@@ -57,7 +57,7 @@ def test_recipes_inherit_and_take_overrides(tmp_path):
                     "technique = dict(topk=None)\n")
     config = load_config(str(mine))
     assert config["model"]["name"] == "resnet50_adn" and config["train"]["epochs"] == 3
-    assert config["technique"]["loss"] == "adn" and config["technique"]["topk"] is None
+    assert config["technique"]["type"] == "ADN" and config["technique"]["topk"] is None
     assert config["scheduler"]["decay_milestones"] == [60, 100, 140]
 
 
@@ -259,16 +259,16 @@ def test_bf16_and_the_other_techniques_train(data, tmp_path):
     resnet = write_config(tmp_path / "r.py", data, "dict(name='resnet18_adn', kwargs=dict())",
                           "tracker = None\ntrain = dict(epochs=1)")
     runs = {
-        "pcgrad": (msdnet, ["technique.deconfliction=pcgrad", "train.mixed_precision=bf16"]),
-        "hdkd": (msdnet, ["technique.loss=hdkd"]),
-        "adn": (resnet, ["technique.loss=adn", "technique.topk=2"]),
+        "PCGrad": (msdnet, ["technique.type=PCGrad", "train.mixed_precision=bf16"]),
+        "HDKD": (msdnet, ["technique.type=HDKD"]),
+        "ADN": (resnet, ["technique.type=ADN", "technique.topk=2"]),
     }
     for name, (config, options) in runs.items():
         result = launch_one(str(config), "--output-dir", str(tmp_path / name), "--cfg-options", *options)
         assert result.returncode == 0, (name, result.stderr[-3000:])
         report = json.loads((tmp_path / name / "results.json").read_text())["phases"][0]
-        assert report["technique"]["loss"] == ("ce" if name == "pcgrad" else name) and report["test_samples"] == 21
-    hdkd = torch.load(tmp_path / "hdkd" / "checkpoint" / "training.pt", weights_only=True)["hdkd_weights"]
+        assert report["technique"]["type"] == name and report["test_samples"] == 21
+    hdkd = torch.load(tmp_path / "HDKD" / "checkpoint" / "training.pt", weights_only=True)["technique"]["hdkd_weights"]
     assert hdkd["ce_logits"].abs().sum() > 0  # moved from the uniform start
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from timm_exits.config import DEFAULTS, ConfigError, load_config
 from timm_exits.data import loader_workers
-from timm_exits.integrations.accelerate import MIN_VAL_IMAGES, run
+from timm_exits.engine import MIN_VAL_IMAGES, run
 
 from helpers import tiny_data, write_config
 from launch import free_port

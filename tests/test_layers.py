@@ -119,3 +119,45 @@ def test_the_checker_finds_imports_up_the_layers_anywhere_in_a_module():
     assert list(violations_of("timm_exits/integrations/accelerate.py", "from .. import models, profile\n")) == []
     assert list(violations_of("timm_exits/models/__init__.py", "from .. import cli\n")) == [
         "timm_exits/models/__init__.py -> timm_exits/cli.py"]
+
+
+# the trainers: they run any technique through the trainer interface, and name none
+TRAINERS = ("timm_exits/engine/*", "timm_exits/integrations/*", "timm_exits/task.py", "timm_exits/train/loop.py")
+OLD_NAMES = ("ce", "ofa", "hdkd", "adn", "boostnet", "ztw", "l2w", "pcgrad")  # the config's former technique strings
+
+
+def technique_names_in(source: str, names) -> List[str]:
+    """The names of ``names`` that ``source`` uses as an identifier, an attribute or a string (docstrings
+    aside), each with its line."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        word = (node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else
+                node.name if isinstance(node, ast.alias) else
+                node.value if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                and id(node) not in docstrings else None)
+        if word is None and isinstance(node, ast.alias):
+            word = node.name
+        if word is not None and word.split(".")[-1] in names:
+            found.append(f"line {getattr(node, 'lineno', '?')}: {word!r}")
+    return found
+
+
+def test_no_trainer_names_a_technique():
+    from timm_exits.train.techniques import TECHNIQUES
+
+    names = set(TECHNIQUES) | set(OLD_NAMES)
+    trainers = [p for p in package_modules() if any(fnmatch(p, pattern) for pattern in TRAINERS)]
+    assert len(trainers) >= 8  # the engine's, mmengine's and the task's modules
+    found = {p: technique_names_in((ROOT / p).read_text(), names) for p in trainers}
+    assert not {p: f for p, f in found.items() if f}
+
+
+def test_the_technique_name_check_finds_a_trainer_that_names_one():
+    names = {"HDKD", "PCGrad", "hdkd"}
+    source = ('"""Runs HDKD."""\nfrom ..train.techniques import HDKD\n'
+              'def step(t):\n    """PCGrad too."""\n    return isinstance(t, techniques.PCGrad) or t.loss == "hdkd"\n')
+    assert [f.split(":")[1].strip() for f in technique_names_in(source, names)] == ["'HDKD'", "'PCGrad'", "'hdkd'"]

@@ -26,7 +26,7 @@ def test_the_main_jobs_config_is_the_readmes_imta_on_the_narrowed_msdnet():
     assert config["data"]["embedded"] == "digits"
     ge, imta = config["phases"]
     assert (ge["name"], ge["technique"]["gradient_equilibrium"]) == ("phase1_ge", True)
-    assert (imta["name"], imta["technique"]["loss"], imta["technique"]["isc"]) == ("phase2_isc_ofa", "ofa", "reference")
+    assert (imta["name"], imta["technique"]["type"], imta["technique"]["isc"]) == ("phase2_isc_ofa", "OneForAll", "reference")
 
 
 @pytest.mark.slow
@@ -47,7 +47,7 @@ def test_main_job_trains_imta_on_the_embedded_digits(tmp_path):
     results = json.loads((out / "results.json").read_text())
     ge, imta = results["phases"]
     assert (ge["phase"], imta["phase"]) == ("phase1_ge", "phase2_isc_ofa")
-    assert ge["technique"]["gradient_equilibrium"] and imta["technique"]["loss"] == "ofa"
+    assert ge["technique"]["gradient_equilibrium"] and imta["technique"]["type"] == "OneForAll"
     assert imta["test_samples"] == 359 and imta["val_samples"] == 288
     top1 = [e["top1"] for e in imta["exits"]]
     assert top1[-1] > 50, top1  # ten classes: chance is 10 % (two epochs: the narrow early exits lag behind)

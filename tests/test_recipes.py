@@ -62,19 +62,19 @@ def test_a_recipe_is_one_base_of_each_kind_and_its_output_folder(recipe):
 # what the README's recipe table and each recipe's header state
 STATED = {
     "digits.py": dict(model="msdnet_cifar_5exit", dir="output/data/digits", opt=("momentum", 0.1), epochs=4,
-                      phases=[("phase1_ge", "ce"), ("phase2_isc_ofa", "ofa")], temperature=3.0, gamma=0.9),
+                      phases=[("phase1_ge", "CrossEntropy"), ("phase2_isc_ofa", "OneForAll")], temperature=3.0, gamma=0.9),
     "cifar.py": dict(model="msdnet_cifar_7exit", dir=None, opt=("momentum", 0.1), epochs=300,
-                     phases=[("phase1_ge", "ce"), ("phase2_isc_ofa", "ofa")], temperature=3.0, gamma=0.9),
+                     phases=[("phase1_ge", "CrossEntropy"), ("phase2_isc_ofa", "OneForAll")], temperature=3.0, gamma=0.9),
     "imagenet.py": dict(model="msdnet_imagenet_5exit", dir=None, opt=("momentum", 0.1), epochs=90,
-                        phases=[("phase1_ge", "ce"), ("phase2_isc_ofa", "ofa")], temperature=1.0, gamma=0.1),
+                        phases=[("phase1_ge", "CrossEntropy"), ("phase2_isc_ofa", "OneForAll")], temperature=1.0, gamma=0.1),
     "resnet50_adn.py": dict(model="resnet50_adn", dir=None, opt=("momentum", 0.1), epochs=150,
-                            phases=[("train", "adn")], temperature=1.0, gamma=0.9),
+                            phases=[("train", "ADN")], temperature=1.0, gamma=None),
     "resnet50_exits.py": dict(model="resnet50_exits", dir=None, opt=("momentum", 0.01), epochs=30,
-                              phases=[("train", "ce")], temperature=None, gamma=0.9),
+                              phases=[("train", "CrossEntropy")], temperature=None, gamma=None),
     "sdn_cifar.py": dict(model="resnet18_exits", dir=None, opt=("momentum", 0.1), epochs=100,
-                         phases=[("train", "ce")], temperature=None, gamma=0.9),
+                         phases=[("train", "CrossEntropy")], temperature=None, gamma=None),
     "sdn_cifar_ic_only.py": dict(model="resnet18_exits", dir=None, opt=("momentum", 0.1), epochs=100,
-                                 phases=[("cnn", "ce"), ("ic_only", "ce")], temperature=None, gamma=0.9),
+                                 phases=[("cnn", "CrossEntropy"), ("ic_only", "CrossEntropy")], temperature=None, gamma=None),
 }
 
 
@@ -86,9 +86,9 @@ def test_recipes_resolve_to_what_they_state(recipe):
     assert config["train"]["epochs"] == stated["epochs"]
     assert config["data"]["train_split"] == "train" and config["data"]["test_split"] == "val"
     runs = phase_configs(config)
-    assert [(name, run["technique"]["loss"]) for name, run in runs] == stated["phases"]
+    assert [(name, run["technique"]["type"]) for name, run in runs] == stated["phases"]
     last = runs[-1][1]["technique"]
-    assert (last["temperature"], last["gamma"]) == (stated["temperature"], stated["gamma"])
+    assert (last.get("temperature"), last.get("gamma")) == (stated["temperature"], stated["gamma"])
     assert config["output_dir"] == "output/" + {"digits.py": "train"}.get(recipe, recipe[:-3])
 
 
@@ -121,14 +121,14 @@ def test_swapping_the_model_of_a_recipe(tmp_path):
     bases = _base_list("imagenet.py")
     config = _compose(tmp_path, [bases[0], RECIPES / "_base_/models/resnet50_exits.py", *bases[2:]])
     assert config["model"]["name"] == "resnet50_exits"
-    assert [run["technique"]["loss"] for _, run in phase_configs(config)] == ["ce", "ofa"]
+    assert [run["technique"]["type"] for _, run in phase_configs(config)] == ["CrossEntropy", "OneForAll"]
     assert config["data"]["input_size"] == (3, 224, 224) and config["train"]["epochs"] == 90
 
 
 def test_swapping_the_technique_of_a_recipe(tmp_path):
     bases = _base_list("cifar.py")
     config = _compose(tmp_path, [*bases[:3], RECIPES / "_base_/techniques/hdkd.py"])
-    assert config["phases"] is None and config["technique"]["loss"] == "hdkd"
+    assert config["phases"] is None and config["technique"]["type"] == "HDKD"
     assert config["model"]["name"] == "msdnet_cifar_7exit" and config["scheduler"]["decay_milestones"] == [150, 225]
     # and back: IMTA's phases on the ADN recipe's data and schedule
     adn = _base_list("resnet50_adn.py")

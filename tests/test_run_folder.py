@@ -17,7 +17,7 @@ import torch
 from timm_exits.config import ConfigError, load_config
 from timm_exits.checkpoint import load_checkpoint, save_checkpoint
 from timm_exits.files import MARKER, OutputLock, atomic_folder, recover_folder
-from timm_exits.integrations.accelerate import check_factories, main, run
+from timm_exits.engine import check_factories, main, run
 
 from helpers import tiny_data, write_config
 
@@ -117,7 +117,7 @@ def test_extending_epochs_continues_with_the_longer_schedule(data, tmp_path):
 _KILL_BETWEEN_RENAMES = """
 import os, signal, sys
 from timm_exits.config import load_config
-from timm_exits.integrations.accelerate import run
+from timm_exits.engine import run
 replace = os.replace
 def replace_then_die(src, dst):
     replace(src, dst)

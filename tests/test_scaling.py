@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from timm_exits.config import resolve_config
 from timm_exits import data as data_module
 from timm_exits.data import ImageFiles
-from timm_exits.integrations.accelerate import batch_plan
+from timm_exits.engine import batch_plan
 
 from launch import free_port, launch_two_processes
 from helpers import make_image_folder, tiny_data, write_config

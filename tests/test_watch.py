@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 from timm_exits.config import ConfigError, load_config, resolve_preprocessing
 from timm_exits.data import ImageFiles, image_transform, seeded_order
 from timm_exits.inference.outputs import anytime_accuracy, collect_outputs
-from timm_exits.integrations.accelerate import main, run
+from timm_exits.engine import main, run
 
 from helpers import tiny_data, write_config
 
@@ -135,7 +135,7 @@ def test_a_best_metric_the_model_does_not_have_is_refused(data, tmp_path, capsys
 _KILL_AFTER_SUMMARY = """
 import os, signal, sys
 from timm_exits.config import load_config
-from timm_exits.integrations.accelerate import run
+from timm_exits.engine import run
 replace, written = os.replace, []
 def replace_then_die(src, dst):
     replace(src, dst)

@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # the engine's own command line
-        from .integrations.accelerate import main as train
+        from .engine import main as train
 
         return train(argv=argv[1:], prog="timm-exits train")
     if argv[:1] == ["launch"]:  # accelerate launch's own command line

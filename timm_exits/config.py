@@ -12,10 +12,8 @@ from __future__ import annotations
 import ast
 import copy
 import difflib
-import math
 import os
 import re
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from mmengine.config import Config
@@ -27,8 +25,8 @@ from .data import IMAGE_MODES, TRANSFORMS
 from .inference.budgeted import Q_GRIDS
 from .inference.policies import SCORES
 from .profile import CONVENTIONS
-from .train.regimes import check_regime
-from .train.schedules import ExitWeights
+from .values import Matches, Number, OneOf
+from .train.techniques import DEFAULT_TECHNIQUE, technique_config
 
 __all__ = ["DEFAULTS", "VALID", "PREPROCESSING", "ConfigError", "load_config", "resolve_config", "phase_configs", "check_value",
            "check_preprocessing", "resolve_preprocessing"]
@@ -67,35 +65,16 @@ DEFAULTS: Dict[str, Any] = dict(
         val_interval=1,             # validate on the held-out split (data.val_fraction) every N epochs, and the last; 0: never
         best_metric="anytime_top1",  # best/ keeps the best epoch by this summary.csv column (eval_loss: the lowest)
     ),
-    technique=dict(
-        loss="ce",                  # 'ce', 'ofa' (IMTA phase II), 'hdkd', 'adn', 'boostnet', 'ztw', 'l2w'
-        exit_weights=None,          # ce: None (all 1), [w per exit], 'sdn' (per-epoch warm-up), 'pabee', dict(schedule='sdn', caps=[...])
-        regime="joint",             # ce: 'joint', 'heads_only' (frozen backbone), 'backbone' (its own head only)
-        label_smoothing=0.0,
-        gradient_equilibrium=False,
-        deconfliction=None,         # None, 'symmetric' / 'protect_deeper' (branch level), 'pcgrad'
-        pcgrad=dict(scope="global", order="random", protect_deeper=False),
-        temperature=None,           # KD temperature (ofa: 3, hdkd: 4, adn: 1 if None)
-        gamma=0.9,                  # ofa
-        reduction="batchmean",      # ofa: 'mean' is the reference code's KL scaling
-        isc="reference",            # ofa: 'reference', 'detach' or None
-        freeze_bn_stats=False,      # ofa, regime='heads_only': the frozen network in eval mode (False: its BN statistics move, as in IMTA's and SDN's code)
-        alpha=0.5,                  # hdkd, adn
-        topk=None,                  # adn
-        hdkd=dict(lr=3e-4, xi=None, init="uniform", ratio_reg=True, interval=1),
-        boostnet=dict(reweight=0.5),  # r: a number or one per exit
-        ztw=dict(train="heads", detach=True, layer_norm=True),  # train: 'heads' (phase A), 'joint', 'ensembles' (phase B)
-        # l2w (L2W-DEN; CIFAR values, ImageNet: epsilon=0.3, constraint_dimension='mat', meta_interval=100)
-        l2w=dict(epsilon=0.8, constraint_dimension="col", input_type="loss", hidden_size=500, meta_interval=1,
-                 lr=1e-4, weight_decay=1e-4, lr_follows_schedule=True, target_p=0.75),
-    ),
+    # the technique: a registered type and its options (timm_exits.train.techniques; each type's Options
+    # dataclass holds the defaults); the resolved config lists every option
+    technique=dict(type=DEFAULT_TECHNIQUE),
     evaluation=dict(policy="maxprob", q_grid="reference", convention="macs"),
     tracker="tensorboard",          # accelerate tracker name, or None
     output_dir="output/train",
     phases=None,
 )
 
-FREE_FORM = ("model.kwargs", "data.augment", "optimizer", "scheduler")
+FREE_FORM = ("model.kwargs", "data.augment", "optimizer", "scheduler", "technique")  # technique: checked by its type
 PROCESS_WIDE = ("train.mixed_precision", "train.grad_accum_steps", "tracker", "output_dir")
 PREPROCESSING = ("input_size", "mean", "std", "crop_pct", "interpolation")  # data keys: default, the model's cfg
 
@@ -116,78 +95,6 @@ def _check_keys(config: Dict[str, Any], schema: Dict[str, Any], prefix: str = ""
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} must be a dict of {', '.join(schema[key])}, got {value!r}")
             _check_keys(value, schema[key], path + ".")
-
-
-@dataclass(frozen=True)
-class Number:
-    """The values of a numeric key: an integer (``kind=int``) or a finite number (``float``; integers
-    too) from ``low`` to ``high`` (None: unbounded), each bound included unless ``low_open`` /
-    ``high_open``; None too if ``optional``; with ``length``, a list of that many such numbers (0: one
-    or more); with ``or_list``, one such number or a list of them."""
-
-    kind: type = float
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_open: bool = False
-    high_open: bool = False
-    optional: bool = False
-    length: Optional[int] = None
-    or_list: bool = False
-
-    def admits(self, value: Any) -> bool:
-        if value is None:
-            return self.optional
-        if self.or_list and isinstance(value, (list, tuple)):
-            return Number(self.kind, self.low, self.high, self.low_open, self.high_open, length=0).admits(value)
-        if self.length is not None:
-            return isinstance(value, (list, tuple)) and len(value) >= 1 and len(value) == (self.length or len(value)) \
-                and all(self._admits_one(v) for v in value)
-        return self._admits_one(value)
-
-    def _admits_one(self, value: Any) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else int):
-            return False
-        return math.isfinite(value) and (self.low is None or value > self.low or (not self.low_open and value == self.low)) \
-            and (self.high is None or value < self.high or (not self.high_open and value == self.high))
-
-    def __str__(self) -> str:
-        bounds = [f"{'>' if self.low_open else '>='} {self.low}"] if self.low is not None else []
-        bounds += [f"{'<' if self.high_open else '<='} {self.high}"] if self.high is not None else []
-        noun = "integer" if self.kind is int else "number" if bounds else "finite number"
-        if self.length is None:
-            text = f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
-        else:
-            text = f"{self.length} {noun}s" if self.length else f"a list of {noun}s"
-        text = " ".join([text, *(" and ".join(bounds),) * bool(bounds)])
-        return text + (", or a list of them" if self.or_list else "") + (" or None" if self.optional else "")
-
-
-@dataclass(frozen=True)
-class OneOf:
-    """The values of a named key."""
-
-    names: Tuple[Any, ...]
-
-    def admits(self, value: Any) -> bool:
-        return any(value is name or (type(value) is type(name) and value == name) for name in self.names)
-
-    def __str__(self) -> str:
-        names = [repr(n) for n in self.names]
-        return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
-
-
-@dataclass(frozen=True)
-class Matches:
-    """The values of a key named by a pattern (a regular expression matching the whole name), described by ``text``."""
-
-    pattern: str
-    text: str
-
-    def admits(self, value: Any) -> bool:
-        return isinstance(value, str) and re.fullmatch(self.pattern, value) is not None
-
-    def __str__(self) -> str:
-        return self.text
 
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # timm's resize interpolations
@@ -225,21 +132,6 @@ VALID: Dict[str, Union[Number, OneOf, Matches]] = {
     "train.val_interval": Number(int, 0),
     "train.best_metric": Matches(r"anytime_top1|eval_(loss|top1|top5)|exit[1-9][0-9]*_top1",
                                  "'anytime_top1', 'eval_loss', 'eval_top1', 'eval_top5' or 'exit<k>_top1' (k from 1)"),
-    "technique.label_smoothing": Number(float, 0.0, 1.0, high_open=True),
-    "technique.temperature": Number(float, 0.0, low_open=True, optional=True),
-    "technique.gamma": Number(float, 0.0, 1.0),
-    "technique.alpha": Number(float, 0.0, 1.0),
-    "technique.topk": Number(int, 1, optional=True),
-    "technique.hdkd.lr": Number(float, 0.0, low_open=True),
-    "technique.hdkd.xi": Number(float, 0.0, low_open=True, optional=True),
-    "technique.hdkd.interval": Number(int, 1),
-    "technique.boostnet.reweight": Number(float, 0.0, or_list=True),
-    "technique.l2w.epsilon": Number(float, 0.0, low_open=True),
-    "technique.l2w.hidden_size": Number(int, 1),
-    "technique.l2w.meta_interval": Number(int, 1),
-    "technique.l2w.lr": Number(float, 0.0, low_open=True),
-    "technique.l2w.weight_decay": Number(float, 0.0),
-    "technique.l2w.target_p": Number(float, 0.0, low_open=True),
     "evaluation.policy": OneOf(SCORES),
     "evaluation.q_grid": OneOf(tuple(Q_GRIDS)),
     "evaluation.convention": OneOf(CONVENTIONS),
@@ -264,17 +156,15 @@ def check_value(key: str, value: Any, name: Optional[str] = None) -> None:
 
 def _check_values(config: Dict[str, Any], where: str = "") -> None:
     """Every key of :data:`VALID` that is set (a negative fraction would silently invert a split, a
-    negative clip_grad ascend the gradient), the preprocessing's channel counts, and the technique's
-    loss-weight schedule and regime."""
+    negative clip_grad ascend the gradient), the preprocessing's channel counts, and the technique section,
+    checked and completed with its type's defaults (its ``Options``)."""
     for key in VALID:
         value = _value(config, key)
         if value is not _MISSING:
             check_value(key, value, where + key)
     check_preprocessing(config["data"], lambda key: f"{where}data.{key}", (config["data"]["input_size"] or [None])[0])
-    technique = config["technique"]
     try:
-        ExitWeights(technique["exit_weights"])
-        check_regime(technique["regime"])
+        config["technique"] = technique_config(config["technique"])
     except ValueError as e:
         raise ConfigError(f"{where}technique: {e}") from None
 
@@ -317,7 +207,10 @@ def _merge(base: Dict[str, Any], override: Dict[str, Any], prefix: str = "") -> 
     out = copy.deepcopy(base)
     for key, value in override.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and path not in FREE_FORM:
+        if path == "technique" and isinstance(value, dict) and isinstance(out.get(key), dict) \
+                and value.get("type", out[key].get("type")) == out[key].get("type"):
+            out[key] = {**out[key], **copy.deepcopy(value)}  # the same technique: its options merge
+        elif isinstance(value, dict) and isinstance(out.get(key), dict) and path not in FREE_FORM:
             out[key] = _merge(out[key], value, path + ".")
         else:
             out[key] = copy.deepcopy(value)

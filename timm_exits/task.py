@@ -4,18 +4,19 @@ timm's ``train.py`` builds a task (``timm.task.ClassificationTask``, ``LogitDist
 creates the optimizer from ``task.get_trainable_module()``, and per batch calls
 ``result = task(input, target)`` and back-propagates ``result['loss']``; EMA, ``torch.compile``, DDP
 and checkpoints go through the task too. :class:`MultiExitTask` is that task for every technique
-of :mod:`timm_exits.train`, with the technique objects the accelerate engine and the mmengine
-adapter use (:mod:`timm_exits.train.techniques`)::
+of :mod:`timm_exits.train.techniques`: the technique takes its own step through the task's
+:class:`~timm_exits.train.trainer.Trainer`, as it does in the accelerate engine and under mmengine::
 
-    task = MultiExitTask(model, loss="ce", label_smoothing=0.1, device=device)
+    task = MultiExitTask(model, "CrossEntropy", label_smoothing=0.1, device=device)
     optimizer = create_optimizer_v2(task.get_trainable_module(), opt="sgd", lr=0.1)
     result = task(input, target)        # {'loss', 'output', 'loss_exit1', ...}
     result["loss"].backward()
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, FrozenSet, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -23,16 +24,16 @@ from timm.models import group_parameters
 from timm.task import TrainingTask
 from timm.utils import unwrap_model
 
-from .train.l2w import L2W
-from .train.techniques import HDKD, PCGrad, TrainingForward, create_technique, create_training_model
+from .train.techniques import DEFAULT_TECHNIQUE, Technique, TrainingForward, build_technique
+from .train.trainer import EPOCH, HELD_OUT, OPTIMIZER, Batch, Need, Outputs, Trainer, check_trainer
 
-__all__ = ["MultiExitTask", "MultiExitTrainable"]
+__all__ = ["MultiExitTask", "MultiExitTrainable", "TaskTrainer"]
 
 _logger = logging.getLogger(__name__)
 
 class MultiExitTrainable(TrainingForward):
-    """The trainable module of :class:`MultiExitTask` (what the optimizer, EMA and DDP see):
-    :class:`~timm_exits.train.techniques.TrainingForward` with timm's optimizer hooks
+    """The trainable module of :class:`MultiExitTask` (what the optimizer, EMA and DDP see): the
+    technique's training forward (:class:`~timm_exits.train.techniques.TrainingForward`) with timm's optimizer hooks
     (``no_weight_decay``, ``group_matcher``) of the wrapped model, its names prefixed ``model.``."""
 
     @torch.jit.ignore
@@ -49,124 +50,143 @@ class MultiExitTrainable(TrainingForward):
         return lambda name: layer_of.get(name[len("model."):], last) if name.startswith("model.") else last
 
 
+class TaskTrainer(Trainer):
+    """What timm's training loop gives a technique through :class:`MultiExitTask`: the loop calls
+    ``task(input, target)`` once per batch and back-propagates the returned loss itself, so a batch
+    is one call, an update every ``grad_accum_steps`` calls, and no update can be taken inside a
+    batch. Held-out batches come from ``held_out``, the optimizer from
+    :meth:`MultiExitTask.attach_optimizer`, the epoch from :meth:`MultiExitTask.set_epoch`."""
+
+    name = "timm's training task (MultiExitTask)"
+
+    def __init__(self, task: "MultiExitTask", held_out: Optional[Iterable[Batch]], grad_accum_steps: int):
+        if not (isinstance(grad_accum_steps, int) and grad_accum_steps >= 1):
+            raise ValueError(f"grad_accum_steps must be an integer >= 1 (train.py's --grad-accum-steps), got "
+                             f"{grad_accum_steps!r}")
+        self.task, self.held_out, self.grad_accum_steps = task, held_out, grad_accum_steps
+        self.calls = 0  # training calls so far: batches
+        self.attached: Optional[torch.optim.Optimizer] = None
+        self.progress: Optional[Tuple[int, int]] = None
+        self._held_out_iter: Optional[Iterator] = None
+
+    @property
+    def provides(self) -> FrozenSet[Need]:
+        return frozenset({OPTIMIZER, EPOCH} | ({HELD_OUT} if self.held_out is not None else set()))
+
+    @property
+    def model(self) -> nn.Module:
+        return self.task.model
+
+    def forward(self, images: torch.Tensor) -> Outputs:
+        return self.task.trainable_module(images)
+
+    @property
+    def updates(self) -> int:
+        return self.calls // self.grad_accum_steps
+
+    @property
+    def ends_update(self) -> bool:
+        return self.task.trains() and (self.calls + 1) % self.grad_accum_steps == 0
+
+    @property
+    def accumulation(self) -> int:
+        return self.grad_accum_steps
+
+    def no_sync(self) -> ContextManager:
+        module = self.task.trainable_module
+        return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self.attached is None:
+            raise ValueError("the technique needs the network's optimizer: call task.attach_optimizer(optimizer)")
+        return self.attached
+
+    @property
+    def epoch(self) -> int:
+        return self._progress()[0]
+
+    @property
+    def epochs(self) -> int:
+        return self._progress()[1]
+
+    def _progress(self) -> Tuple[int, int]:
+        if self.progress is None:
+            raise ValueError("the technique changes with the epoch: call task.set_epoch(epoch, epochs) at the start of "
+                             "every epoch (timm's train.py loop does not)")
+        return self.progress
+
+    def held_out_batch(self, like: torch.Tensor) -> Batch:
+        for attempt in range(2):
+            if self._held_out_iter is None or attempt:
+                self._held_out_iter = iter(self.held_out)
+            try:
+                images, target = next(self._held_out_iter)
+            except StopIteration:
+                continue
+            return images.to(device=like.device, dtype=like.dtype), target.to(like.device)
+        raise ValueError("held_out gives no batch")
+
+
 class MultiExitTask(TrainingTask):
     """Trains every exit of a multi-exit timm model (or an ADN network) with one of the techniques
-    of :mod:`timm_exits.train`, as a timm training task.
+    of :mod:`timm_exits.train.techniques`, as a timm training task.
 
     Args:
         model: a multi-exit model (``timm.create_model('msdnet_cifar_7exit')``, ``add_exits(...)``), an
-            ADN network for ``loss='adn'``, or a registered model name (built with ``model_kwargs`` by
-            :func:`~timm_exits.train.techniques.create_training_model`, which loads
-            ``phase_one_checkpoint`` for ``loss='ofa'``).
-        loss: ``'ce'`` (sum of the exits' cross-entropies), ``'ofa'`` (IMTA phase II: ISC heads on the
-            frozen phase-I network, One-for-all distillation; a phase-I model given as a module is
-            wrapped in :class:`~timm_exits.train.IMTAModel` and must already hold its trained
-            weights), ``'hdkd'`` (dense distillation with harmonized weights learnt on ``held_out``)
-            or ``'adn'`` (ADN self-distillation: super-net and base-net passes, one loss).
-        exit_weights, label_smoothing: ``ce``: weight of each exit's loss (a list, or ``'sdn'``: SDN's
-            per-epoch warm-up, which needs :meth:`set_epoch` at each epoch's start; ``'pabee'``: depth
-            weights; see :mod:`timm_exits.train.schedules`); label smoothing of hard targets (soft
-            targets, e.g. from timm's ``Mixup``, are used as given).
-        regime: ``ce``: ``joint``, ``heads_only`` (the backbone frozen: create the optimizer after the
-            task, from :meth:`get_trainable_module`, and it holds the exit heads only) or ``backbone``;
-            see :mod:`timm_exits.train.regimes`.
-        gradient_equilibrium: IMTA's Gradient Equilibrium (a switch of the model's forward graph).
-        deconfliction: ``'symmetric'`` / ``'protect_deeper'``: branch-level gradient deconfliction
-            (a switch of the model's forward graph); ``'pcgrad'``: parameter-level PCGrad (``ce``
-            only; see below), options in ``pcgrad``: ``scope``, ``order``, ``protect_deeper``,
-            ``groups`` (for ``scope='segment'``), ``seed``.
-        temperature, gamma, reduction, alpha, topk: the distillation losses' options (temperature
-            default: 3 for ``ofa``, 4 for ``hdkd``, 1 for ``adn``).
-        isc, freeze_bn_stats: IMTA phase II's ISC form and batch-norm mode (``freeze_bn_stats``: also the
-            frozen backbone's in ``regime='heads_only'``).
-        held_out: ``hdkd``: an iterable of ``(images, target)`` batches of a held-out split (e.g. a
-            ``DataLoader``; never the test set), cycled; one batch per weight update.
-        hdkd: ``hdkd`` options: ``xi`` (the virtual step; ``None``: the learning rate of the optimizer
-            given to :meth:`attach_optimizer`), ``lr`` (Adam on the weights), ``init``, ``ratio_reg``,
-            ``interval`` (update the weights every ``interval``-th training call).
+            ADN network for ``ADN``, or a registered model name (built with ``model_kwargs`` by the
+            technique's :meth:`~timm_exits.train.techniques.Technique.create_model`, from the weights
+            file ``previous`` if given: IMTA phase II's ``OneForAll`` needs the phase-I weights).
+        technique: a technique type's name (``'CrossEntropy'``, ``'PCGrad'``, ``'OneForAll'``,
+            ``'HDKD'``, ``'ADN'``, ``'BoostNet'``, ``'ZTW'``), a config section ``dict(type=...,
+            **options)`` or a :class:`~timm_exits.train.techniques.Technique`.
+        held_out: batches ``(images, target)`` of a split held out from training (e.g. a
+            ``DataLoader``; never the test set), cycled: HDKD learns its loss weights on them.
+        grad_accum_steps: train.py's ``--grad-accum-steps``: an optimizer update every that many
+            calls (the techniques' intervals count updates).
+        **options: the technique's options (its ``Options`` dataclass; with a type name only).
 
-    ``forward(input, target)`` returns ``loss`` (what to back-propagate), ``output`` (the last exit's
-    logits, for timm's accuracy metric; ADN: the super-net's; IMTA: the new last head's) and the
-    technique's named terms as ``loss_<term>``: ``loss_exit1`` ... (``ce``), ``loss_ofa``,
-    ``loss_hdkd``, ``loss_super`` and ``loss_base`` (``adn``; one backward of their sum gives the
-    gradients of the reference's two backward passes, since the teacher is detached).
-
-    HDKD's bilevel step runs inside ``forward`` before the training loss (as the accelerate engine
-    does): it draws the next ``held_out`` batch, moves it to the input's device, and updates the
-    harmonized weights with autocast off. It counts calls, not optimizer steps: with gradient
-    accumulation, set ``interval`` to the number of accumulated batches.
-
-    Parameter-level PCGrad needs one backward per exit. Inside ``forward`` the task computes the
-    per-exit gradients, deconflicts them with :meth:`PCGrad.backward <timm_exits.train.PCGrad.backward>` and returns
-    a loss whose value is the plain sum of the exits' losses and whose gradient is the deconflicted
-    one (a surrogate ``sum <p, g_p>``), so ``loss.backward()`` (scaled by a ``GradScaler`` or
-    divided for accumulation, both linear) gives pcgrad_backward's gradients. The per-exit
-    gradients are computed in ``forward``, so they are not loss-scaled: float16 autocast may
-    underflow them (bfloat16 and float32 are safe). Under DDP, pcgrad_backward averages the per-exit
-    gradients over the processes and DDP then averages the (identical) result once more.
-
-    The loss is always the technique's (:attr:`technique`): there is no ``criterion`` argument (timm's BCE or JSD
-    losses have no multi-exit counterpart here); label smoothing and mixup / cutmix targets are
-    handled as the accelerate engine handles them.
+    ``forward(input, target)`` returns ``loss`` (what to back-propagate), ``output`` (for timm's
+    accuracy metric: the last exit's logits; ADN: the super-net's; IMTA: the new last head's) and the
+    technique's named terms as ``loss_<term>`` (``loss_exit1`` ..., ``loss_ofa``, ``loss_hdkd``,
+    ``loss_super`` and ``loss_base``, ...). The loss is always the technique's: there is no
+    ``criterion`` argument. A technique that takes optimizer updates inside a batch (L2W) is
+    refused: timm's loop takes one update per batch itself.
     """
 
     def __init__(
             self,
             model: Union[str, nn.Module],
-            loss: str = "ce",
+            technique: Union[str, Dict[str, Any], Technique] = DEFAULT_TECHNIQUE,
             *,
-            model_kwargs: Optional[dict] = None,
-            exit_weights: Any = None,
-            label_smoothing: float = 0.0,
-            gradient_equilibrium: bool = False,
-            deconfliction: Optional[str] = None,
-            pcgrad: Optional[dict] = None,
-            temperature: Optional[float] = None,
-            gamma: float = 0.9,
-            reduction: str = "batchmean",
-            alpha: float = 0.5,
-            topk: Optional[int] = None,
-            phase_one_checkpoint: Optional[str] = None,
-            isc: Optional[str] = "reference",
-            freeze_bn_stats: bool = False,
-            regime: str = "joint",
             held_out: Optional[Iterable[Tuple[torch.Tensor, torch.Tensor]]] = None,
-            hdkd: Optional[dict] = None,
+            grad_accum_steps: int = 1,
+            model_kwargs: Optional[dict] = None,
+            previous: Optional[str] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
+            **options: Any,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
-        if loss != "ce" and (label_smoothing or exit_weights is not None or regime != "joint"):
-            raise ValueError(f"label_smoothing, exit_weights and regime belong to loss='ce', not {loss!r}")
-        if loss != "hdkd" and (held_out is not None or hdkd):
-            raise ValueError(f"held_out and hdkd options belong to loss='hdkd', not {loss!r}")
-        if deconfliction != "pcgrad" and pcgrad:
-            raise ValueError("pcgrad options need deconfliction='pcgrad'")
-        self.technique = create_technique(
-            loss, exit_weights=exit_weights, label_smoothing=label_smoothing, gradient_equilibrium=gradient_equilibrium,
-            deconfliction=deconfliction, pcgrad=pcgrad, temperature=temperature, gamma=gamma, reduction=reduction,
-            isc=isc, freeze_bn_stats=freeze_bn_stats, alpha=alpha, topk=topk, hdkd=hdkd, regime=regime)
-        if isinstance(self.technique, L2W):  # its loss alone would train with a weight net that never learns
-            raise ValueError("loss='l2w' takes a meta step and an optimizer step per half batch, which timm's task "
-                             "does not run: train L2W with the accelerate engine (technique.loss='l2w')")
-        if loss == "hdkd" and held_out is None:
-            raise ValueError("loss='hdkd' learns its loss weights on held-out data: pass held_out, an iterable of "
-                             "(images, target) batches of a split held out from training (e.g. a DataLoader)")
+        if not isinstance(technique, str) and options:
+            raise ValueError(f"options {sorted(options)} go with a technique's type name; a config section or a "
+                             f"technique holds its own")
+        self.technique = build_technique({"type": technique, **options} if isinstance(technique, str) else technique)
+        self.trainer = TaskTrainer(self, held_out, grad_accum_steps)
+        check_trainer(self.technique, self.trainer)
+        if held_out is not None and HELD_OUT not in self.technique.needs:  # it would be silently unused
+            raise ValueError(f"held_out is for a technique that learns on held-out batches; "
+                             f"{type(self.technique).__name__} does not: leave it out")
         if isinstance(model, str):
-            model = create_training_model(model, self.technique, model_kwargs, phase_one_checkpoint)
-        elif model_kwargs is not None or phase_one_checkpoint is not None:
-            raise ValueError("model_kwargs and phase_one_checkpoint need a model name; a module is used as given "
+            model = self.technique.create_model(model, model_kwargs, previous)
+        elif model_kwargs is not None or previous is not None:
+            raise ValueError("model_kwargs and previous need a model name; a module is used as given "
                              "(load phase-I weights into it, e.g. timm's --initial-checkpoint)")
         model = self.technique.prepare(model)
-        self.trainable_module = MultiExitTrainable(model)
-        self.held_out = held_out
-        self._held_out_iter: Optional[Iterator] = None
-        self._hdkd_calls = 0
-        self._optimizer = None
+        self.trainable_module = MultiExitTrainable(model, self.technique)
         if self.verbose:
-            _logger.info(f"MultiExitTask: loss={loss}, model={type(model).__name__}, "
-                         f"gradient_equilibrium={gradient_equilibrium}, deconfliction={deconfliction}")
+            _logger.info(f"MultiExitTask: {self.technique.config()}, model={type(model).__name__}")
 
     @property
     def model(self) -> nn.Module:
@@ -176,16 +196,16 @@ class MultiExitTask(TrainingTask):
     def set_epoch(self, epoch: int, epochs: int) -> None:
         """The 0-based epoch about to start, of ``epochs``: call it at the start of every epoch (timm's
         ``train.py`` loop does not) when the loss weights change with the epoch (``exit_weights='sdn'``)."""
-        self.technique.set_epoch(epoch, epochs)
+        self.trainer.progress = (epoch, epochs)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> "MultiExitTask":
-        """HDKD: the network's optimizer, whose current learning rate is the virtual step ``xi`` of the
-        weight update (DARTS) unless ``hdkd['xi']`` is set."""
-        self._optimizer = optimizer
+        """The network's optimizer: HDKD's virtual step ``xi`` is its current learning rate unless
+        set, PCGrad's ``scope='segment'`` segments are its parameter groups."""
+        self.trainer.attached = optimizer
         return self
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> "MultiExitTask":
-        """Wrap the trainable module in DistributedDataParallel (the HDKD weight update and PCGrad
+        """Wrap the trainable module in DistributedDataParallel (HDKD's weight update and PCGrad
         average their own gradients over the processes)."""
         from torch.nn.parallel import DistributedDataParallel as DDP
         self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
@@ -208,76 +228,28 @@ class MultiExitTask(TrainingTask):
         return resolved
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        """The technique's state: PCGrad's random order; HDKD's weights, their optimizer, the validation
-        loss's averages and the call count (the EMA model has none)."""
+        """The technique's state (PCGrad's random order; HDKD's weights, their optimizer, the
+        validation loss's averages) and the calls so far (the EMA model has none)."""
         if ema:
             return {}
-        state = self.technique.state_dict()
-        if isinstance(self.technique, HDKD):
-            state["hdkd_calls"] = self._hdkd_calls
-        return state
+        return {"technique": self.technique.state_dict(), "calls": self.trainer.calls}
 
     def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
                         module: Optional[nn.Module] = None, ema: bool = False) -> None:
         if ema or not state:
             return
-        self.technique.load_state_dict(state)
-        if isinstance(self.technique, HDKD):
-            self._hdkd_calls = state["hdkd_calls"]
+        self.technique.load_state_dict(state["technique"])
+        self.trainer.calls = state["calls"]
 
-    def _next_held_out(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self._held_out_iter is None:
-            self._held_out_iter = iter(self.held_out)
-        try:
-            images, target = next(self._held_out_iter)
-        except StopIteration:
-            self._held_out_iter = iter(self.held_out)
-            try:
-                images, target = next(self._held_out_iter)
-            except StopIteration:
-                raise ValueError("held_out gives no batch") from None
-        return images.to(device=like.device, dtype=like.dtype), target.to(like.device)
-
-    def update_hdkd_weights(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
-        """One bilevel update of the harmonized weights on this training batch and the next held-out
-        batch (``forward`` calls it every ``interval`` training calls)."""
-        if self.technique.xi is None and self._optimizer is None:
-            raise RuntimeError("HDKD's virtual step xi is the network's learning rate: call "
-                               "task.attach_optimizer(optimizer) or set hdkd=dict(xi=...)")
-        lr = self._optimizer.param_groups[0]["lr"] if self._optimizer is not None else None
-        return self.technique.update_weights(self.model, (input, target), self._next_held_out(input), lr)
-
-    def _pcgrad_loss(self, terms: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The exits' summed loss with PCGrad's deconflicted gradient (see the class doc)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        kept = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        self.technique.backward(terms, params)
-        grads = [p.grad for p in params]
-        for p, g in zip(params, kept):
-            p.grad = g
-        surrogate = sum((p * g).sum() for p, g in zip(params, grads) if g is not None)
-        return sum(terms.values()).detach() + (surrogate - surrogate.detach())
+    def trains(self) -> bool:
+        """Whether a call now trains: the network in training mode with gradients on."""
+        return self.model.training and torch.is_grad_enabled()
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The training loss of one batch; see the class docstring for the returned keys."""
-        technique = self.technique
-        training = self.model.training and torch.is_grad_enabled()
-        if isinstance(technique, HDKD) and training:
-            if technique.due(self._hdkd_calls):
-                self.update_hdkd_weights(input, target)
-            self._hdkd_calls += 1
-        passes: List[Any] = []
-
-        def forward(x: torch.Tensor):
-            passes.append(self.trainable_module(x))
-            return passes[-1]
-
-        terms = technique.batch_losses(self.model, forward, input, target)
-        output = technique.output(passes[0])  # ADN: the super-net's
-        if isinstance(technique, PCGrad) and training:
-            loss = self._pcgrad_loss(terms)
-        else:
-            loss = sum(terms.values())
-        return {"loss": loss, "output": output, **{f"loss_{name}": term for name, term in terms.items()}}
+        training = self.trains()
+        result = self.technique.train_step(self.trainer, input, target)
+        if training:
+            self.trainer.calls += 1
+        return {"loss": result.loss, "output": result.output,
+                **{f"loss_{name}": term for name, term in result.terms.items()}}

@@ -19,14 +19,14 @@ Only the paper's abstract is public, so both places the operator can act are off
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from ..models.branch_gradients import project_conflicts
 
-__all__ = ["pcgrad_backward"]
+__all__ = ["pcgrad_gradients", "pcgrad_backward", "average_over_processes"]
 
 
 def average_over_processes(tensors: List[Optional[torch.Tensor]]) -> None:
@@ -47,7 +47,7 @@ def _orders(n: int, order: str, generator: Optional[torch.Generator]) -> List[Li
     raise ValueError(f"order must be 'random' or 'deep_first', got {order!r}")
 
 
-def pcgrad_backward(
+def pcgrad_gradients(
         losses: Sequence[torch.Tensor],
         params: Sequence[torch.nn.Parameter],
         scope: str = "global",
@@ -55,12 +55,24 @@ def pcgrad_backward(
         order: str = "random",
         protect_deeper: bool = False,
         generator: Optional[torch.Generator] = None,
-) -> Dict[str, int]:
-    """Accumulate into ``.grad`` the deconflicted sum of the exits' gradients (``losses`` in exit
-    order). Parameters that at most one exit reaches (its head) get their plain gradient.
+) -> Tuple[List[Optional[torch.Tensor]], int]:
+    """The deconflicted sum of the exits' gradients (``losses`` in exit order), one per parameter of
+    ``params`` that requires grad (None where no loss reaches it), each exit's gradient averaged over
+    the processes first. Parameters that at most one exit reaches (its head) get their plain gradient.
 
-    ``groups`` (for ``scope='segment'``) partitions the parameters, e.g. one group per stage. Use the
-    same ``generator`` seed on every process. Returns the number of projections made.
+    Args:
+        losses: the exits' losses, in exit order.
+        params: the parameters (those that do not require grad are left out).
+        scope: ``'global'`` (one projection over all shared parameters), ``'segment'`` (one per group
+            of ``groups``, e.g. one per stage) or ``'tensor'`` (one per parameter).
+        groups: the segments, for ``scope='segment'``.
+        order: ``'random'`` (from ``generator``: seed it alike on every process) or ``'deep_first'``.
+        protect_deeper: a deeper exit's gradient is never projected against a shallower one's.
+        generator: the random order's generator.
+
+    Returns:
+        The gradients, in the order of the parameters that require grad, and the number of
+        projections made (conflicts found).
     """
     if scope not in ("global", "segment", "tensor"):
         raise ValueError(f"scope must be 'global', 'segment' or 'tensor', got {scope!r}")
@@ -82,6 +94,7 @@ def pcgrad_backward(
         blocks += [[k] for k in shared if k not in covered]
     own = [k for k in range(len(params)) if k not in set(shared)]  # a head's parameters: no surgery
     blocks += [[k] for k in own]
+    out: List[Optional[torch.Tensor]] = [None] * len(params)
     projections = 0
     for block in filter(None, blocks):
         exits = [i for i in range(len(losses)) if any(per_exit[i][k] is not None for k in block)]
@@ -101,8 +114,17 @@ def pcgrad_backward(
             continue
         offset = 0
         for k in block:
-            p = params[k]
-            g = combined[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
+            out[k] = combined[offset:offset + params[k].numel()].view_as(params[k])
+            offset += params[k].numel()
+    return out, projections
+
+
+def pcgrad_backward(losses: Sequence[torch.Tensor], params: Sequence[torch.nn.Parameter], **options) -> Dict[str, int]:
+    """Accumulate :func:`pcgrad_gradients` (same ``options``) into the parameters' ``.grad``;
+    returns the number of projections made."""
+    params = [p for p in params if p.requires_grad]
+    grads, projections = pcgrad_gradients(losses, params, **options)
+    for p, g in zip(params, grads):
+        if g is not None:
             p.grad = g.clone() if p.grad is None else p.grad + g
     return {"projections": projections}

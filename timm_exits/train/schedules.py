@@ -93,9 +93,7 @@ class ExitWeights:
         """The weights of ``num_exits`` exits at the 0-based ``epoch`` of ``epochs``."""
         if self.name == "sdn":
             if epoch is None or epochs is None:
-                raise ValueError("exit_weights='sdn' changes with the epoch: the trainer must call "
-                                 "technique.set_epoch(epoch, epochs) at the start of each epoch (the accelerate engine "
-                                 "does; mmengine: ExitWeightScheduleHook; timm task: task.set_epoch)")
+                raise ValueError("exit_weights='sdn' changes with the epoch: give the epoch and the number of epochs")
             return sdn_weights(num_exits, epoch, epochs, self.caps)
         if self.name == "pabee":
             return pabee_weights(num_exits)

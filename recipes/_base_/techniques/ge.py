@@ -1,2 +1,2 @@
 # Gradient Equilibrium (IMTA phase I): every exit's gradient reaches the shared blocks rescaled.
-technique = dict(loss='ce', gradient_equilibrium=True)
+technique = dict(type='CrossEntropy', gradient_equilibrium=True)

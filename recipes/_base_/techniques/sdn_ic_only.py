@@ -5,8 +5,8 @@
 # backbone stays in training mode (its batch-norm statistics move): freeze_bn_stats=True fixes them.
 # A phase's optimizer and scheduler replace the config's whole (free-form) sections.
 phases = [
-    dict(name='cnn', technique=dict(loss='ce', regime='backbone')),
-    dict(name='ic_only', technique=dict(loss='ce', regime='heads_only', freeze_bn_stats=False),
+    dict(name='cnn', technique=dict(type='CrossEntropy', regime='backbone')),
+    dict(name='ic_only', technique=dict(type='CrossEntropy', regime='heads_only', freeze_bn_stats=False),
          optimizer=dict(opt='adam', lr=1e-3, weight_decay=1e-4, filter_bias_and_bn=False),
          scheduler=dict(sched='multistep', decay_milestones=[15], decay_rate=0.1, warmup_epochs=0),
          train=dict(epochs=25)),

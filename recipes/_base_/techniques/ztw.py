@@ -5,10 +5,10 @@
 # reference's ViT-B/16 ImageNet settings (Adam lr 5e-3, weight decay 1e-4, cosine, 15 epochs; then Adam
 # lr 1e-3, no weight decay, 2 epochs).
 phases = [
-    dict(name='heads', technique=dict(loss='ztw', ztw=dict(train='heads', detach=True, layer_norm=True)),
+    dict(name='heads', technique=dict(type='ZTW', train='heads', detach=True, layer_norm=True),
          optimizer=dict(opt='adam', lr=5e-3, weight_decay=1e-4), scheduler=dict(sched='cosine', warmup_epochs=0),
          train=dict(epochs=15)),
-    dict(name='ensembles', technique=dict(loss='ztw', ztw=dict(train='ensembles')),
+    dict(name='ensembles', technique=dict(type='ZTW', train='ensembles'),
          optimizer=dict(opt='adam', lr=1e-3, weight_decay=0.0), scheduler=dict(sched='cosine', warmup_epochs=0),
          train=dict(epochs=2)),
 ]

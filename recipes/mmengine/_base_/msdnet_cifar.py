@@ -6,7 +6,10 @@ data_root = '{{ $DATA_ROOT:data/cifar10 }}'
 data_config = dict(input_size=(3, 32, 32), mean=(0.4914, 0.4824, 0.4467), std=(0.2471, 0.2435, 0.2616),
                    crop_pct=1.0, interpolation='bilinear')
 
-model = dict(type='MultiExitClassifier', model='msdnet_cifar_7exit', model_kwargs=dict(num_classes=10), loss='ce')
+model = dict(type='MultiExitClassifier', model='msdnet_cifar_7exit', model_kwargs=dict(num_classes=10),
+             technique=dict(type='CrossEntropy'))
+# under DDP (a launcher other than 'none') the model trains through its technique's step in our wrapper
+model_wrapper_cfg = dict(type='MultiExitDistributedDataParallel')
 
 train_dataloader = dict(
     dataset=dict(type='ImageFolderDataset', root=data_root + '/train', data_config=data_config, train=True,

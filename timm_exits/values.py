@@ -1,0 +1,83 @@
+"""The valid values of an option: a number in a range, one of some names, a name matching a
+pattern. Config keys (:data:`timm_exits.config.VALID`) and technique options
+(:mod:`timm_exits.train.techniques`) are declared with them, and their errors say what was expected."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+__all__ = ["Number", "OneOf", "Matches"]
+
+
+@dataclass(frozen=True)
+class Number:
+    """The values of a numeric key: an integer (``kind=int``) or a finite number (``float``; integers
+    too) from ``low`` to ``high`` (None: unbounded), each bound included unless ``low_open`` /
+    ``high_open``; None too if ``optional``; with ``length``, a list of that many such numbers (0: one
+    or more); with ``or_list``, one such number or a list of them."""
+
+    kind: type = float
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False
+    length: Optional[int] = None
+    or_list: bool = False
+
+    def admits(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if self.or_list and isinstance(value, (list, tuple)):
+            return Number(self.kind, self.low, self.high, self.low_open, self.high_open, length=0).admits(value)
+        if self.length is not None:
+            return isinstance(value, (list, tuple)) and len(value) >= 1 and len(value) == (self.length or len(value)) \
+                and all(self._admits_one(v) for v in value)
+        return self._admits_one(value)
+
+    def _admits_one(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else int):
+            return False
+        return math.isfinite(value) and (self.low is None or value > self.low or (not self.low_open and value == self.low)) \
+            and (self.high is None or value < self.high or (not self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        bounds = [f"{'>' if self.low_open else '>='} {self.low}"] if self.low is not None else []
+        bounds += [f"{'<' if self.high_open else '<='} {self.high}"] if self.high is not None else []
+        noun = "integer" if self.kind is int else "number" if bounds else "finite number"
+        if self.length is None:
+            text = f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+        else:
+            text = f"{self.length} {noun}s" if self.length else f"a list of {noun}s"
+        text = " ".join([text, *(" and ".join(bounds),) * bool(bounds)])
+        return text + (", or a list of them" if self.or_list else "") + (" or None" if self.optional else "")
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """The values of a named key."""
+
+    names: Tuple[Any, ...]
+
+    def admits(self, value: Any) -> bool:
+        return any(value is name or (type(value) is type(name) and value == name) for name in self.names)
+
+    def __str__(self) -> str:
+        names = [repr(n) for n in self.names]
+        return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
+@dataclass(frozen=True)
+class Matches:
+    """The values of a key named by a pattern (a regular expression matching the whole name), described by ``text``."""
+
+    pattern: str
+    text: str
+
+    def admits(self, value: Any) -> bool:
+        return isinstance(value, str) and re.fullmatch(self.pattern, value) is not None
+
+    def __str__(self) -> str:
+        return self.text
