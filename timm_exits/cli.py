@@ -138,6 +138,30 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _techniques(args: argparse.Namespace) -> int:
+    """The technique types, or one type's options: each with its default and the values it takes."""
+    import dataclasses
+    import difflib
+
+    from .train.techniques import TECHNIQUES
+
+    if args.type is None:
+        for name, cls in sorted(TECHNIQUES.items()):
+            print(f"{name:14s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    if args.type not in TECHNIQUES:
+        close = difflib.get_close_matches(args.type, list(TECHNIQUES), n=1)
+        raise ValueError(f"unknown technique type {args.type!r}" + (f" (did you mean {close[0]!r}?)" if close else "") +
+                         f"; the types: {', '.join(sorted(TECHNIQUES))}")
+    options = TECHNIQUES[args.type].Options
+    print(f"technique=dict(type={args.type!r}, ...) options:")
+    for field in dataclasses.fields(options):
+        valid = field.metadata.get("valid")
+        print(f"  {field.name:22s} default {field.default!r}" + (f"; {valid}" if valid is not None else ""))
+    print("\n" + " ".join((options.__doc__ or "").split()))
+    return 0
+
+
 def _parse_kwargs(items: Optional[List[str]]) -> dict:
     import yaml
 
@@ -242,6 +266,10 @@ def _check_protocol_flags(args: argparse.Namespace) -> None:
                          "--val-fraction)")
     if any(not f > 0 for f in args.cost_fractions):
         raise ValueError(f"--cost-fractions must be positive fractions of the full cost, got {args.cost_fractions}")
+    if args.target_macs is not None and args.target_accuracy is not None:
+        raise ValueError("--target-macs or --target-accuracy: one thresholds file is fitted, for one of them")
+    if (args.target_macs is not None or args.target_accuracy is not None) and not (args.val_dir or args.val_fraction):
+        raise ValueError("--target-macs / --target-accuracy need a validation split (--val-dir or --val-fraction)")
     if args.latency and args.target_macs is None and args.target_accuracy is None:
         raise ValueError("--latency times the early-exit executor with the thresholds this run fits: add --target-macs "
                          "or --target-accuracy (and a validation split)")
@@ -268,12 +296,11 @@ def _evaluate_into(args: argparse.Namespace, given: dict, output: str) -> int:
     from timm.utils import reparameterize_model
     from torch.utils.data import DataLoader
 
-    from . import profile as profiling
     from .data import IMAGE_MODES, ImageFiles, class_names, image_transform, split_dataset
     from .files import write_json
-    from .inference import (Q_GRIDS, EarlyExitExecutor, ExitPolicy, Thresholds, collect_outputs, measure_latency,
-                            predictor_of, thresholds_for_accuracy, thresholds_for_cost, weights_sha256)
-    from .inference.report import evaluation_report, format_latency, format_report, write_report
+    from .inference import (THRESHOLDS_FILE, EarlyExitExecutor, ExitPolicy, Thresholds, evaluate, measure_latency,
+                            predictor_of)
+    from .inference.report import format_latency, format_report, report_paths
     from .models import ProductAnytimeModel, is_multi_exit
 
     policy = ExitPolicy(args.policy, args.fallback, args.strict)
@@ -312,34 +339,24 @@ def _evaluate_into(args: argparse.Namespace, given: dict, output: str) -> int:
     else:
         val_set = None
     loader = lambda ds: DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)  # noqa: E731
-    val = collect_outputs(model, loader(val_set)) if val_set is not None else None
-    test = collect_outputs(model, loader(test_set))
-    input_size = [int(s) for s in data_config["input_size"]]
-    costs = [c.macs for c in profiling.profile_exits(profiled, input_size=input_size, convention=args.convention)]
-    q_grid = Q_GRIDS[args.q_grid]
     fit_split = (f"--val-dir {args.val_dir}" if args.val_dir else
                  f"--val-fraction {args.val_fraction} of --data-dir (seed {args.seed})")
-    report = evaluation_report(val, test, costs, policy, q_grid, fit_split=fit_split, envelope=args.envelope,
-                               sweep=args.sweep, patience=args.patience_sweep, calibration=args.calibration,
-                               cost_fractions=args.cost_fractions, model=label, predictor=predictor, fused=args.fuse,
-                               source=args.model,
-                               checkpoint=args.checkpoint, data_dir=args.data_dir, val_dir=args.val_dir,
-                               val_fraction=args.val_fraction, seed=args.seed, convention=args.convention,
-                               data_config={k: data_config[k] for k in (*_DATA_FLAGS, "crop_mode") if k in data_config})
-    print(format_report(report))
-    paths = write_report(report, output, label=label, cost_label=f"M{args.convention} per image")
-    print(f"\nwrote {paths['json']} and {paths['png']}")
+    report = evaluate(model, loader(test_set), loader(val_set) if val_set is not None else None,
+                      input_size=data_config["input_size"], convention=args.convention, policy=policy,
+                      q_grid=args.q_grid, fit_split=fit_split, envelope=args.envelope, sweep=args.sweep,
+                      patience=args.patience_sweep, calibration=args.calibration, cost_fractions=args.cost_fractions,
+                      target_cost=args.target_macs, target_accuracy=args.target_accuracy, profiled=profiled,
+                      output_dir=output, label=label, progress=True,
+                      info=dict(model=label, predictor=predictor, fused=args.fuse, source=args.model,
+                                checkpoint=args.checkpoint, data_dir=args.data_dir, val_dir=args.val_dir,
+                                val_fraction=args.val_fraction, seed=args.seed, convention=args.convention,
+                                data_config={k: data_config[k] for k in (*_DATA_FLAGS, "crop_mode") if k in data_config}))
+    paths = report_paths(output)
+    print(f"{format_report(report)}\n\nwrote {paths['json']} and {paths['png']}")
     if args.target_macs is not None or args.target_accuracy is not None:
-        if val is None:
-            raise ValueError("--target-macs / --target-accuracy need a validation split (--val-dir or --val-fraction)")
-        point = (thresholds_for_cost(val, costs, args.target_macs, policy) if args.target_macs is not None
-                 else thresholds_for_accuracy(val, costs, args.target_accuracy, policy))
-        path = os.path.join(output, "thresholds.json")
-        thresholds = Thresholds(label, model.num_exits, policy, point.thresholds, costs,
-                                note=f"validation: top-1 {point.val_accuracy:.2f}%, {point.val_cost:.4g} per image",
-                                input_size=input_size, predictor=predictor, weights=weights_sha256(model))
-        thresholds.save(path)
-        print(f"wrote {path}: validation top-1 {point.val_accuracy:.2f}% at {point.val_cost * 1e-6:.2f} M per image")
+        path = os.path.join(output, THRESHOLDS_FILE)
+        thresholds = Thresholds.load(path, model=label, num_exits=model.num_exits)
+        print(f"wrote {path} ({thresholds.note})")
         if args.latency:
             images = torch.stack([test_set[i][0] for i in range(min(args.latency_images, len(test_set)))])
             report["latency"] = measure_latency(EarlyExitExecutor(model, thresholds),
@@ -469,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the catalogued models")
     m.add_argument("--markdown", action="store_true", help="as the README's markdown table")
     m.set_defaults(run=_models)
+    t = sub.add_parser("techniques", help="list the training technique types, or one type's options and defaults")
+    t.add_argument("type", nargs="?", default=None, help="a technique type, e.g. HDKD")
+    t.set_defaults(run=_techniques)
     sub.add_parser("train", help="train from a config with the accelerate engine (timm-exits train --help)")
     sub.add_parser("launch", help="accelerate launch (its options, then a recipe) ending with the run's error line, "
                                   "if any, printed once (timm-exits launch --help)")

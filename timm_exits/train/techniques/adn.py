@@ -28,7 +28,9 @@ class ADNOptions(Options):
 
 @register_technique
 class ADN(Technique):
-    """A super-net pass on the labels and a base-net pass imitating it
+    """ADN self-distillation: the base-net imitates the super-net (NeurIPS 2024).
+
+    A super-net pass on the labels and a base-net pass imitating it
     (:func:`~timm_exits.train.adn.adn_losses`); one backward of their sum gives the gradients of the
     reference's two (the teacher is detached). The base-net skips blocks, so a distributed wrapper
     must look for unused parameters."""

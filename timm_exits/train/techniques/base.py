@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ...models.capabilities import is_multi_exit
+from ...models.imta import IMTAModel
 from ...models.multi_exit import exit_logits
 from ...values import OneOf
 from ..trainer import Need, Outputs, Trainer
@@ -67,7 +68,7 @@ def apply_switches(model: nn.Module, options: Options) -> None:
     both need a multi-exit network whose branch points train."""
     if not options.switches:
         return
-    if not is_multi_exit(model):
+    if isinstance(model, IMTAModel) or not is_multi_exit(model):  # IMTA phase II: new heads on a frozen network
         raise ValueError(f"Gradient Equilibrium and branch-level deconfliction act at the branch points of a "
                          f"multi-exit network; {type(model).__name__} has none that train")
     if options.gradient_equilibrium:

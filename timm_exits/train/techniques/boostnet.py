@@ -29,7 +29,9 @@ class BoostNetOptions(CrossEntropyOptions):
 
 @register_technique
 class BoostNet(CrossEntropy):
-    """The model wrapped in :class:`~timm_exits.models.boostnet.BoostedExits` and trained with the sum
+    """The exits as a boosted ensemble (Yu et al., AAAI 2023).
+
+    The model wrapped in :class:`~timm_exits.models.boostnet.BoostedExits` and trained with the sum
     of its exits' cross-entropies, ``sum_i CE(f_i + sg(E_{i-1}), y)``. Gradient Equilibrium acts on
     the wrapped network (the reference trains an MSDNet with it)."""
 

@@ -42,7 +42,9 @@ class CrossEntropyOptions(Options):
 
 @register_technique
 class CrossEntropy(Technique):
-    """The weighted sum of the exits' cross-entropies (the MSDNet baseline; SDN with
+    """The exits' weighted cross-entropies: the MSDNet baseline, SDN's warm-up, training regimes.
+
+    The weighted sum of the exits' cross-entropies (the MSDNet baseline; SDN with
     ``exit_weights='sdn'``), in a training regime. Its loss terms are named after their exit
     (``exit1``, ...); a regime leaves some out."""
 
@@ -95,7 +97,9 @@ class PCGradOptions(CrossEntropyOptions):
 
 @register_technique
 class PCGrad(CrossEntropy):
-    """Parameter-level gradient deconfliction of the exits' cross-entropies (Wang & Li, ICIP 2020):
+    """The exits' cross-entropies with parameter-level gradient deconfliction (ICIP 2020).
+
+    Parameter-level gradient deconfliction of the exits' cross-entropies (Wang & Li, ICIP 2020):
     one gradient per exit, PCGrad-projected (:func:`~timm_exits.train.deconfliction.pcgrad_gradients`),
     averaged over the processes by the technique (its forward runs outside the distributed
     wrapper's gradient sync). The step's loss has the exits' summed loss as its value and the

@@ -34,7 +34,9 @@ class HDKDOptions(Options):
 
 @register_technique
 class HDKD(Technique):
-    """Dense distillation (every exit from every later one) weighted by the harmonized weights;
+    """Dense distillation weighted by harmonized weights learnt on held-out batches (AAAI 2021).
+
+    Dense distillation (every exit from every later one) weighted by the harmonized weights;
     on the batch that ends an update, every ``interval`` updates, one bilevel step of the weights
     on that batch and a held-out one (never the test set), with autocast off."""
 

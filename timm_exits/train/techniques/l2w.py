@@ -48,7 +48,9 @@ class L2WOptions(Options):
 
 @register_technique
 class L2W(Technique):
-    """Each batch is split in halves; for each, a meta step of the weight net (every
+    """L2W-DEN: per-sample loss weights from a weight net learnt by a meta step (ECCV 2022).
+
+    Each batch is split in halves; for each, a meta step of the weight net (every
     ``meta_interval``-th update) with the other half as meta data, then the weighted loss: the first
     half's optimizer update is taken inside the batch (through the trainer), the second half's loss
     is the step's. Needs the network's optimizer (SGD: the virtual step follows it) and no gradient

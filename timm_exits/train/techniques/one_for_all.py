@@ -39,7 +39,9 @@ class OneForAllOptions(Options):
 
 @register_technique
 class OneForAll(Technique):
-    """IMTA phase II: the phase-I network frozen in an :class:`~timm_exits.models.imta.IMTAModel` with
+    """IMTA phase II: ISC heads on the frozen phase-I network, One-for-all distillation.
+
+    IMTA phase II: the phase-I network frozen in an :class:`~timm_exits.models.imta.IMTAModel` with
     new ISC heads, trained with One-for-all distillation from its final head. The model it starts
     from must hold the trained phase-I weights (a run's ``previous`` phase)."""
 

@@ -37,7 +37,9 @@ class ZTWOptions(CrossEntropyOptions):
 
 @register_technique
 class ZTW(CrossEntropy):
-    """The model wrapped in a :class:`~timm_exits.models.ztw.ZTWModel` and one part of it trained on
+    """Zero Time Waste: cascading heads and geometric ensembles (NeurIPS 2021).
+
+    The model wrapped in a :class:`~timm_exits.models.ztw.ZTWModel` and one part of it trained on
     the *mean* over the exits of their cross-entropies, as the reference does."""
 
     Options = ZTWOptions
