@@ -34,3 +34,21 @@ def test_the_installed_script_runs_commands_and_reports_mistakes():
     assert unknown.returncode == 2 and "error: unknown model 'msdnet_cifar_7exitt'" in unknown.stderr
     train = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=120)
     assert train.returncode == 0 and "usage: timm-exits train" in train.stdout
+
+
+def test_techniques_lists_the_registered_types_and_a_types_options_with_their_defaults(capsys):
+    import dataclasses
+
+    from timm_exits.cli import main
+    from timm_exits.train.techniques import TECHNIQUES, HDKD
+
+    assert main(["techniques"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == sorted(TECHNIQUES) and {"HDKD", "PCGrad", "L2W"} <= set(listed)
+    assert main(["techniques", "HDKD"]) == 0
+    shown = {line.split()[0]: line.split("default ")[1].split(";")[0]
+             for line in capsys.readouterr().out.splitlines() if " default " in line}
+    assert shown == {f.name: repr(f.default) for f in dataclasses.fields(HDKD.Options)}  # the CLI shows Options
+    assert shown["interval"] == "1" and shown["temperature"] == "4.0"
+    assert main(["techniques", "HDK"]) == 2
+    assert "unknown technique type 'HDK' (did you mean 'HDKD'?)" in capsys.readouterr().err
