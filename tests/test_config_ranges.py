@@ -50,11 +50,6 @@ def test_every_numeric_default_has_its_range_in_the_schema():
     ("optimizer.lr", -0.1, r"optimizer.lr must be a number > 0.0 or None"),
     ("optimizer.weight_decay", math.inf, r"optimizer.weight_decay must be a number >= 0.0, got inf"),
     ("train.seed", -1, r"train.seed must be an integer >= 0"),
-    ("technique.gamma", 1.5, r"technique.gamma must be a number >= 0.0 and <= 1.0"),
-    ("technique.temperature", 0, r"technique.temperature must be a number > 0.0 or None"),
-    ("technique.hdkd.lr", -3e-4, r"technique.hdkd.lr must be a number > 0.0"),
-    ("technique.l2w.hidden_size", 0, r"technique.l2w.hidden_size must be an integer >= 1"),
-    ("technique.boostnet.reweight", [0.5, -1], r"technique.boostnet.reweight must be a number >= 0.0, or a list of them"),
     ("mixup.prob", 1.5, r"mixup.prob must be a number >= 0.0 and <= 1.0"),
     ("evaluation.q_grid", "IMTA", r"evaluation.q_grid must be 'reference' or 'imta', got 'IMTA'"),
     ("evaluation.policy", "max_prob", r"evaluation.policy must be 'maxprob', 'entropy', 'margin' or 'patience'"),
@@ -73,6 +68,21 @@ def test_a_value_outside_its_range_or_names_is_refused_naming_the_key(key, value
         resolve_config(_with(key, value))
 
 
+@pytest.mark.parametrize("technique, message", [
+    (dict(type="OneForAll", gamma=1.5), r"OneForAll option gamma must be a number >= 0.0 and <= 1.0, got 1.5"),
+    (dict(type="OneForAll", temperature=0), r"OneForAll option temperature must be a number > 0.0, got 0"),
+    (dict(type="HDKD", lr=-3e-4), r"HDKD option lr must be a number > 0.0, got -0.0003"),
+    (dict(type="HDKD", xi=math.nan), r"HDKD option xi must be a number > 0.0 or None, got nan"),
+    (dict(type="L2W", hidden_size=0), r"L2W option hidden_size must be an integer >= 1, got 0"),
+    (dict(type="BoostNet", reweight=[0.5, -1]), r"BoostNet option reweight must be a number >= 0.0, or a list of them"),
+    (dict(type="CrossEntropy", label_smoothing=1.0), r"CrossEntropy option label_smoothing must be a number >= 0.0 "
+                                                     r"and < 1.0, got 1.0"),
+])
+def test_a_technique_option_outside_its_range_is_refused_naming_the_type_and_option(technique, message):
+    with pytest.raises(ConfigError, match="technique: " + message):
+        resolve_config(dict(BASE, technique=technique))
+
+
 def test_mean_and_std_counts_follow_the_channels():
     one = resolve_config(_with("data.input_size", (1, 32, 32)))
     assert one["data"]["input_size"] == (1, 32, 32)
@@ -85,7 +95,7 @@ def test_mean_and_std_counts_follow_the_channels():
 
 def test_negative_exit_weights_are_refused():
     config = _with("technique.exit_weights", [1, -1, 1, 1, 1])
-    with pytest.raises(ConfigError, match=r"technique: exit_weights must be finite and >= 0"):
+    with pytest.raises(ConfigError, match=r"technique: CrossEntropy option exit_weights must be finite and >= 0"):
         resolve_config(config)
 
 

@@ -8,10 +8,9 @@ from timm.optim import create_optimizer_v2
 import timm
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.config import load_config
-from timm_exits.integrations.accelerate import TrainingPhase, run
+from timm_exits.engine import TrainingPhase, run
 from timm_exits.task import MultiExitTask
-from timm_exits.train import create_technique
-from timm_exits.train.techniques import TrainingForward
+from timm_exits.train import CrossEntropy, PlainTrainer
 from timm_exits.train.schedules import sdn_weights
 
 from helpers import TinyImages, mm_loader, tiny_data, write_config
@@ -40,15 +39,12 @@ def _batch(n=8):
 
 def _step_on(technique, model, optimizer, images, target):
     model.train()
-    terms = technique.step(model, TrainingForward(model), images, target)
-    optimizer.step()
-    optimizer.zero_grad()
-    return terms
+    return PlainTrainer(model, technique, optimizer).step(images, target)
 
 
 @pytest.mark.parametrize("freeze_bn_stats", [False, True])
 def test_heads_only_trains_the_heads_alone(freeze_bn_stats):
-    technique = create_technique("ce", regime="heads_only", freeze_bn_stats=freeze_bn_stats)
+    technique = CrossEntropy(regime="heads_only", freeze_bn_stats=freeze_bn_stats)
     model = technique.prepare(_model())
     optimizer = create_optimizer_v2(model, opt="momentum", lr=0.1, weight_decay=1e-4)
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -70,7 +66,7 @@ def test_heads_only_trains_the_heads_alone(freeze_bn_stats):
 
 
 def test_backbone_regime_trains_the_backbone_on_its_own_head():
-    technique = create_technique("ce", regime="backbone")
+    technique = CrossEntropy(regime="backbone")
     model = technique.prepare(_model())
     optimizer = create_optimizer_v2(model, opt="momentum", lr=0.1, weight_decay=1e-4)
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.backbone.parameters()}
@@ -84,11 +80,11 @@ def test_regime_errors():
     msdnet = timm.create_model("msdnet_cifar_5exit", num_channels=4, growth_rate=2, num_classes=3)
     with pytest.raises(ValueError, match="regime='heads_only' trains part of a backbone with exit heads.*MSDNet has no "
                                          "separate backbone"):
-        create_technique("ce", regime="heads_only").prepare(msdnet)
+        CrossEntropy(regime="heads_only").prepare(msdnet)
     with pytest.raises(ValueError, match="use them with regime='joint', not 'heads_only'"):
-        create_technique("ce", regime="heads_only", gradient_equilibrium=True)
-    with pytest.raises(ValueError, match="regime must be one of"):
-        create_technique("ce", regime="frozen")
+        CrossEntropy(regime="heads_only", gradient_equilibrium=True)
+    with pytest.raises(ValueError, match="regime must be 'joint', 'heads_only' or 'backbone', got 'frozen'"):
+        CrossEntropy(regime="frozen")
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +93,8 @@ def data(tmp_path_factory):
 
 
 def test_engine_sdn_schedule_per_epoch(data, tmp_path):
-    """The engine tells the technique the epoch: the loss terms of epoch 1 and 2 are tau(1) and tau(2) of
-    E = 2 times each exit's cross-entropy."""
+    """The engine gives the technique the epoch: the loss terms of epoch 1 and 2 (its trainer's epoch
+    while the epoch runs) are tau(1) and tau(2) of E = 2 times each exit's cross-entropy."""
     config = load_config(str(write_config(tmp_path / "c.py", data, ENGINE_MODEL,
                                           "tracker = None\ntechnique = dict(exit_weights='sdn')")),
                          output_dir=str(tmp_path / "out"))
@@ -106,15 +102,17 @@ def test_engine_sdn_schedule_per_epoch(data, tmp_path):
     phase.start()
     batch = next(iter(phase.train_loader))
     for epoch in range(2):
-        phase.train_epoch(epoch)
         expected = sdn_weights(4, epoch, 2)  # caps 0.3, 0.6, 0.9 for three internal classifiers
         assert expected[:3] == pytest.approx([min(c, 0.01 + (epoch + 1) * c / 2) for c in (0.3, 0.6, 0.9)])
         phase.model.eval()  # batch norm in eval mode: the same function twice
         with torch.no_grad():
             logits = phase.model.forward_exits(batch[0])
-            terms = phase.technique.losses(logits, batch[1])
+            terms = phase.technique.losses(logits, batch[1], phase.trainer)
+        phase.model.train()
         ce = [torch.nn.functional.cross_entropy(z, batch[1]) for z in logits]
         assert [float(t / c) for t, c in zip(terms.values(), ce)] == pytest.approx(expected)
+        phase.train_epoch(epoch)
+    assert phase.trainer.epoch == 2
     phase.finish()
 
 
@@ -164,18 +162,19 @@ def test_mmengine_runner_heads_only_and_the_sdn_schedule(tmp_path):
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
-    import timm_exits.integrations.mmengine  # noqa: F401  (registers the model and hooks)
+    from timm_exits.integrations.mmengine.trainer import MMEngineTrainer  # (importing it registers the model)
 
     seen = []
 
-    class Record(Hook):
+    class Record(Hook):  # the weights the technique reads through mmengine's trainer (the epoch: the message hub's)
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            seen.append((runner.epoch, runner.model.technique.weights(4)))
+            trainer = MMEngineTrainer(runner.model, runner.optim_wrapper)
+            seen.append((runner.epoch, runner.model.technique.weights(4, trainer)))
 
-    def runner(name, regime="joint", loss_kwargs=None, hooks=()):
+    def runner(name, hooks=(), **technique):
         return Runner(
             model=dict(type="MultiExitClassifier", model="resnet18_exits", model_kwargs=dict(num_classes=3, **SDN_RESNET),
-                       regime=regime, loss_kwargs=loss_kwargs or {}),
+                       technique=dict(type="CrossEntropy", **technique)),
             work_dir=str(tmp_path / name), train_dataloader=dict(mm_loader(), dataset=TinyImages(n=16)),
             train_cfg=dict(by_epoch=True, max_epochs=2), optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.05)),
             custom_hooks=list(hooks), default_hooks=dict(checkpoint=None, logger=dict(type="LoggerHook", interval=1)),
@@ -187,12 +186,10 @@ def test_mmengine_runner_heads_only_and_the_sdn_schedule(tmp_path):
     after = heads.model.model.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k, _ in heads.model.model.backbone.named_parameters())
     assert any(not torch.equal(before[k], after[k]) for k in _bn_buffers(before))  # SDN: BN statistics move
-    sdn = runner("sdn", loss_kwargs=dict(weights="sdn"), hooks=[dict(type="ExitWeightScheduleHook"), Record()])
+    sdn = runner("sdn", hooks=[Record()], exit_weights="sdn")  # no schedule hook: the epoch is mmengine's
     sdn.train()
     assert [e for e, _ in seen] == [0, 0, 1, 1]  # 2 iterations per epoch
     assert seen[0][1] == pytest.approx(sdn_weights(4, 0, 2)) and seen[-1][1] == pytest.approx(sdn_weights(4, 1, 2))
-    with pytest.raises(ValueError, match="mmengine: ExitWeightScheduleHook"):
-        runner("no_hook", loss_kwargs=dict(weights="sdn")).train()
 
 
 def test_timm_task_regime_and_schedule():
@@ -201,7 +198,7 @@ def test_timm_task_regime_and_schedule():
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in task.model.exits.parameters()}
     images, target = _batch()
     before = _snapshot(task.model.backbone)
-    with pytest.raises(ValueError, match="timm task: task.set_epoch"):
+    with pytest.raises(ValueError, match=r"call task.set_epoch\(epoch, epochs\) at the start of every epoch"):
         task(images, target)
     task.set_epoch(0, 10)
     task.train()

@@ -12,7 +12,7 @@ from timm_exits import add_exits
 from timm_exits.config import ConfigError, resolve_config
 from timm_exits.models.exits import SDN_COST_FRACTIONS, exits_by_cost
 from timm_exits.models.heads import SDNHead
-from timm_exits.train import CrossEntropy, create_technique
+from timm_exits.train import HDKD, CrossEntropy, PlainTrainer
 from timm_exits.train.schedules import ExitWeights, pabee_weights, sdn_weights
 
 C = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)
@@ -41,18 +41,20 @@ def test_pabee_weights_by_hand():
     assert ExitWeights("pabee")(3) == pytest.approx([1 / 6, 2 / 6, 3 / 6])
 
 
-def test_the_technique_weights_the_exits_by_the_schedule_at_the_epoch_it_was_told():
+def test_the_technique_weights_the_exits_by_the_schedule_at_the_trainers_epoch():
     torch.manual_seed(0)
     logits, y = [torch.randn(5, 4) for _ in range(3)], torch.randint(0, 4, (5,))
     ce = [F.cross_entropy(z, y) for z in logits]
     pabee = CrossEntropy(exit_weights="pabee").losses(logits, y)
     assert [float(t) for t in pabee.values()] == pytest.approx([w * float(c) for w, c in zip([1 / 6, 2 / 6, 3 / 6], ce)])
-    sdn = create_technique("ce", exit_weights=dict(schedule="sdn", caps=[0.3, 0.6]))
-    with pytest.raises(ValueError, match="changes with the epoch: the trainer must call technique.set_epoch"):
+    sdn = CrossEntropy(exit_weights=dict(schedule="sdn", caps=[0.3, 0.6]))
+    with pytest.raises(ValueError, match="change with the epoch: give the trainer"):
         sdn.losses(logits, y)
+    model = torch.nn.Linear(4, 4)  # the loop's model: the losses read only its epoch
+    loop = PlainTrainer(model, sdn, torch.optim.SGD(model.parameters(), lr=0.1), epochs=4)
     for epoch, expected in ((0, [0.01 + 0.3 / 4, 0.01 + 0.6 / 4, 1.0]), (3, [0.3, 0.6, 1.0])):
-        sdn.set_epoch(epoch, 4)
-        terms = sdn.losses(logits, y)
+        loop.current_epoch = epoch
+        terms = sdn.losses(logits, y, loop)
         assert [float(t) for t in terms.values()] == pytest.approx([w * float(c) for w, c in zip(expected, ce)])
 
 
@@ -67,10 +69,11 @@ def test_bad_schedules_are_config_errors(spec, message):
         ExitWeights(spec)
     with pytest.raises(ConfigError, match="technique: .*" + message):
         resolve_config(dict(model=dict(name="x"), technique=dict(exit_weights=spec)))
-    with pytest.raises(ConfigError, match="regime must be one of"):
+    with pytest.raises(ConfigError, match="technique: CrossEntropy option regime must be 'joint', 'heads_only' or "
+                                          "'backbone', got 'frozen'"):
         resolve_config(dict(model=dict(name="x"), technique=dict(regime="frozen")))
-    with pytest.raises(ValueError, match="belong to loss='ce', not 'hdkd'"):
-        create_technique("hdkd", exit_weights="sdn")
+    with pytest.raises(ValueError, match="HDKD has no option 'exit_weights'"):
+        HDKD(exit_weights="sdn")
 
 
 def _mixed_pool_by_hand(x: torch.Tensor, k: int, alpha: float) -> torch.Tensor:

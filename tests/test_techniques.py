@@ -238,18 +238,22 @@ def test_adn_distillation_top_k_and_exits():
 
 def test_switches_are_refused_where_no_branch_point_trains():
     from timm_exits.integrations.mmengine import GradientDeconflictionHook
-    from timm_exits.train.techniques import apply_switches
+    from timm_exits.train import PCGrad
+    from timm_exits.train.techniques import Options
+    from timm_exits.train.techniques.base import apply_switches
 
     model = _single_scale_msdnet()
-    apply_switches(model, gradient_equilibrium=True, deconfliction="protect_deeper")
+    apply_switches(model, Options(gradient_equilibrium=True, deconfliction="protect_deeper"))
     assert model.gradient_equilibrium and model.gradient_deconfliction == "protect_deeper"
-    apply_switches(model, deconfliction="pcgrad")  # acts on gradients, not on the forward graph
-    assert model.gradient_deconfliction == "protect_deeper"
+    pcgrad = PCGrad(gradient_equilibrium=True).prepare(_single_scale_msdnet())
+    assert pcgrad.gradient_equilibrium and pcgrad.gradient_deconfliction is None  # PCGrad acts on gradients only
     with pytest.raises(ValueError, match="has none that train"):  # IMTA phase II trains its new heads only
-        apply_switches(_phase_two(), gradient_equilibrium=True)
+        apply_switches(_phase_two(), Options(gradient_equilibrium=True))
     with pytest.raises(ValueError, match="has none that train"):
-        apply_switches(timm.create_model("resnet18_adn"), deconfliction="symmetric")
-    with pytest.raises(ValueError, match="deconfliction must be one of"):
-        apply_switches(model, deconfliction="sym")
-    with pytest.raises(ValueError, match="parameter-level PCGrad is PCGradOptimWrapper"):
+        apply_switches(timm.create_model("resnet18_adn"), Options(deconfliction="symmetric"))
+    with pytest.raises(ValueError, match="deconfliction must be None, 'symmetric' or 'protect_deeper', got 'sym'"):
+        Options(deconfliction="sym")
+    with pytest.raises(ValueError, match=r"deconfliction='pcgrad' is a technique of its own"):
+        Options(deconfliction="pcgrad")
+    with pytest.raises(ValueError, match=r"parameter-level PCGrad is technique=dict\(type='PCGrad'\)"):
         GradientDeconflictionHook("pcgrad")

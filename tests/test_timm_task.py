@@ -19,7 +19,7 @@ import timm_exits  # noqa: F401  (registers the models)
 from timm_exits import add_exits
 from timm_exits.task import MultiExitTask
 from timm_exits.models.imta import IMTAModel
-from timm_exits.train import adn_step, one_for_all_distillation, pcgrad_backward
+from timm_exits.train import TrainerError, adn_step, one_for_all_distillation, pcgrad_backward
 from timm_exits.train.hdkd import BalancedValidationLoss, HarmonizedWeights, harmonized_loss, hdkd_weight_step, loss_terms
 
 from helpers import randomise_norms
@@ -66,7 +66,7 @@ def test_ce_equals_the_weighted_sum_of_the_exits_cross_entropies(options):
     reference = copy.deepcopy(model)
     reference.gradient_equilibrium = options.get("gradient_equilibrium", False)
     reference.gradient_deconfliction = options.get("deconfliction")
-    task = MultiExitTask(model, "ce", verbose=False, **options)
+    task = MultiExitTask(model, "CrossEntropy", verbose=False, **options)
     x, y = _batch()
     result = task(x, y)
     result["loss"].backward()
@@ -87,7 +87,7 @@ def test_ce_equals_the_weighted_sum_of_the_exits_cross_entropies(options):
 def test_soft_mixup_targets_are_used_as_given():
     model = _msdnet()
     reference = copy.deepcopy(model)
-    task = MultiExitTask(model, "ce", label_smoothing=0.1, verbose=False)
+    task = MultiExitTask(model, "CrossEntropy", label_smoothing=0.1, verbose=False)
     x, y = _batch()
     torch.manual_seed(1)
     x, soft = Mixup(mixup_alpha=1.0, label_smoothing=0.1, num_classes=10)(x, y)
@@ -107,7 +107,7 @@ def _phase_one(tmp_path):
 
 def test_ofa_from_a_phase_one_checkpoint_equals_the_objective(tmp_path):
     phase_one, path = _phase_one(tmp_path)
-    task = MultiExitTask("msdnet_cifar_5exit", "ofa", model_kwargs=TINY, phase_one_checkpoint=path,
+    task = MultiExitTask("msdnet_cifar_5exit", "OneForAll", model_kwargs=TINY, previous=path,
                          temperature=2.0, gamma=0.7, verbose=False)
     model = task.model
     assert isinstance(model, IMTAModel)
@@ -126,7 +126,7 @@ def test_ofa_from_a_phase_one_checkpoint_equals_the_objective(tmp_path):
     _assert_same_grads(model, reference)
     assert all(p.grad is None for p in model.backbone.parameters())  # phase II trains the new heads only
 
-    wrapped = MultiExitTask(copy.deepcopy(phase_one), "ofa", isc="detach", verbose=False).model  # a module
+    wrapped = MultiExitTask(copy.deepcopy(phase_one), "OneForAll", isc="detach", verbose=False).model  # a module
     assert isinstance(wrapped, IMTAModel) and wrapped.isc_mode == "detach"
     assert not any(p.requires_grad for p in wrapped.backbone.parameters())
 
@@ -142,7 +142,7 @@ def test_hdkd_weight_update_and_loss_equal_the_engine_step():
     model = _msdnet()
     reference = copy.deepcopy(model)
     held_out = [_batch(seed=10)]
-    task = MultiExitTask(model, "hdkd", held_out=held_out, hdkd=dict(lr=3e-4), alpha=0.6, verbose=False)
+    task = MultiExitTask(model, "HDKD", held_out=held_out, lr=3e-4, alpha=0.6, verbose=False)
     task.attach_optimizer(torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.05))
     ref = _hdkd_reference(reference.num_exits)
     for seed in (0, 1):  # the second step draws the (only) held-out batch again
@@ -168,7 +168,7 @@ def test_hdkd_weight_update_and_loss_equal_the_engine_step():
 def test_adn_single_loss_equals_the_two_backward_reference_step(exits):
     model = _adn(exits)
     reference = copy.deepcopy(model)
-    task = MultiExitTask(model, "adn", alpha=0.3, temperature=2.0, topk=4, verbose=False)
+    task = MultiExitTask(model, "ADN", alpha=0.3, temperature=2.0, topk=4, verbose=False)
     x, y = _batch(classes=6)
     result = task(x, y)
     result["loss"].backward()
@@ -186,7 +186,7 @@ def test_adn_single_loss_equals_the_two_backward_reference_step(exits):
 def test_pcgrad_loss_carries_the_deconflicted_gradient():
     model = _msdnet()
     reference, plain = copy.deepcopy(model), copy.deepcopy(model)
-    task = MultiExitTask(model, "ce", deconfliction="pcgrad", pcgrad=dict(seed=3), verbose=False)
+    task = MultiExitTask(model, "PCGrad", seed=3, verbose=False)
     generator = torch.Generator().manual_seed(3)
     projections = 0
     for seed in (0, 1):  # two accumulated batches: the gradients add up as pcgrad_backward's do
@@ -202,7 +202,7 @@ def test_pcgrad_loss_carries_the_deconflicted_gradient():
     differs = [n for n, g in _grads(model).items() if not torch.allclose(g, _grads(plain)[n], atol=1e-6)]
     assert differs  # the deconflicted gradient is not the plain sum's
     state = task.get_task_state()
-    assert torch.equal(state["pcgrad_generator"], generator.get_state())
+    assert torch.equal(state["technique"]["pcgrad_generator"], generator.get_state())
 
 
 def _exit_losses(model, x, y, depth=None):
@@ -212,21 +212,21 @@ def _exit_losses(model, x, y, depth=None):
         return [float(F.cross_entropy(z, y)) for z in model.forward_exits(x)]
 
 
-@pytest.mark.parametrize("loss, options", [
-    ("ce", dict()),
-    ("ce", dict(deconfliction="pcgrad", gradient_equilibrium=True)),
-    ("hdkd", dict()),
-    ("adn", dict()),
+@pytest.mark.parametrize("technique, options", [
+    ("CrossEntropy", dict()),
+    ("PCGrad", dict(gradient_equilibrium=True)),
+    ("HDKD", dict()),
+    ("ADN", dict()),
 ])
-def test_a_short_loop_lowers_the_loss_of_every_exit(loss, options):
-    x, y = _batch(8, 6 if loss == "adn" else 10, seed=5)
-    model = _adn(exits=True) if loss == "adn" else _msdnet()
-    if loss == "hdkd":
-        options = dict(held_out=[_batch(8, seed=6)], hdkd=dict(xi=0.01))
-    task = MultiExitTask(model, loss, verbose=False, **options)
-    optimizer = create_optimizer_v2(task.get_trainable_module(), opt="adamw", lr=3e-3 if loss == "adn" else 1e-2,
+def test_a_short_loop_lowers_the_loss_of_every_exit(technique, options):
+    x, y = _batch(8, 6 if technique == "ADN" else 10, seed=5)
+    model = _adn(exits=True) if technique == "ADN" else _msdnet()
+    if technique == "HDKD":
+        options = dict(held_out=[_batch(8, seed=6)], xi=0.01)
+    task = MultiExitTask(model, technique, verbose=False, **options)
+    optimizer = create_optimizer_v2(task.get_trainable_module(), opt="adamw", lr=3e-3 if technique == "ADN" else 1e-2,
                                     weight_decay=0.0)
-    configs = (None, "TTTT") if loss == "adn" else (None,)  # ADN: the super-net's and the base-net's exits
+    configs = (None, "TTTT") if technique == "ADN" else (None,)  # ADN: the super-net's and the base-net's exits
 
     def exit_losses():
         return {c: _exit_losses(model, x, y, c) for c in configs}
@@ -243,7 +243,7 @@ def test_a_short_loop_lowers_the_loss_of_every_exit(loss, options):
 
 def test_ofa_loop_trains_every_new_head(tmp_path):
     _, path = _phase_one(tmp_path)
-    task = MultiExitTask("msdnet_cifar_5exit", "ofa", model_kwargs=TINY, phase_one_checkpoint=path, verbose=False)
+    task = MultiExitTask("msdnet_cifar_5exit", "OneForAll", model_kwargs=TINY, previous=path, verbose=False)
     x, y = _batch(8, seed=5)
     optimizer = create_optimizer_v2(task.get_trainable_module(), opt="adamw", lr=1e-2, weight_decay=0.0)
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == \
@@ -260,7 +260,7 @@ def test_ema_eval_model_and_checkpoint_state_are_the_network(tmp_path):
     model = _msdnet()
     held_out = [_batch(seed=10)]
     hdkd = dict(xi=0.05, interval=2)
-    task = MultiExitTask(model, "hdkd", held_out=held_out, hdkd=hdkd, verbose=False)
+    task = MultiExitTask(model, "HDKD", held_out=held_out, verbose=False, **hdkd)
     ema = task.setup_ema(decay=0.5)
     assert isinstance(ema, ModelEmaV3) and task.has_ema()
     optimizer = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.1)
@@ -282,20 +282,21 @@ def test_ema_eval_model_and_checkpoint_state_are_the_network(tmp_path):
     state = task.get_checkpoint_state()
     assert state["state_dict"].keys() == model.state_dict().keys()  # loads into timm.create_model(...)
     timm.create_model("msdnet_cifar_5exit", **TINY).load_state_dict(state["state_dict"])
-    assert set(state["task_state"]) == {"hdkd_weights", "hdkd_optimizer", "hdkd_val_loss", "hdkd_calls"}
+    assert set(state["task_state"]) == {"technique", "calls"}
+    assert set(state["task_state"]["technique"]) == {"hdkd_weights", "hdkd_optimizer", "hdkd_val_loss"}
     assert "task_state_ema" not in task.get_checkpoint_state(ema=True)
     path = tmp_path / "checkpoint.pth.tar"
     torch.save(dict(state, epoch=0), path)
-    other = MultiExitTask(_msdnet(seed=2), "hdkd", held_out=held_out, hdkd=hdkd, verbose=False)
+    other = MultiExitTask(_msdnet(seed=2), "HDKD", held_out=held_out, verbose=False, **hdkd)
     resume_task_checkpoint(other, str(path), log_info=False)  # timm's resume (weights-only load)
     torch.testing.assert_close(other.technique.weights.kd_logits, task.technique.weights.kd_logits)
-    assert other._hdkd_calls == 2 and torch.equal(other.technique.val_loss.expected, task.technique.val_loss.expected)
+    assert other.trainer.calls == 2 and torch.equal(other.technique.val_loss.expected, task.technique.val_loss.expected)
     assert other.technique.optimizer.state_dict()["state"][0]["step"] == 1
     assert torch.equal(other.model.exits[0].fc.weight, model.exits[0].fc.weight)
 
 
 def test_optimizer_sees_the_model_through_the_wrapper():
-    task = MultiExitTask(_msdnet(), "ce", verbose=False)
+    task = MultiExitTask(_msdnet(), "CrossEntropy", verbose=False)
     trainable = task.get_trainable_module()
     decay = create_optimizer_v2(trainable, opt="sgd", lr=0.1, weight_decay=1e-4)
     no_decay = {id(p) for g in decay.param_groups if g["weight_decay"] == 0 for p in g["params"]}
@@ -305,7 +306,7 @@ def test_optimizer_sees_the_model_through_the_wrapper():
     assert len(scales) > 2
     assert sum(len(g["params"]) for g in layered.param_groups) == len(list(task.model.parameters()))
     vit = timm.create_model("vit_tiny_patch16_224_adn", img_size=32, num_classes=3)  # has no_weight_decay()
-    decay = create_optimizer_v2(MultiExitTask(vit, "adn", verbose=False).get_trainable_module(), opt="sgd", lr=0.1,
+    decay = create_optimizer_v2(MultiExitTask(vit, "ADN", verbose=False).get_trainable_module(), opt="sgd", lr=0.1,
                                 weight_decay=1e-4)
     no_decay = {id(p) for g in decay.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert id(vit.pos_embed) in no_decay and id(vit.patch_embed.proj.weight) not in no_decay
@@ -320,17 +321,16 @@ def process_group(tmp_path):
 
 # MSDNet trains channels-last: DDP notes that its gradients' strides differ from its buckets' (speed only)
 @pytest.mark.filterwarnings("ignore:Grad strides do not match bucket view strides")
-@pytest.mark.parametrize("loss", ["ce", "adn", "pcgrad"])
-def test_prepare_distributed_keeps_loss_and_gradients(process_group, loss):
-    model = _adn() if loss == "adn" else _msdnet()
+@pytest.mark.parametrize("technique", ["CrossEntropy", "ADN", "PCGrad"])
+def test_prepare_distributed_keeps_loss_and_gradients(process_group, technique):
+    model = _adn() if technique == "ADN" else _msdnet()
     reference = copy.deepcopy(model)
-    options = dict(deconfliction="pcgrad") if loss == "pcgrad" else {}
-    task = MultiExitTask(model, "adn" if loss == "adn" else "ce", verbose=False, **options)
-    plain = MultiExitTask(reference, "adn" if loss == "adn" else "ce", verbose=False, **options)
+    task = MultiExitTask(model, technique, verbose=False)
+    plain = MultiExitTask(reference, technique, verbose=False)
     task.prepare_distributed()
     assert isinstance(task.get_trainable_module(), torch.nn.parallel.DistributedDataParallel)
     assert task.model is model and task.get_eval_model() is model
-    x, y = _batch(classes=6 if loss == "adn" else 10)
+    x, y = _batch(classes=6 if technique == "ADN" else 10)
     result, expected = task(x, y), plain(x, y)
     result["loss"].backward()
     expected["loss"].backward()
@@ -340,39 +340,43 @@ def test_prepare_distributed_keeps_loss_and_gradients(process_group, loss):
 
 def test_bad_input_is_refused_with_a_clear_error(tmp_path):
     msdnet = _msdnet()
-    with pytest.raises(ValueError, match="loss must be one of"):
+    with pytest.raises(ValueError, match="unknown technique type 'focal'"):
         MultiExitTask(msdnet, "focal")
     with pytest.raises(ValueError, match="needs a multi-exit model"):
-        MultiExitTask(timm.create_model("resnet18", num_classes=3), "ce")
-    with pytest.raises(ValueError, match="is not a multi-exit model"):
-        MultiExitTask("resnet18", "ce", model_kwargs=dict(num_classes=3))
+        MultiExitTask(timm.create_model("resnet18", num_classes=3), "CrossEntropy")
+    with pytest.raises(ValueError, match="CrossEntropy needs a multi-exit model .*got ResNet"):
+        MultiExitTask("resnet18", "CrossEntropy", model_kwargs=dict(num_classes=3))
     with pytest.raises(ValueError, match="needs an adaptive-depth model"):
-        MultiExitTask(msdnet, "adn")
-    with pytest.raises(ValueError, match="pass held_out"):
-        MultiExitTask(msdnet, "hdkd")
-    with pytest.raises(ValueError, match="train L2W with the accelerate engine"):
-        MultiExitTask(msdnet, "l2w")
-    with pytest.raises(ValueError, match="belong to loss='hdkd'"):
-        MultiExitTask(msdnet, "ce", held_out=[_batch()])
-    with pytest.raises(ValueError, match="unknown hdkd option"):
-        MultiExitTask(msdnet, "hdkd", held_out=[_batch()], hdkd=dict(learning_rate=1.0))
+        MultiExitTask(msdnet, "ADN")
+    with pytest.raises(TrainerError, match=r"HDKD needs batches of a held-out split.*MultiExitTask\(\.\.\., held_out=loader\)"):
+        MultiExitTask(msdnet, "HDKD")
+    with pytest.raises(TrainerError, match="L2W needs optimizer updates inside a batch.*the accelerate engine"):
+        MultiExitTask(msdnet, "L2W")
+    with pytest.raises(ValueError, match="held_out is for a technique that learns on held-out batches; CrossEntropy"):
+        MultiExitTask(msdnet, "CrossEntropy", held_out=[_batch()])
+    with pytest.raises(ValueError, match="HDKD has no option 'learning_rate'"):
+        MultiExitTask(msdnet, "HDKD", held_out=[_batch()], learning_rate=1.0)
     with pytest.raises(ValueError, match="gives no batch"):
-        MultiExitTask(msdnet, "hdkd", held_out=[], hdkd=dict(xi=0.1), verbose=False)(*_batch())
-    with pytest.raises(RuntimeError, match="attach_optimizer"):
-        MultiExitTask(msdnet, "hdkd", held_out=[_batch()], verbose=False)(*_batch())
-    with pytest.raises(ValueError, match="it needs loss='ce'"):
-        MultiExitTask(_adn(), "adn", deconfliction="pcgrad")
-    with pytest.raises(ValueError, match="deconfliction must be"):
-        MultiExitTask(msdnet, "ce", deconfliction="pcgrad_please")
-    with pytest.raises(ValueError, match="unknown pcgrad option"):
-        MultiExitTask(msdnet, "ce", deconfliction="pcgrad", pcgrad=dict(mode="tensor"))
-    with pytest.raises(ValueError, match="belong to loss='ce'"):
-        MultiExitTask(_adn(), "adn", label_smoothing=0.1)
+        MultiExitTask(msdnet, "HDKD", held_out=[], xi=0.1, verbose=False)(*_batch())
+    with pytest.raises(ValueError, match="attach_optimizer"):
+        MultiExitTask(msdnet, "HDKD", held_out=[_batch()], verbose=False)(*_batch())
+    with pytest.raises(ValueError, match=r"a technique of its own: technique=dict\(type='PCGrad'"):
+        MultiExitTask(_adn(), "ADN", deconfliction="pcgrad")
+    with pytest.raises(ValueError, match="deconfliction must be None, 'symmetric' or 'protect_deeper', got 'pcgrad_pl"):
+        MultiExitTask(msdnet, "CrossEntropy", deconfliction="pcgrad_please")
+    with pytest.raises(ValueError, match="PCGrad has no option 'mode'"):
+        MultiExitTask(msdnet, "PCGrad", mode="tensor")
+    with pytest.raises(ValueError, match="ADN has no option 'label_smoothing'"):
+        MultiExitTask(_adn(), "ADN", label_smoothing=0.1)
     with pytest.raises(ValueError, match="has none that train"):
-        MultiExitTask(_adn(), "adn", gradient_equilibrium=True)
-    with pytest.raises(ValueError, match="has none that train"):
-        MultiExitTask(msdnet, "ofa", deconfliction="symmetric")
+        MultiExitTask(_adn(), "ADN", gradient_equilibrium=True)
+    with pytest.raises(ValueError, match="phase II trains new heads on a frozen one"):
+        MultiExitTask(msdnet, "OneForAll", deconfliction="symmetric")
     with pytest.raises(ValueError, match="need a model name"):
-        MultiExitTask(msdnet, "ofa", phase_one_checkpoint=str(tmp_path / "phase1.safetensors"))
-    with pytest.raises(ValueError, match="needs phase_one_checkpoint"):
-        MultiExitTask("msdnet_cifar_5exit", "ofa", model_kwargs=TINY)
+        MultiExitTask(msdnet, "OneForAll", previous=str(tmp_path / "phase1.safetensors"))
+    with pytest.raises(ValueError, match="starts from the phase-I weights"):
+        MultiExitTask("msdnet_cifar_5exit", "OneForAll", model_kwargs=TINY)
+    with pytest.raises(ValueError, match="go with a technique's type name"):
+        MultiExitTask(msdnet, dict(type="CrossEntropy"), label_smoothing=0.1)
+    with pytest.raises(ValueError, match="grad_accum_steps must be an integer >= 1"):
+        MultiExitTask(msdnet, "CrossEntropy", grad_accum_steps=0)
