@@ -12,10 +12,9 @@ from accelerate import Accelerator
 import timm
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.config import load_config
-from timm_exits.integrations.accelerate import TrainingPhase
+from timm_exits.engine import TrainingPhase
 from timm_exits.models.boostnet import BoostedExits
-from timm_exits.train import BoostNet, create_technique
-from timm_exits.train.techniques import TrainingForward
+from timm_exits.train import BoostNet, PlainTrainer
 
 from helpers import mm_runner, tiny_data, write_config, MM_TINY_MSDNET
 
@@ -35,17 +34,19 @@ def test_loss_and_every_gradient_equal_the_reference_loop(gradient_equilibrium):
     x, y = _batch()
     reference = _msdnet()
     reference.gradient_equilibrium = gradient_equilibrium  # the reference trains msdnet_ge
-    technique = create_technique("boostnet", gradient_equilibrium=gradient_equilibrium)
+    technique = BoostNet(gradient_equilibrium=gradient_equilibrium)
     model = technique.prepare(copy.deepcopy(reference))
     assert isinstance(model, BoostedExits) and model.model.gradient_equilibrium == gradient_equilibrium
-    terms = technique.step(model, TrainingForward(model), x, y)
+    result = technique.train_step(PlainTrainer(model, technique, torch.optim.SGD(model.parameters(), lr=0.1)), x, y)
+    result.loss.backward()  # what every trainer does with the step's loss
     # the reference: preds[0] = 0, preds[i+1] = (outs[i] + preds[i]) * r; CE(outs[i] + preds[i].detach())
     outs, prior, loss = reference.forward_exits(x), 0.0, 0.0
     for f in outs:
         loss = loss + F.cross_entropy(f + (prior.detach() if torch.is_tensor(prior) else prior), y)
         prior = (f + prior) * 0.5
     loss.backward()
-    assert float(sum(terms.values()).detach()) == pytest.approx(float(loss.detach()), rel=1e-12)
+    assert float(result.loss.detach()) == pytest.approx(float(loss.detach()), rel=1e-12)
+    assert float(sum(result.terms.values()).detach()) == pytest.approx(float(loss.detach()), rel=1e-12)
     ours = dict(model.model.named_parameters())
     for name, p in reference.named_parameters():
         assert ours[name].grad is not None and torch.allclose(ours[name].grad, p.grad, rtol=1e-9, atol=1e-12), name
@@ -83,18 +84,20 @@ def test_a_reweight_per_exit_follows_the_training_form():
 def test_errors():
     with pytest.raises(ValueError, match=r"reweight must be a number or 5 numbers \(one per exit\), got \[0.5, 0.5\]"):
         BoostedExits(_msdnet(), [0.5, 0.5])
-    with pytest.raises(ValueError, match=r"unknown boostnet option\(s\) \['r'\]; expected some of \['reweight'\]"):
-        create_technique("boostnet", boostnet=dict(r=0.5))
-    with pytest.raises(ValueError, match="exit_weights and regime='joint' belong to loss='ce', not 'boostnet'"):
-        create_technique("boostnet", exit_weights=[1, 1, 1, 1, 1])
-    with pytest.raises(ValueError, match="loss='boostnet' needs a multi-exit model"):
-        create_technique("boostnet").prepare(timm.create_model("resnet18", num_classes=3))
+    with pytest.raises(ValueError, match=r"BoostNet has no option 'r'.*; its options: .*reweight"):
+        BoostNet(r=0.5)
+    with pytest.raises(ValueError, match=r"BoostNet option reweight must be a number >= 0.0, or a list of them, got -1"):
+        BoostNet(reweight=-1)
+    with pytest.raises(ValueError, match="BoostNet option .*exit_weights and regime keep their defaults"):
+        BoostNet(exit_weights=[1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="BoostNet needs a multi-exit model"):
+        BoostNet().prepare(timm.create_model("resnet18", num_classes=3))
 
 
 def test_engine_trains_the_boosted_exits(tmp_path):
     data = tiny_data(tmp_path / "data")
     config = load_config(str(write_config(tmp_path / "c.py", data, extra="tracker = None\ntrain = dict(epochs=1)\n"
-                                          "technique = dict(loss='boostnet', gradient_equilibrium=True)")),
+                                          "technique = dict(type='BoostNet', gradient_equilibrium=True)")),
                          output_dir=str(tmp_path / "out"))
     phase = TrainingPhase(Accelerator(cpu=True), config, str(tmp_path / "out"))
     assert isinstance(phase.technique, BoostNet) and isinstance(phase.model, BoostedExits)
@@ -109,8 +112,7 @@ def test_engine_trains_the_boosted_exits(tmp_path):
 
 @pytest.mark.slow
 def test_mmengine_runner_trains_boostnet(tmp_path):
-    runner = mm_runner(tmp_path, dict(MM_TINY_MSDNET, loss="boostnet", loss_kwargs=dict(boostnet=dict(reweight=0.5))),
-                       iters=2)
+    runner = mm_runner(tmp_path, dict(MM_TINY_MSDNET, technique=dict(type="BoostNet", reweight=0.5)), iters=2)
     assert isinstance(runner.model.model, BoostedExits)
     before = {k: v.clone() for k, v in runner.model.model.state_dict().items() if k.endswith("fc.weight")}
     runner.train()

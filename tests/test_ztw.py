@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 import timm
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.config import load_config
-from timm_exits.integrations.accelerate import run
+from timm_exits.engine import run
 from timm_exits.models.ztw import GeometricEnsemble, ZTWModel
-from timm_exits.train import create_technique, fit_ensembles_offline
+from timm_exits.train import ZTW, fit_ensembles_offline
 
 from helpers import mm_runner, randomise_norms, tiny_data, write_config
 
@@ -139,18 +139,20 @@ def test_detach_stops_head_gradients_at_the_previous_logits(detach):
 def test_errors():
     msdnet = timm.create_model("msdnet_cifar_5exit", num_channels=4, growth_rate=2, num_classes=3)
     with pytest.raises(ValueError, match="ztw train='heads' freezes the backbone.*MSDNet has no separate backbone"):
-        create_technique("ztw").prepare(msdnet)
-    create_technique("ztw", ztw=dict(train="joint")).prepare(msdnet)  # heads and network train together
-    with pytest.raises(ValueError, match=r"ztw train must be one of \('heads', 'joint', 'ensembles'\), got 'all'"):
-        create_technique("ztw", ztw=dict(train="all"))
-    with pytest.raises(ValueError, match="use them with ztw train='joint', not 'heads'"):
-        create_technique("ztw", gradient_equilibrium=True)
-    with pytest.raises(ValueError, match=r"unknown ztw option\(s\) \['alpha'\]"):
-        create_technique("ztw", ztw=dict(alpha=1.0))
+        ZTW().prepare(msdnet)
+    ZTW(train="joint").prepare(msdnet)  # heads and network train together
+    with pytest.raises(ValueError, match=r"ZTW option train must be 'heads', 'joint' or 'ensembles', got 'all'"):
+        ZTW(train="all")
+    with pytest.raises(ValueError, match="use them with train='joint', not 'heads'"):
+        ZTW(gradient_equilibrium=True)
+    with pytest.raises(ValueError, match="ZTW option .*exit_weights and regime keep their defaults"):
+        ZTW(exit_weights="sdn")
+    with pytest.raises(ValueError, match=r"ZTW has no option 'alpha'"):
+        ZTW(alpha=1.0)
 
 
 def test_the_loss_is_the_mean_over_the_exits():
-    technique = create_technique("ztw")
+    technique = ZTW()
     model = technique.prepare(_resnet(torch.float32)).eval()
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     with torch.no_grad():
@@ -197,8 +199,8 @@ def test_offline_fitting_lowers_the_loss_and_refuses_bad_input():
 
 
 def _phases():
-    return ("phases = [dict(name='heads', technique=dict(loss='ztw', ztw=dict(train='heads'))),\n"
-            "          dict(name='ensembles', technique=dict(loss='ztw', ztw=dict(train='ensembles')),\n"
+    return ("phases = [dict(name='heads', technique=dict(type='ZTW', train='heads')),\n"
+            "          dict(name='ensembles', technique=dict(type='ZTW', train='ensembles'),\n"
             "               optimizer=dict(opt='adam', lr=1e-2, weight_decay=0.0))]\n")
 
 
@@ -230,7 +232,7 @@ def test_engine_phase_a_then_b_change_only_what_they_train(tmp_path):
 @pytest.mark.slow
 def test_mmengine_runner_trains_the_heads_on_the_frozen_backbone(tmp_path):
     runner = mm_runner(tmp_path, dict(model="resnet18_exits", model_kwargs=dict(num_classes=3, **SDN_RESNET),
-                                      loss="ztw", loss_kwargs=dict(ztw=dict(train="heads"))), iters=2)
+                                      technique=dict(type="ZTW", train="heads")), iters=2)
     model = runner.model.model
     assert isinstance(model, ZTWModel) and not model.use_ensembles
     before = {k: v.clone() for k, v in model.state_dict().items()}
