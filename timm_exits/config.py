@@ -25,7 +25,8 @@ from .data import IMAGE_MODES, TRANSFORMS
 from .inference.budgeted import Q_GRIDS
 from .inference.policies import SCORES
 from .profile import CONVENTIONS
-from .values import Matches, Number, OneOf
+from .values import (PREPROCESSING, PREPROCESSING_VALUES, ConfigError, Matches, Number, OneOf,  # noqa: F401
+                     check_preprocessing)
 from .train.techniques import DEFAULT_TECHNIQUE, technique_config
 
 __all__ = ["DEFAULTS", "VALID", "PREPROCESSING", "ConfigError", "load_config", "resolve_config", "phase_configs", "check_value",
@@ -76,11 +77,6 @@ DEFAULTS: Dict[str, Any] = dict(
 
 FREE_FORM = ("model.kwargs", "data.augment", "optimizer", "scheduler", "technique")  # technique: checked by its type
 PROCESS_WIDE = ("train.mixed_precision", "train.grad_accum_steps", "tracker", "output_dir")
-PREPROCESSING = ("input_size", "mean", "std", "crop_pct", "interpolation")  # data keys: default, the model's cfg
-
-
-class ConfigError(ValueError):
-    """A config key that does not exist, or a section of the wrong type."""
 
 
 def _check_keys(config: Dict[str, Any], schema: Dict[str, Any], prefix: str = "") -> None:
@@ -97,18 +93,13 @@ def _check_keys(config: Dict[str, Any], schema: Dict[str, Any], prefix: str = ""
             _check_keys(value, schema[key], path + ".")
 
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # timm's resize interpolations
 # the valid values of every numeric and named key (the free-form sections' keys when they are set), declared once
 VALID: Dict[str, Union[Number, OneOf, Matches]] = {
     "data.test_fraction": Number(float, 0.0, 1.0, high_open=True),
     "data.val_fraction": Number(float, 0.0, 1.0, high_open=True),
     "data.split_seed": Number(int, 0),
     "data.img_mode": OneOf(tuple(IMAGE_MODES)),
-    "data.input_size": Number(int, 1, optional=True, length=3),
-    "data.mean": Number(float, optional=True, length=0),
-    "data.std": Number(float, 0.0, low_open=True, optional=True, length=0),
-    "data.crop_pct": Number(float, 0.0, 1.0, low_open=True, optional=True),
-    "data.interpolation": OneOf((None, *INTERPOLATIONS)),
+    **{f"data.{key}": valid for key, valid in PREPROCESSING_VALUES.items()},
     "data.transform": OneOf(TRANSFORMS),
     "data.batch_size": Number(int, 1),
     "data.eval_batch_size": Number(int, 1),
@@ -167,27 +158,6 @@ def _check_values(config: Dict[str, Any], where: str = "") -> None:
         config["technique"] = technique_config(config["technique"])
     except ValueError as e:
         raise ConfigError(f"{where}technique: {e}") from None
-
-
-def check_preprocessing(values: Dict[str, Any], name: Callable[[str], str] = lambda key: key,
-                        channels: Optional[int] = None) -> Dict[str, Any]:
-    """The preprocessing ``values`` (``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``;
-    None or absent: not given) checked against the data keys of :data:`VALID`, each called
-    ``name(key)`` in an error. With ``channels``, a single mean or std is repeated for every channel
-    and another count is refused. Returns the values so completed."""
-    out = dict(values)
-    for key in PREPROCESSING:
-        if out.get(key) is not None:
-            check_value(f"data.{key}", out[key], name(key))
-    for key in ("mean", "std"):
-        if out.get(key) is None or channels is None:
-            continue
-        if len(out[key]) == 1:
-            out[key] = tuple(out[key]) * channels
-        elif len(out[key]) != channels:
-            raise ConfigError(f"{name(key)} has {len(out[key])} values for {channels}-channel input: give {channels} "
-                              f"(one per channel) or 1 (for every channel)")
-    return out
 
 
 def resolve_preprocessing(model: nn.Module, given: Dict[str, Any],

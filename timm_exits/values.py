@@ -1,14 +1,14 @@
 """The valid values of an option: a number in a range, one of some names, a name matching a
-pattern. Config keys (:data:`timm_exits.config.VALID`) and technique options
+pattern; and those of the preprocessing a model is fed with. Config keys (:data:`timm_exits.config.VALID`) and technique options
 (:mod:`timm_exits.train.techniques`) are declared with them, and their errors say what was expected."""
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
-__all__ = ["Number", "OneOf", "Matches"]
+__all__ = ["Number", "OneOf", "Matches", "ConfigError", "PREPROCESSING", "PREPROCESSING_VALUES", "check_preprocessing"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +81,47 @@ class Matches:
 
     def __str__(self) -> str:
         return self.text
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist, a section of the wrong type, or a value it does not take."""
+
+
+PREPROCESSING = ("input_size", "mean", "std", "crop_pct", "interpolation")  # timm's data config keys
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # timm's resize interpolations
+PREPROCESSING_VALUES = {
+    "input_size": Number(int, 1, optional=True, length=3),
+    "mean": Number(float, optional=True, length=0),
+    "std": Number(float, 0.0, low_open=True, optional=True, length=0),
+    "crop_pct": Number(float, 0.0, 1.0, low_open=True, optional=True),
+    "interpolation": OneOf((None, *INTERPOLATIONS)),
+}
+
+
+def check_preprocessing(values: Dict[str, Any], name: Callable[[str], str] = lambda key: key,
+                        channels: Optional[int] = None) -> Dict[str, Any]:
+    """The preprocessing ``values`` checked and completed.
+
+    Args:
+        values: ``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation`` (None or absent:
+            not given).
+        name: what an error calls a key (e.g. ``data.mean``).
+        channels: the input's channel count: a single mean or std is repeated for every channel,
+            another count is refused.
+
+    Returns:
+        The values, a single mean or std repeated for every channel.
+    """
+    out = dict(values)
+    for key, valid in PREPROCESSING_VALUES.items():
+        if out.get(key) is not None and not valid.admits(out[key]):
+            raise ConfigError(f"{name(key)} must be {valid}, got {out[key]!r}")
+    for key in ("mean", "std"):
+        if out.get(key) is None or channels is None:
+            continue
+        if len(out[key]) == 1:
+            out[key] = tuple(out[key]) * channels
+        elif len(out[key]) != channels:
+            raise ConfigError(f"{name(key)} has {len(out[key])} values for {channels}-channel input: give {channels} "
+                              f"(one per channel) or 1 (for every channel)")
+    return out

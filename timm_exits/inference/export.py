@@ -56,6 +56,7 @@ from torch.export import Dim, ExportedProgram, ExportGraphSignature, export
 from torch.export.graph_signature import InputKind
 
 from ..files import MAX_JSON_NESTING, atomic_folder, nested_too_deeply, nests_deeper_than, parse_json, write_weights
+from ..values import PREPROCESSING, check_preprocessing
 from .budgeted import Thresholds
 from .executor import EarlyExitExecutor, weights_sha256
 from .outputs import PREDICTORS, predictor_of
@@ -316,9 +317,8 @@ def exported_operators(model: nn.Module, example: torch.Tensor) -> Set[str]:
 
 
 def _preprocessing(given: Dict[str, Any], shape: List[int], name) -> Dict[str, Any]:
-    """The preprocessing an export records: timm's data config keys (:data:`~timm_exits.config.PREPROCESSING`)
+    """The preprocessing an export records: timm's data config keys (:data:`~timm_exits.values.PREPROCESSING`)
     checked as a config's (a single mean or std repeated per channel), the input size the export's."""
-    from ..config import PREPROCESSING, check_preprocessing  # config imports this package: read at call time
 
     unknown = sorted(set(given) - set(PREPROCESSING))
     if unknown:
