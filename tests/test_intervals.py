@@ -13,7 +13,7 @@ from mmengine.optim import OptimWrapper
 from timm_exits.config import load_config
 from timm_exits.engine import TrainingPhase
 from timm_exits.integrations.mmengine import MultiExitClassifier
-from timm_exits.integrations.mmengine.model import cycle
+from timm_exits.train.trainer import cycle
 from timm_exits.task import MultiExitTask
 from timm_exits.train import HDKD, PlainTrainer, register_technique
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, ContextManager, Dict, FrozenSet, Iterable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, FrozenSet, Iterable, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from timm.task import TrainingTask
 from timm.utils import unwrap_model
 
 from .train.techniques import DEFAULT_TECHNIQUE, Technique, TrainingForward, build_technique
-from .train.trainer import EPOCH, HELD_OUT, OPTIMIZER, Batch, Need, Outputs, Trainer, check_trainer
+from .train.trainer import EPOCH, HELD_OUT, OPTIMIZER, Batch, Need, Outputs, Trainer, check_trainer, cycle
 
 __all__ = ["MultiExitTask", "MultiExitTrainable", "TaskTrainer"]
 
@@ -67,7 +67,7 @@ class TaskTrainer(Trainer):
         self.calls = 0  # training calls so far: batches
         self.attached: Optional[torch.optim.Optimizer] = None
         self.progress: Optional[Tuple[int, int]] = None
-        self._held_out_iter: Optional[Iterator] = None
+        self._next_held_out = cycle(held_out) if held_out is not None else None
 
     @property
     def provides(self) -> FrozenSet[Need]:
@@ -117,15 +117,10 @@ class TaskTrainer(Trainer):
         return self.progress
 
     def held_out_batch(self, like: torch.Tensor) -> Batch:
-        for attempt in range(2):
-            if self._held_out_iter is None or attempt:
-                self._held_out_iter = iter(self.held_out)
-            try:
-                images, target = next(self._held_out_iter)
-            except StopIteration:
-                continue
-            return images.to(device=like.device, dtype=like.dtype), target.to(like.device)
-        raise ValueError("held_out gives no batch")
+        if self._next_held_out is None:  # a technique that did not declare HELD_OUT
+            raise self._lacks(HELD_OUT)
+        images, target = self._next_held_out()
+        return images.to(device=like.device, dtype=like.dtype), target.to(like.device)
 
 
 class MultiExitTask(TrainingTask):

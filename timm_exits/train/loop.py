@@ -9,14 +9,13 @@ the benchmarks and tests use)::
 """
 from __future__ import annotations
 
-import itertools
-from typing import Dict, FrozenSet, Iterable, Iterator, Optional
+from typing import Dict, FrozenSet, Iterable, Optional
 
 import torch
 from torch import nn
 
 from .techniques import Technique, TrainingForward
-from .trainer import EPOCH, HELD_OUT, OPTIMIZER, UPDATES_IN_BATCH, Batch, Need, Outputs, Trainer, check_trainer
+from .trainer import EPOCH, HELD_OUT, OPTIMIZER, UPDATES_IN_BATCH, Batch, Need, Outputs, Trainer, check_trainer, cycle
 
 __all__ = ["PlainTrainer"]
 
@@ -38,13 +37,13 @@ class PlainTrainer(Trainer):
                  held_out: Optional[Iterable[Batch]] = None, epochs: int = 1):
         self.technique, self._optimizer, self._epochs = technique, optimizer, epochs
         self.training_forward = TrainingForward(model, technique)
-        self.held_out_batches: Optional[Iterator[Batch]] = itertools.cycle(held_out) if held_out is not None else None
+        self.next_held_out = cycle(held_out) if held_out is not None else None
         self.steps, self.current_epoch = 0, 0
         check_trainer(technique, self)
 
     @property
     def provides(self) -> FrozenSet[Need]:
-        return frozenset({OPTIMIZER, EPOCH, UPDATES_IN_BATCH} | ({HELD_OUT} if self.held_out_batches else set()))
+        return frozenset({OPTIMIZER, EPOCH, UPDATES_IN_BATCH} | ({HELD_OUT} if self.next_held_out else set()))
 
     @property
     def model(self) -> nn.Module:
@@ -74,7 +73,7 @@ class PlainTrainer(Trainer):
         return self._epochs
 
     def held_out_batch(self, like: torch.Tensor) -> Batch:
-        images, target = next(self.held_out_batches)
+        images, target = self.next_held_out()
         return images.to(like.device), target.to(like.device)
 
     def update(self, loss: torch.Tensor) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, ContextManager, FrozenSet, List, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, FrozenSet, Iterable, Iterator, List, Optional,
+                    Tuple, Union)
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .techniques import Technique
 
-__all__ = ["Need", "HELD_OUT", "OPTIMIZER", "UPDATES_IN_BATCH", "EPOCH", "Trainer", "TrainerError", "check_trainer",
+__all__ = ["cycle", "Need", "HELD_OUT", "OPTIMIZER", "UPDATES_IN_BATCH", "EPOCH", "Trainer", "TrainerError", "check_trainer",
            "Batch", "Outputs"]
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -130,3 +131,23 @@ def check_trainer(technique: "Technique", trainer: Trainer) -> None:
     for need in sorted(technique.needs - trainer.provides, key=lambda n: n.what):
         raise TrainerError(f"{type(technique).__name__} needs {need.what}, which {trainer.name} does not give here; "
                            f"run it with {need.how}")
+
+
+def cycle(batches: Iterable[Any]) -> Callable[[], Any]:
+    """A function that returns the next of ``batches`` (e.g. a held-out ``DataLoader``), starting
+    over at its end (without keeping the batches, as ``itertools.cycle`` would); an iterable that
+    gives no batch is a ValueError."""
+    iterator: Optional[Iterator] = None
+
+    def next_batch() -> Any:
+        nonlocal iterator
+        for attempt in range(2):
+            if iterator is None or attempt:
+                iterator = iter(batches)
+            try:
+                return next(iterator)
+            except StopIteration:
+                continue
+        raise ValueError("the held-out batches are empty: the iterable gives no batch")
+
+    return next_batch

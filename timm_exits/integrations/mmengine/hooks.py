@@ -10,7 +10,7 @@ from mmengine.registry import HOOKS
 
 
 from ...train.techniques.base import BRANCH_DECONFLICTION, Options, apply_switches
-from .model import cycle
+from ...train.trainer import cycle
 
 __all__ = ["GradientEquilibriumHook", "GradientDeconflictionHook", "HeldOutBatchesHook"]
 

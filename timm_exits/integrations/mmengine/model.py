@@ -2,7 +2,8 @@
 trained by its technique's own step (:mod:`timm_exits.train.techniques`)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+import io
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from mmengine.model import BaseModel
@@ -12,7 +13,7 @@ from torch import nn
 
 from ...models.multi_exit import exit_logits
 from ...train.techniques import DEFAULT_TECHNIQUE, Technique, build_technique
-from ...train.trainer import Batch, Outputs, check_trainer
+from ...train.trainer import Outputs, check_trainer
 from .trainer import MMEngineTrainer
 
 __all__ = ["MultiExitClassifier"]
@@ -93,27 +94,14 @@ class MultiExitClassifier(BaseModel):
         logits = torch.stack(exit_logits(self.model, inputs), 1)  # batch x exits x classes
         return [{"logits": z, "label": y} for z, y in zip(logits, labels)]
 
-    def get_extra_state(self) -> Dict[str, Any]:
-        return {"technique": self.technique.state_dict(), "updates": self.updates}
+    def get_extra_state(self) -> torch.Tensor:
+        """The technique's state and the update count, serialised into one byte tensor: a distributed
+        Runner broadcasts every entry of the model's state dict, which must be a tensor."""
+        buffer = io.BytesIO()
+        torch.save({"technique": self.technique.state_dict(), "updates": self.updates}, buffer)
+        return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
-    def set_extra_state(self, state: Dict[str, Any]) -> None:
-        self.technique.load_state_dict(state["technique"])
-        self.updates = state["updates"]
-
-
-def cycle(loader: Any) -> Callable[[], Batch]:
-    """A function that returns the next batch of ``loader``, starting over at its end."""
-    iterator: Optional[Iterator] = None
-
-    def next_batch():
-        nonlocal iterator
-        for attempt in range(2):
-            if iterator is None or attempt:
-                iterator = iter(loader)
-            try:
-                return next(iterator)
-            except StopIteration:
-                continue
-        raise ValueError("the held-out dataloader gives no batch")
-
-    return next_batch
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        saved = torch.load(io.BytesIO(state.cpu().numpy().tobytes()), map_location="cpu", weights_only=True)
+        self.technique.load_state_dict(saved["technique"])
+        self.updates = saved["updates"]
