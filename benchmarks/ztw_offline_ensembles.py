@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Subset
 
 import timm_exits  # noqa: F401  (registers the models)
-from timm_exits.inference import anytime_accuracy, collect_outputs
+from timm_exits.inference import evaluate
 from timm_exits.engine import Splits  # the run's own splits, seeded as in training
 from timm_exits.models.ztw import ZTWModel
 from timm_exits.train import fit_ensembles_offline
@@ -39,13 +39,13 @@ def main() -> None:
     data = Splits(config, Accelerator(cpu=True))
     model = ZTWModel(timm.create_model(config["model"]["name"], num_classes=data.num_classes,
                                        **config["model"]["kwargs"]))
-    data.set_transforms(config, model)
+    data_config = data.set_transforms(config, model)
     model.load_state_dict(load_file(os.path.join(args.run, "heads", "model.safetensors")))
     loader = lambda dataset: DataLoader(dataset, batch_size=256, num_workers=2)  # noqa: E731
 
     def top1() -> str:
-        accuracy = anytime_accuracy(collect_outputs(model.eval(), loader(data.test)))["top1"]
-        return " / ".join(f"{a:.2f}" for a in accuracy)
+        report = evaluate(model, loader(data.test), input_size=data_config["input_size"], progress=True)
+        return " / ".join(f"{e['top1']:.2f}" for e in report["exits"])
 
     model.use_ensembles = False
     print(f"phase A (the cascade's answers): {top1()}")

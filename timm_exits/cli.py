@@ -266,16 +266,16 @@ def _check_protocol_flags(args: argparse.Namespace) -> None:
                          "--val-fraction)")
     if any(not f > 0 for f in args.cost_fractions):
         raise ValueError(f"--cost-fractions must be positive fractions of the full cost, got {args.cost_fractions}")
-    if args.target_macs is not None and args.target_accuracy is not None:
-        raise ValueError("--target-macs or --target-accuracy: one thresholds file is fitted, for one of them")
-    if (args.target_macs is not None or args.target_accuracy is not None) and not (args.val_dir or args.val_fraction):
-        raise ValueError("--target-macs / --target-accuracy need a validation split (--val-dir or --val-fraction)")
     if args.latency and args.target_macs is None and args.target_accuracy is None:
         raise ValueError("--latency times the early-exit executor with the thresholds this run fits: add --target-macs "
                          "or --target-accuracy (and a validation split)")
     if args.latency_images < 1 or args.latency_repeats < 1 or (args.latency_batch_size or 1) < 1:
         raise ValueError(f"--latency-images, --latency-repeats and --latency-batch-size must be >= 1, got "
                          f"{args.latency_images}, {args.latency_repeats} and {args.latency_batch_size}")
+    if args.target_macs is not None and args.target_accuracy is not None:
+        raise ValueError("--target-macs or --target-accuracy: one thresholds file is fitted, for one of them")
+    if (args.target_macs is not None or args.target_accuracy is not None) and not (args.val_dir or args.val_fraction):
+        raise ValueError("--target-macs / --target-accuracy need a validation split (--val-dir or --val-fraction)")
 
 
 def _evaluate(args: argparse.Namespace) -> int:

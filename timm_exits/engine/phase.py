@@ -20,16 +20,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .. import profile as profiling
 from ..checkpoint import load_checkpoint, save_checkpoint, set_rng_state, rng_state, training_state
 from ..config import ConfigError
 from ..files import atomic_file, check_writable, recover_folder
 from ..data import (EpochSampler, class_names, loader_workers)
-from ..inference.budgeted import Q_GRIDS
 from ..model_folder import save_model_folder
 from ..models.capabilities import is_multi_exit
 from ..inference.outputs import anytime_accuracy, collect_outputs
-from ..inference.report import evaluation_report, format_report, write_report
+from ..inference.evaluate import evaluate
+from ..inference.report import EvaluationReport, format_report, report_paths
 from ..train.techniques import TrainingForward, build_technique
 from ..train.trainer import check_trainer
 from .checks import batch_plan, model_kwargs
@@ -351,7 +350,7 @@ class TrainingPhase:
                 self.log.open()
         self.accelerator.wait_for_everyone()
 
-    def finish(self) -> Dict[str, Any]:
+    def finish(self) -> EvaluationReport:
         """The finished checkpoint (once), the model folder (EMA weights if any) and the evaluation."""
         if not self.state["finished"]:
             self.state["finished"] = True
@@ -374,24 +373,21 @@ def _eval_loader(accelerator: Accelerator, dataset: Dataset, dc: Dict[str, Any])
 
 
 def _evaluate(accelerator: Accelerator, model: nn.Module, data: Splits, data_config: dict, config: Dict[str, Any],
-              name: str, output_dir: str) -> Dict[str, Any]:
-    ev, dc = config["evaluation"], config["data"]
-
-    def outputs(dataset):
-        if dataset is None:
-            return None
-        return collect_outputs(model, _eval_loader(accelerator, dataset, dc), accelerator.device,
-                               accelerator.gather_for_metrics, progress=accelerator.is_local_main_process)
-
-    val, test = outputs(data.val), outputs(data.test)
-    costs = [c.macs for c in profiling.profile_exits(model, data_config["input_size"], ev["convention"])]
-    q_grid = Q_GRIDS[ev["q_grid"]]
-    report = evaluation_report(val, test, costs, ev["policy"], q_grid, model=config["model"]["name"], phase=name,
-                               data_dir=dc["dir"], test_split=dc["test_split"], convention=ev["convention"],
-                               epochs=config["train"]["epochs"], technique=config["technique"])
-    if accelerator.is_main_process:
-        accelerator.print(f"\n[{name}] {config['model']['name']}: {test.num_samples} test images\n{format_report(report)}")
-        paths = write_report(report, output_dir, label=f"{config['model']['name']} ({name})",
-                             cost_label=f"M{ev['convention']} per image")
+              name: str, output_dir: str) -> EvaluationReport:
+    """The phase's evaluation on every process's share of the test (and validation) split; the main
+    process prints it and writes ``evaluation.json`` and ``.png``."""
+    ev, dc, model_name, main = config["evaluation"], config["data"], config["model"]["name"], accelerator.is_main_process
+    report = evaluate(model, _eval_loader(accelerator, data.test, dc),
+                      None if data.val is None else _eval_loader(accelerator, data.val, dc),
+                      input_size=data_config["input_size"], convention=ev["convention"], policy=ev["policy"],
+                      q_grid=ev["q_grid"], output_dir=output_dir if main else None, label=f"{model_name} ({name})",
+                      device=accelerator.device, gather=accelerator.gather_for_metrics,
+                      progress=accelerator.is_local_main_process,
+                      info=dict(model=model_name, phase=name, data_dir=dc["dir"], test_split=dc["test_split"],
+                                convention=ev["convention"], epochs=config["train"]["epochs"],
+                                technique=config["technique"]))
+    if main:
+        paths = report_paths(output_dir)
+        accelerator.print(f"\n[{name}] {model_name}: {report['test_samples']} test images\n{format_report(report)}")
         accelerator.print(f"[{name}] wrote {paths['json']}, {paths['png']} and {os.path.join(output_dir, 'model.safetensors')}")
     return report

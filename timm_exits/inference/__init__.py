@@ -1,6 +1,6 @@
-"""Adaptive inference: exit policies, anytime and budgeted evaluation, threshold search, threshold
-sweeps and cost tables, calibration, anytime predictors (PA / CA) and risk-controlled thresholds, the early-exit
-executor and its latency, export for deployment."""
+"""Adaptive inference: one ``evaluate`` returning a typed report, exit policies, anytime and budgeted
+evaluation, threshold search, threshold sweeps and cost tables, calibration, anytime predictors (PA / CA)
+and risk-controlled thresholds, the early-exit executor and its latency, export for deployment."""
 from ..quotas import geometric_fractions
 from .outputs import PREDICTORS, ExitOutputs, anytime_accuracy, collect_outputs, predictor_of
 from .policies import FALLBACKS, POLICIES, SCORES, ExitPolicy, exit_scores, resolve_policy
@@ -13,6 +13,8 @@ from .calibration import ECE_BINS, calibration_metrics, curve_calibration, exit_
 from .anytime import caching_anytime, conditional_monotonicity, ground_truth_probability, product_anytime
 from .risk_control import RC_POLICY, RiskControl, lambda_losses, risk_controlled_thresholds, select_lambda
 from .export import ExportedModel, export_model, manifest_sha256
+from .report import EvaluationReport
+from .evaluate import THRESHOLDS_FILE, evaluate
 
 __all__ = ["ExitOutputs", "anytime_accuracy", "collect_outputs", "FALLBACKS", "POLICIES", "SCORES", "ExitPolicy",
            "exit_scores", "resolve_policy", "IMTA_Q", "Q_GRIDS", "REFERENCE_Q", "BudgetPoint", "Thresholds",
@@ -24,4 +26,4 @@ __all__ = ["ExitOutputs", "anytime_accuracy", "collect_outputs", "FALLBACKS", "P
            "exit_calibration", "caching_anytime", "conditional_monotonicity", "ground_truth_probability",
            "product_anytime", "PREDICTORS", "predictor_of", "RC_POLICY", "RiskControl",
            "lambda_losses", "risk_controlled_thresholds", "select_lambda", "ExportedModel", "export_model",
-           "manifest_sha256"]
+           "manifest_sha256", "EvaluationReport", "THRESHOLDS_FILE", "evaluate"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, TypedDict, Union
 
 from ..files import write_json
 from .budgeted import Q_GRIDS, REFERENCE_Q, budgeted_curve
@@ -16,7 +16,54 @@ from .plot import plot_accuracy_vs_cost
 from .policies import PolicyLike, resolve_policy
 from .protocols import COST_FRACTIONS, SWEEP_GRIDS, accuracy_at_cost, patience_policy, patience_sweep, threshold_sweep
 
-__all__ = ["evaluation_report", "format_report", "format_latency", "write_report"]
+__all__ = ["ExitRow", "EvaluationReport", "evaluation_report", "format_report", "format_latency", "report_paths",
+           "write_report"]
+
+
+class ExitRow(TypedDict):
+    """One exit's line of a report: its cumulative cost, top-1 / top-5 (%) and the running-average ensemble's top-1."""
+
+    exit: int
+    cost: float
+    top1: float
+    top5: float
+    ensemble_top1: float
+
+
+class EvaluationReport(TypedDict, total=False):
+    """An evaluation as ``evaluation.json`` (and each phase of a run's ``results.json``) stores it.
+    First what was evaluated, as the caller recorded it (``model``, ``convention``, ... : those of
+    ``timm-exits evaluate`` and of a training phase are listed), then the protocols' results: always
+    ``policy``, ``exit_policy``, ``test_samples`` and ``exits``; with a validation split ``val_samples``,
+    ``budgeted_protocol`` and ``budgeted``; on request ``threshold_sweep``, ``patience_sweep``,
+    ``calibration``; ``latency`` is added by ``timm-exits evaluate --latency``."""
+
+    model: str
+    predictor: str
+    fused: bool
+    source: str
+    checkpoint: Optional[str]
+    phase: str
+    data_dir: str
+    val_dir: Optional[str]
+    val_fraction: Optional[float]
+    seed: int
+    test_split: Optional[str]
+    convention: str
+    data_config: Dict[str, Any]
+    epochs: int
+    technique: Dict[str, Any]
+    policy: str
+    exit_policy: Dict[str, Any]
+    test_samples: int
+    exits: List[ExitRow]
+    val_samples: int
+    budgeted_protocol: Dict[str, Any]
+    budgeted: List[Dict[str, Any]]
+    threshold_sweep: Dict[str, Any]
+    patience_sweep: Dict[str, Any]
+    calibration: Dict[str, Any]
+    latency: Dict[str, Any]
 
 
 def evaluation_report(
@@ -24,7 +71,7 @@ def evaluation_report(
         test: ExitOutputs,
         costs: Sequence[float],
         policy: PolicyLike = "maxprob",
-        q_grid: Sequence[float] = REFERENCE_Q,
+        q_grid: Union[str, Sequence[float]] = REFERENCE_Q,
         *,
         fit_split: str = "validation",
         envelope: bool = False,
@@ -33,16 +80,20 @@ def evaluation_report(
         calibration: bool = False,
         cost_fractions: Sequence[float] = COST_FRACTIONS,
         **info: Any,
-) -> Dict[str, Any]:
+) -> EvaluationReport:
     """Anytime top-1 / top-5 (and the ensemble) per exit on ``test``; the budgeted curve with
-    thresholds fitted on ``val`` (skipped without a validation split; ``fit_split`` says what ``val``
-    is, ``envelope`` makes the curve validation-monotone). On request: the global-threshold sweep
+    thresholds fitted on ``val`` over ``q_grid`` (a grid or its name in ``Q_GRIDS``; skipped without a
+    validation split; ``fit_split`` says what ``val`` is, ``envelope`` makes the curve validation-monotone). On request: the global-threshold sweep
     over ``SWEEP_GRIDS[sweep]``, the patience sweep, each with its accuracy at ``cost_fractions`` of
     the last exit's cost, and calibration per exit and at every operating point. Every protocol uses
     ``policy`` (the patience sweep: its fallback). ``info`` is stored as is."""
     exit_policy = resolve_policy(policy)
     if sweep is not None and sweep not in SWEEP_GRIDS:
         raise ValueError(f"sweep grid must be one of {tuple(SWEEP_GRIDS)}, got {sweep!r}")
+    if isinstance(q_grid, str):
+        if q_grid not in Q_GRIDS:
+            raise ValueError(f"q grid must be one of {tuple(Q_GRIDS)} or a list of q values, got {q_grid!r}")
+        q_grid = Q_GRIDS[q_grid]
     top = anytime_accuracy(test)
     ensemble = anytime_accuracy(test, topk=(1,), ensemble=True)["top1"]
     exits = [{"exit": k + 1, "cost": float(c), "top1": top["top1"][k], "top5": top["top5"][k], "ensemble_top1": ensemble[k]}
@@ -82,7 +133,7 @@ def evaluation_report(
     return report
 
 
-def format_report(report: Dict[str, Any], cost_unit: str = "MMACs", scale: float = 1e-6) -> str:
+def format_report(report: EvaluationReport, cost_unit: str = "MMACs", scale: float = 1e-6) -> str:
     """The report as text tables."""
     lines = [f"{'exit':>4}  {cost_unit:>10}  {'top-1':>6}  {'top-5':>6}  {'ensemble':>8}"]
     for e in report["exits"]:
@@ -129,11 +180,16 @@ def _cost_table(title: str, table: Dict[str, Any]) -> str:
     return f"{title}, top-1 within a fraction of the full cost: " + ", ".join(cells) + f", max: {table['max_accuracy']:.2f}"
 
 
-def write_report(report: Dict[str, Any], folder: str, name: str = "evaluation", label: str = "model",
+def report_paths(folder: str, name: str = "evaluation") -> Dict[str, str]:
+    """Where :func:`write_report` puts a report: ``{"json": <folder>/<name>.json, "png": <folder>/<name>.png}``."""
+    return {"json": os.path.join(folder, f"{name}.json"), "png": os.path.join(folder, f"{name}.png")}
+
+
+def write_report(report: EvaluationReport, folder: str, name: str = "evaluation", label: str = "model",
                  cost_label: str = "MMACs per image", cost_scale: float = 1e-6) -> Dict[str, str]:
     """Write ``<name>.json`` and ``<name>.png`` into ``folder`` (atomically); returns their paths."""
     os.makedirs(folder, exist_ok=True)
-    paths = {"json": os.path.join(folder, f"{name}.json"), "png": os.path.join(folder, f"{name}.png")}
+    paths = report_paths(folder, name)
     write_json(paths["json"], report)
     anytime = {label: [(e["cost"] * cost_scale, e["top1"]) for e in report["exits"]]}
     budgeted = {label: [(p["cost"] * cost_scale, p["accuracy"]) for p in report["budgeted"]]} if "budgeted" in report else {}
