@@ -17,7 +17,7 @@ import random
 import stat
 import tarfile
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from torchvision import transforms
 from .files import MARKER, atomic_folder, write_json
 
 __all__ = ["IMAGE_MODES", "TRANSFORMS", "ImageFiles", "EpochSampler", "open_image", "image_dataset", "image_transform",
-           "split_dataset", "class_map", "class_names", "num_classes_of", "write_digits", "loader_workers"]
+           "held_out_split", "split_dataset", "class_map", "class_names", "num_classes_of", "write_digits", "loader_workers"]
 
 IMAGE_MODES = {"RGB": 3, "L": 1}  # the modes images are decoded in (PIL's names) and their channel counts
 TRANSFORMS = ("timm", "pad_crop")
@@ -417,15 +417,30 @@ def seeded_order(n: int, seed: int) -> List[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def held_out_split(n: int, fractions: Dict[str, float], seed: int = 0) -> Dict[str, List[int]]:
+    """Parts held out of ``n`` images, and the rest: one seeded order of ``range(n)``
+    (:func:`seeded_order`) cut, in the order of ``fractions``, into ``round(n * fraction)`` indices
+    per named part, the remaining indices last under ``"rest"``. A run's splits are
+    ``{"test": ..., "validation": ...}`` of its training images, ``timm-exits evaluate --val-fraction``'s
+    ``{"validation": ...}`` of its test images; the same seed and fractions always give the same images."""
+    order, start, parts = seeded_order(n, seed), 0, {}
+    for name, fraction in fractions.items():
+        parts[name] = order[start:start + round(n * fraction)]
+        start += len(parts[name])
+    if start >= n:
+        counts = " and ".join(f"{len(parts[name])} {name} (fraction {fraction})" for name, fraction in fractions.items())
+        raise ValueError(f"{n} images cannot give {counts} images and a rest: lower the fractions or add images")
+    return {**parts, "rest": order[start:]}
+
+
 def split_dataset(dataset: Dataset, fraction: float, seed: int = 0) -> Tuple[Subset, Subset]:
-    """A seeded random split into (held-out ``fraction``, rest)."""
+    """A seeded random split into (held-out ``fraction``, rest), by :func:`held_out_split`."""
     if not 0 < fraction < 1:
         raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
-    order = seeded_order(len(dataset), seed)
-    n = round(len(dataset) * fraction)
-    if n == 0 or n == len(dataset):
-        raise ValueError(f"{len(dataset)} images cannot be split with fraction {fraction}")
-    return Subset(dataset, order[:n]), Subset(dataset, order[n:])
+    parts = held_out_split(len(dataset), {"held-out": fraction}, seed)
+    if not parts["held-out"]:
+        raise ValueError(f"{len(dataset)} images cannot be split with fraction {fraction}: it holds out none")
+    return Subset(dataset, parts["held-out"]), Subset(dataset, parts["rest"])
 
 
 def _digits_files(test_fraction: float, seed: int) -> Tuple[List[Tuple[str, str, int]], Any]:

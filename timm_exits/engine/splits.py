@@ -12,7 +12,7 @@ from torch.utils.data import Subset
 
 from ..config import PREPROCESSING, resolve_preprocessing
 from ..errors import AnotherProcessStopped, is_user_error
-from ..data import (ImageFiles, class_map, image_transform, num_classes_of, seeded_order, write_digits)
+from ..data import (ImageFiles, class_map, held_out_split, image_transform, num_classes_of, write_digits)
 
 
 EMBEDDED = {"digits": write_digits}
@@ -39,22 +39,20 @@ class Splits:
         self.num_classes = num_classes_of(self.train_files)
         # one seeded order of the training split: [test (if held out)] [validation] [training]
         n = len(self.train_files)
-        order = seeded_order(n, data["split_seed"])
-        n_test = round(n * data["test_fraction"]) if data["test_split"] is None else 0
-        n_val = round(n * data["val_fraction"])
-        if data["test_split"] is None and n_test == 0:
+        parts = held_out_split(n, {"test": data["test_fraction"] if data["test_split"] is None else 0.0,
+                                   "validation": data["val_fraction"]}, data["split_seed"])
+        n_val = len(parts["validation"])
+        if data["test_split"] is None and not parts["test"]:
             raise ValueError("data.test_split is None: set data.test_fraction > 0 to hold out a test set")
-        if n_test + n_val >= n:
-            raise ValueError(f"{n} training images cannot give {n_test} test and {n_val} validation images and a rest")
         self.few_held_out = None if not 0 < n_val < MIN_VAL_IMAGES else (
             f"the budgeted thresholds are fitted on {n_val} held-out images (data.val_fraction={data['val_fraction']} "
             f"of {n}), fewer than {MIN_VAL_IMAGES}: they will be noisy; " +
             (f"set data.val_fraction to at least {math.ceil(MIN_VAL_IMAGES / n * 1000) / 1000}"
              if 2 * MIN_VAL_IMAGES <= n else "use more training images"))
-        self.train = Subset(self.train_files, order[n_test + n_val:])
-        self.val = Subset(self.held_out_files, order[n_test:n_test + n_val]) if n_val else None
+        self.train = Subset(self.train_files, parts["rest"])
+        self.val = Subset(self.held_out_files, parts["validation"]) if n_val else None
         if data["test_split"] is None:
-            self.test = Subset(self.held_out_files, order[:n_test])
+            self.test = Subset(self.held_out_files, parts["test"])
         else:
             self.test = files(data["test_split"])
             if class_map(self.test) != class_map(self.train_files):
