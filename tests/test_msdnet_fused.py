@@ -11,7 +11,7 @@ from torch import nn
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits import MSDNet
 from timm_exits.inference import EarlyExitExecutor, assign_exits, exit_scores
-from timm_exits.models.msdnet_fused import FoldedConvAct, FoldedPointwise, FusedMsdLayer
+from timm_exits.models.msdnet_fused import FoldedConvAct, FoldedPointwise, FusedMsdLayer, full_pass
 from timm_exits.models.multi_exit import slice_state
 
 from helpers import randomise_norms
@@ -209,12 +209,19 @@ def test_stage_by_stage_with_compaction(name, kwargs, size, grad_mode):
                 state, plain_state, index = slice_state(state, keep), slice_state(plain_state, keep), index[keep]
 
 
+def _buffer_widths(state):
+    """Per scale: the channels of the channels-last buffer a state's tensor starts (the stride between
+    two pixels of a row)."""
+    assert all(t.stride(1) == 1 for t in state)  # channels innermost
+    return [t.stride(3) for t in state]
+
+
 @pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=["no_grad", "inference_mode"])
 def test_a_full_pass_appends_to_the_same_buffers_up_to_the_next_transition(grad_mode):
-    """In a full pass (what forward_exits and forward_until start with) stages 0-3 of msdnet_cifar_7exit
-    write into one buffer per scale, as wide as the plain model's features where stage 4's transition
-    reads them; each stage's output is the plain model's, and a pass that stops earlier gets no room
-    for the stages it does not run."""
+    """In a full pass (``full_pass``, what the fused model's forward_exits and model(x) run) stages 0-3
+    of msdnet_cifar_7exit write into one buffer per scale, as wide as the plain model's features where
+    stage 4's transition reads them; each stage's state is a list of the plain model's tensors, and a
+    pass that stops earlier gets no room for the stages it does not run."""
     torch.manual_seed(0)
     model = _randomise(timm.create_model("msdnet_cifar_7exit", num_classes=10))
     fused = reparameterize_model(model)
@@ -226,24 +233,46 @@ def test_a_full_pass_appends_to_the_same_buffers_up_to_the_next_transition(grad_
             plain.append(model.forward_stage(plain[-1], k))
         read = model.stages[4][0](plain[4])  # what the transition reads; the layer drops scale 0, which it only read
         at_transition = [t.shape[1] for t in plain[4][:len(plain[4]) - len(read)] + read]
-        state = fused.begin_pass(fused.forward_stem(x), model.num_exits - 1)
         pointers = None
-        for k in range(4):
-            state = fused.forward_stage(state, k)
-            assert [b.shape[1] for b in state.buffers] == at_transition
-            assert pointers in (None, [b.data_ptr() for b in state.buffers])
-            pointers = [b.data_ptr() for b in state.buffers]
+        for k, state in enumerate(full_pass(list(fused.stages), fused.forward_stem(x))):
+            if k == 4:
+                break
+            assert type(state) is list and _buffer_widths(state) == at_transition
+            assert pointers in (None, [t.data_ptr() for t in state])
+            pointers = [t.data_ptr() for t in state]
             assert len(state) == len(plain[k + 1])
             for expected, got in zip(plain[k + 1], state):
                 _close(expected, got)
             _close(model.forward_exit(plain[k + 1], k), fused.forward_exit(state, k))
-        short = fused.begin_pass(fused.forward_stem(x), 1)
-        for k in range(2):
-            short = fused.forward_stage(short, k)
-        assert [b.shape[1] for b in short.buffers] == [t.shape[1] for t in plain[2]]
-        after = fused.forward_stage(fused.forward_until(x, 2), 3)  # going on past where the pass ended
-        for expected, got in zip(plain[4], after):
+        *_, short = full_pass(list(fused.stages)[:2], fused.forward_stem(x))
+        assert _buffer_widths(short) == [t.shape[1] for t in plain[2]]
+        after = fused.forward_stage(short, 2)  # going on, stage by stage, past where the pass ended
+        for expected, got in zip(plain[3], after):
             _close(expected, got)
+
+
+@pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=["no_grad", "inference_mode"])
+def test_the_fused_models_full_passes_are_one_pass(grad_mode):
+    """forward_exits and model(x) (at every exit) of a fused model run ``full_pass``, not its stages one by
+    one (none of them is called), and give exactly what the heads give on that pass's states."""
+    torch.manual_seed(0)
+    fused = reparameterize_model(_randomise(timm.create_model("msdnet_cifar_7exit", num_classes=10)))
+    calls = []
+    for stage in fused.stages:
+        stage.register_forward_hook(lambda *args: calls.append(args))
+    x = torch.randn(2, 3, 32, 32)
+    with grad_mode():
+        states = list(full_pass(list(fused.stages), fused.forward_stem(x)))
+        expected = [fused.forward_exit(s, k) for k, s in enumerate(states)]
+        got = fused.forward_exits(x)
+        assert len(got) == fused.num_exits and all(torch.equal(a, b) for a, b in zip(expected, got))
+        for k in range(fused.num_exits):
+            fused.set_exit(k)
+            assert torch.equal(fused(x), expected[k])
+    assert not calls
+    with grad_mode():
+        fused.forward_until(x, 1)  # the contract's stage-by-stage path
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=["no_grad", "inference_mode"])

@@ -252,13 +252,6 @@ class BackboneWithExits(MultiExitModel):
                 out = head(state, pre_logits=pre_logits)
         return out
 
-    def forward_until(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """The state after stage ``index``, running no exit head."""
-        state = self.forward_stem(x)
-        for i in range(index + 1):
-            state = self.forward_stage(state, i)
-        return state
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The state after the active exit's stage (for the last exit: ``backbone.forward_features``)."""
         return self.forward_until(x, self.exit_index)

@@ -32,7 +32,7 @@ from timm.models._features import feature_take_indices
 from .channels_last_norm import batch_norm_relu_2d, shared_input_conv_bn_relu
 from .features import check_feature_indices
 from .heads import classifier, reset_head_classifier
-from .msdnet_fused import FusedMsdLayer, FusedTransition, begin_full_pass, fuse_head, fuse_stage, fuse_stem
+from .msdnet_fused import FusedMsdLayer, FusedStage, FusedTransition, full_pass, fuse_head, fuse_stage, fuse_stem
 from .branch_gradients import scale_grad
 from .multi_exit import MultiExitModel
 from .pretrained import keep_file_classifiers
@@ -560,19 +560,6 @@ class MSDNet(MultiExitModel):
                 return stage(state)
         raise IndexError(f"stage index {index} out of range for {len(self.stages)} stages")
 
-    @torch.jit.unused
-    def begin_pass(self, state: List[torch.Tensor], last: int) -> List[torch.Tensor]:
-        """A fused model's full pass appends to buffers across stages (:mod:`.msdnet_fused`)."""
-        return begin_full_pass(state, list(self.stages)[:last + 1])
-
-    def forward_until(self, x: torch.Tensor, index: int) -> List[torch.Tensor]:
-        state = self.forward_stem(x)
-        if not torch.jit.is_scripting():
-            state = self.begin_pass(state, index)
-        for i in range(index + 1):
-            state = self.forward_stage(state, i)
-        return state
-
     def _exit_features(self, state: List[torch.Tensor], index: int) -> torch.Tensor:
         for i, head in enumerate(self.exits):
             if i == index:
@@ -590,6 +577,40 @@ class MSDNet(MultiExitModel):
             if i == index:
                 return head(state[-1], pre_logits)
         raise IndexError(f"exit index {index} out of range for {len(self.exits)} exit heads")
+
+    @torch.jit.unused
+    def _fused_pass_logits(self, x: torch.Tensor, last: int, every: bool) -> Optional[List[torch.Tensor]]:
+        """If stages 0..``last`` are fused (:class:`~.msdnet_fused.FusedStage`): the logits of exits
+        0..``last`` (``every``) or of exit ``last`` alone, from one pass whose buffers reach across stages
+        (:func:`~.msdnet_fused.full_pass`); else None."""
+        stages = list(self.stages)[:last + 1]
+        if not 0 <= last < len(self.stages) or not all(isinstance(s, FusedStage) for s in stages):
+            return None
+        states = full_pass(stages, self.forward_stem(x))
+        if every:  # every stage first, then the heads, as MultiExitModel.forward_exits
+            return [self.forward_exit(s, i) for i, s in enumerate(list(states))]
+        for state in states:  # keeping only the state the last head reads
+            pass
+        return [self.forward_exit(state, last)]
+
+    def forward_exits(self, x: torch.Tensor, last: Optional[int] = None) -> List[torch.Tensor]:
+        """:meth:`MultiExitModel.forward_exits`; on fused stages, one full pass (:mod:`.msdnet_fused`; the
+        training switches change gradients only, which fused stages do not compute)."""
+        n = self.num_exits if last is None else last + 1
+        logits = self._fused_pass_logits(x, n - 1, every=True)
+        return super().forward_exits(x, last) if logits is None else logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`MultiExitModel.forward` (written out: TorchScript has no ``super()``); on fused stages,
+        one full pass up to the active exit (:mod:`.msdnet_fused`)."""
+        k = self.exit_index
+        if not torch.jit.is_scripting():
+            if self.training and self.multi_exit_training:
+                return self.forward_train_outputs(x)
+            logits = self._fused_pass_logits(x, k, every=False)
+            if logits is not None:
+                return logits[0]
+        return self.forward_exit(self.forward_until(x, k), k)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The active exit's unpooled features: its head's convolutions on the coarsest scale after its

@@ -15,14 +15,14 @@ Between fused stages the state is what the plain model passes, one channels-last
 so the early-exit executor compacts it the same way: a stage called on it allocates buffers that end
 with the stage (room for later stages would be allocated, and its memory paged in: channels-last
 interleaves it with the features, for samples that leave at the exit in between). A full pass, which
-keeps every sample (``forward_exits``, ``forward_until``), starts from :func:`begin_full_pass` instead: its
-state is a :class:`ScaleBuffers` whose buffers have room up to the next transition, however many stages
-away, so each stage appends to what the one before wrote.
+keeps every sample (MSDNet's ``forward_exits`` and ``model(x)``), runs the stages itself instead
+(:func:`full_pass`): its buffers have room up to the next transition, however many stages away, so each
+stage appends to what the one before wrote.
 """
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from timm.layers import ConvNormAct
@@ -31,8 +31,8 @@ from torch import nn
 if TYPE_CHECKING:  # msdnet.py imports this module
     from .msdnet import MsdHead, MsdLayer, MsdStage, MsdStem, Transition
 
-__all__ = ["FoldedConvAct", "FoldedPointwise", "FusedMsdLayer", "FusedStage", "FusedTransition", "ScaleBuffers",
-           "begin_full_pass", "fuse_stage", "fuse_stem", "fuse_head"]
+__all__ = ["FoldedConvAct", "FoldedPointwise", "FusedMsdLayer", "FusedStage", "FusedTransition", "full_pass",
+           "fuse_stage", "fuse_stem", "fuse_head"]
 
 
 def _folded(unit: ConvNormAct) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -186,28 +186,6 @@ class FusedTransition(nn.Module):
         return out, [x.shape[1] for x in out]
 
 
-class ScaleBuffers:
-    """The state between fused stages in a full pass: per scale, a channels-last buffer whose first
-    ``filled`` channels are the features and whose rest is room the next stages fill in place, and
-    ``plan``, the buffer widths each stage still to run wants (:func:`begin_full_pass`). It reads like the
-    plain model's list of per-scale tensors (item ``k`` is scale ``k``'s features, a view), so exit
-    heads and ``slice_state`` take it as they are."""
-
-    def __init__(self, buffers: List[torch.Tensor], filled: List[int], plan: List[List[List[int]]]):
-        self.buffers, self.filled, self.plan = buffers, filled, plan
-
-    def __len__(self) -> int:
-        return len(self.buffers)
-
-    def __getitem__(self, k: Union[int, slice]) -> Union[torch.Tensor, List[torch.Tensor]]:
-        if isinstance(k, slice):
-            return [self[i] for i in range(len(self))[k]]
-        return self.buffers[k][:, :self.filled[k]]
-
-    def __iter__(self):
-        return (self[k] for k in range(len(self)))
-
-
 def _with_room(xs: List[torch.Tensor], filled: List[int], widths: List[int]) -> List[torch.Tensor]:
     """Per scale: ``x`` itself if it holds ``width`` channels, else a new channels-last buffer of
     ``width`` channels starting with the ``filled`` channels of ``x`` (the rest unset)."""
@@ -227,11 +205,12 @@ class FusedStage(nn.Module):
     """Inference form of an :class:`~timm_exits.models.msdnet.MsdStage` with 1x1 bottlenecks: each run
     of dense layers up to a transition (or the stage's end) appends to per-scale buffers. Called on a
     list of per-scale channels-last tensors, it allocates buffers of the run's final widths and returns
-    a list; called on a :class:`ScaleBuffers` (a full pass, not under TorchScript), it appends to the
-    buffers it is given where they have room, allocates those of the widths the pass plans where not,
-    and returns a :class:`ScaleBuffers` (past the stages its pass planned, it reads it as a list)."""
+    a list; :func:`full_pass` runs it on buffers as wide as the whole pass wants instead
+    (:meth:`forward_into`)."""
 
     def __init__(self, stage: "MsdStage"):
+        from .msdnet import MsdLayer  # msdnet.py imports this module
+
         super().__init__()
         self.in_widths = list(stage.in_widths)
         if not self.in_widths:
@@ -244,7 +223,7 @@ class FusedStage(nn.Module):
         self.opens: List[int] = []  # per step: the segment whose buffers it allocates (a run's first layer), or -1
         widths, run = list(self.in_widths), []
         for m in stage:
-            if hasattr(m, "reads"):  # a dense layer
+            if isinstance(m, MsdLayer):
                 steps.append(FusedMsdLayer(m))
                 self.opens.append(-1 if run else len(self.segment_widths))
                 run.append(m)
@@ -267,30 +246,25 @@ class FusedStage(nn.Module):
         self.segment_widths.append(final)
         self.segment_discards.append(len(widths) - len(scales))
 
-    def _run(self, xs: List[torch.Tensor], filled: List[int],
-             plan: List[List[int]]) -> Tuple[List[torch.Tensor], List[int]]:
-        """The stage's steps on buffers filled up to ``filled``, each run's buffers as wide as ``plan`` says."""
+    def forward_into(self, buffers: List[torch.Tensor], filled: List[int],
+                     plan: List[List[int]]) -> Tuple[List[torch.Tensor], List[int]]:
+        """The stage's steps on per-scale ``buffers`` filled up to ``filled``, appending where they have
+        room and allocating each run's buffers as wide as ``plan`` says where not; returns the buffers and
+        fill counts after the stage."""
         if filled != self.in_widths:
             raise ValueError(f"this fused MSDNet stage reads scales of {self.in_widths} channels, got {filled}")
         for i, step in enumerate(self.steps):
             segment = self.opens[i]
             if segment >= 0:
-                xs = _with_room(xs, filled, plan[segment])
-            xs, filled = step.forward_into(xs, filled)
-        return xs, filled
+                buffers = _with_room(buffers, filled, plan[segment])
+            buffers, filled = step.forward_into(buffers, filled)
+        return buffers, filled
 
     def forward(self, state: List[torch.Tensor]) -> List[torch.Tensor]:
         if not torch.jit.is_scripting():
             self._refuse_gradients(state)
-            if isinstance(state, ScaleBuffers) and state.plan:  # else: a pass that ended here goes on
-                return self._forward_full_pass(state)
-        xs, _ = self._run(list(state), [x.shape[1] for x in state], self.segment_widths)
+        xs, _ = self.forward_into(list(state), [x.shape[1] for x in state], self.segment_widths)
         return xs
-
-    @torch.jit.unused
-    def _forward_full_pass(self, state: ScaleBuffers) -> ScaleBuffers:
-        xs, filled = self._run(list(state.buffers), list(state.filled), state.plan[0])
-        return ScaleBuffers(xs, filled, state.plan[1:])
 
     @torch.jit.unused
     def _refuse_gradients(self, state: List[torch.Tensor]) -> None:
@@ -301,13 +275,9 @@ class FusedStage(nn.Module):
                                "from the plain model")
 
 
-def begin_full_pass(state: List[torch.Tensor], stages: Sequence[nn.Module]) -> Union[List[torch.Tensor], ScaleBuffers]:
-    """The stem's ``state`` made the start of a full pass through ``stages`` (every sample through
-    all of them): a :class:`ScaleBuffers` whose plan gives each run of dense layers buffers wide enough
-    for every layer up to its next transition, in this stage or a later one. ``state`` itself if a
-    stage is not a :class:`FusedStage` (a model without bottlenecks, or not fused)."""
-    if not stages or not all(isinstance(s, FusedStage) for s in stages):
-        return state
+def _full_pass_plan(stages: Sequence[FusedStage]) -> List[List[List[int]]]:
+    """Per stage, per run of dense layers: the widths of buffers with room for every layer up to the run's
+    next transition, in this stage or a later one of ``stages``."""
     plan: List[List[List[int]]] = []
     ahead: Optional[List[int]] = None  # the widths the next stage's first run wants, per its input scale
     for stage in reversed(stages):
@@ -316,16 +286,28 @@ def begin_full_pass(state: List[torch.Tensor], stages: Sequence[nn.Module]) -> U
             widths[-1] = widths[-1][:stage.segment_discards[-1]] + ahead
         ahead = widths[0] if isinstance(stage.steps[0], FusedMsdLayer) else None
         plan.insert(0, widths)
-    return ScaleBuffers(list(state), [x.shape[1] for x in state], plan)
+    return plan
+
+
+def full_pass(stages: Sequence[FusedStage], state: List[torch.Tensor]) -> Iterator[List[torch.Tensor]]:
+    """Every sample through ``stages`` in order, from the stem's ``state``: yields the state after each
+    stage (per scale, the filled channels at the start of a buffer). Each run of dense layers appends to
+    buffers wide enough for every layer up to its next transition, however many stages away, so a stage
+    goes on writing where the one before stopped."""
+    buffers, filled = list(state), [x.shape[1] for x in state]
+    for stage, plan in zip(stages, _full_pass_plan(stages)):
+        stage._refuse_gradients(buffers)
+        buffers, filled = stage.forward_into(buffers, filled, plan)
+        yield [b[:, :n] for b, n in zip(buffers, filled)]
 
 
 def fuse_stage(stage: "MsdStage") -> nn.Module:
     """The inference form of a stage: a :class:`FusedStage` if its dense layers have 1x1 bottlenecks
     (to read whole buffers) and nothing in it was pruned, otherwise its fused layers in sequence (those
     pruned of unread paths copied unfused), each concatenating its new channels."""
-    from .msdnet import ScaleSequential  # msdnet.py imports this module
+    from .msdnet import MsdLayer, ScaleSequential  # msdnet.py imports this module
 
-    if all(m.complete for m in stage) and all(m.has_bottleneck for m in stage if hasattr(m, "reads")):
+    if all(m.complete for m in stage) and all(m.has_bottleneck for m in stage if isinstance(m, MsdLayer)):
         return FusedStage(stage)
     return ScaleSequential(*[m.fuse() for m in stage])
 

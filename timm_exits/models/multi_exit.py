@@ -9,9 +9,8 @@ early-exit executor, cost profiling) is built on them:
 * ``forward_exit(state, index, pre_logits=False) -> Tensor``
 
 A *state* is a tensor or a list of tensors (MSDNet keeps one tensor per scale) whose first
-dimension is the batch, so it can be sliced by sample with :func:`slice_state`. A model may also
-override ``begin_pass(state, last)``: the state a pass that keeps every sample starts from (the fused
-MSDNet's lets its stages append in place; it still reads like a list of tensors).
+dimension is the batch, so it can be sliced by sample with :func:`slice_state`. A model with a faster
+way through all its stages at once overrides ``forward_exits`` and ``forward`` itself (the fused MSDNet).
 """
 
 import abc
@@ -73,13 +72,6 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
     def forward_exit(self, state: State, index: int, pre_logits: bool = False) -> torch.Tensor:
         """Logits (or pooled features if ``pre_logits``) of exit ``index`` from the state after stage ``index``."""
 
-    def begin_pass(self, state: State, last: int) -> State:
-        """The stem's ``state`` as the start of a pass that keeps every sample through stages
-        0..``last`` (:meth:`forward_exits`, :meth:`forward_until`): a model may return a state its
-        stages extend in place (the fused MSDNet does). The early-exit executor, which drops samples
-        between stages, starts from the stem's state as it is. Here: ``state`` unchanged."""
-        return state
-
     def set_exit(self, index: Optional[int] = None) -> None:
         """Make ``forward`` stop at exit ``index`` (0-based; negative counts from the end;
         ``None`` means the last exit)."""
@@ -112,8 +104,6 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
         """
         n = self.num_exits if last is None else last + 1
         state = self.forward_stem(x)
-        if not torch.jit.is_scripting():
-            state = self.begin_pass(state, n - 1)
         head_inputs = []
         for i in range(n):
             state = self.forward_stage(state, i)
@@ -137,11 +127,9 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
         pairs = [deconflict_branch(s, protect) for s in state]
         return [h for h, _ in pairs], [t for _, t in pairs]
 
-    def forward_until(self, x: torch.Tensor, index: int) -> State:
+    def forward_until(self, x: torch.Tensor, index: int):  # -> State: left to TorchScript to infer per family
         """The state after stage ``index``, running no exit head."""
         state = self.forward_stem(x)
-        if not torch.jit.is_scripting():
-            state = self.begin_pass(state, index)
         for i in range(index + 1):
             state = self.forward_stage(state, i)
         return state
