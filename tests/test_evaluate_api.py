@@ -66,7 +66,9 @@ def test_evaluate_refuses_what_it_cannot_do_before_any_work(model_folder):
     with pytest.raises(ValueError, match="target_cost or target_accuracy, not both"):
         evaluate(model, loader, loader, input_size=(3, 32, 32), target_cost=1e6, target_accuracy=50,
                  output_dir=str(tmp / "both"))
-    assert not (tmp / "no-val").exists() and not (tmp / "both").exists()
+    with pytest.raises(TypeError, match=r"unknown protocol options \['sweeps'\]: expected some of .*'sweep'"):
+        evaluate(model, loader, input_size=(3, 32, 32), sweeps="ztw", output_dir=str(tmp / "typo"))
+    assert not any((tmp / out).exists() for out in ("no-val", "both", "typo"))
 
 
 def test_a_q_grid_is_a_grid_or_a_known_name():

@@ -5,23 +5,26 @@ validation) loader, the cumulative cost per exit, the report
 :func:`evaluate`; the caller builds the loaders (its data, its split, its transforms)."""
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..profile import profile_exits
-from .budgeted import REFERENCE_Q, Thresholds, thresholds_for_accuracy, thresholds_for_cost
+from .budgeted import Thresholds, thresholds_for_accuracy, thresholds_for_cost
 from .executor import weights_sha256
 from .outputs import collect_outputs, predictor_of
 from .policies import PolicyLike, resolve_policy
-from .protocols import COST_FRACTIONS
 from .report import EvaluationReport, evaluation_report, write_report
 
 __all__ = ["THRESHOLDS_FILE", "evaluate"]
 
 THRESHOLDS_FILE = "thresholds.json"  # written next to evaluation.json for a target cost or accuracy
+# the protocol options evaluate() passes on: evaluation_report's, but for the policy and the outputs
+_PROTOCOLS = tuple(name for name, p in inspect.signature(evaluation_report).parameters.items()
+                   if p.default is not p.empty and name != "policy")
 
 
 def evaluate(
@@ -32,13 +35,6 @@ def evaluate(
         input_size: Sequence[int],
         convention: str = "macs",
         policy: PolicyLike = "maxprob",
-        q_grid: Union[str, Sequence[float]] = REFERENCE_Q,
-        fit_split: str = "validation",
-        envelope: bool = False,
-        sweep: Optional[str] = None,
-        patience: bool = False,
-        calibration: bool = False,
-        cost_fractions: Sequence[float] = COST_FRACTIONS,
         target_cost: Optional[float] = None,
         target_accuracy: Optional[float] = None,
         profiled: Optional[nn.Module] = None,
@@ -48,17 +44,19 @@ def evaluate(
         gather: Optional[Callable] = None,
         progress: bool = False,
         info: Optional[Mapping[str, Any]] = None,
+        **protocols: Any,
 ) -> EvaluationReport:
     """Evaluate ``model`` on the batches ``(images, labels)`` of ``test``, the budgeted thresholds
     fitted on those of ``val`` (None: no budgeted curve).
 
     The costs are those of ``profiled`` (default: ``model``; give the model as built when ``model``
     is its fused form, whose operators some conventions count differently) at ``input_size`` (C, H,
-    W) in ``convention`` (``timm_exits.profile.CONVENTIONS``). ``policy``, ``q_grid`` (a grid or its
-    name, ``"reference"`` / ``"imta"``), ``fit_split`` (what ``val`` is, recorded), ``envelope``,
-    ``sweep``, ``patience``, ``calibration`` and ``cost_fractions`` choose the protocols, as in
-    :func:`~timm_exits.inference.report.evaluation_report`. ``info`` (what was evaluated: model name,
-    data, ...) comes first in the report, as given; ``convention`` is always recorded.
+    W) in ``convention`` (``timm_exits.profile.CONVENTIONS``). ``policy`` and ``protocols``, the
+    options of :func:`~timm_exits.inference.report.evaluation_report` (``q_grid``: a grid or its name,
+    ``"reference"`` / ``"imta"``; ``fit_split``: what ``val`` is, recorded; ``envelope``, ``sweep``,
+    ``patience``, ``calibration``, ``cost_fractions``), choose the protocols; another option is a
+    TypeError. ``info`` (what was evaluated: model name, data, ...) comes first in the report, as
+    given; ``convention`` is always recorded.
 
     With ``output_dir``: ``evaluation.json`` and ``evaluation.png`` (``label`` in the plot, default
     ``info["model"]``) are written there, and for ``target_cost`` (average cost per image) or
@@ -67,6 +65,9 @@ def evaluate(
     :class:`~timm_exits.inference.executor.EarlyExitExecutor`). ``device`` (default: the model's),
     ``gather`` (e.g. ``accelerator.gather_for_metrics``: every process's samples) and ``progress``
     go to :func:`~timm_exits.inference.outputs.collect_outputs`."""
+    unknown = sorted(set(protocols) - set(_PROTOCOLS))
+    if unknown:
+        raise TypeError(f"evaluate() got unknown protocol options {unknown}: expected some of {_PROTOCOLS}")
     info = dict(info or {})
     label = label or str(info.get("model", type(model).__name__))
     if target_cost is not None or target_accuracy is not None:
@@ -83,9 +84,8 @@ def evaluate(
     val_outputs, test_outputs = outputs(val), outputs(test)
     input_size = [int(s) for s in input_size]
     costs = [c.macs for c in profile_exits(profiled or model, input_size=input_size, convention=convention)]
-    report = evaluation_report(val_outputs, test_outputs, costs, policy, q_grid, fit_split=fit_split,
-                               envelope=envelope, sweep=sweep, patience=patience, calibration=calibration,
-                               cost_fractions=cost_fractions, **{**info, "convention": convention})
+    report = evaluation_report(val_outputs, test_outputs, costs, policy, **protocols,
+                               **{**info, "convention": convention})
     if output_dir is None:
         return report
     write_report(report, output_dir, label=label, cost_label=f"M{convention} per image")
