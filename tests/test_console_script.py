@@ -52,3 +52,5 @@ def test_techniques_lists_the_registered_types_and_a_types_options_with_their_de
     assert shown["interval"] == "1" and shown["temperature"] == "4.0"
     assert main(["techniques", "HDK"]) == 2
     assert "unknown technique type 'HDK' (did you mean 'HDKD'?)" in capsys.readouterr().err
+    assert main(["techniques", "pcgrad"]) == 2  # a former config string: the type it became, case aside
+    assert "unknown technique type 'pcgrad' (did you mean 'PCGrad'?)" in capsys.readouterr().err

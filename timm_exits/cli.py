@@ -141,19 +141,14 @@ def _models(args: argparse.Namespace) -> int:
 def _techniques(args: argparse.Namespace) -> int:
     """The technique types, or one type's options: each with its default and the values it takes."""
     import dataclasses
-    import difflib
 
-    from .train.techniques import TECHNIQUES
+    from .train.techniques import TECHNIQUES, technique_type
 
     if args.type is None:
         for name, cls in sorted(TECHNIQUES.items()):
             print(f"{name:14s} {(cls.__doc__ or '').strip().splitlines()[0]}")
         return 0
-    if args.type not in TECHNIQUES:
-        close = difflib.get_close_matches(args.type, list(TECHNIQUES), n=1)
-        raise ValueError(f"unknown technique type {args.type!r}" + (f" (did you mean {close[0]!r}?)" if close else "") +
-                         f"; the types: {', '.join(sorted(TECHNIQUES))}")
-    options = TECHNIQUES[args.type].Options
+    options = technique_type(args.type).Options
     print(f"technique=dict(type={args.type!r}, ...) options:")
     for field in dataclasses.fields(options):
         valid = field.metadata.get("valid")

@@ -16,7 +16,7 @@ Every technique takes the forward-graph switches of a multi-exit network (Gradie
 branch-level deconfliction) as options. :func:`build_technique` builds one from its config section.
 """
 from .base import (TECHNIQUES, Options, StepResult, Technique, TrainingForward, build_technique, register_technique,
-                   technique_config)
+                   technique_config, technique_type)
 from .cross_entropy import CrossEntropy, PCGrad
 from .one_for_all import OneForAll
 from .hdkd import HDKD
@@ -28,5 +28,5 @@ from .l2w import L2W
 DEFAULT_TECHNIQUE = CrossEntropy.__name__  # what a trainer runs when no technique is named: the MSDNet baseline
 
 __all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "Options", "StepResult", "Technique", "TrainingForward", "build_technique",
-           "register_technique", "technique_config", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN", "BoostNet",
+           "register_technique", "technique_config", "technique_type", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN", "BoostNet",
            "ZTW", "L2W"]

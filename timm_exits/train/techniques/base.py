@@ -18,7 +18,7 @@ from ...values import OneOf
 from ..trainer import Need, Outputs, Trainer
 
 __all__ = ["Technique", "Options", "option", "StepResult", "TrainingForward", "TECHNIQUES", "register_technique",
-           "build_technique", "technique_config", "apply_switches", "BRANCH_DECONFLICTION"]
+           "build_technique", "technique_type", "technique_config", "apply_switches", "BRANCH_DECONFLICTION"]
 
 BRANCH_DECONFLICTION = (None, "symmetric", "protect_deeper")
 TECHNIQUES: Dict[str, Type["Technique"]] = {}
@@ -236,12 +236,18 @@ def build_technique(spec: Union[Technique, Mapping[str, Any]]) -> Technique:
         raise ValueError(f"a technique is dict(type=<name>, **options) with a type of {sorted(TECHNIQUES)}, "
                          f"got {spec!r}")
     options = dict(spec)
-    name = options.pop("type")
-    if name not in TECHNIQUES:
-        close = difflib.get_close_matches(str(name), list(TECHNIQUES), n=1)
-        raise ValueError(f"unknown technique type {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "") +
-                         f"; the types: {', '.join(sorted(TECHNIQUES))}")
-    return TECHNIQUES[name](**options)
+    return technique_type(options.pop("type"))(**options)
+
+
+def technique_type(name: str) -> Type[Technique]:
+    """The registered technique type ``name``; an unknown name is a ValueError with the closest type
+    (case aside: ``'hdkd'`` suggests ``'HDKD'``) and the list of types."""
+    if name in TECHNIQUES:
+        return TECHNIQUES[name]
+    by_lower = {key.lower(): key for key in TECHNIQUES}
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1)
+    raise ValueError(f"unknown technique type {name!r}" + (f" (did you mean {by_lower[close[0]]!r}?)" if close else "")
+                     + f"; the types: {', '.join(sorted(TECHNIQUES))}")
 
 
 def technique_config(spec: Union[Technique, Mapping[str, Any]]) -> Dict[str, Any]:
