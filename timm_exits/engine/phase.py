@@ -27,7 +27,7 @@ from ..data import (EpochSampler, class_names, loader_workers)
 from ..model_folder import save_model_folder
 from ..models.capabilities import is_multi_exit
 from ..inference.outputs import anytime_accuracy, collect_outputs
-from ..inference.evaluate import evaluate
+from ..inference.evaluation import evaluate
 from ..inference.report import EvaluationReport, format_report, report_paths
 from ..train.techniques import TrainingForward, build_technique
 from ..train.trainer import check_trainer

@@ -14,7 +14,7 @@ from .anytime import caching_anytime, conditional_monotonicity, ground_truth_pro
 from .risk_control import RC_POLICY, RiskControl, lambda_losses, risk_controlled_thresholds, select_lambda
 from .export import ExportedModel, export_model, manifest_sha256
 from .report import EvaluationReport
-from .evaluate import THRESHOLDS_FILE, evaluate
+from .evaluation import THRESHOLDS_FILE, evaluate
 
 __all__ = ["ExitOutputs", "anytime_accuracy", "collect_outputs", "FALLBACKS", "POLICIES", "SCORES", "ExitPolicy",
            "exit_scores", "resolve_policy", "IMTA_Q", "Q_GRIDS", "REFERENCE_Q", "BudgetPoint", "Thresholds",
