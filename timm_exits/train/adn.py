@@ -23,8 +23,18 @@ __all__ = ["adn_distillation", "adn_losses", "adn_step"]
 
 def adn_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
                      topk: Optional[int] = None) -> torch.Tensor:
-    """T^2 KL(teacher || student) averaged over the batch, with both distributions restricted to
-    the teacher's ``topk`` classes if given (the official ImageNet code uses 500)."""
+    """T^2 KL(teacher || student) averaged over the batch.
+
+    Args:
+        student: the student's logits, (B, C).
+        teacher: the teacher's logits, (B, C); detached here.
+        temperature: the softmax temperature T.
+        topk: restrict both distributions to the teacher's top k classes (the official ImageNet
+            code uses 500); None: all classes.
+
+    Returns:
+        The loss, a scalar.
+    """
     teacher = teacher.detach()
     if topk is not None:
         index = teacher.topk(topk, dim=-1).indices
@@ -46,10 +56,23 @@ def adn_losses(
 ) -> Dict[str, torch.Tensor]:
     """The super-net loss (``alpha`` x CE) and the base-net loss ((1 - alpha) x KD) of one batch.
 
-    ``model`` is an ADN network or a multi-exit model around one. With ``backward``, the super-net
-    loss is back-propagated before the base-net pass (the reference's two backward passes, which free
-    the first graph early); without, one backward on the sum gives the same gradients. ``forward``
-    (default: every exit's logits of ``model``) runs a pass, e.g. through a DDP wrapper.
+    Args:
+        model: an ADN network or a multi-exit model around one.
+        images: the batch's images.
+        target: the class indices (or what ``criterion`` takes).
+        alpha: the weight of the super-net's CE, in [0, 1]; the base-net's KD gets 1 - alpha.
+        temperature, topk: the distillation's, as in :func:`adn_distillation`.
+        criterion: the super-net's label loss, ``criterion(logits, target)``.
+        backward: if given, the super-net loss is back-propagated with it before the base-net pass
+            (the reference's two backward passes, which free the first graph early); without, one
+            backward on the sum gives the same gradients.
+        forward: runs a pass, e.g. through a DDP wrapper (default: every exit's logits of ``model``).
+
+    Returns:
+        ``{'super': ..., 'base': ...}``, the two scalar losses (not detached).
+
+    Raises:
+        TypeError: ``model`` has no skippable sub-paths.
     """
     forward = forward or (lambda x: exit_logits(model, x))
     adaptive = adaptive_depth_of(model)
@@ -78,9 +101,16 @@ def adn_step(
         backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
         forward: Optional[Callable[[torch.Tensor], List[torch.Tensor]]] = None,
 ) -> Dict[str, torch.Tensor]:
-    """One ADN training step's two forward / backward passes (the optimizer step is the caller's);
-    ``backward`` may be ``accelerator.backward``, ``forward`` a DDP wrapper's. Returns the detached
-    losses."""
+    """One ADN training step's two forward / backward passes (the optimizer step is the caller's).
+
+    Args:
+        model, images, target, alpha, temperature, topk, criterion: as in :func:`adn_losses`.
+        backward: back-propagates a loss, e.g. ``accelerator.backward``.
+        forward: runs a pass, e.g. a DDP wrapper's (default: every exit's logits of ``model``).
+
+    Returns:
+        ``{'super': ..., 'base': ...}``, the two losses detached.
+    """
     losses = adn_losses(model, images, target, alpha, temperature, topk, criterion, backward, forward)
     backward(losses["base"])
     return {name: loss.detach() for name, loss in losses.items()}

@@ -120,8 +120,17 @@ def pcgrad_gradients(
 
 
 def pcgrad_backward(losses: Sequence[torch.Tensor], params: Sequence[torch.nn.Parameter], **options) -> Dict[str, int]:
-    """Accumulate :func:`pcgrad_gradients` (same ``options``) into the parameters' ``.grad``;
-    returns the number of projections made."""
+    """Accumulate :func:`pcgrad_gradients` into the parameters' ``.grad``.
+
+    Args:
+        losses: the exits' losses, in exit order.
+        params: the parameters (those that do not require grad are left out).
+        **options: :func:`pcgrad_gradients`'s ``scope``, ``groups``, ``order``, ``protect_deeper``,
+            ``generator``.
+
+    Returns:
+        ``{'projections': n}``, the number of projections made.
+    """
     params = [p for p in params if p.requires_grad]
     grads, projections = pcgrad_gradients(losses, params, **options)
     for p, g in zip(params, grads):

@@ -32,7 +32,13 @@ __all__ = ["HarmonizedWeights", "loss_terms", "harmonized_loss", "BalancedValida
 
 
 class HarmonizedWeights(nn.Module):
-    """The learnable loss weights of K exits: ``ce`` (K,) and ``kd`` (K, K), upper triangular."""
+    """The learnable loss weights of K exits: ``ce`` (K,) and ``kd`` (K, K), upper triangular.
+
+    Args:
+        num_exits: K.
+        init: ``'uniform'`` (every teacher of a student alike) or ``'dbt'`` (every student learns
+            almost only from the last exit).
+    """
 
     def __init__(self, num_exits: int, init: str = "uniform"):
         super().__init__()
@@ -54,9 +60,19 @@ class HarmonizedWeights(nn.Module):
 
 def loss_terms(logits: List[torch.Tensor], target: torch.Tensor, temperature: float = 4.0,
                teachers: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-exit cross-entropies (K,) and dense distillation terms (K, K): entry (i, j), i < j, is
-    T^2 KL(p_j || p_i) averaged over the batch, teacher j detached (``teachers``: other teacher
-    logits, e.g. kept fixed while the student's parameters are perturbed); other entries are 0."""
+    """Per-exit cross-entropies and dense distillation terms.
+
+    Args:
+        logits: the K exits' logits, each (B, C).
+        target: the class indices, (B,).
+        temperature: the distillation's softmax temperature T.
+        teachers: other teacher logits (default: ``logits``), e.g. kept fixed while the student's
+            parameters are perturbed.
+
+    Returns:
+        The cross-entropies (K,) and the distillation terms (K, K): entry (i, j), i < j, is
+        T^2 KL(p_j || p_i) averaged over the batch, teacher j detached; other entries are 0.
+    """
     k = len(logits)
     ce = torch.stack([F.cross_entropy(z, target) for z in logits])
     log_p = [F.log_softmax(z / temperature, -1) for z in logits]
@@ -69,13 +85,29 @@ def loss_terms(logits: List[torch.Tensor], target: torch.Tensor, temperature: fl
 
 def harmonized_loss(ce: torch.Tensor, kd: torch.Tensor, weights: Tuple[torch.Tensor, torch.Tensor],
                     alpha: float = 0.5) -> torch.Tensor:
-    """alpha * sum_k g_k CE_k + (1 - alpha) * sum_{i<j} h_ij KD_ij."""
+    """alpha * sum_k g_k CE_k + (1 - alpha) * sum_{i<j} h_ij KD_ij.
+
+    Args:
+        ce, kd: the terms of :func:`loss_terms`, (K,) and (K, K).
+        weights: ``(g, h)``, the output of :class:`HarmonizedWeights`.
+        alpha: the weight of the CE terms, in [0, 1]; the KD terms get 1 - alpha.
+
+    Returns:
+        The loss, a scalar.
+    """
     g, h = weights
     return alpha * (g * ce).sum() + (1 - alpha) * (h * kd).sum()
 
 
 class BalancedValidationLoss:
-    """(Ours, not the paper's) sum_k l_k + lambda sum_k softplus(l_k / m_k - 1), m_k an EMA of exit k's loss."""
+    """(Ours, not the paper's) sum_k l_k + lambda sum_k softplus(l_k / m_k - 1), m_k an EMA of exit k's loss.
+
+    Args:
+        num_exits: K (the EMA takes its shape from the first call's losses).
+        momentum: the EMA's momentum (the weight of the old value).
+        ratio_weight: lambda.
+        ratio_reg: False: sum_k l_k only.
+    """
 
     def __init__(self, num_exits: int, momentum: float = 0.9, ratio_weight: float = 1.0, ratio_reg: bool = True):
         self.momentum, self.ratio_weight, self.ratio_reg = momentum, ratio_weight, ratio_reg
@@ -111,11 +143,25 @@ def hdkd_weight_step(
 ) -> Dict[str, float]:
     """One update of the harmonized weights (the upper level of the bilevel problem).
 
-    ``xi`` is the virtual step size (DARTS: the network's current learning rate). Batch norm runs on
-    copies of its buffers, so the running statistics of the model do not move. The caller then
-    trains the network on ``harmonized_loss`` with the new weights (the lower level). In a
-    distributed run the gradients and inner products are averaged over the processes (each with its
-    own batches), so every process makes the same update.
+    Batch norm runs on copies of its buffers, so the running statistics of the model do not move.
+    The caller then trains the network on ``harmonized_loss`` with the new weights (the lower
+    level). In a distributed run the gradients and inner products are averaged over the processes
+    (each with its own batches), so every process makes the same update.
+
+    Args:
+        model: the multi-exit network (not changed).
+        weights: the weights to update.
+        weight_optimizer: the optimizer of ``weights``' parameters.
+        train_batch: ``(images, target)`` of the virtual step.
+        val_batch: ``(images, target)`` the weights are fitted on.
+        val_loss: the validation objective (its EMA moves).
+        xi: the virtual step size (DARTS: the network's current learning rate).
+        alpha, temperature: as in :func:`harmonized_loss` and :func:`loss_terms`.
+        weight_decay: the network optimizer's weight decay, added to the virtual step.
+
+    Returns:
+        ``{'val_objective': ..., 'v_norm': ...}``: the validation objective after the virtual step
+        and the norm of its gradient v.
     """
     images, target = train_batch
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

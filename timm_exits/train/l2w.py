@@ -42,8 +42,14 @@ Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
 class WeightNet(nn.Module):
-    """The weight net: an MLP ``inputs -> hidden -> K`` (ReLU, tanh output); its input is the
-    per-exit losses (``input_type='loss'``, K), confidences (``'conf'``, K) or both (2K)."""
+    """The weight net: an MLP ``inputs -> hidden -> K`` (ReLU, tanh output).
+
+    Args:
+        num_exits: K.
+        hidden_size: the width of the hidden layer.
+        input_type: what the net reads of each sample: the per-exit losses (``'loss'``, K inputs),
+            confidences (``'conf'``, K) or both (``'both'``, 2K).
+    """
 
     def __init__(self, num_exits: int, hidden_size: int = 500, input_type: str = "loss"):
         super().__init__()
@@ -54,14 +60,31 @@ class WeightNet(nn.Module):
         self.out = nn.Linear(hidden_size, num_exits)
 
     def forward(self, losses: torch.Tensor, confidences: torch.Tensor) -> torch.Tensor:
+        """The net's output for a batch (no gradient flows into its inputs).
+
+        Args:
+            losses, confidences: the per-sample, per-exit losses and confidences, each (B, K).
+
+        Returns:
+            The weights' raw output ``m``, (B, K), in (-1, 1).
+        """
         x = {"loss": losses, "conf": confidences}.get(self.input_type)
         x = torch.cat([losses, confidences], 1) if x is None else x
         return torch.tanh(self.out(F.relu(self.hidden(x.detach()))))
 
 
 def sample_weights(m: torch.Tensor, epsilon: float, constraint: str = "col") -> torch.Tensor:
-    """``1 + epsilon (m - mean(m))`` for the weight net's output ``m`` (B x K); the mean is over
-    everything (``'mat'``), per sample (``'col'``) or per exit (``'row'``)."""
+    """The per-sample, per-exit loss weights ``1 + epsilon (m - mean(m))``.
+
+    Args:
+        m: the weight net's output, (B, K).
+        epsilon: how far a weight may move from 1.
+        constraint: where the mean is taken: over everything (``'mat'``), per sample (``'col'``)
+            or per exit (``'row'``).
+
+    Returns:
+        The weights, (B, K).
+    """
     if constraint == "mat":
         centre = m.mean()
     elif constraint == "col":
@@ -75,8 +98,16 @@ def sample_weights(m: torch.Tensor, epsilon: float, constraint: str = "col") -> 
 
 def exit_terms(logits: Sequence[torch.Tensor], target: torch.Tensor,
                label_smoothing: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample, per-exit cross-entropies and max-softmax confidences (both B x K); soft targets
-    (mixup) are used as given."""
+    """Per-sample, per-exit cross-entropies and max-softmax confidences.
+
+    Args:
+        logits: the K exits' logits, each (B, C).
+        target: class indices (B,), or soft targets (B, C) (mixup), which are used as given.
+        label_smoothing: for class-index targets.
+
+    Returns:
+        The cross-entropies and the confidences, both (B, K).
+    """
     smoothing = 0.0 if target.dim() > 1 else label_smoothing
     ce = torch.stack([F.cross_entropy(z, target, reduction="none", label_smoothing=smoothing) for z in logits], 1)
     confidence = torch.stack([z.softmax(-1).amax(-1) for z in logits], 1)
@@ -84,14 +115,30 @@ def exit_terms(logits: Sequence[torch.Tensor], target: torch.Tensor,
 
 
 def weighted_loss(ce: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_k mean_i(w_ik CE_ik)``."""
+    """``sum_k mean_i(w_ik CE_ik)``.
+
+    Args:
+        ce: the cross-entropies, (B, K).
+        weights: their weights, (B, K).
+
+    Returns:
+        The loss, a scalar.
+    """
     return (weights * ce).mean(0).sum()
 
 
 def budget_allocation(confidences: torch.Tensor, fractions: Sequence[float]) -> List[torch.Tensor]:
-    """The samples each exit takes (indices into the B rows of ``confidences``, B x K): exit k < K
-    takes the ``floor(B fractions[k])`` samples of highest confidence at exit k that no earlier
-    exit took (ties: the lower index first), the last exit the rest."""
+    """The samples each exit takes: exit k < K takes the ``floor(B fractions[k])`` samples of
+    highest confidence at exit k that no earlier exit took (ties: the lower index first), the last
+    exit the rest.
+
+    Args:
+        confidences: each sample's confidence at each exit, (B, K).
+        fractions: each exit's share of the batch (:func:`~timm_exits.quotas.exit_quotas`).
+
+    Returns:
+        One index tensor per exit, into the B rows of ``confidences``.
+    """
     n, num_exits = confidences.shape
     quotas = exit_quotas(n, fractions)
     taken = torch.zeros(n, dtype=torch.bool, device=confidences.device)
@@ -108,7 +155,17 @@ def budget_allocation(confidences: torch.Tensor, fractions: Sequence[float]) -> 
 def allocated_loss(logits: Sequence[torch.Tensor], target: torch.Tensor, fractions: Sequence[float],
                    label_smoothing: float = 0.0) -> torch.Tensor:
     """The meta loss: the sum over exits of the mean cross-entropy over the samples each exit takes
-    (:func:`budget_allocation` on the detached confidences); an exit that takes none adds nothing."""
+    (:func:`budget_allocation` on the detached confidences); an exit that takes none adds nothing.
+
+    Args:
+        logits: the K exits' logits, each (B, C).
+        target: class indices (B,) or soft targets (B, C).
+        fractions: each exit's share of the batch.
+        label_smoothing: for class-index targets.
+
+    Returns:
+        The loss, a scalar.
+    """
     smoothing = 0.0 if target.dim() > 1 else label_smoothing
     confidences = torch.stack([z.detach().softmax(-1).amax(-1) for z in logits], 1)
     total = logits[0].new_zeros(())
@@ -119,7 +176,17 @@ def allocated_loss(logits: Sequence[torch.Tensor], target: torch.Tensor, fractio
 
 
 def split_halves(images: torch.Tensor, target: torch.Tensor) -> Tuple[Batch, Batch]:
-    """The two halves of a batch (``chunk(2)``: an odd batch's first half has the extra sample)."""
+    """The two halves of a batch (``chunk(2)``: an odd batch's first half has the extra sample).
+
+    Args:
+        images, target: the batch, at least 2 samples.
+
+    Returns:
+        ``((images, target), (images, target))``, the two halves.
+
+    Raises:
+        ValueError: the batch has fewer than 2 samples.
+    """
     if len(images) < 2:
         raise ValueError(f"l2w splits every batch into two halves (one trains, one is the meta data): the batch "
                          f"size must be at least 2, got {len(images)}")
@@ -134,7 +201,21 @@ def l2w_meta_step(model: nn.Module, weight_net: WeightNet, weight_optimizer: tor
     network's SGD ``optimizer`` (:func:`~timm_exits.train.virtual_step.sgd_virtual_step`), the
     allocated meta loss on ``meta``, its gradient averaged over the processes, a step of
     ``weight_optimizer``. The model, its buffers and ``optimizer``'s state are unchanged.
-    Returns the pseudo weights (B x K), the meta loss and the weight net's gradients."""
+
+    Args:
+        model: the multi-exit network.
+        weight_net: the weight net to update.
+        weight_optimizer: its optimizer.
+        optimizer: the network's ``torch.optim.SGD`` (its lr, momentum buffers and weight decay).
+        train, meta: ``(images, target)``: the pseudo step's batch and the meta batch.
+        epsilon, constraint: as in :func:`sample_weights`.
+        fractions: each exit's share of the meta batch (:func:`budget_allocation`).
+        label_smoothing: for class-index targets.
+
+    Returns:
+        ``{'weights': ..., 'meta_loss': ..., 'grads': ...}``: the pseudo weights (B, K) and the
+        meta loss, detached, and the weight net's gradients (a list, one per parameter).
+    """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     ce, confidence = exit_terms(functional_exits(model, params, train[0], buffers), train[1], label_smoothing)

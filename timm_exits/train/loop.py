@@ -82,7 +82,15 @@ class PlainTrainer(Trainer):
         self._optimizer.zero_grad()
 
     def step(self, images: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
-        """One batch: the technique's step, the backward and the optimizer update; returns the loss terms."""
+        """One batch: the technique's step, the backward and the optimizer update.
+
+        Args:
+            images: the batch's images.
+            target: class indices, or soft targets (mixup).
+
+        Returns:
+            The step's loss terms, as floats.
+        """
         result = self.technique.train_step(self, images, target)
         self.update(result.loss)
         self.steps += 1

@@ -21,8 +21,17 @@ def exit_cross_entropies(
         weights: Optional[Sequence[float]] = None,
         label_smoothing: float = 0.0,
 ) -> List[torch.Tensor]:
-    """[w_k CE(logits_k, target)] per exit (w_k = 1 by default). ``target`` holds class indices (B,)
-    or class probabilities (B, K) as mixup / cutmix produce."""
+    """[w_k CE(logits_k, target)] per exit.
+
+    Args:
+        logits: every exit's logits, each (B, C).
+        target: class indices (B,), or class probabilities (B, C) as mixup / cutmix produce.
+        weights: one weight per exit (default: 1 each).
+        label_smoothing: ``F.cross_entropy``'s.
+
+    Returns:
+        The weighted cross-entropies, one scalar per exit.
+    """
     weights = [1.0] * len(logits) if weights is None else list(weights)
     if len(weights) != len(logits):
         raise ValueError(f"{len(weights)} exit weights for {len(logits)} exits")
@@ -35,7 +44,14 @@ def multi_exit_cross_entropy(
         weights: Optional[Sequence[float]] = None,
         label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """sum_k w_k CE(logits_k, target): the MSDNet baseline loss (see :func:`exit_cross_entropies`)."""
+    """sum_k w_k CE(logits_k, target): the MSDNet baseline loss.
+
+    Args:
+        logits, target, weights, label_smoothing: as in :func:`exit_cross_entropies`.
+
+    Returns:
+        The loss, a scalar.
+    """
     return sum(exit_cross_entropies(logits, target, weights, label_smoothing))
 
 
@@ -43,8 +59,15 @@ def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: f
                     reduction: str = "batchmean") -> torch.Tensor:
     """T^2 KL(softmax(teacher / T) || softmax(student / T)); the teacher is detached.
 
-    ``reduction='batchmean'`` is the per-sample KL averaged over the batch; ``'mean'`` divides by
-    batch x classes, as ``nn.KLDivLoss()``'s default does in the IMTA reference (1/K of the former).
+    Args:
+        student, teacher: logits, (B, C) each.
+        temperature: T.
+        reduction: ``'batchmean'``, the per-sample KL averaged over the batch, or ``'mean'``,
+            divided by batch x classes as ``nn.KLDivLoss()``'s default does in the IMTA reference
+            (1/C of the former).
+
+    Returns:
+        The loss, a scalar.
     """
     if reduction not in ("batchmean", "mean"):
         raise ValueError(f"reduction must be 'batchmean' or 'mean', got {reduction!r}")
@@ -63,9 +86,20 @@ def one_for_all_distillation(
 ) -> torch.Tensor:
     """IMTA's One-for-all KD: CE(z_N, y) + sum_{i<N} [(1 - gamma) CE(z_i, y) + gamma T^2 KL(t || z_i)].
 
-    ``teacher`` is the frozen phase-I final head's logits. Defaults are the reference code's
-    (T = 3, gamma = 0.9); its ImageNet script uses T = 1, gamma = 0.1. ``reduction='mean'`` reproduces
-    the reference's KL scaling (divided by the number of classes too).
+    Defaults are the reference code's (T = 3, gamma = 0.9); its ImageNet script uses T = 1,
+    gamma = 0.1.
+
+    Args:
+        logits: the N exits' logits, each (B, C).
+        teacher: the frozen phase-I final head's logits, (B, C).
+        target: class indices, (B,).
+        temperature: T.
+        gamma: the weight of the distillation against the labels, in [0, 1].
+        reduction: as in :func:`distillation_kl`; ``'mean'`` reproduces the reference's KL scaling
+            (divided by the number of classes too).
+
+    Returns:
+        The loss, a scalar.
     """
     loss = F.cross_entropy(logits[-1], target)
     for z in logits[:-1]:

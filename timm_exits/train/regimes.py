@@ -31,8 +31,18 @@ def check_regime(regime: str) -> None:
 
 
 def apply_regime(model: nn.Module, regime: str, freeze_bn_stats: bool = False) -> nn.Module:
-    """Freeze what ``regime`` does not train (a no-op for ``joint``); returns ``model``. The partial
-    regimes need a backbone with exit heads (:func:`~timm_exits.add_exits`)."""
+    """Freeze what ``regime`` does not train (a no-op for ``joint``).
+
+    Args:
+        model: the model; the partial regimes need a backbone with exit heads
+            (:func:`~timm_exits.add_exits`).
+        regime: one of :data:`REGIMES`.
+        freeze_bn_stats: for ``heads_only``: keep the frozen backbone in eval mode (batch-norm
+            statistics and dropout fixed).
+
+    Returns:
+        ``model``.
+    """
     check_regime(regime)
     if regime == "joint":
         return model
@@ -46,7 +56,15 @@ def apply_regime(model: nn.Module, regime: str, freeze_bn_stats: bool = False) -
 
 
 def regime_exits(regime: str, num_exits: int) -> List[int]:
-    """The exits (0-based) whose losses train in ``regime``."""
+    """The exits (0-based) whose losses train in ``regime``.
+
+    Args:
+        regime: one of :data:`REGIMES`.
+        num_exits: the model's number of exits.
+
+    Returns:
+        The exits' indices, in order.
+    """
     check_regime(regime)
     if regime == "heads_only":
         return list(range(num_exits - 1))

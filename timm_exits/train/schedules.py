@@ -27,8 +27,18 @@ SCHEDULES = ("sdn", "pabee")
 
 
 def sdn_weights(num_exits: int, epoch: int, epochs: int, caps: Optional[Sequence[float]] = None) -> List[float]:
-    """SDN's weights at the 0-based ``epoch`` of ``epochs``: ``min(C_i, 0.01 + e * C_i / E)`` with
-    e = ``epoch + 1`` for each internal classifier, 1 for the final exit."""
+    """SDN's weights at an epoch: ``min(C_i, 0.01 + e * C_i / E)`` with e = ``epoch + 1`` for each
+    internal classifier, 1 for the final exit.
+
+    Args:
+        num_exits: the number of exits N.
+        epoch: the 0-based epoch, in [0, ``epochs``).
+        epochs: the run's number of epochs E.
+        caps: the N - 1 caps C_i (default: evenly spread up to 0.9, SDN's).
+
+    Returns:
+        One weight per exit.
+    """
     caps = default_sdn_caps(num_exits) if caps is None else list(caps)
     if len(caps) != num_exits - 1:
         raise ValueError(f"the sdn schedule has {len(caps)} caps for {num_exits - 1} internal classifiers "

@@ -30,8 +30,12 @@ Outputs = Union[List[torch.Tensor], Tuple[List[torch.Tensor], torch.Tensor]]
 
 @dataclass(frozen=True)
 class Need:
-    """Something a technique's step needs that not every trainer gives: ``what`` it is, and how
-    each trainer that gives it is told to (``how``, for the error of one that does not)."""
+    """Something a technique's step needs that not every trainer gives.
+
+    Args:
+        what: what it is ("the epoch").
+        how: how each trainer that gives it is told to, for the error of one that does not.
+    """
 
     what: str
     how: str
@@ -126,8 +130,16 @@ class Trainer(abc.ABC):
 
 
 def check_trainer(technique: "Technique", trainer: Trainer) -> None:
-    """Refuse, before training, a technique whose needs ``trainer`` does not meet: the error names
-    the technique, what it needs, the trainer and the trainers that meet the need."""
+    """Refuse, before training, a technique whose needs ``trainer`` does not meet.
+
+    Args:
+        technique: the technique to run (its :attr:`~timm_exits.train.techniques.Technique.needs`).
+        trainer: the trainer to run it (its :attr:`Trainer.provides`).
+
+    Raises:
+        TrainerError: a need is not met; it names the technique, what it needs, the trainer and
+            the trainers that meet the need.
+    """
     for need in sorted(technique.needs - trainer.provides, key=lambda n: n.what):
         raise TrainerError(f"{type(technique).__name__} needs {need.what}, which {trainer.name} does not give here; "
                            f"run it with {need.how}")

@@ -33,7 +33,17 @@ class _ForwardExits(nn.Module):
 
 
 def call_forward_exits(model: nn.Module, tensors: Dict[str, torch.Tensor], images: torch.Tensor) -> List[torch.Tensor]:
-    """``model.forward_exits(images)`` with parameters and buffers replaced by ``tensors``."""
+    """``model.forward_exits(images)`` with parameters and buffers replaced by ``tensors``.
+
+    Args:
+        model: a multi-exit model.
+        tensors: ``{name: tensor}`` by the names of ``model.named_parameters()`` / ``named_buffers()``;
+            the others stay.
+        images: the batch.
+
+    Returns:
+        Every exit's logits, in order.
+    """
     return functional_call(_ForwardExits(model), {f"inner.{k}": v for k, v in tensors.items()}, (images,))
 
 
@@ -51,8 +61,7 @@ def sgd_of(optimizer) -> torch.optim.SGD:
 
 def sgd_virtual_step(params: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
                      optimizer) -> Dict[str, torch.Tensor]:
-    """``{name: theta'}`` for ``params`` (the optimizer's parameters) and their ``grads`` (``None``:
-    no gradient, the parameter keeps its value, as SGD skips it), by the update of
+    """The parameters one step of the model's SGD would give, by the update of
     ``torch.optim.SGD`` with its param group's ``lr``, ``weight_decay``, ``momentum``,
     ``dampening``, ``nesterov`` and ``maximize`` and the momentum buffer in its state (none yet:
     the buffer starts as the gradient, as in SGD's first step)::
@@ -62,7 +71,18 @@ def sgd_virtual_step(params: Dict[str, torch.Tensor], grads: Sequence[Optional[t
         d = d + momentum * b if nesterov else b          (momentum != 0)
         theta' = sg(theta) - lr * d
 
-    ``theta'`` is differentiable in ``grads`` only (theta is a constant of the step)."""
+    Args:
+        params: ``{name: theta}``, parameters of ``optimizer``.
+        grads: their gradients, in the same order (``None``: no gradient, the parameter keeps its
+            value, as SGD skips it); may carry a graph.
+        optimizer: a ``torch.optim.SGD``, or an accelerate or mmengine wrapper of one.
+
+    Returns:
+        ``{name: theta'}``, differentiable in ``grads`` only (theta is a constant of the step).
+
+    Raises:
+        ValueError: the optimizer is not SGD, or a parameter is not one of its.
+    """
     sgd = sgd_of(optimizer)
     groups = {id(p): group for group in sgd.param_groups for p in group["params"]}
     stepped = {}
@@ -88,9 +108,19 @@ def sgd_virtual_step(params: Dict[str, torch.Tensor], grads: Sequence[Optional[t
 
 def functional_exits(model: nn.Module, params: Dict[str, torch.Tensor], images: torch.Tensor,
                      buffers: Optional[Dict[str, torch.Tensor]] = None) -> List[torch.Tensor]:
-    """``model.forward_exits(images)`` with ``params`` in place of its parameters (the others stay)
-    and ``buffers`` (default: fresh copies of its own) in place of its buffers: batch norm in
-    training mode updates the copies, never the model's running statistics."""
+    """``model.forward_exits(images)`` on other parameters and buffers, on the model's plain
+    training path: batch norm in training mode updates the copies, never the model's running
+    statistics.
+
+    Args:
+        model: a multi-exit model.
+        params: ``{name: tensor}`` in place of its parameters (the others stay).
+        images: the batch.
+        buffers: ``{name: tensor}`` in place of its buffers (default: fresh copies of its own).
+
+    Returns:
+        Every exit's logits, in order.
+    """
     if buffers is None:
         buffers = {n: b.clone() for n, b in model.named_buffers()}
     with plain_training_path(model):

@@ -14,12 +14,22 @@ __all__ = ["fit_ensembles_offline"]
 
 def fit_ensembles_offline(model: ZTWModel, loader: Iterable, epochs: int = 501, lr: float = 1e-3,
                           batch_size: int = 512, seed: int = 0) -> List[float]:
-    """Phase B as ZTW's original code fits it: the heads' log-probabilities of every ``(images, labels)``
-    batch of ``loader`` computed once (the model in eval mode, nothing else trained), then each ensemble
-    fitted on them alone with Adam (its own cross-entropy; batches of ``batch_size`` reshuffled every
-    epoch from ``seed``). The original's defaults: 501 epochs (10 on ImageNet), batch 512, lr 1e-3, on
-    the training set. Leaves the model in eval mode answering with its ensembles; returns each epoch's
-    mean loss (the ensembles' cross-entropies averaged)."""
+    """Phase B as ZTW's original code fits it: the heads' log-probabilities of every batch computed
+    once (the model in eval mode, nothing else trained), then each ensemble fitted on them alone with
+    Adam (its own cross-entropy). The defaults are the original's (on ImageNet it uses 10 epochs), on
+    the training set. Leaves the model in eval mode answering with its ensembles.
+
+    Args:
+        model: the ZTW model whose ensembles to fit.
+        loader: ``(images, labels)`` batches.
+        epochs: passes over the cached log-probabilities, at least 1.
+        lr: Adam's learning rate, > 0.
+        batch_size: the fitting batches' size (reshuffled every epoch), at least 1.
+        seed: the reshuffling's seed.
+
+    Returns:
+        Each epoch's mean loss (the ensembles' cross-entropies averaged).
+    """
     if not isinstance(model, ZTWModel):
         raise ValueError(f"fit_ensembles_offline fits the ensembles of a ZTWModel, got {type(model).__name__}")
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):

@@ -18,8 +18,13 @@ __all__ = ["ADN"]
 
 @dataclasses.dataclass(frozen=True)
 class ADNOptions(Options):
-    """``alpha`` (super-net CE vs base-net KD), the KD ``temperature`` and ``topk`` (KD over the
-    teacher's top k classes; None: all)."""
+    """ADN's options.
+
+    Args:
+        alpha: the weight of the super-net's CE against the base-net's KD, in [0, 1].
+        temperature: the KD's temperature, > 0.
+        topk: KD over the teacher's top k classes; None: all.
+    """
 
     alpha: float = option(0.5, Number(float, 0.0, 1.0))
     temperature: float = option(1.0, Number(float, 0.0, low_open=True))

@@ -25,17 +25,29 @@ TECHNIQUES: Dict[str, Type["Technique"]] = {}
 
 
 def option(default: Any, valid: Any = None) -> Any:
-    """A field of an options dataclass: its ``default`` and the values it admits (a
-    :class:`~timm_exits.values.Number` or :class:`~timm_exits.values.OneOf`)."""
+    """A field of an options dataclass.
+
+    Args:
+        default: the field's one default.
+        valid: the values it admits (a :class:`~timm_exits.values.Number` or
+            :class:`~timm_exits.values.OneOf`), checked on construction; None: not checked.
+
+    Returns:
+        The ``dataclasses.field``.
+    """
     return dataclasses.field(default=default, metadata={"valid": valid})
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
     """The options every technique has: the forward-graph switches of a multi-exit network whose
-    branch points train (Gradient Equilibrium; branch-level deconfliction ``'symmetric'`` or
-    ``'protect_deeper'``). Each technique's options subclass this; every field's default is its one
-    default, and its declared values are checked on construction."""
+    branch points train. Each technique's options subclass this; every field's default is its one
+    default, and its declared values are checked on construction.
+
+    Args:
+        gradient_equilibrium: Gradient Equilibrium at the branch points.
+        deconfliction: branch-level deconfliction, ``'symmetric'`` or ``'protect_deeper'``; None: off.
+    """
 
     gradient_equilibrium: bool = option(False, OneOf((False, True)))
     deconfliction: Optional[str] = option(None, OneOf(BRANCH_DECONFLICTION))
@@ -64,8 +76,15 @@ class StepResult(NamedTuple):
 
 
 def apply_switches(model: nn.Module, options: Options) -> None:
-    """Switch Gradient Equilibrium and branch-level deconfliction on in ``model``'s forward graph;
-    both need a multi-exit network whose branch points train."""
+    """Switch Gradient Equilibrium and branch-level deconfliction on in ``model``'s forward graph.
+
+    Args:
+        model: a multi-exit network whose branch points train (changed in place).
+        options: the technique's options (their switches).
+
+    Raises:
+        ValueError: a switch is on and ``model`` has no branch points that train.
+    """
     if not options.switches:
         return
     if isinstance(model, IMTAModel) or not is_multi_exit(model):  # IMTA phase II: new heads on a frozen network
@@ -79,7 +98,12 @@ def apply_switches(model: nn.Module, options: Options) -> None:
 
 class TrainingForward(nn.Module):
     """The model's training forward as a module (what a distributed wrapper wraps): ``forward``
-    returns the technique's loss inputs (:meth:`Technique.training_outputs`)."""
+    returns the technique's loss inputs (:meth:`Technique.training_outputs`).
+
+    Args:
+        model: the model the technique prepared.
+        technique: the technique whose training forward this is.
+    """
 
     def __init__(self, model: nn.Module, technique: "Technique"):
         super().__init__()
@@ -167,13 +191,29 @@ class Technique(abc.ABC):
     # --- the step --------------------------------------------------------------------------------
 
     def training_outputs(self, model: nn.Module, images: torch.Tensor) -> Outputs:
-        """The loss inputs of one forward: every exit's logits (a plain network: its one output, as a list)."""
+        """The loss inputs of one forward.
+
+        Args:
+            model: the prepared model.
+            images: the batch's images.
+
+        Returns:
+            Every exit's logits (a plain network: its one output, as a list).
+        """
         return exit_logits(model, images)
 
     def losses(self, outputs: Outputs, target: torch.Tensor, trainer: Optional[Trainer] = None) -> Dict[str, torch.Tensor]:
-        """Named loss terms of one forward's ``outputs`` (their sum is the loss); ``trainer`` for
-        what they may read of it (the epoch). Techniques whose step is not one forward override
-        :meth:`train_step` instead."""
+        """Named loss terms of one forward. Techniques whose step is not one forward override
+        :meth:`train_step` instead.
+
+        Args:
+            outputs: what :meth:`training_outputs` returned.
+            target: class indices, or soft targets (mixup).
+            trainer: for what the terms may read of it (the epoch).
+
+        Returns:
+            ``{name: scalar loss}``; their sum is the loss.
+        """
         raise NotImplementedError(f"{type(self).__name__} defines train_step, not losses")
 
     def train_step(self, trainer: Trainer, images: torch.Tensor, target: torch.Tensor) -> StepResult:

@@ -21,11 +21,17 @@ __all__ = ["CrossEntropy", "PCGrad"]
 
 @dataclasses.dataclass(frozen=True)
 class CrossEntropyOptions(Options):
-    """``exit_weights``: None (all 1), one number per exit, ``'sdn'`` (SDN's per-epoch warm-up),
-    ``'pabee'`` (depth weights) or ``dict(schedule='sdn', caps=[...])`` (:mod:`~timm_exits.train.schedules`);
-    ``label_smoothing`` of hard targets (soft ones, from mixup, are used as given); ``regime``:
-    ``'joint'``, ``'heads_only'`` (frozen backbone; ``freeze_bn_stats`` keeps it in eval mode) or
-    ``'backbone'`` (:mod:`~timm_exits.train.regimes`)."""
+    """The cross-entropies' options (and :class:`~timm_exits.train.techniques.Options`').
+
+    Args:
+        exit_weights: None (all 1), one number >= 0 per exit, ``'sdn'`` (SDN's per-epoch warm-up),
+            ``'pabee'`` (depth weights) or ``dict(schedule='sdn', caps=[...])``
+            (:mod:`~timm_exits.train.schedules`).
+        label_smoothing: of hard targets, in [0, 1) (soft ones, from mixup, are used as given).
+        regime: ``'joint'``, ``'heads_only'`` (frozen backbone) or ``'backbone'``
+            (:mod:`~timm_exits.train.regimes`).
+        freeze_bn_stats: with ``'heads_only'``, the frozen backbone stays in eval mode.
+    """
 
     exit_weights: Any = None
     label_smoothing: float = option(0.0, Number(float, 0.0, 1.0, high_open=True))
@@ -62,7 +68,15 @@ class CrossEntropy(Technique):
         return apply_regime(super().prepare(model), self.options.regime, self.options.freeze_bn_stats)
 
     def weights(self, num_exits: int, trainer: Optional[Trainer] = None) -> List[float]:
-        """Every exit's loss weight now (a per-epoch schedule reads the trainer's epoch)."""
+        """Every exit's loss weight now.
+
+        Args:
+            num_exits: the model's number of exits.
+            trainer: for a per-epoch schedule, the trainer whose epoch it reads.
+
+        Returns:
+            One weight per exit.
+        """
         if self.schedule.per_epoch:
             if trainer is None:
                 raise ValueError(f"exit_weights={self.options.exit_weights!r} change with the epoch: give the trainer")
@@ -79,10 +93,15 @@ class CrossEntropy(Technique):
 
 @dataclasses.dataclass(frozen=True)
 class PCGradOptions(CrossEntropyOptions):
-    """The cross-entropies' options, and PCGrad's: ``scope`` (``'global'``, ``'segment'``: one
-    segment per optimizer parameter group, ``'tensor'``), ``order`` (``'random'``, from the
-    technique's own generator seeded with ``seed``, the same on every process; or ``'deep_first'``),
-    ``protect_deeper`` (a deeper exit's gradient is never projected against a shallower one's)."""
+    """The cross-entropies' options, and PCGrad's.
+
+    Args:
+        scope: ``'global'``, ``'segment'`` (one segment per optimizer parameter group) or
+            ``'tensor'`` (:func:`~timm_exits.train.deconfliction.pcgrad_gradients`).
+        order: ``'random'`` (from the technique's own generator) or ``'deep_first'``.
+        protect_deeper: a deeper exit's gradient is never projected against a shallower one's.
+        seed: the random order's seed, >= 0 (the same on every process).
+    """
 
     scope: str = option("global", OneOf(("global", "segment", "tensor")))
     order: str = option("random", OneOf(("random", "deep_first")))

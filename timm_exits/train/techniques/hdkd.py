@@ -18,10 +18,20 @@ __all__ = ["HDKD"]
 
 @dataclasses.dataclass(frozen=True)
 class HDKDOptions(Options):
-    """``alpha`` (CE vs KD), the KD ``temperature``; the harmonized weights' initialisation
-    ``init`` (``'uniform'`` or ``'dbt'``), their Adam's ``lr``, ``ratio_reg`` of the balanced
-    validation loss, the virtual step ``xi`` (None: the network's learning rate) and ``interval``:
-    the weights are updated on the batch that ends every ``interval``-th optimizer update."""
+    """HDKD's options.
+
+    Args:
+        temperature: the KD's temperature, > 0.
+        alpha: the weight of the CE terms against the KD terms, in [0, 1].
+        lr: the harmonized weights' Adam learning rate, > 0.
+        xi: the virtual step size, > 0; None: the network's learning rate.
+        init: the harmonized weights' initialisation, ``'uniform'`` or ``'dbt'``
+            (:class:`~timm_exits.train.hdkd.HarmonizedWeights`).
+        ratio_reg: the ratio term of the balanced validation loss
+            (:class:`~timm_exits.train.hdkd.BalancedValidationLoss`).
+        interval: the weights are updated on the batch that ends every ``interval``-th optimizer
+            update, >= 1.
+    """
 
     temperature: float = option(4.0, Number(float, 0.0, low_open=True))
     alpha: float = option(0.5, Number(float, 0.0, 1.0))
@@ -65,8 +75,16 @@ class HDKD(Technique):
         return self.weights
 
     def update_weights(self, model: nn.Module, train: Batch, held_out: Batch, lr: Optional[float] = None) -> Dict[str, float]:
-        """One update of the harmonized weights on a training and a held-out batch; the virtual step
-        is ``xi``, else ``lr`` (the network's learning rate now)."""
+        """One update of the harmonized weights on a training and a held-out batch, autocast off.
+
+        Args:
+            model: the prepared network.
+            train, held_out: ``(images, target)`` batches.
+            lr: the network's learning rate now: the virtual step if the option ``xi`` is None.
+
+        Returns:
+            What :func:`~timm_exits.train.hdkd.hdkd_weight_step` returns.
+        """
         xi = self.options.xi if self.options.xi is not None else lr
         if xi is None:
             raise ValueError("HDKD's virtual step xi is the network's learning rate: give it, or set xi")

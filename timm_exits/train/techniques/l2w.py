@@ -19,13 +19,21 @@ __all__ = ["L2W"]
 
 @dataclasses.dataclass(frozen=True)
 class L2WOptions(Options):
-    """``epsilon`` (0.8 CIFAR, 0.3 ImageNet), ``constraint_dimension`` (``'col'`` CIFAR, ``'mat'``
-    ImageNet, ``'row'``), the weight net's ``input_type`` (``'loss'``, ``'conf'``, ``'both'``) and
-    ``hidden_size``, ``meta_interval`` (a meta step on every such update: 1 CIFAR, 100 ImageNet),
-    the weight net's Adam ``lr`` and ``weight_decay`` (1e-4 each; ``lr_follows_schedule``: scaled as
-    the network's lr is by its schedule), ``target_p`` (exit k's share of the meta samples is
-    proportional to ``target_p ** k``), ``label_smoothing``, and ``seed`` of the weight net's
-    initial weights (the same on every process)."""
+    """L2W's options (:mod:`timm_exits.train.l2w`).
+
+    Args:
+        epsilon: how far a sample weight may move from 1 (0.8 CIFAR, 0.3 ImageNet).
+        constraint_dimension: where the weights are centred: ``'col'`` (CIFAR), ``'mat'``
+            (ImageNet) or ``'row'`` (:func:`~timm_exits.train.l2w.sample_weights`).
+        input_type: what the weight net reads: ``'loss'``, ``'conf'`` or ``'both'``.
+        hidden_size: the weight net's hidden width.
+        meta_interval: a meta step on every such update (1 CIFAR, 100 ImageNet).
+        lr, weight_decay: the weight net's Adam's.
+        lr_follows_schedule: the weight net's lr is scaled as the network's is by its schedule.
+        target_p: exit k's share of the meta samples is proportional to ``target_p ** k``.
+        label_smoothing: of hard targets, in [0, 1).
+        seed: the weight net's initial weights' seed (the same on every process).
+    """
 
     epsilon: float = option(0.8, Number(float, 0.0, low_open=True))
     constraint_dimension: str = option("col", OneOf(CONSTRAINTS))
@@ -85,7 +93,14 @@ class L2W(Technique):
         return self.weight_net
 
     def weights(self, ce: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
-        """The sample weights (B x K) of the current weight net, without gradient."""
+        """The sample weights of the current weight net, without gradient.
+
+        Args:
+            ce, confidence: the per-sample, per-exit losses and confidences, (B, K) each.
+
+        Returns:
+            The weights, (B, K), in ``ce``'s dtype.
+        """
         net = self._net()
         dtype = next(net.parameters()).dtype
         with torch.no_grad(), torch.autocast(ce.device.type, enabled=False):
@@ -93,14 +108,32 @@ class L2W(Technique):
             return sample_weights(m, self.options.epsilon, self.options.constraint_dimension).to(ce.dtype)
 
     def losses(self, outputs: Outputs, target: torch.Tensor, trainer: Optional[Trainer] = None) -> Dict[str, torch.Tensor]:
-        """``l2w``: ``sum_k mean_i(w_ik CE_ik)`` with the current weights."""
+        """``l2w``: ``sum_k mean_i(w_ik CE_ik)`` with the current weights.
+
+        Args:
+            outputs: every exit's logits.
+            target: class indices, or soft targets (mixup).
+            trainer: not read.
+
+        Returns:
+            ``{'l2w': loss}``.
+        """
         ce, confidence = exit_terms(outputs, target, self.options.label_smoothing)
         return {"l2w": weighted_loss(ce, self.weights(ce, confidence))}
 
     def update_weights(self, model: nn.Module, optimizer: torch.optim.Optimizer, train: Batch, meta: Batch) -> Dict[str, Any]:
         """One meta step (:func:`~timm_exits.train.l2w.l2w_meta_step`) with autocast off; the weight
         net's Adam lr follows the network's schedule (``lr_follows_schedule``: scaled by
-        ``lr / initial_lr`` of the optimizer's first param group)."""
+        ``lr / initial_lr`` of the optimizer's first param group).
+
+        Args:
+            model: the prepared network.
+            optimizer: the network's SGD (or a wrapper of it).
+            train, meta: ``(images, target)``: the pseudo step's batch and the meta batch.
+
+        Returns:
+            What :func:`~timm_exits.train.l2w.l2w_meta_step` returns (also kept as ``last_meta``).
+        """
         o, group = self.options, optimizer.param_groups[0]
         scale = group["lr"] / group["initial_lr"] if o.lr_follows_schedule and group.get("initial_lr") else 1.0
         for g in self.weight_optimizer.param_groups:

@@ -19,10 +19,16 @@ __all__ = ["OneForAll"]
 
 @dataclasses.dataclass(frozen=True)
 class OneForAllOptions(Options):
-    """``temperature`` and ``gamma`` of the distillation (the reference code's defaults; its ImageNet
-    script: 1.0 and 0.1), the KL's ``reduction`` (``'mean'`` is the reference code's scaling), the
-    ISC form ``isc`` (``'reference'``, ``'detach'`` or None) and ``freeze_bn_stats`` (the frozen
-    network in eval mode; False: its statistics move, as in the reference)."""
+    """One-for-all's options (:func:`~timm_exits.train.losses.one_for_all_distillation`).
+
+    Args:
+        temperature, gamma: the distillation's (the reference code's defaults; its ImageNet
+            script: 1.0 and 0.1).
+        reduction: the KL's, ``'batchmean'`` or ``'mean'`` (the reference code's scaling).
+        isc: the ISC form, ``'reference'``, ``'detach'`` or None.
+        freeze_bn_stats: the frozen network in eval mode; False: its statistics move, as in the
+            reference.
+    """
 
     temperature: float = option(3.0, Number(float, 0.0, low_open=True))
     gamma: float = option(0.9, Number(float, 0.0, 1.0))
@@ -61,7 +67,15 @@ class OneForAll(Technique):
         return super().create_model(name, model_kwargs, previous)
 
     def training_outputs(self, model: nn.Module, images: torch.Tensor) -> Outputs:
-        """The new heads' logits and the frozen network's final (teacher) logits."""
+        """The loss inputs of one forward.
+
+        Args:
+            model: the prepared :class:`~timm_exits.models.imta.IMTAModel`.
+            images: the batch's images.
+
+        Returns:
+            The new heads' logits and the frozen network's final (teacher) logits.
+        """
         return model.forward_train(images)
 
     def losses(self, outputs: Outputs, target: torch.Tensor, trainer: Optional[Trainer] = None) -> Dict[str, torch.Tensor]:

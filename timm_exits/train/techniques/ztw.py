@@ -17,9 +17,13 @@ __all__ = ["ZTW"]
 
 @dataclasses.dataclass(frozen=True)
 class ZTWOptions(CrossEntropyOptions):
-    """The cross-entropies' options, the part trained (``train``: ``'heads'``, ZTW's phase A on the
-    frozen backbone; ``'joint'``, with the backbone; ``'ensembles'``, phase B) and the cascade's
-    ``detach`` and ``layer_norm``."""
+    """The cross-entropies' options (``exit_weights`` and ``regime`` keep their defaults), and ZTW's.
+
+    Args:
+        train: the part trained: ``'heads'`` (ZTW's phase A on the frozen backbone), ``'joint'``
+            (with the backbone) or ``'ensembles'`` (phase B).
+        detach, layer_norm: the cascade's (:class:`~timm_exits.models.ztw.ZTWModel`).
+    """
 
     train: str = option("heads", OneOf(ZTW_PARTS))
     detach: bool = option(True, OneOf((False, True)))
