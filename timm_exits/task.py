@@ -54,8 +54,14 @@ class TaskTrainer(Trainer):
     """What timm's training loop gives a technique through :class:`MultiExitTask`: the loop calls
     ``task(input, target)`` once per batch and back-propagates the returned loss itself, so a batch
     is one call, an update every ``grad_accum_steps`` calls, and no update can be taken inside a
-    batch. Held-out batches come from ``held_out``, the optimizer from
-    :meth:`MultiExitTask.attach_optimizer`, the epoch from :meth:`MultiExitTask.set_epoch`."""
+    batch. The optimizer comes from :meth:`MultiExitTask.attach_optimizer`, the epoch from
+    :meth:`MultiExitTask.set_epoch`.
+
+    Args:
+        task: the task whose technique this trainer runs.
+        held_out: batches ``(images, target)`` of a held-out split, cycled; None: none.
+        grad_accum_steps: calls per optimizer update, an integer >= 1.
+    """
 
     name = "timm's training task (MultiExitTask)"
 
@@ -189,8 +195,13 @@ class MultiExitTask(TrainingTask):
         return unwrap_model(self.trainable_module).model
 
     def set_epoch(self, epoch: int, epochs: int) -> None:
-        """The 0-based epoch about to start, of ``epochs``: call it at the start of every epoch (timm's
-        ``train.py`` loop does not) when the loss weights change with the epoch (``exit_weights='sdn'``)."""
+        """Tell the technique the epoch: call it at the start of every epoch (timm's ``train.py`` loop
+        does not) when the loss weights change with the epoch (``exit_weights='sdn'``).
+
+        Args:
+            epoch: the 0-based epoch about to start.
+            epochs: the run's number of epochs.
+        """
         self.trainer.progress = (epoch, epochs)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> "MultiExitTask":
@@ -201,19 +212,43 @@ class MultiExitTask(TrainingTask):
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> "MultiExitTask":
         """Wrap the trainable module in DistributedDataParallel (HDKD's weight update and PCGrad
-        average their own gradients over the processes)."""
+        average their own gradients over the processes).
+
+        Args:
+            device_ids: DDP's ``device_ids`` (e.g. ``[local_rank]``).
+            **ddp_kwargs: further ``DistributedDataParallel`` arguments.
+
+        Returns:
+            ``self``.
+        """
         from torch.nn.parallel import DistributedDataParallel as DDP
         self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
 
     def compile(self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
-        """Compile the training forward and, separately, the network for evaluation."""
+        """Compile the training forward and, separately, the network for evaluation.
+
+        Args:
+            backend, mode, **compile_kwargs: ``torch.compile``'s.
+
+        Returns:
+            The compiled network for evaluation.
+        """
         self.eval_model = torch.compile(self.model, backend=backend, mode=mode, **compile_kwargs)
         self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
         return self.eval_model
 
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
-        """The network itself (not the training wrapper): ``model(x)`` in eval mode is the last exit."""
+        """The network itself (not the training wrapper): ``model(x)`` in eval mode is the last exit.
+
+        Args:
+            module: the module to resolve (default: the task's eval model, else its trainable one).
+            ema: the EMA's instead.
+
+        Returns:
+            The network under the DDP / ``torch.compile`` wrappers and the training forward, or what
+            timm's task resolves if it is none of those.
+        """
         current = resolved = super().get_eval_model(module=module, ema=ema)
         while current is not None:
             if isinstance(current, TrainingForward):
@@ -224,13 +259,28 @@ class MultiExitTask(TrainingTask):
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """The technique's state (PCGrad's random order; HDKD's weights, their optimizer, the
-        validation loss's averages) and the calls so far (the EMA model has none)."""
+        validation loss's averages) and the calls so far.
+
+        Args:
+            module: not read (timm's signature).
+            ema: for the EMA model, which has none.
+
+        Returns:
+            ``{'technique': ..., 'calls': ...}``, or ``{}`` for the EMA.
+        """
         if ema:
             return {}
         return {"technique": self.technique.state_dict(), "calls": self.trainer.calls}
 
     def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
                         module: Optional[nn.Module] = None, ema: bool = False) -> None:
+        """Restore :meth:`get_task_state`.
+
+        Args:
+            state: what it returned; None or empty: nothing to restore.
+            strict, module: not read (timm's signature).
+            ema: for the EMA model: nothing to restore.
+        """
         if ema or not state:
             return
         self.technique.load_state_dict(state["technique"])
@@ -241,7 +291,16 @@ class MultiExitTask(TrainingTask):
         return self.model.training and torch.is_grad_enabled()
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The training loss of one batch; see the class docstring for the returned keys."""
+        """The training loss of one batch (the technique's step).
+
+        Args:
+            input: the batch's images.
+            target: class indices, or soft targets (mixup).
+
+        Returns:
+            ``loss``, ``output`` and the technique's terms as ``loss_<term>`` (see the class
+            docstring).
+        """
         training = self.trains()
         result = self.technique.train_step(self.trainer, input, target)
         if training:

@@ -35,6 +35,19 @@ def sized_model_kwargs(config: Dict[str, Any]) -> dict:
 
 
 def model_kwargs(config: Dict[str, Any], num_classes: int) -> dict:
+    """The ``timm.create_model`` arguments of a phase: :func:`sized_model_kwargs` with the data's
+    number of classes.
+
+    Args:
+        config: a resolved phase config.
+        num_classes: the data's number of classes.
+
+    Returns:
+        The keyword arguments.
+
+    Raises:
+        ValueError: ``model.kwargs.num_classes`` differs from ``num_classes``.
+    """
     kwargs = sized_model_kwargs(config)
     kwargs.setdefault("num_classes", num_classes)
     if kwargs["num_classes"] != num_classes:
@@ -45,8 +58,19 @@ def model_kwargs(config: Dict[str, Any], num_classes: int) -> dict:
 def batch_plan(config: Dict[str, Any], num_processes: int) -> Dict[str, Any]:
     """How a phase's batch is shared: ``data.batch_size`` is the global batch of one step (all
     processes together; an update takes ``train.grad_accum_steps`` steps), so a recipe keeps its
-    updates per epoch and learning-rate schedule on any number of processes. Returns the global batch
-    of an update, each process's share of a step and the learning rate."""
+    updates per epoch and learning-rate schedule on any number of processes.
+
+    Args:
+        config: a resolved phase config.
+        num_processes: the processes of the run.
+
+    Returns:
+        ``global_batch`` (of an update), ``per_process_batch`` (each process's share of a step),
+        ``processes``, ``grad_accum_steps`` and ``lr``.
+
+    Raises:
+        ValueError: ``data.batch_size`` does not divide over the processes.
+    """
     batch, steps = config["data"]["batch_size"], config["train"]["grad_accum_steps"]
     if batch % num_processes:
         raise ValueError(f"data.batch_size is the global batch (all processes together): {batch} images do not "

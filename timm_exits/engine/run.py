@@ -25,10 +25,18 @@ from .run_log import RunLog
 
 
 def run(config: Dict[str, Any], resume: bool = False, extend_epochs: bool = False) -> List[Dict[str, Any]]:
-    """Every phase of a resolved config (see :func:`timm_exits.config.load_config`), in order;
-    returns their evaluation reports. ``resume`` continues the run in ``config['output_dir']``
-    (refusing a changed config, see :func:`resume_changes`; ``extend_epochs`` allows more epochs);
-    without it, a folder that holds a run is kept and this run writes to ``<output_dir>-1`` (-2, ...)."""
+    """Every phase of a resolved config, in order.
+
+    Args:
+        config: a resolved config (see :func:`timm_exits.config.load_config`).
+        resume: continue the run in ``config['output_dir']`` (refusing a changed config, see
+            :func:`resume_changes`); without it, a folder that holds a run is kept and this run
+            writes to ``<output_dir>-1`` (-2, ...).
+        extend_epochs: with ``resume``, allow more epochs than the run was started with.
+
+    Returns:
+        The phases' evaluation reports, in order.
+    """
     runs = phase_configs(config)
     for _, phase in runs:
         check_factories(phase)
@@ -87,7 +95,16 @@ def run(config: Dict[str, Any], resume: bool = False, extend_epochs: bool = Fals
 
 def main(default_config: Optional[str] = None, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
     """Command line of the recipes: ``CONFIG [--data-dir] [--output-dir] [--resume [--extend-epochs]]
-    [--cfg-options k=v ...]``. A user mistake prints ``error: ...`` and returns 2."""
+    [--cfg-options k=v ...]``.
+
+    Args:
+        default_config: the config file when none is given (a recipe's own).
+        argv: the arguments (default: ``sys.argv[1:]``).
+        prog: the program name in the usage line.
+
+    Returns:
+        The exit code: 0, or 2 after printing ``error: ...`` for a user mistake.
+    """
     parser = argparse.ArgumentParser(prog=prog, description="Train a multi-exit model from an mmengine config with "
                                                             "accelerate.")
     parser.add_argument("config", nargs="?" if default_config else None, default=default_config,

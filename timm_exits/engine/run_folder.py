@@ -31,8 +31,17 @@ def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def resume_changes(saved: Dict[str, Any], config: Dict[str, Any]) -> Dict[str, List[str]]:
-    """What differs between a run's saved config and the config it is resumed with, per phase
-    (``{phase: ["key: old -> new", ...]}``), leaving out :data:`SAFE_TO_CHANGE`."""
+    """What differs between a run's saved config and the config it is resumed with, leaving out
+    :data:`SAFE_TO_CHANGE`.
+
+    Args:
+        saved: the config the run was started with (its ``run.json``).
+        config: the config it is resumed with.
+
+    Returns:
+        ``{phase: ["key: old -> new", ...]}`` for the phases that differ (``{'phases': [...]}`` if
+        the phases' names differ); empty if nothing does.
+    """
     normal = lambda c: json.loads(json.dumps(c, default=str))  # noqa: E731  (tuples as lists, as saved)
     old, new = dict(phase_configs(normal(saved))), dict(phase_configs(normal(config)))
     if list(old) != list(new):
@@ -48,7 +57,15 @@ def resume_changes(saved: Dict[str, Any], config: Dict[str, Any]) -> Dict[str, L
 
 
 def check_files(folder: str, names: tuple) -> None:
-    """Refuse a run folder where something other than a file sits in the place of one of its files."""
+    """Refuse a run folder where something other than a file sits in the place of one of its files.
+
+    Args:
+        folder: the run folder.
+        names: the names of its files.
+
+    Raises:
+        FileExistsError: a directory, a link or a special file has one of the names.
+    """
     for name in names:
         path = os.path.join(folder, name)
         if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
@@ -57,7 +74,15 @@ def check_files(folder: str, names: tuple) -> None:
 
 
 def class_difference(old: List[str], new: List[str]) -> str:
-    """What differs between the class names a run was trained on and those of the data (in a sentence)."""
+    """What differs between the class names a run was trained on and those of the data.
+
+    Args:
+        old: the class names the run was trained on, in index order.
+        new: the data's, in index order.
+
+    Returns:
+        A sentence (for an error message).
+    """
     if sorted(old) == sorted(new):
         moved = [f"{a!r} -> {b!r}" for a, b in zip(old, new) if a != b]
         return f"the same {len(old)} names in another order (index by index: {', '.join(moved[:5])})"
@@ -99,7 +124,17 @@ def _holds_run(folder: str) -> bool:
 
 def claim_output_dir(accelerator: Accelerator, config: Dict[str, Any], resume: bool, extend_epochs: bool):
     """Lock the run's output folder (the main process, for the whole run) and check a resumed run's
-    config; returns the lock, the phases whose epochs are extended and the run's identity."""
+    config; writes the run's ``run.json``.
+
+    Args:
+        accelerator: the run's accelerator (its number of processes).
+        config: the resolved config; ``output_dir`` is the folder wanted.
+        resume, extend_epochs: as in :func:`~timm_exits.engine.run.run`.
+
+    Returns:
+        The :class:`~timm_exits.files.OutputLock` (its ``folder`` is the one taken), the phases
+        whose epochs are extended and the run's identity.
+    """
     wanted = config["output_dir"]
     batches = {name: batch_plan(phase, accelerator.num_processes) for name, phase in phase_configs(config)}
     if resume:  # the run in that folder, or an error if another process has it

@@ -10,7 +10,12 @@ class RunLog:
     """The run folder's ``log.txt``: what the main process prints (as a ``sys.stdout`` that also writes
     to ``stream``), appended line by line, so a resumed run continues it. Kept in memory until
     :meth:`open` (the run's first checkpoint, or its end): a run that stops before it has files of its
-    own, or a refused resume, leaves no log behind and changes none."""
+    own, or a refused resume, leaves no log behind and changes none.
+
+    Args:
+        path: the ``log.txt`` to append to.
+        stream: where every write goes too (the real ``sys.stdout``).
+    """
 
     def __init__(self, path: str, stream: Any):
         self.path, self.stream, self.file, self.pending = path, stream, None, []

@@ -107,11 +107,19 @@ def load_checkpoint_model(
         model: Optional[str] = None,
         model_kwargs: Optional[dict] = None,
 ) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[str, Any]]:
-    """The multi-exit model of a ``MultiExitClassifier`` checkpoint, in eval mode, the data config of
-    the run's stored config, and what the checkpoint is (its ``model`` settings, epoch and iteration,
-    for the folder's ``timm_exits`` section). The model name and ``timm.create_model``
-    arguments come from that config (mmengine stores it in ``meta['cfg']``; it is parsed, not
-    executed), ``model`` / ``model_kwargs`` override them and are needed when the config is absent."""
+    """The multi-exit model of a ``MultiExitClassifier`` checkpoint. The model name and
+    ``timm.create_model`` arguments come from the run's stored config (mmengine stores it in
+    ``meta['cfg']``; it is parsed, not executed).
+
+    Args:
+        checkpoint: the mmengine checkpoint file.
+        model: the timm model name, overriding the stored config's (needed when it is absent).
+        model_kwargs: ``timm.create_model`` arguments, overriding the stored config's.
+
+    Returns:
+        The model in eval mode, the data config of the run's stored config, and what the checkpoint
+        is (its ``model`` settings, epoch and iteration, for the folder's ``timm_exits`` section).
+    """
     ckpt = _read_checkpoint(checkpoint)
     values = _config_values((ckpt.get("meta") or {}).get("cfg", ""), checkpoint)
     settings = values.get("model") if isinstance(values.get("model"), dict) else {}
@@ -154,8 +162,17 @@ def convert_checkpoint(
         data_config: Optional[dict] = None,
 ) -> str:
     """Write the model of a ``MultiExitClassifier`` checkpoint as a timm model folder
-    (:func:`timm_exits.model_folder.save_model_folder`); preprocessing from the run's config,
-    overridden by ``data_config``, else the model's defaults. See :func:`load_checkpoint_model`."""
+    (:func:`timm_exits.model_folder.save_model_folder`).
+
+    Args:
+        checkpoint, model, model_kwargs: as in :func:`load_checkpoint_model`.
+        folder: the model folder to write.
+        data_config: preprocessing (timm's ``input_size``, ``mean``, ``std``, ...) overriding the
+            run's config; what neither gives is the model's default.
+
+    Returns:
+        What :func:`~timm_exits.model_folder.save_model_folder` returns.
+    """
     net, recorded, info = load_checkpoint_model(checkpoint, model, model_kwargs)
     given = {**recorded, **(data_config or {})}
     name = lambda key: f"data_config[{key!r}]" if key in (data_config or {}) else \

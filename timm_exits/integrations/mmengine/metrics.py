@@ -17,6 +17,13 @@ class MultiExitAccuracy(BaseMetric):
     default_prefix = "multi_exit"
 
     def process(self, data_batch: Any, data_samples: Sequence[dict]) -> None:
+        """Keep, per sample, whether each exit's top-1 class is its label.
+
+        Args:
+            data_batch: the batch (not read).
+            data_samples: ``MultiExitClassifier``'s predictions, ``dict(logits=(exits, classes),
+                label=...)`` per sample.
+        """
         for sample in data_samples:
             self.results.append((sample["logits"].argmax(-1) == sample["label"]).cpu())
 

@@ -62,8 +62,17 @@ class MultiExitClassifier(BaseModel):
                    forward: Optional[Callable[[torch.Tensor], Outputs]] = None,
                    ddp: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
         """One batch: the technique's step through an :class:`~.trainer.MMEngineTrainer`, then the
-        optimizer wrapper's ``update_params`` on its loss. ``forward`` and ``ddp``: the DDP wrapper's
-        forward and the wrapper (``MultiExitDistributedDataParallel`` passes them)."""
+        optimizer wrapper's ``update_params`` on its loss.
+
+        Args:
+            data: the data loader's batch (through the data preprocessor).
+            optim_wrapper: mmengine's optimizer wrapper.
+            forward, ddp: the DDP wrapper's forward and the wrapper
+                (``MultiExitDistributedDataParallel`` passes them); None: no DDP.
+
+        Returns:
+            The loss terms to log (``loss_<term>`` and their sum, ``loss``).
+        """
         trainer = MMEngineTrainer(self, optim_wrapper, forward, ddp)
         check_trainer(self.technique, trainer)
         self.technique.to(next(self.model.parameters()).device)
@@ -77,9 +86,19 @@ class MultiExitClassifier(BaseModel):
         return log_vars
 
     def forward(self, inputs: torch.Tensor, data_samples: Optional[torch.Tensor] = None, mode: str = "tensor"):
-        """mmengine's modes ``predict`` and ``tensor``, and ``exits``: the technique's training
-        outputs (what ``MultiExitDistributedDataParallel`` runs through DDP). Training goes through
-        :meth:`train_step`: mode ``loss`` (what ``MMDistributedDataParallel`` calls) is refused."""
+        """mmengine's forward. Training goes through :meth:`train_step`: mode ``loss`` (what
+        ``MMDistributedDataParallel`` calls) is refused.
+
+        Args:
+            inputs: the images, (B, C, H, W).
+            data_samples: the labels (for ``predict``).
+            mode: ``'tensor'`` (the model's output), ``'predict'`` or ``'exits'`` (the technique's
+                training outputs, what ``MultiExitDistributedDataParallel`` runs through DDP).
+
+        Returns:
+            ``'tensor'``: the logits (B, classes); ``'predict'``: per sample
+            ``dict(logits=(exits, classes), label=...)``; ``'exits'``: the training outputs.
+        """
         if mode == "predict":
             return self._predict(inputs, data_samples)
         if mode == "exits":

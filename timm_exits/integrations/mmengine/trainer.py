@@ -22,7 +22,14 @@ class MMEngineTrainer(Trainer):
     ``train_step``: the optimizer wrapper's backward, step, accumulation and gradient sync (public
     API only), the runner's epoch (from the message hub; an iteration-based loop is one epoch), the
     held-out batches of ``HeldOutBatchesHook`` and, through ``MultiExitDistributedDataParallel``, the
-    forward through DDP."""
+    forward through DDP.
+
+    Args:
+        classifier: the model whose ``train_step`` this is.
+        optim_wrapper: mmengine's optimizer wrapper.
+        forward: the training forward (default: the classifier's own; under DDP, the wrapper's).
+        ddp: the DDP wrapper, for ``no_sync``; None: no DDP.
+    """
 
     name = "mmengine"
 

@@ -18,4 +18,14 @@ class MultiExitDistributedDataParallel(MMDistributedDataParallel):
     gradients (PCGrad, L2W's meta step) runs its forward in this wrapper's ``no_sync``."""
 
     def train_step(self, data: Union[dict, tuple, list], optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
+        """The model's :meth:`~timm_exits.integrations.mmengine.MultiExitClassifier.train_step`, its
+        forwards through this wrapper.
+
+        Args:
+            data: the data loader's batch.
+            optim_wrapper: mmengine's optimizer wrapper.
+
+        Returns:
+            The loss terms to log.
+        """
         return self.module.train_step(data, optim_wrapper, forward=lambda images: self(images, mode="exits"), ddp=self)
