@@ -74,11 +74,26 @@ def save_checkpoint(
         training: Optional[Dict[str, Any]] = None,
         **state: Any,
 ) -> str:
-    """Write ``model`` (and the training state, if an optimizer is given: its state, the scheduler's,
-    this process's RNG states, and ``training``, e.g. per-process RNG states or an EMA model's
-    weights) to ``folder``; extra keyword arguments (JSON-serialisable) go to ``state.json``.
-    Replaces an existing checkpoint atomically; a folder that holds anything else is refused
-    (FileExistsError) and left untouched."""
+    """Write ``model`` and, if an optimizer is given, the training state to ``folder``. Replaces an
+    existing checkpoint atomically.
+
+    Args:
+        folder: the checkpoint folder.
+        model: the model whose weights are saved (``model.safetensors``).
+        optimizer: its state is saved (``training.pt``, with this process's RNG states); None:
+            weights only.
+        scheduler: its state is saved too (with an optimizer).
+        model_name: recorded in ``state.json``, checked on load.
+        training: more of the training state for ``training.pt`` (e.g. per-process RNG states or
+            an EMA model's weights).
+        **state: JSON-serialisable values for ``state.json``.
+
+    Returns:
+        ``folder``.
+
+    Raises:
+        FileExistsError: ``folder`` holds anything but a checkpoint; it is left untouched.
+    """
     with atomic_folder(folder, "checkpoint", _older_checkpoint) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         write_weights(weights, os.path.join(tmp, "model.safetensors"))
@@ -102,8 +117,25 @@ def load_checkpoint(
         run_id: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and the optimizer,
-    scheduler and RNG states); returns ``state.json``. A checkpoint of another model, or recording
-    another ``run_id`` than the one given (another run's checkpoint copied here), is refused."""
+    scheduler and RNG states).
+
+    Args:
+        folder: the checkpoint folder.
+        model: loads its weights.
+        optimizer: loads the training state; None: the weights only.
+        scheduler: loads its state too (with an optimizer).
+        model_name: a checkpoint of another model is refused; None: not checked.
+        restore_rng: restore the RNG states (with an optimizer).
+        run_id: a checkpoint recording another run id (another run's checkpoint copied here) is
+            refused; None: not checked.
+
+    Returns:
+        The contents of ``state.json``.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a checkpoint.
+        ValueError: the checkpoint is damaged, of another model or run, or does not fit.
+    """
     names = ("model.safetensors", "state.json")
     if not os.path.isdir(folder) or not any(os.path.lexists(os.path.join(folder, n)) for n in names):
         raise FileNotFoundError(f"{folder!r} is not a checkpoint: expected model.safetensors and state.json in it")

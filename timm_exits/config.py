@@ -138,8 +138,16 @@ def _value(config: Dict[str, Any], key: str) -> Any:
 
 
 def check_value(key: str, value: Any, name: Optional[str] = None) -> None:
-    """A ConfigError unless ``value`` is one :data:`VALID` admits for ``key``; ``name``: what the error
-    calls it (default: the key)."""
+    """Check one config value against its declared range.
+
+    Args:
+        key: a key of :data:`VALID` (``'train.clip_grad'``).
+        value: its value.
+        name: what the error calls it (default: the key).
+
+    Raises:
+        ConfigError: :data:`VALID` does not admit ``value`` for ``key``.
+    """
     valid = VALID[key]
     if not valid.admits(value):
         raise ConfigError(f"{name or key} must be {valid}, got {value!r}")
@@ -162,10 +170,19 @@ def _check_values(config: Dict[str, Any], where: str = "") -> None:
 
 def resolve_preprocessing(model: nn.Module, given: Dict[str, Any],
                           name: Callable[[str], str] = lambda key: key) -> Dict[str, Any]:
-    """timm's data config of ``model`` (``resolve_data_config``) with the ``given`` preprocessing,
-    checked (:func:`check_preprocessing`) for the channels the model is run with (``given``'s
-    ``input_size``, else the model's own, which its pretrained cfg may not say), so that a single
-    mean or std serves every channel."""
+    """timm's data config of ``model`` (``resolve_data_config``) with the ``given`` preprocessing.
+
+    Args:
+        model: the model.
+        given: preprocessing keys (``input_size``, ``mean``, ``std``, ...; None: not given),
+            checked (:func:`check_preprocessing`) for the channels the model is run with
+            (``given``'s ``input_size``, else the model's own, which its pretrained cfg may not
+            say), so that a single mean or std serves every channel.
+        name: what an error calls a key.
+
+    Returns:
+        The data config, with the channel count in ``input_size``.
+    """
     given = {k: v for k, v in given.items() if v is not None}
     channels = (given.get("input_size") or get_model_input_config(model)["input_size"])[0]
     given = check_preprocessing(given, name, channels)
@@ -232,8 +249,18 @@ def _merge_bases_in_order(path: str) -> Dict[str, Any]:
 def load_config(path: str, data_dir: Optional[str] = None, output_dir: Optional[str] = None,
                 cfg_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Read an mmengine config file (with its ``_base_`` files; bases that set the same keys are
-    merged in the order listed, where mmengine alone refuses them), apply ``--cfg-options`` style
-    overrides (``{'train.epochs': 3}``), ``data_dir`` and ``output_dir``, then check and complete it."""
+    merged in the order listed, where mmengine alone refuses them), apply the overrides, then check
+    and complete it.
+
+    Args:
+        path: the config file (a ``.py`` config is Python: mmengine executes it).
+        data_dir: overrides ``data.dir``.
+        output_dir: overrides ``output_dir``.
+        cfg_options: ``--cfg-options`` style overrides (``{'train.epochs': 3}``).
+
+    Returns:
+        The resolved config, every default filled in.
+    """
     if not os.path.lexists(path):
         raise FileNotFoundError(f"config file {path!r} not found (see recipes/ for examples)")
     if not os.path.isfile(path):

@@ -36,7 +36,15 @@ MAX_JSON_NESTING = 64  # json, and whatever walks what it returns, would recurse
 
 
 def nests_deeper_than(obj: Any, levels: int) -> bool:
-    """Whether parsed JSON ``obj`` nests more than ``levels`` deep (never recursing further)."""
+    """Whether parsed JSON nests too deeply (never recursing further than that).
+
+    Args:
+        obj: parsed JSON.
+        levels: the nesting allowed (0: a scalar; 1: a list or mapping of scalars).
+
+    Returns:
+        True if ``obj`` nests more than ``levels`` deep.
+    """
     if levels < 0:
         return True
     inside = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
@@ -49,8 +57,19 @@ def nested_too_deeply(what: str) -> ValueError:
 
 
 def parse_json(data: Union[bytes, str], what: str) -> Any:
-    """``data`` parsed as JSON, nested at most ``MAX_JSON_NESTING`` deep; else a ValueError naming
-    ``what`` (for deep nesting json itself raises RecursionError)."""
+    """JSON parsed, nested at most ``MAX_JSON_NESTING`` deep (for deeper nesting json itself
+    raises RecursionError).
+
+    Args:
+        data: the JSON text.
+        what: what the error calls it (a file name).
+
+    Returns:
+        The parsed value.
+
+    Raises:
+        ValueError: invalid or too deeply nested JSON; it names ``what``.
+    """
     try:
         obj = json.loads(data)
     except RecursionError:
@@ -63,9 +82,20 @@ def parse_json(data: Union[bytes, str], what: str) -> Any:
 
 
 def read_json(path: str, max_bytes: int = 1 << 20) -> Any:
-    """The JSON in the regular file ``path``, read only if it has at most ``max_bytes`` bytes (the
-    files timm-exits writes have a few thousand) and checked by :func:`parse_json`. A folder, a
-    special file, an oversized or malformed file is a ValueError naming ``path``."""
+    """The JSON in a regular file, checked by :func:`parse_json`.
+
+    Args:
+        path: the file.
+        max_bytes: larger files are refused unread (the files timm-exits writes have a few
+            thousand bytes).
+
+    Returns:
+        The parsed value.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a folder, a special file, an oversized or malformed file; it names ``path``.
+    """
     if not os.path.isfile(path):
         if not os.path.lexists(path):
             raise FileNotFoundError(f"{path} not found")
@@ -93,7 +123,13 @@ def atomic_file(path: str) -> Iterator[str]:
 
 
 def write_json(path: str, obj: Any, **dump_kwargs: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    """Write ``obj`` as indented JSON to ``path`` atomically.
+
+    Args:
+        path: the file to write.
+        obj: the value.
+        **dump_kwargs: further ``json.dump`` arguments (e.g. ``default=str``).
+    """
     with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, **dump_kwargs)
 
@@ -188,12 +224,19 @@ def _check_replaceable(folder: str, kind: str, legacy: Optional[Callable[[str], 
 @contextmanager
 def atomic_folder(folder: str, kind: str = "folder", legacy: Optional[Callable[[str], bool]] = None) -> Iterator[str]:
     """Yield a new temporary folder beside ``folder`` to fill; when the block ends without error it
-    takes ``folder``'s place. Only a missing or empty folder, or one written here as the same ``kind``
-    (its marker says so; ``legacy``: a test recognising one an older version wrote, unmarked) is
-    replaced; anything else is refused (FileExistsError) before the block runs. Order: the new
-    folder's files are flushed and its marker written last, it is renamed ``.<name>.next``
-    (complete), the current one ``.<name>.previous``, then ``.next`` becomes ``folder``, the
-    parent is flushed and ``.previous`` is deleted."""
+    takes ``folder``'s place. Order: the new folder's files are flushed and its marker written last,
+    it is renamed ``.<name>.next`` (complete), the current one ``.<name>.previous``, then ``.next``
+    becomes ``folder``, the parent is flushed and ``.previous`` is deleted.
+
+    Args:
+        folder: the folder to write. Only a missing or empty folder, or one written here as the
+            same ``kind`` (its marker says so), is replaced.
+        kind: what the folder holds (``'checkpoint'``), recorded in its marker.
+        legacy: a test recognising a folder of this kind an older version wrote, unmarked.
+
+    Raises:
+        FileExistsError: ``folder`` holds anything else; raised before the block runs.
+    """
     parent, name = os.path.split(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     recover_folder(folder)
@@ -269,8 +312,15 @@ class OutputLock:
     files. :meth:`release` (or leaving a ``with`` block) releases it; the operating system releases
     it when the process ends, however it ends, even while processes it forked (data-loader workers)
     live on: a POSIX record lock belongs to its process, where a ``flock`` would stay held by every
-    forked child until the last one noticed and exited. ``created``: the folder was made for this lock
-    (:meth:`abandon` removes it)."""
+    forked child until the last one noticed and exited.
+
+    Args:
+        folder: the output folder (created if needed).
+        created: the folder was made for this lock (:meth:`abandon` removes it).
+
+    Raises:
+        FileExistsError: another run holds the folder, or its ``.lock`` is not a file.
+    """
 
     def __init__(self, folder: str, created: bool = False):
         os.makedirs(folder, exist_ok=True)
@@ -339,9 +389,20 @@ class OutputLock:
 
 
 def check_writable(folder: str, need_bytes: int = 0) -> bool:
-    """Refuse an output folder that cannot be written (read-only, not a folder) or whose file
-    system has less than ``need_bytes`` free, before any work is done. Returns whether it created
-    the folder."""
+    """Refuse an output folder that cannot be written, before any work is done (created if needed).
+
+    Args:
+        folder: the output folder.
+        need_bytes: the free space its file system must have.
+
+    Returns:
+        Whether it created the folder.
+
+    Raises:
+        FileExistsError: ``folder`` is a file.
+        PermissionError: it cannot be written.
+        OSError: its file system has less than ``need_bytes`` free (``errno.ENOSPC``).
+    """
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise FileExistsError(f"output folder {folder!r} is a file; expected a folder (or a path to create)")
     created = not os.path.isdir(folder)
@@ -361,9 +422,17 @@ def check_writable(folder: str, need_bytes: int = 0) -> bool:
 
 
 def claim_fresh_folder(wanted: str, taken: Callable[[str], bool]) -> OutputLock:
-    """The lock (:class:`OutputLock`) of the output folder ``wanted``, or, when another process holds
-    it or it holds earlier output (``taken(folder)``), of the first of ``<wanted>-1``, ``<wanted>-2``,
-    ... that is free: earlier output is kept, never overwritten. Each candidate is checked writable."""
+    """Lock a fresh output folder: earlier output is kept, never overwritten. Each candidate is
+    checked writable.
+
+    Args:
+        wanted: the output folder wanted.
+        taken: whether a folder holds earlier output.
+
+    Returns:
+        The lock (:class:`OutputLock`) of ``wanted``, or, when another process holds it or it holds
+        earlier output, of the first of ``<wanted>-1``, ``<wanted>-2``, ... that is free.
+    """
     for candidate in (wanted if i == 0 else f"{wanted}-{i}" for i in itertools.count()):
         created = check_writable(candidate)
         try:
@@ -377,7 +446,13 @@ def claim_fresh_folder(wanted: str, taken: Callable[[str], bool]) -> OutputLock:
 
 def write_weights(weights: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
     """safetensors' ``save_file``; a failed write (a full disk) is an OSError with its error number,
-    as Python's own writes raise it, instead of safetensors' own error type."""
+    as Python's own writes raise it, instead of safetensors' own error type.
+
+    Args:
+        weights: the state dict (contiguous tensors).
+        path: the file to write.
+        metadata: the file's string metadata (e.g. ``{'format': 'pt'}``).
+    """
     try:
         save_file(weights, path, metadata=metadata)
     except SafetensorError as e:

@@ -47,12 +47,22 @@ def save_model_folder(model: nn.Module, folder: str, data_config: Optional[Dict[
                       label_names: Optional[Sequence[str]] = None, **info: Any) -> str:
     """Write ``model`` to ``folder`` as ``model.safetensors`` and timm's ``config.json``, both or
     neither: everything is checked and written to temporary files first, then each is renamed into
-    place. ``data_config``: the preprocessing the model expects (timm's ``resolve_data_config`` keys,
-    finite, in range, a channel count that fits the model); ``label_names``: the class names in the
-    order of the outputs (timm's ``label_names``; default: the model's pretrained cfg's, if any);
-    ``info`` (JSON, e.g. ``technique``, ``phase``, ``config``) goes to its ``timm_exits`` section. A
-    model that wraps a network (IMTA phase II, BoostNet, ZTW, product anytime) is stored as its own
-    architecture, with the network's name and arguments and its settings as ``model_args``."""
+    place. A model that wraps a network (IMTA phase II, BoostNet, ZTW, product anytime) is stored as
+    its own architecture, with the network's name and arguments and its settings as ``model_args``.
+
+    Args:
+        model: a model made by ``timm.create_model`` (or a wrapper of one).
+        folder: the folder to write (created if needed).
+        data_config: the preprocessing the model expects (timm's ``resolve_data_config`` keys,
+            finite, in range, a channel count that fits the model).
+        label_names: the class names in the order of the outputs (timm's ``label_names``; default:
+            the model's pretrained cfg's, if any).
+        **info: JSON values (e.g. ``technique``, ``phase``, ``config``) for the config's
+            ``timm_exits`` section.
+
+    Returns:
+        ``folder``.
+    """
     if not (getattr(model, "pretrained_cfg", None) or {}).get("architecture"):
         raise ValueError(f"{type(model).__name__} was not made by timm.create_model (nor wraps a network that was): "
                          f"a model folder needs its architecture name and pretrained cfg")
@@ -84,8 +94,19 @@ def save_model_folder(model: nn.Module, folder: str, data_config: Optional[Dict[
 
 
 def build_model(name: str, kwargs: Dict[str, Any], source: str) -> nn.Module:
-    """``timm.create_model(name, **kwargs)``; an argument the architecture does not take is a
-    ValueError that names ``source``, where the arguments came from."""
+    """``timm.create_model(name, **kwargs)``.
+
+    Args:
+        name: a registered timm model name.
+        kwargs: its arguments.
+        source: where the arguments came from, for the error.
+
+    Returns:
+        The model.
+
+    Raises:
+        ValueError: the architecture does not take an argument; it names ``source``.
+    """
     try:
         return timm.create_model(name, **kwargs)
     except TypeError as e:
@@ -143,11 +164,19 @@ def load_model_folder(
         data_config: Optional[Dict[str, Any]] = None,
         **model_kwargs: Any,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The model of a model folder (or of a weights file with ``config.json`` beside it), in eval
-    mode, and its data config. ``data_config`` overrides the saved preprocessing (``input_size``'s
-    channels and, for fixed-size models, its height and width also rebuild the model);
-    ``model_kwargs`` override the saved ``timm.create_model`` arguments; one mean or std value serves
-    every channel. Weights that do not fit the model so built are refused."""
+    """The model of a model folder (or of a weights file with ``config.json`` beside it). Weights
+    that do not fit the model so built are refused.
+
+    Args:
+        path: the model folder, or a weights file with ``config.json`` beside it.
+        data_config: overrides of the saved preprocessing (``input_size``'s channels and, for
+            fixed-size models, its height and width also rebuild the model); one mean or std value
+            serves every channel.
+        **model_kwargs: overrides of the saved ``timm.create_model`` arguments.
+
+    Returns:
+        The model in eval mode, and its data config.
+    """
     config = read_model_config(path)
     config_file, weights = model_folder_files(path)
     given = {k: v for k, v in (data_config or {}).items() if k in DATA_KEYS and v is not None}
@@ -172,10 +201,19 @@ def load_model_folder(
 
 def export_model_folder(path: str, folder: str, thresholds: Optional[Thresholds] = None,
                         extra_operators: Sequence[str] = ()) -> List[str]:
-    """Export the model of a timm model folder (or a weights file with ``config.json`` beside it) with
-    what its config says: the architecture as the name, its preprocessing (the input size the
-    export takes) and its class names (``label_names``, if recorded); ``thresholds`` as in
-    :func:`~timm_exits.inference.export.export_model`."""
+    """Export the model of a timm model folder with what its config says: the architecture as the
+    name, its preprocessing (the input size the export takes) and its class names (``label_names``,
+    if recorded).
+
+    Args:
+        path: the model folder, or a weights file with ``config.json`` beside it.
+        folder: the export folder to write.
+        thresholds, extra_operators: as in :func:`~timm_exits.inference.export.export_model`.
+
+    Returns:
+        What :func:`~timm_exits.inference.export.export_model` returns: the file names, besides
+        the manifest.
+    """
     model, data_config = load_model_folder(path)
     config = read_model_config(path)
     return export_model(model, torch.zeros(1, *data_config["input_size"]), folder, name=config["architecture"],

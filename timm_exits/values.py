@@ -13,10 +13,16 @@ __all__ = ["Number", "OneOf", "Matches", "ConfigError", "PREPROCESSING", "PREPRO
 
 @dataclass(frozen=True)
 class Number:
-    """The values of a numeric key: an integer (``kind=int``) or a finite number (``float``; integers
-    too) from ``low`` to ``high`` (None: unbounded), each bound included unless ``low_open`` /
-    ``high_open``; None too if ``optional``; with ``length``, a list of that many such numbers (0: one
-    or more); with ``or_list``, one such number or a list of them."""
+    """The values of a numeric key.
+
+    Args:
+        kind: ``int`` (an integer) or ``float`` (a finite number; integers too).
+        low, high: the bounds (None: unbounded).
+        low_open, high_open: the bound is excluded (default: included).
+        optional: None is admitted too.
+        length: a list of that many such numbers (0: one or more); None: one number.
+        or_list: one such number or a list of them.
+    """
 
     kind: type = float
     low: Optional[float] = None
@@ -71,7 +77,12 @@ class OneOf:
 
 @dataclass(frozen=True)
 class Matches:
-    """The values of a key named by a pattern (a regular expression matching the whole name), described by ``text``."""
+    """The values of a key named by a pattern.
+
+    Args:
+        pattern: a regular expression the whole name must match.
+        text: what the values are, for an error (``'a folder name'``).
+    """
 
     pattern: str
     text: str
