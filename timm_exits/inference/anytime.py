@@ -34,8 +34,18 @@ Source = Union[torch.Tensor, Any]  # a tensor, or an object with .logits / .prob
 
 
 def check_exits_tensor(x: torch.Tensor, what: str) -> torch.Tensor:
-    """``x``, checked to be a tensor of shape (exits, samples, classes) with an exit and a sample
-    (``what`` it holds names it in the error)."""
+    """``x``, checked to be a tensor of shape (exits, samples, classes) with an exit and a sample.
+
+    Args:
+        x: the tensor to check.
+        what: what it holds (e.g. ``"logits"``), to name it in the error.
+
+    Returns:
+        ``x`` itself.
+
+    Raises:
+        ValueError: ``x`` is not a tensor of that shape, or has no exit or no sample.
+    """
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"expected {what} of shape (exits, samples, classes) with at least one exit and one sample, "
@@ -130,9 +140,17 @@ def conditional_monotonicity(
         labels: Optional[torch.Tensor] = None,
         deltas: Sequence[float] = MONOTONICITY_DELTAS,
 ) -> Dict[float, float]:
-    """``{delta: % of samples}`` whose ground-truth probability decreases by more than ``delta``
-    between some exit i and a later exit j, i.e. ``p_j(y) - p_i(y) < -delta`` (0 for a monotone
-    model). Takes probabilities and labels, or outputs with ``.probs`` and ``.labels``."""
+    """The % of samples whose ground-truth probability decreases by more than ``delta`` between some
+    exit i and a later exit j, i.e. ``p_j(y) - p_i(y) < -delta`` (0 for a monotone model).
+
+    Args:
+        probs: probabilities ``(exits, samples, classes)``, or outputs with ``.probs`` and ``.labels``.
+        labels: the class index of each sample, ``(samples,)``; ``None`` takes the outputs' own.
+        deltas: the decrease thresholds, each in [0, 1); default the paper's.
+
+    Returns:
+        ``{delta: % of samples}``, one entry per threshold.
+    """
     probs, labels = _probs_and_labels(probs, labels)
     _check_probabilities(probs)
     if len(deltas) == 0 or any(not 0 <= d < 1 for d in deltas):
@@ -145,6 +163,14 @@ def conditional_monotonicity(
 
 
 def ground_truth_probability(probs: Source, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The mean probability of the true class per exit, ``(exits,)`` float64."""
+    """The mean probability of the true class per exit, ``(exits,)`` float64.
+
+    Args:
+        probs: probabilities ``(exits, samples, classes)``, or outputs with ``.probs`` and ``.labels``.
+        labels: the class index of each sample, ``(samples,)``; ``None`` takes the outputs' own.
+
+    Returns:
+        A float64 tensor with one mean per exit.
+    """
     probs, labels = _probs_and_labels(probs, labels)
     return _truth(probs, labels).double().mean(1)

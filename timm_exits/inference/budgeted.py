@@ -39,7 +39,18 @@ NEVER, ALWAYS = 1e8, -1e8  # the reference's sentinel thresholds
 
 
 def fit_thresholds(scores: torch.Tensor, fractions: Sequence[float], policy: PolicyLike = "maxprob") -> torch.Tensor:
-    """Per-exit thresholds from validation ``scores`` (exits x samples) and target ``fractions``."""
+    """Per-exit thresholds from validation ``scores`` (exits x samples) and target ``fractions``.
+
+    Args:
+        scores: the policy's score of every exit and sample, ``(exits, samples)``.
+        fractions: the target fraction of samples leaving at each exit (e.g.
+            :func:`~timm_exits.quotas.geometric_fractions`); exit k's quota is ``floor(n P_k)``.
+        policy: an :class:`ExitPolicy` or a score name (see :mod:`.policies`).
+
+    Returns:
+        One float64 threshold per exit: an exit whose quota is 0, or more than the samples left, gets
+        the never-passed 1e8; the last exit gets the always-passed -1e8.
+    """
     accepts = resolve_policy(policy).accepts
     num_exits, n = scores.shape
     thresholds = torch.full((num_exits,), NEVER, dtype=torch.float64)
@@ -58,13 +69,31 @@ def fit_thresholds(scores: torch.Tensor, fractions: Sequence[float], policy: Pol
 
 def assign_exits(scores: torch.Tensor, thresholds: torch.Tensor, policy: PolicyLike = "maxprob") -> torch.Tensor:
     """Exit of every sample: the first whose score passes its threshold, else the policy's fallback
-    (see :meth:`ExitPolicy.assign`)."""
+    (see :meth:`ExitPolicy.assign`).
+
+    Args:
+        scores: the policy's score of every exit and sample, ``(exits, samples)``.
+        thresholds: one per exit (the last is not used).
+        policy: an :class:`ExitPolicy` or a score name (see :mod:`.policies`).
+
+    Returns:
+        The exit (0-based) of every sample, ``(samples,)`` long.
+    """
     return resolve_policy(policy).assign(scores, thresholds)
 
 
 def exit_metrics(outputs: ExitOutputs, exits: torch.Tensor, costs: Sequence[float]) -> Tuple[float, float, List[float]]:
     """Top-1 accuracy (%) of the predictions of the exits taken, the mean cumulative cost paid and the
-    fraction of samples leaving at each exit."""
+    fraction of samples leaving at each exit.
+
+    Args:
+        outputs: every exit's outputs and the labels.
+        exits: the exit (0-based) each sample takes, ``(samples,)``.
+        costs: the cumulative cost of each exit.
+
+    Returns:
+        ``(accuracy, cost, exit_fractions)``.
+    """
     correct = outputs.preds.gather(0, exits.view(1, -1)).squeeze(0) == outputs.labels
     fractions = torch.bincount(exits, minlength=outputs.num_exits).double() / outputs.num_samples
     cost = float((fractions * torch.tensor(costs, dtype=torch.float64)).sum())
@@ -105,8 +134,19 @@ def budgeted_curve(
         policy: PolicyLike = "maxprob",
         envelope: bool = False,
 ) -> List[BudgetPoint]:
-    """The reference budgeted evaluation: thresholds fitted on ``val`` for each q, applied to ``test``
-    (with ``envelope``, made validation-monotone by :func:`flat_envelope`)."""
+    """The reference budgeted evaluation: thresholds fitted on ``val`` for each q, applied to ``test``.
+
+    Args:
+        val: the outputs the thresholds are fitted on.
+        test: the outputs they are applied to.
+        costs: the cumulative cost of each exit (MACs, or any unit).
+        q_grid: the q of each point; exit k's target fraction is ∝ q^k.
+        policy: an :class:`ExitPolicy` or a score name (see :mod:`.policies`).
+        envelope: make the curve validation-monotone with :func:`flat_envelope`.
+
+    Returns:
+        One :class:`BudgetPoint` per q, in the grid's order.
+    """
     _check(val, test, costs)
     policy = resolve_policy(policy)
     val_scores, test_scores = policy.scores(val.probs), policy.scores(test.probs)
@@ -132,7 +172,20 @@ _SEARCH_Q = [10 ** (k / 100) for k in range(-250, 251)]  # q from 0.003 to 316, 
 def thresholds_for_cost(val: ExitOutputs, costs: Sequence[float], target: float,
                         policy: PolicyLike = "maxprob") -> BudgetPoint:
     """The most accurate (on ``val``) geometric-distribution thresholds whose average cost on ``val``
-    is at most ``target``."""
+    is at most ``target``.
+
+    Args:
+        val: the outputs the thresholds are fitted and measured on.
+        costs: the cumulative cost of each exit.
+        target: the largest average cost per sample, in the unit of ``costs``.
+        policy: an :class:`ExitPolicy` or a score name (see :mod:`.policies`).
+
+    Returns:
+        The chosen :class:`BudgetPoint` (its ``val_accuracy`` and ``val_cost`` are measured on ``val``).
+
+    Raises:
+        ValueError: no thresholds reach the target.
+    """
     points = [p for p in budgeted_curve(val, val, costs, _SEARCH_Q, policy) if p.val_cost <= target]
     if not points:
         raise ValueError(f"no thresholds reach an average cost of {target:g}; the first exit alone costs {costs[0]:g}")
@@ -142,7 +195,20 @@ def thresholds_for_cost(val: ExitOutputs, costs: Sequence[float], target: float,
 def thresholds_for_accuracy(val: ExitOutputs, costs: Sequence[float], target: float,
                             policy: PolicyLike = "maxprob") -> BudgetPoint:
     """The cheapest (on ``val``) geometric-distribution thresholds whose accuracy on ``val`` is at
-    least ``target`` (%)."""
+    least ``target`` (%).
+
+    Args:
+        val: the outputs the thresholds are fitted and measured on.
+        costs: the cumulative cost of each exit.
+        target: the smallest top-1 accuracy, in %.
+        policy: an :class:`ExitPolicy` or a score name (see :mod:`.policies`).
+
+    Returns:
+        The chosen :class:`BudgetPoint` (its ``val_accuracy`` and ``val_cost`` are measured on ``val``).
+
+    Raises:
+        ValueError: no thresholds reach the target.
+    """
     points = [p for p in budgeted_curve(val, val, costs, _SEARCH_Q, policy) if p.val_accuracy >= target]
     if not points:
         per_exit = [round(100 * (p == val.labels).double().mean().item(), 2) for p in val.preds]
@@ -151,7 +217,15 @@ def thresholds_for_accuracy(val: ExitOutputs, costs: Sequence[float], target: fl
 
 
 def check_thresholds(thresholds: Sequence[float], num_exits: int) -> None:
-    """One finite threshold per exit (the reference's never / always sentinels are +-1e8, finite)."""
+    """One finite threshold per exit (the reference's never / always sentinels are +-1e8, finite).
+
+    Args:
+        thresholds: the thresholds to check.
+        num_exits: the number of exits they must cover.
+
+    Raises:
+        ValueError: the count differs, or a threshold is not a finite number.
+    """
     if len(thresholds) != num_exits:
         raise ValueError(f"{len(thresholds)} thresholds for {num_exits} exits")
     if any(not math.isfinite(float(t)) for t in thresholds):
@@ -214,7 +288,19 @@ class Thresholds:
 
     @classmethod
     def load(cls, path: str, model: Optional[str] = None, num_exits: Optional[int] = None) -> "Thresholds":
-        """Read a thresholds file; if ``model`` / ``num_exits`` are given they must match it."""
+        """Read a thresholds file.
+
+        Args:
+            path: the JSON file written by :meth:`save`.
+            model: the model name the file must record; ``None`` does not check it.
+            num_exits: the number of exits the file must record; ``None`` does not check it.
+
+        Returns:
+            The thresholds.
+
+        Raises:
+            ValueError: the file is unreadable or invalid, or records another model or number of exits.
+        """
         try:
             data = read_json(path)
             if not isinstance(data, dict):

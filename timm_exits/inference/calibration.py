@@ -23,7 +23,16 @@ ECE_BINS = 15
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
-    """ECE of ``probs`` (samples x classes) with ``bins`` equal-width bins (lo, hi]."""
+    """ECE of ``probs`` (samples x classes) with ``bins`` equal-width bins (lo, hi].
+
+    Args:
+        probs: probabilities, ``(samples, classes)``; the confidence is their maximum.
+        labels: the class index of each sample, ``(samples,)``.
+        bins: the number of equal-width confidence bins over [0, 1], >= 1.
+
+    Returns:
+        The ECE as a fraction (0..1).
+    """
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
     confidence, pred = probs.max(-1)
@@ -38,7 +47,16 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 
 def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> Dict[str, float]:
-    """``{"ece", "nll", "brier"}`` of ``logits`` (samples x classes) against ``labels``."""
+    """``{"ece", "nll", "brier"}`` of ``logits`` (samples x classes) against ``labels``.
+
+    Args:
+        logits: raw logits, ``(samples, classes)``.
+        labels: the class index of each sample, ``(samples,)``.
+        bins: the number of ECE bins.
+
+    Returns:
+        ``{"ece": ..., "nll": ..., "brier": ...}`` (see the module docstring for the units).
+    """
     logits = logits.float()
     return _metrics(logits.softmax(-1), logits.double().log_softmax(-1), labels, bins)
 
@@ -61,7 +79,15 @@ def _taken(outputs: ExitOutputs, exits: torch.Tensor, bins: int) -> Dict[str, fl
 
 
 def exit_calibration(outputs: ExitOutputs, bins: int = ECE_BINS) -> List[Dict[str, float]]:
-    """Calibration of every exit on all samples."""
+    """Calibration of every exit on all samples.
+
+    Args:
+        outputs: every exit's outputs and the labels.
+        bins: the number of ECE bins.
+
+    Returns:
+        One ``{"ece", "nll", "brier"}`` mapping per exit.
+    """
     return [_taken(outputs, torch.full((outputs.num_samples,), k), bins) for k in range(outputs.num_exits)]
 
 
@@ -72,8 +98,18 @@ def curve_calibration(
         bins: int = ECE_BINS,
 ) -> List[Dict[str, float]]:
     """Calibration of the exited prediction (the logits of the exit each sample takes) at each
-    operating point, given by its per-exit thresholds (a budgeted point's ``thresholds``, or a sweep's
-    global threshold repeated for every exit)."""
+    operating point.
+
+    Args:
+        outputs: every exit's outputs and the labels.
+        thresholds: the per-exit thresholds of each operating point (a budgeted point's
+            ``thresholds``, or a sweep's global threshold repeated for every exit).
+        policy: an :class:`~timm_exits.inference.policies.ExitPolicy` or a score name.
+        bins: the number of ECE bins.
+
+    Returns:
+        One ``{"ece", "nll", "brier"}`` mapping per operating point.
+    """
     policy = resolve_policy(policy)
     scores = policy.scores(outputs.probs)
     return [_taken(outputs, policy.assign(scores, torch.tensor(t, dtype=torch.float64)), bins) for t in thresholds]

@@ -49,22 +49,39 @@ def evaluate(
     """Evaluate ``model`` on the batches ``(images, labels)`` of ``test``, the budgeted thresholds
     fitted on those of ``val`` (None: no budgeted curve).
 
-    The costs are those of ``profiled`` (default: ``model``; give the model as built when ``model``
-    is its fused form, whose operators some conventions count differently) at ``input_size`` (C, H,
-    W) in ``convention`` (``timm_exits.profile.CONVENTIONS``). ``policy`` and ``protocols``, the
-    options of :func:`~timm_exits.inference.report.evaluation_report` (``q_grid``: a grid or its name,
-    ``"reference"`` / ``"imta"``; ``fit_split``: what ``val`` is, recorded; ``envelope``, ``sweep``,
-    ``patience``, ``calibration``, ``cost_fractions``), choose the protocols; another option is a
-    TypeError. ``info`` (what was evaluated: model name, data, ...) comes first in the report, as
-    given; ``convention`` is always recorded.
+    With ``output_dir``, ``evaluation.json`` and ``evaluation.png`` are written there, and for a
+    target cost or accuracy the thresholds fitted on ``val`` as ``thresholds.json`` (load it with
+    :meth:`Thresholds.load` for the :class:`~timm_exits.inference.executor.EarlyExitExecutor`).
 
-    With ``output_dir``: ``evaluation.json`` and ``evaluation.png`` (``label`` in the plot, default
-    ``info["model"]``) are written there, and for ``target_cost`` (average cost per image) or
-    ``target_accuracy`` (validation top-1, %) the thresholds fitted on ``val`` as ``thresholds.json``
-    (load it with :meth:`Thresholds.load` for the
-    :class:`~timm_exits.inference.executor.EarlyExitExecutor`). ``device`` (default: the model's),
-    ``gather`` (e.g. ``accelerator.gather_for_metrics``: every process's samples) and ``progress``
-    go to :func:`~timm_exits.inference.outputs.collect_outputs`."""
+    Args:
+        model: the multi-exit model to evaluate.
+        test: the test loader, batches of ``(images, labels)``.
+        val: the loader the budgeted thresholds are fitted on; ``None``: no budgeted curve.
+        input_size: (C, H, W) the costs are measured at.
+        convention: how the costs are counted, one of ``timm_exits.profile.CONVENTIONS``.
+        policy: an :class:`~timm_exits.inference.policies.ExitPolicy` or a score name, used by every
+            protocol.
+        target_cost: fit thresholds on ``val`` for this average cost per image and write
+            ``thresholds.json`` (needs ``val`` and ``output_dir``; not with ``target_accuracy``).
+        target_accuracy: the same for this validation top-1 (%).
+        profiled: the model whose costs are measured (default: ``model``; give the model as built
+            when ``model`` is its fused form, whose operators some conventions count differently).
+        output_dir: the folder the files are written to; ``None`` writes nothing.
+        label: the model's name in the plot and in ``thresholds.json`` (default ``info["model"]``,
+            else the model's class name).
+        device: where the model runs (default: the model's device).
+        gather: collects every process's samples (e.g. ``accelerator.gather_for_metrics``).
+        progress: show a progress bar.
+        info: what was evaluated (model name, data, ...), first in the report as given;
+            ``convention`` is always recorded.
+        **protocols: the options of :func:`~timm_exits.inference.report.evaluation_report`
+            (``q_grid``: a grid or its name, ``"reference"`` / ``"imta"``; ``fit_split``: what ``val``
+            is, recorded; ``envelope``, ``sweep``, ``patience``, ``calibration``,
+            ``cost_fractions``); another option is a TypeError.
+
+    Returns:
+        The report (:class:`~timm_exits.inference.report.EvaluationReport`).
+    """
     unknown = sorted(set(protocols) - set(_PROTOCOLS))
     if unknown:
         raise TypeError(f"evaluate() got unknown protocol options {unknown}: expected some of {_PROTOCOLS}")

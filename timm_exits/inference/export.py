@@ -312,7 +312,15 @@ def _export_pieces(model: nn.Module, example: torch.Tensor, where: str) -> _Piec
 
 def exported_operators(model: nn.Module, example: torch.Tensor) -> Set[str]:
     """The operators an export of ``model`` for inputs shaped like ``example`` calls (nothing is
-    written): how the package's list (:func:`listed_operators`) is made."""
+    written): how the package's list (:func:`listed_operators`) is made.
+
+    Args:
+        model: a multi-exit model (stem, stages, exits).
+        example: an input batch ``(N, C, H, W)``.
+
+    Returns:
+        The operators' names, such as ``"aten.conv2d.default"``.
+    """
     return set().union(*_export_pieces(model, example, type(model).__name__).calls.values())
 
 
@@ -366,19 +374,33 @@ def export_model(model: nn.Module, example: torch.Tensor, folder: str, name: str
                  label_names: Optional[Sequence[str]] = None, thresholds: Optional[Thresholds] = None) -> List[str]:
     """Export every piece of ``model`` (in eval mode) for inputs shaped like ``example``; the batch
     size stays dynamic. The folder is replaced whole or not at all (the previous export survives
-    until the new one is complete). Returns the file names, besides the manifest; get the
-    manifest's digest, to pin the export, with :func:`manifest_sha256`.
+    until the new one is complete). Get the manifest's digest, to pin the export, with
+    :func:`manifest_sha256`.
 
     A program may call only the operators exports of timm-exits' models are made of
-    (:func:`listed_operators`) and ``extra_operators`` (``("aten.foo.default",)``, pure operators a
-    model of your own needs; :class:`ExportedModel` must be given them too); another is refused
-    (ValueError naming it) before anything is written.
+    (:func:`listed_operators`) and ``extra_operators``; another is refused (ValueError naming it)
+    before anything is written.
 
-    The manifest also records, if given and checked against the model: ``data_config``, the
-    preprocessing (timm's ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``; the
-    input size must be the example's); ``label_names``, the class names in the order of the outputs;
-    ``thresholds``, the :class:`~timm_exits.inference.budgeted.Thresholds` to exit with (fitted on this
-    model's weights and answers, at this input size). :class:`ExportedModel` exposes them."""
+    The manifest also records what is given of ``data_config``, ``label_names`` and ``thresholds``,
+    each checked against the model; :class:`ExportedModel` exposes them.
+
+    Args:
+        model: a multi-exit model (stem, stages, exits).
+        example: an input batch ``(N, C, H, W)``; the export takes inputs of its ``(C, H, W)``.
+        folder: where the export goes: a missing or empty folder, or an earlier export (anything
+            else is refused with a FileExistsError).
+        name: the model's name recorded in the manifest.
+        extra_operators: pure operators a model of your own needs beyond the listed ones, such as
+            ``("aten.foo.default",)``; :class:`ExportedModel` must be given them too.
+        data_config: the preprocessing (timm's ``input_size``, ``mean``, ``std``, ``interpolation``,
+            ``crop_pct``; the input size must be the example's).
+        label_names: the class names in the order of the outputs.
+        thresholds: the :class:`~timm_exits.inference.budgeted.Thresholds` to exit with (fitted on
+            this model's weights and answers, at this input size).
+
+    Returns:
+        The file names written, besides the manifest.
+    """
     allowed = _allowed(extra_operators)
     where = name or type(model).__name__
     programs, calls, weights, channels_last = _export_pieces(model, example, where)
@@ -465,13 +487,21 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 class ExportedModel:
     """An exported multi-exit model loaded from its folder: the manifest is checked (its pinned
     digest if given, version, files, digests), then each program (:func:`_check_program`, and the
-    operators it calls: :func:`listed_operators` and ``extra_operators``, the same ones given to
-    :func:`export_model`); nothing is unpickled and nothing runs before every check passed. A folder
-    that fails a check is refused with a ValueError that says what is wrong.
+    operators it calls: :func:`listed_operators` and ``extra_operators``); nothing is unpickled and
+    nothing runs before every check passed. A folder that fails a check is refused with a ValueError
+    that says what is wrong.
 
     The digests in the manifest tell that no file changed since export (integrity), not who wrote
-    the export: anyone can rewrite them. ``expected_manifest_sha256`` (from :func:`manifest_sha256`
-    on the export you trust) refuses any other manifest before anything else is read."""
+    the export: anyone can rewrite them.
+
+    Args:
+        folder: the folder :func:`export_model` wrote.
+        extra_operators: operators allowed beyond the listed ones, the same ones given to
+            :func:`export_model`.
+        expected_manifest_sha256: the manifest digest of the export you trust (from
+            :func:`manifest_sha256`); any other manifest is refused before anything else is read.
+            ``None`` does not pin the export.
+    """
 
     def __init__(self, folder: str, extra_operators: Sequence[str] = (),
                  expected_manifest_sha256: Optional[str] = None):
@@ -637,9 +667,27 @@ class ExportedModel:
         return self.stem(x)
 
     def forward_stage(self, state, index: int):
+        """Run one stage.
+
+        Args:
+            state: the stem's or the previous stage's output.
+            index: the stage (0-based).
+
+        Returns:
+            The state after that stage.
+        """
         return self.stages[index](state)
 
     def forward_exit(self, state, index: int) -> torch.Tensor:
+        """Run one exit.
+
+        Args:
+            state: the output of stage ``index``.
+            index: the exit (0-based).
+
+        Returns:
+            The exit's logits, ``(batch, classes)``.
+        """
         return self.exits[index](state)
 
     def forward_exits(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -650,8 +698,18 @@ class ExportedModel:
         return out
 
     def early_exit(self, x: torch.Tensor, thresholds: Optional[Sequence[float]] = None, policy: str = "maxprob"):
-        """Early-exit inference with the exported programs (see :class:`EarlyExitExecutor`); by default
-        with the thresholds the export records."""
+        """Early-exit inference with the exported programs (see :class:`EarlyExitExecutor`).
+
+        Args:
+            x: an input batch of the export's input shape.
+            thresholds: one per exit, or a :class:`Thresholds` (its policy is used); ``None``: those
+                the export records.
+            policy: an :class:`~timm_exits.inference.policies.ExitPolicy` or a score name, for
+                thresholds given as numbers.
+
+        Returns:
+            The :class:`~timm_exits.inference.executor.ExitResult` of the batch.
+        """
         if thresholds is None and self.thresholds is None:
             raise ValueError(f"{self.folder} records no thresholds: pass thresholds (one per exit, or a Thresholds), "
                              f"or export with thresholds=")

@@ -52,7 +52,16 @@ class ExitOutputs:
     def from_probs(cls, probs: torch.Tensor, labels: torch.Tensor) -> "ExitOutputs":
         """Outputs known only as probabilities (e.g. a reference's cached softmax), kept bit for bit: no
         logarithm and softmax round trip, no renormalisation of rows that do not sum to one (rounded
-        outputs). Values outside [0, 1] are refused (logits go to ``ExitOutputs(logits, labels)``)."""
+        outputs).
+
+        Args:
+            probs: every exit's probabilities, ``(exits, samples, classes)``, each in [0, 1] (logits
+                go to ``ExitOutputs(logits, labels)``).
+            labels: the class index of each sample, ``(samples,)``.
+
+        Returns:
+            Outputs whose :attr:`probs` is ``probs`` itself and whose ``logits`` is None.
+        """
         if not ((probs >= 0) & (probs <= 1)).all():
             raise ValueError("expected probabilities in [0, 1] (for logits use ExitOutputs(logits, labels))")
         return cls(None, labels, raw_logits=False, given_probs=probs)
@@ -97,10 +106,17 @@ def collect_outputs(
         gather: Optional[Callable] = None,
         progress: bool = True,
 ) -> ExitOutputs:
-    """Run ``model.forward_exits`` in eval mode over ``loader`` (batches of ``(images, labels)``); a
-    plain model counts as one exit.
+    """Run ``model.forward_exits`` in eval mode over ``loader``; a plain model counts as one exit.
 
-    ``gather`` (e.g. ``accelerator.gather_for_metrics``) collects the batches of every process.
+    Args:
+        model: the model, set to eval mode here.
+        loader: batches of ``(images, labels)``.
+        device: where the images go (default: the model's device).
+        gather: collects the batches of every process (e.g. ``accelerator.gather_for_metrics``).
+        progress: show a progress bar.
+
+    Returns:
+        Every exit's float32 logits and the labels, on the CPU.
     """
     model.eval()
     device = device or next(model.parameters()).device
@@ -121,8 +137,17 @@ def collect_outputs(
 
 
 def anytime_accuracy(outputs: ExitOutputs, topk: Sequence[int] = (1, 5), ensemble: bool = False) -> Dict[str, List[float]]:
-    """Top-k accuracy (%) of every exit: ``{"top1": [...], "top5": [...]}``. With ``ensemble``, exit
-    k's prediction is the running average of the softmaxes of exits 1..k (the Lua MSDNet's)."""
+    """Top-k accuracy (%) of every exit: ``{"top1": [...], "top5": [...]}``.
+
+    Args:
+        outputs: every exit's outputs and the labels.
+        topk: the k values; a k above the number of classes counts as all classes.
+        ensemble: exit k's prediction is the running average of the probabilities of exits 1..k (the
+            Lua MSDNet's).
+
+    Returns:
+        ``{"top<k>": [accuracy of each exit]}`` for each k.
+    """
     probs = outputs.probs
     if ensemble:
         probs = probs.cumsum(0) / torch.arange(1, probs.shape[0] + 1, dtype=probs.dtype).view(-1, 1, 1)

@@ -14,7 +14,16 @@ def plot_accuracy_vs_cost(path: str, anytime: Dict[str, Curve], budgeted: Dict[s
                           cost_label: str = "MACs per image", title: str = "") -> None:
     """Write a PNG (atomically): per name, its budgeted curve as a line and its exits as markers,
     in one colour per name. Drawn on a :class:`matplotlib.figure.Figure` of its own: pyplot's state and
-    the process's backend are left alone."""
+    the process's backend are left alone.
+
+    Args:
+        path: the PNG file to write.
+        anytime: per name, the ``(cost, accuracy)`` point of each exit, in exit order.
+        budgeted: per name, the ``(cost, accuracy)`` points of its budgeted curve (sorted by cost
+            when drawn).
+        cost_label: the cost axis label.
+        title: the plot's title; empty for none.
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.2, 5.0), dpi=120)

@@ -42,7 +42,17 @@ History = Optional[Tuple[torch.Tensor, torch.Tensor]]  # (previous prediction, a
 
 
 def score_step(policy: str, probs: torch.Tensor, history: History = None) -> Tuple[torch.Tensor, History]:
-    """Scores of one exit for ``probs`` (samples x classes) and the history to pass to the next."""
+    """Scores of one exit for ``probs`` (samples x classes) and the history to pass to the next.
+
+    Args:
+        policy: the score's name, one of ``SCORES``.
+        probs: one exit's probabilities, ``(samples, classes)``.
+        history: what the previous exit's step returned; ``None`` at the first exit.
+
+    Returns:
+        ``(scores, history)``: a score per sample, ``(samples,)``, and the history for the next exit
+        (``None`` but for ``patience``: the previous prediction and the agreement count).
+    """
     if policy == "maxprob":
         return probs.max(-1).values, None
     if policy == "entropy":
@@ -77,7 +87,15 @@ class ExitPolicy:
             raise ValueError(f"strict must be True or False, got {self.strict!r}")
 
     def step(self, probs: torch.Tensor, history: History = None) -> Tuple[torch.Tensor, History]:
-        """Scores of one exit (samples) and the history for the next exit."""
+        """Scores of one exit (samples) and the history for the next exit.
+
+        Args:
+            probs: one exit's probabilities, ``(samples, classes)``.
+            history: what the previous exit's step returned; ``None`` at the first exit.
+
+        Returns:
+            ``(scores, history)``, as :func:`score_step`.
+        """
         return score_step(self.score, probs, history)
 
     def scores(self, probs: torch.Tensor) -> torch.Tensor:
@@ -90,13 +108,29 @@ class ExitPolicy:
 
     def accepts(self, scores: torch.Tensor, threshold: Union[float, torch.Tensor]) -> torch.Tensor:
         """Which samples leave at an exit with this threshold (compared in float64, as thresholds are
-        stored; in float32 on Apple's MPS, which has no float64)."""
+        stored; in float32 on Apple's MPS, which has no float64).
+
+        Args:
+            scores: the exit's scores, ``(samples,)`` (or stacked exits with a threshold per row).
+            threshold: the exit's threshold, a number or a tensor that broadcasts against ``scores``.
+
+        Returns:
+            A boolean tensor of the shape of ``scores``: True where the sample leaves.
+        """
         scores = scores.float() if scores.device.type == "mps" else scores.double()
         return scores > threshold if self.strict else scores >= threshold
 
     def assign(self, scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
         """Exit (0-based) of every sample from all exits' ``scores`` (exits x samples): the first of
-        exits 0..K-2 that accepts it, else the fallback."""
+        exits 0..K-2 that accepts it, else the fallback.
+
+        Args:
+            scores: the score of every exit and sample, ``(exits, samples)``.
+            thresholds: one per exit (the last is not used).
+
+        Returns:
+            The exit of every sample, ``(samples,)`` long.
+        """
         thresholds = torch.as_tensor(thresholds, dtype=torch.float64, device=scores.device).view(-1, 1)
         if thresholds.shape[0] != scores.shape[0]:
             raise ValueError(f"{thresholds.shape[0]} thresholds for {scores.shape[0]} exits")
@@ -125,5 +159,13 @@ def resolve_policy(policy: PolicyLike) -> ExitPolicy:
 
 
 def exit_scores(probs: torch.Tensor, policy: PolicyLike = "maxprob") -> torch.Tensor:
-    """Scores of every exit (exits x samples) from cached probabilities (exits x samples x classes)."""
+    """Scores of every exit (exits x samples) from cached probabilities (exits x samples x classes).
+
+    Args:
+        probs: every exit's probabilities, ``(exits, samples, classes)``.
+        policy: an :class:`ExitPolicy` or a score name.
+
+    Returns:
+        The scores, ``(exits, samples)``.
+    """
     return resolve_policy(policy).scores(probs)

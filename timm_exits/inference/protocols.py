@@ -62,7 +62,17 @@ def threshold_sweep(
 ) -> List[SweepPoint]:
     """One threshold for all exits, for each value of ``grid``. The defaults are ZTW's protocol:
     linspace(0, 1, 100), max-softmax, strict ``>``, fallback to the last exit (SDN's: ``SDN_GRID``
-    with ``SDN_POLICY``)."""
+    with ``SDN_POLICY``).
+
+    Args:
+        outputs: every exit's outputs and the labels.
+        costs: the cumulative cost of each exit.
+        grid: the thresholds to try.
+        policy: an :class:`ExitPolicy` or a score name; a probability score, not ``patience``.
+
+    Returns:
+        One :class:`SweepPoint` per grid value, in the grid's order.
+    """
     policy = resolve_policy(policy)
     if policy.score == "patience":
         raise ValueError("a threshold sweep needs a probability score (maxprob, entropy, margin); for patience use "
@@ -78,7 +88,16 @@ def patience_policy(fallback: str = "last") -> ExitPolicy:
 def patience_sweep(outputs: ExitOutputs, costs: Sequence[float], fallback: str = "last") -> List[SweepPoint]:
     """ZTW's PBEE evaluation: for patience t = 0..K-1, a sample leaves at the first exit where the
     number of consecutive exits agreeing with its prediction (1 at the first exit) is above t, so t=0
-    exits everything at the first exit; the others go to ``fallback`` (ZTW: the last exit)."""
+    exits everything at the first exit.
+
+    Args:
+        outputs: every exit's outputs and the labels.
+        costs: the cumulative cost of each exit.
+        fallback: where the samples no exit accepts go, one of ``FALLBACKS`` (ZTW: ``"last"``).
+
+    Returns:
+        One :class:`SweepPoint` per patience t (its ``threshold``).
+    """
     return _sweep(outputs, costs, range(outputs.num_exits), patience_policy(fallback))
 
 
@@ -88,14 +107,21 @@ def accuracy_at_cost(
         fractions: Sequence[float] = COST_FRACTIONS,
         rule: str = "best",
 ) -> Dict[str, Any]:
-    """Accuracy of a curve (points with ``.accuracy`` and ``.cost``: a sweep or a budgeted curve)
-    within each budget ``fraction x full_cost`` (None when no point is within it), plus the best and
-    the last point's accuracy.
+    """Accuracy of a curve within each budget ``fraction x full_cost``, plus the best and the last
+    point's accuracy.
 
-    ``rule="best"``: the most accurate point within the budget. ``rule="ztw"``: ZTW's table reading
-    (``cost_vs_table.py``): the point just before the first one (in curve order) whose cost exceeds
-    the budget, or the last point when none does. On a threshold sweep, whose cost rises with the
-    threshold, that is the highest threshold within the budget.
+    Args:
+        curve: points with ``.accuracy`` and ``.cost``: a sweep or a budgeted curve.
+        full_cost: the cost the fractions are of (the last exit's), > 0.
+        fractions: the budgets as fractions of ``full_cost``, each > 0.
+        rule: ``"best"``: the most accurate point within the budget. ``"ztw"``: ZTW's table reading
+            (``cost_vs_table.py``): the point just before the first one (in curve order) whose cost
+            exceeds the budget, or the last point when none does. On a threshold sweep, whose cost
+            rises with the threshold, that is the highest threshold within the budget.
+
+    Returns:
+        ``{"rule", "full_cost", "fractions", "accuracy", "max_accuracy", "last_accuracy"}``, with
+        one accuracy per fraction (None when no point is within it).
     """
     if rule not in ("best", "ztw"):
         raise ValueError(f"rule must be 'best' or 'ztw', got {rule!r}")
@@ -129,11 +155,22 @@ def measure_latency(
         warmup: int = 2,
         repeats: int = 5,
 ) -> Dict[str, Any]:
-    """Wall-clock time of the early-exit executor on ``images`` (N x C x H x W, on the model's device):
-    per image at batch 1 (p50 / p95 over all ``repeats x N`` calls, percentiles by linear
-    interpolation) and the throughput at ``batch_size`` (images per second, median over ``repeats``
-    passes). ``warmup`` untimed calls of each kind come first. Times use ``time.perf_counter``, with
-    ``torch.cuda.synchronize`` around each timed call on a GPU."""
+    """Wall-clock time of the early-exit executor on ``images``: per image at batch 1 (p50 / p95 over
+    all ``repeats x N`` calls, percentiles by linear interpolation) and the throughput at
+    ``batch_size`` (images per second, median over ``repeats`` passes). Times use
+    ``time.perf_counter``, with ``torch.cuda.synchronize`` around each timed call on a GPU.
+
+    Args:
+        executor: the executor to time.
+        images: a batch ``(N, C, H, W)`` on the model's device.
+        batch_size: the batch size of the throughput passes, >= 1.
+        warmup: untimed calls of each kind made first, >= 0.
+        repeats: timed passes over the images, >= 1.
+
+    Returns:
+        The settings and results: ``batch1_p50_ms``, ``batch1_p95_ms``, ``throughput``,
+        ``exit_fractions`` and, when the executor knows the costs, ``mean_cost``.
+    """
     if images.dim() != 4 or images.shape[0] < 1:
         raise ValueError(f"images must be a non-empty batch (N, C, H, W), got shape {tuple(images.shape)}")
     if batch_size < 1 or warmup < 0 or repeats < 1:

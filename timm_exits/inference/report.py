@@ -82,11 +82,28 @@ def evaluation_report(
         **info: Any,
 ) -> EvaluationReport:
     """Anytime top-1 / top-5 (and the ensemble) per exit on ``test``; the budgeted curve with
-    thresholds fitted on ``val`` over ``q_grid`` (a grid or its name in ``Q_GRIDS``; skipped without a
-    validation split; ``fit_split`` says what ``val`` is, ``envelope`` makes the curve validation-monotone). On request: the global-threshold sweep
-    over ``SWEEP_GRIDS[sweep]``, the patience sweep, each with its accuracy at ``cost_fractions`` of
-    the last exit's cost, and calibration per exit and at every operating point. Every protocol uses
-    ``policy`` (the patience sweep: its fallback). ``info`` is stored as is."""
+    thresholds fitted on ``val``. On request: the global-threshold sweep, the patience sweep, each
+    with its accuracy at fractions of the last exit's cost, and calibration per exit and at every
+    operating point.
+
+    Args:
+        val: the outputs the budgeted thresholds are fitted on; ``None`` skips the budgeted curve.
+        test: the outputs every protocol is measured on.
+        costs: the cumulative cost of each exit.
+        policy: an :class:`~timm_exits.inference.policies.ExitPolicy` or a score name, used by every
+            protocol (the patience sweep: its fallback).
+        q_grid: the budgeted curve's q values, or a grid's name in ``Q_GRIDS``.
+        fit_split: a free-text description of what ``val`` is, recorded in the report.
+        envelope: make the budgeted curve validation-monotone (:func:`.flat_envelope`).
+        sweep: add the global-threshold sweep over ``SWEEP_GRIDS[sweep]`` (``"ztw"`` or ``"sdn"``).
+        patience: add the patience sweep.
+        calibration: add ECE, NLL and Brier per exit and at every operating point.
+        cost_fractions: the fractions of the last exit's cost the sweeps' accuracy is read at.
+        **info: what was evaluated, stored first in the report as is.
+
+    Returns:
+        The report.
+    """
     exit_policy = resolve_policy(policy)
     if sweep is not None and sweep not in SWEEP_GRIDS:
         raise ValueError(f"sweep grid must be one of {tuple(SWEEP_GRIDS)}, got {sweep!r}")
@@ -134,7 +151,16 @@ def evaluation_report(
 
 
 def format_report(report: EvaluationReport, cost_unit: str = "MMACs", scale: float = 1e-6) -> str:
-    """The report as text tables."""
+    """The report as text tables.
+
+    Args:
+        report: a report from :func:`evaluation_report`.
+        cost_unit: the cost column's heading.
+        scale: the factor the costs are shown multiplied by (1e-6: MACs shown as MMACs).
+
+    Returns:
+        The tables, one line per row.
+    """
     lines = [f"{'exit':>4}  {cost_unit:>10}  {'top-1':>6}  {'top-5':>6}  {'ensemble':>8}"]
     for e in report["exits"]:
         lines.append(f"{e['exit']:>4}  {e['cost'] * scale:>10.2f}  {e['top1']:>6.2f}  {e['top5']:>6.2f}  "
@@ -181,13 +207,33 @@ def _cost_table(title: str, table: Dict[str, Any]) -> str:
 
 
 def report_paths(folder: str, name: str = "evaluation") -> Dict[str, str]:
-    """Where :func:`write_report` puts a report: ``{"json": <folder>/<name>.json, "png": <folder>/<name>.png}``."""
+    """Where :func:`write_report` puts a report: ``{"json": <folder>/<name>.json, "png": <folder>/<name>.png}``.
+
+    Args:
+        folder: the folder the files go to.
+        name: the files' name, without extension.
+
+    Returns:
+        The two paths, by kind.
+    """
     return {"json": os.path.join(folder, f"{name}.json"), "png": os.path.join(folder, f"{name}.png")}
 
 
 def write_report(report: EvaluationReport, folder: str, name: str = "evaluation", label: str = "model",
                  cost_label: str = "MMACs per image", cost_scale: float = 1e-6) -> Dict[str, str]:
-    """Write ``<name>.json`` and ``<name>.png`` into ``folder`` (atomically); returns their paths."""
+    """Write ``<name>.json`` and ``<name>.png`` into ``folder`` (atomically).
+
+    Args:
+        report: a report from :func:`evaluation_report`.
+        folder: the folder to write to, created if missing.
+        name: the files' name, without extension.
+        label: the model's name in the plot's legend.
+        cost_label: the plot's cost axis label.
+        cost_scale: the factor the costs are plotted multiplied by.
+
+    Returns:
+        The paths written, as :func:`report_paths` gives them.
+    """
     os.makedirs(folder, exist_ok=True)
     paths = report_paths(folder, name)
     write_json(paths["json"], report)

@@ -59,8 +59,16 @@ def _check_level(name: str, value: float) -> None:
 
 
 def exits_at(confidence: torch.Tensor, lam: float) -> torch.Tensor:
-    """The exit (0-based) of each sample: the first whose confidence (``exits x samples``) is
-    strictly above ``lam``, else the last (:data:`RC_POLICY`)."""
+    """The exit (0-based) of each sample: the first whose confidence is strictly above ``lam``, else
+    the last (:data:`RC_POLICY`).
+
+    Args:
+        confidence: the max-softmax of every exit and sample, ``(exits, samples)``.
+        lam: the global threshold.
+
+    Returns:
+        The exit of every sample, ``(samples,)`` long.
+    """
     return assign_exits(confidence, torch.full((confidence.shape[0],), float(lam), dtype=torch.float64), RC_POLICY)
 
 
@@ -93,12 +101,22 @@ def lambda_losses(
         loss: str = "prediction-gap",
         lambdas: Optional[Sequence[float]] = None,
 ) -> LambdaLosses:
-    """The losses of exiting early at every lambda, from raw logits ``(exits, samples, classes)``
-    and labels, or from outputs with ``.logits`` / ``.probs`` and ``.labels`` (an
-    :class:`ExitOutputs`). Confidence is the max of the probabilities: the float32 softmax of raw
-    logits (as ``ExitOutputs.probs``), or for outputs without raw logits (given as probabilities, or a
-    product-anytime model's) their own ``.probs``, as given; predictions are the argmax of the same.
-    ``loss`` is one of ``LOSSES``; ``consistency`` and ``brier-gap-final`` do not need labels."""
+    """The losses of exiting early at every lambda. Confidence is the max of the probabilities: the
+    float32 softmax of raw logits (as ``ExitOutputs.probs``), or for outputs without raw logits (given
+    as probabilities, or a product-anytime model's) their own ``.probs``, as given; predictions are
+    the argmax of the same.
+
+    Args:
+        logits: raw logits ``(exits, samples, classes)``, or outputs with ``.logits`` / ``.probs`` and
+            ``.labels`` (an :class:`ExitOutputs`).
+        labels: the class index of each sample, ``(samples,)``; ``None`` takes the outputs' own.
+            ``consistency`` and ``brier-gap-final`` do not need them.
+        loss: one of ``LOSSES``.
+        lambdas: the grid, in [0, 1] from conservative (large) to aggressive; ``None``: ``LAMBDAS``.
+
+    Returns:
+        The :class:`LambdaLosses` table.
+    """
     if not isinstance(logits, torch.Tensor):
         labels = logits.labels if labels is None else labels
     probs, preds = _probs_and_preds(logits)
@@ -144,12 +162,20 @@ def _probs_and_preds(source: Union[torch.Tensor, Any]) -> Tuple[torch.Tensor, to
 
 
 def wsr_upper_bound(losses: Sequence[float], delta: float, loss_bound: float = 1.0) -> float:
-    """The Waudby-Smith–Ramdas upper confidence bound (level 1 - delta) on the mean of ``losses``
-    (each <= ``loss_bound``), in the order given, as in RCPS (Bates et al. 2021):
+    """The Waudby-Smith–Ramdas upper confidence bound (level 1 - delta) on the mean of ``losses``,
+    in the order given, as in RCPS (Bates et al. 2021):
     mu_t = (1/2 + sum_{i<=t} x_i) / (t + 1), s2_t = (1/4 + sum_{i<=t} (x_i - mu_i)^2) / (t + 1),
     nu_t = min(1 / B, sqrt(2 log(1/delta) / (n s2_{t-1}))) with s2_0 = 1/4; the bound is the m at
-    which max_t sum_{i<=t} log(1 - nu_i (x_i - m)) = log(1/delta), searched in (0, 1) (returns
-    ``loss_bound`` when it is 1 or more)."""
+    which max_t sum_{i<=t} log(1 - nu_i (x_i - m)) = log(1/delta), searched in (0, 1).
+
+    Args:
+        losses: the calibration losses, at least one, each <= ``loss_bound``.
+        delta: 1 - the confidence level, in (0, 1).
+        loss_bound: B, the largest possible loss (caps the bets).
+
+    Returns:
+        The bound; ``loss_bound`` when it is 1 or more.
+    """
     _check_level("delta", delta)
     x = np.asarray(losses, dtype=np.float64).ravel()
     n = len(x)
@@ -176,9 +202,18 @@ def wsr_upper_bound(losses: Sequence[float], delta: float, loss_bound: float = 1
 
 def hb_p_value(risk: float, n: int, epsilon: float, binary_loss: bool = False) -> float:
     """The Hoeffding–Bentkus p-value of "the risk exceeds epsilon" for an empirical ``risk`` of ``n``
-    losses in [0, 1]: min(exp(-n KL(min(risk, epsilon) || epsilon)), e P[Bin(n, epsilon) <= ceil(n risk)]),
-    or the binomial tail alone for 0/1 losses (``binary_loss``). ``n risk`` is rounded to 9
-    decimals before the ceiling, so that k/n of a 0/1 loss counts k."""
+    losses in [0, 1]: min(exp(-n KL(min(risk, epsilon) || epsilon)), e P[Bin(n, epsilon) <= ceil(n risk)]).
+    ``n risk`` is rounded to 9 decimals before the ceiling, so that k/n of a 0/1 loss counts k.
+
+    Args:
+        risk: the empirical risk (mean loss), in [0, 1].
+        n: the number of losses.
+        epsilon: the risk level tested, in [0, 1].
+        binary_loss: the losses are 0/1: the p-value is the binomial tail alone.
+
+    Returns:
+        The p-value.
+    """
     if not (0 <= risk <= 1 and 0 <= epsilon <= 1):
         raise ValueError(f"the Hoeffding–Bentkus p-value needs a risk and an epsilon in [0, 1], got {risk} and "
                          f"{epsilon}")
@@ -192,7 +227,17 @@ def hb_p_value(risk: float, n: int, epsilon: float, binary_loss: bool = False) -
 
 def hb_upper_bound(risk: float, n: int, delta: float, binary_loss: bool = False) -> float:
     """The Hoeffding–Bentkus upper confidence bound (level 1 - delta): the largest alpha whose
-    p-value :func:`hb_p_value` is still >= delta (it decreases in alpha)."""
+    p-value :func:`hb_p_value` is still >= delta (it decreases in alpha).
+
+    Args:
+        risk: the empirical risk (mean loss), in [0, 1].
+        n: the number of losses.
+        delta: 1 - the confidence level, in (0, 1).
+        binary_loss: the losses are 0/1 (see :func:`hb_p_value`).
+
+    Returns:
+        The bound, in [risk, 1].
+    """
     _check_level("delta", delta)
     if hb_p_value(risk, n, 1.0, binary_loss) >= delta:
         return 1.0
@@ -224,10 +269,11 @@ def select_lambda(
         binary_loss: bool = False,
         seed: Optional[int] = 0,
 ) -> int:
-    """The index of the selected lambda, from calibration losses ``(lambdas, samples)`` whose rows go
-    from conservative to aggressive (or a :class:`LambdaLosses`).
+    """The index of the selected lambda.
 
     Args:
+        losses: calibration losses ``(lambdas, samples)`` whose rows go from conservative to
+            aggressive, or a :class:`LambdaLosses`.
         epsilon: the tolerated risk, in (0, 1).
         rule: one of ``SELECTION_RULES`` (see the module docstring). ``ltt`` is the textbook
             fixed-sequence rule: test index 0, 1, ... while the p-value is <= delta, and take the last
@@ -314,10 +360,26 @@ def risk_controlled_thresholds(
         binary_loss: bool = False,
         seed: Optional[int] = 0,
 ) -> RiskControl:
-    """Calibrate the global exit threshold on ``calibration`` (logits ``(exits, samples, classes)``
-    with ``labels``, outputs with ``.probs`` and ``.labels``, or a :class:`LambdaLosses`) so that
-    the ``loss`` risk is at most ``epsilon`` (see :func:`select_lambda` for the rules). The returned
-    per-exit thresholds are for a strict comparison: exit where max-softmax > threshold."""
+    """Calibrate the global exit threshold on ``calibration`` so that the ``loss`` risk is at most
+    ``epsilon``.
+
+    Args:
+        calibration: logits ``(exits, samples, classes)`` with ``labels``, outputs with ``.probs``
+            and ``.labels``, or a :class:`LambdaLosses` (then ``labels``, ``loss`` and ``lambdas``
+            are not used).
+        epsilon: the tolerated risk, in (0, 1).
+        labels: the class index of each sample, ``(samples,)``; ``None`` takes the outputs' own.
+        loss: one of ``LOSSES``.
+        rule: one of ``SELECTION_RULES`` (see :func:`select_lambda`).
+        delta: 1 - the confidence level of the UCB and LTT rules, in (0, 1).
+        lambdas: the grid, from conservative to aggressive; ``None``: ``LAMBDAS``.
+        binary_loss: the losses are 0/1 (see :func:`select_lambda`).
+        seed: the shuffle seed of ``ucb-wsr`` (see :func:`select_lambda`).
+
+    Returns:
+        The selected threshold; its per-exit ``thresholds`` are for a strict comparison: exit where
+        max-softmax > threshold.
+    """
     table = calibration if isinstance(calibration, LambdaLosses) else lambda_losses(calibration, labels, loss, lambdas)
     index = select_lambda(table, epsilon, rule, delta, binary_loss=binary_loss, seed=seed)
     lam = float(table.lambdas[index])
