@@ -61,7 +61,15 @@ def _is_sixteen_bit(image: Image.Image) -> bool:
 
 def open_image(file, mode: str = "RGB") -> Image.Image:
     """A decoded image in ``mode``; 16-bit grayscale is scaled to 8 bits (value / 257, rounded)
-    first, where PIL's ``convert`` would saturate every value above 255."""
+    first, where PIL's ``convert`` would saturate every value above 255.
+
+    Args:
+        file: a path or an open binary file.
+        mode: PIL's mode to convert to, e.g. ``"RGB"`` or ``"L"``.
+
+    Returns:
+        The image.
+    """
     image = Image.open(file)
     if _is_sixteen_bit(image):
         values = np.asarray(image).astype(np.float64) / 257
@@ -289,16 +297,21 @@ def _seeded(seed: int) -> Iterator[None]:
 
 class ImageFiles(Dataset):
     """Images and class indices from timm's reader (a folder or a tar), decoded with
-    :func:`open_image` in ``img_mode`` and transformed under a per-sample seed (see the module
-    docstring).
+    :func:`open_image` and transformed under a per-sample seed (see the module docstring).
 
-    The layout is checked when the dataset is built (class folders of images, at least two), and
-    with ``check_files`` every file's header too (readable, within PIL's size limit, a mode we
-    convert), or with ``check_files='decode'`` every image decoded: all offending files in one
-    error, before any training. A file that fails later is an error naming it (timm's own dataset
-    skips it silently). A check passed is remembered under the listing (every file's path, size and
-    modification time) in ``$TIMM_EXITS_CACHE`` (default ``~/.cache/timm_exits``): the same files
-    are not checked again.
+    The layout is checked when the dataset is built (class folders of images, at least two). All
+    offending files are reported in one error, before any training; a file that fails later is an
+    error naming it (timm's own dataset skips it silently). A check passed is remembered under the
+    listing (every file's path, size and modification time) in ``$TIMM_EXITS_CACHE`` (default
+    ``~/.cache/timm_exits``): the same files are not checked again.
+
+    Args:
+        root: an ImageFolder root (one folder per class) or a tar file.
+        transform: applied to each decoded image; ``None``: the PIL image itself.
+        img_mode: the mode images are decoded in, one of ``IMAGE_MODES`` (``"RGB"``, ``"L"``).
+        seed: with the epoch and the index, seeds each sample's random augmentation.
+        check_files: ``True`` checks every file's header (readable, within PIL's size limit, a mode
+            we convert), ``"decode"`` decodes every image, ``False`` checks the layout only.
     """
 
     def __init__(self, root: str, transform: Optional[Callable] = None, img_mode: str = "RGB", seed: int = 0,
@@ -342,7 +355,13 @@ class ImageFiles(Dataset):
 
 class EpochSampler(Sampler):
     """A random order of ``size`` indices drawn from (``seed``, epoch): the same on every process
-    and in a resumed run (set the epoch with :meth:`set_epoch`)."""
+    and in a resumed run (set the epoch with :meth:`set_epoch`).
+
+    Args:
+        size: the number of indices.
+        seed: the seed the order is drawn from, with the epoch.
+        shuffle: ``False`` gives ``0 .. size-1`` in order.
+    """
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True):
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
@@ -361,10 +380,20 @@ class EpochSampler(Sampler):
 
 
 def image_transform(config: dict, train: bool = False, kind: str = "timm", **augment) -> Callable:
-    """timm's transform for the data ``config`` (``input_size``, ``mean``, ``std``, ``crop_pct``,
-    ``interpolation``; ``augment``: timm's training options such as ``scale``, ``hflip``,
-    ``auto_augment``, ``re_prob``), or ``kind='pad_crop'``: the MSDNet CIFAR pipeline (pad 4 with
-    zeros, random 32 x 32 crop, horizontal flip for training; normalisation only for evaluation)."""
+    """timm's transform for the data ``config``, or the MSDNet CIFAR pipeline.
+
+    Args:
+        config: timm's data config (``input_size``, ``mean``, ``std``, ``crop_pct``,
+            ``interpolation``).
+        train: the training transform (augmented), else the evaluation one.
+        kind: ``"timm"``, or ``"pad_crop"``: the MSDNet CIFAR pipeline (pad 4 with zeros, random
+            crop to the input size, horizontal flip for training; normalisation only for evaluation).
+        **augment: timm's training options such as ``scale``, ``hflip``, ``auto_augment``,
+            ``re_prob`` (``kind="timm"``, training only).
+
+    Returns:
+        The transform, from a PIL image to a normalised tensor.
+    """
     if kind == "timm":
         return create_transform(**config, is_training=train, **(augment if train else {}))
     if kind not in TRANSFORMS:
@@ -376,9 +405,21 @@ def image_transform(config: dict, train: bool = False, kind: str = "timm", **aug
 
 def image_dataset(root: str, model: Optional[nn.Module] = None, train: bool = False, config: Optional[dict] = None,
                   check_files: Union[bool, str] = True, **transform_kwargs) -> ImageFiles:
-    """An ImageFolder (or tar) dataset with the model's preprocessing (timm's ``resolve_data_config``)
-    or the given data ``config`` (``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``);
-    ``check_files`` as in :class:`ImageFiles`."""
+    """An ImageFolder (or tar) dataset with the model's preprocessing or the given data config.
+
+    Args:
+        root: an ImageFolder root or a tar file.
+        model: the model whose preprocessing is used (timm's ``resolve_data_config``), when no
+            ``config`` is given.
+        train: the training transform (augmented), else the evaluation one.
+        config: timm's data config (``input_size``, ``mean``, ``std``, ``crop_pct``,
+            ``interpolation``); with neither, timm's defaults.
+        check_files: as in :class:`ImageFiles`.
+        **transform_kwargs: passed to :func:`image_transform` (``kind``, augmentation options).
+
+    Returns:
+        The dataset.
+    """
     if config is None:
         config = resolve_data_config({}, model=model) if model is not None else {}
     return ImageFiles(root, image_transform(config, train, **transform_kwargs), check_files=check_files)
@@ -413,7 +454,15 @@ def loader_workers(workers: Optional[int] = None) -> int:
 
 
 def seeded_order(n: int, seed: int) -> List[int]:
-    """A seeded random permutation of ``range(n)`` (the same on every machine and process)."""
+    """A seeded random permutation of ``range(n)`` (the same on every machine and process).
+
+    Args:
+        n: the number of indices.
+        seed: the permutation's seed.
+
+    Returns:
+        The permuted indices.
+    """
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
@@ -422,7 +471,19 @@ def held_out_split(n: int, fractions: Dict[str, float], seed: int = 0) -> Dict[s
     (:func:`seeded_order`) cut, in the order of ``fractions``, into ``round(n * fraction)`` indices
     per named part, the remaining indices last under ``"rest"``. A run's splits are
     ``{"test": ..., "validation": ...}`` of its training images, ``timm-exits evaluate --val-fraction``'s
-    ``{"validation": ...}`` of its test images; the same seed and fractions always give the same images."""
+    ``{"validation": ...}`` of its test images; the same seed and fractions always give the same images.
+
+    Args:
+        n: the number of images.
+        fractions: the fraction of ``n`` each named part holds, in the order the parts are cut.
+        seed: the order's seed.
+
+    Returns:
+        ``{name: indices}`` for each part, then ``"rest"`` (never empty).
+
+    Raises:
+        ValueError: the parts leave no rest.
+    """
     order, start, parts = seeded_order(n, seed), 0, {}
     for name, fraction in fractions.items():
         parts[name] = order[start:start + round(n * fraction)]
@@ -434,7 +495,16 @@ def held_out_split(n: int, fractions: Dict[str, float], seed: int = 0) -> Dict[s
 
 
 def split_dataset(dataset: Dataset, fraction: float, seed: int = 0) -> Tuple[Subset, Subset]:
-    """A seeded random split into (held-out ``fraction``, rest), by :func:`held_out_split`."""
+    """A seeded random split into (held-out ``fraction``, rest), by :func:`held_out_split`.
+
+    Args:
+        dataset: the dataset to split.
+        fraction: the held-out fraction, in (0, 1).
+        seed: the split's seed.
+
+    Returns:
+        ``(held_out, rest)``, two subsets of ``dataset``.
+    """
     if not 0 < fraction < 1:
         raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
     parts = held_out_split(len(dataset), {"held-out": fraction}, seed)
@@ -470,12 +540,22 @@ def _is_our_digits(root: str, test_fraction: float, seed: int) -> bool:
 
 
 def write_digits(root: str, size: int = 32, test_fraction: float = 0.2, seed: int = 0) -> str:
-    """Write scikit-learn's embedded digits (1,797 8 x 8 images, 10 classes) as ``size`` x ``size``
-    grayscale PNGs in ImageFolder layout: ``root/train/<digit>/`` and ``root/val/<digit>/`` (a
-    seeded split), marked as ours (:func:`~timm_exits.files.atomic_folder`). Nothing is downloaded;
-    an existing folder is kept. Only a folder of ours is ever changed: one of an older version (no
-    marker, ``test/`` for ``val/``, recognised by holding exactly the files written here) is
-    updated; any other, such as a user's own ``train/`` and ``test/``, is never renamed. Returns ``root``."""
+    """Write scikit-learn's embedded digits (1,797 8 x 8 images, 10 classes) as grayscale PNGs in
+    ImageFolder layout: ``root/train/<digit>/`` and ``root/val/<digit>/`` (a seeded split), marked
+    as ours (:func:`~timm_exits.files.atomic_folder`). Nothing is downloaded; an existing folder is
+    kept. Only a folder of ours is ever changed: one of an older version (no marker, ``test/`` for
+    ``val/``, recognised by holding exactly the files written here) is updated; any other, such as a
+    user's own ``train/`` and ``test/``, is never renamed.
+
+    Args:
+        root: the folder to write.
+        size: the images' side, in pixels.
+        test_fraction: the fraction of the images in ``val/``.
+        seed: the split's seed.
+
+    Returns:
+        ``root``.
+    """
     old, new = os.path.join(root, "test"), os.path.join(root, "val")
     if os.path.isdir(old) and not os.path.exists(new) and _is_our_digits(root, test_fraction, seed):
         os.replace(old, new)

@@ -40,7 +40,13 @@ CONVENTIONS = ("macs", "msdnet", "macs_norm")
 
 @dataclass(frozen=True)
 class ExitCost:
-    """Cumulative cost of leaving at ``exit`` (1-based)."""
+    """Cumulative cost of leaving at ``exit`` (1-based).
+
+    Args:
+        exit: the exit, 1-based.
+        macs: the cumulative MACs, in the convention it was profiled in.
+        params: the parameters read up to that exit.
+    """
 
     exit: int
     macs: int
@@ -134,9 +140,18 @@ def profile_exits(
         convention: str = "macs",
         heads: bool = True,
 ) -> List[ExitCost]:
-    """Cumulative MACs (in ``convention``) and parameters of every exit, for one image of
-    ``input_size`` (C, H, W; default: the model's ``pretrained_cfg``). ``heads=False``: the stages
-    alone, no exit head run (the backbone's cost up to each exit, e.g. to place exits by cost)."""
+    """Cumulative MACs (in ``convention``) and parameters of every exit, for one image.
+
+    Args:
+        model: a multi-exit model, or any model (one exit).
+        input_size: (C, H, W) of the image; default: the model's ``pretrained_cfg``.
+        convention: how operations are counted, one of ``CONVENTIONS`` (see the module docstring).
+        heads: ``False``: the stages alone, no exit head run (the backbone's cost up to each exit,
+            e.g. to place exits by cost).
+
+    Returns:
+        One :class:`ExitCost` per exit, in order.
+    """
     mapping = _counter_mapping(convention)
     if input_size is None:
         input_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")

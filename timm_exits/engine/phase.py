@@ -49,12 +49,25 @@ def train_phase(
         run_id: Optional[str] = None,
         log: Optional[RunLog] = None,
 ) -> Dict[str, Any]:
-    """Train one phase of a config and evaluate it; returns the evaluation report. ``previous`` is
-    the weights file of the phase before, which this phase starts from (IMTA phase II, the phases of a
-    phase-wise regime); ``extend``: the checkpoint
-    was made with fewer epochs, the run goes on with the schedule of the longer run; ``run_id``: the
-    run's identity (``run.json``), recorded in its checkpoints: another run's checkpoint is refused;
-    ``log``: the run's log file (the main process's), opened at the phase's first checkpoint."""
+    """Train one phase of a config and evaluate it.
+
+    Args:
+        accelerator: the run's accelerator.
+        config: the phase's resolved config.
+        output_dir: the phase's folder (checkpoint, summary, model folder, evaluation).
+        name: the phase's name, in messages and recorded in its checkpoints.
+        previous: the weights file of the phase before, which this phase starts from (IMTA phase II,
+            the phases of a phase-wise regime); ``None``: a fresh model.
+        resume: continue from the phase's checkpoint, if there is one.
+        extend: the checkpoint was made with fewer epochs, the run goes on with the schedule of the
+            longer run.
+        run_id: the run's identity (``run.json``), recorded in its checkpoints: another run's
+            checkpoint is refused.
+        log: the run's log file (the main process's), opened at the phase's first checkpoint.
+
+    Returns:
+        The phase's evaluation report.
+    """
     phase = TrainingPhase(accelerator, config, output_dir, name, previous, resume, run_id, log)
     try:
         phase.start(resume, extend)
@@ -76,7 +89,19 @@ class TrainingPhase:
     """The pieces of one phase (data, model, technique, optimizer, loader, scheduler, EMA, mixup) and
     its steps: build (the constructor), :meth:`start` (resume a checkpoint or seed a fresh run),
     :meth:`train_epoch` (ending with :meth:`record_epoch`: the summary row, the validation, the best
-    checkpoint), :meth:`finish` (the last checkpoint, the model folder, the evaluation)."""
+    checkpoint), :meth:`finish` (the last checkpoint, the model folder, the evaluation).
+
+    Args:
+        accelerator: the run's accelerator.
+        config: the phase's resolved config.
+        output_dir: the phase's folder.
+        name: the phase's name.
+        previous: the weights file the model starts from; ``None``: a fresh model.
+        resume: a checkpoint in ``output_dir`` may be resumed (without it, one is refused with a
+            FileExistsError).
+        run_id: the run's identity, recorded in its checkpoints.
+        log: the run's log file, opened at the phase's first checkpoint.
+    """
 
     def __init__(self, accelerator: Accelerator, config: Dict[str, Any], output_dir: str, name: str = "train",
                  previous: Optional[str] = None, resume: bool = False, run_id: Optional[str] = None,
@@ -147,8 +172,13 @@ class TrainingPhase:
             self.val_loader = _eval_loader(accelerator, data.val, dc)
 
     def start(self, resume: bool = False, extend: bool = False) -> None:
-        """Continue from the phase's checkpoint (``resume``, if there is one: weights, optimizer,
-        scheduler unless ``extend``, RNG states, the technique's state, EMA), else seed a fresh run."""
+        """Continue from the phase's checkpoint, else seed a fresh run.
+
+        Args:
+            resume: restore the checkpoint, if there is one: weights, optimizer, scheduler, RNG
+                states, the technique's state, EMA.
+            extend: the run was made longer: the scheduler is not restored, and a finished run goes on.
+        """
         acc, train_cfg = self.accelerator, self.config["train"]
         self.started = time.time()
         if not (resume and os.path.isdir(self.checkpoint_dir)):
@@ -314,7 +344,15 @@ class TrainingPhase:
 
     def step(self, images: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
         """One batch: the technique's step through the engine's trainer, then the backward and (on
-        update steps) the optimizer update; returns the loss terms averaged over the processes."""
+        update steps) the optimizer update.
+
+        Args:
+            images: the process's share of the batch, ``(N, C, H, W)``.
+            target: its labels: class indices ``(N,)``, or soft targets ``(N, classes)`` after mixup.
+
+        Returns:
+            ``{"loss": the terms' sum, <term>: value, ...}``, each term averaged over the processes.
+        """
         with self.accelerator.accumulate(self.forward):
             result = self.technique.train_step(self.trainer, images, target)
             values = self.update(result.loss, result.terms)
@@ -322,8 +360,18 @@ class TrainingPhase:
 
     def update(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """Stop on a non-finite loss, back-propagate ``loss``, clip, step the optimizer and zero the
-        gradients (accelerate skips the last two between the batches of an accumulation); returns
-        ``terms`` averaged over the processes."""
+        gradients (accelerate skips the last two between the batches of an accumulation).
+
+        Args:
+            loss: the loss to back-propagate.
+            terms: its named terms, each a scalar tensor.
+
+        Returns:
+            ``terms`` as floats, averaged over the processes.
+
+        Raises:
+            FloatingPointError: a term is not finite (before the optimizer step).
+        """
         acc = self.accelerator
         values = acc.reduce(torch.stack([v.detach().float() for v in terms.values()]), "mean")
         named = dict(zip(terms, values.tolist()))

@@ -20,7 +20,12 @@ MIN_VAL_IMAGES = 100  # held-out images below which the budgeted thresholds are 
 
 
 class Splits:
-    """The splits of one run: training (augmented), held-out validation and test (both not)."""
+    """The splits of one run: training (augmented), held-out validation and test (both not).
+
+    Args:
+        config: the run's resolved config (its ``data`` section and ``train.seed``).
+        accelerator: the run's accelerator: the main process checks the files first.
+    """
 
     def __init__(self, config: Dict[str, Any], accelerator: Accelerator):
         data = config["data"]
@@ -64,6 +69,15 @@ class Splits:
         return path + ".tar" if not os.path.exists(path) and os.path.isfile(path + ".tar") else path
 
     def set_transforms(self, config: Dict[str, Any], model: nn.Module) -> dict:
+        """Give every split its transform: augmented for training, not for validation and test.
+
+        Args:
+            config: the run's resolved config (its ``data`` section).
+            model: the model, whose pretrained config fills the preprocessing the config leaves unset.
+
+        Returns:
+            The resolved preprocessing (timm's data config).
+        """
         data = config["data"]
         data_config = resolve_preprocessing(model, {k: data[k] for k in PREPROCESSING}, lambda key: f"data.{key}")
         self.train_files.transform = image_transform(data_config, True, data["transform"], **data["augment"])
