@@ -102,12 +102,22 @@ def exit_metrics(outputs: ExitOutputs, exits: torch.Tensor, costs: Sequence[floa
 
 @dataclass
 class BudgetPoint:
-    """One point of a budgeted curve."""
+    """One point of a budgeted curve.
+
+    Args:
+        q: the ratio of the target exit distribution, P_k ∝ q^k.
+        thresholds: the per-exit thresholds fitted for it.
+        accuracy: test top-1 (%).
+        cost: expected cumulative cost per test sample.
+        exit_fractions: the fraction of test samples leaving at each exit.
+        val_accuracy: top-1 (%) on the split the thresholds were fitted on.
+        val_cost: the mean cost per sample on that split.
+    """
 
     q: float
     thresholds: List[float]
-    accuracy: float  # test top-1 (%)
-    cost: float  # expected cumulative cost per test sample
+    accuracy: float
+    cost: float
     exit_fractions: List[float]
     val_accuracy: float
     val_cost: float
@@ -235,15 +245,28 @@ def check_thresholds(thresholds: Sequence[float], num_exits: int) -> None:
 
 @dataclass
 class Thresholds:
-    """Exit thresholds with what they belong to, stored as JSON: the model, its number of exits, the
-    policy (its score name, fallback and strictness), the cumulative cost of each exit and the input
-    size (C, H, W) the costs were measured at, and what answers at the exits (``predictor``:
-    ``'exits'``, the model's own exits, or ``'product_anytime'``, a
-    :class:`~timm_exits.inference.anytime.ProductAnytimeModel` around it), and the identity of the
-    weights they were fitted on (``weights``: :func:`~timm_exits.inference.executor.weights_sha256`
-    of the model; the executor refuses other weights). Files written before a field was recorded
-    load with the old behaviour: ``input_size=None``, fallback ``last``, non-strict, the exits, weights
-    unchecked. ``policy`` may be given as an :class:`ExitPolicy`, which sets all three."""
+    """Exit thresholds with what they belong to, stored as JSON. Files written before a field was
+    recorded load with the old behaviour: ``input_size=None``, fallback ``last``, non-strict, the
+    exits, weights unchecked.
+
+    Args:
+        model: the model's name.
+        num_exits: its number of exits.
+        policy: the policy's score name, or an :class:`ExitPolicy`, which sets ``fallback`` and
+            ``strict`` too.
+        thresholds: one finite threshold per exit.
+        costs: the cumulative cost of each exit (non-decreasing); empty: unknown.
+        note: free text, e.g. how the thresholds did on the validation split.
+        input_size: (C, H, W) the costs were measured and the thresholds fitted at; ``None``: any.
+        fallback: the policy's fallback, one of ``FALLBACKS``.
+        strict: the policy's comparison is ``>`` instead of ``>=``.
+        predictor: what answers at the exits: ``'exits'``, the model's own exits, or
+            ``'product_anytime'``, a :class:`~timm_exits.inference.anytime.ProductAnytimeModel`
+            around it.
+        weights: the identity of the weights they were fitted on
+            (:func:`~timm_exits.inference.executor.weights_sha256` of the model; the executor refuses
+            other weights); ``None``: unchecked.
+    """
 
     model: str
     num_exits: int

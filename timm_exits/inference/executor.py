@@ -39,8 +39,14 @@ def weights_sha256(model: nn.Module) -> Optional[str]:
 
 @dataclass
 class ExitResult:
-    """Per sample: the logits of the exit that answered, its prediction, the exit (0-based) and,
-    if the executor knows the per-exit costs, the cumulative cost paid."""
+    """What the executor answers for a batch, per sample.
+
+    Args:
+        logits: the logits of the exit that answered, ``(samples, classes)``.
+        preds: its prediction, ``(samples,)``.
+        exits: the exit (0-based), ``(samples,)``.
+        costs: the cumulative cost paid, if the executor knows the per-exit costs.
+    """
 
     logits: torch.Tensor
     preds: torch.Tensor

@@ -31,14 +31,23 @@ class ExitOutputs:
     """Every exit's outputs over a dataset (``exits x samples x classes``) and the labels, kept as given:
     raw logits (float32 as collected; :attr:`probs` is their softmax, computed once), or probabilities
     (:meth:`from_probs`, ``logits`` None), which :attr:`probs` returns unchanged, so every consumer
-    reads exactly them. ``raw_logits`` is False for outputs that are not a model's raw logits
-    (probabilities, or the log-probabilities a product-anytime model answers with): what needs raw
-    logits (product anytime) refuses them."""
+    reads exactly them.
+
+    Args:
+        logits: every exit's logits, ``(exits, samples, classes)``; None for outputs given as
+            probabilities.
+        labels: the class index of each sample, ``(samples,)``.
+        raw_logits: False for outputs that are not a model's raw logits (probabilities, or the
+            log-probabilities a product-anytime model answers with): what needs raw logits (product
+            anytime) refuses them.
+        given_probs: the probabilities, set by :meth:`from_probs` (exactly one of ``logits`` and
+            ``given_probs`` is given).
+    """
 
     logits: Optional[torch.Tensor]
     labels: torch.Tensor
     raw_logits: bool = True
-    given_probs: Optional[torch.Tensor] = None  # set by from_probs
+    given_probs: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if (self.logits is None) == (self.given_probs is None):

@@ -72,7 +72,13 @@ def score_step(policy: str, probs: torch.Tensor, history: History = None) -> Tup
 
 @dataclass(frozen=True)
 class ExitPolicy:
-    """A score, a fallback rule and a comparison (see the module docstring)."""
+    """A score, a fallback rule and a comparison (see the module docstring).
+
+    Args:
+        score: how confident an exit is, one of ``SCORES``.
+        fallback: where the samples no exit accepts go, one of ``FALLBACKS``.
+        strict: compare ``score > threshold`` instead of ``>=``.
+    """
 
     score: str = "maxprob"
     fallback: str = "last"

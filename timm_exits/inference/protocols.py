@@ -35,7 +35,14 @@ COST_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # ZTW's table columns
 
 @dataclass
 class SweepPoint:
-    """One point of a sweep: the global threshold (or patience), top-1 (%), mean cost, exit fractions."""
+    """One point of a sweep.
+
+    Args:
+        threshold: the global threshold (or patience).
+        accuracy: top-1 (%).
+        cost: the mean cumulative cost per sample.
+        exit_fractions: the fraction of samples leaving at each exit.
+    """
 
     threshold: float
     accuracy: float

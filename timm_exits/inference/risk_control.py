@@ -74,11 +74,21 @@ def exits_at(confidence: torch.Tensor, lam: float) -> torch.Tensor:
 
 @dataclass
 class LambdaLosses:
-    """Per-sample losses of the global-lambda exit rule at every lambda of a descending grid."""
+    """Per-sample losses of the global-lambda exit rule at every lambda of a descending grid.
 
-    lambdas: torch.Tensor  # (K,) float64, from conservative to aggressive
-    losses: torch.Tensor  # (K, samples): float32 for the 0/1 losses, float64 for the Brier gaps, as the reference
-    exits: torch.Tensor  # (K, samples) long: the exit taken (0-based)
+    Args:
+        lambdas: the grid, ``(K,)`` float64, from conservative to aggressive.
+        losses: ``(K, samples)``: float32 for the 0/1 losses, float64 for the Brier gaps, as the
+            reference.
+        exits: ``(K, samples)`` long: the exit taken (0-based).
+        loss: the loss's name, one of ``LOSSES``.
+        loss_bound: the largest possible loss (``LOSS_BOUNDS[loss]``).
+        num_exits: the model's number of exits.
+    """
+
+    lambdas: torch.Tensor
+    losses: torch.Tensor
+    exits: torch.Tensor
     loss: str
     loss_bound: float
     num_exits: int
@@ -335,18 +345,30 @@ def select_lambda(
 
 @dataclass
 class RiskControl:
-    """A selected global threshold. ``thresholds`` has one entry per exit (the last is never
-    used: everything left exits there) and is meant for a **strict** test, score > threshold."""
+    """A selected global threshold.
+
+    Args:
+        lambda_index: the index of ``lam`` in the grid.
+        lam: the selected threshold.
+        thresholds: ``(exits,)`` float64, all equal to ``lam`` (the last is never used: everything
+            left exits there), meant for a **strict** test, score > threshold.
+        rule: the selection rule.
+        epsilon: the tolerated risk.
+        delta: 1 - the confidence level.
+        calibration_risk: the mean loss at ``lam`` on the calibration samples.
+        mean_exit: the mean exit (0-based) at ``lam`` on the calibration samples.
+        policy: what the thresholds are for: ``EarlyExitExecutor(model, rc.thresholds, rc.policy)``.
+    """
 
     lambda_index: int
     lam: float
-    thresholds: torch.Tensor  # (exits,) float64, all equal to lam
+    thresholds: torch.Tensor
     rule: str
     epsilon: float
     delta: float
-    calibration_risk: float  # the mean loss at lam on the calibration samples
-    mean_exit: float  # the mean exit (0-based) at lam on the calibration samples
-    policy: ExitPolicy = RC_POLICY  # what the thresholds are for: EarlyExitExecutor(model, rc.thresholds, rc.policy)
+    calibration_risk: float
+    mean_exit: float
+    policy: ExitPolicy = RC_POLICY
 
 
 def risk_controlled_thresholds(
