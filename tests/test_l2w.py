@@ -16,10 +16,10 @@ from accelerate import Accelerator
 from timm_exits import MSDNet
 from timm_exits.config import ConfigError, load_config
 from timm_exits.quotas import geometric_fractions
-from timm_exits.integrations.accelerate import TrainingPhase
-from timm_exits.train import create_technique, sgd_virtual_step
-from timm_exits.train.l2w import L2W, allocated_loss, budget_allocation, l2w_meta_step
-from timm_exits.train.techniques import TrainingForward
+from timm_exits.engine import TrainingPhase, run
+from timm_exits.task import MultiExitTask
+from timm_exits.train import L2W, PlainTrainer, TrainerError, build_technique, sgd_virtual_step
+from timm_exits.train.l2w import allocated_loss, budget_allocation, l2w_meta_step
 
 from helpers import MM_TINY_MSDNET, TINY_MSDNET, mm_runner, randomise_norms, tiny_data, write_config
 from launch import launch_two_processes
@@ -65,16 +65,17 @@ def test_part_one_matches_a_re_statement_of_the_reference_loop():
 
     seen = {}
 
-    def update(terms):  # after part 1's backward: what our code did so far
-        seen["meta"] = technique.last_meta
-        seen["net"] = [p.detach().clone() for p in technique.weight_net.parameters()]
-        optimizer.step()
-        seen["params"] = [p.detach().clone() for p in model.parameters()]
-        seen["momentum"] = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
-        seen["buffers"] = {k: v.clone() for k, v in model.named_buffers()}
-        optimizer.zero_grad()
+    class Recording(PlainTrainer):
+        def update(self, loss):  # part 1's update, inside the batch: what our code did so far
+            seen["meta"] = technique.last_meta
+            seen["net"] = [p.detach().clone() for p in technique.weight_net.parameters()]
+            super().update(loss)
+            seen["params"] = [p.detach().clone() for p in model.parameters()]
+            seen["momentum"] = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+            seen["buffers"] = {k: v.clone() for k, v in model.named_buffers()}
 
-    technique.step(model, TrainingForward(model), x, y, optimizer=optimizer, update=update, index=0)
+    technique.train_step(Recording(model, technique, optimizer), x, y)
+    assert "params" in seen  # the first half's update was taken inside the step
 
     # --- the reference's part 1, re-stated: a pseudo copy in train mode, a hand-written MetaSGD step
     W1, b1, W2, b2 = [p.detach().clone().requires_grad_(True) for p in start_net.parameters()]
@@ -204,7 +205,7 @@ def data(tmp_path_factory):
 
 def test_engine_trains_l2w_and_a_resume_restores_the_weight_net(data, tmp_path):
     extra = ("tracker = None\ntrain = dict(epochs=1)\n"
-             "technique = dict(loss='l2w', l2w=dict(hidden_size=16, lr=0.01, meta_interval=2))")
+             "technique = dict(type='L2W', hidden_size=16, lr=0.01, meta_interval=2)")
     config = load_config(str(write_config(tmp_path / "c.py", data, TINY_MSDNET, extra)), output_dir=str(tmp_path / "o"))
     phase = TrainingPhase(Accelerator(cpu=True), config, str(tmp_path / "o"))
     phase.start()
@@ -226,70 +227,65 @@ def test_engine_trains_l2w_and_a_resume_restores_the_weight_net(data, tmp_path):
 
 
 def test_l2w_errors_are_clear(data, tmp_path):
-    with pytest.raises(ValueError, match="constraint_dimension must be one of"):
-        create_technique("l2w", l2w=dict(constraint_dimension="diag"))
-    with pytest.raises(ValueError, match="epsilon must be > 0"):
-        create_technique("l2w", l2w=dict(epsilon=0.0))
-    with pytest.raises(ValueError, match="unknown l2w option"):
-        create_technique("l2w", l2w=dict(eps=0.3))
-    with pytest.raises(ValueError, match="input_type must be one of"):
-        create_technique("l2w", l2w=dict(input_type="logits"))
+    with pytest.raises(ValueError, match="L2W option constraint_dimension must be 'mat', 'col' or 'row', got 'diag'"):
+        L2W(constraint_dimension="diag")
+    with pytest.raises(ValueError, match="L2W option epsilon must be a number > 0.0, got 0.0"):
+        L2W(epsilon=0.0)
+    with pytest.raises(ValueError, match="L2W has no option 'eps' \\(did you mean 'epsilon'\\?\\)"):
+        L2W(eps=0.3)
+    with pytest.raises(ValueError, match="L2W option input_type must be 'loss', 'conf' or 'both', got 'logits'"):
+        L2W(input_type="logits")
     with pytest.raises(ValueError, match="does not combine with gradient_equilibrium"):
-        create_technique("l2w", gradient_equilibrium=True)
-    with pytest.raises(ConfigError, match="unknown config key 'technique.l2w.epsilonn'"):
-        load_config(str(write_config(tmp_path / "c.py", data, extra="technique = dict(loss='l2w', l2w=dict(epsilonn=1))")))
+        L2W(gradient_equilibrium=True)
+    with pytest.raises(ConfigError, match="technique: L2W has no option 'epsilonn' \\(did you mean 'epsilon'\\?\\)"):
+        load_config(str(write_config(tmp_path / "c.py", data, extra="technique = dict(type='L2W', epsilonn=1)")))
     model = _msdnet()
     technique = L2W(hidden_size=8)
     model = technique.prepare(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = _batch(n=1)
     with pytest.raises(ValueError, match="batch size must be at least 2, got 1"):
-        technique.step(model, TrainingForward(model), x, y, optimizer=optimizer)
+        PlainTrainer(model, technique, torch.optim.SGD(model.parameters(), lr=0.1)).step(x, y)
     x, y = _batch(n=4)
     with pytest.raises(ValueError, match="follows torch.optim.SGD .* is AdamW"):
-        technique.step(model, TrainingForward(model), x, y, optimizer=torch.optim.AdamW(model.parameters()))
-    with pytest.raises(ValueError, match="pass optimizer"):
-        technique.step(model, TrainingForward(model), x, y)
-    config = load_config(str(write_config(tmp_path / "c.py", data, extra="tracker = None\ntechnique = dict(loss='l2w')\n"
+        PlainTrainer(model, technique, torch.optim.AdamW(model.parameters())).step(x, y)
+    # a trainer that cannot take an update inside a batch: refused before training, naming the ones that can
+    with pytest.raises(TrainerError, match="L2W needs optimizer updates inside a batch.*timm's training task "
+                                           "\\(MultiExitTask\\) does not give.*accelerate engine \\(train.grad_accum_steps=1\\)"):
+        MultiExitTask(_msdnet(torch.float32), "L2W", verbose=False)
+    config = load_config(str(write_config(tmp_path / "c.py", data, extra="tracker = None\ntechnique = dict(type='L2W')\n"
                                                                          "train = dict(grad_accum_steps=2)")),
                          output_dir=str(tmp_path / "o"))
-    with pytest.raises(ValueError, match="does not accumulate gradients"):
-        TrainingPhase(Accelerator(cpu=True), config, str(tmp_path / "o"))
+    with pytest.raises(TrainerError, match="L2W needs optimizer updates inside a batch, without gradient accumulation, "
+                                           "which the accelerate engine does not give here.*train.grad_accum_steps=1"):
+        run(config)
+    assert not (tmp_path / "o" / "checkpoint").exists()  # refused before training
 
 
 DDP_SCRIPT = textwrap.dedent('''
-    import gc
+    import gc, os
     import torch
     from accelerate import Accelerator
-    from timm_exits import MSDNet
-    from timm_exits.train import create_technique
-    from timm_exits.train.techniques import TrainingForward
+    from timm_exits.config import load_config
+    from timm_exits.engine import TrainingPhase, run
 
     accelerator = Accelerator(cpu=True)
-    torch.manual_seed(0)  # the same initial network on every process
-    model = MSDNet(num_blocks=3, base=1, step=1, num_channels=4, growth_rate=2, gr_factor=[1], bn_factor=[1],
-                   stem_type="cifar", head_channels=8, num_classes=3, img_size=8)
-    technique = create_technique("l2w", l2w=dict(hidden_size=16, lr=0.01))
-    model = technique.prepare(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    forward, optimizer = accelerator.prepare(TrainingForward(model), optimizer)
-    g = torch.Generator().manual_seed(accelerator.process_index + 10)  # different data per process
+    out = os.environ["OUTPUT_DIR"]
+    phase = TrainingPhase(accelerator, load_config(os.environ["CONFIG"], output_dir=out), out)
+    phase.start()  # the same seeded network and weight net on every process
+    technique = phase.technique
     start = torch.cat([p.detach().reshape(-1) for p in technique.weight_net.parameters()]).clone()
-    for index in range(3):
-        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
-        technique.step(model, forward, x, y, backward=accelerator.backward, optimizer=optimizer, index=index)
-        optimizer.step()
-        optimizer.zero_grad()
+    phase.train_epoch(0)  # every process on its own shard of the data
     net = torch.cat([p.detach().reshape(-1) for p in technique.weight_net.parameters()])
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    flat = torch.cat([p.detach().reshape(-1) for p in phase.model.parameters()])
     nets, models = accelerator.gather(net.unsqueeze(0)), accelerator.gather(flat.unsqueeze(0))
     if accelerator.is_main_process:
         print(f"RESULT processes={accelerator.num_processes} nets={torch.equal(nets[0], nets[1])} "
-              f"models={torch.equal(models[0], models[1])} moved={not torch.equal(net, start)}")
+              f"models={torch.equal(models[0], models[1])} moved={not torch.equal(net, start)} "
+              f"meta_steps={technique.weight_optimizer.state_dict()['state'][0]['step']:.0f}")
     accelerator.wait_for_everyone()
     # the DDP wrapper holds the process group: free it (and the accelerator's references to it) before
     # end_training destroys the group; a wrapper outliving its group can abort gloo at interpreter exit
-    del forward, optimizer
+    del phase, technique
     accelerator.free_memory()
     gc.collect()
     accelerator.end_training()
@@ -297,22 +293,27 @@ DDP_SCRIPT = textwrap.dedent('''
 
 
 @pytest.mark.slow
-def test_weight_nets_stay_identical_under_two_process_ddp(tmp_path):
+def test_weight_nets_stay_identical_under_two_process_ddp(data, tmp_path):
+    """The engine under two-process DDP: every process takes L2W's steps on its own shard of the data
+    and ends with the same network and weight net (the meta gradients are averaged by hand)."""
     script = tmp_path / "ddp_l2w.py"
     script.write_text(DDP_SCRIPT)
-    run = launch_two_processes(str(script))
+    config = write_config(tmp_path / "c.py", data, extra="tracker = None\ntrain = dict(epochs=1)\n"
+                                                         "technique = dict(type='L2W', hidden_size=16, lr=0.01)")
+    run = launch_two_processes(str(script), CONFIG=str(config), OUTPUT_DIR=str(tmp_path / "o"))
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "RESULT processes=2 nets=True models=True moved=True" in run.stdout
+    # 32 training images, a global batch of 8 (4 per process): 4 batches, a meta step per half
+    assert "RESULT processes=2 nets=True models=True moved=True meta_steps=8" in run.stdout
 
 
 def test_the_technique_base_gives_the_reference_cifar_settings(data, tmp_path):
     base = Path(__file__).resolve().parents[1] / "recipes" / "_base_" / "techniques" / "l2w.py"
     config = load_config(str(write_config(tmp_path / "c.py", data, extra=f"_base_ = [{str(base)!r}]")))
-    technique = create_technique(**config["technique"])
+    technique = build_technique(config["technique"])
     assert isinstance(technique, L2W)
-    assert (technique.epsilon, technique.constraint_dimension, technique.input_type, technique.hidden_size,
-            technique.meta_interval, technique.lr, technique.weight_decay, technique.target_p) == \
-        (0.8, "col", "loss", 500, 1, 1e-4, 1e-4, 0.75)
+    o = technique.options
+    assert (o.epsilon, o.constraint_dimension, o.input_type, o.hidden_size, o.meta_interval, o.lr, o.weight_decay,
+            o.target_p) == (0.8, "col", "loss", 500, 1, 1e-4, 1e-4, 0.75)
 
 
 @pytest.mark.parametrize("follows, expected", [(True, 0.5e-3), (False, 1e-3)])
@@ -329,40 +330,55 @@ def test_the_weight_nets_lr_follows_the_networks_schedule(follows, expected):
 
 @pytest.mark.slow
 def test_the_mmengine_adapter_trains_l2w_and_resumes_its_weight_net(tmp_path):
-    """A real Runner: L2W's own steps (the weight net learns, two updates per batch), its weight net and
-    Adam state in the checkpoint and back on resume; without L2WHook, an error instead of a silent
-    loss without meta steps."""
-    from timm_exits.integrations.mmengine import enable_resume
+    """A real Runner, no hook needed: L2W's own steps (the weight net learns, two updates per batch, a
+    meta step per half), its weight net, Adam state and update count in the checkpoint (the model's
+    state dict) and back on resume."""
+    from timm_exits.integrations.mmengine import MultiExitClassifier, enable_resume
 
-    model = dict(MM_TINY_MSDNET, loss="l2w")
-    with pytest.raises(ValueError, match="needs custom_hooks"):
-        mm_runner(tmp_path, model, iters=2, name="no_hook").train()
-    runner = mm_runner(tmp_path, model, iters=2, hooks=[dict(type="L2WHook")])
+    model = dict(MM_TINY_MSDNET, technique=dict(type="L2W", hidden_size=16))
+    runner = mm_runner(tmp_path, model, iters=2)
     technique = runner.model.technique
     net0 = {k: v.clone() for k, v in technique.weight_net.state_dict().items()}
     runner.train()
     net = technique.weight_net.state_dict()
     assert all(not torch.equal(net0[k], net[k]) for k in net)  # the meta steps trained the weight net
+    assert technique.weight_optimizer.state_dict()["state"][0]["step"] == 4  # 2 batches, a meta step per half
+    assert runner.model.updates == 2  # L2W's intervals count batches
     assert len(runner.optim_wrapper.optimizer.state) and all(  # the SGD updates left their momentum buffers
         s["momentum_buffer"] is not None for s in runner.optim_wrapper.optimizer.state.values())
-    saved = torch.load(tmp_path / "run" / "iter_2.pth", weights_only=False)
-    assert all(torch.equal(saved["l2w"]["l2w_weight_net"][k], net[k]) for k in net)
+    checkpoint = MultiExitClassifier(**model)  # what the checkpoint's state dict holds
+    checkpoint.load_state_dict(torch.load(tmp_path / "run" / "iter_2.pth", weights_only=False)["state_dict"])
+    assert all(torch.equal(checkpoint.technique.weight_net.state_dict()[k], net[k]) for k in net)
+    assert checkpoint.updates == 2
     enable_resume()
-    resumed = mm_runner(tmp_path, model, iters=2, hooks=[dict(type="L2WHook")], resume=True)
+    resumed = mm_runner(tmp_path, model, iters=2, resume=True)
+    assert not all(torch.equal(v, net[k]) for k, v in resumed.model.technique.weight_net.state_dict().items())
     resumed.train()  # nothing left to train: only the resume
     state = resumed.model.technique.state_dict()
     assert all(torch.equal(state["l2w_weight_net"][k], net[k]) for k in net)
-    assert state["l2w_optimizer"]["state"][0]["step"] == technique.weight_optimizer.state_dict()["state"][0]["step"]
+    assert state["l2w_optimizer"]["state"][0]["step"] == 4 and resumed.model.updates == 2
 
 
-def test_the_mmengine_loss_path_refuses_l2w():
-    """MMDistributedDataParallel's train_step calls the model's loss, not its train_step: L2W would
-    train there without meta steps, so that path is an error that names the wrapper to use."""
+def test_the_mmengine_loss_path_and_accumulation_refuse_l2w():
+    """L2W takes an optimizer update inside every batch: MMDistributedDataParallel's train_step calls
+    the model's loss, not its train_step (L2W would train there without meta steps), and
+    accumulative_counts=2 leaves no update inside a batch; both are errors that say what to do."""
+    from mmengine.optim import OptimWrapper
+
     from timm_exits.integrations.mmengine import MultiExitClassifier
 
-    model = MultiExitClassifier(**dict(MM_TINY_MSDNET, loss="l2w"))
-    with pytest.raises(ValueError, match="MMDistributedDataParallel does not call.*MultiExitDistributedDataParallel"):
-        model(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]), mode="loss")
+    model = MultiExitClassifier(**MM_TINY_MSDNET, technique=dict(type="L2W", hidden_size=8))
+    images, target = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"trains through its technique's own step \(L2W\), which "
+                                         r"MMDistributedDataParallel does not call.*MultiExitDistributedDataParallel"):
+        model(images, target, mode="loss")
+    before = {k: v.clone() for k, v in model.state_dict().items() if k != "_extra_state"}
+    accumulating = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
+    with pytest.raises(TrainerError, match=r"L2W needs optimizer updates inside a batch, without gradient "
+                                           r"accumulation, which mmengine does not give here.*accumulative_counts=1"):
+        model.train_step(dict(inputs=images, data_samples=target), accumulating)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # refused before any step
+    assert model.updates == 0
 
 
 MM_DDP_SCRIPT = textwrap.dedent('''
@@ -375,10 +391,9 @@ MM_DDP_SCRIPT = textwrap.dedent('''
 
     state = PartialState(cpu=True)  # gloo, before the Runner (its own init_dist needs CUDA)
     runner = Runner(
-        model=dict(type="MultiExitClassifier", **MM_TINY_MSDNET, loss="l2w", loss_kwargs=dict(l2w=dict(hidden_size=16,
-                                                                                                       lr=0.01))),
+        model=dict(type="MultiExitClassifier", **MM_TINY_MSDNET, technique=dict(type="L2W", hidden_size=16, lr=0.01)),
         work_dir=os.environ["WORK_DIR"], train_dataloader=mm_loader(), train_cfg=dict(by_epoch=False, max_iters=3),
-        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9)), custom_hooks=[dict(type="L2WHook")],
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9)),
         launcher="pytorch", env_cfg=dict(dist_cfg=dict(backend="gloo")),
         cfg=dict(model_wrapper_cfg=dict(type=os.environ["WRAPPER"], device_ids=None)),
         randomness=dict(seed=0), default_scope="mmengine")
@@ -422,4 +437,4 @@ def test_the_mmengine_ddp_wrapper_trains_l2w_in_two_processes(tmp_path):
     plain = launch_two_processes(str(script), WORK_DIR=str(tmp_path / "plain"), TESTS_DIR=tests,
                                  WRAPPER="MMDistributedDataParallel")
     assert plain.returncode == 0, plain.stderr[-3000:]
-    assert "REFUSED loss='l2w' takes its own steps" in plain.stdout
+    assert "REFUSED MultiExitClassifier trains through its technique's own step (L2W)" in plain.stdout

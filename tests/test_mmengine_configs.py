@@ -1,5 +1,6 @@
-"""The example mmengine configs in recipes/mmengine, run through recipes/mmengine/train.py on a tiny
-image folder (real files), shrunk with --cfg-options."""
+"""The example mmengine configs in recipes/mmengine: each resolves to the technique it names, and
+they run through recipes/mmengine/train.py on a tiny image folder (real files), shrunk with
+--cfg-options."""
 import json
 import os
 import subprocess
@@ -7,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from mmengine.config import Config
+
+from timm_exits.train import build_technique
 
 from helpers import make_image_folder
 
@@ -24,9 +28,23 @@ def data_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("config, technique", [
+    ("msdnet_cifar_ge.py", dict(type="CrossEntropy")),
+    ("msdnet_cifar_pcgrad.py", dict(type="PCGrad", scope="global", order="random", protect_deeper=False)),
+    ("msdnet_cifar_hdkd.py", dict(type="HDKD", alpha=0.5, temperature=4.0, lr=3e-4, interval=4)),
+    ("msdnet_cifar_imta.py", dict(type="OneForAll", isc="reference", temperature=3.0, gamma=0.9, reduction="batchmean")),
+])
+def test_example_config_names_its_technique(config, technique):
+    """Each config's technique section (the imta one replaces the base's) builds with its options."""
+    section = Config.fromfile(str(ROOT / "recipes" / "mmengine" / config)).model.technique.to_dict()
+    assert section == technique
+    built = build_technique(section).config()
+    assert {k: built[k] for k in technique} == technique
+
+
 @pytest.mark.parametrize("config, extra", [
     ("msdnet_cifar_ge.py", []),
-    ("msdnet_cifar_hdkd.py", ["custom_hooks.0.val_dataloader.num_workers=0", "custom_hooks.0.interval=1"]),
+    ("msdnet_cifar_hdkd.py", ["custom_hooks.0.dataloader.num_workers=0", "model.technique.interval=1"]),
 ])
 def test_example_config_trains(data_root, tmp_path, config, extra):
     work = tmp_path / "work"
