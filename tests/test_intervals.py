@@ -54,8 +54,11 @@ def _batches(n: int, seed: int = 0):
 
 def engine(tmp_path: Path) -> list:
     data = tiny_data(tmp_path / "data")  # 32 training images: 4 batches of 8 per epoch, 2 epochs
-    extra = f"tracker = None\ntechnique = dict(type='RecordingHDKD', interval={INTERVAL}, xi=0.01)"
+    extra = (f"tracker = None\ntrain = dict(epochs=2, grad_accum_steps=2)\n"
+             f"technique = dict(type='RecordingHDKD', interval={INTERVAL}, xi=0.01)")
     config = load_config(str(write_config(tmp_path / "c.py", data, TINY_MSDNET, extra)), output_dir=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="accumulates 1 batches per update but train.grad_accum_steps is 2"):
+        TrainingPhase(Accelerator(cpu=True), config, str(tmp_path / "o"))  # an accelerator that disagrees
     phase = TrainingPhase(Accelerator(cpu=True, gradient_accumulation_steps=2), config, str(tmp_path / "o"))
     phase.start()
     for epoch in phase.remaining_epochs():

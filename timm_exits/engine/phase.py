@@ -116,6 +116,10 @@ class TrainingPhase:
         self.state: Dict[str, Any] = {"epoch": 0, "batch": 0, "updates": 0, "finished": False, "loss_sum": 0.0,
                                       "summary": [], "best": None}
         train_cfg, dc = config["train"], config["data"]
+        if accelerator.gradient_accumulation_steps != train_cfg["grad_accum_steps"]:
+            raise ValueError(f"the accelerator accumulates {accelerator.gradient_accumulation_steps} batches per update "
+                             f"but train.grad_accum_steps is {train_cfg['grad_accum_steps']}: build it with "
+                             f"Accelerator(gradient_accumulation_steps={train_cfg['grad_accum_steps']}) (run() does)")
         for folder in (self.checkpoint_dir, self.best_dir):
             if accelerator.is_main_process and (restored := recover_folder(folder)):
                 accelerator.print(f"[{name}] {restored}")

@@ -179,14 +179,18 @@ class Technique(abc.ABC):
             The model to :meth:`prepare`.
         """
         kwargs = dict(model_kwargs or {})
-        if previous is not None:
-            wrapped = self.check(timm.create_model(name, **{k: v for k, v in kwargs.items() if k != "pretrained"}))
-            weights = timm.models.load_state_dict(previous)
-            if set(weights) == set(wrapped.state_dict()):
-                wrapped.load_state_dict(weights)
-                return wrapped
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=previous))
-        return self.check(timm.create_model(name, **kwargs))
+        if previous is None:
+            return self.check(timm.create_model(name, **kwargs))
+        plain = {k: v for k, v in kwargs.items() if k != "pretrained"}
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):  # a probe: no memory, no random draws
+            wrapper_keys = set(self.check(timm.create_model(name, **plain)).state_dict())
+        weights = timm.models.load_state_dict(previous)
+        if set(weights) == wrapper_keys:  # the wrapper's own weights (ZTW's phase B after phase A)
+            wrapped = self.check(timm.create_model(name, **plain))
+            wrapped.load_state_dict(weights)
+            return wrapped
+        return self.check(timm.create_model(name, **{**kwargs, "pretrained": True,
+                                                    "pretrained_cfg_overlay": dict(file=previous)}))
 
     # --- the step --------------------------------------------------------------------------------
 
