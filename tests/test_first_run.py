@@ -4,8 +4,10 @@ the machine, too few held-out images are warned about, a failed start leaves not
 under ``timm-exits launch`` the user's error is the last line printed, once."""
 import gc
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +98,28 @@ def test_the_fixed_command_reuses_the_folder_without_resume_advice(data, tmp_pat
     printed = capfd.readouterr()
     assert (out / "run.json").is_file() and (out / "checkpoint").is_dir() and not Path(f"{out}-1").exists()
     assert "--resume" not in printed.out + printed.err
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_leaves_a_folder_the_same_command_reuses(data, tmp_path):
+    """SIGKILL (nothing runs after it) once the run has claimed its folder and before it saves a checkpoint:
+    the folder holds a run.json and no output, and the same command trains in it instead of <out>-1."""
+    config = write_config(tmp_path / "c.py", data, extra="train = dict(epochs=1)\ntracker = None")
+    out = tmp_path / "out"
+    killed = subprocess.Popen([sys.executable, str(ROOT / "recipes" / "train.py"), str(config), "--output-dir", str(out),
+                               "--cfg-options", "data.batch_size=2"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        while not (out / "run.json").exists() and killed.poll() is None:
+            time.sleep(0.01)
+        killed.send_signal(signal.SIGKILL)
+    finally:
+        killed.wait(60)
+    assert (out / "run.json").is_file() and not (out / "checkpoint").exists(), "killed after its first checkpoint"
+    _run(config, out)
+    assert (out / "checkpoint").is_dir() and (out / "results.json").is_file() and not Path(f"{out}-1").exists()
+    _run(config, out)  # a folder with output is kept: the next run writes beside it
+    assert (Path(f"{out}-1") / "results.json").is_file()
 
 
 def _launch(*launcher_args):

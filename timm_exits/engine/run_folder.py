@@ -118,8 +118,13 @@ def saved_checkpoint(lock: OutputLock) -> bool:
 
 
 def _holds_run(folder: str) -> bool:
-    return os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, f)) for f in (RUN_FILE, "results.json",
-                                                                                             "checkpoint"))
+    """Whether ``folder`` holds a run's output: its results or a checkpoint (its own, or a phase's). A
+    ``run.json`` alone is a run killed before its first checkpoint: nothing to keep or resume."""
+    if not os.path.isdir(folder):
+        return False
+    if any(os.path.exists(os.path.join(folder, f)) for f in ("results.json", "checkpoint")):
+        return True
+    return any(os.path.isdir(os.path.join(folder, name, "checkpoint")) for name in os.listdir(folder))
 
 
 def claim_output_dir(accelerator: Accelerator, config: Dict[str, Any], resume: bool, extend_epochs: bool):
