@@ -36,15 +36,31 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """``x`` unchanged, with its gradient multiplied by ``factor`` in the backward pass."""
+    """``x`` unchanged, with its gradient multiplied by ``factor`` in the backward pass.
+
+    Args:
+        x: any tensor.
+        factor: the constant the gradient is multiplied by.
+
+    Returns:
+        A view of ``x``.
+    """
     return _ScaleGrad.apply(x, factor)
 
 
 def project_conflicts(grads: List[torch.Tensor], order: Sequence[Sequence[int]],
                       protected: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
-    """Sum of the PCGrad-projected gradients (each a flat tensor). ``order[i]`` lists the other
-    gradients g_i is projected against, in turn; ``protected[i]``: those g_i is never projected
-    against even on a conflict."""
+    """Sum of the PCGrad-projected gradients.
+
+    Args:
+        grads: the gradients, each a flat tensor of the same size; they are not modified.
+        order: ``order[i]`` lists the indices of the other gradients g_i is projected against, in turn.
+        protected: ``protected[i]`` lists those g_i is never projected against, even on a conflict;
+            ``None``: none.
+
+    Returns:
+        The sum of the projected gradients, a flat tensor.
+    """
     total = torch.zeros_like(grads[0])
     for i, g in enumerate(grads):
         g = g.clone()
@@ -76,6 +92,14 @@ class _Branch(torch.autograd.Function):
 
 
 def deconflict_branch(x: torch.Tensor, protect_deeper: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(x_head, x_trunk)``: both ``x``; in the backward their gradients are deconflicted (with
-    ``protect_deeper``, only the head's gradient is projected)."""
+    """``(x_head, x_trunk)``: both ``x``; in the backward their gradients are deconflicted.
+
+    Args:
+        x: the state at a branch point.
+        protect_deeper: project only the head's gradient (the trunk's is never projected).
+
+    Returns:
+        ``(x_head, x_trunk)``, two views of ``x``: the exit head reads the first, the next stage the
+        second.
+    """
     return _Branch.apply(x, protect_deeper)

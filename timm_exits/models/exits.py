@@ -192,7 +192,16 @@ class BackboneWithExits(MultiExitModel):
 
     @abc.abstractmethod
     def forward_units(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Run the backbone's units ``start`` .. ``end - 1`` (``forward_stem`` is the family's too)."""
+        """Run the backbone's units ``start`` .. ``end - 1`` (``forward_stem`` is the family's too).
+
+        Args:
+            x: the state before unit ``start`` (the stem's output for unit 0).
+            start: the first unit to run (0-based).
+            end: one past the last unit to run.
+
+        Returns:
+            The state after unit ``end - 1``.
+        """
 
     def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -257,6 +266,15 @@ class BackboneWithExits(MultiExitModel):
         return self.forward_until(x, self.exit_index)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The active exit's head (timm's ``forward_head``).
+
+        Args:
+            x: the state :meth:`forward_features` returns.
+            pre_logits: return the pooled features instead of the logits.
+
+        Returns:
+            The logits ``(batch, classes)``, or the pooled features.
+        """
         return self.forward_exit(x, self.exit_index, pre_logits=pre_logits)
 
     # ---- timm's model API
@@ -267,8 +285,13 @@ class BackboneWithExits(MultiExitModel):
         return self.exits[self.exit_index].fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """New linear layers with ``num_classes`` outputs on every exit, the backbone's included;
-        ``global_pool`` (e.g. ``''``: unpooled features) goes to the backbone and the exit heads."""
+        """New linear layers on every exit, the backbone's included.
+
+        Args:
+            num_classes: their number of outputs (0: no classifier, the features).
+            global_pool: the pooling for the backbone and the exit heads (e.g. ``''``: unpooled
+                features); ``None`` keeps theirs.
+        """
         pool = None if global_pool is None else _exit_pool(global_pool, self.layout, self.num_prefix_tokens)
         ref = next(self.backbone.parameters())
         for head in self.exits:
@@ -314,7 +337,17 @@ class BackboneWithExits(MultiExitModel):
             **kwargs: Any,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """The backbone's ``forward_intermediates`` (its feature maps, ``feature_info`` indices); the final
-        output is ``backbone.forward_features(x)``, the last exit's ``forward_features``."""
+        output is ``backbone.forward_features(x)``, the last exit's ``forward_features``.
+
+        Args:
+            x: the input batch.
+            indices: ``feature_info`` indices in [-n, n-1], an int k (the last k maps), or ``None`` (all).
+            norm, stop_early, output_fmt, intermediates_only, **kwargs: passed on to the backbone's
+                ``forward_intermediates``.
+
+        Returns:
+            The list of feature maps with ``intermediates_only``, else ``(final features, feature maps)``.
+        """
         self._check_feature_indices(indices)
         return self.backbone.forward_intermediates(
             x, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
@@ -327,8 +360,17 @@ class BackboneWithExits(MultiExitModel):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """The backbone's ``prune_intermediate_layers``; ``prune_head`` also removes every exit head, leaving
-        one exit: the pruned backbone's features."""
+        """The backbone's ``prune_intermediate_layers``.
+
+        Args:
+            indices: the ``feature_info`` indices to keep the layers for (as :meth:`forward_intermediates`).
+            prune_norm: also remove the backbone's final norm.
+            prune_head: also remove the backbone's head and every exit head, leaving one exit: the pruned
+                backbone's features.
+
+        Returns:
+            The indices of the feature maps :meth:`forward_intermediates` then takes (the backbone's).
+        """
         self._check_feature_indices(indices)
         take_indices = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
         if prune_head:
@@ -490,11 +532,19 @@ def exits_by_cost(backbone: nn.Module, fractions: Sequence[float], input_size: O
     """The units to put exits after so that each exit's cost is nearest a fraction of the backbone's:
     for each p, the unit (not the last) whose cumulative MACs (stem and units up to it, no head) are
     nearest p x the MACs of the whole backbone without its classifier head, profiled with
-    :func:`timm_exits.profile.profile_exits` for one image of ``input_size`` (default: the backbone's).
+    :func:`timm_exits.profile.profile_exits` for one image.
 
-    A tie goes to the shallower unit. Fractions nearest the same unit give one exit there (sorted,
-    without repeats), so a backbone with few units (ResNet: layer1..layer3) gets fewer exits than
-    fractions."""
+    A tie goes to the shallower unit. Fractions nearest the same unit give one exit there, so a
+    backbone with few units (ResNet: layer1..layer3) gets fewer exits than fractions.
+
+    Args:
+        backbone: a timm model of a supported family.
+        fractions: the target costs, each a fraction in (0, 1) of the backbone's MACs.
+        input_size: (C, H, W) of the image profiled; ``None``: the backbone's.
+
+    Returns:
+        The 0-based unit indices, sorted, without repeats.
+    """
     fractions = list(fractions)
     if not fractions or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1
                                 for p in fractions):
@@ -521,16 +571,22 @@ def add_exits(
         multi_exit_training: bool = True,
         **create_kwargs,
 ) -> BackboneWithExits:
-    """Make a timm model multi-exit. ``model`` is a model or a name for ``timm.create_model``, which
-    then receives ``create_kwargs`` (``pretrained``, ``pretrained_cfg_overlay``, ``num_classes``, ...).
-    ``exits``, ``head``, ``exits_at_cost``, ``input_size`` and ``multi_exit_training``: see
-    :class:`BackboneWithExits` (``exits='sdn', head='sdn'``: SDN's placement and heads).
-
-    ``drop_rate`` is timm's: dropout before each exit's classifier; from a name, the backbone's own
-    head (the last exit) gets it too, a model passed in keeps its own.
+    """Make a timm model multi-exit.
 
     With ``pretrained=True`` and ``pretrained_cfg_overlay=dict(file=...)``, the file may hold the
     backbone's weights (loaded by timm, exits freshly initialised) or a whole multi-exit model's.
+
+    Args:
+        model: a timm model, or a name for ``timm.create_model``.
+        exits, head, head_width, exits_at_cost, input_size, multi_exit_training: see
+            :class:`BackboneWithExits` (``exits='sdn', head='sdn'``: SDN's placement and heads).
+        drop_rate: timm's: dropout before each exit's classifier; from a name, the backbone's own
+            head (the last exit) gets it too, a model passed in keeps its own.
+        **create_kwargs: for ``timm.create_model`` (``pretrained``, ``pretrained_cfg_overlay``,
+            ``num_classes``, ...); only with a name.
+
+    Returns:
+        The model with exits, the :class:`BackboneWithExits` subclass of its family.
     """
     if isinstance(model, nn.Module):
         if create_kwargs:

@@ -5,8 +5,16 @@ __all__ = ["check_feature_indices"]
 
 
 def check_feature_indices(indices: Optional[Union[int, Sequence[int]]], num_features: int, model: str) -> None:
-    """Refuse feature indices that ``model`` (a name for the message) with ``num_features`` feature
-    maps cannot give: indices in [-n, n-1], an int n in [1, n] (the last n), or None (all)."""
+    """Refuse feature indices that a model cannot give.
+
+    Args:
+        indices: indices in [-n, n-1], an int in [1, n] (the last that many), or ``None`` (all).
+        num_features: n, the number of feature maps of the model.
+        model: what the model is (e.g. ``"MSDNet"``), to name it in the error.
+
+    Raises:
+        ValueError: an index, or the count, is out of range, or the sequence is empty.
+    """
     if indices is None:
         return
     n = num_features

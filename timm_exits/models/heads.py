@@ -29,14 +29,30 @@ HEAD_TYPES = ("linear", "conv", "sdn", "ztw")
 
 
 def classifier(width: int, num_classes: int, device=None, dtype=None) -> nn.Module:
-    """The linear layer of a head; an identity for ``num_classes=0`` (the head then gives features)."""
+    """The linear layer of a head; an identity for ``num_classes=0`` (the head then gives features).
+
+    Args:
+        width: its number of inputs.
+        num_classes: its number of outputs; 0: no layer.
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
+
+    Returns:
+        An ``nn.Linear``, or an ``nn.Identity`` for 0 classes.
+    """
     return nn.Linear(width, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
 
 
 def reset_head_classifier(head: nn.Module, width: int, num_classes: int, pool: Optional[str] = None,
                           device=None, dtype=None) -> None:
-    """Give ``head`` a fresh ``fc`` for ``num_classes`` (and pooling ``pool`` if given, for heads that have one),
-    on ``device`` / ``dtype`` (default: those of the head's parameters), in the head's training mode."""
+    """Give a head a fresh ``fc``, in the head's training mode.
+
+    Args:
+        head: an exit head (with an ``fc``).
+        width: the number of inputs of the new ``fc`` (the head's ``num_features``).
+        num_classes: its number of outputs; 0: an identity (the head gives features).
+        pool: the head's new pooling, for heads that have one; ``None`` keeps it.
+        device, dtype: of the new ``fc``; ``None``: those of the head's parameters.
+    """
     if pool is not None and hasattr(head, "pool"):
         head.pool = pool
     ref = next(head.parameters(), None)
@@ -48,8 +64,17 @@ def reset_head_classifier(head: nn.Module, width: int, num_classes: int, pool: O
 class LinearHead(nn.Module):
     """[LayerNorm], pool to one vector per sample, dropout, linear.
 
-    ``pool``: ``avg`` (spatial mean or mean of the patch tokens), ``token`` (the class token) or ``''``
-    (no pooling: the [normalised] features; meant for ``num_classes=0``).
+    Args:
+        in_chs: the width of the state (channels, or token width).
+        num_classes: the number of logits; 0: no linear layer (the head gives features).
+        layout: the state's layout: ``nchw``, ``nhwc`` or ``nlc`` (tokens).
+        pool: ``avg`` (spatial mean or mean of the patch tokens), ``token`` (the class token; ``nlc``
+            with a prefix token only) or ``''`` (no pooling: the [normalised] features; meant for
+            ``num_classes=0``).
+        num_prefix_tokens: the class / register tokens in front of the patch tokens (``nlc``).
+        norm: a LayerNorm over the width (before pooling for tokens and NHWC maps, after it for NCHW).
+        drop_rate: dropout before the linear layer.
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
     """
 
     def __init__(
@@ -98,8 +123,17 @@ class LinearHead(nn.Module):
 
 
 class ConvHead(nn.Module):
-    """Two 3x3 stride-2 conv-BN-ReLU, global average pool (``pool='avg'``; ``''``: none), dropout, linear
-    (the MSDNet head, with a global pool so that it fits any resolution)."""
+    """Two 3x3 stride-2 conv-BN-ReLU, global average pool, dropout, linear (the MSDNet head, with a
+    global pool so that it fits any resolution).
+
+    Args:
+        in_chs: the channels of the NCHW state.
+        num_classes: the number of logits; 0: no linear layer (the head gives features).
+        width: the channels of the two convolutions; ``None``: ``in_chs``.
+        drop_rate: dropout before the linear layer.
+        pool: ``avg`` (global average) or ``''`` (none).
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
+    """
 
     def __init__(self, in_chs: int, num_classes: int, width: Optional[int] = None, drop_rate: float = 0.0,
                  pool: str = "avg", device=None, dtype=None):
@@ -123,10 +157,15 @@ class ConvHead(nn.Module):
 
 
 class MixedPool(nn.Module):
-    """``alpha * maxpool(x) + (1 - alpha) * avgpool(x)`` with a ``size`` window and stride (SDN) or, with
-    ``adaptive``, adaptive pooling to a ``size`` output (ZTW); ``alpha`` one learnable scalar drawn from
+    """``alpha * maxpool(x) + (1 - alpha) * avgpool(x)``, ``alpha`` one learnable scalar drawn from
     U(0, 1). As in SDN's and ZTW's code, ``alpha`` has no sigmoid or clamp: training may take it outside
-    [0, 1]."""
+    [0, 1].
+
+    Args:
+        size: (H, W) of the pooling window and stride (SDN), or of the output with ``adaptive``.
+        adaptive: adaptive pooling to a ``size`` output (ZTW).
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
+    """
 
     def __init__(self, size: Tuple[int, int], adaptive: bool = False, device=None, dtype=None):
         super().__init__()
@@ -144,7 +183,16 @@ class SDNHead(nn.Module):
     """SDN's internal classifier for maps of ``map_size`` (H, W): where both sides are >= 4, a
     :class:`MixedPool` with the window ``(H // 4, W // 4)`` (a 4x4 output for sides divisible by 4),
     else no pooling; then flatten (channel-major, as ``view`` of an NCHW map) and one linear layer,
-    which fixes the input size. ``layout`` ``nhwc`` (Swin) maps are read as NCHW."""
+    which fixes the input size.
+
+    Args:
+        in_chs: the channels of the map.
+        num_classes: the number of logits; 0: no linear layer (the head gives features).
+        map_size: (H, W) of the map it reads.
+        layout: ``nchw``, or ``nhwc`` (Swin; read as NCHW).
+        drop_rate: dropout before the linear layer.
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
+    """
 
     def __init__(self, in_chs: int, num_classes: int, map_size: Sequence[int], layout: str = "nchw",
                  drop_rate: float = 0.0, device=None, dtype=None):
@@ -178,8 +226,16 @@ class ZTWHead(nn.Module):
     """ZTW's pooled head (``pooled_head`` of ``gmum/Zero-Time-Waste``, without convolutions): a
     :class:`MixedPool` adaptive to ``pool_size`` x ``pool_size`` (4x4) on every map, so a 2x2 map is
     repeated to 4x4 and a 6x6 one pooled in overlapping 2x2 windows; then flatten (channel-major) and one
-    linear layer of ``in_chs * pool_size**2`` inputs, whatever the input size. ``layout`` ``nhwc`` (Swin)
-    maps are read as NCHW."""
+    linear layer of ``in_chs * pool_size**2`` inputs, whatever the input size.
+
+    Args:
+        in_chs: the channels of the map.
+        num_classes: the number of logits; 0: no linear layer (the head gives features).
+        layout: ``nchw``, or ``nhwc`` (Swin; read as NCHW).
+        pool_size: the side of the pooled map.
+        drop_rate: dropout before the linear layer.
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
+    """
 
     def __init__(self, in_chs: int, num_classes: int, layout: str = "nchw", pool_size: int = 4,
                  drop_rate: float = 0.0, device=None, dtype=None):
@@ -207,7 +263,22 @@ def _check_spatial(layout: str, kind: str) -> None:
 
 def create_head(kind: str, in_chs: int, num_classes: int, layout: str, width: Optional[int] = None,
                 drop_rate: float = 0.0, **kwargs) -> nn.Module:
-    """An exit head of type ``kind`` (see :data:`HEAD_TYPES`) for a state of ``in_chs`` channels."""
+    """An exit head.
+
+    Args:
+        kind: ``linear``, ``conv``, ``sdn`` or ``ztw`` (see :data:`HEAD_TYPES`).
+        in_chs: the width of the state it reads (channels, or token width).
+        num_classes: the number of logits; 0: no linear layer (the head gives features).
+        layout: the state's layout: ``nchw``, ``nhwc`` or ``nlc`` (tokens).
+        width: the ``conv`` head's width (``None``: ``in_chs``); the others ignore it.
+        drop_rate: dropout before the linear layer.
+        **kwargs: the head's own keywords: ``device`` and ``dtype`` for all; ``pool``,
+            ``num_prefix_tokens`` and ``norm`` for ``linear``; ``pool`` for ``conv``; ``map_size``
+            (required) for ``sdn``.
+
+    Returns:
+        A :class:`LinearHead`, :class:`ConvHead`, :class:`SDNHead` or :class:`ZTWHead`.
+    """
     dd = {k: v for k, v in kwargs.items() if k in ("device", "dtype")}
     if kind == "linear":
         return LinearHead(in_chs, num_classes, layout=layout, drop_rate=drop_rate, **kwargs)

@@ -28,11 +28,14 @@ __all__ = ["ExitHistoryModel"]
 
 
 class ExitHistoryModel(MultiExitModel):
-    """A multi-exit model around ``model`` whose exits' outputs are :meth:`combine` of the wrapped
+    """A multi-exit model around another whose exits' outputs are :meth:`combine` of the wrapped
     exits' logits and the history of the exits before.
 
     The training switches of the wrapped model (``gradient_equilibrium``, ``gradient_deconfliction``)
     are this model's: :meth:`forward_exits` runs the wrapped model's, so they act at its branch points.
+
+    Args:
+        model: the multi-exit model wrapped.
     """
 
     def __init__(self, model: nn.Module):
@@ -51,8 +54,16 @@ class ExitHistoryModel(MultiExitModel):
     @abc.abstractmethod
     def combine(self, logits: torch.Tensor, history: List[torch.Tensor],
                 index: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Exit ``index``'s output from the wrapped exit's ``logits`` and the ``history`` left by the
-        exits before it (``[]`` at exit 0); returns the output and the history after this exit."""
+        """Exit ``index``'s output from the wrapped exit's logits and the history of the exits before it.
+
+        Args:
+            logits: the wrapped model's logits at exit ``index``, ``(B, C)``.
+            history: the per-sample tensors left by the exits before it (``[]`` at exit 0).
+            index: the exit (0-based).
+
+        Returns:
+            ``(output, history)``: the exit's output, and the history after this exit.
+        """
 
     # the wrapped model's training switches (see MultiExitModel.forward_exits)
     @property

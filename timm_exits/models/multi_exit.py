@@ -30,7 +30,15 @@ __all__ = ["MultiExitModel", "State", "slice_state", "exit_logits"]
 
 
 def slice_state(state: State, index: Union[torch.Tensor, slice, Sequence[int]]) -> State:
-    """Select samples (first dimension) of a state (a tensor or nested lists of tensors)."""
+    """Select samples (first dimension) of a state.
+
+    Args:
+        state: a tensor or nested lists of tensors, the batch first in each.
+        index: the samples to keep: a boolean mask, indices or a slice, as tensor indexing takes.
+
+    Returns:
+        The state of the selected samples, of the same structure.
+    """
     if isinstance(state, torch.Tensor):
         return state[index]
     return [slice_state(s, index) for s in state]
@@ -38,7 +46,15 @@ def slice_state(state: State, index: Union[torch.Tensor, slice, Sequence[int]]) 
 
 def exit_logits(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
     """Every exit's logits of a multi-exit model; a plain model's one output (at an ADN network's
-    selected depth, whatever the training mode), as a list."""
+    selected depth, whatever the training mode), as a list.
+
+    Args:
+        model: a multi-exit model, or a timm model (``forward_features`` and ``forward_head``).
+        x: the input batch.
+
+    Returns:
+        One ``(batch, classes)`` logits tensor per exit, in order.
+    """
     if is_multi_exit(model):
         return model.forward_exits(x)
     return [model.forward_head(model.forward_features(x))]
@@ -66,11 +82,28 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def forward_stage(self, state: State, index: int) -> State:
-        """Run stage ``index`` on a state."""
+        """Run stage ``index`` on a state.
+
+        Args:
+            state: the state after stage ``index - 1`` (the stem's for stage 0).
+            index: the stage (0-based).
+
+        Returns:
+            The state after stage ``index``, which exit ``index`` and stage ``index + 1`` read.
+        """
 
     @abc.abstractmethod
     def forward_exit(self, state: State, index: int, pre_logits: bool = False) -> torch.Tensor:
-        """Logits (or pooled features if ``pre_logits``) of exit ``index`` from the state after stage ``index``."""
+        """Logits of exit ``index``.
+
+        Args:
+            state: the state after stage ``index``.
+            index: the exit (0-based).
+            pre_logits: return the pooled features the classifier reads instead of the logits.
+
+        Returns:
+            The logits ``(batch, classes)``, or the pooled features.
+        """
 
     def set_exit(self, index: Optional[int] = None) -> None:
         """Make ``forward`` stop at exit ``index`` (0-based; negative counts from the end;
@@ -82,15 +115,23 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
         self.exit_index = index % self.num_exits
 
     def scale_state_grad(self, state: State, factor: float) -> State:
-        """The state with its gradient scaled by ``factor`` where Gradient Equilibrium acts (here:
-        every tensor; MSDNet: the coarsest scale only, as the IMTA reference)."""
+        """The state with its gradient scaled where Gradient Equilibrium acts (here: every tensor;
+        MSDNet: the coarsest scale only, as the IMTA reference).
+
+        Args:
+            state: a state at a branch point.
+            factor: the factor its gradient is multiplied by in the backward pass.
+
+        Returns:
+            The state, unchanged in the forward pass.
+        """
         if isinstance(state, torch.Tensor):
             return scale_grad(state, factor)
         return [self.scale_state_grad(s, factor) for s in state]
 
     def forward_exits(self, x: torch.Tensor, last: Optional[int] = None) -> List[torch.Tensor]:
-        """Logits of every exit (or of exits 0..``last``), in order: every stage first, then the
-        heads, so that a traced graph (torch.fx) ends with the exits' outputs.
+        """Logits of every exit, in order: every stage first, then the heads, so that a traced graph
+        (torch.fx) ends with the exits' outputs.
 
         Both switches change only the backward pass, at the branch points (the state after stage i,
         0-based, of the N exits computed, read by exit i and by stage i+1):
@@ -101,6 +142,13 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
         * ``gradient_deconfliction`` (ICIP 2020, branch level): where exit i's gradient and the deeper
           network's conflict, each is projected onto the normal plane of the other (``"protect_deeper"``:
           only exit i's) before they are added; see :mod:`timm_exits.models.branch_gradients`.
+
+        Args:
+            x: the input batch.
+            last: compute exits 0..``last`` only (0-based); ``None``: every exit.
+
+        Returns:
+            One ``(batch, classes)`` logits tensor per exit computed.
         """
         n = self.num_exits if last is None else last + 1
         state = self.forward_stem(x)
@@ -128,7 +176,15 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
         return [h for h, _ in pairs], [t for _, t in pairs]
 
     def forward_until(self, x: torch.Tensor, index: int):  # -> State: left to TorchScript to infer per family
-        """The state after stage ``index``, running no exit head."""
+        """The state after stage ``index``, running no exit head.
+
+        Args:
+            x: the input batch.
+            index: the last stage to run (0-based).
+
+        Returns:
+            The state after that stage.
+        """
         state = self.forward_stem(x)
         for i in range(index + 1):
             state = self.forward_stage(state, i)
