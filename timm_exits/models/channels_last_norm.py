@@ -55,9 +55,16 @@ class _ChannelsFirstBatchNormReLU(torch.autograd.Function):
 
 
 def channels_first_path_applies(x: torch.Tensor, norms: Sequence[BatchNormAct2d]) -> bool:
-    """Whether ``norms`` (applied side by side to ``x``'s channels) can take the channels-first
-    training path: training, CPU, channels-last input of their own dtype, ReLU, tracked running
-    statistics with one momentum and eps."""
+    """Whether ``norms`` can take the channels-first training path: training, CPU, channels-last
+    input of their own dtype, ReLU, tracked running statistics with one momentum and eps.
+
+    Args:
+        x: the input, ``(N, C, H, W)``.
+        norms: the norms applied side by side to ``x``'s channels (their widths sum to C).
+
+    Returns:
+        ``True`` if :func:`batch_norm_relu` may be used.
+    """
     if torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # no control flow on traced values
         return False
     first = norms[0]
@@ -72,7 +79,15 @@ def channels_first_path_applies(x: torch.Tensor, norms: Sequence[BatchNormAct2d]
 
 def batch_norm_relu(x: torch.Tensor, norms: Sequence[BatchNormAct2d]) -> List[torch.Tensor]:
     """``norms`` applied side by side to ``x``'s channels, on the channels-first path (check
-    :func:`channels_first_path_applies` first); one channels-last output per norm."""
+    :func:`channels_first_path_applies` first). Their running statistics are updated.
+
+    Args:
+        x: the channels-last input, ``(N, C, H, W)``.
+        norms: the norms, their widths summing to C.
+
+    Returns:
+        One channels-last output per norm, ``(N, norm.num_features, H, W)``.
+    """
     sizes = [n.num_features for n in norms]
     for n in norms:
         n.num_batches_tracked.add_(1)
@@ -116,8 +131,17 @@ def batch_norm_relu_2d(num_features: int, **kwargs) -> BatchNormReLU2d:
 
 
 def shared_input_conv_bn_relu(x: torch.Tensor, units: Sequence[ConvNormAct]) -> List[torch.Tensor]:
-    """The outputs of 1x1 conv-BN-ReLU ``units`` (stride 1, no bias) that all read ``x``: one
-    convolution over their stacked weights, then their batch norms side by side."""
+    """The outputs of 1x1 conv-BN-ReLU units that all read ``x``: one convolution over their stacked
+    weights, then their batch norms side by side.
+
+    Args:
+        x: the input they share, ``(N, C, H, W)``.
+        units: timm ``ConvNormAct`` units, each a 1x1 convolution (stride 1, no bias) then a
+            batch norm with ReLU.
+
+    Returns:
+        One output per unit, in order.
+    """
     weight = units[0].conv.weight if len(units) == 1 else torch.cat([u.conv.weight for u in units])
     z = F.conv2d(x, weight)
     norms = [u.bn for u in units]

@@ -58,8 +58,14 @@ def _parse_factors(factors: Factors, name: str) -> Tuple[int, ...]:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One MSDN layer: the scales it reads and writes, its input base width, and the base
-    width after the transition that follows it (``None`` if there is none)."""
+    """One MSDN layer.
+
+    Args:
+        in_scales: the number of scales it reads (the coarsest ones).
+        out_scales: the number of scales it writes.
+        width: its input base width (a scale s has ``width * gr_factor[s]`` channels).
+        transition_width: the base width after the transition that follows it; ``None``: no transition.
+    """
 
     in_scales: int
     out_scales: int
@@ -79,10 +85,25 @@ def msdnet_plan(
         reduction: float = 0.5,
 ) -> List[List[LayerPlan]]:
     """The layer schedule of an MSDNet, block by block, following the reference code (MSDNet-PyTorch,
-    ``models/msdnet.py``): block sizes ``base`` then ``step`` (``even``) or ``step * k + 1``
-    (``lin_grow``); with ``prune='max'`` a scale is dropped every ``ceil(layers / scales)`` layers, a
-    transition following each drop; with ``prune='min'`` the scales shrink over the last layers and the
-    transitions sit at one and two thirds of the layers; a transition keeps ``floor(reduction * width)``."""
+    ``models/msdnet.py``).
+
+    Args:
+        num_blocks: the number of blocks (one exit after each).
+        base: the number of layers of the first block.
+        step: the layers of each later block: ``step`` (``even``) or ``step * k + 1`` for block k
+            (``lin_grow``).
+        step_mode: ``"even"`` or ``"lin_grow"``.
+        num_channels: the base width of the first layer's input.
+        growth_rate: the base width each layer adds.
+        num_scales: the number of scales S.
+        prune: ``"max"``: a scale is dropped every ``ceil(layers / scales)`` layers, a transition
+            following each drop; ``"min"``: the scales shrink over the last layers and the transitions
+            sit at one and two thirds of the layers.
+        reduction: a transition keeps ``floor(reduction * width)``; 0: no transitions.
+
+    Returns:
+        One list of :class:`LayerPlan` per block.
+    """
     if step_mode not in ("even", "lin_grow"):
         raise ValueError(f"step_mode must be 'even' or 'lin_grow', got {step_mode!r}")
     if prune not in ("max", "min"):
@@ -125,7 +146,16 @@ def _conv_bn_relu(in_chs: int, out_chs: int, kernel_size: int, **kwargs) -> Conv
 
 
 class BottleneckConv(nn.Module):
-    """1x1 bottleneck (width ``min(in, bn_factor * out)``) then a 3x3 conv, each with BN-ReLU."""
+    """1x1 bottleneck then a 3x3 conv, each with BN-ReLU.
+
+    Args:
+        in_chs: the input channels.
+        out_chs: the output channels.
+        stride: the 3x3 conv's stride.
+        bottleneck: have the 1x1 bottleneck (else the 3x3 conv alone).
+        bn_factor: the bottleneck's width is ``min(in_chs, bn_factor * out_chs)``.
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
+    """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, bottleneck: bool, bn_factor: int, device=None, dtype=None):
         super().__init__()
@@ -139,8 +169,18 @@ class BottleneckConv(nn.Module):
 
 
 class ScaleUnit(nn.Module):
-    """One scale of an MSDN layer: ``concat(x, down(finer x), normal(x))``; no ``down`` on the
-    finest kept scale."""
+    """One scale of an MSDN layer: ``concat(x, down(finer x), normal(x))``.
+
+    Args:
+        in_chs: the channels of this scale's input.
+        fine_chs: the channels of the next finer scale's input; ``None``: no ``down`` path (the finest
+            kept scale).
+        growth: the channels it adds (half from each path when there are two).
+        bottleneck: 1x1 bottlenecks before the 3x3 convs.
+        bn_factor: the bottleneck width factor of the ``normal`` path (see :class:`BottleneckConv`).
+        fine_bn_factor: that of the ``down`` path.
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
+    """
 
     def __init__(
             self,
@@ -169,7 +209,16 @@ class ScaleUnit(nn.Module):
 
 
 class MsdLayer(nn.Module):
-    """A dense layer across the kept scales; drops the finest input scale if the plan says so."""
+    """A dense layer across the kept scales; drops the finest input scale if the plan says so.
+
+    Args:
+        plan: the layer's scales and width.
+        growth_rate: the base width it adds.
+        gr: the width factor of every scale, finest first.
+        bn: the bottleneck width factor of every scale.
+        bottleneck: 1x1 bottlenecks before the 3x3 convs.
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
+    """
 
     __jit_unused_properties__ = ["has_bottleneck", "complete"]  # read when fusing, not in forward
 
@@ -270,7 +319,14 @@ def _drop_unread_paths(stage: nn.Module, needed: set) -> set:
 
 
 class Transition(nn.Module):
-    """1x1 conv-BN-ReLU on every kept scale, compressing the base width."""
+    """1x1 conv-BN-ReLU on every kept scale, compressing the base width.
+
+    Args:
+        in_width: the base width before it.
+        out_width: the base width after it.
+        gr: the width factor of every kept scale (a scale has ``width * g`` channels).
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
+    """
 
     __jit_unused_properties__ = ["complete"]  # read when fusing, not in forward
 
@@ -294,8 +350,15 @@ class Transition(nn.Module):
 
 
 class MsdStem(nn.Module):
-    """One feature map per scale: a CIFAR 3x3 conv or the ImageNet 7x7/2 conv (with bias) and
-    3x3/2 max-pool, then a chain of 3x3/2 convs for the coarser scales."""
+    """One feature map per scale: a first conv, then a chain of 3x3/2 convs for the coarser scales.
+
+    Args:
+        in_chans: the input channels.
+        widths: the channels of every scale, finest first.
+        stem_type: ``"cifar"`` (a 3x3 conv) or ``"imagenet"`` (a 7x7/2 conv with bias and a 3x3/2
+            max-pool).
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
+    """
 
     def __init__(self, in_chans: int, widths: Sequence[int], stem_type: str, device=None, dtype=None):
         super().__init__()
@@ -334,7 +397,16 @@ def _head_pool(global_pool: str, num_classes: int) -> nn.Module:
 
 class MsdHead(nn.Module):
     """Exit head on the coarsest scale: two 3x3/2 conv-BN-ReLU (its unpooled features), 2x2 average
-    pool, linear."""
+    pool, linear.
+
+    Args:
+        in_chs: the channels of the coarsest scale.
+        width: the channels of its convs.
+        num_classes: the number of logits; 0: no linear layer (the head gives features).
+        drop_rate: dropout before the linear layer.
+        global_pool: ``"avg"`` (the 2x2 average) or ``""`` (unpooled maps; needs ``num_classes=0``).
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
+    """
 
     def __init__(self, in_chs: int, width: int, num_classes: int, drop_rate: float = 0.0, global_pool: str = "avg",
                  device=None, dtype=None):
@@ -355,6 +427,15 @@ class MsdHead(nn.Module):
         return self.conv2(self.conv1(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The pool and classifier.
+
+        Args:
+            x: the head's unpooled features (:meth:`forward_features`).
+            pre_logits: return the pooled features instead of the logits.
+
+        Returns:
+            The logits ``(batch, classes)``, or the features.
+        """
         x = self.pool(x)
         if self.global_pool:
             x = x.flatten(1)
@@ -414,14 +495,34 @@ class MSDNet(MultiExitModel):
     Arguments mirror the reference command line (``--nBlocks`` is ``num_blocks``,
     ``--nChannels`` is ``num_channels``, ``--grFactor 1-2-4`` is ``gr_factor="1-2-4"``, ...).
     ``stem_type`` and ``head_channels`` replace the reference's ``--data`` switch: CIFAR uses the
-    3x3 stem and 128-wide heads, ImageNet the 7x7 stem and heads as wide as their input
-    (``head_channels=None``). ``weight_init='torch'`` is what the reference effectively trains
-    with (its He init never reaches a layer); ``'he'`` is the paper's and the Lua code's.
-    ``channels_last_training``: in training on CPU, run channels-last with batch norms computed
-    channels-first and shared-input 1x1 bottlenecks merged (the same function, faster in fp32;
-    :mod:`timm_exits.models.channels_last_norm`); ``False`` trains the straightforward way.
-    ``multi_exit_training``: ``model(x)`` in training mode returns every exit's logits (the default) or,
-    ``False``, the last exit's alone (see :meth:`~.MultiExitModel.set_multi_exit_training`).
+    3x3 stem and 128-wide heads, ImageNet the 7x7 stem and heads as wide as their input.
+
+    Args:
+        num_blocks, base, step, step_mode, num_channels, growth_rate, prune, reduction: the layer
+            schedule (see :func:`msdnet_plan`); ``num_blocks`` is the number of exits.
+        gr_factor: the width factor of every scale, finest first (``"1-2-4"`` or a sequence): a scale
+            has ``base width * factor`` channels and grows by ``growth_rate * factor``; its length is
+            the number of scales.
+        bn_factor: the bottleneck width factor of every scale (see :class:`BottleneckConv`), one per
+            scale, in the same form.
+        bottleneck: 1x1 bottlenecks before the layers' 3x3 convs.
+        stem_type: ``"cifar"`` (a 3x3 conv) or ``"imagenet"`` (a 7x7/2 conv and a 3x3/2 max-pool).
+        head_channels: the width of the exit heads' convs; ``None``: as wide as their input.
+        num_classes: the number of classes; 0: the exits give pooled features.
+        in_chans: the input channels.
+        img_size: the input resolution, an int or (H, W); the heads are built for it, so other input
+            sizes are refused.
+        global_pool: the heads' pooling: ``"avg"`` (a 2x2 average) or ``""`` (unpooled maps; needs
+            ``num_classes=0``).
+        drop_rate: dropout before each exit's linear layer.
+        weight_init: ``'torch'`` is what the reference effectively trains with (its He init never
+            reaches a layer); ``'he'`` is the paper's and the Lua code's (see :meth:`init_weights`).
+        channels_last_training: in training on CPU, run channels-last with batch norms computed
+            channels-first and shared-input 1x1 bottlenecks merged (the same function, faster in fp32;
+            :mod:`timm_exits.models.channels_last_norm`); ``False`` trains the straightforward way.
+        multi_exit_training: ``model(x)`` in training mode returns every exit's logits (the default) or,
+            ``False``, the last exit's alone (see :meth:`~.MultiExitModel.set_multi_exit_training`).
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
     """
 
     def __init__(
@@ -618,8 +719,15 @@ class MSDNet(MultiExitModel):
         return self._exit_features(self.forward_until(x, self.exit_index), self.exit_index)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """The active exit's pool and classifier on :meth:`forward_features` output (pooled features
-        if ``pre_logits``)."""
+        """The active exit's pool and classifier.
+
+        Args:
+            x: the output of :meth:`forward_features`.
+            pre_logits: return the pooled features instead of the logits.
+
+        Returns:
+            The logits ``(batch, classes)``, or the features.
+        """
         return self._exit_head(x, self.exit_index, pre_logits)
 
     def forward_intermediates(
@@ -631,10 +739,21 @@ class MSDNet(MultiExitModel):
             output_fmt: str = "NCHW",
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's feature API: the coarsest-scale map after each selected stage (``feature_info``;
-        ``indices``: None for all, n for the last n, or a list), and with ``intermediates_only=False``
-        also :meth:`forward_features` (with ``stop_early``, that of the deepest selected stage's exit).
-        MSDNet has no final norm: ``norm`` changes nothing."""
+        """timm's feature API: the coarsest-scale map after each selected stage (``feature_info``).
+
+        Args:
+            x: the input batch.
+            indices: the stages: ``None`` for all, n for the last n, or a list of indices.
+            norm: unused: MSDNet has no final norm.
+            stop_early: the final features are those of the deepest selected stage's exit (if it comes
+                before the active exit), and no later stage runs.
+            output_fmt: ``"NCHW"``, the only format.
+            intermediates_only: return the maps alone.
+
+        Returns:
+            The list of maps with ``intermediates_only``, else ``(features, maps)`` with the
+            :meth:`forward_features` output.
+        """
         if output_fmt != "NCHW":
             raise ValueError(f"MSDNet's feature maps are NCHW, got output_fmt={output_fmt!r}")
         check_feature_indices(indices, len(self.stages), "MSDNet")
@@ -660,9 +779,18 @@ class MSDNet(MultiExitModel):
             prune_head: bool = True,
     ) -> List[int]:
         """Drop the stages (and exits) after the deepest of ``indices``, and the finer-scale paths
-        whose output no kept stage or exit reads; with ``prune_head`` the exit heads go too (what
-        timm's ``features_only`` wrapper does), leaving a feature extractor whose
-        ``forward_intermediates(..., intermediates_only=True)`` uses every parameter."""
+        whose output no kept stage or exit reads.
+
+        Args:
+            indices: the stages kept for :meth:`forward_intermediates` (as it takes them).
+            prune_norm: unused: MSDNet has no final norm.
+            prune_head: the exit heads go too (what timm's ``features_only`` wrapper does), leaving a
+                feature extractor whose ``forward_intermediates(..., intermediates_only=True)`` uses
+                every parameter.
+
+        Returns:
+            The indices of the stages whose maps are taken.
+        """
         check_feature_indices(indices, len(self.stages), "MSDNet")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[:max_index + 1]
@@ -692,8 +820,13 @@ class MSDNet(MultiExitModel):
         return self.exits[self.exit_index].fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """New linear layers with ``num_classes`` outputs on every exit (0: pooled features);
-        ``global_pool=''`` (with ``num_classes=0``) makes ``model(x)`` return the unpooled head maps."""
+        """New linear layers on every exit.
+
+        Args:
+            num_classes: their number of outputs; 0: pooled features.
+            global_pool: ``""`` (with ``num_classes=0``) makes ``model(x)`` return the unpooled head
+                maps, ``"avg"`` pools them; ``None`` keeps each head's (pooled where a classifier needs it).
+        """
         for head, width in zip(self.exits, self.exit_widths):
             pool = head.global_pool if global_pool is None else global_pool
             if global_pool is None and not pool and num_classes:
@@ -741,9 +874,17 @@ def _map_reference_key(key: str, bottleneck: bool) -> str:
 
 
 def checkpoint_filter_fn(state_dict: dict, model: MSDNet) -> dict:
-    """Map a reference checkpoint (kalviny/MSDNet-PyTorch, IMTA phase I, L2W-DEN: ``blocks.*`` /
-    ``classifier.*`` keys, ``module.`` already stripped by timm) onto this model; a state dict in
-    this package's own layout passes through unchanged."""
+    """Map a reference checkpoint (kalviny/MSDNet-PyTorch, IMTA phase I, L2W-DEN) onto this model; a
+    state dict in this package's own layout passes through unchanged.
+
+    Args:
+        state_dict: the checkpoint's state dict (reference keys ``blocks.*`` / ``classifier.*``, with
+            ``module.`` already stripped by timm).
+        model: the MSDNet it is loaded into (whether it has bottlenecks decides the mapping).
+
+    Returns:
+        The state dict keyed by the model's names.
+    """
     if not any(k.startswith(("blocks.", "classifier.")) for k in state_dict):
         return state_dict
     bottleneck = any(isinstance(m, BottleneckConv) and isinstance(m.reduce, ConvNormAct) for m in model.modules())

@@ -141,8 +141,15 @@ class FusedMsdLayer(nn.Module):
         return mids
 
     def forward_into(self, buffers: List[torch.Tensor], filled: List[int]) -> Tuple[List[torch.Tensor], List[int]]:
-        """Append this layer's new channels to per-scale ``buffers`` (filled up to ``filled``), in
-        place; returns the buffers and fill counts of the scales it keeps."""
+        """Append this layer's new channels to per-scale buffers, in place.
+
+        Args:
+            buffers: one channels-last buffer per input scale, with room for the new channels.
+            filled: per scale, the channels already written at the start of its buffer.
+
+        Returns:
+            ``(buffers, filled)`` of the scales it keeps.
+        """
         mids = self._mids(buffers)
         filled = list(filled)
         for k, (normal, down) in enumerate(zip(self.normal, self.down)):
@@ -180,8 +187,15 @@ class FusedTransition(nn.Module):
         return [conv(xs[i]) for i, conv in enumerate(self.convs)]
 
     def forward_into(self, buffers: List[torch.Tensor], filled: List[int]) -> Tuple[List[torch.Tensor], List[int]]:
-        """The transition on buffers whose first ``filled`` channels are the features (the 1x1
-        units read only those); returns new tensors and their widths."""
+        """The transition on buffers whose first channels are the features (the 1x1 units read only those).
+
+        Args:
+            buffers: one channels-last buffer per scale.
+            filled: per scale, the channels of features at the start of its buffer.
+
+        Returns:
+            ``(outputs, widths)``: new tensors, and their channels.
+        """
         out = self.forward(buffers)
         return out, [x.shape[1] for x in out]
 
@@ -248,9 +262,18 @@ class FusedStage(nn.Module):
 
     def forward_into(self, buffers: List[torch.Tensor], filled: List[int],
                      plan: List[List[int]]) -> Tuple[List[torch.Tensor], List[int]]:
-        """The stage's steps on per-scale ``buffers`` filled up to ``filled``, appending where they have
-        room and allocating each run's buffers as wide as ``plan`` says where not; returns the buffers and
-        fill counts after the stage."""
+        """The stage's steps on per-scale buffers, appending where they have room and allocating each
+        run's buffers where not.
+
+        Args:
+            buffers: one channels-last buffer per input scale.
+            filled: per scale, the channels already written at the start of its buffer; they must be
+                the stage's input widths.
+            plan: per run of dense layers, the channels of the buffers it allocates, per input scale.
+
+        Returns:
+            ``(buffers, filled)`` after the stage.
+        """
         if filled != self.in_widths:
             raise ValueError(f"this fused MSDNet stage reads scales of {self.in_widths} channels, got {filled}")
         for i, step in enumerate(self.steps):
@@ -290,10 +313,17 @@ def _full_pass_plan(stages: Sequence[FusedStage]) -> List[List[List[int]]]:
 
 
 def full_pass(stages: Sequence[FusedStage], state: List[torch.Tensor]) -> Iterator[List[torch.Tensor]]:
-    """Every sample through ``stages`` in order, from the stem's ``state``: yields the state after each
-    stage (per scale, the filled channels at the start of a buffer). Each run of dense layers appends to
-    buffers wide enough for every layer up to its next transition, however many stages away, so a stage
-    goes on writing where the one before stopped."""
+    """Every sample through the stages in order. Each run of dense layers appends to buffers wide
+    enough for every layer up to its next transition, however many stages away, so a stage goes on
+    writing where the one before stopped.
+
+    Args:
+        stages: consecutive fused stages, the first reading the stem's output.
+        state: the stem's output, one channels-last tensor per scale.
+
+    Yields:
+        The state after each stage (per scale, the filled channels at the start of a buffer).
+    """
     buffers, filled = list(state), [x.shape[1] for x in state]
     for stage, plan in zip(stages, _full_pass_plan(stages)):
         stage._refuse_gradients(buffers)
