@@ -57,10 +57,14 @@ DepthConfig = Union[str, Sequence[bool], None]
 
 
 class DepthSwitch(nn.Module, metaclass=abc.ABCMeta):
-    """Base of the depth switches: a wrapper that knows its depth stage (of ``num_stages``).
+    """Base of the depth switches: a wrapper that knows its depth stage.
 
     Public attributes it does not have are the wrapped module's, because timm code reads them
     through the wrapper (e.g. ``block.norm1.weight.device``, ``block.set_input_size(...)`` in Swin).
+
+    Args:
+        stage: the depth stage the switch belongs to (0-based).
+        num_stages: the number of depth stages of the whole network.
     """
 
     wrapped_name: str = ""
@@ -84,7 +88,14 @@ class DepthSwitch(nn.Module, metaclass=abc.ABCMeta):
 
 
 class SkipAware(DepthSwitch):
-    """A module and its twin: the twin runs while the stage's skippable sub-path is skipped."""
+    """A module and its twin: the twin runs while the stage's skippable sub-path is skipped.
+
+    Args:
+        main: the module run while the stage runs in full.
+        skip: its twin, run while the stage's skippable sub-path is skipped.
+        stage: the depth stage it belongs to (0-based).
+        num_stages: the number of depth stages of the whole network.
+    """
 
     wrapped_name = "main"
 
@@ -103,8 +114,13 @@ class SkipAware(DepthSwitch):
 
 
 class Skippable(DepthSwitch):
-    """A residual block that passes its input through unchanged while skipped (a block whose
-    ``forward`` takes ``x`` only: ResNet, Swin)."""
+    """A residual block that passes its input through unchanged while skipped.
+
+    Args:
+        block: the residual block, whose ``forward`` takes ``x`` only (ResNet, Swin).
+        stage: the depth stage it belongs to (0-based).
+        num_stages: the number of depth stages of the whole network.
+    """
 
     wrapped_name = "block"
 
@@ -150,9 +166,14 @@ def set_depth(module: nn.Module, config: DepthConfig = None) -> str:
     ``features_only`` wrapper (timm's FeatureListNet / FeatureGetterNet), a part of one, or the
     ``torch.jit.script`` compilation of one (its switches are read at run time).
 
-    ``config``: ``"TFTF"`` (T: skip that stage's skippable sub-path), a sequence of bools, or
-    ``None`` for the super-net; one entry per depth stage of the whole network, also when a pruned
-    or truncated module holds only some of them. Returns the configuration as letters.
+    Args:
+        module: the module holding the depth switches.
+        config: ``"TFTF"`` (T: skip that stage's skippable sub-path), a sequence of bools, or
+            ``None`` for the super-net; one entry per depth stage of the whole network, also when a
+            pruned or truncated module holds only some of them.
+
+    Returns:
+        The selected configuration as letters, e.g. ``"TFTF"``.
     """
     switches = [m for m in module.modules() if _is_switch(m)]
     if not switches:
@@ -169,7 +190,12 @@ def set_depth(module: nn.Module, config: DepthConfig = None) -> str:
 
 @dataclass
 class DepthStage:
-    """The switches of one stage: skip-aware twins of its mandatory sub-path, its skippable blocks."""
+    """The switches of one stage.
+
+    Args:
+        skip_aware: the skip-aware twins of its mandatory sub-path.
+        skippable: its skippable blocks.
+    """
 
     skip_aware: List[SkipAware] = field(default_factory=list)
     skippable: List[Skippable] = field(default_factory=list)
@@ -247,7 +273,13 @@ class AdaptiveDepthMixin:
 
 
 class ResNetADN(AdaptiveDepthMixin, ResNet):
-    """A timm ResNet with skippable sub-paths: the four ``layer`` stages, twins of ``bn1``-``bn3``."""
+    """A timm ResNet with skippable sub-paths: the four ``layer`` stages, twins of ``bn1``-``bn3``.
+
+    Args:
+        *args, **kwargs: timm's ``ResNet`` arguments.
+        multi_exit_training: in training mode, return ``(super-net, base-net)`` logits (see
+            :meth:`~AdaptiveDepthMixin.set_multi_exit_training`).
+    """
 
     def __init__(self, *args: Any, multi_exit_training: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -264,8 +296,15 @@ class ResNetADN(AdaptiveDepthMixin, ResNet):
 
 
 class VisionTransformerADN(AdaptiveDepthMixin, VisionTransformer):
-    """A timm ViT / DeiT with skippable sub-paths: the blocks in ``num_stages`` equal pseudo-stages
-    (default 4), the second half of each skippable; twins of ``norm1``, ``norm2``."""
+    """A timm ViT / DeiT with skippable sub-paths: the blocks in equal pseudo-stages, the second half
+    of each skippable; twins of ``norm1``, ``norm2``.
+
+    Args:
+        *args, **kwargs: timm's ``VisionTransformer`` arguments.
+        num_stages: the number of pseudo-stages; it must divide the depth.
+        multi_exit_training: in training mode, return ``(super-net, base-net)`` logits (see
+            :meth:`~AdaptiveDepthMixin.set_multi_exit_training`).
+    """
 
     def __init__(self, *args: Any, num_stages: int = 4, multi_exit_training: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -297,7 +336,13 @@ class VisionTransformerADN(AdaptiveDepthMixin, VisionTransformer):
 
 class SwinTransformerADN(AdaptiveDepthMixin, SwinTransformer):
     """A timm Swin Transformer with skippable sub-paths: the four stages; twins of ``norm1``,
-    ``norm2`` and of the stage's patch-merging norm."""
+    ``norm2`` and of the stage's patch-merging norm.
+
+    Args:
+        *args, **kwargs: timm's ``SwinTransformer`` arguments.
+        multi_exit_training: in training mode, return ``(super-net, base-net)`` logits (see
+            :meth:`~AdaptiveDepthMixin.set_multi_exit_training`).
+    """
 
     def __init__(self, *args: Any, multi_exit_training: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -359,7 +404,13 @@ _ADN_CLASSES = {ResNet: ResNetADN, VisionTransformer: VisionTransformerADN, Swin
 def make_adaptive_depth(model: nn.Module, num_stages: Optional[int] = None) -> nn.Module:
     """Convert a timm ResNet, ViT / DeiT or Swin in place into an ADN network (super-net selected).
 
-    ``num_stages`` (ViT only, default 4) is the number of pseudo-stages the blocks are grouped into.
+    Args:
+        model: a timm ``ResNet``, ``VisionTransformer`` or ``SwinTransformer``.
+        num_stages: ViT only: the number of pseudo-stages the blocks are grouped into; ``None``: 4.
+
+    Returns:
+        ``model`` itself, now a :class:`ResNetADN`, :class:`VisionTransformerADN` or
+        :class:`SwinTransformerADN`.
     """
     if isinstance(model, AdaptiveDepthMixin):
         raise ValueError("the model already has skippable sub-paths")
@@ -397,6 +448,15 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
       prefixes and torchvision names with ``<norm>_skip`` twins, or plain torchvision weights):
       renamed (see ``_REFERENCE_RULES``);
     * a plain timm checkpoint: every norm twin starts as a copy of the original norm.
+
+    Args:
+        state_dict: the checkpoint's state dict, or a training checkpoint holding it under
+            ``model`` / ``state_dict``.
+        model: the ADN model it is loaded into.
+
+    Returns:
+        The state dict keyed by the model's names (keys it does not map are kept, for strict loading
+        to report).
     """
     state_dict = _unwrap(state_dict)
     if any(_ADN_PART.search(k) for k in state_dict):

@@ -15,7 +15,18 @@ __all__ = ["pretrained_file", "keep_file_classifiers"]
 
 def pretrained_file(pretrained: bool, pretrained_cfg_overlay: Optional[dict]) -> Optional[str]:
     """The weights file a ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...))``
-    call will load, checked to exist (timm's own error does not name it); None if no file is asked for."""
+    call will load, checked to exist (timm's own error does not name it).
+
+    Args:
+        pretrained: the call's ``pretrained``.
+        pretrained_cfg_overlay: the call's ``pretrained_cfg_overlay`` (``None``: none).
+
+    Returns:
+        The file's path, or ``None`` if no file is asked for.
+
+    Raises:
+        FileNotFoundError: the file asked for does not exist.
+    """
     file = (pretrained_cfg_overlay or {}).get("file") if pretrained else None
     if file and not os.path.isfile(file):
         raise FileNotFoundError(f"pretrained weights file not found: {file!r} (pretrained_cfg_overlay['file'])")
@@ -33,7 +44,17 @@ def _tensor_shapes(file: str) -> Dict[str, tuple]:
 def keep_file_classifiers(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """``timm.create_model`` kwargs under which a weights file whose classifiers already have the
     requested ``num_classes`` keeps them: timm drops every classifier when ``num_classes`` differs from
-    the cfg's (e.g. a 10-class run of a 100-class variant), which would silently re-initialise them."""
+    the cfg's (e.g. a 10-class run of a 100-class variant), which would silently re-initialise them.
+
+    Args:
+        variant: the registered architecture name (its cfg names the classifiers).
+        pretrained: the call's ``pretrained``.
+        kwargs: the call's other keyword arguments; not modified.
+
+    Returns:
+        ``kwargs``, with ``num_classes`` added to the ``pretrained_cfg_overlay`` when the file's
+        classifiers have that many outputs.
+    """
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     file = pretrained_file(pretrained, overlay)
     if not file or "num_classes" not in kwargs or "num_classes" in overlay:

@@ -34,7 +34,20 @@ def _log_activation(z: torch.Tensor, softplus: bool, floor: float, ceiling: Opti
 
 def product_weights(weights: Optional[Sequence[float]], num_exits: int, softplus: bool, floor: float,
                     ceiling: Optional[float]) -> torch.Tensor:
-    """PA's exponents (float64, one per exit; default m / L), after checking them and the activation's options."""
+    """PA's exponents, after checking them and the activation's options.
+
+    Args:
+        weights: one non-negative exponent per exit; ``None``: m / L for exit m = 1..L.
+        num_exits: L, the number of exits.
+        softplus, floor, ceiling: the activation's options (see
+            :func:`~timm_exits.inference.anytime.product_anytime`), checked to fit together.
+
+    Returns:
+        The exponents, ``(num_exits,)`` float64.
+
+    Raises:
+        ValueError: the weights or the options do not fit.
+    """
     if weights is None:
         w = torch.arange(1, num_exits + 1, dtype=torch.float64) / num_exits
     else:
@@ -50,13 +63,30 @@ def product_weights(weights: Optional[Sequence[float]], num_exits: int, softplus
 
 def log_terms(z: torch.Tensor, w: torch.Tensor, softplus: bool, floor: float,
               ceiling: Optional[float]) -> torch.Tensor:
-    """``w log g(z)`` (float64), 0 where the weight is 0 (``0 ** 0 = 1``)."""
+    """``w log g(z)`` (float64), 0 where the weight is 0 (``0 ** 0 = 1``).
+
+    Args:
+        z: the raw logits, float64.
+        w: the exponents, broadcastable to ``z``.
+        softplus, floor, ceiling: the activation g (see :func:`~timm_exits.inference.anytime.product_anytime`).
+
+    Returns:
+        A float64 tensor of ``z``'s shape (``-inf`` where the ReLU is 0 and the weight is not).
+    """
     return torch.where(w == 0, 0.0, w * _log_activation(z, softplus, floor, ceiling))
 
 
 def product_log_probs(log_product: torch.Tensor, z: torch.Tensor, fallback: bool) -> torch.Tensor:
-    """PA's log-probabilities from the log-product; where it is -inf for every class, those of
-    ``softmax(z)`` (``fallback``) or NaN."""
+    """PA's log-probabilities from the log-product.
+
+    Args:
+        log_product: ``sum_{m<=l} w_m log g(z_m)``, ``(..., classes)``.
+        z: the current exit's logits, of the same shape.
+        fallback: where the log-product is -inf for every class, answer ``log_softmax(z)``; else NaN.
+
+    Returns:
+        The log-probabilities, of ``log_product``'s shape.
+    """
     collapsed = log_product.amax(-1, keepdim=True) == float("-inf")  # log_softmax gives NaN there
     return torch.where(collapsed, z.log_softmax(-1) if fallback else float("nan"), log_product.log_softmax(-1))
 
@@ -71,6 +101,11 @@ class ProductAnytimeModel(ExitHistoryModel):
     answers; thresholds fitted on this model's outputs are thresholds for PA. An inference wrapper:
     it adds no parameters, and its outputs are log-probabilities (a class ruled out is ``-inf``),
     not raw logits.
+
+    Args:
+        model: the multi-exit model wrapped.
+        weights, softplus, floor, ceiling, fallback: PA's settings, as
+            :func:`~timm_exits.inference.anytime.product_anytime` takes them.
     """
 
     predictor = "product_anytime"  # what answers at the exits (Thresholds.predictor); other models: "exits"

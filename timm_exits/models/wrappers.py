@@ -24,11 +24,18 @@ NETWORK_ARGS = ("num_classes", "in_chans", "img_size")  # a wrapper's create_mod
 
 
 def record_wrapper_args(wrapper: nn.Module, network: nn.Module, architecture: str, **settings: Any) -> None:
-    """Give ``wrapper`` the pretrained cfg and input traits (channels, size) of ``network`` under the
-    wrapper's ``architecture`` name, and the ``timm.create_model`` arguments that rebuild it: the network's
-    architecture and arguments, and the wrapper's ``settings`` (a setting changed later is recorded
-    again in ``wrapper._model_args``). A network not made by ``timm.create_model`` has no
-    architecture to record: neither has the wrapper, which cannot be saved as a model folder."""
+    """Give a wrapper the pretrained cfg and input traits (channels, size) of its network under the
+    wrapper's architecture name, and the ``timm.create_model`` arguments that rebuild it: the network's
+    architecture and arguments, and the wrapper's settings. A network not made by ``timm.create_model``
+    has no architecture to record: neither has the wrapper, which cannot be saved as a model folder.
+
+    Args:
+        wrapper: the wrapper being built.
+        network: the multi-exit network it wraps.
+        architecture: the wrapper's registered name (e.g. ``"ztw"``).
+        **settings: the wrapper's own ``timm.create_model`` arguments (a setting changed later is
+            recorded again in ``wrapper._model_args``).
+    """
     cfg = dict(getattr(network, "pretrained_cfg", None) or {})
     wrapper.pretrained_cfg = wrapper.default_cfg = {**cfg, "architecture": architecture} if cfg.get("architecture") \
         else cfg
@@ -48,11 +55,25 @@ def create_wrapper(
         pretrained_model_args: Optional[Dict[str, Any]] = None,
         **kwargs: Any,
 ) -> nn.Module:
-    """``cls`` around ``timm.create_model(model, **model_args)``; ``num_classes``, ``in_chans`` and
-    ``img_size`` go to the network, the other ``kwargs`` to ``cls``. Its pretrained cfg is the
-    network's (or the one timm gives, e.g. from a model folder's ``config.json``), with
-    ``pretrained_cfg_overlay``; ``pretrained=True`` loads the weights that cfg names (``file``, a
-    model folder's own) into the whole wrapper."""
+    """``cls`` around ``timm.create_model(model, **model_args)``: a wrapper's timm entrypoint.
+
+    Args:
+        cls: the wrapper class, which takes the network and then its settings.
+        variant: the wrapper's registered name (e.g. ``"ztw"``).
+        pretrained: load the weights its pretrained cfg names (``file``, a model folder's own) into
+            the whole wrapper.
+        model: the registered name of the multi-exit network.
+        model_args: the network's ``timm.create_model`` arguments.
+        pretrained_cfg: the cfg timm gives (e.g. from a model folder's ``config.json``); ``None``: the
+            network's.
+        pretrained_cfg_overlay: entries that override the pretrained cfg.
+        cache_dir: where timm caches downloaded weights.
+        pretrained_model_args: what timm records of the checkpoint's arguments, kept on the wrapper.
+        **kwargs: ``num_classes``, ``in_chans`` and ``img_size`` go to the network, the rest to ``cls``.
+
+    Returns:
+        The wrapper.
+    """
     if not isinstance(model, str) or not timm.is_model(model):
         raise ValueError(f"{variant} wraps a registered multi-exit timm model: give its architecture name, e.g. "
                          f"timm.create_model({variant!r}, model='msdnet_cifar_5exit', model_args=dict(...)); "

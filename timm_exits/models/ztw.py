@@ -38,7 +38,13 @@ ZTW_PARTS = ("heads", "joint", "ensembles")
 
 
 class GeometricEnsemble(nn.Module):
-    """``mean_j(exp(w_j) x_j) + b`` over the heads j of stacked log-probabilities x (B, heads, C)."""
+    """``mean_j(exp(w_j) x_j) + b`` over the heads j of stacked log-probabilities x (B, heads, C).
+
+    Args:
+        num_heads: the heads combined (w has one entry per head, drawn from N(0, 0.01^2)).
+        num_classes: C (b has one entry per class, zero at first).
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
+    """
 
     def __init__(self, num_heads: int, num_classes: int, device=None, dtype=None):
         super().__init__()
