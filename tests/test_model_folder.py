@@ -299,7 +299,7 @@ def test_thresholds_record_and_enforce_their_input_size_and_weights(tmp_path, ca
         Thresholds("m", 2, "maxprob", [0.5, 0.0], input_size=[32, 32])
 
 
-def _mmengine_run(tmp_path, data, **technique):
+def _mmengine_run(tmp_path, data, technique=None):
     """A real (one iteration) mmengine run of MultiExitClassifier from a config, as recipes/mmengine do."""
     from mmengine.config import Config
     from mmengine.runner import Runner
@@ -312,7 +312,8 @@ def _mmengine_run(tmp_path, data, **technique):
     cfg = Config(dict(
         default_scope="mmengine", work_dir=str(tmp_path / "work"), randomness=dict(seed=0),
         model=dict(type="MultiExitClassifier", model="msdnet_cifar_5exit",
-                   model_kwargs=dict(num_classes=3, num_channels=4, growth_rate=2), **(technique or dict(loss="ce"))),
+                   model_kwargs=dict(num_classes=3, num_channels=4, growth_rate=2),
+                   technique=technique or dict(type="CrossEntropy")),
         train_dataloader=loader, optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)),
         train_cfg=dict(by_epoch=True, max_epochs=1), default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=1))))
     runner = Runner.from_cfg(cfg)
@@ -341,14 +342,14 @@ def test_mmengine_checkpoint_converts_to_a_model_folder(tmp_path, capsys):
     assert a["exits"] == b["exits"] and a["data_config"] == b["data_config"]
 
 
-@pytest.mark.parametrize("technique", [dict(loss="boostnet", loss_kwargs=dict(boostnet=dict(reweight=0.3))),
-                                       dict(loss="ztw", loss_kwargs=dict(ztw=dict(train="joint", detach=False)))],
+@pytest.mark.parametrize("technique", [dict(type="BoostNet", reweight=0.3),
+                                       dict(type="ZTW", train="joint", detach=False)],
                          ids=["boostnet", "ztw"])
 def test_an_mmengine_checkpoint_of_a_wrapper_model_converts(tmp_path, capsys, technique):
     """BoostNet's and ZTW's networks are wrapped when read back from an mmengine checkpoint, with the
     run's settings: the converted folder gives the trained model's outputs."""
     data = make_image_folder(tmp_path / "data", per_class=4, size=32)
-    runner, checkpoint = _mmengine_run(tmp_path, data, **technique)
+    runner, checkpoint = _mmengine_run(tmp_path, data, technique)
     trained = runner.model.model.eval()
     code = cli.main(["convert", str(checkpoint), str(tmp_path / "folder")])
     assert code == 0, capsys.readouterr().err

@@ -141,7 +141,7 @@ def load_checkpoint_model(
     technique = settings.get("technique")
     if technique is not None:  # IMTA phase II, BoostNet, ZTW: the network wrapped as the run's technique wraps it
         try:
-            net = build_technique(technique).check(net)
+            net = build_technique(technique).prepare(net)  # as the run prepared it (ZTW: the part it trained)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{checkpoint!r}: its config's technique {technique!r} does not build: {e}") from None
     try:
