@@ -15,7 +15,7 @@ from timm_exits.engine import TrainingPhase
 from timm_exits.integrations.mmengine import MultiExitClassifier
 from timm_exits.train.trainer import cycle
 from timm_exits.task import MultiExitTask
-from timm_exits.train import HDKD, PlainTrainer, register_technique
+from timm_exits.train import HDKD, TECHNIQUES, PlainTrainer, register_technique
 
 from helpers import TINY_MSDNET, tiny_data, write_config
 
@@ -23,7 +23,6 @@ TINY = dict(num_classes=3, num_channels=4, growth_rate=2)
 BATCHES, INTERVAL = 8, 2
 
 
-@register_technique
 class RecordingHDKD(HDKD):
     """HDKD that records the batches (counted from 0 over the run) on which its weights were updated."""
 
@@ -95,6 +94,14 @@ def plain(tmp_path: Path) -> list:
     for x, y in _batches(BATCHES):
         loop.step(x, y)
     return technique.updated_on
+
+
+@pytest.fixture(autouse=True)
+def recording_hdkd():
+    """RecordingHDKD registered for this module's tests only (the package's types stay the package's)."""
+    register_technique(RecordingHDKD)
+    yield
+    del TECHNIQUES["RecordingHDKD"]
 
 
 @pytest.mark.parametrize("trainer, accumulation", [(engine, 2), (mmengine, 2), (task, 2), (plain, 1)])
