@@ -10,6 +10,7 @@ import pytest
 from mmengine.config import Config
 
 from timm_exits.config import load_config, phase_configs
+from timm_exits.train.techniques import TECHNIQUES
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -170,3 +171,12 @@ def test_sdn_recipes_as_stated():
     assert second["technique"]["exit_weights"] is None  # IC-only: the plain sum of the ICs' losses
     assert second["optimizer"] == dict(opt="adam", lr=1e-3, weight_decay=1e-4, filter_bias_and_bn=False)
     assert second["scheduler"]["decay_milestones"] == [15] and second["train"]["epochs"] == 25
+
+
+@pytest.mark.parametrize("study", sorted(p.name for p in (ROOT / "benchmarks" / "cifar10_study").glob("*.py")
+                                         if p.name != "_base_.py"))
+def test_the_accuracy_studys_configs_resolve_with_their_techniques(study):
+    """The CIFAR-10 study's configurations (run by benchmarks/accuracy_cifar10.py, not by the tests) stay
+    valid configs: each resolves, phase by phase, to a registered technique with its options checked."""
+    runs = phase_configs(load_config(str(ROOT / "benchmarks" / "cifar10_study" / study), data_dir="/data/cifar10"))
+    assert runs and all(run["technique"]["type"] in TECHNIQUES for _, run in runs)

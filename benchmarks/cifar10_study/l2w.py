@@ -3,4 +3,4 @@
 # step on every 10th batch (the reference: every batch on CIFAR, every 100th on ImageNet). Here a batch with a meta
 # step costs 6.2x a batch of the baseline (one thread): every batch would take this 6-epoch run to about 7 hours.
 _base_ = ['./_base_.py', '../../recipes/_base_/techniques/l2w.py']
-technique = dict(l2w=dict(meta_interval=10))
+technique = dict(meta_interval=10)

@@ -5,11 +5,11 @@ _base_ = ['./_base_.py', '../../recipes/_base_/techniques/ztw_after_backbone.py'
 model = dict(name='resnet18_exits', kwargs=dict(_delete_=True))
 optimizer = dict(filter_bias_and_bn=True)
 phases = [
-    dict(name='backbone', technique=dict(loss='ce', regime='backbone')),
-    dict(name='heads', technique=dict(loss='ztw', ztw=dict(train='heads', detach=True, layer_norm=True)),
+    dict(name='backbone', technique=dict(type='CrossEntropy', regime='backbone')),
+    dict(name='heads', technique=dict(type='ZTW', train='heads', detach=True, layer_norm=True),
          optimizer=dict(opt='adam', lr=5e-3, weight_decay=1e-4), scheduler=dict(sched='cosine', warmup_epochs=0),
          train=dict(epochs=3)),
-    dict(name='ensembles', technique=dict(loss='ztw', ztw=dict(train='ensembles')),
+    dict(name='ensembles', technique=dict(type='ZTW', train='ensembles'),
          optimizer=dict(opt='adam', lr=1e-3, weight_decay=0.0), scheduler=dict(sched='cosine', warmup_epochs=0),
          train=dict(epochs=1)),
 ]
