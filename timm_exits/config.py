@@ -26,7 +26,7 @@ from .inference.budgeted import Q_GRIDS
 from .inference.policies import SCORES
 from .profile import CONVENTIONS
 from .values import (PREPROCESSING, PREPROCESSING_VALUES, ConfigError, Matches, Number, OneOf,  # noqa: F401
-                     check_preprocessing)
+                     check_preprocessing, require)
 from .train.techniques import DEFAULT_TECHNIQUE, technique_config
 
 __all__ = ["DEFAULTS", "VALID", "PREPROCESSING", "ConfigError", "load_config", "resolve_config", "phase_configs", "check_value",
@@ -148,9 +148,7 @@ def check_value(key: str, value: Any, name: Optional[str] = None) -> None:
     Raises:
         ConfigError: :data:`VALID` does not admit ``value`` for ``key``.
     """
-    valid = VALID[key]
-    if not valid.admits(value):
-        raise ConfigError(f"{name or key} must be {valid}, got {value!r}")
+    require(VALID[key], value, name or key)
 
 
 def _check_values(config: Dict[str, Any], where: str = "") -> None:

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
-__all__ = ["Number", "OneOf", "Matches", "ConfigError", "PREPROCESSING", "PREPROCESSING_VALUES", "check_preprocessing"]
+__all__ = ["Number", "OneOf", "Matches", "ConfigError", "require", "PREPROCESSING", "PREPROCESSING_VALUES", "check_preprocessing"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,21 @@ class ConfigError(ValueError):
     """A config key that does not exist, a section of the wrong type, or a value it does not take."""
 
 
+def require(valid: Any, value: Any, name: str) -> None:
+    """Refuse ``value`` unless ``valid`` (a :class:`Number`, :class:`OneOf` or :class:`Matches`) admits it.
+
+    Args:
+        valid: the values the option takes.
+        value: the value given.
+        name: what the error calls the option (e.g. ``data.mean``).
+
+    Raises:
+        ConfigError: ``valid`` does not admit ``value``; the message says what was expected.
+    """
+    if not valid.admits(value):
+        raise ConfigError(f"{name} must be {valid}, got {value!r}")
+
+
 PREPROCESSING = ("input_size", "mean", "std", "crop_pct", "interpolation")  # timm's data config keys
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # timm's resize interpolations
 PREPROCESSING_VALUES = {
@@ -125,8 +140,8 @@ def check_preprocessing(values: Dict[str, Any], name: Callable[[str], str] = lam
     """
     out = dict(values)
     for key, valid in PREPROCESSING_VALUES.items():
-        if out.get(key) is not None and not valid.admits(out[key]):
-            raise ConfigError(f"{name(key)} must be {valid}, got {out[key]!r}")
+        if out.get(key) is not None:
+            require(valid, out[key], name(key))
     for key in ("mean", "std"):
         if out.get(key) is None or channels is None:
             continue

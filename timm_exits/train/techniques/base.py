@@ -14,7 +14,7 @@ from torch import nn
 from ...models.capabilities import is_multi_exit
 from ...models.imta import IMTAModel
 from ...models.multi_exit import exit_logits
-from ...values import OneOf
+from ...values import OneOf, require
 from ..trainer import Need, Outputs, Trainer
 
 __all__ = ["Technique", "Options", "option", "StepResult", "TrainingForward", "TECHNIQUES", "register_technique",
@@ -56,9 +56,8 @@ class Options:
         if self.deconfliction == "pcgrad":
             raise ValueError("deconfliction='pcgrad' is a technique of its own: technique=dict(type='PCGrad', ...)")
         for field in dataclasses.fields(self):
-            valid, value = field.metadata.get("valid"), getattr(self, field.name)
-            if valid is not None and not valid.admits(value):
-                raise ValueError(f"{field.name} must be {valid}, got {value!r}")
+            if field.metadata.get("valid") is not None:
+                require(field.metadata["valid"], getattr(self, field.name), field.name)
 
     @property
     def switches(self) -> bool:
