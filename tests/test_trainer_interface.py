@@ -14,7 +14,7 @@ import torch
 import timm_exits  # noqa: F401  (registers the models)
 from timm_exits.task import MultiExitTask
 from timm_exits.train import TECHNIQUES, PlainTrainer, TrainerError, build_technique, technique_config
-from timm_exits.train.techniques import Technique
+from timm_exits.train.techniques import OutputsTechnique
 
 TINY = dict(num_classes=10, num_channels=4, growth_rate=2)
 SWITCHES = dict(gradient_equilibrium=False, deconfliction=None)
@@ -133,8 +133,11 @@ def test_hdkd_without_held_out_data_is_refused_by_the_task_and_the_plain_loop():
 
 
 def test_what_a_trainer_cannot_give_is_a_trainer_error_naming_who_can():
-    class NeedsNothing(Technique):
+    class NeedsNothing(OutputsTechnique):
         """Declares no needs, yet asks for an update inside the batch."""
+
+        def losses(self, outputs, target, trainer=None):
+            return {}
 
     task = MultiExitTask(_msdnet(), NeedsNothing(), verbose=False)
     with pytest.raises(TrainerError, match=r"^timm's training task \(MultiExitTask\) cannot give optimizer updates "

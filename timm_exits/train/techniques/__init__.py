@@ -15,8 +15,8 @@ trainer interface (:mod:`timm_exits.train.trainer`):
 Every technique takes the forward-graph switches of a multi-exit network (Gradient Equilibrium,
 branch-level deconfliction) as options. :func:`build_technique` builds one from its config section.
 """
-from .base import (TECHNIQUES, Options, StepResult, Technique, TrainingForward, build_technique, register_technique,
-                   technique_config, technique_type)
+from .base import (TECHNIQUES, Options, OutputsTechnique, StepResult, Technique, TrainingForward, build_technique,
+                   register_technique, technique_config, technique_type)
 from .cross_entropy import CrossEntropy, PCGrad
 from .one_for_all import OneForAll
 from .hdkd import HDKD
@@ -27,6 +27,6 @@ from .l2w import L2W
 
 DEFAULT_TECHNIQUE = CrossEntropy.__name__  # what a trainer runs when no technique is named: the MSDNet baseline
 
-__all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "Options", "StepResult", "Technique", "TrainingForward", "build_technique",
-           "register_technique", "technique_config", "technique_type", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN", "BoostNet",
+__all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "Options", "OutputsTechnique", "StepResult", "Technique", "TrainingForward",
+           "build_technique", "register_technique", "technique_config", "technique_type", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN", "BoostNet",
            "ZTW", "L2W"]

@@ -17,7 +17,7 @@ from ...models.multi_exit import exit_logits
 from ...values import OneOf, require
 from ..trainer import Need, Outputs, Trainer
 
-__all__ = ["Technique", "Options", "option", "StepResult", "TrainingForward", "TECHNIQUES", "register_technique",
+__all__ = ["Technique", "OutputsTechnique", "Options", "option", "StepResult", "TrainingForward", "TECHNIQUES", "register_technique",
            "build_technique", "technique_type", "technique_config", "apply_switches", "BRANCH_DECONFLICTION"]
 
 BRANCH_DECONFLICTION = (None, "symmetric", "protect_deeper")
@@ -116,7 +116,8 @@ class TrainingForward(nn.Module):
 class Technique(abc.ABC):
     """What a training step optimises. A subclass declares ``Options`` (a dataclass of
     :class:`Options`), the :class:`~timm_exits.train.trainer.Need` s of its step (:attr:`needs`), and
-    writes :meth:`train_step` (or, for a loss of one forward's outputs, :meth:`losses`).
+    writes :meth:`train_step` (or, for a loss of one forward's outputs, subclasses
+    :class:`OutputsTechnique` and writes its ``losses``).
 
     Args:
         **options: the fields of ``Options``; the rest keep their defaults.
@@ -205,24 +206,10 @@ class Technique(abc.ABC):
         """
         return exit_logits(model, images)
 
-    def losses(self, outputs: Outputs, target: torch.Tensor, trainer: Optional[Trainer] = None) -> Dict[str, torch.Tensor]:
-        """Named loss terms of one forward. Techniques whose step is not one forward override
-        :meth:`train_step` instead.
-
-        Args:
-            outputs: what :meth:`training_outputs` returned.
-            target: class indices, or soft targets (mixup).
-            trainer: for what the terms may read of it (the epoch).
-
-        Returns:
-            ``{name: scalar loss}``; their sum is the loss.
-        """
-        raise NotImplementedError(f"{type(self).__name__} defines train_step, not losses")
-
+    @abc.abstractmethod
     def train_step(self, trainer: Trainer, images: torch.Tensor, target: torch.Tensor) -> StepResult:
         """One batch: the forward(s) through ``trainer`` and the loss to back-propagate (the
-        backward and the optimizer update are the trainer's). By default one forward and
-        :meth:`losses`.
+        backward and the optimizer update are the trainer's).
 
         Args:
             trainer: the loop running this step (:class:`~timm_exits.train.trainer.Trainer`).
@@ -232,9 +219,6 @@ class Technique(abc.ABC):
         Returns:
             The loss, its terms and the output for an accuracy metric.
         """
-        outputs = trainer.forward(images)
-        terms = self.losses(outputs, target, trainer)
-        return StepResult(sum(terms.values()), terms, self.output(outputs))
 
     def output(self, outputs: Outputs) -> torch.Tensor:
         """The last exit's logits of the training outputs (for an accuracy metric)."""
@@ -253,6 +237,30 @@ class Technique(abc.ABC):
         """Move the technique's own state to ``device`` (a trainer that moves the model after
         :meth:`prepare` calls it); returns ``self``."""
         return self
+
+
+class OutputsTechnique(Technique):
+    """A technique whose loss is a function of one forward's outputs: it writes :meth:`losses`, and
+    its step is that forward and their sum (a technique that needs more overrides :meth:`train_step`)."""
+
+    @abc.abstractmethod
+    def losses(self, outputs: Outputs, target: torch.Tensor, trainer: Optional[Trainer] = None) -> Dict[str, torch.Tensor]:
+        """Named loss terms of one forward.
+
+        Args:
+            outputs: what :meth:`training_outputs` returned.
+            target: class indices, or soft targets (mixup).
+            trainer: for what the terms may read of it (the epoch).
+
+        Returns:
+            ``{name: scalar loss}``; their sum is the loss.
+        """
+
+    def train_step(self, trainer: Trainer, images: torch.Tensor, target: torch.Tensor) -> StepResult:
+        """One forward through ``trainer``; the loss is the sum of :meth:`losses`."""
+        outputs = trainer.forward(images)
+        terms = self.losses(outputs, target, trainer)
+        return StepResult(sum(terms.values()), terms, self.output(outputs))
 
 
 def register_technique(cls: Type[Technique]) -> Type[Technique]:

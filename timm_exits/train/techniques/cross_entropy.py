@@ -14,7 +14,7 @@ from ..losses import exit_cross_entropies
 from ..regimes import REGIMES, apply_regime, regime_exits
 from ..schedules import ExitWeights
 from ..trainer import EPOCH, OPTIMIZER, Need, Outputs, Trainer
-from .base import Options, StepResult, Technique, option, register_technique
+from .base import Options, OutputsTechnique, StepResult, option, register_technique
 
 __all__ = ["CrossEntropy", "PCGrad"]
 
@@ -47,7 +47,7 @@ class CrossEntropyOptions(Options):
 
 
 @register_technique
-class CrossEntropy(Technique):
+class CrossEntropy(OutputsTechnique):
     """The exits' weighted cross-entropies: the MSDNet baseline, SDN's warm-up, training regimes.
 
     The weighted sum of the exits' cross-entropies (the MSDNet baseline; SDN with

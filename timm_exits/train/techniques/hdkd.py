@@ -11,7 +11,7 @@ from torch import nn
 from ...values import Number, OneOf
 from ..hdkd import BalancedValidationLoss, HarmonizedWeights, harmonized_loss, hdkd_weight_step, loss_terms
 from ..trainer import HELD_OUT, OPTIMIZER, Batch, Need, Outputs, Trainer
-from .base import Options, StepResult, Technique, option, register_technique
+from .base import Options, OutputsTechnique, StepResult, option, register_technique
 
 __all__ = ["HDKD"]
 
@@ -43,7 +43,7 @@ class HDKDOptions(Options):
 
 
 @register_technique
-class HDKD(Technique):
+class HDKD(OutputsTechnique):
     """Dense distillation weighted by harmonized weights learnt on held-out batches (AAAI 2021).
 
     Dense distillation (every exit from every later one) weighted by the harmonized weights;

@@ -12,7 +12,7 @@ from ...values import Number, OneOf
 from ..l2w import CONSTRAINTS, INPUT_TYPES, WeightNet, exit_terms, l2w_meta_step, sample_weights, split_halves, weighted_loss
 from ...quotas import geometric_fractions
 from ..trainer import OPTIMIZER, UPDATES_IN_BATCH, Batch, Need, Outputs, Trainer
-from .base import Options, StepResult, Technique, option, register_technique
+from .base import Options, OutputsTechnique, StepResult, option, register_technique
 
 __all__ = ["L2W"]
 
@@ -55,7 +55,7 @@ class L2WOptions(Options):
 
 
 @register_technique
-class L2W(Technique):
+class L2W(OutputsTechnique):
     """L2W-DEN: per-sample loss weights from a weight net learnt by a meta step (ECCV 2022).
 
     Each batch is split in halves; for each, a meta step of the weight net (every

@@ -12,7 +12,7 @@ from ...models.imta import IMTAModel
 from ...values import Number, OneOf
 from ..losses import one_for_all_distillation
 from ..trainer import Outputs, Trainer
-from .base import Options, Technique, option, register_technique
+from .base import Options, OutputsTechnique, option, register_technique
 
 __all__ = ["OneForAll"]
 
@@ -44,7 +44,7 @@ class OneForAllOptions(Options):
 
 
 @register_technique
-class OneForAll(Technique):
+class OneForAll(OutputsTechnique):
     """IMTA phase II: ISC heads on the frozen phase-I network, One-for-all distillation.
 
     IMTA phase II: the phase-I network frozen in an :class:`~timm_exits.models.imta.IMTAModel` with
