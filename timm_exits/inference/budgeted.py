@@ -25,7 +25,8 @@ import torch
 
 from ..files import read_json, write_json
 from ..quotas import exit_quotas, geometric_fractions
-from .outputs import PREDICTORS, ExitOutputs
+from ..models.predictors import known_predictor, predictor_choices
+from .outputs import ExitOutputs
 from .policies import ExitPolicy, PolicyLike, resolve_policy
 
 __all__ = ["REFERENCE_Q", "IMTA_Q", "Q_GRIDS", "fit_thresholds", "assign_exits", "exit_metrics", "BudgetPoint",
@@ -247,25 +248,27 @@ def check_thresholds(thresholds: Sequence[float], num_exits: int) -> None:
 class Thresholds:
     """Exit thresholds with what they belong to, stored as JSON. Files written before a field was
     recorded load with the old behaviour: ``input_size=None``, fallback ``last``, non-strict, the
-    exits, weights unchecked.
+    exits, weights unchecked, no learned parameters.
 
     Args:
         model: the model's name.
         num_exits: its number of exits.
-        policy: the policy's score name, or an :class:`ExitPolicy`, which sets ``fallback`` and
-            ``strict`` too.
+        policy: the policy's score name, or an :class:`ExitPolicy`, which sets ``fallback``,
+            ``strict`` and ``params`` too.
         thresholds: one finite threshold per exit.
         costs: the cumulative cost of each exit (non-decreasing); empty: unknown.
         note: free text, e.g. how the thresholds did on the validation split.
         input_size: (C, H, W) the costs were measured and the thresholds fitted at; ``None``: any.
         fallback: the policy's fallback, one of ``FALLBACKS``.
         strict: the policy's comparison is ``>`` instead of ``>=``.
-        predictor: what answers at the exits: ``'exits'``, the model's own exits, or
-            ``'product_anytime'``, a :class:`~timm_exits.inference.anytime.ProductAnytimeModel`
-            around it.
+        predictor: what answers at the exits: ``'exits'``, the model's own exits, or a registered
+            predictor around them (``'product_anytime'``, ``'mie'``, ...; see
+            :mod:`timm_exits.models.predictors`).
         weights: the identity of the weights they were fitted on
             (:func:`~timm_exits.inference.executor.weights_sha256` of the model; the executor refuses
             other weights); ``None``: unchecked.
+        params: a learned score's parameters (:class:`ExitPolicy`), one row per exit but the last;
+            ``None`` for the other scores.
     """
 
     model: str
@@ -279,14 +282,19 @@ class Thresholds:
     strict: bool = False
     predictor: str = "exits"
     weights: Optional[str] = None
+    params: Optional[List[List[float]]] = None
 
     def __post_init__(self):
         if isinstance(self.policy, ExitPolicy):
-            self.policy, self.fallback, self.strict = self.policy.score, self.policy.fallback, self.policy.strict
-        ExitPolicy(self.policy, self.fallback, self.strict)  # refuses an unknown score, fallback or strictness
+            self.policy, self.fallback, self.strict, self.params = (self.policy.score, self.policy.fallback,
+                                                                    self.policy.strict, self.policy.params)
+        # refuses an unknown score, fallback or strictness, and parameters that do not fit
+        policy = ExitPolicy(self.policy, self.fallback, self.strict, self.params)
+        policy.check_exits(self.num_exits)
+        self.params = policy.as_dict().get("params")
         check_thresholds(self.thresholds, self.num_exits)
-        if self.predictor not in PREDICTORS:
-            raise ValueError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        if not known_predictor(self.predictor):
+            raise ValueError(f"predictor must be {predictor_choices()}, got {self.predictor!r}")
         if self.weights is not None and not (isinstance(self.weights, str) and len(self.weights) == 64
                                              and all(c in "0123456789abcdef" for c in self.weights)):
             raise ValueError(f"weights must be the SHA-256 of the model's weights (64 hex digits), got {self.weights!r}")
@@ -303,7 +311,7 @@ class Thresholds:
 
     @property
     def exit_policy(self) -> ExitPolicy:
-        return ExitPolicy(self.policy, self.fallback, self.strict)
+        return ExitPolicy(self.policy, self.fallback, self.strict, self.params)
 
     def save(self, path: str) -> None:
         """Write atomically (a temporary file, then a rename)."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..models.multi_exit import slice_state
 from .budgeted import Thresholds, check_thresholds
-from .outputs import predictor_of
+from ..models.predictors import how_to_predict, predictor_of
 from .policies import PolicyLike, resolve_policy
 
 __all__ = ["ExitResult", "EarlyExitExecutor", "weights_sha256"]
@@ -70,8 +70,9 @@ class EarlyExitExecutor:
 
     Thresholds (and costs) from a :class:`Thresholds` that records its input size are for images of
     that size only: a batch of another size is refused, since its costs would be reported wrongly
-    and the confidence levels were fitted at that size. Thresholds fitted on product-anytime answers
-    need a :class:`~timm_exits.inference.anytime.ProductAnytimeModel`, and the other way round.
+    and the confidence levels were fitted at that size. Thresholds fitted on a predictor's answers
+    (product anytime, MIE, ...: :mod:`timm_exits.models.predictors`) need a model that answers with
+    it, and the other way round.
     Thresholds that record the weights they were fitted on (:func:`weights_sha256`) are refused on
     other weights, the same architecture's included (a fused model's weights are other weights).
     """
@@ -88,8 +89,8 @@ class EarlyExitExecutor:
             predictor = predictor_of(model)
             if thresholds.predictor != predictor:
                 raise ValueError(f"these thresholds were fitted on the answers of {thresholds.predictor!r}, the model "
-                                 f"gives {predictor!r}: wrap the model in timm_exits.inference.ProductAnytimeModel "
-                                 f"for 'product_anytime' thresholds, and only for those")
+                                 f"gives {predictor!r}: run {how_to_predict(thresholds.predictor)} for "
+                                 f"{thresholds.predictor!r} thresholds, and only for those")
             identity = weights_sha256(model) if thresholds.weights is not None else None
             if identity is not None and thresholds.weights != identity:
                 raise ValueError(f"these thresholds were fitted on other weights (SHA-256 {thresholds.weights[:16]}...) "
@@ -103,6 +104,7 @@ class EarlyExitExecutor:
         self.model = model
         self.thresholds = [float(t) for t in thresholds]
         self.policy = resolve_policy(policy)
+        self.policy.check_exits(model.num_exits)
         self.costs = None if costs is None else torch.tensor(costs, dtype=torch.float64)
 
     @torch.no_grad()
@@ -127,7 +129,7 @@ class EarlyExitExecutor:
             logits = model.forward_exit(state, k)
             if logits_out is None:
                 logits_out = logits.new_empty(n, logits.shape[-1])
-            score, history = policy.step(logits.float().softmax(-1), history)
+            score, history = policy.step(logits.float().softmax(-1), history, k)
             if policy.fallback == "most_confident":
                 best = (score, logits, torch.full_like(index, k)) if best is None else _better(best, score, logits, k)
             if k == last:

@@ -8,7 +8,8 @@ The folder holds:
 * ``weights.safetensors``: the model's parameters and buffers (each program takes those it uses)
   and each program's tensor constants (``<piece>/<name>``);
 * ``manifest.json``: format version, model name, number of exits, input shape, what answers at the
-  exits (``predictor``: ``'product_anytime'`` for a ProductAnytimeModel; older exports: the exits),
+  exits (``predictor``: :mod:`timm_exits.models.predictors`, e.g. ``'product_anytime'`` for a
+  ProductAnytimeModel; older exports: the exits),
   the weights that were channels-last (``channels_last``: safetensors stores every tensor contiguous,
   and a convolution's output layout, so its kernel and last-bit rounding, follows its weight's), and
   the SHA-256 digest and size of every file; and what the deployment needs to use it, if given
@@ -59,7 +60,7 @@ from ..files import MAX_JSON_NESTING, atomic_folder, nested_too_deeply, nests_de
 from ..values import PREPROCESSING, check_preprocessing
 from .budgeted import Thresholds
 from .executor import EarlyExitExecutor, weights_sha256
-from .outputs import PREDICTORS, predictor_of
+from ..models.predictors import known_predictor, predictor_choices, predictor_of
 
 __all__ = ["export_model", "ExportedModel", "manifest_sha256", "listed_operators",
            "exported_operators"]
@@ -572,8 +573,8 @@ class ExportedModel:
         layouts = manifest.get("channels_last", [])
         if not (isinstance(layouts, list) and all(isinstance(name, str) for name in layouts)):
             raise self._refuse(f"manifest.json has channels_last {layouts!r}, expected a list of weight names")
-        if manifest.get("predictor", "exits") not in PREDICTORS:
-            raise self._refuse(f"manifest.json has predictor {manifest['predictor']!r}, expected one of {PREDICTORS}")
+        if not known_predictor(manifest.get("predictor", "exits")):
+            raise self._refuse(f"manifest.json has predictor {manifest['predictor']!r}, expected {predictor_choices()}")
         identity = manifest.get("weights_sha256")
         if identity is not None and not (isinstance(identity, str) and _SHA256.fullmatch(identity)):
             raise self._refuse(f"manifest.json has weights_sha256 {str(identity)[:80]!r}, expected a SHA-256 digest")

@@ -14,16 +14,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ..models.multi_exit import exit_logits
+from ..models.predictors import EXITS, PREDICTORS, predictor_of
 
 __all__ = ["PREDICTORS", "predictor_of", "ExitOutputs", "collect_outputs", "anytime_accuracy"]
-
-PREDICTORS = ("exits", "product_anytime")  # what answers at the exits (Thresholds.predictor)
-
-
-def predictor_of(model: nn.Module) -> str:
-    """What answers at ``model``'s exits: its ``predictor`` attribute (``'product_anytime'`` for a
-    ProductAnytimeModel or an export of one), ``'exits'`` for every other model."""
-    return getattr(model, "predictor", "exits")
 
 
 @dataclass
@@ -38,8 +31,8 @@ class ExitOutputs:
             probabilities.
         labels: the class index of each sample, ``(samples,)``.
         raw_logits: False for outputs that are not a model's raw logits (probabilities, or the
-            log-probabilities a product-anytime model answers with): what needs raw logits (product
-            anytime) refuses them.
+            log-probabilities a registered predictor such as product anytime answers with): what needs
+            raw logits (product anytime) refuses them.
         given_probs: the probabilities, set by :meth:`from_probs` (exactly one of ``logits`` and
             ``given_probs`` is given).
     """
@@ -141,8 +134,8 @@ def collect_outputs(
         labels.append(target.cpu())
     if not logits:
         raise ValueError("the loader gave no batches: is the dataset empty?")
-    # product anytime answers with log-probabilities, not the logits product anytime is computed from
-    return ExitOutputs(torch.cat(logits, 1), torch.cat(labels), raw_logits=predictor_of(model) == "exits")
+    # a registered predictor (product anytime, MIE, ...) answers with log-probabilities, not raw logits
+    return ExitOutputs(torch.cat(logits, 1), torch.cat(labels), raw_logits=predictor_of(model) == EXITS)
 
 
 def anytime_accuracy(outputs: ExitOutputs, topk: Sequence[int] = (1, 5), ensemble: bool = False) -> Dict[str, List[float]]:

@@ -20,6 +20,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .history import ExitHistoryModel
+from .predictors import register_predictor
 from .wrappers import create_wrapper, record_wrapper_args, wrapper_cfg
 
 __all__ = ["ProductAnytimeModel", "product_weights", "log_terms", "product_log_probs"]  # + the entrypoint
@@ -91,6 +92,7 @@ def product_log_probs(log_product: torch.Tensor, z: torch.Tensor, fallback: bool
     return torch.where(collapsed, z.log_softmax(-1) if fallback else float("nan"), log_product.log_softmax(-1))
 
 
+@register_predictor
 class ProductAnytimeModel(ExitHistoryModel):
     """Product anytime online: exit l of ``model`` answers with PA's log-probabilities
     ``log pi_l`` (:func:`~timm_exits.inference.anytime.product_anytime`, same arguments; ``softmax`` of
@@ -108,7 +110,7 @@ class ProductAnytimeModel(ExitHistoryModel):
             :func:`~timm_exits.inference.anytime.product_anytime` takes them.
     """
 
-    predictor = "product_anytime"  # what answers at the exits (Thresholds.predictor); other models: "exits"
+    predictor = "product_anytime"  # what answers at the exits (timm_exits.models.predictors)
 
     def __init__(self, model: nn.Module, weights: Optional[Sequence[float]] = None, softplus: bool = False,
                  floor: float = 0.0, ceiling: Optional[float] = None, fallback: bool = True):
