@@ -248,13 +248,13 @@ def check_thresholds(thresholds: Sequence[float], num_exits: int) -> None:
 class Thresholds:
     """Exit thresholds with what they belong to, stored as JSON. Files written before a field was
     recorded load with the old behaviour: ``input_size=None``, fallback ``last``, non-strict, the
-    exits, weights unchecked.
+    exits, weights unchecked, no learned parameters.
 
     Args:
         model: the model's name.
         num_exits: its number of exits.
-        policy: the policy's score name, or an :class:`ExitPolicy`, which sets ``fallback`` and
-            ``strict`` too.
+        policy: the policy's score name, or an :class:`ExitPolicy`, which sets ``fallback``,
+            ``strict`` and ``params`` too.
         thresholds: one finite threshold per exit.
         costs: the cumulative cost of each exit (non-decreasing); empty: unknown.
         note: free text, e.g. how the thresholds did on the validation split.
@@ -267,6 +267,8 @@ class Thresholds:
         weights: the identity of the weights they were fitted on
             (:func:`~timm_exits.inference.executor.weights_sha256` of the model; the executor refuses
             other weights); ``None``: unchecked.
+        params: a learned score's parameters (:class:`ExitPolicy`), one row per exit but the last;
+            ``None`` for the other scores.
     """
 
     model: str
@@ -280,11 +282,16 @@ class Thresholds:
     strict: bool = False
     predictor: str = "exits"
     weights: Optional[str] = None
+    params: Optional[List[List[float]]] = None
 
     def __post_init__(self):
         if isinstance(self.policy, ExitPolicy):
-            self.policy, self.fallback, self.strict = self.policy.score, self.policy.fallback, self.policy.strict
-        ExitPolicy(self.policy, self.fallback, self.strict)  # refuses an unknown score, fallback or strictness
+            self.policy, self.fallback, self.strict, self.params = (self.policy.score, self.policy.fallback,
+                                                                    self.policy.strict, self.policy.params)
+        # refuses an unknown score, fallback or strictness, and parameters that do not fit
+        policy = ExitPolicy(self.policy, self.fallback, self.strict, self.params)
+        policy.check_exits(self.num_exits)
+        self.params = policy.as_dict().get("params")
         check_thresholds(self.thresholds, self.num_exits)
         if not known_predictor(self.predictor):
             raise ValueError(f"predictor must be {predictor_choices()}, got {self.predictor!r}")
@@ -304,7 +311,7 @@ class Thresholds:
 
     @property
     def exit_policy(self) -> ExitPolicy:
-        return ExitPolicy(self.policy, self.fallback, self.strict)
+        return ExitPolicy(self.policy, self.fallback, self.strict, self.params)
 
     def save(self, path: str) -> None:
         """Write atomically (a temporary file, then a rename)."""

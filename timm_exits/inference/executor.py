@@ -104,6 +104,7 @@ class EarlyExitExecutor:
         self.model = model
         self.thresholds = [float(t) for t in thresholds]
         self.policy = resolve_policy(policy)
+        self.policy.check_exits(model.num_exits)
         self.costs = None if costs is None else torch.tensor(costs, dtype=torch.float64)
 
     @torch.no_grad()
@@ -128,7 +129,7 @@ class EarlyExitExecutor:
             logits = model.forward_exit(state, k)
             if logits_out is None:
                 logits_out = logits.new_empty(n, logits.shape[-1])
-            score, history = policy.step(logits.float().softmax(-1), history)
+            score, history = policy.step(logits.float().softmax(-1), history, k)
             if policy.fallback == "most_confident":
                 best = (score, logits, torch.full_like(index, k)) if best is None else _better(best, score, logits, k)
             if k == last:
