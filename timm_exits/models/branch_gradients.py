@@ -5,11 +5,13 @@ state after a stage, read by the exit head and by the next stage):
 * branch-level gradient deconfliction (Wang & Li, ICIP 2020) projects a gradient that conflicts with
   the other branch's (negative dot product) onto the normal plane of it, the PCGrad operator
   ``g_i <- g_i - (g_i . g_j / |g_j|^2) g_j`` (:func:`project_conflicts`), before the two are added:
-  :func:`deconflict_branch`.
+  :func:`deconflict_branch`;
+* Deep Feature Surgery (Gong et al., ECCV 2024) stops the next stage's gradient at the last channels of
+  the state, which then learn from the exit alone: :func:`detach_channels`.
 
-Both are identities in the forward pass. :class:`~timm_exits.models.multi_exit.MultiExitModel`
-applies them (``gradient_equilibrium``, ``gradient_deconfliction``); the parameter-level PCGrad of
-:mod:`timm_exits.train.deconfliction` uses the same operator.
+All are identities in the forward pass. :class:`~timm_exits.models.multi_exit.MultiExitModel`
+applies them (``gradient_equilibrium``, ``gradient_deconfliction``, ``feature_surgery``); the
+parameter-level PCGrad of :mod:`timm_exits.train.deconfliction` uses the same operator.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["scale_grad", "project_conflicts", "deconflict_branch"]
+__all__ = ["scale_grad", "project_conflicts", "deconflict_branch", "detach_channels"]
 
 _EPS = 1e-12
 
@@ -103,3 +105,37 @@ def deconflict_branch(x: torch.Tensor, protect_deeper: bool = False) -> Tuple[to
         second.
     """
     return _Branch.apply(x, protect_deeper)
+
+
+class _DetachChannels(torch.autograd.Function):
+    """Identity forward; the backward zeroes the gradient of the channels from ``start`` on."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
+        ctx.dim, ctx.start = dim, start
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        grad.narrow(ctx.dim, ctx.start, grad.shape[ctx.dim] - ctx.start).zero_()
+        return grad, None, None
+
+
+def detach_channels(x: torch.Tensor, keep: float, dim: int = 1) -> torch.Tensor:
+    """``x`` unchanged, with the gradient of its last channels stopped: ``[x_a | sg(x_b)]`` along
+    ``dim``, where ``x_a`` is the first ``round(keep * C)`` of the ``C`` channels (Python's rounding,
+    half to even, as the Deep Feature Surgery reference).
+
+    Args:
+        x: a state tensor at a branch point.
+        keep: the fraction of the channels whose gradient passes, in (0, 1).
+        dim: the channel dimension (1 for NCHW maps, -1 for tokens and NHWC maps).
+
+    Returns:
+        A view of ``x``.
+    """
+    if not 0.0 < keep < 1.0:
+        raise ValueError(f"feature_surgery (the fraction of the channels whose gradient passes) must be in (0, 1), "
+                         f"got {keep!r}")
+    return _DetachChannels.apply(x, dim, round(x.shape[dim] * keep))

@@ -41,6 +41,7 @@ from timm.models.vision_transformer import VisionTransformer
 from .heads import create_head, reset_head_classifier
 from ..profile import meta_copy, profile_exits
 from .features import check_feature_indices
+from .branch_gradients import detach_channels
 from .multi_exit import MultiExitModel
 from .pretrained import pretrained_file
 
@@ -241,6 +242,11 @@ class BackboneWithExits(MultiExitModel):
         if self.checkpoint_units:
             return checkpoint_seq(self._units[start:end], x)
         return self.forward_units(x, start, end)
+
+    def split_state_grad(self, state: torch.Tensor, keep: float) -> torch.Tensor:
+        """Deep Feature Surgery splits the channels of the state's layout: dimension 1 of NCHW maps, the
+        last of NHWC maps (Swin) and of tokens (ViT: the embedding, every token alike, as the reference)."""
+        return detach_channels(state, keep, 1 if self.layout == "nchw" else -1)
 
     def forward_stage(self, state: torch.Tensor, index: int) -> torch.Tensor:
         start, end = self.stage_bounds[index], self.stage_bounds[index + 1]

@@ -31,8 +31,8 @@ class ExitHistoryModel(MultiExitModel):
     """A multi-exit model around another whose exits' outputs are :meth:`combine` of the wrapped
     exits' logits and the history of the exits before.
 
-    The training switches of the wrapped model (``gradient_equilibrium``, ``gradient_deconfliction``)
-    are this model's: :meth:`forward_exits` runs the wrapped model's, so they act at its branch points.
+    The training switches of the wrapped model (``gradient_equilibrium``, ``gradient_deconfliction``,
+    ``feature_surgery``) are this model's: :meth:`forward_exits` runs the wrapped model's, so they act at its branch points.
 
     Args:
         model: the multi-exit model wrapped.
@@ -81,6 +81,14 @@ class ExitHistoryModel(MultiExitModel):
     @gradient_deconfliction.setter
     def gradient_deconfliction(self, value: Optional[str]) -> None:
         self.model.gradient_deconfliction = value
+
+    @property
+    def feature_surgery(self) -> Optional[float]:
+        return self.model.feature_surgery
+
+    @feature_surgery.setter
+    def feature_surgery(self, value: Optional[float]) -> None:
+        self.model.feature_surgery = value
 
     def forward_stem(self, x: torch.Tensor) -> list:
         return [self.model.forward_stem(x), x.new_zeros(x.shape[0], 0), []]

@@ -33,7 +33,7 @@ from .channels_last_norm import batch_norm_relu_2d, shared_input_conv_bn_relu
 from .features import check_feature_indices
 from .heads import classifier, reset_head_classifier
 from .msdnet_fused import FusedMsdLayer, FusedStage, FusedTransition, full_pass, fuse_head, fuse_stage, fuse_stem
-from .branch_gradients import scale_grad
+from .branch_gradients import detach_channels, scale_grad
 from .multi_exit import MultiExitModel
 from .pretrained import keep_file_classifiers
 
@@ -644,6 +644,11 @@ class MSDNet(MultiExitModel):
         """Gradient Equilibrium acts on the coarsest scale only, as in the IMTA reference; gradients
         crossing blocks through finer scales are not rescaled."""
         return state[:-1] + [scale_grad(state[-1], factor)]
+
+    def split_state_grad(self, state: List[torch.Tensor], keep: float) -> List[torch.Tensor]:
+        """Deep Feature Surgery splits the coarsest scale only (the one the exits read), as the DFS
+        reference; the finer scales pass the next stage's gradient whole."""
+        return state[:-1] + [detach_channels(state[-1], keep, 1)]
 
     def forward_stem(self, x: torch.Tensor) -> List[torch.Tensor]:
         _check_input(x, self.in_chans, self.img_size)

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .branch_gradients import deconflict_branch, scale_grad
+from .branch_gradients import deconflict_branch, detach_channels, scale_grad
 from .capabilities import is_multi_exit
 from .training_outputs import TrainingOutputs
 
@@ -74,6 +74,7 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
     exit_index: int  # 0-based exit used by forward(); set with set_exit()
     gradient_equilibrium: bool = False  # see forward_exits
     gradient_deconfliction: Optional[str] = None  # None, "symmetric" or "protect_deeper"; see forward_exits
+    feature_surgery: Optional[float] = None  # None or the fraction of channels passing the next stage's gradient
     multi_exit_training: bool = True  # see set_multi_exit_training
 
     @abc.abstractmethod
@@ -129,11 +130,28 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
             return scale_grad(state, factor)
         return [self.scale_state_grad(s, factor) for s in state]
 
+    def split_state_grad(self, state: State, keep: float) -> State:
+        """The state the next stage reads under Deep Feature Surgery: its values, with the gradient of
+        the last channels stopped (:func:`~.branch_gradients.detach_channels`). Here: every tensor along
+        dimension 1; MSDNet: the coarsest scale only, as the reference; a backbone with exits: the
+        channels of its layout (dimension 1 of NCHW maps, the last of tokens and NHWC maps).
+
+        Args:
+            state: a state at a branch point.
+            keep: the fraction of the channels (the first ones) whose gradient passes, in (0, 1).
+
+        Returns:
+            The state, unchanged in the forward pass.
+        """
+        if isinstance(state, torch.Tensor):
+            return detach_channels(state, keep, 1)
+        return [self.split_state_grad(s, keep) for s in state]
+
     def forward_exits(self, x: torch.Tensor, last: Optional[int] = None) -> List[torch.Tensor]:
         """Logits of every exit, in order: every stage first, then the heads, so that a traced graph
         (torch.fx) ends with the exits' outputs.
 
-        Both switches change only the backward pass, at the branch points (the state after stage i,
+        The switches change only the backward pass, at the branch points (the state after stage i,
         0-based, of the N exits computed, read by exit i and by stage i+1):
 
         * ``gradient_equilibrium`` (IMTA, ICCV 2019): exit i's gradient is scaled by 1/(N-i), the deeper
@@ -142,6 +160,14 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
         * ``gradient_deconfliction`` (ICIP 2020, branch level): where exit i's gradient and the deeper
           network's conflict, each is projected onto the normal plane of the other (``"protect_deeper"``:
           only exit i's) before they are added; see :mod:`timm_exits.models.branch_gradients`.
+        * ``feature_surgery`` (Deep Feature Surgery, ECCV 2024), a fraction beta in (0, 1): stage i+1
+          reads ``[x_a | sg(x_b)]``, its gradient reaching only the first beta of the channels
+          (:meth:`split_state_grad`); exit i reads the state with its gradient through all of them.
+
+        Together, at a branch point, the deeper network's gradient is first cut to the kept channels,
+        then scaled by Gradient Equilibrium (masking and scaling commute), then deconflicted against
+        exit i's (itself scaled): deconfliction compares the gradients the two branches actually send.
+        The stopped channels receive exit i's gradient alone (scaled by 1/(N-i) under GE).
 
         Args:
             x: the input batch.
@@ -162,6 +188,8 @@ class MultiExitModel(nn.Module, metaclass=abc.ABCMeta):
                 if self.gradient_equilibrium:
                     head_in = self.scale_state_grad(head_in, 1.0 / (n - i))
                     state = self.scale_state_grad(state, (n - i - 1) / (n - i))
+                if self.feature_surgery is not None:
+                    state = self.split_state_grad(state, self.feature_surgery)
             head_inputs.append(head_in)
         return [self.forward_exit(h, i) for i, h in enumerate(head_inputs)]
 

@@ -14,7 +14,7 @@ from torch import nn
 from ...models.capabilities import is_multi_exit
 from ...models.imta import IMTAModel
 from ...models.multi_exit import exit_logits
-from ...values import OneOf, require
+from ...values import Number, OneOf, require
 from ..trainer import Need, Outputs, Trainer
 
 __all__ = ["Technique", "OutputsTechnique", "Options", "option", "StepResult", "TrainingForward", "TECHNIQUES", "register_technique",
@@ -47,10 +47,15 @@ class Options:
     Args:
         gradient_equilibrium: Gradient Equilibrium at the branch points.
         deconfliction: branch-level deconfliction, ``'symmetric'`` or ``'protect_deeper'``; None: off.
+        feature_surgery: Deep Feature Surgery: the fraction in (0, 1) of the channels at a branch point
+            whose gradient the next stage passes back (the rest learn from the exit alone; the
+            reference's default is 0.5); None: off.
     """
 
     gradient_equilibrium: bool = option(False, OneOf((False, True)))
     deconfliction: Optional[str] = option(None, OneOf(BRANCH_DECONFLICTION))
+    feature_surgery: Optional[float] = option(None, Number(float, 0.0, 1.0, low_open=True, high_open=True,
+                                                           optional=True))
 
     def __post_init__(self):
         if self.deconfliction == "pcgrad":
@@ -62,7 +67,7 @@ class Options:
     @property
     def switches(self) -> bool:
         """Whether a switch of the forward graph is on."""
-        return self.gradient_equilibrium or self.deconfliction is not None
+        return self.gradient_equilibrium or self.deconfliction is not None or self.feature_surgery is not None
 
 
 class StepResult(NamedTuple):
@@ -75,7 +80,8 @@ class StepResult(NamedTuple):
 
 
 def apply_switches(model: nn.Module, options: Options) -> None:
-    """Switch Gradient Equilibrium and branch-level deconfliction on in ``model``'s forward graph.
+    """Switch Gradient Equilibrium, branch-level deconfliction and Deep Feature Surgery on in ``model``'s
+    forward graph.
 
     Args:
         model: a multi-exit network whose branch points train (changed in place).
@@ -87,12 +93,14 @@ def apply_switches(model: nn.Module, options: Options) -> None:
     if not options.switches:
         return
     if isinstance(model, IMTAModel) or not is_multi_exit(model):  # IMTA phase II: new heads on a frozen network
-        raise ValueError(f"Gradient Equilibrium and branch-level deconfliction act at the branch points of a "
-                         f"multi-exit network; {type(model).__name__} has none that train")
+        raise ValueError(f"Gradient Equilibrium, branch-level deconfliction and Deep Feature Surgery act at the "
+                         f"branch points of a multi-exit network; {type(model).__name__} has none that train")
     if options.gradient_equilibrium:
         model.gradient_equilibrium = True
     if options.deconfliction is not None:
         model.gradient_deconfliction = options.deconfliction
+    if options.feature_surgery is not None:
+        model.feature_surgery = options.feature_surgery
 
 
 class TrainingForward(nn.Module):

@@ -42,8 +42,8 @@ class CrossEntropyOptions(Options):
         super().__post_init__()
         ExitWeights(self.exit_weights)  # checks the schedule
         if self.regime != "joint" and self.switches:
-            raise ValueError(f"gradient_equilibrium and deconfliction act where exits branch off a training backbone: "
-                             f"use them with regime='joint', not {self.regime!r}")
+            raise ValueError(f"gradient_equilibrium, deconfliction and feature_surgery act where exits branch off a "
+                             f"training backbone: use them with regime='joint', not {self.regime!r}")
 
 
 @register_technique

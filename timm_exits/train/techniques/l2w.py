@@ -51,7 +51,7 @@ class L2WOptions(Options):
         super().__post_init__()
         if self.switches:
             raise ValueError("L2W differentiates through a step of the network (second order): it does not combine "
-                             "with gradient_equilibrium or deconfliction")
+                             "with gradient_equilibrium, deconfliction or feature_surgery")
 
 
 @register_technique

@@ -39,7 +39,7 @@ class OneForAllOptions(Options):
     def __post_init__(self):
         super().__post_init__()
         if self.switches:
-            raise ValueError("gradient_equilibrium and deconfliction act at a training network's branch points; "
+            raise ValueError("gradient_equilibrium, deconfliction and feature_surgery act at a training network's branch points; "
                              "phase II trains new heads on a frozen one (use them in phase I)")
 
 

@@ -35,7 +35,7 @@ class ZTWOptions(CrossEntropyOptions):
             raise ValueError("ZTW weighs every exit alike and chooses the part it trains with train=: exit_weights "
                              "and regime keep their defaults")
         if self.train != "joint" and self.switches:
-            raise ValueError(f"gradient_equilibrium and deconfliction act where exits branch off a training "
+            raise ValueError(f"gradient_equilibrium, deconfliction and feature_surgery act where exits branch off a training "
                              f"backbone: use them with train='joint', not {self.train!r}")
 
 

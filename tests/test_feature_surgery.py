@@ -1,0 +1,306 @@
+"""Deep Feature Surgery (Gong et al., ECCV 2024): at each branch point the next stage reads
+``[x_a | sg(x_b)]`` and the exit reads ``x``. Checked against an independent re-statement of the
+reference's feature rerouting (split, detach, concatenate) on MSDNet, a CNN and a ViT with exits, in
+float64, alone and with Gradient Equilibrium and branch deconfliction."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import timm_exits  # noqa: F401  (registers the models)
+from timm_exits import MSDNet, add_exits
+from timm_exits.models.branch_gradients import detach_channels
+from timm_exits.models.imta import IMTAModel
+from timm_exits.train import BoostNet, CrossEntropy, L2W, OneForAll, PlainTrainer
+from timm_exits.train.techniques import Options
+from timm_exits.train.techniques.base import apply_switches
+
+from helpers import randomise_norms
+
+
+def reroute(x, ratio, dim):
+    """The reference rule, re-stated: the first round(C * ratio) channels keep the next stage's gradient,
+    the others are detached from it; the exit reads ``x`` itself. Returns (next stage's input, exit's input)."""
+    c = x.shape[dim]
+    first = round(c * ratio)
+    kept, rest = torch.split(x, [first, c - first], dim)
+    return torch.cat([kept, rest.detach()], dim), x
+
+
+def ge(x, factor):
+    """Gradient Equilibrium's scaling, re-stated: the value of x, the gradient times ``factor``."""
+    return x * factor + x.detach() * (1 - factor)
+
+
+SIZE = 16
+
+
+def _msdnet():  # two scales, four exits
+    torch.manual_seed(0)
+    return randomise_norms(MSDNet(num_blocks=4, base=1, step=1, num_channels=4, growth_rate=2, gr_factor=[1, 2],
+                                  bn_factor=[1, 2], stem_type="cifar", head_channels=8, num_classes=3,
+                                  img_size=SIZE)).double()
+
+
+def _resnet():
+    torch.manual_seed(0)
+    resnet = timm.create_model("resnet18", channels=(8, 16, 32, 64), stem_width=8, num_classes=3)
+    return add_exits(randomise_norms(resnet)).double()
+
+
+def _vit():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=SIZE, patch_size=4, embed_dim=24, depth=3, num_heads=2,
+                            num_classes=3)
+    return add_exits(randomise_norms(vit), exits=[0, 1]).double()
+
+
+# (the model, the channel dimension the reference splits)
+FAMILIES = {"msdnet": (_msdnet, 1), "resnet": (_resnet, 1), "vit": (_vit, -1)}
+
+
+def _batch(n=3):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, SIZE, SIZE, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def _split(state, ratio, dim):
+    """(next stage's input, exit's input) of a state: an MSDNet list is rerouted at its coarsest scale."""
+    if isinstance(state, list):
+        plus, sub = reroute(state[-1], ratio, dim)
+        return state[:-1] + [plus], state[:-1] + [sub]
+    return reroute(state, ratio, dim)
+
+
+def _scaled(state, factor):
+    if isinstance(state, list):
+        return state[:-1] + [ge(state[-1], factor)]
+    return ge(state, factor)
+
+
+def reference_exits(model, x, ratio, dim, equilibrium=False):
+    """Every exit's logits, the branch points rerouted as the reference does (after GE's scaling, if on)."""
+    n, outputs = model.num_exits, []
+    state = model.forward_stem(x)
+    for i in range(n):
+        state = model.forward_stage(state, i)
+        if i == n - 1:
+            outputs.append(model.forward_exit(state, i))
+            break
+        head = state
+        if equilibrium:
+            head, state = _scaled(state, 1 / (n - i)), _scaled(state, (n - i - 1) / (n - i))
+        state, _ = _split(state, ratio, dim)
+        outputs.append(model.forward_exit(head, i))
+    return outputs
+
+
+def _grads(model, outputs, y):
+    loss = sum(F.cross_entropy(o, y) for o in outputs)
+    return torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+
+def test_detach_channels_by_hand():
+    x = torch.arange(2 * 5 * 3, dtype=torch.float64).reshape(2, 5, 3).requires_grad_()
+    w = torch.randn(2, 5, 3, dtype=torch.float64)
+    y = detach_channels(x, 0.5, 1)  # round(2.5) = 2 (half to even, as the reference's round): 2 of 5 pass
+    assert torch.equal(y, x)
+    (y * w).sum().backward()
+    expected = w.clone()
+    expected[:, 2:] = 0
+    assert torch.equal(x.grad, expected)
+    x.grad = None
+    (detach_channels(x, 0.5, -1) * w).sum().backward()  # last dim: round(1.5) = 2 of 3 pass
+    assert torch.equal(x.grad[..., :2], w[..., :2]) and torch.equal(x.grad[..., 2], torch.zeros(2, 5, dtype=torch.float64))
+    z = torch.ones(1, 7, requires_grad=True)
+    (detach_channels(z, 0.5, 1) * 2).sum().backward()  # round(3.5) = 4 of 7
+    assert z.grad.tolist() == [[2, 2, 2, 2, 0, 0, 0]]
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"feature_surgery .* must be in \(0, 1\)"):
+            detach_channels(x, bad)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+def test_parameter_gradients_equal_the_reference_rerouting(family, ratio):
+    build, dim = FAMILIES[family]
+    model, (x, y) = build(), _batch()
+    plain_out = model.forward_exits(x)
+    plain = _grads(model, plain_out, y)
+    model.feature_surgery = ratio
+    outputs = model.forward_exits(x)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, plain_out))  # values unchanged
+    ours = _grads(model, outputs, y)
+    reference = _grads(model, reference_exits(model, x, ratio, dim), y)
+    for a, b in zip(ours, reference):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+    assert any(a is not None and not torch.allclose(a, b) for a, b in zip(ours, plain))  # the switch acts
+    heads = {id(p) for p in model.parameters()} - {id(p) for n, p in model.named_parameters()
+                                                   if not n.startswith("exits.")}
+    for p, a, b in zip(model.parameters(), ours, plain):
+        if id(p) in heads:  # an exit head's gradient comes from its own loss: unchanged
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def _branch_point_grads(model, x, y, index, later_only):
+    """The gradient at the (coarsest-scale) state after stage ``index`` of the exits' losses (those after
+    ``index`` only, or exit ``index``'s alone)."""
+    captured = {}
+    forward_stage = model.forward_stage
+
+    def recording_stage(state, i):
+        out = forward_stage(state, i)
+        if i == index:
+            leaf = out[-1] if isinstance(out, list) else out
+            leaf.retain_grad()
+            captured["state"] = leaf
+        return out
+
+    model.forward_stage = recording_stage
+    try:
+        outputs = model.forward_exits(x)
+    finally:
+        del model.forward_stage
+    chosen = outputs[index + 1:] if later_only else outputs[index:index + 1]
+    sum(F.cross_entropy(o, y) for o in chosen).backward()
+    return captured["state"].grad
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_only_the_last_channels_lose_the_deeper_gradient(family):
+    build, dim = FAMILIES[family]
+    x, y = _batch()
+    model = build()
+    index = model.num_exits - 2  # the last branch point: no later one changes the deeper gradient
+    plain_deeper = _branch_point_grads(model, x, y, index, later_only=True)
+    plain_exit = _branch_point_grads(model, x, y, index, later_only=False)
+    model.feature_surgery = 0.25
+    deeper = _branch_point_grads(model, x, y, index, later_only=True)
+    exit_only = _branch_point_grads(model, x, y, index, later_only=False)
+    c = deeper.shape[dim]
+    kept = round(c * 0.25)
+    assert 0 < kept < c
+    assert torch.equal(deeper.narrow(dim, kept, c - kept), torch.zeros_like(deeper.narrow(dim, kept, c - kept)))
+    assert torch.allclose(deeper.narrow(dim, 0, kept), plain_deeper.narrow(dim, 0, kept), rtol=1e-10, atol=1e-14)
+    assert plain_deeper.narrow(dim, kept, c - kept).abs().sum() > 0  # there was a gradient to stop
+    assert torch.allclose(exit_only, plain_exit, rtol=1e-10, atol=1e-14)  # the exit reads every channel
+
+
+def test_msdnet_splits_the_coarsest_scale_only():
+    model = _msdnet()
+    state = [torch.ones(2, 4, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    split = model.split_state_grad(state, 0.5)
+    assert split[0] is state[0]
+    sum(s.sum() for s in split).backward()
+    assert torch.equal(state[0].grad, torch.ones(2, 4, 4, 4, dtype=torch.float64))
+    assert state[1].grad[:, :2].eq(1).all() and state[1].grad[:, 2:].eq(0).all()
+
+
+def test_swin_splits_the_last_dimension():
+    sw = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=2, embed_dim=12, depths=(1, 1, 1, 1),
+                           num_heads=(1, 1, 1, 1), num_classes=3)
+    model = add_exits(sw)
+    state = model.forward_stage(model.forward_stem(torch.randn(1, 3, 32, 32)), 0).detach().requires_grad_()
+    assert state.shape[-1] == 12 and state.shape[1] != 12
+    model.split_state_grad(state, 0.5).sum().backward()
+    assert state.grad[..., :6].eq(1).all() and state.grad[..., 6:].eq(0).all()
+
+
+@pytest.mark.parametrize("family", ["msdnet", "vit"])
+def test_composes_with_gradient_equilibrium(family):
+    build, dim = FAMILIES[family]
+    model, (x, y) = build(), _batch()
+    model.gradient_equilibrium = True
+    ge_only = _grads(model, model.forward_exits(x), y)
+    model.feature_surgery = 0.5
+    ours = _grads(model, model.forward_exits(x), y)
+    reference = _grads(model, reference_exits(model, x, 0.5, dim, equilibrium=True), y)
+    for a, b in zip(ours, reference):
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+    assert any(a is not None and not torch.allclose(a, b) for a, b in zip(ours, ge_only))
+
+
+def test_deconfliction_sees_the_cut_deeper_gradient():
+    model, (x, y) = _resnet(), _batch()
+    index = model.num_exits - 2
+    head = _branch_point_grads(model, x, y, index, later_only=False)
+    model.feature_surgery = 0.5
+    deeper = _branch_point_grads(model, x, y, index, later_only=True)  # already cut to the kept channels
+    model.gradient_deconfliction = "symmetric"
+
+    def pc(g, other):  # PCGrad's projection on a conflict, re-stated
+        dot = torch.dot(g, other)
+        return g - dot / other.pow(2).sum() * other if dot < 0 else g
+
+    h, t = head.reshape(-1), deeper.reshape(-1)
+    expected = pc(h, t) + pc(t, h)
+    captured = {}
+    forward_stage = model.forward_stage
+
+    def recording_stage(state, i):
+        out = forward_stage(state, i)
+        if i == index:
+            out.retain_grad()
+            captured["state"] = out
+        return out
+
+    model.forward_stage = recording_stage
+    outputs = model.forward_exits(x)
+    del model.forward_stage
+    sum(F.cross_entropy(o, y) for o in outputs[index:]).backward()
+    assert torch.allclose(captured["state"].grad.reshape(-1), expected, rtol=1e-10, atol=1e-14)
+
+
+def test_the_option_every_technique_takes():
+    for technique in (CrossEntropy, BoostNet):
+        assert technique(feature_surgery=0.5).options.feature_surgery == 0.5
+        assert technique().options.feature_surgery is None
+    for bad in (0, 1, 1.0, -0.5, "0.5", True):
+        with pytest.raises(ValueError, match=r"feature_surgery must be a number > 0.0 and < 1.0 or None"):
+            CrossEntropy(feature_surgery=bad)
+    with pytest.raises(ValueError, match="feature_surgery act where exits branch off a training backbone"):
+        CrossEntropy(regime="heads_only", feature_surgery=0.5)
+    with pytest.raises(ValueError, match="does not combine with .*feature_surgery"):
+        L2W(feature_surgery=0.5)
+    with pytest.raises(ValueError, match="feature_surgery act at a training network's branch points"):
+        OneForAll(feature_surgery=0.5)
+    model = CrossEntropy(feature_surgery=0.3).prepare(_msdnet())
+    assert model.feature_surgery == 0.3 and not model.gradient_equilibrium
+    with pytest.raises(ValueError, match="Deep Feature Surgery act at the branch points .* IMTAModel has none"):
+        apply_switches(IMTAModel(_msdnet()), Options(feature_surgery=0.5))
+    with pytest.raises(ValueError, match="has none that train"):
+        apply_switches(timm.create_model("resnet18_adn"), Options(feature_surgery=0.5))
+
+
+def test_an_exit_history_wrapper_passes_the_switch_to_the_wrapped_model():
+    x, y = _batch()
+    inner = _msdnet()
+    technique = BoostNet(feature_surgery=0.5)
+    model = technique.prepare(copy.deepcopy(inner))
+    assert model.feature_surgery == 0.5 and model.model.feature_surgery == 0.5
+    trainer = PlainTrainer(model, technique, torch.optim.SGD(model.parameters(), lr=0.1))
+    technique.train_step(trainer, x, y).loss.backward()
+    inner.feature_surgery = 0.5
+    plain_technique = BoostNet()
+    wrapped = plain_technique.prepare(inner)
+    plain_technique.train_step(PlainTrainer(wrapped, plain_technique, torch.optim.SGD(wrapped.parameters(), lr=0.1)),
+                               x, y).loss.backward()
+    for a, b in zip(model.parameters(), wrapped.parameters()):
+        assert (a.grad is None and b.grad is None) or torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_the_fused_msdnet_computes_the_same_outputs_with_the_switch_on():
+    from timm.utils import reparameterize_model
+    model = _msdnet().float().eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = model.forward_exits(x)
+        fused = reparameterize_model(model)
+        fused.feature_surgery = 0.5
+        outputs = fused.forward_exits(x)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(outputs, expected))
