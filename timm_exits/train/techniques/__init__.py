@@ -10,8 +10,7 @@ trainer interface (:mod:`timm_exits.train.trainer`):
 * :class:`ADN`: self-distillation of the base-net from the super-net;
 * :class:`BoostNet`: the exits as a boosted ensemble;
 * :class:`ZTW`: Zero Time Waste's cascading heads and geometric ensembles;
-* :class:`L2W`: L2W-DEN's learnt sample weights;
-* :class:`PhuongLampert`: distillation from the last exit at an adaptive temperature.
+* :class:`L2W`: L2W-DEN's learnt sample weights.
 
 Every technique takes the forward-graph switches of a multi-exit network (Gradient Equilibrium,
 branch-level deconfliction, Deep Feature Surgery) as options. :func:`build_technique` builds one from its config
@@ -26,10 +25,9 @@ from .adn import ADN
 from .boostnet import BoostNet
 from .ztw import ZTW
 from .l2w import L2W
-from .phuong_lampert import PhuongLampert
 
 DEFAULT_TECHNIQUE = CrossEntropy.__name__  # what a trainer runs when no technique is named: the MSDNet baseline
 
 __all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "Options", "OutputsTechnique", "StepResult", "Technique", "TrainingForward",
            "build_technique", "register_technique", "technique_config", "technique_type", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN", "BoostNet",
-           "ZTW", "L2W", "PhuongLampert"]
+           "ZTW", "L2W"]
