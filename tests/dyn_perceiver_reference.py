@@ -1,0 +1,195 @@
+"""An independent statement of the Dynamic Perceiver reference forward (LeapLabTHU/Dynamic_Perceiver,
+``models/dyn_perceiver_regnet.py`` with the README's flags), in the reference's own state-dict layout.
+
+The CNN branch is torchvision's RegNet (which the reference's ``cnn_core/regnet.py`` is), under the
+reference's names ``cnn_stem``, ``cnn_body`` and ``classifier_cnn``; the latent branch is written here
+as plain functions of the state dict, from the reference's equations:
+
+* attention: q, k, v projections without bias, a position bias added to the keys (x -> z only), one
+  softmax over keys scaled by the per-head width^-1/2, an output projection with bias;
+* a cross-attention layer is ``q + attn(LN(q), LN(kv))``, then ``+ MLP(.)`` (LN, fc1, GELU, fc2, as wide
+  as the queries); a self-attention layer the same with ``kv = q`` and ``mlp_ratio`` times wider MLP;
+* token mixer: LN and a linear map over the token axis; expander: LN and a linear map over channels.
+"""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.regnet import BlockParams, RegNet
+
+__all__ = ["reference_cnn", "reference_state_dict", "reference_forward"]
+
+
+def reference_cnn(depth: int, w_0: int, w_a: float, w_m: float, group_width: int, num_classes: int) -> RegNet:
+    """torchvision's RegNetY from its generating parameters (SE ratio 0.25, as ``regnet_y_*``)."""
+    params = BlockParams.from_init_params(depth=depth, w_0=w_0, w_a=w_a, w_m=w_m, group_width=group_width, se_ratio=0.25)
+    return RegNet(params, num_classes=num_classes)
+
+
+def _widths(cnn: RegNet) -> Tuple[List[int], int]:
+    stages = list(cnn.trunk_output.children())
+    return [next(iter(s.children())).f.a[0].in_channels for s in stages], stages[-1][-1].f.c[0].out_channels
+
+
+def _cross_shapes(prefix: str, q: int, kv: int, attn: int, keys: int = 0) -> Dict[str, tuple]:
+    p = prefix + "cross_attn."
+    shapes = {p + "q_norm.weight": (q,), p + "q_norm.bias": (q,), p + "kv_norm.weight": (kv,), p + "kv_norm.bias": (kv,),
+              p + "attention.q_proj.weight": (attn, q), p + "attention.k_proj.weight": (attn, kv),
+              p + "attention.v_proj.weight": (attn, kv), p + "attention.o_proj.weight": (q, attn),
+              p + "attention.o_proj.bias": (q,)}
+    if keys:
+        shapes[p + "attention.relative_position_bias"] = (1, keys, attn)
+    shapes.update(_mlp_shapes(prefix + "mlp.", q, q))
+    return shapes
+
+
+def _mlp_shapes(p: str, chs: int, hidden: int) -> Dict[str, tuple]:
+    return {p + "layernorm.weight": (chs,), p + "layernorm.bias": (chs,), p + "fc1.weight": (hidden, chs),
+            p + "fc1.bias": (hidden,), p + "fc2.weight": (chs, hidden), p + "fc2.bias": (chs,)}
+
+
+def _bn_shapes(p: str, chs: int) -> Dict[str, tuple]:
+    return {p + "weight": (chs,), p + "bias": (chs,), p + "running_mean": (chs,), p + "running_var": (chs,),
+            p + "num_batches_tracked": ()}
+
+
+def reference_state_dict(cnn: RegNet, num_latents: int, depths: Sequence[int], mlp_ratio: int, num_classes: int,
+                         generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    """A random float64 state dict in the reference's layout (variances positive)."""
+    w, out = _widths(cnn)
+    shapes = {"latent": (num_latents, w[0])}
+    for i in range(4):
+        shapes[f"dwc{i + 1}_x2z.weight"] = (w[i], 1, 7, 7)
+        shapes[f"dwc{i + 1}_x2z.bias"] = (w[i],)
+        shapes.update(_cross_shapes(f"cross_att{i + 1}_x2z.", w[i], w[i], w[i], 49))
+        if i:
+            shapes.update(_cross_shapes(f"cross_att{i + 1}_z2x.", w[i], w[i], w[i] // 8))
+        for layer in range(depths[i]):
+            p = f"self_att{i + 1}.{layer}."
+            shapes.update({p + "self_attn.norm.weight": (w[i],), p + "self_attn.norm.bias": (w[i],),
+                           **{p + f"self_attn.attention.{n}_proj.weight": (w[i], w[i]) for n in "qkvo"},
+                           p + "self_attn.attention.o_proj.bias": (w[i],)})
+            shapes.update(_mlp_shapes(p + "mlp.", w[i], mlp_ratio * w[i]))
+    shapes.update(_cross_shapes("last_cross_att_z2x.", out, w[3], out // 8))
+    tokens = [num_latents // 2 ** i for i in range(4)]
+    for i in range(3):
+        shapes.update({f"token_mixer.{i}.0.weight": (tokens[i],), f"token_mixer.{i}.0.bias": (tokens[i],),
+                       f"token_mixer.{i}.1.weight": (tokens[i + 1], tokens[i]), f"token_mixer.{i}.1.bias": (tokens[i + 1],),
+                       f"token_expander.{i}.0.weight": (w[i],), f"token_expander.{i}.0.bias": (w[i],),
+                       f"token_expander.{i}.1.weight": (w[i + 1], w[i]), f"token_expander.{i}.1.bias": (w[i + 1],)})
+    shapes.update({"early_classifier3.weight": (num_classes, w[2]), "early_classifier3.bias": (num_classes,),
+                   "classifier_att.weight": (num_classes, 2 * w[3]), "classifier_att.bias": (num_classes,),
+                   "classifier_merge.1.weight": (num_classes, out + 2 * w[3]), "classifier_merge.1.bias": (num_classes,)})
+    for isc in ("isc3", "isc4"):
+        shapes.update({f"{isc}.0.weight": (w[3], num_classes), f"{isc}.0.bias": (w[3],), **_bn_shapes(f"{isc}.1.", w[3])})
+    shapes.update(_bn_shapes("classifier_merge.0.", out + 2 * w[3]))
+    names = {"stem.": "cnn_stem.", "trunk_output.": "cnn_body.", "fc.": "classifier_cnn."}
+    for key, value in cnn.state_dict().items():
+        prefix = next(p for p in names if key.startswith(p))
+        shapes[names[prefix] + key[len(prefix):]] = tuple(value.shape)
+    sd = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            sd[key] = torch.tensor(0)
+        elif key.endswith("running_var"):
+            sd[key] = torch.rand(shape, generator=generator, dtype=torch.float64) + 0.5
+        else:
+            sd[key] = torch.randn(shape, generator=generator, dtype=torch.float64) * 0.2
+    return sd
+
+
+def _ln(sd, p, x):
+    return F.layer_norm(x, (x.shape[-1],), sd[p + "weight"], sd[p + "bias"], eps=1e-5)
+
+
+def _attention(sd, p, q_in, kv_in, heads):
+    q = q_in @ sd[p + "q_proj.weight"].T
+    k = kv_in @ sd[p + "k_proj.weight"].T
+    v = kv_in @ sd[p + "v_proj.weight"].T
+    if p + "relative_position_bias" in sd:
+        k = k + sd[p + "relative_position_bias"]
+    b, n, c = q.shape
+    split = lambda t: t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2)  # noqa: E731
+    attn = torch.softmax(split(q) @ split(k).transpose(-1, -2) * (c // heads) ** -0.5, -1)
+    o = (attn @ split(v)).transpose(1, 2).reshape(b, n, v.shape[-1])
+    return o @ sd[p + "o_proj.weight"].T + sd[p + "o_proj.bias"]
+
+
+def _mlp(sd, p, x):
+    x = _ln(sd, p + "layernorm.", x) @ sd[p + "fc1.weight"].T + sd[p + "fc1.bias"]
+    return F.gelu(x) @ sd[p + "fc2.weight"].T + sd[p + "fc2.bias"]
+
+
+def _cross(sd, p, q, kv):
+    out = q + _attention(sd, p + "cross_attn.attention.", _ln(sd, p + "cross_attn.q_norm.", q),
+                         _ln(sd, p + "cross_attn.kv_norm.", kv), 1)
+    return out + _mlp(sd, p + "mlp.", out)
+
+
+def _self_stage(sd, stage, z, heads):
+    layer = 0
+    while f"self_att{stage}.{layer}.mlp.fc1.weight" in sd:
+        p = f"self_att{stage}.{layer}."
+        h = _ln(sd, p + "self_attn.norm.", z)
+        z = z + _attention(sd, p + "self_attn.attention.", h, h, heads)
+        z = z + _mlp(sd, p + "mlp.", z)
+        layer += 1
+    return z
+
+
+def _x2z(sd, i, z, x):
+    kv = F.conv2d(x, sd[f"dwc{i}_x2z.weight"], sd[f"dwc{i}_x2z.bias"], padding=3, groups=x.shape[1]) + x
+    kv = F.adaptive_avg_pool2d(kv, 7).flatten(2).transpose(1, 2)
+    return _cross(sd, f"cross_att{i}_x2z.", z, kv)
+
+
+def _z2x(sd, p, x, z):
+    b, c, h, w = x.shape
+    return _cross(sd, p, x.flatten(2).transpose(1, 2), z).transpose(1, 2).reshape(b, c, h, w)
+
+
+def _resize(sd, i, z):
+    z = _ln(sd, f"token_mixer.{i}.0.", z.transpose(1, 2)) @ sd[f"token_mixer.{i}.1.weight"].T + sd[f"token_mixer.{i}.1.bias"]
+    z = z.transpose(1, 2)
+    return _ln(sd, f"token_expander.{i}.0.", z) @ sd[f"token_expander.{i}.1.weight"].T + sd[f"token_expander.{i}.1.bias"]
+
+
+def _bn1d(sd, p, x):
+    return F.batch_norm(x, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"], eps=1e-5)
+
+
+def _linear(sd, p, x):
+    return x @ sd[p + "weight"].T + sd[p + "bias"]
+
+
+def reference_forward(sd: Dict[str, torch.Tensor], cnn: RegNet, x: torch.Tensor,
+                      heads: Sequence[int] = (1, 2, 4, 8)) -> Tuple[torch.Tensor, ...]:
+    """The four exits' logits (early, attention, CNN, merged), in evaluation mode.
+
+    Args:
+        sd: the reference-layout state dict (its CNN part is loaded into ``cnn`` here).
+        cnn: torchvision's RegNet of the same widths (evaluation mode, float64).
+        x: the images.
+        heads: self-attention heads of the four latent stages.
+    """
+    names = {"cnn_stem.": "stem.", "cnn_body.": "trunk_output.", "classifier_cnn.": "fc."}
+    cnn.load_state_dict({names[p] + k[len(p):]: v for k, v in sd.items() for p in names if k.startswith(p)})
+    blocks = list(cnn.trunk_output.children())
+    z = sd["latent"].expand(x.shape[0], -1, -1)
+    x = cnn.stem(x)
+    z = _self_stage(sd, 1, _x2z(sd, 1, z, x), heads[0])
+    for i in (2, 3, 4):
+        x = blocks[i - 2](x)
+        z = _resize(sd, i - 2, z)
+        x = _z2x(sd, f"cross_att{i}_z2x.", x, z)
+        z = _self_stage(sd, i, _x2z(sd, i, z, x), heads[i - 1])
+        if i == 3:
+            y_early = _linear(sd, "early_classifier3.", z.mean(1))
+    isc = lambda p, y: torch.relu(_bn1d(sd, p + "1.", _linear(sd, p + "0.", y)))  # noqa: E731
+    y_att = _linear(sd, "classifier_att.", torch.cat([z.mean(1), isc("isc3.", y_early)], 1))
+    x = blocks[3](x)
+    y_cnn = _linear(sd, "classifier_cnn.", x.mean((2, 3)))
+    x = _z2x(sd, "last_cross_att_z2x.", x, z)
+    merged = torch.cat([x.mean((2, 3)), z.mean(1), isc("isc4.", y_att)], 1)
+    y_merge = _linear(sd, "classifier_merge.1.", _bn1d(sd, "classifier_merge.0.", merged))
+    return y_early, y_att, y_cnn, y_merge

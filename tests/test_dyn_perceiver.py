@@ -1,0 +1,143 @@
+"""Dynamic Perceiver: reference checkpoints load and give the reference forward's outputs, the multi-exit
+contract, costs in exit order, clear errors."""
+import pytest
+import timm
+import torch
+
+import timm_exits  # noqa: F401
+from timm_exits.inference.executor import EarlyExitExecutor
+from timm_exits.models.dyn_perceiver import DynPerceiver, checkpoint_filter_fn
+from timm_exits.models.multi_exit import slice_state
+from timm_exits.profile import profile_exits
+
+from dyn_perceiver_reference import reference_cnn, reference_forward, reference_state_dict
+
+# a narrow RegNetY (timm's regnety_002: its widths are divisible by its group width, so torchvision's
+# rounding gives the same network), few latents and layers: the whole network at 32x32 in milliseconds
+TINY = dict(cnn="regnety_002", num_latents=16, depths=(1, 1, 1, 2), num_classes=10)
+TINY_TV = dict(depth=13, w_0=24, w_a=36.44, w_m=2.49, group_width=8, num_classes=10)
+
+
+def _tiny(**kwargs) -> DynPerceiver:
+    torch.manual_seed(0)
+    return timm.create_model("dyn_perceiver_regnety_008", **dict(TINY, **kwargs)).eval()
+
+
+def _reference(seed: int = 0):
+    cnn = reference_cnn(**TINY_TV).double().eval()
+    sd = reference_state_dict(cnn, 16, (1, 1, 1, 2), 4, 10, torch.Generator().manual_seed(seed))
+    return cnn, sd
+
+
+def test_a_reference_checkpoint_gives_the_reference_outputs_exactly():
+    cnn, sd = _reference()
+    model = _tiny().double()
+    model.load_state_dict(checkpoint_filter_fn(sd, model))  # strict: every key maps, none is missing
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        expected = reference_forward(sd, cnn, x)
+        got = model.forward_exits(x)
+    assert len(got) == 4
+    for k, (e, g) in enumerate(zip(expected, got)):
+        assert e.abs().max() > 1  # not a trivially small output
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=f"exit {k + 1}")
+
+
+def test_a_released_checkpoint_file_loads_through_timm(tmp_path):
+    cnn, sd = _reference(seed=2)
+    file = tmp_path / "dyn_perceiver.pth"
+    torch.save({"model": {k: v.float() for k, v in sd.items()}}, file)  # the reference saves {"model": ...}
+    model = timm.create_model("dyn_perceiver_regnety_008", pretrained=True, pretrained_cfg_overlay=dict(file=str(file)),
+                              **TINY).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference_forward(sd, cnn, x.double())
+        got = model.forward_exits(x)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-3)
+
+
+def test_the_filter_passes_our_layout_and_refuses_a_foreign_key():
+    model = _tiny()
+    own = model.state_dict()
+    assert checkpoint_filter_fn(own, model) is own
+    _, sd = _reference()
+    sd["something_else.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="something_else.weight"):
+        checkpoint_filter_fn(sd, model)
+
+
+def test_the_contract_stage_by_stage_slicing_and_stopping_early():
+    model = _tiny()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        exits = model.forward_exits(x)
+        assert torch.equal(model(x), exits[-1])
+        state = model.forward_stem(x)
+        for k in range(4):
+            state = model.forward_stage(state, k)
+            assert len(state) == 3 + k  # the map, the latents, the logits of exits 1..k+1
+            assert torch.equal(model.forward_exit(state, k), exits[k])
+            model.set_exit(k)
+            assert torch.equal(model(x), exits[k])
+        # a state sliced after exit 2 carries exit 2's logits for ISC: the rest of the samples' exits agree
+        state = slice_state(model.forward_until(x, 1), [1, 3])
+        for k in (2, 3):
+            state = model.forward_stage(state, k)
+            torch.testing.assert_close(model.forward_exit(state, k), exits[k][[1, 3]], rtol=1e-5, atol=1e-5)
+        assert model.forward_exit(state, 3, pre_logits=True).shape == (2, model.num_features)
+
+
+def test_the_isc_inputs_matter():
+    model = _tiny()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        state = model.forward_until(x, 2)
+        reference = model.forward_stage(state, 3)[-1]
+        state[3] = state[3] + 1.0  # exit 2's logits, which the merged exit reads
+        assert not torch.allclose(model.forward_stage(state, 3)[-1], reference)
+
+
+def test_training_forward_returns_every_exit_and_every_parameter_learns():
+    model = _tiny().train()
+    outputs = model(torch.randn(2, 3, 32, 32))
+    assert len(outputs) == 4
+    sum(o.sum() for o in outputs).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_executor_answers_as_the_exits_do():
+    model = _tiny()
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        exits = model.forward_exits(x)
+    probs = exits[0].softmax(-1).max(-1).values
+    threshold = probs.median().item()
+    result = EarlyExitExecutor(model, [threshold, 2.0, 2.0, 0.0])(x)
+    early = probs >= threshold
+    assert early.any() and (~early).any()
+    torch.testing.assert_close(result.logits[early], exits[0][early])
+    torch.testing.assert_close(result.logits[~early], exits[3][~early], rtol=1e-5, atol=1e-5)
+    assert result.exits.tolist() == [0 if e else 3 for e in early.tolist()]
+
+
+def test_costs_accumulate_in_exit_order():
+    """Exit 2 (the latents after CNN stage 3) comes before CNN stage 4, which exit 3 adds."""
+    with torch.device("meta"):
+        model = timm.create_model("dyn_perceiver_regnety_008", **TINY)
+    costs = profile_exits(model, (3, 32, 32))
+    macs = [c.macs for c in costs]
+    assert macs == sorted(macs) and len(set(macs)) == 4
+    s4 = sum(p.numel() for p in model.cnn.s4.parameters())
+    head = sum(p.numel() for p in model.cnn.head.parameters())
+    assert costs[2].params - costs[1].params == s4 + head  # exit 3 adds CNN stage 4 and its head, nothing else
+
+
+def test_bad_input_is_a_clear_error():
+    model = _tiny()
+    with pytest.raises(ValueError, match=r"\(batch, 3, H, W\)"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+        _tiny(num_classes=0)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _tiny(num_latents=12)

@@ -1,0 +1,436 @@
+"""Dynamic Perceiver: a CNN and a latent-token branch with four exits (Han et al., ICCV 2023).
+
+The CNN branch is a timm RegNetY (its stem, four stages and classifier head, unchanged). Beside it, a
+small set of latent tokens is refined by Perceiver-style attention; the two branches meet at every CNN
+stage boundary:
+
+* x -> z: the latents attend to the CNN map (a 7x7 depthwise conv added to it, average-pooled to 7x7,
+  with a learnt position bias on the keys), before each latent stage;
+* z -> x: the CNN map attends to the latents (from stage 2 on, and once more after the last CNN stage);
+* between latent stages a token mixer halves the number of tokens and an expander widens them to the
+  next CNN stage's input width.
+
+The four exits come in the reference's order, which is not the CNN's depth order:
+
+1. the latents' mean after latent stage 3 (CNN stages 1-2 computed);
+2. the attention exit after latent stage 4 (CNN stage 3 computed), with Inline Subnetwork Collaboration
+   (ISC: a projection of exit 1's logits concatenated to its features);
+3. the CNN exit, the RegNet's own head after CNN stage 4, which runs only now;
+4. the merged exit on the pooled CNN map (after a last z -> x attention), the latents' mean and the ISC
+   projection of exit 2's logits.
+
+A state is ``[cnn map, latents, logits of exit 1, ..., logits of the exits computed so far]``: every part
+has the batch first, so it is sliced by sample, and the ISC inputs travel with it. Each stage computes its
+exit's logits (a later exit reads them), so the per-exit cost is accumulated in exit order and every exit
+includes the heads before it. Released checkpoints of the reference (LeapLabTHU/Dynamic_Perceiver) load
+through :func:`checkpoint_filter_fn`.
+"""
+import re
+from typing import List, Optional, Sequence, Tuple
+
+import timm
+import torch
+from torch import nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Mlp
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.regnet import _filter_fn as regnet_filter_fn
+from timm.models.vision_transformer import Block
+
+from .multi_exit import MultiExitModel
+from .pretrained import _tensor_shapes, pretrained_file
+
+__all__ = ["DynPerceiver", "CrossAttentionBlock", "LatentResize", "checkpoint_filter_fn"]
+
+_POOLED = 7  # the CNN map is average-pooled to 7x7 keys for x -> z attention (the reference's spatial reduction)
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm single-head cross-attention with a residual, then a pre-norm MLP with a residual.
+
+    ``q + attn(norm_q(q), norm_kv(kv))``, then ``+ mlp(norm2(.))`` (MLP as wide as the queries).
+
+    Args:
+        q_chs: the query tokens' width (also the output width).
+        kv_chs: the key / value tokens' width.
+        attn_chs: the width queries and keys (and values) are projected to.
+        num_keys: with a position bias: the number of key tokens (a learnt bias added to the keys);
+            ``None``: no bias.
+    """
+
+    def __init__(self, q_chs: int, kv_chs: int, attn_chs: int, num_keys: Optional[int] = None):
+        super().__init__()
+        self.scale = attn_chs ** -0.5
+        self.norm_q = nn.LayerNorm(q_chs)
+        self.norm_kv = nn.LayerNorm(kv_chs)
+        self.q = nn.Linear(q_chs, attn_chs, bias=False)
+        self.k = nn.Linear(kv_chs, attn_chs, bias=False)
+        self.v = nn.Linear(kv_chs, attn_chs, bias=False)
+        self.proj = nn.Linear(attn_chs, q_chs)
+        self.pos_bias = nn.Parameter(torch.zeros(1, num_keys, attn_chs)) if num_keys else None
+        self.norm2 = nn.LayerNorm(q_chs)
+        self.mlp = Mlp(q_chs, q_chs)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        kv = self.norm_kv(kv)
+        k = self.k(kv)
+        if self.pos_bias is not None:
+            k = k + self.pos_bias
+        attn = (self.q(self.norm_q(q)) @ k.transpose(-2, -1) * self.scale).softmax(-1)
+        q = q + self.proj(attn @ self.v(kv))
+        return q + self.mlp(self.norm2(q))
+
+
+class LatentResize(nn.Module):
+    """Between latent stages: mix the tokens into fewer (a linear map over the token axis), then widen
+    each token (a linear map over channels), each after a layer norm.
+
+    Args:
+        tokens: the number of tokens in and out.
+        chs: the token width in and out.
+    """
+
+    def __init__(self, tokens: Tuple[int, int], chs: Tuple[int, int]):
+        super().__init__()
+        self.token_norm = nn.LayerNorm(tokens[0])
+        self.token_mix = nn.Linear(*tokens)
+        self.norm = nn.LayerNorm(chs[0])
+        self.expand = nn.Linear(*chs)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = self.token_mix(self.token_norm(z.transpose(1, 2))).transpose(1, 2)
+        return self.expand(self.norm(z))
+
+
+class MapToLatents(nn.Module):
+    """x -> z: the latents attend to the CNN map plus its 7x7 depthwise conv, pooled to 7x7.
+
+    Args:
+        chs: the map's channels, which is also the latents' width here.
+    """
+
+    def __init__(self, chs: int):
+        super().__init__()
+        self.dwc = nn.Conv2d(chs, chs, 7, padding=3, groups=chs)
+        self.pool = nn.AdaptiveAvgPool2d(_POOLED)
+        self.attn = CrossAttentionBlock(chs, chs, chs, num_keys=_POOLED * _POOLED)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        kv = self.pool(self.dwc(x) + x)
+        return self.attn(z, kv.flatten(2).transpose(1, 2))
+
+
+class LatentsToMap(nn.Module):
+    """z -> x: every position of the CNN map attends to the latents (attention 1/8 of the map's width).
+
+    Args:
+        map_chs: the map's channels.
+        latent_chs: the latents' width.
+    """
+
+    def __init__(self, map_chs: int, latent_chs: int):
+        super().__init__()
+        self.attn = CrossAttentionBlock(map_chs, latent_chs, map_chs // 8)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x = self.attn(x.flatten(2).transpose(1, 2), z)
+        return x.transpose(1, 2).reshape(b, c, h, w)
+
+
+def _isc(num_classes: int, chs: int) -> nn.Sequential:
+    """Inline Subnetwork Collaboration: an earlier exit's logits projected to features."""
+    return nn.Sequential(nn.Linear(num_classes, chs), nn.BatchNorm1d(chs), nn.ReLU(inplace=True))
+
+
+class DynPerceiver(MultiExitModel):
+    """Dynamic Perceiver on a timm RegNetY, four exits (see the module docstring for their order).
+
+    The configuration the reference's README trains (spatial reduction, x -> z with depthwise convs,
+    z -> x, the last cross-attention and ISC all on); the reference's ablation switches are not offered.
+
+    Args:
+        cnn: the timm RegNet the CNN branch is (its stem, stages ``s1``..``s4`` and head).
+        num_latents: latent tokens in stage 1; stages 2-4 have 1/2, 1/4, 1/8 of them.
+        depths: self-attention layers of the four latent stages (the reference's ``3, 3, 9, 3`` times
+            its ``--depth_factor``).
+        num_heads: self-attention heads of the four latent stages.
+        mlp_ratio: the self-attention layers' MLP width factor (the reference's ``--SA_widening_factor``).
+        num_classes: the number of classes (> 0: ISC feeds logits forward).
+        in_chans: the input channels.
+        drop_rate: dropout before every exit's classifier.
+        multi_exit_training: ``model(x)`` in training mode returns every exit's logits (the default) or,
+            ``False``, the last exit's alone (see :meth:`~.MultiExitModel.set_multi_exit_training`).
+    """
+
+    def __init__(
+            self,
+            cnn: str = "regnety_008_tv",
+            num_latents: int = 128,
+            depths: Sequence[int] = (3, 3, 9, 6),
+            num_heads: Sequence[int] = (1, 2, 4, 8),
+            mlp_ratio: float = 4.0,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            drop_rate: float = 0.0,
+            multi_exit_training: bool = True,
+    ):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"DynPerceiver's exits feed their logits to later exits (ISC): num_classes must be "
+                             f">= 1, got {num_classes}")
+        if len(depths) != 4 or len(num_heads) != 4:
+            raise ValueError(f"depths and num_heads need one entry per latent stage (4), got {depths} and {num_heads}")
+        if num_latents < 8 or num_latents % 8:
+            raise ValueError(f"num_latents must be a positive multiple of 8 (halved three times), got {num_latents}")
+        self.cnn = timm.create_model(cnn, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+        stages = [self.cnn.s1, self.cnn.s2, self.cnn.s3, self.cnn.s4]
+        widths = [s.b1.conv1.conv.in_channels for s in stages]  # the latents' width in each stage
+        out_chs = self.cnn.num_features
+        tokens = [num_latents // 2 ** i for i in range(4)]
+        for w, h in zip(widths, num_heads):
+            if w % h:
+                raise ValueError(f"a latent stage {w} wide cannot have {h} heads (widths {widths}, heads {num_heads})")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_exits = 4
+        self.exit_index = 3
+        self.multi_exit_training = multi_exit_training
+        self.latent = nn.Parameter(torch.zeros(num_latents, widths[0]).normal_(0.0, 0.02).clamp_(-2.0, 2.0))
+        self.to_latents = nn.ModuleList(MapToLatents(w) for w in widths)
+        self.to_map = nn.ModuleList(LatentsToMap(w, w) for w in widths[1:])
+        self.to_map_last = LatentsToMap(out_chs, widths[3])
+        self.latent_stages = nn.ModuleList(
+            nn.Sequential(*[Block(w, h, mlp_ratio=mlp_ratio, qkv_bias=False, norm_layer=nn.LayerNorm)
+                            for _ in range(d)]) for w, h, d in zip(widths, num_heads, depths))
+        self.resize = nn.ModuleList(LatentResize(tokens[i:i + 2], widths[i:i + 2]) for i in range(3))
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head_latent = nn.Linear(widths[2], num_classes)
+        self.isc_att = _isc(num_classes, widths[3])
+        self.head_att = nn.Linear(2 * widths[3], num_classes)
+        self.isc_merge = _isc(num_classes, widths[3])
+        merged = out_chs + 2 * widths[3]
+        self.head_merge = nn.Sequential(nn.BatchNorm1d(merged), nn.Linear(merged, num_classes))
+        self.exit_widths = [widths[2], 2 * widths[3], out_chs, merged]
+        self.num_features = self.head_hidden_size = merged
+
+    # --- the multi-exit contract -----------------------------------------------------------------
+
+    def forward_stem(self, x: torch.Tensor) -> List[torch.Tensor]:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"DynPerceiver expects images (batch, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
+        x = self.cnn.stem(x)
+        z = self.to_latents[0](self.latent.repeat(x.shape[0], 1, 1), x)  # a copy: no view of a parameter as input
+        return [x, z]
+
+    def _cnn_stage(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        for i, stage in enumerate([self.cnn.s1, self.cnn.s2, self.cnn.s3, self.cnn.s4]):
+            if i == index:
+                return stage(x)
+        raise IndexError(index)
+
+    def _exchange(self, x: torch.Tensor, z: torch.Tensor, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """After latent stage ``index - 1`` and CNN stage ``index - 1``: resize the latents, z -> x, x -> z,
+        and latent stage ``index``."""
+        z = self.resize[index - 1](z)
+        x = self.to_map[index - 1](x, z)
+        z = self.to_latents[index](z, x)
+        return x, self.latent_stages[index](z)
+
+    def forward_stage(self, state: List[torch.Tensor], index: int) -> List[torch.Tensor]:
+        x, z, logits = state[0], state[1], list(state[2:])
+        if index == 0:  # latent stages 1-3 with CNN stages 1-2
+            z = self.latent_stages[0](z)
+            for i in (1, 2):
+                x = self._cnn_stage(x, i - 1)
+                x, z = self._exchange(x, z, i)
+        elif index == 1:  # CNN stage 3, latent stage 4
+            x, z = self._exchange(self._cnn_stage(x, 2), z, 3)
+        elif index == 2:  # CNN stage 4
+            x = self._cnn_stage(x, 3)
+        elif index == 3:
+            x = self.to_map_last(x, z)
+        else:
+            raise IndexError(f"stage index {index} out of range for 4 stages")
+        state = [x, z] + logits
+        return state + [self._classify(state, index)]
+
+    def _features(self, state: List[torch.Tensor], index: int) -> torch.Tensor:
+        """The features exit ``index``'s classifier reads (for exits 2 and 4, with the ISC of the logits
+        of exits 1 and 2)."""
+        x, z = state[0], state[1]
+        if index == 0:
+            return z.mean(1)
+        if index == 1:
+            return torch.cat([z.mean(1), self.isc_att(state[2])], 1)
+        if index == 2:
+            return self.cnn.forward_head(x, pre_logits=True)
+        return torch.cat([x.mean((2, 3)), z.mean(1), self.isc_merge(state[3])], 1)
+
+    def _classify(self, state: List[torch.Tensor], index: int) -> torch.Tensor:
+        if index == 2:
+            return self.cnn.forward_head(state[0])
+        head = self.head_latent if index == 0 else self.head_att if index == 1 else self.head_merge
+        return head(self.head_drop(self._features(state, index)))
+
+    def forward_exit(self, state: List[torch.Tensor], index: int, pre_logits: bool = False) -> torch.Tensor:
+        """Exit ``index``'s logits (computed by its stage), or the features its classifier reads."""
+        if not 0 <= index < self.num_exits:
+            raise IndexError(f"exit index {index} out of range for {self.num_exits} exits")
+        if pre_logits:
+            return self._features(state, index)
+        return state[2 + index]
+
+    # --- timm's model interface ------------------------------------------------------------------
+
+    def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The state after the active exit's stage (what :meth:`forward_head` reads)."""
+        return self.forward_until(x, self.exit_index)
+
+    def forward_head(self, x: List[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
+        """The active exit's logits.
+
+        Args:
+            x: the output of :meth:`forward_features`.
+            pre_logits: return the features the exit's classifier reads instead.
+
+        Returns:
+            The logits ``(batch, classes)``, or the features.
+        """
+        return self.forward_exit(x, self.exit_index, pre_logits)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for timm's layer-wise lr decay: the CNN stem with the latents, then the CNN
+        stages; the latent branch and the heads are unmatched (the last group, the head's)."""
+        return dict(stem=r"^cnn\.stem|^latent$", blocks=r"^cnn\.s(\d+)" if coarse else r"^cnn\.s(\d+)\.b(\d+)")
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head_merge[1]
+
+
+# --- the reference's checkpoint layout -----------------------------------------------------------
+
+_CROSS = [("cross_attn.q_norm.", "norm_q."), ("cross_attn.kv_norm.", "norm_kv."),
+          ("cross_attn.attention.q_proj.", "q."), ("cross_attn.attention.k_proj.", "k."),
+          ("cross_attn.attention.v_proj.", "v."), ("cross_attn.attention.o_proj.", "proj."),
+          ("cross_attn.attention.relative_position_bias", "pos_bias"), ("mlp.layernorm.", "norm2."),
+          ("mlp.fc1.", "mlp.fc1."), ("mlp.fc2.", "mlp.fc2.")]
+_SELF = [("self_attn.norm.", "norm1."), ("self_attn.attention.o_proj.", "attn.proj."), ("mlp.layernorm.", "norm2."),
+         ("mlp.fc1.", "mlp.fc1."), ("mlp.fc2.", "mlp.fc2.")]
+_HEADS = {"early_classifier3.": "head_latent.", "classifier_att.": "head_att.", "isc3.": "isc_att.",
+          "isc4.": "isc_merge.", "classifier_merge.": "head_merge.", "latent": "latent"}
+
+
+def _rename(rest: str, rules: Sequence[Tuple[str, str]], key: str) -> str:
+    for old, new in rules:
+        if rest.startswith(old):
+            return new + rest[len(old):]
+    raise KeyError(key)
+
+
+def _map_latent_key(key: str) -> str:
+    m = re.match(r"dwc(\d)_x2z\.(.*)$", key)
+    if m:
+        return f"to_latents.{int(m.group(1)) - 1}.dwc.{m.group(2)}"
+    m = re.match(r"cross_att(\d)_x2z\.(.*)$", key)
+    if m:
+        return f"to_latents.{int(m.group(1)) - 1}.attn." + _rename(m.group(2), _CROSS, key)
+    m = re.match(r"cross_att(\d)_z2x\.(.*)$", key)
+    if m:
+        return f"to_map.{int(m.group(1)) - 2}.attn." + _rename(m.group(2), _CROSS, key)
+    if key.startswith("last_cross_att_z2x."):
+        return "to_map_last.attn." + _rename(key[len("last_cross_att_z2x."):], _CROSS, key)
+    m = re.match(r"self_att(\d)\.(\d+)\.(.*)$", key)
+    if m:
+        return f"latent_stages.{int(m.group(1)) - 1}.{m.group(2)}." + _rename(m.group(3), _SELF, key)
+    m = re.match(r"token_(mixer|expander)\.(\d)\.([01])\.(.*)$", key)
+    if m:
+        part = {("mixer", "0"): "token_norm", ("mixer", "1"): "token_mix",
+                ("expander", "0"): "norm", ("expander", "1"): "expand"}[m.group(1), m.group(3)]
+        return f"resize.{m.group(2)}.{part}.{m.group(4)}"
+    return _rename(key, list(_HEADS.items()), key)
+
+
+def checkpoint_filter_fn(state_dict: dict, model: DynPerceiver) -> dict:
+    """Map a reference checkpoint (LeapLabTHU/Dynamic_Perceiver, the RegNet models) onto this model; a state
+    dict in this package's own layout passes through unchanged.
+
+    The CNN branch (torchvision's RegNet layout under ``cnn_stem``, ``cnn_body`` and ``classifier_cnn``)
+    goes through timm's own RegNet filter; the separate q / k / v projections of the latents'
+    self-attention are stacked into timm's ``qkv``.
+
+    Args:
+        state_dict: the checkpoint's state dict (``model`` / ``model_ema`` already taken out by the
+            caller or by timm; ``module.`` stripped).
+        model: the model it is loaded into.
+
+    Returns:
+        The state dict keyed by the model's names.
+    """
+    state_dict = state_dict.get("model", state_dict)
+    if not any(k.startswith("cnn_stem.") for k in state_dict):
+        return state_dict
+    cnn, out, qkv = {}, {}, {}
+    for key, value in state_dict.items():
+        if key.startswith(("cnn_stem.", "cnn_body.", "classifier_cnn.")):
+            tv_key = key.replace("cnn_stem.", "stem.").replace("cnn_body.", "trunk_output.").replace("classifier_cnn.", "fc.")
+            cnn[tv_key] = value
+            continue
+        m = re.match(r"(self_att\d\.\d+)\.self_attn\.attention\.([qkv])_proj\.weight$", key)
+        if m:
+            qkv.setdefault(m.group(1), {})[m.group(2)] = value
+            continue
+        try:
+            out[_map_latent_key(key)] = value
+        except KeyError:
+            raise ValueError(f"{key!r} is not a key of a reference Dynamic Perceiver (RegNet) checkpoint; is this "
+                             f"file one?") from None
+    out.update({f"cnn.{k}": v for k, v in regnet_filter_fn(cnn).items()})
+    for prefix, parts in qkv.items():
+        stage, layer = re.match(r"self_att(\d)\.(\d+)", prefix).groups()
+        out[f"latent_stages.{int(stage) - 1}.{layer}.attn.qkv.weight"] = torch.cat([parts[p] for p in "qkv"])
+    return out
+
+
+def _keep_file_classes(pretrained: bool, kwargs: dict) -> dict:
+    """The ``create_model`` kwargs under which a weights file (either layout) whose classifiers already have
+    the requested ``num_classes`` keeps them (timm re-initialises every class-dependent layer, ISC's
+    inputs included, when ``num_classes`` differs from the cfg's)."""
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    file = pretrained_file(pretrained, overlay)
+    if not file or "num_classes" not in kwargs or "num_classes" in overlay:
+        return kwargs
+    shapes = _tensor_shapes(file)
+    merged = shapes.get("head_merge.1.weight", shapes.get("classifier_merge.1.weight"))
+    if merged is None or merged[0] != kwargs["num_classes"]:
+        return kwargs
+    return {**kwargs, "pretrained_cfg_overlay": {**overlay, "num_classes": kwargs["num_classes"]}}
+
+
+def _create_dyn_perceiver(variant: str, pretrained: bool = False, **kwargs) -> DynPerceiver:
+    kwargs = _keep_file_classes(pretrained, kwargs)
+    return build_model_with_cfg(DynPerceiver, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
+        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "cnn.stem.conv",
+        "classifier": ("head_latent", "head_att", "cnn.head.fc", "head_merge.1", "isc_att.0", "isc_merge.0"), "license": "mit", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "dyn_perceiver_regnety_008.in1k": _cfg(),
+})
+
+
+@register_model
+def dyn_perceiver_regnety_008(pretrained: bool = False, **kwargs) -> DynPerceiver:
+    """Dynamic Perceiver on RegNetY-800MF, 128 latents (the reference's ``reg800m_perceiver_t128`` with its
+    README flags: ``--depth_factor 1 1 1 2 --SA_widening_factor 4``)."""
+    model_args = dict(cnn="regnety_008_tv", num_latents=128, depths=(3, 3, 9, 6), num_heads=(1, 2, 4, 8), mlp_ratio=4.0)
+    return _create_dyn_perceiver("dyn_perceiver_regnety_008", pretrained, **dict(model_args, **kwargs))
