@@ -141,3 +141,66 @@ def test_bad_input_is_a_clear_error():
         _tiny(num_classes=0)
     with pytest.raises(ValueError, match="multiple of 8"):
         _tiny(num_latents=12)
+
+
+# --- the training loss (the reference's engine.py), restated by hand in float64 -----------------------
+
+def _hand_loss(z, y, cnn, att, merge, kd, t):
+    """sum of the weighted CEs and kd * sum_{early, att, cnn} T^2 KL(softmax(sg(merge)/T) || softmax(z/T)),
+    from log-softmax sums written out."""
+    def ce(logits):
+        logp = logits - logits.logsumexp(1, keepdim=True)
+        return -(logp.gather(1, y[:, None])).mean()
+
+    def kl(student, teacher):
+        p = torch.exp(teacher / t - (teacher / t).logsumexp(1, keepdim=True))
+        log_q = student / t - (student / t).logsumexp(1, keepdim=True)
+        return (p * (p.log() - log_q)).sum() / student.shape[0] * t * t
+
+    early, attn, c, m = z
+    loss = cnn * ce(c) + att * (ce(attn) + ce(early)) + merge * ce(m)
+    return loss + kd * sum(kl(s, m.detach()) for s in (early, attn, c))
+
+
+@pytest.mark.parametrize("options, weights", [
+    ({}, (1.0, 0.5, 1.0, 0.5, 1.0)),  # the README's flags
+    (dict(cnn_weight=0.25, att_weight=0.25, merge_weight=0.5, kd_weight=0.5, temperature=4.0),
+     (0.25, 0.25, 0.5, 0.5, 4.0)),  # the code's argument defaults, with KD switched on
+    (dict(kd_weight=0.0), (1.0, 0.5, 1.0, 0.0, 1.0)),
+])
+def test_the_loss_and_its_gradient_equal_a_hand_restatement(options, weights):
+    from timm_exits.train.techniques import DynPerceiver as Loss
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    y = torch.randint(0, 7, (5,), generator=g)
+    terms = Loss(**options).losses(logits, y)
+    assert set(terms) == {"early", "att", "cnn", "merge"} | ({"kd"} if weights[3] else set())
+    got = sum(terms.values())
+    expected = _hand_loss(logits, y, *weights)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(got, logits)
+    expected_grads = torch.autograd.grad(expected, logits)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_teacher_is_the_merged_exit_and_gets_no_distillation_gradient():
+    from timm_exits.train.techniques import DynPerceiver as Loss
+    logits = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    kd = Loss().losses(logits, torch.tensor([0, 1, 2]))["kd"]
+    grads = torch.autograd.grad(kd, logits, allow_unused=True)
+    assert grads[3] is None and all(g.abs().sum() > 0 for g in grads[:3])
+
+
+def test_a_training_step_through_the_plain_loop_and_the_refusal_of_other_models():
+    from timm_exits.train import PlainTrainer, build_technique
+    technique = build_technique(dict(type="DynPerceiver"))
+    with pytest.raises(ValueError, match="four exits of a Dynamic Perceiver model"):
+        technique.prepare(timm.create_model("msdnet_cifar_5exit", num_classes=10, num_channels=4, growth_rate=2))
+    model = technique.prepare(_tiny().train())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.head_latent.weight.detach().clone()
+    images, target = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    terms = PlainTrainer(model, technique, optimizer).step(images, target)
+    assert set(terms) == {"early", "att", "cnn", "merge", "kd"}
+    assert not torch.equal(model.head_latent.weight, before)

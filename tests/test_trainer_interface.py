@@ -32,6 +32,8 @@ DOCUMENTED = {
     "ZTW": dict(CROSS_ENTROPY, train="heads", detach=True, layer_norm=True),
     "L2W": dict(SWITCHES, epsilon=0.8, constraint_dimension="col", input_type="loss", hidden_size=500, meta_interval=1,
                 lr=1e-4, weight_decay=1e-4, lr_follows_schedule=True, target_p=0.75, label_smoothing=0.0, seed=0),
+    "DynPerceiver": dict(SWITCHES, cnn_weight=1.0, att_weight=0.5, merge_weight=1.0, kd_weight=0.5, temperature=1.0,
+                         label_smoothing=0.0),
 }
 
 # Per type: options set away from their defaults (for the round trip), a bad value and its message, a misspelt option.
@@ -53,6 +55,8 @@ CASES = {
             dict(train="all"), "train must be .*, got 'all'", "layernorm"),
     "L2W": (dict(epsilon=0.3, constraint_dimension="mat", meta_interval=100, hidden_size=8),
             dict(constraint_dimension="diag"), "constraint_dimension must be .*, got 'diag'", "epsilom"),
+    "DynPerceiver": (dict(cnn_weight=0.25, att_weight=0.25, merge_weight=0.5, temperature=4.0),
+                     dict(temperature=0.0), "temperature must be a number > 0.0, got 0.0", "kd_weigth"),
 }
 
 

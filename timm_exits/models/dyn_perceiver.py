@@ -37,6 +37,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.regnet import _filter_fn as regnet_filter_fn
 from timm.models.vision_transformer import Block
 
+from .branch_gradients import detach_channels
 from .multi_exit import MultiExitModel
 from .pretrained import _tensor_shapes, pretrained_file
 
@@ -280,6 +281,11 @@ class DynPerceiver(MultiExitModel):
         if pre_logits:
             return self._features(state, index)
         return state[2 + index]
+
+    def split_state_grad(self, state: List[torch.Tensor], keep: float) -> List[torch.Tensor]:
+        """Deep Feature Surgery splits the channels of the CNN map (dimension 1) and of the latents (the last
+        dimension); the logits carried for ISC pass the next stage's gradient whole."""
+        return [detach_channels(state[0], keep, 1), detach_channels(state[1], keep, -1)] + list(state[2:])
 
     # --- timm's model interface ------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ trainer interface (:mod:`timm_exits.train.trainer`):
 * :class:`ADN`: self-distillation of the base-net from the super-net;
 * :class:`BoostNet`: the exits as a boosted ensemble;
 * :class:`ZTW`: Zero Time Waste's cascading heads and geometric ensembles;
-* :class:`L2W`: L2W-DEN's learnt sample weights.
+* :class:`L2W`: L2W-DEN's learnt sample weights;
+* :class:`DynPerceiver`: Dynamic Perceiver's weighted exits and distillation from its merged exit.
 
 Every technique takes the forward-graph switches of a multi-exit network (Gradient Equilibrium,
 branch-level deconfliction, Deep Feature Surgery) as options. :func:`build_technique` builds one from its config
@@ -25,9 +26,10 @@ from .adn import ADN
 from .boostnet import BoostNet
 from .ztw import ZTW
 from .l2w import L2W
+from .dyn_perceiver import DynPerceiver
 
 DEFAULT_TECHNIQUE = CrossEntropy.__name__  # what a trainer runs when no technique is named: the MSDNet baseline
 
 __all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "Options", "OutputsTechnique", "StepResult", "Technique", "TrainingForward",
            "build_technique", "register_technique", "technique_config", "technique_type", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN", "BoostNet",
-           "ZTW", "L2W"]
+           "ZTW", "L2W", "DynPerceiver"]
