@@ -10,9 +10,9 @@ import torch
 
 import timm_exits  # noqa: F401
 from timm_exits.catalogue import families, load_catalogue
-from timm_exits.models import adaptive_depth, exits, msdnet
+from timm_exits.models import adaptive_depth, exits, msdnet, ranet
 
-MODULES = {"msdnet": msdnet, "exits": exits, "adn": adaptive_depth}
+MODULES = {"msdnet": msdnet, "exits": exits, "adn": adaptive_depth, "ranet": ranet}
 KEYS = {"description", "source", "reference_command", "backbone", "expected", "reference"}
 
 
@@ -20,7 +20,7 @@ def test_the_catalogue_ships_as_package_data():
     assert families() == sorted(MODULES)
     shipped = {f.name for f in resources.files("timm_exits.registry").iterdir()}
     assert {f"{family}.yaml" for family in MODULES} <= shipped
-    with pytest.raises(ValueError, match="no catalogue for model family 'nope'; known: adn, exits, msdnet"):
+    with pytest.raises(ValueError, match="no catalogue for model family 'nope'; known: adn, exits, msdnet, ranet"):
         load_catalogue("nope")
 
 

@@ -34,6 +34,7 @@ DOCUMENTED = {
                 lr=1e-4, weight_decay=1e-4, lr_follows_schedule=True, target_p=0.75, label_smoothing=0.0, seed=0),
     "DynPerceiver": dict(SWITCHES, cnn_weight=1.0, att_weight=0.5, merge_weight=1.0, kd_weight=0.5, temperature=1.0,
                          label_smoothing=0.0),
+    "JEIGates": dict(SWITCHES, tradeoff=0.7, costs=None, pos_weights=None, max_pos_weight=5.0),
 }
 
 # Per type: options set away from their defaults (for the round trip), a bad value and its message, a misspelt option.
@@ -55,6 +56,8 @@ CASES = {
             dict(train="all"), "train must be .*, got 'all'", "layernorm"),
     "L2W": (dict(epsilon=0.3, constraint_dimension="mat", meta_interval=100, hidden_size=8),
             dict(constraint_dimension="diag"), "constraint_dimension must be .*, got 'diag'", "epsilom"),
+    "JEIGates": (dict(tradeoff=0.3, costs=[1.0, 2.0, 4.0], pos_weights=[1.0, 2.0]),
+                 dict(tradeoff=-0.1), "tradeoff must be a number >= 0.0, got -0.1", "trade_off"),
     "DynPerceiver": (dict(cnn_weight=0.25, att_weight=0.25, merge_weight=0.5, temperature=4.0),
                      dict(temperature=0.0), "temperature must be a number > 0.0, got 0.0", "kd_weigth"),
 }

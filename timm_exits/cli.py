@@ -116,7 +116,7 @@ def _adn_rows(variants: dict) -> List[str]:
     return rows
 
 
-_TABLES = {"msdnet": _msdnet_rows, "exits": _exits_rows, "adn": _adn_rows}
+_TABLES = {"msdnet": _msdnet_rows, "exits": _exits_rows, "adn": _adn_rows, "ranet": _msdnet_rows}
 
 
 def models_table(family: str) -> str:

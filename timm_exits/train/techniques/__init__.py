@@ -11,7 +11,8 @@ trainer interface (:mod:`timm_exits.train.trainer`):
 * :class:`BoostNet`: the exits as a boosted ensemble;
 * :class:`ZTW`: Zero Time Waste's cascading heads and geometric ensembles;
 * :class:`L2W`: L2W-DEN's learnt sample weights;
-* :class:`DynPerceiver`: Dynamic Perceiver's weighted exits and distillation from its merged exit.
+* :class:`DynPerceiver`: Dynamic Perceiver's weighted exits and distillation from its merged exit;
+* :class:`JEIGates`: JEI-DNN's learned exit gates on the frozen network.
 
 Every technique takes the forward-graph switches of a multi-exit network (Gradient Equilibrium,
 branch-level deconfliction, Deep Feature Surgery) as options. :func:`build_technique` builds one from its config
@@ -27,9 +28,10 @@ from .boostnet import BoostNet
 from .ztw import ZTW
 from .l2w import L2W
 from .dyn_perceiver import DynPerceiver
+from .jei_dnn import JEIGates
 
 DEFAULT_TECHNIQUE = CrossEntropy.__name__  # what a trainer runs when no technique is named: the MSDNet baseline
 
 __all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "Options", "OutputsTechnique", "StepResult", "Technique", "TrainingForward",
            "build_technique", "register_technique", "technique_config", "technique_type", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN", "BoostNet",
-           "ZTW", "L2W", "DynPerceiver"]
+           "ZTW", "L2W", "DynPerceiver", "JEIGates"]
