@@ -9,8 +9,10 @@ from .imta import IMTAModel
 from .boostnet import BoostedExits
 from .ztw import ZTWModel
 from .product_anytime import ProductAnytimeModel
+from .dyn_perceiver import DynPerceiver
 from .ranet import RANet
+from .jei_gates import JEIGatesModel
 
 __all__ = ["MultiExitModel", "MSDNet", "BackboneWithExits", "add_exits", "make_adaptive_depth", "is_multi_exit",
            "adaptive_depth_of", "State", "slice_state", "IMTAModel", "BoostedExits", "ZTWModel", "ProductAnytimeModel",
-           "RANet"]
+           "DynPerceiver", "JEIGatesModel", "RANet"]
