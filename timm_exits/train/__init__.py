@@ -21,14 +21,14 @@ from .deconfliction import pcgrad_backward, pcgrad_gradients
 from .losses import distillation_kl, multi_exit_cross_entropy, one_for_all_distillation
 from .regimes import REGIMES, apply_regime
 from .schedules import ExitWeights, pabee_weights, sdn_weights
-from .techniques import (ADN, HDKD, L2W, TECHNIQUES, ZTW, BoostNet, CrossEntropy, OneForAll, PCGrad, StepResult,
-                         Technique, build_technique, register_technique, technique_config)
+from .techniques import (ADN, HDKD, L2W, TECHNIQUES, ZTW, BoostNet, CrossEntropy, OneForAll, PCGrad, PhuongLampert,
+                         StepResult, Technique, build_technique, register_technique, technique_config)
 from .loop import PlainTrainer
 from .trainer import Trainer, TrainerError, check_trainer
 from .virtual_step import sgd_virtual_step
 from .ztw import fit_ensembles_offline
 
-__all__ = ["ADN", "BoostNet", "CrossEntropy", "ExitWeights", "HDKD", "L2W", "OneForAll", "PCGrad", "PlainTrainer", "REGIMES",
+__all__ = ["ADN", "BoostNet", "CrossEntropy", "ExitWeights", "HDKD", "L2W", "OneForAll", "PCGrad", "PhuongLampert", "PlainTrainer", "REGIMES",
            "StepResult", "TECHNIQUES", "Technique", "Trainer", "TrainerError", "ZTW", "adn_distillation",
            "adn_losses", "adn_step", "apply_regime", "build_technique", "check_trainer", "distillation_kl", "fit_ensembles_offline",
            "multi_exit_cross_entropy", "one_for_all_distillation", "pabee_weights", "pcgrad_backward",

@@ -12,7 +12,8 @@ trainer interface (:mod:`timm_exits.train.trainer`):
 * :class:`ZTW`: Zero Time Waste's cascading heads and geometric ensembles;
 * :class:`L2W`: L2W-DEN's learnt sample weights;
 * :class:`DynPerceiver`: Dynamic Perceiver's weighted exits and distillation from its merged exit;
-* :class:`JEIGates`: JEI-DNN's learned exit gates on the frozen network.
+* :class:`JEIGates`: JEI-DNN's learned exit gates on the frozen network;
+* :class:`PhuongLampert`: distillation from the last exit at an adaptive temperature.
 
 Every technique takes the forward-graph switches of a multi-exit network (Gradient Equilibrium,
 branch-level deconfliction, Deep Feature Surgery) as options. :func:`build_technique` builds one from its config
@@ -29,9 +30,10 @@ from .ztw import ZTW
 from .l2w import L2W
 from .dyn_perceiver import DynPerceiver
 from .jei_dnn import JEIGates
+from .phuong_lampert import PhuongLampert
 
 DEFAULT_TECHNIQUE = CrossEntropy.__name__  # what a trainer runs when no technique is named: the MSDNet baseline
 
 __all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "Options", "OutputsTechnique", "StepResult", "Technique", "TrainingForward",
            "build_technique", "register_technique", "technique_config", "technique_type", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN", "BoostNet",
-           "ZTW", "L2W", "DynPerceiver", "JEIGates"]
+           "ZTW", "L2W", "DynPerceiver", "JEIGates", "PhuongLampert"]
