@@ -10,9 +10,10 @@ import torch
 
 import timm_exits  # noqa: F401
 from timm_exits.catalogue import families, load_catalogue
-from timm_exits.models import adaptive_depth, exits, msdnet, ranet
+from timm_exits.models import adaptive_depth, dyn_perceiver, exits, msdnet, ranet
 
-MODULES = {"msdnet": msdnet, "exits": exits, "adn": adaptive_depth, "ranet": ranet}
+MODULES = {"msdnet": msdnet, "exits": exits, "adn": adaptive_depth, "ranet": ranet,
+           "dyn_perceiver": dyn_perceiver}
 KEYS = {"description", "source", "reference_command", "backbone", "expected", "reference"}
 
 
@@ -20,7 +21,7 @@ def test_the_catalogue_ships_as_package_data():
     assert families() == sorted(MODULES)
     shipped = {f.name for f in resources.files("timm_exits.registry").iterdir()}
     assert {f"{family}.yaml" for family in MODULES} <= shipped
-    with pytest.raises(ValueError, match="no catalogue for model family 'nope'; known: adn, exits, msdnet, ranet"):
+    with pytest.raises(ValueError, match="no catalogue for model family 'nope'; known: adn, dyn_perceiver, exits, msdnet, ranet"):
         load_catalogue("nope")
 
 

@@ -5,6 +5,7 @@ import timm
 import torch
 
 import timm_exits  # noqa: F401
+from timm_exits.catalogue import load_catalogue
 from timm_exits.inference.executor import EarlyExitExecutor
 from timm_exits.models.dyn_perceiver import DynPerceiver, checkpoint_filter_fn
 from timm_exits.models.multi_exit import slice_state
@@ -204,3 +205,15 @@ def test_a_training_step_through_the_plain_loop_and_the_refusal_of_other_models(
     terms = PlainTrainer(model, technique, optimizer).step(images, target)
     assert set(terms) == {"early", "att", "cnn", "merge", "kd"}
     assert not torch.equal(model.head_latent.weight, before)
+
+
+@pytest.mark.parametrize("name", sorted(load_catalogue("dyn_perceiver")["variants"]))
+def test_every_variant_costs_what_the_catalogue_says_and_wraps_its_backbone(name):
+    variant = load_catalogue("dyn_perceiver")["variants"][name]
+    with torch.device("meta"):
+        model = timm.create_model(name)
+        plain = timm.create_model(variant["backbone"], num_classes=model.num_classes)
+    costs = profile_exits(model)
+    assert [c.params for c in costs] == variant["expected"]["params"]
+    assert [c.macs for c in costs] == variant["expected"]["macs"]
+    assert {k: v.shape for k, v in model.cnn.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}

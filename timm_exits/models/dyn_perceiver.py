@@ -429,14 +429,53 @@ def _cfg(**kwargs) -> dict:
     }
 
 
+# CIFAR-10 training-set statistics
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
 default_cfgs = generate_default_cfgs({
-    "dyn_perceiver_regnety_008.in1k": _cfg(),
+    "dyn_perceiver_regnety_004": _cfg(),
+    "dyn_perceiver_regnety_008": _cfg(),
+    "dyn_perceiver_regnety_016": _cfg(),
+    "dyn_perceiver_regnety_032": _cfg(),
+    "dyn_perceiver_regnety_002_cifar": _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0,
+                                            mean=CIFAR10_MEAN, std=CIFAR10_STD),
 })
+
+# the reference README's flags: --depth_factor 1 1 1 2 (self-attention layers 3, 3, 9, 6) --SA_widening_factor 4
+_README_ARGS = dict(num_latents=128, depths=(3, 3, 9, 6), num_heads=(1, 2, 4, 8), mlp_ratio=4.0)
+
+
+@register_model
+def dyn_perceiver_regnety_004(pretrained: bool = False, **kwargs) -> DynPerceiver:
+    """Dynamic Perceiver on RegNetY-400MF, 128 latents (the reference's reg400m_perceiver_t128, README flags)."""
+    model_args = dict(_README_ARGS, cnn="regnety_004")
+    return _create_dyn_perceiver("dyn_perceiver_regnety_004", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def dyn_perceiver_regnety_008(pretrained: bool = False, **kwargs) -> DynPerceiver:
-    """Dynamic Perceiver on RegNetY-800MF, 128 latents (the reference's ``reg800m_perceiver_t128`` with its
-    README flags: ``--depth_factor 1 1 1 2 --SA_widening_factor 4``)."""
-    model_args = dict(cnn="regnety_008_tv", num_latents=128, depths=(3, 3, 9, 6), num_heads=(1, 2, 4, 8), mlp_ratio=4.0)
+    """Dynamic Perceiver on RegNetY-800MF, 128 latents (the reference's reg800m_perceiver_t128, README flags)."""
+    model_args = dict(_README_ARGS, cnn="regnety_008_tv")
     return _create_dyn_perceiver("dyn_perceiver_regnety_008", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dyn_perceiver_regnety_016(pretrained: bool = False, **kwargs) -> DynPerceiver:
+    """Dynamic Perceiver on RegNetY-1.6GF, 128 latents (the reference's reg1x6g_perceiver_t128, README flags)."""
+    model_args = dict(_README_ARGS, cnn="regnety_016")
+    return _create_dyn_perceiver("dyn_perceiver_regnety_016", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dyn_perceiver_regnety_032(pretrained: bool = False, **kwargs) -> DynPerceiver:
+    """Dynamic Perceiver on RegNetY-3.2GF, 128 latents (the reference's reg3x2g_perceiver_t128, README flags)."""
+    model_args = dict(_README_ARGS, cnn="regnety_032")
+    return _create_dyn_perceiver("dyn_perceiver_regnety_032", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dyn_perceiver_regnety_002_cifar(pretrained: bool = False, **kwargs) -> DynPerceiver:
+    """Dynamic Perceiver on RegNetY-200MF for 32x32 images, 64 latents, the README's latent depths."""
+    model_args = dict(_README_ARGS, cnn="regnety_002", num_latents=64, num_classes=10)
+    return _create_dyn_perceiver("dyn_perceiver_regnety_002_cifar", pretrained, **dict(model_args, **kwargs))
