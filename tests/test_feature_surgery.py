@@ -304,3 +304,80 @@ def test_the_fused_msdnet_computes_the_same_outputs_with_the_switch_on():
         fused.feature_surgery = 0.5
         outputs = fused.forward_exits(x)
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(outputs, expected))
+
+
+def test_every_trainer_trains_with_the_switch():
+    """mmengine's classifier, the plain loop and the timm task: one SGD step (lr 1) moves every parameter by
+    minus the gradient of the reference rerouting's summed cross-entropies."""
+    from mmengine.optim import OptimWrapper
+    from timm_exits.integrations.mmengine import MultiExitClassifier
+    from timm_exits.task import MultiExitTask
+
+    torch.manual_seed(0)
+    classifier = MultiExitClassifier(model="msdnet_cifar_5exit", model_kwargs=dict(num_classes=3, num_channels=4,
+                                     growth_rate=2), technique=dict(type="CrossEntropy", feature_surgery=0.5)).double()
+    assert classifier.model.feature_surgery == 0.5
+    model = copy.deepcopy(classifier.model)
+    model.feature_surgery = None
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 3, (3,), generator=g)
+
+    reference = copy.deepcopy(model)
+    sum(F.cross_entropy(z, y) for z in reference_exits(reference, x, 0.5, 1)).backward()
+    expected = [r.grad if r.grad is not None else torch.zeros_like(r) for r in reference.parameters()]
+
+    def moved_by_the_reference_gradient(trained, before):
+        for p0, p1, e in zip(before, trained.parameters(), expected):
+            torch.testing.assert_close(p0 - p1.detach(), e, rtol=1e-9, atol=1e-12)
+
+    before = [p.detach().clone() for p in classifier.model.parameters()]
+    classifier.train_step(dict(inputs=x, data_samples=y), OptimWrapper(torch.optim.SGD(classifier.parameters(), lr=1.0)))
+    moved_by_the_reference_gradient(classifier.model, before)
+
+    technique = CrossEntropy(feature_surgery=0.5)
+    plain = technique.prepare(copy.deepcopy(model))
+    before = [p.detach().clone() for p in plain.parameters()]
+    PlainTrainer(plain, technique, torch.optim.SGD(plain.parameters(), lr=1.0)).step(x, y)
+    moved_by_the_reference_gradient(plain, before)
+
+    task = MultiExitTask(copy.deepcopy(model), "CrossEntropy", feature_surgery=0.5, verbose=False)
+    assert task.model.feature_surgery == 0.5
+    task(x, y)["loss"].backward()
+    for p, e in zip(task.model.parameters(), expected):
+        torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p), e, rtol=1e-9, atol=1e-12)
+
+
+def test_the_recipe_and_the_study_config():
+    from pathlib import Path
+    from mmengine.config import Config
+    from timm_exits.config import load_config, phase_configs
+
+    root = Path(__file__).resolve().parents[1]
+    base = Config.fromfile(str(root / "recipes" / "_base_" / "techniques" / "dfs.py")).to_dict()
+    assert base == {"technique": {"type": "CrossEntropy", "feature_surgery": 0.5}}
+    runs = phase_configs(load_config(str(root / "benchmarks" / "cifar10_study" / "dfs.py"), data_dir="/data/cifar10"))
+    technique = runs[-1][1]["technique"]
+    assert (len(runs), technique["type"], technique["feature_surgery"], technique["gradient_equilibrium"]) == \
+        (1, "CrossEntropy", 0.5, False)
+
+
+@pytest.mark.slow
+def test_the_accelerate_engine_trains_the_recipe(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from helpers import tiny_data, write_config
+
+    root = Path(__file__).resolve().parents[1]
+    base = root / "recipes" / "_base_" / "techniques" / "dfs.py"
+    config = write_config(tmp_path / "dfs.py", tiny_data(tmp_path / "data"),
+                          extra=f"tracker = None\ntrain = dict(epochs=1)\n_base_ = [{str(base)!r}]")
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", str(root / "recipes" / "train.py"),
+                             str(config), "--output-dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=root, timeout=600, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-3000:]
+    technique = json.loads((tmp_path / "out" / "results.json").read_text())["phases"][0]["technique"]
+    assert (technique["type"], technique["feature_surgery"]) == ("CrossEntropy", 0.5)
