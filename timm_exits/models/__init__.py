@@ -11,8 +11,10 @@ from .ztw import ZTWModel
 from .product_anytime import ProductAnytimeModel
 from .dyn_perceiver import DynPerceiver
 from .ranet import RANet
+from .mie import MIEModel
+from .laplace import LaplaceExits
 from .jei_gates import JEIGatesModel
 
 __all__ = ["MultiExitModel", "MSDNet", "BackboneWithExits", "add_exits", "make_adaptive_depth", "is_multi_exit",
            "adaptive_depth_of", "State", "slice_state", "IMTAModel", "BoostedExits", "ZTWModel", "ProductAnytimeModel",
-           "DynPerceiver", "JEIGatesModel", "RANet"]
+           "DynPerceiver", "JEIGatesModel", "RANet", "MIEModel", "LaplaceExits"]
