@@ -11,7 +11,8 @@ a gradient back into the network,
 
 and a sigmoid: the gate's probability of exiting. Exits 0..K-2 have a gate; the last exit takes
 every sample left. :func:`gate_features` computes the features and :class:`ExitGates` holds the
-gates. The early-exit policy that runs them is ``ExitPolicy("gate", params=...)``
+gates (:class:`~timm_exits.models.jei_gates.JEIGatesModel` keeps them beside the network they were
+trained on). The early-exit policy that runs them is ``ExitPolicy("gate", params=...)``
 (:mod:`timm_exits.inference.policies`).
 """
 from __future__ import annotations
