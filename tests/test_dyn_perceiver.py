@@ -1,5 +1,7 @@
 """Dynamic Perceiver: reference checkpoints load and give the reference forward's outputs, the multi-exit
 contract, costs in exit order, clear errors."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -217,3 +219,20 @@ def test_every_variant_costs_what_the_catalogue_says_and_wraps_its_backbone(name
     assert [c.params for c in costs] == variant["expected"]["params"]
     assert [c.macs for c in costs] == variant["expected"]["macs"]
     assert {k: v.shape for k, v in model.cnn.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+
+
+def test_the_technique_runs_under_mmengine_and_timm_s_task():
+    from mmengine.optim import OptimWrapper
+    from timm_exits.integrations.mmengine import MultiExitClassifier
+    from timm_exits.task import MultiExitTask
+    from timm_exits.train.techniques import DynPerceiver as Loss
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    torch.manual_seed(0)
+    classifier = MultiExitClassifier("dyn_perceiver_regnety_008", model_kwargs=TINY, technique=dict(type="DynPerceiver"))
+    reference = Loss().losses(copy.deepcopy(classifier.model).forward_exits(x), y)
+    logged = classifier.train_step(dict(inputs=x, data_samples=y), OptimWrapper(torch.optim.SGD(classifier.parameters(), lr=0.1)))
+    torch.testing.assert_close(logged["loss"], sum(reference.values()).detach(), rtol=1e-5, atol=1e-5)
+    task = MultiExitTask(_tiny().train(), "DynPerceiver", kd_weight=0.25, verbose=False)
+    result = task(x, y)
+    assert set(result) == {"loss", "output"} | {f"loss_{k}" for k in ("early", "att", "cnn", "merge", "kd")}
+    result["loss"].backward()

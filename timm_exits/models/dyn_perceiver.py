@@ -25,6 +25,7 @@ exit's logits (a later exit reads them), so the per-exit cost is accumulated in 
 includes the heads before it. Released checkpoints of the reference (LeapLabTHU/Dynamic_Perceiver) load
 through :func:`checkpoint_filter_fn`.
 """
+import contextlib
 import re
 from typing import List, Optional, Sequence, Tuple
 
@@ -41,7 +42,7 @@ from .branch_gradients import detach_channels
 from .multi_exit import MultiExitModel
 from .pretrained import _tensor_shapes, pretrained_file
 
-__all__ = ["DynPerceiver", "CrossAttentionBlock", "LatentResize", "checkpoint_filter_fn"]
+__all__ = ["DynPerceiver", "LatentStage", "CrossAttentionBlock", "LatentResize", "checkpoint_filter_fn"]
 
 _POOLED = 7  # the CNN map is average-pooled to 7x7 keys for x -> z attention (the reference's spatial reduction)
 
@@ -139,6 +140,36 @@ class LatentsToMap(nn.Module):
         return x.transpose(1, 2).reshape(b, c, h, w)
 
 
+class LatentStage(nn.Module):
+    """One latent stage: (from stage 2 on) fewer, wider latents and z -> x, then x -> z and self-attention
+    layers (timm's ViT blocks: pre-norm attention and MLP, each with a residual).
+
+    Args:
+        chs: the CNN map's channels at this stage's start, which is also the latents' width here.
+        depth: self-attention layers.
+        num_heads: their heads.
+        mlp_ratio: their MLP width factor.
+        resize: ``(tokens in, tokens out, width in)`` of the latents coming from the previous stage;
+            ``None`` for the first stage.
+    """
+
+    def __init__(self, chs: int, depth: int, num_heads: int, mlp_ratio: float,
+                 resize: Optional[Tuple[int, int, int]] = None):
+        super().__init__()
+        self.resize = LatentResize(resize[:2], (resize[2], chs)) if resize else None
+        self.to_map = LatentsToMap(chs, chs) if resize else None
+        self.to_latents = MapToLatents(chs)
+        self.blocks = nn.Sequential(*[Block(chs, num_heads, mlp_ratio=mlp_ratio, qkv_bias=False, norm_layer=nn.LayerNorm)
+                                      for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.resize is not None:
+            z = self.resize(z)
+        if self.to_map is not None:
+            x = self.to_map(x, z)
+        return x, self.blocks(self.to_latents(z, x))
+
+
 def _isc(num_classes: int, chs: int) -> nn.Sequential:
     """Inline Subnetwork Collaboration: an earlier exit's logits projected to features."""
     return nn.Sequential(nn.Linear(num_classes, chs), nn.BatchNorm1d(chs), nn.ReLU(inplace=True))
@@ -162,6 +193,7 @@ class DynPerceiver(MultiExitModel):
         drop_rate: dropout before every exit's classifier.
         multi_exit_training: ``model(x)`` in training mode returns every exit's logits (the default) or,
             ``False``, the last exit's alone (see :meth:`~.MultiExitModel.set_multi_exit_training`).
+        device, dtype: where and as what the parameters are created (``None``: torch's defaults).
     """
 
     def __init__(
@@ -175,6 +207,8 @@ class DynPerceiver(MultiExitModel):
             in_chans: int = 3,
             drop_rate: float = 0.0,
             multi_exit_training: bool = True,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
         if num_classes < 1:
@@ -184,6 +218,18 @@ class DynPerceiver(MultiExitModel):
             raise ValueError(f"depths and num_heads need one entry per latent stage (4), got {depths} and {num_heads}")
         if num_latents < 8 or num_latents % 8:
             raise ValueError(f"num_latents must be a positive multiple of 8 (halved three times), got {num_latents}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_exits = 4
+        self.exit_index = 3
+        self.multi_exit_training = multi_exit_training
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self._build(cnn, num_latents, depths, num_heads, mlp_ratio, num_classes, in_chans, drop_rate)
+        if dtype is not None:
+            self.to(dtype)
+
+    def _build(self, cnn: str, num_latents: int, depths: Sequence[int], num_heads: Sequence[int], mlp_ratio: float,
+               num_classes: int, in_chans: int, drop_rate: float) -> None:
         self.cnn = timm.create_model(cnn, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
         stages = [self.cnn.s1, self.cnn.s2, self.cnn.s3, self.cnn.s4]
         widths = [s.b1.conv1.conv.in_channels for s in stages]  # the latents' width in each stage
@@ -192,19 +238,11 @@ class DynPerceiver(MultiExitModel):
         for w, h in zip(widths, num_heads):
             if w % h:
                 raise ValueError(f"a latent stage {w} wide cannot have {h} heads (widths {widths}, heads {num_heads})")
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.num_exits = 4
-        self.exit_index = 3
-        self.multi_exit_training = multi_exit_training
         self.latent = nn.Parameter(torch.zeros(num_latents, widths[0]).normal_(0.0, 0.02).clamp_(-2.0, 2.0))
-        self.to_latents = nn.ModuleList(MapToLatents(w) for w in widths)
-        self.to_map = nn.ModuleList(LatentsToMap(w, w) for w in widths[1:])
-        self.to_map_last = LatentsToMap(out_chs, widths[3])
         self.latent_stages = nn.ModuleList(
-            nn.Sequential(*[Block(w, h, mlp_ratio=mlp_ratio, qkv_bias=False, norm_layer=nn.LayerNorm)
-                            for _ in range(d)]) for w, h, d in zip(widths, num_heads, depths))
-        self.resize = nn.ModuleList(LatentResize(tokens[i:i + 2], widths[i:i + 2]) for i in range(3))
+            LatentStage(widths[i], depths[i], num_heads[i], mlp_ratio,
+                        (tokens[i - 1], tokens[i], widths[i - 1]) if i else None) for i in range(4))
+        self.to_map_last = LatentsToMap(out_chs, widths[3])
         self.head_drop = nn.Dropout(drop_rate)
         self.head_latent = nn.Linear(widths[2], num_classes)
         self.isc_att = _isc(num_classes, widths[3])
@@ -219,42 +257,28 @@ class DynPerceiver(MultiExitModel):
 
     def forward_stem(self, x: torch.Tensor) -> List[torch.Tensor]:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"DynPerceiver expects images (batch, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
-        x = self.cnn.stem(x)
-        z = self.to_latents[0](self.latent.repeat(x.shape[0], 1, 1), x)  # a copy: no view of a parameter as input
-        return [x, z]
-
-    def _cnn_stage(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        for i, stage in enumerate([self.cnn.s1, self.cnn.s2, self.cnn.s3, self.cnn.s4]):
-            if i == index:
-                return stage(x)
-        raise IndexError(index)
-
-    def _exchange(self, x: torch.Tensor, z: torch.Tensor, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """After latent stage ``index - 1`` and CNN stage ``index - 1``: resize the latents, z -> x, x -> z,
-        and latent stage ``index``."""
-        z = self.resize[index - 1](z)
-        x = self.to_map[index - 1](x, z)
-        z = self.to_latents[index](z, x)
-        return x, self.latent_stages[index](z)
+            raise ValueError(f"DynPerceiver expects images (batch, {self.in_chans}, H, W), got "
+                             f"({', '.join([str(d) for d in x.shape])})")
+        # the latents as a copy per sample (a view of a parameter would not be sliceable state)
+        return [self.cnn.stem(x), self.latent.repeat(x.shape[0], 1, 1)]
 
     def forward_stage(self, state: List[torch.Tensor], index: int) -> List[torch.Tensor]:
-        x, z, logits = state[0], state[1], list(state[2:])
+        x, z = state[0], state[1]
         if index == 0:  # latent stages 1-3 with CNN stages 1-2
-            z = self.latent_stages[0](z)
-            for i in (1, 2):
-                x = self._cnn_stage(x, i - 1)
-                x, z = self._exchange(x, z, i)
+            x, z = self.latent_stages[0](x, z)
+            x, z = self.latent_stages[1](self.cnn.s1(x), z)
+            x, z = self.latent_stages[2](self.cnn.s2(x), z)
         elif index == 1:  # CNN stage 3, latent stage 4
-            x, z = self._exchange(self._cnn_stage(x, 2), z, 3)
+            x, z = self.latent_stages[3](self.cnn.s3(x), z)
         elif index == 2:  # CNN stage 4
-            x = self._cnn_stage(x, 3)
+            x = self.cnn.s4(x)
         elif index == 3:
             x = self.to_map_last(x, z)
         else:
             raise IndexError(f"stage index {index} out of range for 4 stages")
-        state = [x, z] + logits
-        return state + [self._classify(state, index)]
+        state = [x, z] + state[2:]
+        state.append(self._classify(state, index))
+        return state
 
     def _features(self, state: List[torch.Tensor], index: int) -> torch.Tensor:
         """The features exit ``index``'s classifier reads (for exits 2 and 4, with the ISC of the logits
@@ -271,8 +295,12 @@ class DynPerceiver(MultiExitModel):
     def _classify(self, state: List[torch.Tensor], index: int) -> torch.Tensor:
         if index == 2:
             return self.cnn.forward_head(state[0])
-        head = self.head_latent if index == 0 else self.head_att if index == 1 else self.head_merge
-        return head(self.head_drop(self._features(state, index)))
+        features = self.head_drop(self._features(state, index))
+        if index == 0:
+            return self.head_latent(features)
+        if index == 1:
+            return self.head_att(features)
+        return self.head_merge(features)
 
     def forward_exit(self, state: List[torch.Tensor], index: int, pre_logits: bool = False) -> torch.Tensor:
         """Exit ``index``'s logits (computed by its stage), or the features its classifier reads."""
@@ -339,23 +367,23 @@ def _rename(rest: str, rules: Sequence[Tuple[str, str]], key: str) -> str:
 def _map_latent_key(key: str) -> str:
     m = re.match(r"dwc(\d)_x2z\.(.*)$", key)
     if m:
-        return f"to_latents.{int(m.group(1)) - 1}.dwc.{m.group(2)}"
+        return f"latent_stages.{int(m.group(1)) - 1}.to_latents.dwc.{m.group(2)}"
     m = re.match(r"cross_att(\d)_x2z\.(.*)$", key)
     if m:
-        return f"to_latents.{int(m.group(1)) - 1}.attn." + _rename(m.group(2), _CROSS, key)
+        return f"latent_stages.{int(m.group(1)) - 1}.to_latents.attn." + _rename(m.group(2), _CROSS, key)
     m = re.match(r"cross_att(\d)_z2x\.(.*)$", key)
     if m:
-        return f"to_map.{int(m.group(1)) - 2}.attn." + _rename(m.group(2), _CROSS, key)
+        return f"latent_stages.{int(m.group(1)) - 1}.to_map.attn." + _rename(m.group(2), _CROSS, key)
     if key.startswith("last_cross_att_z2x."):
         return "to_map_last.attn." + _rename(key[len("last_cross_att_z2x."):], _CROSS, key)
     m = re.match(r"self_att(\d)\.(\d+)\.(.*)$", key)
     if m:
-        return f"latent_stages.{int(m.group(1)) - 1}.{m.group(2)}." + _rename(m.group(3), _SELF, key)
+        return f"latent_stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}." + _rename(m.group(3), _SELF, key)
     m = re.match(r"token_(mixer|expander)\.(\d)\.([01])\.(.*)$", key)
     if m:
         part = {("mixer", "0"): "token_norm", ("mixer", "1"): "token_mix",
                 ("expander", "0"): "norm", ("expander", "1"): "expand"}[m.group(1), m.group(3)]
-        return f"resize.{m.group(2)}.{part}.{m.group(4)}"
+        return f"latent_stages.{int(m.group(2)) + 1}.resize.{part}.{m.group(4)}"
     return _rename(key, list(_HEADS.items()), key)
 
 
@@ -396,7 +424,7 @@ def checkpoint_filter_fn(state_dict: dict, model: DynPerceiver) -> dict:
     out.update({f"cnn.{k}": v for k, v in regnet_filter_fn(cnn).items()})
     for prefix, parts in qkv.items():
         stage, layer = re.match(r"self_att(\d)\.(\d+)", prefix).groups()
-        out[f"latent_stages.{int(stage) - 1}.{layer}.attn.qkv.weight"] = torch.cat([parts[p] for p in "qkv"])
+        out[f"latent_stages.{int(stage) - 1}.blocks.{layer}.attn.qkv.weight"] = torch.cat([parts[p] for p in "qkv"])
     return out
 
 
