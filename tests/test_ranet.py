@@ -165,3 +165,36 @@ def test_bad_input_and_foreign_checkpoints_are_refused():
     other = ReferenceRANet(CATALOGUE["ranet_cifar_8exit"]["reference_command"]).random_state_dict()
     with pytest.raises(ValueError, match="same RANet configuration"):
         checkpoint_filter_fn(other, model)
+
+
+def test_trains_through_the_timm_task_and_mmengine_as_the_reference_loss():
+    """The reference trains with the plain sum of the exits' cross-entropies (main.py): CrossEntropy through
+    timm's task and mmengine's model gives that loss, and one SGD step (lr 1) moves every parameter by
+    minus its gradient (every parameter reached)."""
+    import copy
+
+    import torch.nn.functional as F
+    from mmengine.optim import OptimWrapper
+
+    from timm_exits.integrations.mmengine import MultiExitClassifier
+    from timm_exits.task import MultiExitTask
+
+    torch.manual_seed(0)
+    model = RANet(**TINY_CIFAR_ARGS).double()
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)
+    expected = sum(F.cross_entropy(z, y) for z in reference.forward_exits(x))
+    expected.backward()
+    result = MultiExitTask(model, "CrossEntropy", verbose=False)(x, y)
+    torch.testing.assert_close(result["loss"], expected.detach())
+
+    classifier = MultiExitClassifier(model="ranet_cifar_8exit", model_kwargs=TINY_CIFAR_ARGS,
+                                     technique=dict(type="CrossEntropy"))
+    classifier.model.load_state_dict(reference.state_dict())
+    classifier = classifier.double()
+    log = classifier.train_step(dict(inputs=x, data_samples=y), OptimWrapper(torch.optim.SGD(classifier.parameters(), lr=1.0)))
+    torch.testing.assert_close(log["loss"], expected.detach())
+    for (name, p), r in zip(classifier.model.named_parameters(), reference.parameters()):
+        assert r.grad is not None, name
+        torch.testing.assert_close(r.detach() - p.detach(), r.grad, rtol=1e-9, atol=1e-12)

@@ -393,7 +393,7 @@ class RANet(MSDNet):
         self.stem = RaStem(in_chans, [num_channels * g for g in reversed(gr)], strides, stem_type, **dd)
 
         stages, exits, stage_widths, exit_widths, blocks = [], [], [], [], []
-        self.block_names = {}  # (flow, block) -> this model's module name, for reference checkpoints
+        self.block_names = {}  # the reference's block name -> this model's, to load reference checkpoints
         for f, flow in enumerate(self.plan):
             starts = [0]
             for p in self.plan[f - 1] if f else []:
@@ -402,7 +402,7 @@ class RANet(MSDNet):
             for p in flow:
                 blocks.append(RaBlock(p, compress_factor, bn[f], bn[f - 1] if f else 1,
                                       starts[p.index] if p.low_chs else 0, **dd))
-                self.block_names[(f, p.index)] = f"stages.{len(stages)}.blocks.{len(blocks) - 1}"
+                self.block_names[f"scale_flows.{f}.{p.index}"] = f"stages.{len(stages)}.blocks.{len(blocks) - 1}"
                 if p.has_exit:
                     stages.append(RaStage(blocks, num_flows - f if stage_start else num_flows - f - 1,
                                           new_flow=stage_start, keep_features=f < num_flows - 1))
@@ -506,9 +506,9 @@ def _map_reference_key(key: str, names: dict) -> str:
     if m:
         part = "fc" if m.group(2) is None else f"conv{int(m.group(2)) + 1}.{('conv', 'bn')[int(m.group(3))]}"
         return f"exits.{m.group(1)}.{part}.{m.group(4)}"
-    m = re.match(r"scale_flows\.(\d+)\.(\d+)\.(.*)$", key)
-    if m and (int(m.group(1)), int(m.group(2))) in names:
-        prefix, rest = names[(int(m.group(1)), int(m.group(2)))], m.group(3)
+    m = re.match(r"(scale_flows\.\d+\.\d+)\.(.*)$", key)
+    if m and m.group(1) in names:
+        prefix, rest = names[m.group(1)], m.group(2)
         u = re.match(r"layers\.(\d+)\.conv_(up|normal)\.net\.([0134])\.(.*)$", rest)
         if u:
             part = {"0": "reduce.conv", "1": "reduce.bn", "3": "conv.conv", "4": "conv.bn"}[u.group(3)]
