@@ -52,7 +52,7 @@ def test_every_numeric_default_has_its_range_in_the_schema():
     ("train.seed", -1, r"train.seed must be an integer >= 0"),
     ("mixup.prob", 1.5, r"mixup.prob must be a number >= 0.0 and <= 1.0"),
     ("evaluation.q_grid", "IMTA", r"evaluation.q_grid must be 'reference' or 'imta', got 'IMTA'"),
-    ("evaluation.policy", "max_prob", r"evaluation.policy must be 'maxprob', 'entropy', 'margin' or 'patience'"),
+    ("evaluation.policy", "max_prob", r"evaluation.policy must be 'maxprob', 'entropy', 'margin', 'patience' or 'gate'"),
     ("evaluation.convention", "flops", r"evaluation.convention must be 'macs', 'msdnet' or 'macs_norm'"),
     ("data.img_mode", "evil", r"data.img_mode must be 'RGB' or 'L', got 'evil'"),
     ("data.transform", "pad-crop", r"data.transform must be 'timm' or 'pad_crop'"),

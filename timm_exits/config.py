@@ -23,7 +23,7 @@ from torch import nn
 
 from .data import IMAGE_MODES, TRANSFORMS
 from .inference.budgeted import Q_GRIDS
-from .inference.policies import SCORES
+from .inference.policies import LEARNED_SCORES, SCORES
 from .profile import CONVENTIONS
 from .values import (PREPROCESSING, PREPROCESSING_VALUES, ConfigError, Matches, Number, OneOf,  # noqa: F401
                      check_preprocessing, require)
@@ -123,7 +123,7 @@ VALID: Dict[str, Union[Number, OneOf, Matches]] = {
     "train.val_interval": Number(int, 0),
     "train.best_metric": Matches(r"anytime_top1|eval_(loss|top1|top5)|exit[1-9][0-9]*_top1",
                                  "'anytime_top1', 'eval_loss', 'eval_top1', 'eval_top5' or 'exit<k>_top1' (k from 1)"),
-    "evaluation.policy": OneOf(SCORES),
+    "evaluation.policy": OneOf(SCORES + LEARNED_SCORES),
     "evaluation.q_grid": OneOf(tuple(Q_GRIDS)),
     "evaluation.convention": OneOf(CONVENTIONS),
 }

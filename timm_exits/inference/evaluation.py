@@ -60,7 +60,7 @@ def evaluate(
         input_size: (C, H, W) the costs are measured at.
         convention: how the costs are counted, one of ``timm_exits.profile.CONVENTIONS``.
         policy: an :class:`~timm_exits.inference.policies.ExitPolicy` or a score name, used by every
-            protocol.
+            protocol; a learned score named alone (``"gate"``) takes its parameters from ``model``.
         target_cost: fit thresholds on ``val`` for this average cost per image and write
             ``thresholds.json`` (needs ``val`` and ``output_dir``; not with ``target_accuracy``).
         target_accuracy: the same for this validation top-1 (%).
@@ -93,7 +93,7 @@ def evaluate(
         if val is None or output_dir is None:
             raise ValueError("target_cost / target_accuracy fit thresholds on the validation outputs and write "
                              "thresholds.json: give val (a validation split) and output_dir")
-    policy = resolve_policy(policy)
+    policy = resolve_policy(policy, model)
 
     def outputs(loader: Optional[Iterable]):
         return None if loader is None else collect_outputs(model, loader, device, gather, progress)

@@ -214,15 +214,28 @@ class ExitPolicy:
 PolicyLike = Union[str, ExitPolicy]
 
 
-def resolve_policy(policy: PolicyLike) -> ExitPolicy:
+def resolve_policy(policy: PolicyLike, model: Optional[object] = None) -> ExitPolicy:
     """An :class:`ExitPolicy` from itself or from a score name (the MSDNet rule: ``>=``, fallback
-    to the last exit)."""
+    to the last exit).
+
+    Args:
+        policy: an :class:`ExitPolicy`, or a score name of ``SCORES`` or ``LEARNED_SCORES``.
+        model: for a learned score named alone, the model that carries its parameters: its
+            ``policy_params(score)`` gives them (e.g. a ``jei_gates`` model's gates).
+
+    Returns:
+        The policy.
+    """
     if isinstance(policy, ExitPolicy):
         return policy
     if not isinstance(policy, str):
-        raise ValueError(f"policy must be an ExitPolicy or one of {SCORES}, got {policy!r}")
+        raise ValueError(f"policy must be an ExitPolicy or one of {SCORES + LEARNED_SCORES}, got {policy!r}")
     if policy in LEARNED_SCORES:
-        raise ValueError(f"the {policy!r} score is learned: give ExitPolicy({policy!r}, params=...) with its parameters")
+        carried = getattr(model, "policy_params", None)
+        if carried is None:
+            raise ValueError(f"the {policy!r} score is learned: give ExitPolicy({policy!r}, params=...) with its "
+                             f"parameters, or evaluate a model that carries them (e.g. a jei_gates model)")
+        return ExitPolicy(policy, params=carried(policy))
     return ExitPolicy(policy)
 
 
