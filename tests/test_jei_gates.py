@@ -4,6 +4,7 @@ cases (float64); the reference's gate-weighted classifier loss shown equal to th
 sum (value and gradient); the learned-gate exit policy run by the executor as the cached evaluation
 assigns it, kept by a thresholds file and an export; gate training leaving the network bit-identical
 in the plain loop, the accelerate engine (the recipe's two phases) and mmengine; and the refusals."""
+import json
 import math
 from pathlib import Path
 
@@ -239,6 +240,8 @@ def test_refusals_say_what_was_expected():
         ExitPolicy("maxprob", params=[[0.0] * 5])
     with pytest.raises(ValueError, match="give ExitPolicy\\('gate', params=...\\)"):
         resolve_policy("gate")
+    with pytest.raises(ValueError, match="carries the parameters of the 'gate' score, not of 'maxprob'"):
+        model.policy_params("maxprob")
     with pytest.raises(ValueError, match="each gate has 4 weights and a bias"):
         ExitPolicy("gate", params=[[0.0] * 4])
     with pytest.raises(ValueError, match="use fallback='last'"):
@@ -268,6 +271,7 @@ def test_the_study_config_s_first_phase_is_the_baseline_run_for_run():
     strip = lambda run: {k: v for k, v in run.items() if k not in ("output_dir", "phase")}  # noqa: E731
     assert strip(phases[0][1]) == strip(baseline[0][1])
     assert phases[1][1]["technique"] == build_technique(dict(type="JEIGates")).config()
+    assert phases[1][1]["evaluation"]["policy"] == "gate" and phases[0][1]["evaluation"]["policy"] == "maxprob"
 
 
 @pytest.mark.slow  # an export / two engine phases: a minute or two on a shared 2-core machine
@@ -282,6 +286,18 @@ def test_engine_runs_the_recipe_s_two_phases(tmp_path):
     assert network and all(torch.equal(classifiers[k[len("model."):]], v) for k, v in network.items())
     assert sorted(k for k in gates if k.startswith("gates.")) == sorted(
         f"gates.linear.{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+    # the gate phase is evaluated with its trained gates as the exit policy
+    report = json.loads((tmp_path / "out" / "gates" / "evaluation.json").read_text())
+    rows = [gates[f"gates.linear.{i}.weight"].flatten().double().tolist() + [gates[f"gates.linear.{i}.bias"].item()]
+            for i in range(4)]
+    assert report["exit_policy"]["score"] == "gate" and report["exit_policy"]["params"] == rows
+
+
+def test_a_learned_score_named_alone_takes_its_parameters_from_the_model():
+    model = JEIGatesModel(timm.create_model("msdnet_cifar_5exit", **TINY))
+    assert resolve_policy("gate", model) == ExitPolicy("gate", params=model.gates.params())
+    with pytest.raises(ValueError, match="or evaluate a model that carries them"):
+        resolve_policy("gate", model.model)
 
 
 @pytest.mark.slow

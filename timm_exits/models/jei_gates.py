@@ -5,7 +5,8 @@ mode), and a learned gate per exit but the last (:class:`~timm_exits.models.gate
 exits answer with the network's own logits, so the early-exit executor, profiling, export and every
 evaluation run it as they run the network; the gates decide who leaves through the exit policy
 ``ExitPolicy("gate", params=model.gates.params())``. The gates train on the frozen network with
-the ``JEIGates`` technique. It is registered with timm as ``jei_gates``
+the ``JEIGates`` technique; a learned score named alone (``evaluation.policy='gate'``) takes them
+from the model (:meth:`JEIGatesModel.policy_params`). It is registered with timm as ``jei_gates``
 (:mod:`timm_exits.models.wrappers`): a model folder of it is rebuilt by
 ``timm.create_model("local-dir:FOLDER", pretrained=True)``, gates included.
 """
@@ -62,6 +63,13 @@ class JEIGatesModel(ExitHistoryModel):
         with torch.no_grad():
             logits = self.model.forward_exits(x)
         return logits, self.gates(logits)
+
+    def policy_params(self, score: str) -> List[List[float]]:
+        """The parameters of the learned exit-policy score ``score`` this model carries: its gates'
+        for ``"gate"`` (so ``evaluation.policy='gate'`` evaluates them)."""
+        if score != "gate":
+            raise ValueError(f"a jei_gates model carries the parameters of the 'gate' score, not of {score!r}")
+        return self.gates.params()
 
 
 default_cfgs = generate_default_cfgs({
