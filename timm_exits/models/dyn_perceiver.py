@@ -170,6 +170,16 @@ class LatentStage(nn.Module):
         return x, self.blocks(self.to_latents(z, x))
 
 
+def _check_input(x: torch.Tensor, in_chans: int) -> None:
+    """Refuse anything but a batch of ``in_chans``-channel images."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"DynPerceiver expects images (batch, {in_chans}, H, W), got "
+                         f"({', '.join([str(d) for d in x.shape])})")
+
+
+torch.fx.wrap("_check_input")  # a call in traced graphs, not control flow on traced shapes
+
+
 def _isc(num_classes: int, chs: int) -> nn.Sequential:
     """Inline Subnetwork Collaboration: an earlier exit's logits projected to features."""
     return nn.Sequential(nn.Linear(num_classes, chs), nn.BatchNorm1d(chs), nn.ReLU(inplace=True))
@@ -256,9 +266,7 @@ class DynPerceiver(MultiExitModel):
     # --- the multi-exit contract -----------------------------------------------------------------
 
     def forward_stem(self, x: torch.Tensor) -> List[torch.Tensor]:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"DynPerceiver expects images (batch, {self.in_chans}, H, W), got "
-                             f"({', '.join([str(d) for d in x.shape])})")
+        _check_input(x, self.in_chans)
         # the latents as a copy per sample (a view of a parameter would not be sliceable state)
         return [self.cnn.stem(x), self.latent.repeat(x.shape[0], 1, 1)]
 
