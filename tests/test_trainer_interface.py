@@ -17,7 +17,7 @@ from timm_exits.train import TECHNIQUES, PlainTrainer, TrainerError, build_techn
 from timm_exits.train.techniques import OutputsTechnique
 
 TINY = dict(num_classes=10, num_channels=4, growth_rate=2)
-SWITCHES = dict(gradient_equilibrium=False, deconfliction=None)
+SWITCHES = dict(gradient_equilibrium=False, deconfliction=None, feature_surgery=None)
 CROSS_ENTROPY = dict(SWITCHES, exit_weights=None, label_smoothing=0.0, regime="joint", freeze_bn_stats=False)
 
 # The defaults the docs and the references give (docs/training/*.md; the old API's defaults).

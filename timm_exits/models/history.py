@@ -16,7 +16,7 @@ profiling and ``forward_exits`` work unchanged. A subclass defines one method, :
 from __future__ import annotations
 
 import abc
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,6 +25,18 @@ from .capabilities import is_multi_exit
 from .multi_exit import MultiExitModel
 
 __all__ = ["ExitHistoryModel"]
+
+
+def _wrapped_switch(name: str) -> property:
+    """The wrapped model's training switch ``name``, read and set through the wrapper."""
+
+    def get(self: "ExitHistoryModel") -> Any:
+        return getattr(self.model, name)
+
+    def set_(self: "ExitHistoryModel", value: Any) -> None:
+        setattr(self.model, name, value)
+
+    return property(get, set_)
 
 
 class ExitHistoryModel(MultiExitModel):
@@ -66,29 +78,9 @@ class ExitHistoryModel(MultiExitModel):
         """
 
     # the wrapped model's training switches (see MultiExitModel.forward_exits)
-    @property
-    def gradient_equilibrium(self) -> bool:
-        return self.model.gradient_equilibrium
-
-    @gradient_equilibrium.setter
-    def gradient_equilibrium(self, value: bool) -> None:
-        self.model.gradient_equilibrium = value
-
-    @property
-    def gradient_deconfliction(self) -> Optional[str]:
-        return self.model.gradient_deconfliction
-
-    @gradient_deconfliction.setter
-    def gradient_deconfliction(self, value: Optional[str]) -> None:
-        self.model.gradient_deconfliction = value
-
-    @property
-    def feature_surgery(self) -> Optional[float]:
-        return self.model.feature_surgery
-
-    @feature_surgery.setter
-    def feature_surgery(self, value: Optional[float]) -> None:
-        self.model.feature_surgery = value
+    gradient_equilibrium = _wrapped_switch("gradient_equilibrium")
+    gradient_deconfliction = _wrapped_switch("gradient_deconfliction")
+    feature_surgery = _wrapped_switch("feature_surgery")
 
     def forward_stem(self, x: torch.Tensor) -> list:
         return [self.model.forward_stem(x), x.new_zeros(x.shape[0], 0), []]
