@@ -112,7 +112,7 @@ def test_a_plain_model_counts_as_one_exit():
     assert costs[0].macs == 4 * 3 + 5 * 3 and costs[0].params == 4 * 3 + 3 + 2 * 3
 
 
-@pytest.mark.parametrize("family", ["msdnet", "exits", "adn"])
+@pytest.mark.parametrize("family", ["msdnet", "exits", "adn", "ranet"])
 def test_docs_models_tables_are_the_catalogue(family):  # each family's page in docs/models/
     assert models_table(family) in (ROOT / "docs" / "models" / f"{family}.md").read_text()
 

@@ -34,13 +34,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .features import check_feature_indices
-from .msdnet import MSDNet, BottleneckConv, MsdHead, Factors, _conv_bn_relu, _conv_out, _parse_factors
+from .msdnet import MSDNet, BottleneckConv, MsdHead, Factors, _cfg as _msdnet_cfg, _conv_bn_relu, _conv_out, _parse_factors
 from .multi_exit import MultiExitModel
 from .pretrained import keep_file_classifiers
 
@@ -559,18 +558,13 @@ def _create_ranet(variant: str, pretrained: bool = False, **kwargs) -> RANet:
     )
 
 
-def _cfg(num_exits: int, **kwargs) -> dict:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (2, 2), "crop_pct": 0.875,
-        "interpolation": "bilinear", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD, "first_conv": "stem.convs.0.conv",
-        "classifier": tuple(f"exits.{i}.fc" for i in range(num_exits)), "license": "unknown", **kwargs,
-    }
-
-
 # CIFAR-10 training-set statistics, as the reference code normalises
 CIFAR10_MEAN = (0.4914, 0.4824, 0.4467)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+
+def _cfg(num_exits: int, **kwargs) -> dict:
+    return _msdnet_cfg(num_exits, license="unknown", **kwargs)  # the reference repository states no license
 
 
 def _cifar_cfg(num_exits: int, **kwargs) -> dict:
