@@ -86,7 +86,7 @@ def kfac_factors(model: nn.Module, loader: Iterable, device: Optional[torch.devi
         progress: show a progress bar.
 
     Returns:
-        One ``(U, V)`` per exit, float64: U ``(C, C)``, V ``(D + 1, D + 1)``.
+        One ``(U, V)`` per exit, float64 on the CPU: U ``(C, C)``, V ``(D + 1, D + 1)``.
     """
     model.eval()
     device = _device(model, device)
@@ -109,7 +109,7 @@ def kfac_factors(model: nn.Module, loader: Iterable, device: Optional[torch.devi
         seen += images.shape[0]
     if not seen:
         raise ValueError("the training loader gave no batches: is the dataset empty?")
-    return [(math.sqrt(seen) * u, math.sqrt(seen) * v) for u, v in factors]
+    return [(math.sqrt(seen) * u.cpu(), math.sqrt(seen) * v.cpu()) for u, v in factors]
 
 
 def laplace_posterior(u: torch.Tensor, v: torch.Tensor, prior_var: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +127,9 @@ def laplace_posterior(u: torch.Tensor, v: torch.Tensor, prior_var: float) -> Tup
     if not (isinstance(prior_var, (int, float)) and math.isfinite(prior_var) and prior_var > 0):
         raise ValueError(f"the prior variance var0 must be a positive number, got {prior_var!r}")
     precision = math.sqrt(1 / prior_var)
-    u_inv = torch.linalg.inv(u.double() + precision * torch.eye(u.shape[0], dtype=torch.float64))
-    v_inv = torch.linalg.inv(v.double() + precision * torch.eye(v.shape[0], dtype=torch.float64))
+    eye = lambda n: torch.eye(n, dtype=torch.float64, device=u.device)  # noqa: E731
+    u_inv = torch.linalg.inv(u.double() + precision * eye(u.shape[0]))
+    v_inv = torch.linalg.inv(v.double() + precision * eye(v.shape[0]))
     return torch.linalg.cholesky((u_inv + u_inv.T) / 2), v_inv
 
 
