@@ -158,7 +158,7 @@ def test_bad_arguments_are_refused(kwargs, match):
 
 def test_bad_input_and_foreign_checkpoints_are_refused():
     model = timm.create_model("ranet_cifar_6exit").eval()
-    with pytest.raises(ValueError, match=r"images of shape \(batch, 3, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"RANet expects images of shape \(batch, 3, 32, 32\)"):
         model(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="not a key of a reference RANet checkpoint"):
         checkpoint_filter_fn({"FirstLayer.layers.0.net.0.weight": torch.zeros(1), "blocks.0.0.x": torch.zeros(1)}, model)

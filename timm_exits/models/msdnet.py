@@ -470,11 +470,11 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def _check_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
-    """MSDNet's heads are built for one resolution: refuse any other input shape."""
+def _check_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int], family: str) -> None:
+    """The family's heads are built for one resolution: refuse any other input shape."""
     if x.dim() != 4 or x.shape[1] != in_chans or x.shape[2] != img_size[0] or x.shape[3] != img_size[1]:
         raise ValueError(
-            f"MSDNet expects images of shape (batch, {in_chans}, {img_size[0]}, {img_size[1]}), got "
+            f"{family} expects images of shape (batch, {in_chans}, {img_size[0]}, {img_size[1]}), got "
             f"({', '.join([str(d) for d in x.shape])}); "
             f"its heads are built for this resolution (set img_size / in_chans when creating the model)")
 
@@ -563,6 +563,7 @@ class MSDNet(MultiExitModel):
                 f"between the down and normal paths), got growth_rate={growth_rate}, gr_factor={gr}")
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.family = "MSDNet"  # the name input errors give
         self.img_size = to_2tuple(img_size)
         self.drop_rate = drop_rate
         self.channels_last_training = channels_last_training
@@ -651,7 +652,7 @@ class MSDNet(MultiExitModel):
         return state[:-1] + [detach_channels(state[-1], keep, 1)]
 
     def forward_stem(self, x: torch.Tensor) -> List[torch.Tensor]:
-        _check_input(x, self.in_chans, self.img_size)
+        _check_input(x, self.in_chans, self.img_size, self.family)
         if not torch.jit.is_scripting():
             if self.channels_last_training and self.training and _fast_training_input(x):
                 x = x.contiguous(memory_format=torch.channels_last)

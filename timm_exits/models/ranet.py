@@ -381,6 +381,7 @@ class RANet(MSDNet):
             raise ValueError(f"scale_list must not decrease (flows run from low to high resolution), got {scales}")
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.family = "RANet"  # the name input errors give
         self.img_size = to_2tuple(img_size)
         self.drop_rate = drop_rate
         self.channels_last_training = channels_last_training
