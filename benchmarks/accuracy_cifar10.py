@@ -35,7 +35,13 @@ def reuse_finished_runs(name: str, output: Path) -> None:
         done = output / source / "checkpoint" / "state.json"
         target = output / config / phase
         if config == name and done.is_file() and json.loads(done.read_text())["finished"] and not target.exists():
-            shutil.copytree(output / source, target, ignore=shutil.ignore_patterns("results.json", "tensorboard"))
+            shutil.copytree(output / source, target, ignore=shutil.ignore_patterns("results.json", "tensorboard",
+                                                                                  "run.json"))
+            for state in target.glob("*/state.json"):  # the copy is this run's phase now, not the source run
+                record = json.loads(state.read_text())
+                record.pop("run_id", None)  # (the engine refuses another run's checkpoint; adopts one with no id)
+                record["phase"] = phase
+                state.write_text(json.dumps(record, indent=2))
             print(f"{name}: phase {phase} is the finished {source} run", flush=True)
 
 
