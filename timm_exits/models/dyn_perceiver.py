@@ -40,7 +40,7 @@ from timm.models.vision_transformer import Block
 
 from .branch_gradients import detach_channels
 from .multi_exit import MultiExitModel
-from .pretrained import _tensor_shapes, pretrained_file
+from .pretrained import keep_file_classifiers
 
 __all__ = ["DynPerceiver", "LatentStage", "CrossAttentionBlock", "LatentResize", "checkpoint_filter_fn"]
 
@@ -436,23 +436,9 @@ def checkpoint_filter_fn(state_dict: dict, model: DynPerceiver) -> dict:
     return out
 
 
-def _keep_file_classes(pretrained: bool, kwargs: dict) -> dict:
-    """The ``create_model`` kwargs under which a weights file (either layout) whose classifiers already have
-    the requested ``num_classes`` keeps them (timm re-initialises every class-dependent layer, ISC's
-    inputs included, when ``num_classes`` differs from the cfg's)."""
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    file = pretrained_file(pretrained, overlay)
-    if not file or "num_classes" not in kwargs or "num_classes" in overlay:
-        return kwargs
-    shapes = _tensor_shapes(file)
-    merged = shapes.get("head_merge.1.weight", shapes.get("classifier_merge.1.weight"))
-    if merged is None or merged[0] != kwargs["num_classes"]:
-        return kwargs
-    return {**kwargs, "pretrained_cfg_overlay": {**overlay, "num_classes": kwargs["num_classes"]}}
-
-
 def _create_dyn_perceiver(variant: str, pretrained: bool = False, **kwargs) -> DynPerceiver:
-    kwargs = _keep_file_classes(pretrained, kwargs)
+    # the merged exit's classifier, in this layout or the reference's, tells the file's class count (ISC layers read it)
+    kwargs = keep_file_classifiers(variant, pretrained, kwargs, classifiers=("head_merge.1", "classifier_merge.1"))
     return build_model_with_cfg(DynPerceiver, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 

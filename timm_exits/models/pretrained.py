@@ -4,7 +4,7 @@ classifiers already fit the requested ``num_classes`` kept whole."""
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import timm
 from safetensors import safe_open
@@ -41,7 +41,8 @@ def _tensor_shapes(file: str) -> Dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in timm_load_state_dict(file).items()}
 
 
-def keep_file_classifiers(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+def keep_file_classifiers(variant: str, pretrained: bool, kwargs: Dict[str, Any],
+                          classifiers: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """``timm.create_model`` kwargs under which a weights file whose classifiers already have the
     requested ``num_classes`` keeps them: timm drops every classifier when ``num_classes`` differs from
     the cfg's (e.g. a 10-class run of a 100-class variant), which would silently re-initialise them.
@@ -50,6 +51,9 @@ def keep_file_classifiers(variant: str, pretrained: bool, kwargs: Dict[str, Any]
         variant: the registered architecture name (its cfg names the classifiers).
         pretrained: the call's ``pretrained``.
         kwargs: the call's other keyword arguments; not modified.
+        classifiers: the layers whose output count is the file's class count, under any name a file
+            may give them (a model whose cfg also lists layers that read the logits); None: the
+            cfg's classifiers.
 
     Returns:
         ``kwargs``, with ``num_classes`` added to the ``pretrained_cfg_overlay`` when the file's
@@ -59,7 +63,7 @@ def keep_file_classifiers(variant: str, pretrained: bool, kwargs: Dict[str, Any]
     file = pretrained_file(pretrained, overlay)
     if not file or "num_classes" not in kwargs or "num_classes" in overlay:
         return kwargs
-    names = timm.models.get_pretrained_cfg(variant).classifier
+    names = classifiers if classifiers is not None else timm.models.get_pretrained_cfg(variant).classifier
     shapes = _tensor_shapes(file)
     found = {shapes[f"{n}.weight"][0] for n in ((names,) if isinstance(names, str) else names) if f"{n}.weight" in shapes}
     if found != {kwargs["num_classes"]}:
