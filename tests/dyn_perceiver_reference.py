@@ -1,9 +1,14 @@
 """An independent statement of the Dynamic Perceiver reference forward (LeapLabTHU/Dynamic_Perceiver,
-``models/dyn_perceiver_regnet.py`` with the README's flags), in the reference's own state-dict layout.
+``models/dyn_perceiver_regnet.py`` and ``models/dyn_perceiver_resnet.py`` with the README's flags), in the
+reference's own state-dict layout.
 
-The CNN branch is torchvision's RegNet (which the reference's ``cnn_core/regnet.py`` is), under the
-reference's names ``cnn_stem``, ``cnn_body`` and ``classifier_cnn``; the latent branch is written here
-as plain functions of the state dict, from the reference's equations:
+A RegNet CNN branch is torchvision's RegNet (which the reference's ``cnn_core/regnet.py`` is), under the
+reference's names ``cnn_stem``, ``cnn_body`` and ``classifier_cnn``. A ResNet branch (the reference's
+``cnn_core/resnet.py``: ResNet-50 with a channel multiplier on the stem and every stage) is written here as
+functions of the state dict, under ``cnn_stem.0`` / ``.1`` (7x7 conv, BN; then ReLU, 3x3 max-pool),
+``cnn_body_stage1``..``4`` (bottlenecks: 1x1, 3x3 with the stride, 1x1 to 4x the width, BN after each, a
+1x1 strided projection with BN on the first block's shortcut) and ``classifier_cnn``. The latent branch is
+written as plain functions of the state dict, from the reference's equations:
 
 * attention: q, k, v projections without bias, a position bias added to the keys (x -> z only), one
   softmax over keys scaled by the per-head width^-1/2, an output projection with bias;
@@ -17,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.regnet import BlockParams, RegNet
 
-__all__ = ["reference_cnn", "reference_state_dict", "reference_forward"]
+__all__ = ["reference_cnn", "ReferenceResNet", "reference_state_dict", "reference_forward"]
 
 
 def reference_cnn(depth: int, w_0: int, w_a: float, w_m: float, group_width: int, num_classes: int) -> RegNet:
@@ -26,9 +31,82 @@ def reference_cnn(depth: int, w_0: int, w_a: float, w_m: float, group_width: int
     return RegNet(params, num_classes=num_classes)
 
 
-def _widths(cnn: RegNet) -> Tuple[List[int], int]:
-    stages = list(cnn.trunk_output.children())
-    return [next(iter(s.children())).f.a[0].in_channels for s in stages], stages[-1][-1].f.c[0].out_channels
+class ReferenceResNet:
+    """The reference's ResNet-50 CNN branch at a channel multiplier, as functions of its state-dict part."""
+
+    def __init__(self, multiplier: float, num_classes: int, layers: Sequence[int] = (3, 4, 6, 3)):
+        self.stem = int(64 * multiplier)
+        self.planes = [int(c * multiplier) for c in (64, 128, 256, 512)]
+        self.layers = layers
+        self.num_classes = num_classes
+
+    def widths(self) -> Tuple[List[int], int]:
+        """Each stage's input width and the last stage's output width."""
+        return [self.stem] + [4 * p for p in self.planes[:3]], 4 * self.planes[3]
+
+    def shapes(self) -> Dict[str, tuple]:
+        shapes = {"cnn_stem.0.weight": (self.stem, 3, 7, 7), **_bn_shapes("cnn_stem.1.", self.stem)}
+        inplanes = self.stem
+        for i, (planes, n) in enumerate(zip(self.planes, self.layers)):
+            for j in range(n):
+                p = f"cnn_body_stage{i + 1}.{j}."
+                shapes.update({p + "conv1.weight": (planes, inplanes, 1, 1), p + "conv2.weight": (planes, planes, 3, 3),
+                               p + "conv3.weight": (4 * planes, planes, 1, 1), **_bn_shapes(p + "bn1.", planes),
+                               **_bn_shapes(p + "bn2.", planes), **_bn_shapes(p + "bn3.", 4 * planes)})
+                if j == 0:
+                    shapes.update({p + "downsample.0.weight": (4 * planes, inplanes, 1, 1),
+                                   **_bn_shapes(p + "downsample.1.", 4 * planes)})
+                inplanes = 4 * planes
+        shapes.update({"classifier_cnn.weight": (self.num_classes, inplanes), "classifier_cnn.bias": (self.num_classes,)})
+        return shapes
+
+    def forward_stem(self, sd, x):
+        x = F.relu(_bn2d(sd, "cnn_stem.1.", F.conv2d(x, sd["cnn_stem.0.weight"], stride=2, padding=3)))
+        return F.max_pool2d(x, 3, 2, 1)
+
+    def forward_stage(self, sd, stage, x):
+        for j in range(self.layers[stage - 1]):
+            p = f"cnn_body_stage{stage}.{j}."
+            stride = 2 if j == 0 and stage > 1 else 1
+            out = F.relu(_bn2d(sd, p + "bn1.", F.conv2d(x, sd[p + "conv1.weight"])))
+            out = F.relu(_bn2d(sd, p + "bn2.", F.conv2d(out, sd[p + "conv2.weight"], stride=stride, padding=1)))
+            out = _bn2d(sd, p + "bn3.", F.conv2d(out, sd[p + "conv3.weight"]))
+            if j == 0:
+                x = _bn2d(sd, p + "downsample.1.", F.conv2d(x, sd[p + "downsample.0.weight"], stride=stride))
+            x = F.relu(out + x)
+        return x
+
+
+class _TorchvisionRegNet:
+    """The reference's RegNet branch: torchvision's RegNet under the reference's names."""
+
+    names = {"stem.": "cnn_stem.", "trunk_output.": "cnn_body.", "fc.": "classifier_cnn."}
+
+    def __init__(self, cnn: RegNet):
+        self.cnn = cnn
+        self.blocks = list(cnn.trunk_output.children())
+
+    def widths(self) -> Tuple[List[int], int]:
+        return [next(iter(s.children())).f.a[0].in_channels for s in self.blocks], self.blocks[-1][-1].f.c[0].out_channels
+
+    def shapes(self) -> Dict[str, tuple]:
+        shapes = {}
+        for key, value in self.cnn.state_dict().items():
+            prefix = next(p for p in self.names if key.startswith(p))
+            shapes[self.names[prefix] + key[len(prefix):]] = tuple(value.shape)
+        return shapes
+
+    def forward_stem(self, sd, x):
+        names = {v: k for k, v in self.names.items()}
+        self.cnn.load_state_dict({names[p] + k[len(p):]: v for k, v in sd.items() for p in names if k.startswith(p)})
+        return self.cnn.stem(x)
+
+    def forward_stage(self, sd, stage, x):
+        return self.blocks[stage - 1](x)
+
+
+def _branch(cnn):
+    return cnn if isinstance(cnn, ReferenceResNet) else _TorchvisionRegNet(cnn)
 
 
 def _cross_shapes(prefix: str, q: int, kv: int, attn: int, keys: int = 0) -> Dict[str, tuple]:
@@ -53,10 +131,12 @@ def _bn_shapes(p: str, chs: int) -> Dict[str, tuple]:
             p + "num_batches_tracked": ()}
 
 
-def reference_state_dict(cnn: RegNet, num_latents: int, depths: Sequence[int], mlp_ratio: int, num_classes: int,
+def reference_state_dict(cnn, num_latents: int, depths: Sequence[int], mlp_ratio: int, num_classes: int,
                          generator: torch.Generator) -> Dict[str, torch.Tensor]:
-    """A random float64 state dict in the reference's layout (variances positive)."""
-    w, out = _widths(cnn)
+    """A random float64 state dict in the reference's layout (variances positive); ``cnn`` is torchvision's
+    RegNet or a :class:`ReferenceResNet`."""
+    branch = _branch(cnn)
+    w, out = branch.widths()
     shapes = {"latent": (num_latents, w[0])}
     for i in range(4):
         shapes[f"dwc{i + 1}_x2z.weight"] = (w[i], 1, 7, 7)
@@ -83,10 +163,7 @@ def reference_state_dict(cnn: RegNet, num_latents: int, depths: Sequence[int], m
     for isc in ("isc3", "isc4"):
         shapes.update({f"{isc}.0.weight": (w[3], num_classes), f"{isc}.0.bias": (w[3],), **_bn_shapes(f"{isc}.1.", w[3])})
     shapes.update(_bn_shapes("classifier_merge.0.", out + 2 * w[3]))
-    names = {"stem.": "cnn_stem.", "trunk_output.": "cnn_body.", "fc.": "classifier_cnn."}
-    for key, value in cnn.state_dict().items():
-        prefix = next(p for p in names if key.startswith(p))
-        shapes[names[prefix] + key[len(prefix):]] = tuple(value.shape)
+    shapes.update(branch.shapes())
     sd = {}
     for key, shape in shapes.items():
         if key.endswith("num_batches_tracked"):
@@ -154,6 +231,10 @@ def _resize(sd, i, z):
     return _ln(sd, f"token_expander.{i}.0.", z) @ sd[f"token_expander.{i}.1.weight"].T + sd[f"token_expander.{i}.1.bias"]
 
 
+def _bn2d(sd, p, x):
+    return F.batch_norm(x, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"], eps=1e-5)
+
+
 def _bn1d(sd, p, x):
     return F.batch_norm(x, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"], eps=1e-5)
 
@@ -162,24 +243,22 @@ def _linear(sd, p, x):
     return x @ sd[p + "weight"].T + sd[p + "bias"]
 
 
-def reference_forward(sd: Dict[str, torch.Tensor], cnn: RegNet, x: torch.Tensor,
+def reference_forward(sd: Dict[str, torch.Tensor], cnn, x: torch.Tensor,
                       heads: Sequence[int] = (1, 2, 4, 8)) -> Tuple[torch.Tensor, ...]:
     """The four exits' logits (early, attention, CNN, merged), in evaluation mode.
 
     Args:
-        sd: the reference-layout state dict (its CNN part is loaded into ``cnn`` here).
-        cnn: torchvision's RegNet of the same widths (evaluation mode, float64).
+        sd: the reference-layout state dict (for a RegNet, its CNN part is loaded into ``cnn`` here).
+        cnn: torchvision's RegNet of the same widths (evaluation mode, float64), or a :class:`ReferenceResNet`.
         x: the images.
         heads: self-attention heads of the four latent stages.
     """
-    names = {"cnn_stem.": "stem.", "cnn_body.": "trunk_output.", "classifier_cnn.": "fc."}
-    cnn.load_state_dict({names[p] + k[len(p):]: v for k, v in sd.items() for p in names if k.startswith(p)})
-    blocks = list(cnn.trunk_output.children())
+    branch = _branch(cnn)
     z = sd["latent"].expand(x.shape[0], -1, -1)
-    x = cnn.stem(x)
+    x = branch.forward_stem(sd, x)
     z = _self_stage(sd, 1, _x2z(sd, 1, z, x), heads[0])
     for i in (2, 3, 4):
-        x = blocks[i - 2](x)
+        x = branch.forward_stage(sd, i - 1, x)
         z = _resize(sd, i - 2, z)
         x = _z2x(sd, f"cross_att{i}_z2x.", x, z)
         z = _self_stage(sd, i, _x2z(sd, i, z, x), heads[i - 1])
@@ -187,7 +266,7 @@ def reference_forward(sd: Dict[str, torch.Tensor], cnn: RegNet, x: torch.Tensor,
             y_early = _linear(sd, "early_classifier3.", z.mean(1))
     isc = lambda p, y: torch.relu(_bn1d(sd, p + "1.", _linear(sd, p + "0.", y)))  # noqa: E731
     y_att = _linear(sd, "classifier_att.", torch.cat([z.mean(1), isc("isc3.", y_early)], 1))
-    x = blocks[3](x)
+    x = branch.forward_stage(sd, 4, x)
     y_cnn = _linear(sd, "classifier_cnn.", x.mean((2, 3)))
     x = _z2x(sd, "last_cross_att_z2x.", x, z)
     merged = torch.cat([x.mean((2, 3)), z.mean(1), isc("isc4.", y_att)], 1)

@@ -9,11 +9,11 @@ import torch
 import timm_exits  # noqa: F401
 from timm_exits.catalogue import load_catalogue
 from timm_exits.inference.executor import EarlyExitExecutor
-from timm_exits.models.dyn_perceiver import DynPerceiver, checkpoint_filter_fn
+from timm_exits.models.dyn_perceiver import DynPerceiver, _map_resnet_key, checkpoint_filter_fn
 from timm_exits.models.multi_exit import slice_state
 from timm_exits.profile import profile_exits
 
-from dyn_perceiver_reference import reference_cnn, reference_forward, reference_state_dict
+from dyn_perceiver_reference import ReferenceResNet, reference_cnn, reference_forward, reference_state_dict
 
 # a narrow RegNetY (timm's regnety_002: its widths are divisible by its group width, so torchvision's
 # rounding gives the same network), few latents and layers: the whole network at 32x32 in milliseconds
@@ -26,15 +26,23 @@ def _tiny(**kwargs) -> DynPerceiver:
     return timm.create_model("dyn_perceiver_regnety_008", **dict(TINY, **kwargs)).eval()
 
 
-def _reference(seed: int = 0):
-    cnn = reference_cnn(**TINY_TV).double().eval()
+# a ResNet-50 at the reference's channel multiplier 1/8 (stem 8 wide, stages 32 / 64 / 128 / 256 out)
+TINY_RESNET = dict(TINY, cnn="resnet50", cnn_multiplier=0.125)
+FAMILIES = {"regnet": ("dyn_perceiver_regnety_008", TINY), "resnet": ("dyn_perceiver_resnet50_0375", TINY_RESNET)}
+
+
+def _reference(seed: int = 0, family: str = "regnet"):
+    cnn = reference_cnn(**TINY_TV).double().eval() if family == "regnet" else ReferenceResNet(0.125, 10)
     sd = reference_state_dict(cnn, 16, (1, 1, 1, 2), 4, 10, torch.Generator().manual_seed(seed))
     return cnn, sd
 
 
-def test_a_reference_checkpoint_gives_the_reference_outputs_exactly():
-    cnn, sd = _reference()
-    model = _tiny().double()
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_reference_checkpoint_gives_the_reference_outputs_exactly(family):
+    cnn, sd = _reference(family=family)
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval().double()
     model.load_state_dict(checkpoint_filter_fn(sd, model))  # strict: every key maps, none is missing
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():
@@ -46,18 +54,19 @@ def test_a_reference_checkpoint_gives_the_reference_outputs_exactly():
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=f"exit {k + 1}")
 
 
-def test_a_released_checkpoint_file_loads_through_timm(tmp_path):
-    cnn, sd = _reference(seed=2)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_released_checkpoint_file_loads_through_timm(tmp_path, family):
+    cnn, sd = _reference(seed=2, family=family)
     file = tmp_path / "dyn_perceiver.pth"
-    torch.save({"model": {k: v.float() for k, v in sd.items()}}, file)  # the reference saves {"model": ...}
-    model = timm.create_model("dyn_perceiver_regnety_008", pretrained=True, pretrained_cfg_overlay=dict(file=str(file)),
-                              **TINY).eval()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    torch.save({"model": sd}, file)  # the reference saves {"model": ...}
+    name, kwargs = FAMILIES[family]
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with torch.no_grad():
-        expected = reference_forward(sd, cnn, x.double())
-        got = model.forward_exits(x)
+        expected = reference_forward(sd, cnn, x)
+        got = model.double().forward_exits(x)  # timm loads the file's float64 values into float32 parameters
     for e, g in zip(expected, got):
-        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
 def test_the_filter_passes_our_layout_and_refuses_a_foreign_key():
@@ -68,6 +77,25 @@ def test_the_filter_passes_our_layout_and_refuses_a_foreign_key():
     sd["something_else.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="something_else.weight"):
         checkpoint_filter_fn(sd, model)
+    _, resnet_sd = _reference(family="resnet")  # a ResNet checkpoint for a RegNet model
+    with pytest.raises(ValueError, match="cnn_body_stage1.*RegNet branch"):
+        checkpoint_filter_fn(resnet_sd, model)
+
+
+def test_the_reference_channel_multiplier_narrows_timm_s_resnet_stem_and_stages():
+    """timm's 7x7 stem is always 64 wide; the reference's scales with the multiplier, as its stages do."""
+    model = timm.create_model("dyn_perceiver_resnet50_0375")
+    cnn = model.cnn
+    assert (cnn.conv1.out_channels, cnn.bn1.num_features, cnn.layer1[0].conv1.in_channels) == (24, 24, 24)
+    assert cnn.layer1[0].downsample[0].in_channels == 24
+    assert [layer[-1].conv3.out_channels for layer in (cnn.layer1, cnn.layer2, cnn.layer3, cnn.layer4)] == [96, 192, 384, 768]
+    assert [s.to_latents.dwc.in_channels for s in model.latent_stages] == [24, 96, 192, 384]
+    with pytest.raises(ValueError, match="cnn_multiplier scales a timm ResNet"):
+        _tiny(cnn_multiplier=0.5)
+    with pytest.raises(ValueError, match="bottleneck blocks"):
+        _tiny(cnn="resnet18", cnn_multiplier=0.5)
+    with pytest.raises(ValueError, match="must be a timm RegNet or ResNet"):
+        _tiny(cnn="mobilenetv3_large_100")
 
 
 def test_the_contract_stage_by_stage_slicing_and_stopping_early():
@@ -218,7 +246,13 @@ def test_every_variant_costs_what_the_catalogue_says_and_wraps_its_backbone(name
     costs = profile_exits(model)
     assert [c.params for c in costs] == variant["expected"]["params"]
     assert [c.macs for c in costs] == variant["expected"]["macs"]
-    assert {k: v.shape for k, v in model.cnn.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    shapes = {k: v.shape for k, v in model.cnn.state_dict().items()}
+    if name.startswith("dyn_perceiver_resnet50_0"):  # narrowed: the reference ResNet's own shapes, renamed
+        multiplier = float("0." + name.split("_0")[-1])
+        expected = ReferenceResNet(multiplier, model.num_classes).shapes()
+        assert shapes == {_map_resnet_key(k): torch.Size(v) for k, v in expected.items()}
+    else:
+        assert shapes == {k: v.shape for k, v in plain.state_dict().items()}
 
 
 def test_the_technique_runs_under_mmengine_and_timm_s_task():

@@ -1,6 +1,7 @@
 """Dynamic Perceiver: a CNN and a latent-token branch with four exits (Han et al., ICCV 2023).
 
-The CNN branch is a timm RegNetY (its stem, four stages and classifier head, unchanged). Beside it, a
+The CNN branch is a timm RegNetY or ResNet (its stem, four stages and classifier head, in timm's own
+layout; a ResNet narrowed by the reference's channel multiplier keeps timm's modules). Beside it, a
 small set of latent tokens is refined by Perceiver-style attention; the two branches meet at every CNN
 stage boundary:
 
@@ -15,7 +16,7 @@ The four exits come in the reference's order, which is not the CNN's depth order
 1. the latents' mean after latent stage 3 (CNN stages 1-2 computed);
 2. the attention exit after latent stage 4 (CNN stage 3 computed), with Inline Subnetwork Collaboration
    (ISC: a projection of exit 1's logits concatenated to its features);
-3. the CNN exit, the RegNet's own head after CNN stage 4, which runs only now;
+3. the CNN exit, the CNN's own head after CNN stage 4, which runs only now;
 4. the merged exit on the pooled CNN map (after a last z -> x attention), the latents' mean and the ISC
    projection of exit 2's logits.
 
@@ -36,6 +37,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.regnet import _filter_fn as regnet_filter_fn
+from timm.models.regnet import RegNet
+from timm.models.resnet import Bottleneck, ResNet
 from timm.models.vision_transformer import Block
 
 from .branch_gradients import detach_channels
@@ -180,19 +183,57 @@ def _check_input(x: torch.Tensor, in_chans: int) -> None:
 torch.fx.wrap("_check_input")  # a call in traced graphs, not control flow on traced shapes
 
 
+def _resized_conv(conv: nn.Conv2d, in_chs: int, out_chs: int) -> nn.Conv2d:
+    """``conv`` rebuilt with other channel counts (initialised as timm's ResNet initialises its convs)."""
+    new = nn.Conv2d(in_chs, out_chs, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+                    conv.bias is not None)
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    return new
+
+
+def _create_cnn(name: str, multiplier: float, **kwargs) -> nn.Module:
+    """The CNN branch: a timm RegNet or ResNet.
+
+    ``multiplier`` is the reference's ResNet channel multiplier (its ``resnet50_0375`` etc.): the stage widths
+    and the stem width scaled by it. timm's ``channels`` scales the stages; timm's single 7x7 stem conv is
+    always 64 wide, so it is narrowed here, with the first block's two convs that read it.
+    """
+    if multiplier != 1.0:
+        if not timm.models.is_model_in_modules(name, ["resnet"]):
+            raise ValueError(f"cnn_multiplier scales a timm ResNet CNN branch; {name!r} is not one")
+        kwargs["channels"] = tuple(int(multiplier * c) for c in (64, 128, 256, 512))
+    cnn = timm.create_model(name, **kwargs)
+    if not isinstance(cnn, (RegNet, ResNet)):
+        raise ValueError(f"the CNN branch must be a timm RegNet or ResNet, got {name!r} ({type(cnn).__name__})")
+    if multiplier != 1.0:
+        first = cnn.layer1[0]
+        if not isinstance(cnn.conv1, nn.Conv2d) or not isinstance(first, Bottleneck):
+            raise ValueError(f"cnn_multiplier needs a ResNet with a single-conv stem and bottleneck blocks (the "
+                             f"reference's ResNet-50), got {name!r}")
+        width = int(multiplier * 64)
+        cnn.conv1 = _resized_conv(cnn.conv1, cnn.conv1.in_channels, width)
+        cnn.bn1 = type(cnn.bn1)(width)
+        first.conv1 = _resized_conv(first.conv1, width, first.conv1.out_channels)
+        first.downsample[0] = _resized_conv(first.downsample[0], width, first.downsample[0].out_channels)
+        cnn.feature_info[0]["num_chs"] = width
+    return cnn
+
+
 def _isc(num_classes: int, chs: int) -> nn.Sequential:
     """Inline Subnetwork Collaboration: an earlier exit's logits projected to features."""
     return nn.Sequential(nn.Linear(num_classes, chs), nn.BatchNorm1d(chs), nn.ReLU(inplace=True))
 
 
 class DynPerceiver(MultiExitModel):
-    """Dynamic Perceiver on a timm RegNetY, four exits (see the module docstring for their order).
+    """Dynamic Perceiver on a timm RegNetY or ResNet, four exits (see the module docstring for their order).
 
     The configuration the reference's README trains (spatial reduction, x -> z with depthwise convs,
     z -> x, the last cross-attention and ISC all on); the reference's ablation switches are not offered.
 
     Args:
-        cnn: the timm RegNet the CNN branch is (its stem, stages ``s1``..``s4`` and head).
+        cnn: the timm RegNet or ResNet the CNN branch is (its stem, four stages and head).
+        cnn_multiplier: the reference's ResNet channel multiplier (stem and stage widths times it, e.g.
+            0.375 for its ``resnet50_0375``); a ResNet-50-style CNN branch only.
         num_latents: latent tokens in stage 1; stages 2-4 have 1/2, 1/4, 1/8 of them.
         depths: self-attention layers of the four latent stages (the reference's ``3, 3, 9, 3`` times
             its ``--depth_factor``).
@@ -201,6 +242,7 @@ class DynPerceiver(MultiExitModel):
         num_classes: the number of classes (> 0: ISC feeds logits forward).
         in_chans: the input channels.
         drop_rate: dropout before every exit's classifier.
+        drop_path_rate: stochastic depth of the CNN branch's blocks (timm's, passed to it).
         multi_exit_training: ``model(x)`` in training mode returns every exit's logits (the default) or,
             ``False``, the last exit's alone (see :meth:`~.MultiExitModel.set_multi_exit_training`).
         device, dtype: where and as what the parameters are created (``None``: torch's defaults).
@@ -209,6 +251,7 @@ class DynPerceiver(MultiExitModel):
     def __init__(
             self,
             cnn: str = "regnety_008_tv",
+            cnn_multiplier: float = 1.0,
             num_latents: int = 128,
             depths: Sequence[int] = (3, 3, 9, 6),
             num_heads: Sequence[int] = (1, 2, 4, 8),
@@ -216,6 +259,7 @@ class DynPerceiver(MultiExitModel):
             num_classes: int = 1000,
             in_chans: int = 3,
             drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
             multi_exit_training: bool = True,
             device=None,
             dtype=None,
@@ -234,15 +278,17 @@ class DynPerceiver(MultiExitModel):
         self.exit_index = 3
         self.multi_exit_training = multi_exit_training
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            self._build(cnn, num_latents, depths, num_heads, mlp_ratio, num_classes, in_chans, drop_rate)
+            self.cnn = _create_cnn(cnn, cnn_multiplier, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                                   drop_path_rate=drop_path_rate)
+            self._build(num_latents, depths, num_heads, mlp_ratio, num_classes, drop_rate)
         if dtype is not None:
             self.to(dtype)
 
-    def _build(self, cnn: str, num_latents: int, depths: Sequence[int], num_heads: Sequence[int], mlp_ratio: float,
-               num_classes: int, in_chans: int, drop_rate: float) -> None:
-        self.cnn = timm.create_model(cnn, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
-        stages = [self.cnn.s1, self.cnn.s2, self.cnn.s3, self.cnn.s4]
-        widths = [s.b1.conv1.conv.in_channels for s in stages]  # the latents' width in each stage
+    def _build(self, num_latents: int, depths: Sequence[int], num_heads: Sequence[int], mlp_ratio: float,
+               num_classes: int, drop_rate: float) -> None:
+        # the latents' width in each stage is the CNN stage's input width: the output width of what precedes it
+        # (the reference reads the first block's input channels; for a ResNet, the max-pool keeps the stem's width)
+        widths = [info["num_chs"] for info in self.cnn.feature_info[:4]]
         out_chs = self.cnn.num_features
         tokens = [num_latents // 2 ** i for i in range(4)]
         for w, h in zip(widths, num_heads):
@@ -268,18 +314,18 @@ class DynPerceiver(MultiExitModel):
     def forward_stem(self, x: torch.Tensor) -> List[torch.Tensor]:
         _check_input(x, self.in_chans)
         # the latents as a copy per sample (a view of a parameter would not be sliceable state)
-        return [self.cnn.stem(x), self.latent.repeat(x.shape[0], 1, 1)]
+        return [self._cnn_stem(x), self.latent.repeat(x.shape[0], 1, 1)]
 
     def forward_stage(self, state: List[torch.Tensor], index: int) -> List[torch.Tensor]:
         x, z = state[0], state[1]
         if index == 0:  # latent stages 1-3 with CNN stages 1-2
             x, z = self.latent_stages[0](x, z)
-            x, z = self.latent_stages[1](self.cnn.s1(x), z)
-            x, z = self.latent_stages[2](self.cnn.s2(x), z)
+            x, z = self.latent_stages[1](self._cnn_stage(x, 1), z)
+            x, z = self.latent_stages[2](self._cnn_stage(x, 2), z)
         elif index == 1:  # CNN stage 3, latent stage 4
-            x, z = self.latent_stages[3](self.cnn.s3(x), z)
+            x, z = self.latent_stages[3](self._cnn_stage(x, 3), z)
         elif index == 2:  # CNN stage 4
-            x = self.cnn.s4(x)
+            x = self._cnn_stage(x, 4)
         elif index == 3:
             x = self.to_map_last(x, z)
         else:
@@ -287,6 +333,27 @@ class DynPerceiver(MultiExitModel):
         state = [x, z] + state[2:]
         state.append(self._classify(state, index))
         return state
+
+    # the CNN families' module names (``hasattr`` on a module is resolved when TorchScript compiles)
+
+    def _cnn_stem(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.cnn, "layer1"):  # ResNet: conv, norm, activation, max-pool
+            return self.cnn.maxpool(self.cnn.act1(self.cnn.bn1(self.cnn.conv1(x))))
+        return self.cnn.stem(x)
+
+    def _cnn_stage(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """CNN stage ``stage`` (1-4)."""
+        if hasattr(self.cnn, "layer1"):
+            if stage == 1:
+                return self.cnn.layer1(x)
+            if stage == 2:
+                return self.cnn.layer2(x)
+            return self.cnn.layer3(x) if stage == 3 else self.cnn.layer4(x)
+        if stage == 1:
+            return self.cnn.s1(x)
+        if stage == 2:
+            return self.cnn.s2(x)
+        return self.cnn.s3(x) if stage == 3 else self.cnn.s4(x)
 
     def _features(self, state: List[torch.Tensor], index: int) -> torch.Tensor:
         """The features exit ``index``'s classifier reads (for exits 2 and 4, with the ISC of the logits
@@ -345,7 +412,8 @@ class DynPerceiver(MultiExitModel):
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for timm's layer-wise lr decay: the CNN stem with the latents, then the CNN
         stages; the latent branch and the heads are unmatched (the last group, the head's)."""
-        return dict(stem=r"^cnn\.stem|^latent$", blocks=r"^cnn\.s(\d+)" if coarse else r"^cnn\.s(\d+)\.b(\d+)")
+        return dict(stem=r"^cnn\.(?:stem|conv1|bn1)\.|^latent$",
+                    blocks=r"^cnn\.(?:s|layer)(\d+)" if coarse else r"^cnn\.(?:s|layer)(\d+)\.b?(\d+)")
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -395,12 +463,24 @@ def _map_latent_key(key: str) -> str:
     return _rename(key, list(_HEADS.items()), key)
 
 
-def checkpoint_filter_fn(state_dict: dict, model: DynPerceiver) -> dict:
-    """Map a reference checkpoint (LeapLabTHU/Dynamic_Perceiver, the RegNet models) onto this model; a state
-    dict in this package's own layout passes through unchanged.
+def _map_resnet_key(key: str) -> str:
+    """The reference's ResNet branch (timm's ResNet modules regrouped) -> timm's ResNet names."""
+    m = re.match(r"cnn_stem\.([01])\.(.*)$", key)  # the stem Sequential: conv1, bn1, act1, maxpool
+    if m:
+        return ("conv1." if m.group(1) == "0" else "bn1.") + m.group(2)
+    m = re.match(r"cnn_body_stage(\d)\.(.*)$", key)
+    if m:
+        return f"layer{m.group(1)}.{m.group(2)}"
+    return "fc." + key[len("classifier_cnn."):]
 
-    The CNN branch (torchvision's RegNet layout under ``cnn_stem``, ``cnn_body`` and ``classifier_cnn``)
-    goes through timm's own RegNet filter; the separate q / k / v projections of the latents'
+
+def checkpoint_filter_fn(state_dict: dict, model: DynPerceiver) -> dict:
+    """Map a reference checkpoint (LeapLabTHU/Dynamic_Perceiver, its RegNet and ResNet models) onto this
+    model; a state dict in this package's own layout passes through unchanged.
+
+    A RegNet branch (torchvision's RegNet layout under ``cnn_stem``, ``cnn_body`` and ``classifier_cnn``)
+    goes through timm's own RegNet filter; a ResNet branch (timm's ResNet modules under ``cnn_stem.0`` /
+    ``.1`` and ``cnn_body_stage1``..``4``) is renamed; the separate q / k / v projections of the latents'
     self-attention are stacked into timm's ``qkv``.
 
     Args:
@@ -415,7 +495,11 @@ def checkpoint_filter_fn(state_dict: dict, model: DynPerceiver) -> dict:
     if not any(k.startswith("cnn_stem.") for k in state_dict):
         return state_dict
     cnn, out, qkv = {}, {}, {}
+    resnet = isinstance(model.cnn, ResNet)
     for key, value in state_dict.items():
+        if resnet and key.startswith(("cnn_stem.", "cnn_body_stage", "classifier_cnn.")):
+            out["cnn." + _map_resnet_key(key)] = value
+            continue
         if key.startswith(("cnn_stem.", "cnn_body.", "classifier_cnn.")):
             tv_key = key.replace("cnn_stem.", "stem.").replace("cnn_body.", "trunk_output.").replace("classifier_cnn.", "fc.")
             cnn[tv_key] = value
@@ -427,9 +511,10 @@ def checkpoint_filter_fn(state_dict: dict, model: DynPerceiver) -> dict:
         try:
             out[_map_latent_key(key)] = value
         except KeyError:
-            raise ValueError(f"{key!r} is not a key of a reference Dynamic Perceiver (RegNet) checkpoint; is this "
-                             f"file one?") from None
-    out.update({f"cnn.{k}": v for k, v in regnet_filter_fn(cnn).items()})
+            raise ValueError(f"{key!r} is not a key of a reference Dynamic Perceiver checkpoint with a "
+                             f"{type(model.cnn).__name__} branch; is this file one, for this model?") from None
+    if cnn:
+        out.update({f"cnn.{k}": v for k, v in regnet_filter_fn(cnn).items()})
     for prefix, parts in qkv.items():
         stage, layer = re.match(r"self_att(\d)\.(\d+)", prefix).groups()
         out[f"latent_stages.{int(stage) - 1}.blocks.{layer}.attn.qkv.weight"] = torch.cat([parts[p] for p in "qkv"])
@@ -442,13 +527,17 @@ def _create_dyn_perceiver(variant: str, pretrained: bool = False, **kwargs) -> D
     return build_model_with_cfg(DynPerceiver, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
+def _cfg(cnn_head: str = "cnn.head.fc", **kwargs) -> dict:
     return {
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
         "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "cnn.stem.conv",
-        "classifier": ("head_latent", "head_att", "cnn.head.fc", "head_merge.1", "isc_att.0", "isc_merge.0"), "license": "mit", **kwargs,
+        "classifier": ("head_latent", "head_att", cnn_head, "head_merge.1", "isc_att.0", "isc_merge.0"), "license": "mit", **kwargs,
     }
+
+
+def _resnet_cfg() -> dict:
+    return _cfg(cnn_head="cnn.fc", first_conv="cnn.conv1")
 
 
 # CIFAR-10 training-set statistics
@@ -462,6 +551,11 @@ default_cfgs = generate_default_cfgs({
     "dyn_perceiver_regnety_032": _cfg(),
     "dyn_perceiver_regnety_002_cifar": _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0,
                                             mean=CIFAR10_MEAN, std=CIFAR10_STD),
+    "dyn_perceiver_resnet50_0375": _resnet_cfg(),
+    "dyn_perceiver_resnet50_050": _resnet_cfg(),
+    "dyn_perceiver_resnet50_0625": _resnet_cfg(),
+    "dyn_perceiver_resnet50_075": _resnet_cfg(),
+    "dyn_perceiver_resnet50": _resnet_cfg(),
 })
 
 # the reference README's flags: --depth_factor 1 1 1 2 (self-attention layers 3, 3, 9, 6) --SA_widening_factor 4
@@ -501,3 +595,41 @@ def dyn_perceiver_regnety_002_cifar(pretrained: bool = False, **kwargs) -> DynPe
     """Dynamic Perceiver on RegNetY-200MF for 32x32 images, 64 latents, the README's latent depths."""
     model_args = dict(_README_ARGS, cnn="regnety_002", num_latents=64, num_classes=10)
     return _create_dyn_perceiver("dyn_perceiver_regnety_002_cifar", pretrained, **dict(model_args, **kwargs))
+
+
+# the README's ResNet command: --depth_factor 1 1 1 1 (self-attention layers 3, 3, 9, 3) --SA_widening_factor 4
+_RESNET_ARGS = dict(_README_ARGS, cnn="resnet50", depths=(3, 3, 9, 3))
+
+
+@register_model
+def dyn_perceiver_resnet50_0375(pretrained: bool = False, **kwargs) -> DynPerceiver:
+    """Dynamic Perceiver on ResNet-50 x0.375, 128 latents (the reference's resnet50_0375_perceiver_t128, README flags)."""
+    model_args = dict(_RESNET_ARGS, cnn_multiplier=0.375)
+    return _create_dyn_perceiver("dyn_perceiver_resnet50_0375", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dyn_perceiver_resnet50_050(pretrained: bool = False, **kwargs) -> DynPerceiver:
+    """Dynamic Perceiver on ResNet-50 x0.5, 128 latents (the reference's resnet50_050_perceiver_t128, README flags)."""
+    model_args = dict(_RESNET_ARGS, cnn_multiplier=0.5)
+    return _create_dyn_perceiver("dyn_perceiver_resnet50_050", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dyn_perceiver_resnet50_0625(pretrained: bool = False, **kwargs) -> DynPerceiver:
+    """Dynamic Perceiver on ResNet-50 x0.625, 128 latents (the reference's resnet50_0625_perceiver_t128, README flags)."""
+    model_args = dict(_RESNET_ARGS, cnn_multiplier=0.625)
+    return _create_dyn_perceiver("dyn_perceiver_resnet50_0625", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dyn_perceiver_resnet50_075(pretrained: bool = False, **kwargs) -> DynPerceiver:
+    """Dynamic Perceiver on ResNet-50 x0.75, 128 latents (the reference's resnet50_075_perceiver_t128, README flags)."""
+    model_args = dict(_RESNET_ARGS, cnn_multiplier=0.75)
+    return _create_dyn_perceiver("dyn_perceiver_resnet50_075", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dyn_perceiver_resnet50(pretrained: bool = False, **kwargs) -> DynPerceiver:
+    """Dynamic Perceiver on ResNet-50, 128 latents (the reference's resnet50_perceiver_t128, README flags)."""
+    return _create_dyn_perceiver("dyn_perceiver_resnet50", pretrained, **dict(_RESNET_ARGS, **kwargs))
