@@ -471,6 +471,12 @@ class RANet(MSDNet):
         trains without it; this is the generic rule of :class:`~.MultiExitModel`)."""
         return MultiExitModel.scale_state_grad(self, state, factor)
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for timm's layer-wise lr decay: the stem, then the stages (fine: their blocks)
+        in the order they run; every exit head is unmatched, so timm puts it in the last group, the head's."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.blocks\.(\d+)")
+
     def prune_intermediate_layers(
             self,
             indices: Union[int, List[int]] = 1,
