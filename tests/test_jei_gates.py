@@ -3,7 +3,10 @@ targets, the positive weights and the weighted BCE re-stated from the rules and 
 cases (float64); the reference's gate-weighted classifier loss shown equal to the plain cross-entropy
 sum (value and gradient); the learned-gate exit policy run by the executor as the cached evaluation
 assigns it, kept by a thresholds file and an export; gate training leaving the network bit-identical
-in the plain loop, the accelerate engine (the recipe's two phases) and mmengine; and the refusals."""
+in the plain loop, the accelerate engine (the recipe's two phases) and mmengine; the reference's
+alternation of gate and classifier turns (which turn at which update, per update under gradient
+accumulation, resumed; each turn moving only its own parameters, bit-exactly, under momentum SGD and
+AdamW's weight decay); and the refusals."""
 import json
 import math
 from pathlib import Path
@@ -22,7 +25,8 @@ from timm_exits.inference import (EarlyExitExecutor, ExitOutputs, ExitPolicy, Ex
 from timm_exits.models.gates import ExitGates, gate_features
 from timm_exits.models.jei_gates import JEIGatesModel
 from timm_exits.train import CrossEntropy, PlainTrainer, build_technique
-from timm_exits.train.jei_dnn import gate_loss, gate_targets, oracle_exits, oracle_pos_weights
+from timm_exits.train.jei_dnn import (alternation_turn, classifier_loss, gate_loss, gate_targets, oracle_exits,
+                                      oracle_pos_weights)
 
 from helpers import mm_runner, tiny_data, write_config
 
@@ -263,14 +267,17 @@ def test_refusals_say_what_was_expected():
         ExitGates(1)
 
 
-def test_the_study_config_s_first_phase_is_the_baseline_run_for_run():
+@pytest.mark.parametrize("study_config, second, options", [("jei_gates", "gates", {}),
+                                                           ("jei_gates_alternating", "alternating",
+                                                            dict(alternate_every=200))])
+def test_the_study_config_s_first_phase_is_the_baseline_run_for_run(study_config, second, options):
     study = ROOT / "benchmarks" / "cifar10_study"
     baseline = phase_configs(load_config(str(study / "baseline.py"), data_dir="/data/cifar10"))
-    phases = phase_configs(load_config(str(study / "jei_gates.py"), data_dir="/data/cifar10"))
-    assert [name for name, _ in phases] == ["classifiers", "gates"]
+    phases = phase_configs(load_config(str(study / f"{study_config}.py"), data_dir="/data/cifar10"))
+    assert [name for name, _ in phases] == ["classifiers", second]
     strip = lambda run: {k: v for k, v in run.items() if k not in ("output_dir", "phase")}  # noqa: E731
     assert strip(phases[0][1]) == strip(baseline[0][1])
-    assert phases[1][1]["technique"] == build_technique(dict(type="JEIGates")).config()
+    assert phases[1][1]["technique"] == build_technique(dict(type="JEIGates", **options)).config()
     assert phases[1][1]["evaluation"]["policy"] == "gate" and phases[0][1]["evaluation"]["policy"] == "maxprob"
 
 
@@ -312,3 +319,119 @@ def test_mmengine_runner_trains_the_gates_on_the_frozen_network(tmp_path):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("model."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("gates."))
+
+
+def test_the_alternation_schedule_by_hand():
+    # turns of 3 updates, the gates' first (the reference's epoch opens with the gate turn)
+    expected = ["gates"] * 3 + ["classifiers"] * 3 + ["gates"] * 3 + ["classifiers"]
+    assert [alternation_turn(u, 3) for u in range(10)] == expected
+    assert [alternation_turn(u, 1) for u in range(4)] == ["gates", "classifiers", "gates", "classifiers"]
+    assert alternation_turn(399, 200) == "classifiers" and alternation_turn(400, 200) == "gates"
+    with pytest.raises(ValueError, match="a turn of every >= 1 updates, got updates=0, every=0"):
+        alternation_turn(0, 0)
+
+
+def test_the_classifier_loss_is_the_mean_of_the_gated_exits_cross_entropies():
+    torch.manual_seed(0)
+    logits = [torch.randn(5, 4, dtype=torch.float64) for _ in range(3)]
+    target = torch.tensor([0, 1, 2, 3, 0])
+    by_hand = sum(-F.log_softmax(z, -1)[i, target[i]] for z in logits for i in range(5)) / (3 * 5)
+    torch.testing.assert_close(classifier_loss(logits, target), by_hand)
+    with pytest.raises(ValueError, match="at least one gated exit"):
+        classifier_loss([], target)
+
+
+def _resnet_with_exits(seed: int = 0):
+    torch.manual_seed(seed)
+    return timm_exits.add_exits(timm.create_model("resnet10t", num_classes=10), exits=[1, 2]).train()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adamw"])
+def test_each_turn_moves_only_its_own_parameters_bit_exactly(optimizer):
+    technique = build_technique(dict(type="JEIGates", alternate_every=2, costs=[1.0, 2.0, 4.0]))
+    model = technique.prepare(_resnet_with_exits())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"model.exits.{i}.fc.{p}" for i in range(2) for p in ("weight", "bias")} | {
+        f"gates.linear.{i}.{p}" for i in range(2) for p in ("weight", "bias")}  # the backbone and its head frozen
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4) if optimizer == "sgd_momentum"
+           else torch.optim.AdamW(params, lr=0.01, weight_decay=0.05))
+    trainer = PlainTrainer(model, technique, opt)
+    part = lambda name: "gates" if name.startswith("gates.") else "classifiers" if ".exits." in name else "frozen"  # noqa: E731
+    turns = []
+    for step in range(8):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        turn = technique.turn
+        terms = trainer.step(*_batch(step))
+        turns.append(turn)
+        assert set(terms) == {turn}
+        moved = {part(n) for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+        # momentum / Adam moments from the other part's earlier turns must not move it now
+        assert moved == {turn}, (step, turn, moved)
+    assert turns == ["gates", "gates", "classifiers", "classifiers"] * 2
+    assert technique.updates == 8 and technique.state_dict()["jei_updates"] == 8
+
+
+def _batch(seed: int, n: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_with_gradient_accumulation_a_turn_is_per_update_and_a_resume_continues_it():
+    from timm_exits.task import MultiExitTask
+
+    def task_for(model):
+        task = MultiExitTask(model, "JEIGates", alternate_every=1, costs=[1.0, 2.0, 4.0], grad_accum_steps=2,
+                             verbose=False)
+        optimizer = torch.optim.SGD([p for p in task.get_trainable_module().parameters() if p.requires_grad], lr=0.1)
+        return task.attach_optimizer(optimizer), optimizer
+
+    task, optimizer = task_for(_resnet_with_exits())
+    turns = []
+    for call in range(8):
+        if call == 4:  # a resume from the task's checkpoint state continues the schedule
+            state = task.get_task_state()
+            model = _resnet_with_exits(seed=1)
+            model.load_state_dict(task.model.model.state_dict())
+            task, optimizer = task_for(model)
+            task.load_task_state(state)
+        turns.append(task.technique.turn)
+        (task(*_batch(call))["loss"] / 2).backward()  # timm's train.py
+        if call % 2 == 1:
+            optimizer.step()
+            optimizer.zero_grad()
+        task.model.eval()
+        with torch.no_grad():  # a validation call neither trains nor counts
+            task(*_batch(50 + call))
+        task.model.train()
+    # updates end on calls 1, 3, 5, 7: calls 0-1 are update 0 (gates), 2-3 update 1 (classifiers), ...
+    assert turns == ["gates", "gates", "classifiers", "classifiers"] * 2
+    assert task.technique.updates == 4
+
+
+def test_alternating_on_msdnet_trains_its_exits_heads_but_the_last():
+    technique = build_technique(dict(type="JEIGates", alternate_every=1))
+    model = technique.prepare(timm.create_model("msdnet_cifar_5exit", **TINY))
+    heads = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad and n.startswith("model.")}
+    assert heads == {"0", "1", "2", "3"} and all(n.startswith(("model.exits.", "gates."))
+                                                  for n, p in model.named_parameters() if p.requires_grad)
+    assert technique.unused_parameters and not build_technique(dict(type="JEIGates")).unused_parameters
+    # back to gates alone: the network frozen again
+    plain = build_technique(dict(type="JEIGates")).prepare(model)
+    assert all(n.startswith("gates.") for n, p in plain.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match=r"JEIGates option alternate_every must be an integer >= 1 or None, got 0"):
+        build_technique(dict(type="JEIGates", alternate_every=0))
+
+
+@pytest.mark.slow  # two engine phases on tiny data
+def test_engine_runs_the_alternating_recipe(tmp_path):
+    data = tiny_data(tmp_path / "data")
+    recipe = (ROOT / "recipes" / "_base_" / "techniques" / "jei_gates_alternating.py").read_text()
+    recipe = recipe.replace("alternate_every=200", "alternate_every=1")
+    config = load_config(str(write_config(tmp_path / "c.py", data, extra="tracker = None\ntrain = dict(epochs=1)\n"
+                                          + recipe)), output_dir=str(tmp_path / "out"))
+    run(config)
+    classifiers, alternating = (load_file(tmp_path / "out" / name / "model.safetensors")
+                                for name in ("classifiers", "alternating"))
+    moved = {k for k, v in alternating.items() if k.startswith("model.") and not torch.equal(classifiers[k[6:]], v)}
+    assert moved and all(k.startswith("model.exits.") and not k.startswith("model.exits.4.") for k in moved)

@@ -36,7 +36,7 @@ DOCUMENTED = {
                           growth=1.05),
     "DynPerceiver": dict(SWITCHES, cnn_weight=1.0, att_weight=0.5, merge_weight=1.0, kd_weight=0.5, temperature=1.0,
                          label_smoothing=0.0),
-    "JEIGates": dict(SWITCHES, tradeoff=0.7, costs=None, pos_weights=None, max_pos_weight=5.0),
+    "JEIGates": dict(SWITCHES, tradeoff=0.7, costs=None, pos_weights=None, max_pos_weight=5.0, alternate_every=None),
 }
 
 # Per type: options set away from their defaults (for the round trip), a bad value and its message, a misspelt option.
@@ -60,7 +60,7 @@ CASES = {
             dict(constraint_dimension="diag"), "constraint_dimension must be .*, got 'diag'", "epsilom"),
     "PhuongLampert": (dict(distillation_weight=0.7, gain=1.0, temperature=4.0, adaptive=False),
                       dict(growth=0.9), "growth must be a number > 1.0, got 0.9", "max_probability"),
-    "JEIGates": (dict(tradeoff=0.3, costs=[1.0, 2.0, 4.0], pos_weights=[1.0, 2.0]),
+    "JEIGates": (dict(tradeoff=0.3, costs=[1.0, 2.0, 4.0], pos_weights=[1.0, 2.0], alternate_every=200),
                  dict(tradeoff=-0.1), "tradeoff must be a number >= 0.0, got -0.1", "trade_off"),
     "DynPerceiver": (dict(cnn_weight=0.25, att_weight=0.25, merge_weight=0.5, temperature=4.0),
                      dict(temperature=0.0), "temperature must be a number > 0.0, got 0.0", "kd_weigth"),

@@ -8,6 +8,12 @@ is <= l (**cumulative one-hot**). The loss is the mean over samples and gates of
 ``BCE(gate logit, target)``, with a positive target's term multiplied by gate l's **positive weight**
 (:func:`oracle_pos_weights`: the reference's ``#0 / #1`` ratio of how often l is the oracle exit,
 clipped at 5).
+
+The reference's schedule alternates the gates' training with the classifiers' (the heads of the
+exits but the last, on a frozen backbone): turns of N optimizer updates, the gates' first
+(:func:`alternation_turn`). The classifiers' loss is the reference's gate-weighted one, which equals
+:func:`classifier_loss`, the mean over the G = K - 1 gated exits of their cross-entropies: the gate
+weights cancel per sample, in value and in gradient.
 """
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["oracle_exits", "gate_targets", "gate_loss", "oracle_pos_weights"]
+from .losses import exit_cross_entropies
+
+__all__ = ["oracle_exits", "gate_targets", "gate_loss", "oracle_pos_weights", "classifier_loss", "alternation_turn"]
 
 
 def oracle_exits(exit_logits: Sequence[torch.Tensor], target: torch.Tensor, costs: Sequence[float],
@@ -89,3 +97,35 @@ def oracle_pos_weights(counts: torch.Tensor, clip: float = 5.0) -> torch.Tensor:
         raise ValueError("no samples counted: the positive weights come from the oracle exits of some samples")
     c = counts[:-1].clamp_min(0.1)
     return ((total - c) / c).clamp_max(clip)
+
+
+def classifier_loss(exit_logits: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """The classifiers' turn: ``(1 / G) sum_l CE_l`` over the G gated exits (the exits but the last),
+    each cross-entropy the mean over samples; the reference's gate-weighted loss in value and gradient.
+
+    Args:
+        exit_logits: the logits of the exits but the last, each ``(samples, classes)``.
+        target: class indices ``(samples,)``, or soft targets ``(samples, classes)``.
+
+    Returns:
+        The scalar loss.
+    """
+    if not exit_logits:
+        raise ValueError("the classifier loss needs the logits of at least one gated exit (a model with >= 2 exits)")
+    return sum(exit_cross_entropies(exit_logits, target, [1.0 / len(exit_logits)] * len(exit_logits)))
+
+
+def alternation_turn(updates: int, every: int) -> str:
+    """Which part trains after ``updates`` optimizer updates: turns of ``every`` updates, the gates'
+    first (``'gates'`` for updates 0..every-1, then ``'classifiers'``, ...).
+
+    Args:
+        updates: the optimizer updates taken so far, >= 0.
+        every: the updates of one turn, >= 1 (the reference's 200).
+
+    Returns:
+        ``'gates'`` or ``'classifiers'``.
+    """
+    if every < 1 or updates < 0:
+        raise ValueError(f"expected updates >= 0 and a turn of every >= 1 updates, got updates={updates}, every={every}")
+    return "gates" if (updates // every) % 2 == 0 else "classifiers"
