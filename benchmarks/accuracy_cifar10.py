@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "benchmarks" / "cifar10_study"
 CONFIGS = ["baseline", "ge", "imta", "deconfliction", "hdkd", "resnet18_exits", "resnet18_exits_imta", "boostnet", "l2w",
-           "sdn", "ztw", "jei_gates", "phuong_lampert", "ranet", "dfs", "dyn_perceiver", "jei_gates_alternating"]
+           "sdn", "ztw", "jei_gates", "phuong_lampert", "ranet", "dfs", "dyn_perceiver", "dfs_kd", "jei_gates_alternating"]
 # IMTA's phase I is the GE configuration run for run (same seed and settings), JEI-DNN's classifier
 # phase the baseline's: a finished run is taken as it (a finished phase is not trained again on --resume)
 SAME_RUN = {("imta", "phase1_ge"): "ge", ("jei_gates", "classifiers"): "baseline",

@@ -37,6 +37,7 @@ DOCUMENTED = {
     "DynPerceiver": dict(SWITCHES, cnn_weight=1.0, att_weight=0.5, merge_weight=1.0, kd_weight=0.5, temperature=1.0,
                          label_smoothing=0.0),
     "JEIGates": dict(SWITCHES, tradeoff=0.7, costs=None, pos_weights=None, max_pos_weight=5.0, alternate_every=None),
+    "DFSDistillation": dict(SWITCHES, gamma=0.9, temperature=3.0),
 }
 
 # Per type: options set away from their defaults (for the round trip), a bad value and its message, a misspelt option.
@@ -64,6 +65,8 @@ CASES = {
                  dict(tradeoff=-0.1), "tradeoff must be a number >= 0.0, got -0.1", "trade_off"),
     "DynPerceiver": (dict(cnn_weight=0.25, att_weight=0.25, merge_weight=0.5, temperature=4.0),
                      dict(temperature=0.0), "temperature must be a number > 0.0, got 0.0", "kd_weigth"),
+    "DFSDistillation": (dict(gamma=0.3, temperature=1.0, feature_surgery=0.5),
+                        dict(gamma=1.5), r"gamma must be a number >= 0.0 and <= 1.0, got 1.5", "gama"),
 }
 
 

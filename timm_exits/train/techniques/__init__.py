@@ -13,7 +13,8 @@ trainer interface (:mod:`timm_exits.train.trainer`):
 * :class:`L2W`: L2W-DEN's learnt sample weights;
 * :class:`DynPerceiver`: Dynamic Perceiver's weighted exits and distillation from its merged exit;
 * :class:`JEIGates`: JEI-DNN's learned exit gates on the frozen network;
-* :class:`PhuongLampert`: distillation from the last exit at an adaptive temperature.
+* :class:`PhuongLampert`: distillation from the last exit at an adaptive temperature;
+* :class:`DFSDistillation`: Deep Feature Surgery's distillation from the last exit.
 
 Every technique takes the forward-graph switches of a multi-exit network (Gradient Equilibrium,
 branch-level deconfliction, Deep Feature Surgery) as options. :func:`build_technique` builds one from its config
@@ -31,9 +32,10 @@ from .l2w import L2W
 from .dyn_perceiver import DynPerceiver
 from .jei_dnn import JEIGates
 from .phuong_lampert import PhuongLampert
+from .dfs import DFSDistillation
 
 DEFAULT_TECHNIQUE = CrossEntropy.__name__  # what a trainer runs when no technique is named: the MSDNet baseline
 
 __all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "Options", "OutputsTechnique", "StepResult", "Technique", "TrainingForward",
            "build_technique", "register_technique", "technique_config", "technique_type", "CrossEntropy", "PCGrad", "OneForAll", "HDKD", "ADN", "BoostNet",
-           "ZTW", "L2W", "DynPerceiver", "JEIGates", "PhuongLampert"]
+           "ZTW", "L2W", "DynPerceiver", "JEIGates", "PhuongLampert", "DFSDistillation"]
