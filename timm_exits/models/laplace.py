@@ -134,6 +134,7 @@ class LaplaceExits(MultiExitModel):
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         self.model = model
         self.num_exits, self.exit_index, self.num_classes = model.num_exits, model.num_exits - 1, model.num_classes
+        self.num_features, self.exit_widths = getattr(model, "num_features", 0), list(getattr(model, "exit_widths", []))
         linears = [exit_classifier(model, i) for i in range(self.num_exits)]
         self.posteriors = nn.ModuleList(ExitPosterior(fc.out_features, fc.in_features + 1, fc.weight.device,
                                                       fc.weight.dtype) for fc in linears)
