@@ -184,3 +184,11 @@ def test_evaluate_refuses_bad_protocol_options(setup, tmp_path, capsys, flags, m
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_the_commands_score_and_fallback_names_are_the_inference_modules():
+    """cli.py names them without importing torch (``--help`` imports nothing heavy): kept equal here."""
+    from timm_exits import cli
+    from timm_exits.inference.policies import FALLBACKS, LEARNED_SCORES, SCORES
+
+    assert (cli.SCORES, cli.LEARNED_SCORES, cli.FALLBACKS) == (SCORES, LEARNED_SCORES, FALLBACKS)

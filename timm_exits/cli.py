@@ -5,7 +5,9 @@
     timm-exits evaluate MODEL|FOLDER|WEIGHTS|CHECKPOINT --data-dir DIR [--checkpoint F] [--val-dir DIR | --val-fraction F]
                         [--input-size C H W] [--mean ..] [--std ..] [--crop-pct F] [--interpolation I] [--output DIR]
                         [--policy P] [--fallback last|most_confident] [--strict] [--envelope] [--sweep [ztw|sdn]]
-                        [--patience-sweep] [--cost-fractions F ..] [--calibration] [--latency]
+                        [--patience-sweep] [--cost-fractions F ..] [--calibration] [--latency] [--mie]
+    timm-exits calibrate MODEL|FOLDER|WEIGHTS|CHECKPOINT --train-dir DIR [--val-dir DIR | --val-fraction F] [--mie]
+                         --output FOLDER [--prior-vars V ..] [--temperatures T ..] [--num-samples S] ...
     timm-exits convert CHECKPOINT OUTPUT_FOLDER [--model NAME] [--model-kwargs K=V ..] [--input-size C H W] ...
     timm-exits models [--markdown]
     timm-exits train CONFIG [--data-dir DIR] [--output-dir DIR] [--resume] [--cfg-options k=v ...]
@@ -25,6 +27,7 @@ from typing import List, Optional
 
 CONVENTIONS = ("macs", "msdnet", "macs_norm")  # timm_exits.profile.CONVENTIONS, named here without importing torch
 SCORES = ("maxprob", "entropy", "margin", "patience")  # timm_exits.inference.SCORES, FALLBACKS, likewise
+LEARNED_SCORES = ("gate",)  # timm_exits.inference.policies.LEARNED_SCORES: their parameters come from the model
 FALLBACKS = ("last", "most_confident")
 
 
@@ -254,8 +257,16 @@ def _holds_output(folder: str) -> bool:
 def _check_protocol_flags(args: argparse.Namespace) -> None:
     """The evaluation protocol flags that cannot work together, refused before any work."""
     if args.sweep and args.policy == "patience":
-        raise ValueError("--sweep needs a probability score (--policy maxprob, entropy or margin); for patience use "
-                         "--patience-sweep")
+        raise ValueError("--sweep needs a probability score (--policy maxprob, entropy, margin or gate); for patience "
+                         "use --patience-sweep")
+    if args.policy in LEARNED_SCORES and args.fallback == "most_confident":
+        raise ValueError(f"--policy {args.policy} has no gate at the last exit to compare with the others, so "
+                         f"--fallback most_confident does not apply: the samples no gate takes leave at the last exit")
+    if args.policy in LEARNED_SCORES and (args.mie or args.product_anytime):
+        raise ValueError(f"--policy {args.policy} runs the gates on the probabilities of the exits they were trained "
+                         f"on; --mie and --product-anytime change those answers: evaluate the gates alone")
+    if args.mie and args.product_anytime:
+        raise ValueError("--mie or --product-anytime: each is a predictor answering at the exits, one at a time")
     if args.envelope and not (args.val_dir or args.val_fraction):
         raise ValueError("--envelope shapes the budgeted curve, which needs a validation split (--val-dir or "
                          "--val-fraction)")
@@ -275,7 +286,8 @@ def _check_protocol_flags(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     """Evaluate into ``--output``, or, if that holds earlier output, into the first free ``<output>-1``,
-    ``-2``, ... (locked while it runs): an earlier evaluation is never overwritten."""
+    ``-2``, ... (locked while it runs): an earlier evaluation is never overwritten, and one that fails
+    leaves nothing behind."""
     from .files import claim_fresh_folder
 
     _check_protocol_flags(args)
@@ -283,40 +295,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     with claim_fresh_folder(args.output, _holds_output) as lock:
         if lock.folder != args.output:
             print(f"{args.output} holds earlier output; this evaluation writes to {lock.folder}")
-        return _evaluate_into(args, given, lock.folder)
+        try:
+            return _evaluate_into(args, given, lock.folder)
+        except BaseException:
+            lock.abandon()
+            raise
 
 
-def _evaluate_into(args: argparse.Namespace, given: dict, output: str) -> int:
-    import torch
-    from timm.utils import reparameterize_model
-    from torch.utils.data import DataLoader
+def _load_model(args: argparse.Namespace, given: dict, images: str, flag: str):
+    """The model of ``args.model`` in eval mode, checked against the class folders of ``images``.
+    Returns the model, its data config, its label and the class names (the data's, the same as the
+    model's recorded ones if it records them)."""
+    from .data import ImageFiles, class_names
+    from .models import is_multi_exit
 
-    from .data import IMAGE_MODES, ImageFiles, class_names, image_transform, split_dataset
-    from .files import write_json
-    from .inference import (THRESHOLDS_FILE, EarlyExitExecutor, ExitPolicy, Thresholds, evaluate, measure_latency,
-                            predictor_of)
-    from .inference.report import format_latency, format_report, report_paths
-    from .models import ProductAnytimeModel, is_multi_exit
-
-    policy = ExitPolicy(args.policy, args.fallback, args.strict)
-    test_set = ImageFiles(args.data_dir)
-    classes = class_names(test_set)
+    classes = class_names(ImageFiles(images))
     model, data_config, label, trained_on = (_saved_model(args, given) if os.path.exists(args.model)
                                              else _named_model(args, len(classes), given))
     model.eval()
     if not is_multi_exit(model):
         raise ValueError(f"{label} is not a multi-exit model")
     if model.num_classes != len(classes):
-        raise ValueError(f"the model has {model.num_classes} classes but --data-dir {args.data_dir!r} has {len(classes)} "
+        raise ValueError(f"the model has {model.num_classes} classes but {flag} {images!r} has {len(classes)} "
                          f"class folders")
     if trained_on is not None:
-        _check_classes(classes, list(trained_on), f"--data-dir {args.data_dir!r}", "the model's config.json")
-    profiled = model  # a fused model's operators differ, and some conventions count them differently
-    if args.fuse:
-        model = reparameterize_model(model)
-    if args.product_anytime:
-        model = ProductAnytimeModel(model)
-    predictor = predictor_of(model)
+        _check_classes(classes, list(trained_on), f"{flag} {images!r}", "the model's config.json")
+    return model, data_config, label, classes
+
+
+def _image_sets(args: argparse.Namespace, data_config: dict, images: str, flag: str, classes: List[str]):
+    """The images of ``images`` and the validation split (``--val-dir``, ``--val-fraction`` of them, or
+    None), decoded and transformed as the model expects for evaluation; and what the split is."""
+    from .data import IMAGE_MODES, ImageFiles, class_names, image_transform, split_dataset
+
     channels = data_config["input_size"][0]
     modes = {count: mode for mode, count in IMAGE_MODES.items()}
     if channels not in modes:
@@ -325,17 +336,68 @@ def _evaluate_into(args: argparse.Namespace, given: dict, output: str) -> int:
         raise ValueError(f"{channels}-channel input needs {channels} --mean and --std values, got mean "
                          f"{tuple(data_config['mean'])} and std {tuple(data_config['std'])}")
     transform, mode = image_transform(data_config, train=False), modes[channels]
-    test_set = ImageFiles(args.data_dir, transform, img_mode=mode)
+    main_set = ImageFiles(images, transform, img_mode=mode)
     if args.val_dir:
         val_set = ImageFiles(args.val_dir, transform, img_mode=mode)
-        _check_classes(class_names(val_set), classes, f"--val-dir {args.val_dir!r}", f"--data-dir {args.data_dir!r}")
-    elif args.val_fraction:
-        val_set, test_set = split_dataset(test_set, args.val_fraction, args.seed)
-    else:
-        val_set = None
+        _check_classes(class_names(val_set), classes, f"--val-dir {args.val_dir!r}", f"{flag} {images!r}")
+        return main_set, val_set, f"--val-dir {args.val_dir}"
+    if args.val_fraction:
+        val_set, main_set = split_dataset(main_set, args.val_fraction, args.seed)
+        return main_set, val_set, f"--val-fraction {args.val_fraction} of {flag} (seed {args.seed})"
+    return main_set, None, None
+
+
+def _exit_policy(args: argparse.Namespace, model, label: str):
+    """The exit policy of ``--policy``, ``--fallback`` and ``--strict``; a learned score's parameters
+    come from the model, which must carry them."""
+    import dataclasses
+
+    from .inference import resolve_policy
+
+    if args.policy in LEARNED_SCORES and not callable(getattr(model, "policy_params", None)):
+        raise ValueError(f"--policy {args.policy} evaluates the learned exit gates a jei_gates model carries; {label} "
+                         f"has none. Evaluate a jei_gates model: the model folder of the gates phase of a run with "
+                         f"technique JEIGates (recipes/_base_/techniques/jei_gates.py), an mmengine checkpoint of "
+                         f"MultiExitClassifier(technique=dict(type='JEIGates')), or a JEIGatesModel saved with "
+                         f"timm_exits.model_folder.save_model_folder")
+    return dataclasses.replace(resolve_policy(args.policy, model), fallback=args.fallback, strict=args.strict)
+
+
+def _with_mie(model, profiled, label: str, input_size, convention: str):
+    """MIE around ``model``, weighted by the cumulative costs of ``profiled`` (the model as built)."""
+    from .inference.calibrated import mie_model
+    from .models import MIEModel
+    from .models.predictors import predictor_of
+
+    if "mie" in predictor_of(model).split("+"):
+        raise ValueError(f"{label} already answers with MIE (predictor {predictor_of(model)!r}): --mie would "
+                         f"ensemble its answers a second time; leave --mie out")
+    mie = mie_model(profiled, input_size, convention)
+    return mie if model is profiled else MIEModel(model, mie.weights)
+
+
+def _evaluate_into(args: argparse.Namespace, given: dict, output: str) -> int:
+    import torch
+    from timm.utils import reparameterize_model
+    from torch.utils.data import DataLoader
+
+    from .files import write_json
+    from .inference import THRESHOLDS_FILE, EarlyExitExecutor, Thresholds, evaluate, measure_latency, predictor_of
+    from .inference.report import format_latency, format_report, report_paths
+    from .models import ProductAnytimeModel
+
+    model, data_config, label, classes = _load_model(args, given, args.data_dir, "--data-dir")
+    policy = _exit_policy(args, model, label)
+    profiled = model  # a fused model's operators differ, and some conventions count them differently
+    if args.fuse:
+        model = reparameterize_model(model)
+    if args.product_anytime:
+        model = ProductAnytimeModel(model)
+    if args.mie:
+        model = _with_mie(model, profiled, label, data_config["input_size"], args.convention)
+    predictor = predictor_of(model)
+    test_set, val_set, fit_split = _image_sets(args, data_config, args.data_dir, "--data-dir", classes)
     loader = lambda ds: DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)  # noqa: E731
-    fit_split = (f"--val-dir {args.val_dir}" if args.val_dir else
-                 f"--val-fraction {args.val_fraction} of --data-dir (seed {args.seed})")
     report = evaluate(model, loader(test_set), loader(val_set) if val_set is not None else None,
                       input_size=data_config["input_size"], convention=args.convention, policy=policy,
                       q_grid=args.q_grid, fit_split=fit_split, envelope=args.envelope, sweep=args.sweep,
@@ -359,6 +421,41 @@ def _evaluate_into(args: argparse.Namespace, given: dict, output: str) -> int:
                                                 args.latency_batch_size or args.batch_size, repeats=args.latency_repeats)
             write_json(paths["json"], report)
             print(f"{format_latency(report['latency'])}\nadded the latency to {paths['json']}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """Fit last-layer Laplace (with ``--mie``: for Laplace + MIE) and write its model folder, whole
+    or not at all; a non-empty ``--output`` is refused before any work."""
+    from torch.utils.data import DataLoader
+
+    from .files import atomic_folder
+    from .inference.calibrated import fit_laplace
+    from .model_folder import save_model_folder
+    from .models import MIEModel
+    from .models.predictors import predictor_of
+
+    if os.path.isdir(args.output) and os.listdir(args.output):
+        raise ValueError(f"--output {args.output!r} exists and is not empty: choose a new or empty folder for the "
+                         f"calibrated model folder (nothing there is replaced)")
+    given = _data_overrides(args)
+    with atomic_folder(args.output, kind="model folder") as tmp:
+        model, data_config, label, classes = _load_model(args, given, args.train_dir, "--train-dir")
+        train_set, val_set, fit_split = _image_sets(args, data_config, args.train_dir, "--train-dir", classes)
+        loader = lambda ds: DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)  # noqa: E731
+        mie = _with_mie(model, model, label, data_config["input_size"], args.convention) if args.mie else None
+        laplace = fit_laplace(model, loader(train_set), loader(val_set) if val_set is not None else None,
+                              args.prior_vars, args.temperatures, mie_costs=mie.weights if mie else None,
+                              num_samples=args.num_samples, seed=args.seed)
+        calibrated = laplace if mie is None else MIEModel(laplace, mie.weights)
+        save_model_folder(calibrated, tmp, data_config, label_names=classes,
+                          calibrated=dict(predictor=predictor_of(calibrated), source=args.model, model=label,
+                                          checkpoint=args.checkpoint, train_dir=args.train_dir, fit_split=fit_split,
+                                          num_samples=args.num_samples, seed=args.seed, settings=laplace.settings))
+    chosen = ", ".join(f"{s['prior_var']:g} / {s['temperature']:g}" for s in laplace.settings)
+    print(f"wrote {args.output}: {predictor_of(calibrated)} around {label}; var0 / temperature per exit: {chosen}\n"
+          f"evaluate it with timm-exits evaluate {args.output} --data-dir ..., or load it with "
+          f"timm.create_model('local-dir:{args.output}', pretrained=True)")
     return 0
 
 
@@ -416,9 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
                    help="timm.create_model arguments (override a folder's saved ones), e.g. in_chans=1")
     _add_data_flags(e, "the model folder's config.json, else the model's pretrained cfg")
-    e.add_argument("--policy", choices=SCORES, default="maxprob",
+    e.add_argument("--policy", choices=SCORES + LEARNED_SCORES, default="maxprob",
                    help="exit confidence score, for every protocol (margin: top-1 minus top-2 probability; patience: "
-                        "consecutive agreeing exits)")
+                        "consecutive agreeing exits; gate: the exit probability of a jei_gates model's learned gates)")
     e.add_argument("--fallback", choices=FALLBACKS, default="last",
                    help="where samples no exit accepts go: the last exit (MSDNet, default) or the exit of highest "
                         "score over all exits (SDN)")
@@ -428,6 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate product anytime's answers (Jazbec et al.: exit l answers with the product of the "
                         "ReLU'd logits of exits 1..l, weights l/L) instead of the exits' own, computed online: every "
                         "protocol, thresholds.json (recorded as predictor product_anytime) and --latency use them")
+    e.add_argument("--mie", action="store_true",
+                   help="evaluate MIE's answers (exit k: the mean of the probabilities of exits 1..k weighted by their "
+                        "cumulative cost, profiled with --convention) instead of the exits' own: every protocol, "
+                        "thresholds.json (recorded as predictor mie) and --latency use them; on a Laplace model folder "
+                        "of timm-exits calibrate, Laplace + MIE")
     e.add_argument("--fuse", action="store_true",
                    help="run the model's inference form, timm.utils.reparameterize_model (MSDNet: batch norms folded, "
                         "buffers instead of concatenations, about 2x faster on CPU; other models: whatever timm fuses), "
@@ -463,6 +565,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new or empty folder for evaluation.json, .png and thresholds.json (if it holds anything, "
                         "the first free <output>-1, -2, ...: earlier output is never overwritten)")
     e.set_defaults(run=_evaluate)
+
+    k = sub.add_parser("calibrate", help="fit last-layer Laplace (optionally with MIE) and write its model folder",
+                       description="Fit the last-layer Laplace posterior of every exit's linear classifier on the images "
+                                   "of --train-dir (not augmented), choose var0 and each exit's temperature on the "
+                                   "validation images (--val-dir or --val-fraction; without them var0 2 and temperature "
+                                   "1), and write the calibrated model as a model folder for timm-exits evaluate and "
+                                   "timm.create_model('local-dir:FOLDER', pretrained=True). MODEL is as for evaluate.")
+    k.add_argument("model", help="a timm model name (weights from --checkpoint), a model folder, a weights file with "
+                                 "config.json beside it, or an mmengine checkpoint (epoch_N.pth)")
+    k.add_argument("--checkpoint", default=None, help="with a model name: .safetensors / .pth weights")
+    k.add_argument("--train-dir", required=True,
+                   help="the images the posterior is fitted on, ImageFolder layout (<class>/<image>) or a .tar: the "
+                        "model's training images")
+    k.add_argument("--val-dir", default=None, help="validation images to choose var0 and the temperatures on")
+    k.add_argument("--val-fraction", type=float, default=None,
+                   help="or hold out this fraction of --train-dir (seeded) to choose them on")
+    k.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction split and of the predictive's draws")
+    k.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
+                   help="timm.create_model arguments (override a folder's saved ones)")
+    _add_data_flags(k, "the model folder's config.json, else the model's pretrained cfg")
+    k.add_argument("--mie", action="store_true",
+                   help="Laplace + MIE: each exit's setting chosen on MIE's NLL at that exit (the reference's rule), "
+                        "the folder's model MIE around Laplace (predictor mie+laplace)")
+    k.add_argument("--convention", choices=CONVENTIONS, default="macs", help="how --mie's costs are counted: " + conventions)
+    k.add_argument("--prior-vars", type=float, nargs="+", default=None, metavar="V",
+                   help="the var0 candidates (default: the reference's 0.5 .. 4.0 with a validation split, else 2)")
+    k.add_argument("--temperatures", type=float, nargs="+", default=None, metavar="T",
+                   help="the temperature candidates (default: the reference's 0.3 .. 3.0 with a validation split, else 1)")
+    k.add_argument("--num-samples", type=int, default=50, help="draws of the predictive per image (default 50)")
+    k.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    k.add_argument("--workers", type=int, default=2, help="data loader processes")
+    k.add_argument("--output", required=True, help="the model folder to write: new or empty")
+    k.set_defaults(run=_calibrate)
 
     c = sub.add_parser("convert", help="an mmengine checkpoint (epoch_N.pth) into a timm model folder",
                        description="Turn a checkpoint of timm_exits' mmengine MultiExitClassifier (epoch_N.pth / "
