@@ -174,6 +174,23 @@ def test_bad_input_is_a_clear_error():
         _tiny(num_latents=12)
 
 
+def test_timm_s_model_api_fine_tuning_checkpointing_and_refusals():
+    model = _tiny(cnn="resnet50", cnn_multiplier=0.125)
+    x = torch.randn(2, 3, 32, 32)
+    model.reset_classifier(5)
+    assert model.num_classes == 5 and model.cnn.num_classes == 5
+    with torch.no_grad():
+        assert [o.shape for o in model.forward_exits(x)] == [(2, 5)] * 4  # the ISC projections read 5 logits
+    with pytest.raises(ValueError, match="no headless form"):
+        model.reset_classifier(0)
+    model.train().set_grad_checkpointing()
+    assert model.cnn.grad_checkpointing
+    sum(o.sum() for o in model(x)).backward()
+    assert model.cnn.layer1[0].conv1.weight.grad is not None
+    with pytest.raises(ValueError, match="no features_only form"):
+        timm.create_model("dyn_perceiver_regnety_008", features_only=True, **TINY)
+
+
 # --- the training loss (the reference's engine.py), restated by hand in float64 -----------------------
 
 def _hand_loss(z, y, cnn, att, merge, kd, t):

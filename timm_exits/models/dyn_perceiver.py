@@ -419,6 +419,41 @@ class DynPerceiver(MultiExitModel):
     def get_classifier(self) -> nn.Module:
         return self.head_merge[1]
 
+    @torch.jit.ignore
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """New class-dependent layers for ``num_classes`` classes: the four exits' classifiers and the two ISC
+        projections that read logits (fine-tuning); the rest keeps its weights.
+
+        Args:
+            num_classes: the new class count (>= 1: there is no headless form, the merged exit's
+                features read exit 2's logits).
+            global_pool: only ``None`` or ``"avg"`` (the pooling is fixed).
+        """
+        if num_classes < 1:
+            raise ValueError(f"DynPerceiver has no headless form (its merged exit's features read exit 2's logits "
+                             f"through ISC): num_classes must be >= 1, got {num_classes}")
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"DynPerceiver pools by average only, got global_pool={global_pool!r}")
+        like = self.head_latent.weight
+        linear = lambda i, o: nn.Linear(i, o, device=like.device, dtype=like.dtype)  # noqa: E731
+        self.num_classes = num_classes
+        self.head_latent = linear(self.head_latent.in_features, num_classes)
+        self.head_att = linear(self.head_att.in_features, num_classes)
+        self.head_merge[1] = linear(self.head_merge[1].in_features, num_classes)
+        self.isc_att[0] = linear(num_classes, self.isc_att[0].out_features)
+        self.isc_merge[0] = linear(num_classes, self.isc_merge[0].out_features)
+        self.cnn.reset_classifier(num_classes)
+        self.cnn.get_classifier().to(like.device, like.dtype)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the CNN branch's blocks (timm's); the latent branch is not checkpointed.
+
+        Args:
+            enable: on or off.
+        """
+        self.cnn.set_grad_checkpointing(enable)
+
 
 # --- the reference's checkpoint layout -----------------------------------------------------------
 
@@ -522,6 +557,9 @@ def checkpoint_filter_fn(state_dict: dict, model: DynPerceiver) -> dict:
 
 
 def _create_dyn_perceiver(variant: str, pretrained: bool = False, **kwargs) -> DynPerceiver:
+    if kwargs.get("features_only"):
+        raise ValueError(f"{variant} has no features_only form: a CNN stage's output is changed by the latents' "
+                         f"attention before the next stage reads it; use forward_exits or forward_exit(pre_logits=True)")
     # the merged exit's classifier, in this layout or the reference's, tells the file's class count (ISC layers read it)
     kwargs = keep_file_classifiers(variant, pretrained, kwargs, classifiers=("head_merge.1", "classifier_merge.1"))
     return build_model_with_cfg(DynPerceiver, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
