@@ -480,6 +480,24 @@ def _add_data_flags(parser: argparse.ArgumentParser, default: str) -> None:
                         help=f"resize interpolation (default: {default})")
 
 
+def _add_model_flags(parser: argparse.ArgumentParser, images: str, images_help: str, fitted: str,
+                     seed_help: str) -> None:
+    """MODEL and what loads it, the images (``images``, the flag) and their validation split, and the
+    preprocessing flags: the arguments ``evaluate`` and ``calibrate`` share."""
+    parser.add_argument("model", help="a timm model name, a model folder, a weights file with config.json beside it, "
+                                      "or an mmengine checkpoint (epoch_N.pth)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="with a model name: .safetensors / .pth weights (ours or a reference checkpoint)")
+    parser.add_argument(images, required=True, help=images_help)
+    parser.add_argument("--val-dir", default=None, help=f"validation images {fitted}")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help=f"or hold out this fraction of {images} (seeded) {fitted}")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
+                        help="timm.create_model arguments (override a folder's saved ones), e.g. in_chans=1")
+    _add_data_flags(parser, "the model folder's config.json, else the model's pretrained cfg")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="timm-exits", description="Multi-exit models for timm.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -501,18 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "output folder), a weights file with config.json beside it, or an mmengine "
                                    "checkpoint of MultiExitClassifier. From a folder, the architecture, classes, "
                                    "channels and preprocessing come from config.json; the flags below override them.")
-    e.add_argument("model", help="a timm model name, a model folder, a weights file with config.json beside it, or an "
-                                 "mmengine checkpoint (epoch_N.pth)")
-    e.add_argument("--checkpoint", default=None,
-                   help="with a model name: .safetensors / .pth weights (ours or a reference checkpoint)")
-    e.add_argument("--data-dir", required=True, help="test images, ImageFolder layout (<class>/<image>) or a .tar")
-    e.add_argument("--val-dir", default=None, help="validation images for the thresholds")
-    e.add_argument("--val-fraction", type=float, default=None,
-                   help="or hold out this fraction of --data-dir (seeded) for the thresholds")
-    e.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction split")
-    e.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
-                   help="timm.create_model arguments (override a folder's saved ones), e.g. in_chans=1")
-    _add_data_flags(e, "the model folder's config.json, else the model's pretrained cfg")
+    _add_model_flags(e, "--data-dir", "test images, ImageFolder layout (<class>/<image>) or a .tar",
+                     "for the thresholds", "seed of the --val-fraction split")
     e.add_argument("--policy", choices=SCORES + LEARNED_SCORES, default="maxprob",
                    help="exit confidence score, for every protocol (margin: top-1 minus top-2 probability; patience: "
                         "consecutive agreeing exits; gate: the exit probability of a jei_gates model's learned gates)")
@@ -572,19 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "validation images (--val-dir or --val-fraction; without them var0 2 and temperature "
                                    "1), and write the calibrated model as a model folder for timm-exits evaluate and "
                                    "timm.create_model('local-dir:FOLDER', pretrained=True). MODEL is as for evaluate.")
-    k.add_argument("model", help="a timm model name (weights from --checkpoint), a model folder, a weights file with "
-                                 "config.json beside it, or an mmengine checkpoint (epoch_N.pth)")
-    k.add_argument("--checkpoint", default=None, help="with a model name: .safetensors / .pth weights")
-    k.add_argument("--train-dir", required=True,
-                   help="the images the posterior is fitted on, ImageFolder layout (<class>/<image>) or a .tar: the "
-                        "model's training images")
-    k.add_argument("--val-dir", default=None, help="validation images to choose var0 and the temperatures on")
-    k.add_argument("--val-fraction", type=float, default=None,
-                   help="or hold out this fraction of --train-dir (seeded) to choose them on")
-    k.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction split and of the predictive's draws")
-    k.add_argument("--model-kwargs", nargs="*", metavar="KEY=VALUE",
-                   help="timm.create_model arguments (override a folder's saved ones)")
-    _add_data_flags(k, "the model folder's config.json, else the model's pretrained cfg")
+    _add_model_flags(k, "--train-dir", "the images the posterior is fitted on, ImageFolder layout (<class>/<image>) "
+                     "or a .tar: the model's training images", "to choose var0 and the temperatures on",
+                     "seed of the --val-fraction split and of the predictive's draws")
     k.add_argument("--mie", action="store_true",
                    help="Laplace + MIE: each exit's setting chosen on MIE's NLL at that exit (the reference's rule), "
                         "the folder's model MIE around Laplace (predictor mie+laplace)")
