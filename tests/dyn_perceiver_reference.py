@@ -7,7 +7,12 @@ reference's names ``cnn_stem``, ``cnn_body`` and ``classifier_cnn``. A ResNet br
 ``cnn_core/resnet.py``: ResNet-50 with a channel multiplier on the stem and every stage) is written here as
 functions of the state dict, under ``cnn_stem.0`` / ``.1`` (7x7 conv, BN; then ReLU, 3x3 max-pool),
 ``cnn_body_stage1``..``4`` (bottlenecks: 1x1, 3x3 with the stride, 1x1 to 4x the width, BN after each, a
-1x1 strided projection with BN on the first block's shortcut) and ``classifier_cnn``. The latent branch is
+1x1 strided projection with BN on the first block's shortcut) and ``classifier_cnn``. A MobileNetV3 branch
+(``models/dyn_perceiver_mobilenet_v3.py`` on torchvision's ``mobilenet_v3_large`` at a width multiplier) is
+written as functions of the state dict too: torchvision's 17 ``features`` (a 3x3 stem conv, 15 inverted
+residuals, a last 1x1 conv; every width rounded to a multiple of 8 after scaling; BN eps 1e-3) cut into
+``cnn_stem`` (features 0-2) and ``cnn_body_stage1``..``4`` (3-4, 5-7, 8-13, 14-16), and MLP classifiers
+(Linear, Hardswish, Dropout, Linear) for the CNN and merged exits. The latent branch is
 written as plain functions of the state dict, from the reference's equations:
 
 * attention: q, k, v projections without bias, a position bias added to the keys (x -> z only), one
@@ -22,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.regnet import BlockParams, RegNet
 
-__all__ = ["reference_cnn", "ReferenceResNet", "reference_state_dict", "reference_forward"]
+__all__ = ["reference_cnn", "ReferenceResNet", "ReferenceMobileNetV3", "reference_state_dict", "reference_forward"]
 
 
 def reference_cnn(depth: int, w_0: int, w_a: float, w_m: float, group_width: int, num_classes: int) -> RegNet:
@@ -77,6 +82,105 @@ class ReferenceResNet:
         return x
 
 
+def _divisible8(v: float) -> int:
+    """torchvision's channel rounding: the nearest multiple of 8 (at least 8), never more than 10% below ``v``."""
+    new = max(8, int(v + 4) // 8 * 8)
+    return new + 8 if new < 0.9 * v else new
+
+
+# torchvision's mobilenet_v3_large, features 1-15: kernel, expanded width, output width, SE, hard-swish, stride
+_MNV3_BLOCKS = [(3, 16, 16, 0, 0, 1), (3, 64, 24, 0, 0, 2), (3, 72, 24, 0, 0, 1), (5, 72, 40, 1, 0, 2),
+                (5, 120, 40, 1, 0, 1), (5, 120, 40, 1, 0, 1), (3, 240, 80, 0, 1, 2), (3, 200, 80, 0, 1, 1),
+                (3, 184, 80, 0, 1, 1), (3, 184, 80, 0, 1, 1), (3, 480, 112, 1, 1, 1), (3, 672, 112, 1, 1, 1),
+                (5, 672, 160, 1, 1, 2), (5, 960, 160, 1, 1, 1), (5, 960, 160, 1, 1, 1)]
+_MNV3_STAGES = {"cnn_body_stage1": (3, 5), "cnn_body_stage2": (5, 8), "cnn_body_stage3": (8, 14), "cnn_body_stage4": (14, 17)}
+
+
+class ReferenceMobileNetV3:
+    """The reference's MobileNetV3-Large CNN branch at a width multiplier, as functions of its state-dict part."""
+
+    def __init__(self, multiplier: float, num_classes: int):
+        self.num_classes = num_classes
+        self.stem = _divisible8(16 * multiplier)
+        # per feature 1-15: in, expanded, out widths, kernel, SE width (0: none), hard-swish, stride
+        self.blocks, c = [], self.stem
+        for k, e, o, se, hs, s in _MNV3_BLOCKS:
+            e, o = _divisible8(e * multiplier), _divisible8(o * multiplier)
+            self.blocks.append((c, e, o, k, _divisible8(e // 4) if se else 0, hs, s))
+            c = o
+        self.last = 6 * c
+        self.hidden = _divisible8(1280 * multiplier)
+
+    @staticmethod
+    def _prefix(feature: int) -> str:
+        if feature < 3:
+            return f"cnn_stem.{feature}."
+        name, (start, _) = next((n, r) for n, r in _MNV3_STAGES.items() if r[0] <= feature < r[1])
+        return f"{name}.{feature - start}."
+
+    def _layers(self, feature: int):
+        """(state-dict prefix, kind, shape) of each layer of feature ``feature`` (1-15), in order."""
+        c, e, o, k, se, _, _ = self.blocks[feature - 1]
+        p, layers = self._prefix(feature) + "block.", []
+        if e != c:
+            layers.append((p + f"{len(layers)}.", "conv", (e, c, 1, 1)))
+        layers.append((p + f"{len(layers)}.", "dw", (e, 1, k, k)))
+        if se:
+            layers.append((p + f"{len(layers)}.", "se", (se, e)))
+        layers.append((p + f"{len(layers)}.", "project", (o, e, 1, 1)))
+        return layers
+
+    def widths(self) -> Tuple[List[int], int]:
+        """Each stage's input width (the output of features 2, 4, 7, 13) and the last conv's width."""
+        return [self.blocks[f - 1][2] for f in (2, 4, 7, 13)], self.last
+
+    def shapes(self) -> Dict[str, tuple]:
+        shapes = {"cnn_stem.0.0.weight": (self.stem, 3, 3, 3), **_bn_shapes("cnn_stem.0.1.", self.stem)}
+        for f in range(1, 16):
+            for p, kind, shape in self._layers(f):
+                if kind == "se":
+                    shapes.update({p + "fc1.weight": shape + (1, 1), p + "fc1.bias": shape[:1],
+                                   p + "fc2.weight": shape[::-1] + (1, 1), p + "fc2.bias": shape[1:]})
+                else:
+                    shapes.update({p + "0.weight": shape, **_bn_shapes(p + "1.", shape[0])})
+        last_in = self.blocks[-1][2]
+        shapes.update({"cnn_body_stage4.2.0.weight": (self.last, last_in, 1, 1), **_bn_shapes("cnn_body_stage4.2.1.", self.last)})
+        shapes.update({"classifier_cnn.0.weight": (self.hidden, self.last), "classifier_cnn.0.bias": (self.hidden,),
+                       "classifier_cnn.3.weight": (self.num_classes, self.hidden), "classifier_cnn.3.bias": (self.num_classes,)})
+        return shapes
+
+    def _feature(self, sd, f, x):
+        if f == 0:
+            return F.hardswish(_bn2d(sd, "cnn_stem.0.1.", F.conv2d(x, sd["cnn_stem.0.0.weight"], stride=2, padding=1), 1e-3))
+        if f == 16:
+            p = "cnn_body_stage4.2."
+            return F.hardswish(_bn2d(sd, p + "1.", F.conv2d(x, sd[p + "0.weight"]), 1e-3))
+        c, e, o, k, _, hs, s = self.blocks[f - 1]
+        act = F.hardswish if hs else F.relu
+        out = x
+        for p, kind, _ in self._layers(f):
+            if kind == "se":
+                scale = F.conv2d(out.mean((2, 3), keepdim=True), sd[p + "fc1.weight"], sd[p + "fc1.bias"])
+                scale = F.conv2d(F.relu(scale), sd[p + "fc2.weight"], sd[p + "fc2.bias"])
+                out = out * F.hardsigmoid(scale)
+            elif kind == "dw":
+                out = act(_bn2d(sd, p + "1.", F.conv2d(out, sd[p + "0.weight"], stride=s, padding=(k - 1) // 2, groups=e), 1e-3))
+            else:
+                out = _bn2d(sd, p + "1.", F.conv2d(out, sd[p + "0.weight"]), 1e-3)
+                out = act(out) if kind == "conv" else out
+        return out + x if s == 1 and c == o else out
+
+    def forward_stem(self, sd, x):
+        for f in range(3):
+            x = self._feature(sd, f, x)
+        return x
+
+    def forward_stage(self, sd, stage, x):
+        for f in range(*_MNV3_STAGES[f"cnn_body_stage{stage}"]):
+            x = self._feature(sd, f, x)
+        return x
+
+
 class _TorchvisionRegNet:
     """The reference's RegNet branch: torchvision's RegNet under the reference's names."""
 
@@ -106,7 +210,7 @@ class _TorchvisionRegNet:
 
 
 def _branch(cnn):
-    return cnn if isinstance(cnn, ReferenceResNet) else _TorchvisionRegNet(cnn)
+    return cnn if isinstance(cnn, (ReferenceResNet, ReferenceMobileNetV3)) else _TorchvisionRegNet(cnn)
 
 
 def _cross_shapes(prefix: str, q: int, kv: int, attn: int, keys: int = 0) -> Dict[str, tuple]:
@@ -159,7 +263,12 @@ def reference_state_dict(cnn, num_latents: int, depths: Sequence[int], mlp_ratio
                        f"token_expander.{i}.1.weight": (w[i + 1], w[i]), f"token_expander.{i}.1.bias": (w[i + 1],)})
     shapes.update({"early_classifier3.weight": (num_classes, w[2]), "early_classifier3.bias": (num_classes,),
                    "classifier_att.weight": (num_classes, 2 * w[3]), "classifier_att.bias": (num_classes,),
-                   "classifier_merge.1.weight": (num_classes, out + 2 * w[3]), "classifier_merge.1.bias": (num_classes,)})
+                   })
+    hidden = getattr(branch, "hidden", 0)  # the MobileNetV3 branch's merged classifier is an MLP
+    shapes.update({"classifier_merge.1.weight": (hidden or num_classes, out + 2 * w[3]),
+                   "classifier_merge.1.bias": (hidden or num_classes,)})
+    if hidden:
+        shapes.update({"classifier_merge.4.weight": (num_classes, hidden), "classifier_merge.4.bias": (num_classes,)})
     for isc in ("isc3", "isc4"):
         shapes.update({f"{isc}.0.weight": (w[3], num_classes), f"{isc}.0.bias": (w[3],), **_bn_shapes(f"{isc}.1.", w[3])})
     shapes.update(_bn_shapes("classifier_merge.0.", out + 2 * w[3]))
@@ -231,8 +340,8 @@ def _resize(sd, i, z):
     return _ln(sd, f"token_expander.{i}.0.", z) @ sd[f"token_expander.{i}.1.weight"].T + sd[f"token_expander.{i}.1.bias"]
 
 
-def _bn2d(sd, p, x):
-    return F.batch_norm(x, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"], eps=1e-5)
+def _bn2d(sd, p, x, eps=1e-5):
+    return F.batch_norm(x, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"], eps=eps)
 
 
 def _bn1d(sd, p, x):
@@ -243,13 +352,19 @@ def _linear(sd, p, x):
     return x @ sd[p + "weight"].T + sd[p + "bias"]
 
 
+def _hardswish_mlp(sd, first, last, x):
+    """The MobileNetV3 branch's classifiers: Linear ``first``, Hardswish, (Dropout), Linear ``last``."""
+    return _linear(sd, last, F.hardswish(_linear(sd, first, x)))
+
+
 def reference_forward(sd: Dict[str, torch.Tensor], cnn, x: torch.Tensor,
                       heads: Sequence[int] = (1, 2, 4, 8)) -> Tuple[torch.Tensor, ...]:
     """The four exits' logits (early, attention, CNN, merged), in evaluation mode.
 
     Args:
         sd: the reference-layout state dict (for a RegNet, its CNN part is loaded into ``cnn`` here).
-        cnn: torchvision's RegNet of the same widths (evaluation mode, float64), or a :class:`ReferenceResNet`.
+        cnn: torchvision's RegNet of the same widths (evaluation mode, float64), a :class:`ReferenceResNet` or a
+            :class:`ReferenceMobileNetV3`.
         x: the images.
         heads: self-attention heads of the four latent stages.
     """
@@ -267,8 +382,12 @@ def reference_forward(sd: Dict[str, torch.Tensor], cnn, x: torch.Tensor,
     isc = lambda p, y: torch.relu(_bn1d(sd, p + "1.", _linear(sd, p + "0.", y)))  # noqa: E731
     y_att = _linear(sd, "classifier_att.", torch.cat([z.mean(1), isc("isc3.", y_early)], 1))
     x = branch.forward_stage(sd, 4, x)
-    y_cnn = _linear(sd, "classifier_cnn.", x.mean((2, 3)))
+    pooled = x.mean((2, 3))
+    mlp = "classifier_cnn.0.weight" in sd
+    y_cnn = _hardswish_mlp(sd, "classifier_cnn.0.", "classifier_cnn.3.", pooled) if mlp else _linear(sd, "classifier_cnn.", pooled)
     x = _z2x(sd, "last_cross_att_z2x.", x, z)
     merged = torch.cat([x.mean((2, 3)), z.mean(1), isc("isc4.", y_att)], 1)
-    y_merge = _linear(sd, "classifier_merge.1.", _bn1d(sd, "classifier_merge.0.", merged))
+    merged = _bn1d(sd, "classifier_merge.0.", merged)
+    y_merge = _hardswish_mlp(sd, "classifier_merge.1.", "classifier_merge.4.", merged) if mlp else \
+        _linear(sd, "classifier_merge.1.", merged)
     return y_early, y_att, y_cnn, y_merge

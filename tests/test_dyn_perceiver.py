@@ -9,11 +9,12 @@ import torch
 import timm_exits  # noqa: F401
 from timm_exits.catalogue import load_catalogue
 from timm_exits.inference.executor import EarlyExitExecutor
-from timm_exits.models.dyn_perceiver import DynPerceiver, _map_resnet_key, checkpoint_filter_fn
+from timm_exits.models.dyn_perceiver import DynPerceiver, _map_mobilenetv3_key, _map_resnet_key, checkpoint_filter_fn
 from timm_exits.models.multi_exit import slice_state
 from timm_exits.profile import profile_exits
 
-from dyn_perceiver_reference import ReferenceResNet, reference_cnn, reference_forward, reference_state_dict
+from dyn_perceiver_reference import (ReferenceMobileNetV3, ReferenceResNet, reference_cnn, reference_forward,
+                                     reference_state_dict)
 
 # a narrow RegNetY (timm's regnety_002: its widths are divisible by its group width, so torchvision's
 # rounding gives the same network), few latents and layers: the whole network at 32x32 in milliseconds
@@ -28,11 +29,15 @@ def _tiny(**kwargs) -> DynPerceiver:
 
 # a ResNet-50 at the reference's channel multiplier 1/8 (stem 8 wide, stages 32 / 64 / 128 / 256 out)
 TINY_RESNET = dict(TINY, cnn="resnet50", cnn_multiplier=0.125)
-FAMILIES = {"regnet": ("dyn_perceiver_regnety_008", TINY), "resnet": ("dyn_perceiver_resnet50_0375", TINY_RESNET)}
+# MobileNetV3-Large at width 0.25 (stage inputs 8 / 16 / 24 / 40 wide, last conv 240, head MLP 320)
+TINY_MOBILENET = dict(TINY, cnn="mobilenetv3_large_100", cnn_multiplier=0.25)
+FAMILIES = {"regnet": ("dyn_perceiver_regnety_008", TINY), "resnet": ("dyn_perceiver_resnet50_0375", TINY_RESNET),
+            "mobilenetv3": ("dyn_perceiver_mobilenetv3_large_075", TINY_MOBILENET)}
 
 
 def _reference(seed: int = 0, family: str = "regnet"):
-    cnn = reference_cnn(**TINY_TV).double().eval() if family == "regnet" else ReferenceResNet(0.125, 10)
+    cnn = {"regnet": lambda: reference_cnn(**TINY_TV).double().eval(), "resnet": lambda: ReferenceResNet(0.125, 10),
+           "mobilenetv3": lambda: ReferenceMobileNetV3(0.25, 10)}[family]()
     sd = reference_state_dict(cnn, 16, (1, 1, 1, 2), 4, 10, torch.Generator().manual_seed(seed))
     return cnn, sd
 
@@ -94,8 +99,32 @@ def test_the_reference_channel_multiplier_narrows_timm_s_resnet_stem_and_stages(
         _tiny(cnn_multiplier=0.5)
     with pytest.raises(ValueError, match="bottleneck blocks"):
         _tiny(cnn="resnet18", cnn_multiplier=0.5)
-    with pytest.raises(ValueError, match="must be a timm RegNet or ResNet"):
-        _tiny(cnn="mobilenetv3_large_100")
+    with pytest.raises(ValueError, match="must be a timm RegNet, ResNet or MobileNetV3-Large"):
+        _tiny(cnn="efficientnet_b0")
+
+
+def test_the_mobilenetv3_branch_is_built_as_the_reference_builds_it():
+    """torchvision's rounding of every scaled width (timm's mobilenetv3_large_075 expands 72, not 56, in its
+    third block), BN eps 1e-3, a head 1280 x 0.75 wide, an MLP merged classifier, and the stage cuts."""
+    model = timm.create_model("dyn_perceiver_mobilenetv3_large_075")
+    cnn = model.cnn
+    assert [b.conv_pw.out_channels for b in (cnn.blocks[1][0], cnn.blocks[1][1], cnn.blocks[3][1], cnn.blocks[4][0])] \
+        == [48, 56, 152, 360]
+    assert cnn.blocks[2][0].se.conv_reduce.out_channels == 16  # torchvision: multiple of 8 of 56 // 4
+    assert {m.eps for m in cnn.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+    assert (cnn.num_features, cnn.head_hidden_size, cnn.conv_head.out_channels) == (720, 960, 960)
+    assert [s.to_latents.dwc.in_channels for s in model.latent_stages] == [24, 32, 64, 120]
+    assert [type(m).__name__ for m in model.head_merge] == ["BatchNorm1d", "Linear", "Hardswish", "Dropout", "Linear"]
+    assert model.get_classifier() is model.head_merge[4]
+    with pytest.raises(ValueError, match="cnn='mobilenetv3_large_100'"):
+        _tiny(cnn="mobilenetv3_large_075")
+    # the stage cuts: CNN stage 4 (exit 3) adds timm's blocks 5.1, 5.2, 6 and the head, nothing else
+    with torch.device("meta"):
+        costs = profile_exits(timm.create_model("dyn_perceiver_mobilenetv3_large_075", **TINY_MOBILENET), (3, 32, 32))
+        tiny = timm.create_model("dyn_perceiver_mobilenetv3_large_075", **TINY_MOBILENET)
+    count = lambda *ms: sum(p.numel() for m in ms for p in m.parameters())  # noqa: E731
+    b = tiny.cnn.blocks
+    assert costs[2].params - costs[1].params == count(b[5][1], b[5][2], b[6], tiny.cnn.conv_head, tiny.cnn.classifier)
 
 
 def test_the_contract_stage_by_stage_slicing_and_stopping_early():
@@ -268,6 +297,10 @@ def test_every_variant_costs_what_the_catalogue_says_and_wraps_its_backbone(name
         multiplier = float("0." + name.split("_0")[-1])
         expected = ReferenceResNet(multiplier, model.num_classes).shapes()
         assert shapes == {_map_resnet_key(k): torch.Size(v) for k, v in expected.items()}
+    elif name == "dyn_perceiver_mobilenetv3_large_075":  # torchvision's rounding: the reference's shapes, renamed
+        expected = ReferenceMobileNetV3(0.75, model.num_classes).shapes()
+        renamed = dict(_map_mobilenetv3_key(k, model.cnn, torch.empty(v, device="meta")) for k, v in expected.items())
+        assert shapes == {k: v.shape for k, v in renamed.items()}
     else:
         assert shapes == {k: v.shape for k, v in plain.state_dict().items()}
 

@@ -1,7 +1,8 @@
 """Dynamic Perceiver: a CNN and a latent-token branch with four exits (Han et al., ICCV 2023).
 
-The CNN branch is a timm RegNetY or ResNet (its stem, four stages and classifier head, in timm's own
-layout; a ResNet narrowed by the reference's channel multiplier keeps timm's modules). Beside it, a
+The CNN branch is a timm RegNetY, ResNet or MobileNetV3-Large (its stem, four stages and classifier head,
+in timm's own layout; a ResNet narrowed by the reference's channel multiplier keeps timm's modules; a
+MobileNetV3's four stages are slices of timm's blocks, cut where the reference cuts them). Beside it, a
 small set of latent tokens is refined by Perceiver-style attention; the two branches meet at every CNN
 stage boundary:
 
@@ -28,15 +29,19 @@ through :func:`checkpoint_filter_fn`.
 """
 import contextlib
 import re
+from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 import timm
 import torch
 from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import Mlp
+from timm.layers import Mlp, get_act_layer, make_divisible
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.regnet import _filter_fn as regnet_filter_fn
+from timm.models._efficientnet_blocks import SqueezeExcite
+from timm.models._efficientnet_builder import decode_arch_def, round_channels
+from timm.models.mobilenetv3 import MobileNetV3
 from timm.models.regnet import RegNet
 from timm.models.resnet import Bottleneck, ResNet
 from timm.models.vision_transformer import Block
@@ -191,20 +196,66 @@ def _resized_conv(conv: nn.Conv2d, in_chs: int, out_chs: int) -> nn.Conv2d:
     return new
 
 
+# MobileNetV3-Large (Howard et al., 2019, table 1), block by block: kind, kernel, expanded width, output width,
+# squeeze-excitation, hard-swish (else ReLU), stride; grouped as timm's mobilenetv3_large_100 groups its blocks
+_MOBILENETV3_LARGE = (
+    (("ds", 3, 16, 16, False, False, 1),),
+    (("ir", 3, 64, 24, False, False, 2), ("ir", 3, 72, 24, False, False, 1)),
+    (("ir", 5, 72, 40, True, False, 2),) + (("ir", 5, 120, 40, True, False, 1),) * 2,
+    (("ir", 3, 240, 80, False, True, 2), ("ir", 3, 200, 80, False, True, 1)) + (("ir", 3, 184, 80, False, True, 1),) * 2,
+    (("ir", 3, 480, 112, True, True, 1), ("ir", 3, 672, 112, True, True, 1)),
+    (("ir", 5, 672, 160, True, True, 2),) + (("ir", 5, 960, 160, True, True, 1),) * 2,
+)
+
+
+def _mobilenetv3_large(multiplier: float, **kwargs) -> MobileNetV3:
+    """timm's MobileNetV3-Large as the reference builds it (torchvision's ``mobilenet_v3_large``).
+
+    Every width (stem, expanded, output, head) is the width at 1.0 times ``multiplier``, rounded to a multiple
+    of 8, where timm expands the already-rounded input width (the two differ below 1.0, e.g. 56 vs 72 in the
+    third block at 0.75); batch norms have eps 1e-3 and momentum 0.01; the last 1x1 conv is 6x the last block's
+    width and the head's hidden layer is 1280 x ``multiplier`` wide. At 1.0 the modules and parameter names
+    are timm's ``mobilenetv3_large_100``.
+    """
+    width = lambda c: make_divisible(c * multiplier, 8)  # noqa: E731
+    in_chs = stem = width(16)
+    arch = []
+    for group in _MOBILENETV3_LARGE:
+        blocks = []
+        for kind, k, exp, out, se, hs, s in group:
+            # the expansion ratio that makes timm's expanded width the reference's
+            blocks.append(f"{kind}_r1_k{k}_s{s}_e{width(exp) / in_chs!r}_c{width(out)}" + ("_se0.25" if se else "")
+                          + ("" if hs else "_nre"))
+            in_chs = width(out)
+        arch.append(blocks)
+    arch.append([f"cn_r1_k1_s1_c{6 * in_chs}"])
+    se_layer = partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=nn.ReLU, rd_round_fn=round_channels)
+    return MobileNetV3(decode_arch_def(arch), stem_size=stem, fix_stem=True, num_features=width(1280),
+                       act_layer=get_act_layer("hard_swish"), norm_layer=partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01),
+                       se_layer=se_layer, **kwargs)
+
+
 def _create_cnn(name: str, multiplier: float, **kwargs) -> nn.Module:
-    """The CNN branch: a timm RegNet or ResNet.
+    """The CNN branch: a timm RegNet, ResNet or MobileNetV3-Large.
 
     ``multiplier`` is the reference's ResNet channel multiplier (its ``resnet50_0375`` etc.): the stage widths
     and the stem width scaled by it. timm's ``channels`` scales the stages; timm's single 7x7 stem conv is
-    always 64 wide, so it is narrowed here, with the first block's two convs that read it.
+    always 64 wide, so it is narrowed here, with the first block's two convs that read it. For
+    ``mobilenetv3_large_100`` it is the reference's MobileNetV3 width multiplier (see :func:`_mobilenetv3_large`).
     """
+    if name == "mobilenetv3_large_100":
+        return _mobilenetv3_large(multiplier, **kwargs)
+    if timm.models.is_model_in_modules(name, ["mobilenetv3"]):
+        raise ValueError(f"a MobileNetV3 CNN branch is cnn='mobilenetv3_large_100' with the reference's width as "
+                         f"cnn_multiplier (torchvision's channel rounding), got {name!r}")
     if multiplier != 1.0:
         if not timm.models.is_model_in_modules(name, ["resnet"]):
-            raise ValueError(f"cnn_multiplier scales a timm ResNet CNN branch; {name!r} is not one")
+            raise ValueError(f"cnn_multiplier scales a timm ResNet CNN branch (or cnn='mobilenetv3_large_100'); "
+                             f"{name!r} is not one")
         kwargs["channels"] = tuple(int(multiplier * c) for c in (64, 128, 256, 512))
     cnn = timm.create_model(name, **kwargs)
     if not isinstance(cnn, (RegNet, ResNet)):
-        raise ValueError(f"the CNN branch must be a timm RegNet or ResNet, got {name!r} ({type(cnn).__name__})")
+        raise ValueError(f"the CNN branch must be a timm RegNet, ResNet or MobileNetV3-Large, got {name!r} ({type(cnn).__name__})")
     if multiplier != 1.0:
         first = cnn.layer1[0]
         if not isinstance(cnn.conv1, nn.Conv2d) or not isinstance(first, Bottleneck):
@@ -225,15 +276,18 @@ def _isc(num_classes: int, chs: int) -> nn.Sequential:
 
 
 class DynPerceiver(MultiExitModel):
-    """Dynamic Perceiver on a timm RegNetY or ResNet, four exits (see the module docstring for their order).
+    """Dynamic Perceiver on a timm RegNetY, ResNet or MobileNetV3-Large, four exits (see the module docstring
+    for their order).
 
     The configuration the reference's README trains (spatial reduction, x -> z with depthwise convs,
     z -> x, the last cross-attention and ISC all on); the reference's ablation switches are not offered.
 
     Args:
-        cnn: the timm RegNet or ResNet the CNN branch is (its stem, four stages and head).
-        cnn_multiplier: the reference's ResNet channel multiplier (stem and stage widths times it, e.g.
-            0.375 for its ``resnet50_0375``); a ResNet-50-style CNN branch only.
+        cnn: the timm RegNet or ResNet the CNN branch is (its stem, four stages and head), or
+            ``"mobilenetv3_large_100"`` for timm's MobileNetV3-Large built as the reference builds it.
+        cnn_multiplier: the reference's channel multiplier: of a ResNet-50-style branch (stem and stage widths
+            times it, e.g. 0.375 for its ``resnet50_0375``), or the MobileNetV3 width multiplier (0.75 for its
+            ``mobilenetV3_0x75``).
         num_latents: latent tokens in stage 1; stages 2-4 have 1/2, 1/4, 1/8 of them.
         depths: self-attention layers of the four latent stages (the reference's ``3, 3, 9, 3`` times
             its ``--depth_factor``).
@@ -241,7 +295,8 @@ class DynPerceiver(MultiExitModel):
         mlp_ratio: the self-attention layers' MLP width factor (the reference's ``--SA_widening_factor``).
         num_classes: the number of classes (> 0: ISC feeds logits forward).
         in_chans: the input channels.
-        drop_rate: dropout before every exit's classifier.
+        drop_rate: dropout before every exit's last linear layer (inside the CNN's and the merged exit's
+            MLP heads when the CNN's head has a hidden layer, as MobileNetV3's has).
         drop_path_rate: stochastic depth of the CNN branch's blocks (timm's, passed to it).
         multi_exit_training: ``model(x)`` in training mode returns every exit's logits (the default) or,
             ``False``, the last exit's alone (see :meth:`~.MultiExitModel.set_multi_exit_training`).
@@ -287,9 +342,14 @@ class DynPerceiver(MultiExitModel):
     def _build(self, num_latents: int, depths: Sequence[int], num_heads: Sequence[int], mlp_ratio: float,
                num_classes: int, drop_rate: float) -> None:
         # the latents' width in each stage is the CNN stage's input width: the output width of what precedes it
-        # (the reference reads the first block's input channels; for a ResNet, the max-pool keeps the stem's width)
-        widths = [info["num_chs"] for info in self.cnn.feature_info[:4]]
-        out_chs = self.cnn.num_features
+        # (the reference reads the first block's input channels; for a ResNet, the max-pool keeps the stem's width;
+        # a MobileNetV3's stem and stages each end one block after a downsampling block)
+        if isinstance(self.cnn, MobileNetV3):
+            blocks = self.cnn.blocks
+            widths = [b.conv_pwl.out_channels for b in (blocks[1][0], blocks[2][0], blocks[3][0], blocks[5][0])]
+        else:
+            widths = [info["num_chs"] for info in self.cnn.feature_info[:4]]
+        out_chs, hidden = self.cnn.num_features, self.cnn.head_hidden_size
         tokens = [num_latents // 2 ** i for i in range(4)]
         for w, h in zip(widths, num_heads):
             if w % h:
@@ -305,8 +365,14 @@ class DynPerceiver(MultiExitModel):
         self.head_att = nn.Linear(2 * widths[3], num_classes)
         self.isc_merge = _isc(num_classes, widths[3])
         merged = out_chs + 2 * widths[3]
-        self.head_merge = nn.Sequential(nn.BatchNorm1d(merged), nn.Linear(merged, num_classes))
-        self.exit_widths = [widths[2], 2 * widths[3], out_chs, merged]
+        # the merged exit's classifier has the CNN head's form: a linear layer, or (MobileNetV3) an MLP as wide
+        self.merge_mlp = hidden != out_chs
+        if self.merge_mlp:
+            self.head_merge = nn.Sequential(nn.BatchNorm1d(merged), nn.Linear(merged, hidden), nn.Hardswish(),
+                                            nn.Dropout(drop_rate), nn.Linear(hidden, num_classes))
+        else:
+            self.head_merge = nn.Sequential(nn.BatchNorm1d(merged), nn.Linear(merged, num_classes))
+        self.exit_widths = [widths[2], 2 * widths[3], hidden, merged]
         self.num_features = self.head_hidden_size = merged
 
     # --- the multi-exit contract -----------------------------------------------------------------
@@ -337,12 +403,23 @@ class DynPerceiver(MultiExitModel):
     # the CNN families' module names (``hasattr`` on a module is resolved when TorchScript compiles)
 
     def _cnn_stem(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.cnn, "conv_stem"):  # MobileNetV3: conv, norm, the depthwise-separable block, block 2
+            return self.cnn.blocks[1][0](self.cnn.blocks[0](self.cnn.bn1(self.cnn.conv_stem(x))))
         if hasattr(self.cnn, "layer1"):  # ResNet: conv, norm, activation, max-pool
             return self.cnn.maxpool(self.cnn.act1(self.cnn.bn1(self.cnn.conv1(x))))
         return self.cnn.stem(x)
 
     def _cnn_stage(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         """CNN stage ``stage`` (1-4)."""
+        if hasattr(self.cnn, "conv_stem"):  # MobileNetV3: the reference's cuts through timm's block groups
+            b = self.cnn.blocks
+            if stage == 1:
+                return b[2][0](b[1][1](x))
+            if stage == 2:
+                return b[3][0](b[2][2](b[2][1](x)))
+            if stage == 3:
+                return b[5][0](b[4](b[3][3](b[3][2](b[3][1](x)))))
+            return b[6](b[5][2](b[5][1](x)))
         if hasattr(self.cnn, "layer1"):
             if stage == 1:
                 return self.cnn.layer1(x)
@@ -370,7 +447,9 @@ class DynPerceiver(MultiExitModel):
     def _classify(self, state: List[torch.Tensor], index: int) -> torch.Tensor:
         if index == 2:
             return self.cnn.forward_head(state[0])
-        features = self.head_drop(self._features(state, index))
+        features = self._features(state, index)
+        if index < 3 or not self.merge_mlp:  # an MLP head drops inside, before its last linear layer
+            features = self.head_drop(features)
         if index == 0:
             return self.head_latent(features)
         if index == 1:
@@ -412,12 +491,12 @@ class DynPerceiver(MultiExitModel):
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for timm's layer-wise lr decay: the CNN stem with the latents, then the CNN
         stages; the latent branch and the heads are unmatched (the last group, the head's)."""
-        return dict(stem=r"^cnn\.(?:stem|conv1|bn1)\.|^latent$",
-                    blocks=r"^cnn\.(?:s|layer)(\d+)" if coarse else r"^cnn\.(?:s|layer)(\d+)\.b?(\d+)")
+        return dict(stem=r"^cnn\.(?:stem|conv1|conv_stem|bn1)\.|^latent$",
+                    blocks=r"^cnn\.(?:s|layer|blocks\.)(\d+)" if coarse else r"^cnn\.(?:s|layer|blocks\.)(\d+)\.b?(\d+)")
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.head_merge[1]
+        return self.head_merge[-1]
 
     @torch.jit.ignore
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
@@ -439,7 +518,7 @@ class DynPerceiver(MultiExitModel):
         self.num_classes = num_classes
         self.head_latent = linear(self.head_latent.in_features, num_classes)
         self.head_att = linear(self.head_att.in_features, num_classes)
-        self.head_merge[1] = linear(self.head_merge[1].in_features, num_classes)
+        self.head_merge[-1] = linear(self.head_merge[-1].in_features, num_classes)
         self.isc_att[0] = linear(num_classes, self.isc_att[0].out_features)
         self.isc_merge[0] = linear(num_classes, self.isc_merge[0].out_features)
         self.cnn.reset_classifier(num_classes)
@@ -509,13 +588,52 @@ def _map_resnet_key(key: str) -> str:
     return "fc." + key[len("classifier_cnn."):]
 
 
+# torchvision's MobileNetV3 layers inside a block -> timm's: (depthwise-separable, inverted residual without / with
+# squeeze-excitation, the last 1x1 conv)
+_MOBILENETV3_LAYERS = {
+    "ds": [("block.0.0.", "conv_dw."), ("block.0.1.", "bn1."), ("block.1.0.", "conv_pw."), ("block.1.1.", "bn2.")],
+    "ir": [("block.0.0.", "conv_pw."), ("block.0.1.", "bn1."), ("block.1.0.", "conv_dw."), ("block.1.1.", "bn2."),
+           ("block.2.0.", "conv_pwl."), ("block.2.1.", "bn3.")],
+    "ir_se": [("block.0.0.", "conv_pw."), ("block.0.1.", "bn1."), ("block.1.0.", "conv_dw."), ("block.1.1.", "bn2."),
+              ("block.2.fc1.", "se.conv_reduce."), ("block.2.fc2.", "se.conv_expand."), ("block.3.0.", "conv_pwl."),
+              ("block.3.1.", "bn3.")],
+    "cn": [("0.", "conv."), ("1.", "bn1.")],
+}
+_MOBILENETV3_STAGE_START = {"cnn_stem": 0, "cnn_body_stage1": 3, "cnn_body_stage2": 5, "cnn_body_stage3": 8,
+                            "cnn_body_stage4": 14}
+
+
+def _map_mobilenetv3_key(key: str, cnn: MobileNetV3, value: torch.Tensor) -> Tuple[str, torch.Tensor]:
+    """The reference's MobileNetV3 branch (torchvision's ``features`` 0-16 regrouped into ``cnn_stem`` and
+    ``cnn_body_stage1``..``4``; its head MLP ``classifier_cnn``) -> timm's names (the head's first linear layer
+    is timm's 1x1 ``conv_head``)."""
+    m = re.match(r"classifier_cnn\.([03])\.(weight|bias)$", key)
+    if m:
+        if m.group(1) == "3":
+            return "classifier." + m.group(2), value
+        return "conv_head." + m.group(2), value[:, :, None, None] if m.group(2) == "weight" else value
+    m = re.match(r"(cnn_stem|cnn_body_stage\d)\.(\d+)\.(.*)$", key)
+    if not m:
+        raise KeyError(key)
+    feature = _MOBILENETV3_STAGE_START[m.group(1)] + int(m.group(2))
+    if feature == 0:  # the stem conv and its norm
+        return _rename(m.group(3), [("0.", "conv_stem."), ("1.", "bn1.")], key), value
+    flat = [(i, j) for i, group in enumerate(cnn.blocks) for j in range(len(group))]
+    i, j = flat[feature - 1]
+    block = cnn.blocks[i][j]
+    kind = ("cn" if hasattr(block, "conv") else "ds" if not hasattr(block, "conv_pwl")
+            else "ir" if isinstance(block.se, nn.Identity) else "ir_se")
+    return f"blocks.{i}.{j}." + _rename(m.group(3), _MOBILENETV3_LAYERS[kind], key), value
+
+
 def checkpoint_filter_fn(state_dict: dict, model: DynPerceiver) -> dict:
-    """Map a reference checkpoint (LeapLabTHU/Dynamic_Perceiver, its RegNet and ResNet models) onto this
-    model; a state dict in this package's own layout passes through unchanged.
+    """Map a reference checkpoint (LeapLabTHU/Dynamic_Perceiver, its RegNet, ResNet and MobileNetV3 models)
+    onto this model; a state dict in this package's own layout passes through unchanged.
 
     A RegNet branch (torchvision's RegNet layout under ``cnn_stem``, ``cnn_body`` and ``classifier_cnn``)
     goes through timm's own RegNet filter; a ResNet branch (timm's ResNet modules under ``cnn_stem.0`` /
-    ``.1`` and ``cnn_body_stage1``..``4``) is renamed; the separate q / k / v projections of the latents'
+    ``.1`` and ``cnn_body_stage1``..``4``) and a MobileNetV3 branch (torchvision's MobileNetV3 layers under
+    ``cnn_stem``, ``cnn_body_stage1``..``4`` and the MLP ``classifier_cnn``) are renamed; the separate q / k / v projections of the latents'
     self-attention are stacked into timm's ``qkv``.
 
     Args:
@@ -530,22 +648,22 @@ def checkpoint_filter_fn(state_dict: dict, model: DynPerceiver) -> dict:
     if not any(k.startswith("cnn_stem.") for k in state_dict):
         return state_dict
     cnn, out, qkv = {}, {}, {}
-    resnet = isinstance(model.cnn, ResNet)
+    resnet, mobilenet = isinstance(model.cnn, ResNet), isinstance(model.cnn, MobileNetV3)
     for key, value in state_dict.items():
-        if resnet and key.startswith(("cnn_stem.", "cnn_body_stage", "classifier_cnn.")):
-            out["cnn." + _map_resnet_key(key)] = value
-            continue
-        if key.startswith(("cnn_stem.", "cnn_body.", "classifier_cnn.")):
-            tv_key = key.replace("cnn_stem.", "stem.").replace("cnn_body.", "trunk_output.").replace("classifier_cnn.", "fc.")
-            cnn[tv_key] = value
-            continue
-        m = re.match(r"(self_att\d\.\d+)\.self_attn\.attention\.([qkv])_proj\.weight$", key)
-        if m:
-            qkv.setdefault(m.group(1), {})[m.group(2)] = value
-            continue
         try:
-            out[_map_latent_key(key)] = value
-        except KeyError:
+            if resnet and key.startswith(("cnn_stem.", "cnn_body_stage", "classifier_cnn.")):
+                out["cnn." + _map_resnet_key(key)] = value
+            elif mobilenet and key.startswith(("cnn_stem.", "cnn_body_stage", "classifier_cnn.")):
+                name, value = _map_mobilenetv3_key(key, model.cnn, value)
+                out["cnn." + name] = value
+            elif key.startswith(("cnn_stem.", "cnn_body.", "classifier_cnn.")):
+                tv_key = key.replace("cnn_stem.", "stem.").replace("cnn_body.", "trunk_output.").replace("classifier_cnn.", "fc.")
+                cnn[tv_key] = value
+            elif m := re.match(r"(self_att\d\.\d+)\.self_attn\.attention\.([qkv])_proj\.weight$", key):
+                qkv.setdefault(m.group(1), {})[m.group(2)] = value
+            else:
+                out[_map_latent_key(key)] = value
+        except (KeyError, IndexError):
             raise ValueError(f"{key!r} is not a key of a reference Dynamic Perceiver checkpoint with a "
                              f"{type(model.cnn).__name__} branch; is this file one, for this model?") from None
     if cnn:
@@ -560,8 +678,10 @@ def _create_dyn_perceiver(variant: str, pretrained: bool = False, **kwargs) -> D
     if kwargs.get("features_only"):
         raise ValueError(f"{variant} has no features_only form: a CNN stage's output is changed by the latents' "
                          f"attention before the next stage reads it; use forward_exits or forward_exit(pre_logits=True)")
-    # the merged exit's classifier, in this layout or the reference's, tells the file's class count (ISC layers read it)
-    kwargs = keep_file_classifiers(variant, pretrained, kwargs, classifiers=("head_merge.1", "classifier_merge.1"))
+    # the merged exit's classifier, in this layout or the reference's, tells the file's class count (ISC layers read
+    # it); with a MobileNetV3 branch it is the last layer of an MLP
+    last = 4 if kwargs.get("cnn") == "mobilenetv3_large_100" else 1
+    kwargs = keep_file_classifiers(variant, pretrained, kwargs, classifiers=(f"head_merge.{last}", f"classifier_merge.{last}"))
     return build_model_with_cfg(DynPerceiver, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
@@ -576,6 +696,11 @@ def _cfg(cnn_head: str = "cnn.head.fc", **kwargs) -> dict:
 
 def _resnet_cfg() -> dict:
     return _cfg(cnn_head="cnn.fc", first_conv="cnn.conv1")
+
+
+def _mobilenetv3_cfg() -> dict:
+    return {**_cfg(cnn_head="cnn.classifier", first_conv="cnn.conv_stem"),
+            "classifier": ("head_latent", "head_att", "cnn.classifier", "head_merge.4", "isc_att.0", "isc_merge.0")}
 
 
 # CIFAR-10 training-set statistics
@@ -594,6 +719,8 @@ default_cfgs = generate_default_cfgs({
     "dyn_perceiver_resnet50_0625": _resnet_cfg(),
     "dyn_perceiver_resnet50_075": _resnet_cfg(),
     "dyn_perceiver_resnet50": _resnet_cfg(),
+    "dyn_perceiver_mobilenetv3_large_075": _mobilenetv3_cfg(),
+    "dyn_perceiver_mobilenetv3_large_100": _mobilenetv3_cfg(),
 })
 
 # the reference README's flags: --depth_factor 1 1 1 2 (self-attention layers 3, 3, 9, 6) --SA_widening_factor 4
@@ -671,3 +798,20 @@ def dyn_perceiver_resnet50_075(pretrained: bool = False, **kwargs) -> DynPerceiv
 def dyn_perceiver_resnet50(pretrained: bool = False, **kwargs) -> DynPerceiver:
     """Dynamic Perceiver on ResNet-50, 128 latents (the reference's resnet50_perceiver_t128, README flags)."""
     return _create_dyn_perceiver("dyn_perceiver_resnet50", pretrained, **dict(_RESNET_ARGS, **kwargs))
+
+
+# the README's MobileNetV3 command: --depth_factor 1 1 1 3 (self-attention layers 3, 3, 9, 9) --SA_widening_factor 4
+_MOBILENETV3_ARGS = dict(_README_ARGS, cnn="mobilenetv3_large_100", depths=(3, 3, 9, 9))
+
+
+@register_model
+def dyn_perceiver_mobilenetv3_large_075(pretrained: bool = False, **kwargs) -> DynPerceiver:
+    """Dynamic Perceiver on MobileNetV3-Large x0.75, 128 latents (the reference's mobilenetV3_0x75_perceiver_t128, README flags)."""
+    model_args = dict(_MOBILENETV3_ARGS, cnn_multiplier=0.75)
+    return _create_dyn_perceiver("dyn_perceiver_mobilenetv3_large_075", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dyn_perceiver_mobilenetv3_large_100(pretrained: bool = False, **kwargs) -> DynPerceiver:
+    """Dynamic Perceiver on MobileNetV3-Large, 128 latents (the reference's mobilenetV3_perceiver_t128, the README's MobileNetV3 flags)."""
+    return _create_dyn_perceiver("dyn_perceiver_mobilenetv3_large_100", pretrained, **dict(_MOBILENETV3_ARGS, **kwargs))
