@@ -554,7 +554,8 @@ def _generator():
 @pytest.mark.slow
 def test_the_operator_list_is_exactly_what_exports_of_the_package_are_made_of():
     """Regenerated from small models of every family (MSDNet CIFAR and ImageNet, plain and fused,
-    ResNet, ConvNeXt, EfficientNet, MobileNetV3, ViT, Swin with exits; ResNet and ViT ADN), every
+    ResNet, ConvNeXt, EfficientNet, MobileNetV3, ViT, Swin with exits; ResNet and ViT ADN; RANet; Dynamic
+    Perceiver), every
     exit-history wrapper and IMTA's phase-II model, the conv and SDN heads, under no_grad; the fused
     MSDNet and product anytime around ZTW around MSDNet also with gradients on, under inference_mode
     and channels-last (a few minutes on a shared 2-core machine). The list must equal it: an operator a change brings in would make every export of that model

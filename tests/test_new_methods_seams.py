@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import timm_exits  # noqa: F401  (registers the models)
+from timm_exits.inference import EarlyExitExecutor
+from timm_exits.inference.export import ExportedModel, export_model
 from timm_exits.integrations.mmengine import convert_checkpoint, enable_resume
 from timm_exits.model_folder import load_model_folder
 from timm_exits.task import MultiExitTask
@@ -96,6 +98,28 @@ def test_an_mmengine_checkpoint_resumes_the_technique_state_and_converts(tmp_pat
         else:
             a, b = trained.forward_exits(x), loaded.forward_exits(x)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+# --- export: the new families' programs call only listed operators --------------------------------------
+
+@pytest.mark.slow  # exporting every stage: half a minute each on a shared 2-core machine
+@pytest.mark.parametrize("case", ["ranet", "dyn_perceiver"])
+def test_the_new_families_export_and_the_export_exits_early_as_the_model(case, tmp_path):
+    name, kwargs = CASES[case][:2]
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    x = torch.randn(5, 3, 32, 32)
+    export_model(model, x[:2], str(tmp_path / "export"), name=name)  # refused if an operator is not listed
+    exported = ExportedModel(str(tmp_path / "export"))
+    with torch.no_grad():
+        for a, b in zip(model.forward_exits(x), exported.forward_exits(x)):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        confidence = model.forward_exits(x)[0].softmax(-1).amax(-1).sort().values
+        # two samples confident enough to answer at the first exit, the other three at the last
+        thresholds = [((confidence[2] + confidence[3]) / 2).item()] + [2.0] * (model.num_exits - 2) + [0.0]
+        ours, theirs = EarlyExitExecutor(model, thresholds)(x), exported.early_exit(x, thresholds)
+    assert sorted(ours.exits.tolist()) == [0, 0] + [model.num_exits - 1] * 3
+    assert torch.equal(ours.exits, theirs.exits) and torch.equal(ours.preds, theirs.preds)
 
 
 # --- timm's task: Deep Feature Surgery on the new families ---------------------------------------------
