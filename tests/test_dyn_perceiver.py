@@ -212,12 +212,30 @@ def test_timm_s_model_api_fine_tuning_checkpointing_and_refusals():
         assert [o.shape for o in model.forward_exits(x)] == [(2, 5)] * 4  # the ISC projections read 5 logits
     with pytest.raises(ValueError, match="no headless form"):
         model.reset_classifier(0)
-    model.train().set_grad_checkpointing()
-    assert model.cnn.grad_checkpointing
-    sum(o.sum() for o in model(x)).backward()
-    assert model.cnn.layer1[0].conv1.weight.grad is not None
     with pytest.raises(ValueError, match="no features_only form"):
         timm.create_model("dyn_perceiver_regnety_008", features_only=True, **TINY)
+
+
+@pytest.mark.parametrize("family", [TINY, TINY_RESNET, TINY_MOBILENET], ids=["regnet", "resnet", "mobilenetv3"])
+def test_grad_checkpointing_recomputes_the_stages_and_keeps_the_gradients(family):
+    model = _tiny(**family).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    calls = []
+    model.latent_stages[3].register_forward_pre_hook(lambda *_: calls.append(1))  # (recomputation stops early)
+
+    def grads(checkpointing):
+        model.zero_grad()
+        model.set_grad_checkpointing(checkpointing)
+        calls.clear()
+        sum(o.sum() for o in model.forward_exits(x)).backward()
+        return len(calls), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    stored_calls, stored = grads(False)
+    recomputed_calls, recomputed = grads(True)
+    assert (stored_calls, recomputed_calls) == (1, 2)  # the checkpointed stage runs again in the backward pass
+    assert stored.keys() == recomputed.keys()
+    for name in stored:
+        torch.testing.assert_close(recomputed[name], stored[name], rtol=0, atol=1e-12, msg=name)
 
 
 # --- the training loss (the reference's engine.py), restated by hand in float64 -----------------------

@@ -35,6 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 import timm
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, get_act_layer, make_divisible
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -332,6 +333,7 @@ class DynPerceiver(MultiExitModel):
         self.num_exits = 4
         self.exit_index = 3
         self.multi_exit_training = multi_exit_training
+        self.grad_checkpointing = False
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.cnn = _create_cnn(cnn, cnn_multiplier, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
                                    drop_path_rate=drop_path_rate)
@@ -383,7 +385,16 @@ class DynPerceiver(MultiExitModel):
         return [self._cnn_stem(x), self.latent.repeat(x.shape[0], 1, 1)]
 
     def forward_stage(self, state: List[torch.Tensor], index: int) -> List[torch.Tensor]:
-        x, z = state[0], state[1]
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            x, z = checkpoint(self._advance, state[0], state[1], index, use_reentrant=False)
+        else:
+            x, z = self._advance(state[0], state[1], index)
+        state = [x, z] + state[2:]
+        state.append(self._classify(state, index))
+        return state
+
+    def _advance(self, x: torch.Tensor, z: torch.Tensor, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The CNN map and the latents after stage ``index`` (the stage's work before its exit)."""
         if index == 0:  # latent stages 1-3 with CNN stages 1-2
             x, z = self.latent_stages[0](x, z)
             x, z = self.latent_stages[1](self._cnn_stage(x, 1), z)
@@ -396,9 +407,7 @@ class DynPerceiver(MultiExitModel):
             x = self.to_map_last(x, z)
         else:
             raise IndexError(f"stage index {index} out of range for 4 stages")
-        state = [x, z] + state[2:]
-        state.append(self._classify(state, index))
-        return state
+        return x, z
 
     # the CNN families' module names (``hasattr`` on a module is resolved when TorchScript compiles)
 
@@ -526,12 +535,13 @@ class DynPerceiver(MultiExitModel):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing of the CNN branch's blocks (timm's); the latent branch is not checkpointed.
+        """Activation checkpointing of every stage's work (CNN blocks, cross-attention, latent blocks) in
+        training: recomputed in the backward pass instead of stored. The exits' heads are not checkpointed.
 
         Args:
             enable: on or off.
         """
-        self.cnn.set_grad_checkpointing(enable)
+        self.grad_checkpointing = enable
 
 
 # --- the reference's checkpoint layout -----------------------------------------------------------
