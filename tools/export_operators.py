@@ -127,8 +127,10 @@ REPRESENTATIVE: Dict[str, Case] = {
     "swin_tiny_patch4_window7_224_exits": registered("swin_tiny_patch4_window7_224_exits"),
     # two flows at one resolution and the fusions' resizing; the ImageNet stem is MSDNet's
     "ranet cifar": registered("ranet_cifar_8exit", num_channels=8, growth_rate=4, step=2, head_channels=16),
-    # the latent branch and its heads; the ResNet-50 variants add no operator
+    # the latent branch and its heads; the ResNet-50 variants add no operator, the MobileNetV3 ones do
     "dyn_perceiver regnety": registered("dyn_perceiver_regnety_002_cifar", num_latents=16, depths=(1, 1, 1, 1)),
+    "dyn_perceiver mobilenetv3": registered("dyn_perceiver_mobilenetv3_large_075", num_latents=16,
+                                            depths=(1, 1, 1, 1), input_size=(3, 64, 64)),
     **_wrappers(_tiny_msdnet(), registered("resnet18_exits")),
     **_heads("resnet18"),
 }
