@@ -133,8 +133,8 @@ def test_an_export_keeps_the_identity_of_its_weights(exports):
 
 class Toy(torch.nn.Module):
     """Two exits with what the families above lack: a non-persistent buffer, a tensor constant made in
-    forward, and a reshape over the batch (a symbolic size: Mul(Integer(16), batch)); and two operators
-    none of the package's models calls, allowed by name (TOY_OPERATORS)."""
+    forward, and a reshape over the batch (a symbolic size: Mul(Integer(16), batch)); and an operator none
+    of the package's models calls (``aten.sub.Tensor``), allowed by name (TOY_OPERATORS)."""
 
     num_exits = 2
 
