@@ -347,6 +347,13 @@ def _image_sets(args: argparse.Namespace, data_config: dict, images: str, flag: 
     return main_set, None, None
 
 
+def _batches(args: argparse.Namespace, images):
+    """A loader of ``images`` in batches of ``--batch-size`` with ``--workers`` processes (None for None)."""
+    from torch.utils.data import DataLoader
+
+    return None if images is None else DataLoader(images, batch_size=args.batch_size, num_workers=args.workers)
+
+
 def _exit_policy(args: argparse.Namespace, model, label: str):
     """The exit policy of ``--policy``, ``--fallback`` and ``--strict``; a learned score's parameters
     come from the model, which must carry them."""
@@ -379,7 +386,6 @@ def _with_mie(model, profiled, label: str, input_size, convention: str):
 def _evaluate_into(args: argparse.Namespace, given: dict, output: str) -> int:
     import torch
     from timm.utils import reparameterize_model
-    from torch.utils.data import DataLoader
 
     from .files import write_json
     from .inference import THRESHOLDS_FILE, EarlyExitExecutor, Thresholds, evaluate, measure_latency, predictor_of
@@ -397,8 +403,7 @@ def _evaluate_into(args: argparse.Namespace, given: dict, output: str) -> int:
         model = _with_mie(model, profiled, label, data_config["input_size"], args.convention)
     predictor = predictor_of(model)
     test_set, val_set, fit_split = _image_sets(args, data_config, args.data_dir, "--data-dir", classes)
-    loader = lambda ds: DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)  # noqa: E731
-    report = evaluate(model, loader(test_set), loader(val_set) if val_set is not None else None,
+    report = evaluate(model, _batches(args, test_set), _batches(args, val_set),
                       input_size=data_config["input_size"], convention=args.convention, policy=policy,
                       q_grid=args.q_grid, fit_split=fit_split, envelope=args.envelope, sweep=args.sweep,
                       patience=args.patience_sweep, calibration=args.calibration, cost_fractions=args.cost_fractions,
@@ -427,8 +432,6 @@ def _evaluate_into(args: argparse.Namespace, given: dict, output: str) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     """Fit last-layer Laplace (with ``--mie``: for Laplace + MIE) and write its model folder, whole
     or not at all; a non-empty ``--output`` is refused before any work."""
-    from torch.utils.data import DataLoader
-
     from .files import atomic_folder
     from .inference.calibrated import fit_laplace
     from .model_folder import save_model_folder
@@ -442,9 +445,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     with atomic_folder(args.output, kind="model folder") as tmp:
         model, data_config, label, classes = _load_model(args, given, args.train_dir, "--train-dir")
         train_set, val_set, fit_split = _image_sets(args, data_config, args.train_dir, "--train-dir", classes)
-        loader = lambda ds: DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)  # noqa: E731
         mie = _with_mie(model, model, label, data_config["input_size"], args.convention) if args.mie else None
-        laplace = fit_laplace(model, loader(train_set), loader(val_set) if val_set is not None else None,
+        laplace = fit_laplace(model, _batches(args, train_set), _batches(args, val_set),
                               args.prior_vars, args.temperatures, mie_costs=mie.weights if mie else None,
                               num_samples=args.num_samples, seed=args.seed)
         calibrated = laplace if mie is None else MIEModel(laplace, mie.weights)
