@@ -9,7 +9,8 @@ import torch
 import timm_exits  # noqa: F401
 from timm_exits.catalogue import load_catalogue
 from timm_exits.inference.executor import EarlyExitExecutor
-from timm_exits.models.dyn_perceiver import DynPerceiver, _map_mobilenetv3_key, _map_resnet_key, checkpoint_filter_fn
+from timm_exits.models.dyn_perceiver import (DynPerceiver, _map_mobilenetv3_key, _map_resnet_key, _mobilenetv3_blocks,
+                                            checkpoint_filter_fn)
 from timm_exits.models.multi_exit import slice_state
 from timm_exits.profile import profile_exits
 
@@ -317,7 +318,8 @@ def test_every_variant_costs_what_the_catalogue_says_and_wraps_its_backbone(name
         assert shapes == {_map_resnet_key(k): torch.Size(v) for k, v in expected.items()}
     elif name == "dyn_perceiver_mobilenetv3_large_075":  # torchvision's rounding: the reference's shapes, renamed
         expected = ReferenceMobileNetV3(0.75, model.num_classes).shapes()
-        renamed = dict(_map_mobilenetv3_key(k, model.cnn, torch.empty(v, device="meta")) for k, v in expected.items())
+        blocks = _mobilenetv3_blocks(model.cnn)
+        renamed = dict(_map_mobilenetv3_key(k, blocks, torch.empty(v, device="meta")) for k, v in expected.items())
         assert shapes == {k: v.shape for k, v in renamed.items()}
     else:
         assert shapes == {k: v.shape for k, v in plain.state_dict().items()}

@@ -613,10 +613,16 @@ _MOBILENETV3_STAGE_START = {"cnn_stem": 0, "cnn_body_stage1": 3, "cnn_body_stage
                             "cnn_body_stage4": 14}
 
 
-def _map_mobilenetv3_key(key: str, cnn: MobileNetV3, value: torch.Tensor) -> Tuple[str, torch.Tensor]:
+def _mobilenetv3_blocks(cnn: MobileNetV3) -> List[Tuple[int, int, nn.Module]]:
+    """timm's MobileNetV3 blocks in the order they run, each with its group and index in the group."""
+    return [(i, j, block) for i, group in enumerate(cnn.blocks) for j, block in enumerate(group)]
+
+
+def _map_mobilenetv3_key(key: str, blocks: List[Tuple[int, int, nn.Module]],
+                         value: torch.Tensor) -> Tuple[str, torch.Tensor]:
     """The reference's MobileNetV3 branch (torchvision's ``features`` 0-16 regrouped into ``cnn_stem`` and
     ``cnn_body_stage1``..``4``; its head MLP ``classifier_cnn``) -> timm's names (the head's first linear layer
-    is timm's 1x1 ``conv_head``)."""
+    is timm's 1x1 ``conv_head``). ``blocks``: :func:`_mobilenetv3_blocks` of the model's branch."""
     m = re.match(r"classifier_cnn\.([03])\.(weight|bias)$", key)
     if m:
         if m.group(1) == "3":
@@ -628,9 +634,7 @@ def _map_mobilenetv3_key(key: str, cnn: MobileNetV3, value: torch.Tensor) -> Tup
     feature = _MOBILENETV3_STAGE_START[m.group(1)] + int(m.group(2))
     if feature == 0:  # the stem conv and its norm
         return _rename(m.group(3), [("0.", "conv_stem."), ("1.", "bn1.")], key), value
-    flat = [(i, j) for i, group in enumerate(cnn.blocks) for j in range(len(group))]
-    i, j = flat[feature - 1]
-    block = cnn.blocks[i][j]
+    i, j, block = blocks[feature - 1]
     kind = ("cn" if hasattr(block, "conv") else "ds" if not hasattr(block, "conv_pwl")
             else "ir" if isinstance(block.se, nn.Identity) else "ir_se")
     return f"blocks.{i}.{j}." + _rename(m.group(3), _MOBILENETV3_LAYERS[kind], key), value
@@ -659,12 +663,13 @@ def checkpoint_filter_fn(state_dict: dict, model: DynPerceiver) -> dict:
         return state_dict
     cnn, out, qkv = {}, {}, {}
     resnet, mobilenet = isinstance(model.cnn, ResNet), isinstance(model.cnn, MobileNetV3)
+    blocks = _mobilenetv3_blocks(model.cnn) if mobilenet else []
     for key, value in state_dict.items():
         try:
             if resnet and key.startswith(("cnn_stem.", "cnn_body_stage", "classifier_cnn.")):
                 out["cnn." + _map_resnet_key(key)] = value
             elif mobilenet and key.startswith(("cnn_stem.", "cnn_body_stage", "classifier_cnn.")):
-                name, value = _map_mobilenetv3_key(key, model.cnn, value)
+                name, value = _map_mobilenetv3_key(key, blocks, value)
                 out["cnn." + name] = value
             elif key.startswith(("cnn_stem.", "cnn_body.", "classifier_cnn.")):
                 tv_key = key.replace("cnn_stem.", "stem.").replace("cnn_body.", "trunk_output.").replace("classifier_cnn.", "fc.")
@@ -695,12 +700,12 @@ def _create_dyn_perceiver(variant: str, pretrained: bool = False, **kwargs) -> D
     return build_model_with_cfg(DynPerceiver, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(cnn_head: str = "cnn.head.fc", **kwargs) -> dict:
+def _cfg(cnn_head: str = "cnn.head.fc", merge_head: str = "head_merge.1", **kwargs) -> dict:
     return {
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
         "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "cnn.stem.conv",
-        "classifier": ("head_latent", "head_att", cnn_head, "head_merge.1", "isc_att.0", "isc_merge.0"), "license": "mit", **kwargs,
+        "classifier": ("head_latent", "head_att", cnn_head, merge_head, "isc_att.0", "isc_merge.0"), "license": "mit", **kwargs,
     }
 
 
@@ -709,8 +714,7 @@ def _resnet_cfg() -> dict:
 
 
 def _mobilenetv3_cfg() -> dict:
-    return {**_cfg(cnn_head="cnn.classifier", first_conv="cnn.conv_stem"),
-            "classifier": ("head_latent", "head_att", "cnn.classifier", "head_merge.4", "isc_att.0", "isc_merge.0")}
+    return _cfg(cnn_head="cnn.classifier", merge_head="head_merge.4", first_conv="cnn.conv_stem")
 
 
 # CIFAR-10 training-set statistics
